@@ -1,0 +1,116 @@
+"""Central input checks. Every error names the argument and says what was expected and what came.
+
+Records call these in their validators, so bad input fails where it enters the library.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+__all__ = [
+    "check_tensor",
+    "check_floating",
+    "check_shape",
+    "check_finite",
+    "as_mask",
+    "as_group_ids",
+    "first_bad_row",
+]
+
+
+def check_tensor(name: str, x: Any) -> torch.Tensor:
+    """Raise TypeError unless ``x`` is a torch.Tensor."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def check_floating(name: str, x: torch.Tensor) -> torch.Tensor:
+    """Raise TypeError unless ``x`` has a floating dtype."""
+    check_tensor(name, x)
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{name}: expected a floating dtype (float16/bfloat16/float32/float64), got {x.dtype}")
+    return x
+
+
+def check_shape(name: str, x: torch.Tensor, expected: Sequence[int | None], names: str) -> torch.Tensor:
+    """Raise ValueError unless ``x.shape`` matches ``expected`` (None matches any size).
+
+    ``names`` spells the shape for the message, e.g. ``"[B, T]"``.
+    """
+    check_tensor(name, x)
+    shape = tuple(x.shape)
+    if len(shape) != len(expected) or any(e is not None and e != s for e, s in zip(expected, shape)):
+        want = ", ".join("?" if e is None else str(e) for e in expected)
+        raise ValueError(f"{name}: expected shape {names} = ({want}), got {shape}")
+    return x
+
+
+def first_bad_row(bad: torch.Tensor) -> int:
+    """Index of the first row of a [B] or [B, ...] boolean tensor holding a True."""
+    rows = bad.reshape(bad.shape[0], -1).any(dim=1) if bad.dim() > 1 else bad
+    return int(torch.nonzero(rows)[0, 0])
+
+
+def check_finite(name: str, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Raise ValueError naming the first row holding NaN or inf (only where ``mask`` is True)."""
+    bad = ~torch.isfinite(x)
+    if mask is not None:
+        bad &= mask
+    if bool(bad.any()):
+        row = first_bad_row(bad)
+        raise ValueError(f"{name}: expected finite values, got NaN/inf in row {row}: {x[row].tolist()}")
+    return x
+
+
+def as_mask(name: str, x: Any, shape: Sequence[int] | None = None) -> torch.Tensor:
+    """Return ``x`` as a torch.bool mask, checking that a numeric mask holds only 0 and 1.
+
+    Accepts bool, integer or floating tensors (SkyRL passes float or long masks).
+    """
+    check_tensor(name, x)
+    if x.dtype.is_complex:
+        raise TypeError(f"{name}: expected a bool, integer or floating 0/1 mask, got {x.dtype}")
+    if shape is not None:
+        check_shape(name, x, shape, "[B, T]")
+    if x.dtype == torch.bool:
+        return x
+    bad = (x != 0) & (x != 1)
+    if bool(bad.any()):
+        row = first_bad_row(bad)
+        raise ValueError(f"{name}: expected only 0 and 1, got other values in row {row}: {x[row].tolist()}")
+    return x != 0
+
+
+def as_group_ids(name: str, ids: Any, batch: int) -> torch.Tensor:
+    """Convert group ids ``[B]`` (ints, strings such as prompt uids, or a tensor) to dense int64 ids.
+
+    Dense ids follow the sorted order of the labels, so ``["b", "a", "b"]`` becomes ``[1, 0, 1]``;
+    converting dense ids again returns them unchanged.
+    """
+    if isinstance(ids, torch.Tensor):
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise TypeError(f"{name}: expected integer or string group ids, got a {ids.dtype} tensor")
+        if ids.dim() != 1:
+            raise ValueError(f"{name}: expected shape [B] = ({batch},), got {tuple(ids.shape)}")
+        arr = ids.detach().cpu().numpy()
+    else:
+        arr = np.asarray(ids, dtype=object if not isinstance(ids, np.ndarray) else None)
+        if arr.ndim != 1:
+            raise ValueError(f"{name}: expected shape [B] = ({batch},), got {arr.shape}")
+        if arr.dtype.kind == "f":
+            raise TypeError(f"{name}: expected integer or string group ids, got floats ({arr.dtype})")
+    if arr.shape[0] != batch:
+        raise ValueError(f"{name}: expected shape [B] = ({batch},), got ({arr.shape[0]},)")
+    if arr.dtype == object:
+        kinds = {type(v) for v in arr.tolist()}
+        if any(k is float or k is bool for k in kinds):
+            raise TypeError(f"{name}: expected integer or string group ids, got {sorted(k.__name__ for k in kinds)}")
+        if len(kinds) > 1:
+            # Mixed ints and strings would never compare equal; keep them distinct but hashable.
+            arr = np.array([f"{type(v).__name__}:{v}" for v in arr.tolist()], dtype=object)
+    _, inverse = np.unique(arr, return_inverse=True)
+    return torch.from_numpy(inverse.reshape(-1).astype(np.int64))
