@@ -1,0 +1,202 @@
+"""Policy losses across the two call styles.
+
+SkyRL-Train calls ``fn(log_probs, old_log_probs, advantages, config, loss_mask=None,
+rollout_logprobs=None) -> (loss, clip_ratio)``, the loss already reduced as ``config.loss_reduction``
+says. Natively a loss is ``fn(batch: PolicyLossInput, **hyper) -> PolicyLossOutput(token_loss
+[B, T], metrics)`` and the reduction is a separate ``aggregation`` entry of the table. The two
+tables below are the whole mapping between SkyRL's config and native hyperparameters.
+Notation: ``B`` sequences, ``T`` response tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import torch
+
+from skyrl_fn.compat._calls import LossConfig, call_accepting, config_value, describe
+from skyrl_fn.records import PolicyLossInput, PolicyLossOutput
+from skyrl_fn.table import AlgorithmTable, UnknownNameError, unknown_name_message
+
+__all__ = ["CONFIG_FIELDS", "LOSS_REDUCTIONS", "SkyRLPolicyLoss", "NativeFromSkyRLLoss", "config_from_hyperparameters"]
+
+#: Native hyperparameter -> its field path in SkyRL-Train's algorithm config. A native
+#: hyperparameter not listed here is read from the top-level config field of the same name.
+CONFIG_FIELDS: Mapping[str, tuple[str, ...]] = {
+    "eps_clip_low": ("eps_clip_low",),
+    "eps_clip_high": ("eps_clip_high",),
+    "clip_ratio_c": ("clip_ratio_c",),
+    "tau_pos": ("sapo", "tau_pos"),
+    "tau_neg": ("sapo", "tau_neg"),
+    "cispo_eps_clip_low": ("cispo", "cispo_eps_clip_low"),
+    "cispo_eps_clip_high": ("cispo", "cispo_eps_clip_high"),
+    "clip_cov_ratio": ("clip_cov", "clip_ratio"),
+    "clip_cov_lb": ("clip_cov", "clip_cov_lb"),
+    "clip_cov_ub": ("clip_cov", "clip_cov_ub"),
+    "kl_cov_frac": ("kl_cov", "kl_cov_frac"),
+    "ppo_kl_coef": ("kl_cov", "ppo_kl_coef"),
+    "max_seq_len": ("max_seq_len",),
+}
+
+#: SkyRL-Train ``loss_reduction`` -> native aggregation name (native names are accepted as well).
+LOSS_REDUCTIONS: Mapping[str, str] = {
+    "token_mean": "token_mean",
+    "sequence_mean": "seq_mean_token_mean",
+    "seq_mean_token_sum_norm": "seq_mean_token_sum_norm",
+}
+
+
+def _from_config(config: Any, accepted: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Native hyperparameters read from a SkyRL-style config (absent fields keep native defaults)."""
+    names = list(CONFIG_FIELDS) if accepted is None else list(accepted)
+    out = {}
+    for name in names:
+        value = config_value(config, CONFIG_FIELDS.get(name, (name,)))
+        if value is None and len(CONFIG_FIELDS.get(name, ())) > 1:
+            value = config_value(config, (name,))  # a flat config spelling the native name
+        if value is not None:
+            out[name] = value
+    return out
+
+
+def config_from_hyperparameters(hyper: Mapping[str, Any], **fields: Any) -> LossConfig:
+    """The inverse mapping: a SkyRL-style config carrying native hyperparameters at SkyRL's paths.
+
+    ``{"tau_pos": 1.0, "eps_clip_low": 0.2}`` gives ``config.sapo.tau_pos`` and
+    ``config.eps_clip_low``; ``fields`` are set at the top level (e.g. ``loss_reduction``).
+    """
+    data: dict[str, Any] = dict(fields)
+    for name, value in hyper.items():
+        path = CONFIG_FIELDS.get(name, (name,))
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return LossConfig(data)
+
+
+def _aggregation(table: AlgorithmTable, config: Any) -> tuple[str, dict[str, Any]]:
+    reduction = config_value(config, ("loss_reduction",)) or "token_mean"
+    name = LOSS_REDUCTIONS.get(reduction, reduction)
+    available = table.names("aggregation")
+    if name not in available:
+        choices = sorted(set(LOSS_REDUCTIONS) | set(available))
+        raise UnknownNameError(f"config.loss_reduction: {unknown_name_message('loss reduction', reduction, choices)}")
+    return name, _from_config(config, table.entry("aggregation", name).hyperparameters())
+
+
+class SkyRLPolicyLoss:
+    """A native policy loss of a table, called as SkyRL-Train calls its policy losses.
+
+    ``fn(log_probs [B, T], old_log_probs [B, T], advantages [B, T], config, loss_mask [B, T] | None,
+    rollout_logprobs [B, T] | None, **ignored) -> (loss [], clip_ratio: float)``.
+
+    Hyperparameters come from ``config`` through ``CONFIG_FIELDS`` (a missing or None field takes
+    the native default); the per-token loss is reduced by the aggregation named by
+    ``config.loss_reduction`` (``LOSS_REDUCTIONS``, default ``token_mean``; ``max_seq_len`` from
+    the config). ``clip_ratio`` is ``float(metrics["clip_ratio"])``, 0.0 when the loss reports
+    none (SkyRL-Train returns a Python float here, so this is the façade's one device sync).
+    ``loss_mask=None`` trains on every token. Picklable (holds the table and the name).
+    """
+
+    def __init__(self, table: AlgorithmTable, name: str) -> None:
+        entry = table.entry("policy_loss", name)
+        self.table, self.name = table, name
+        self.__name__ = self.__qualname__ = name
+        self.__doc__ = entry.fn.__doc__
+
+    def __call__(
+        self, log_probs, old_log_probs, advantages, config=None, loss_mask=None, rollout_logprobs=None, **kwargs: Any
+    ):
+        if loss_mask is None:
+            loss_mask = torch.ones(log_probs.shape, dtype=torch.bool, device=log_probs.device)
+        batch = PolicyLossInput(
+            log_probs=log_probs,
+            old_log_probs=old_log_probs,
+            advantages=advantages,
+            loss_mask=loss_mask,
+            rollout_log_probs=rollout_logprobs,
+            ref_log_probs=kwargs.get("ref_log_probs"),
+        )
+        entry = self.table.entry("policy_loss", self.name)
+        out = entry.fn(batch, **_from_config(config, entry.hyperparameters()))
+        if not isinstance(out, PolicyLossOutput):
+            raise TypeError(
+                f"policy loss {self.name!r}: expected it to return a PolicyLossOutput, got {type(out).__name__}"
+            )
+        agg_name, agg_hyper = _aggregation(self.table, config)
+        loss = self.table.get("aggregation", agg_name)(out.token_loss, batch.loss_mask, **agg_hyper)
+        clip = out.metrics.get("clip_ratio")
+        return loss, 0.0 if clip is None else float(clip)
+
+    def __repr__(self) -> str:
+        return f"SkyRLPolicyLoss({self.name!r})"
+
+
+def _metric(key: str, value: Any, like: torch.Tensor) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"metrics[{key!r}]: expected a scalar, got shape {tuple(value.shape)}")
+        return value.detach().reshape(())
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return torch.tensor(float(value), dtype=torch.float32, device=like.device)
+    raise TypeError(f"metrics[{key!r}]: expected a number or scalar tensor, got {type(value).__name__}")
+
+
+class NativeFromSkyRLLoss:
+    """A SkyRL-style policy loss as a native one: ``fn(batch: PolicyLossInput, **hyper) -> PolicyLossOutput``.
+
+    The SkyRL function gets ``(log_probs, old_log_probs, advantages, config)`` with
+    ``loss_mask`` as 0/1 in the log-probs' dtype and ``rollout_logprobs`` (when the batch has them
+    and the function accepts them). ``config`` is the ``config=`` hyperparameter if given (a plain
+    dict becomes a ``LossConfig``), else
+    ``config_from_hyperparameters(hyper, policy_loss_type=name, loss_reduction="token_mean")``.
+
+    A SkyRL loss is already reduced to a scalar ``L``; it becomes ``token_loss = L * mask``, so the
+    mean aggregations (``token_mean``, ``seq_mean_token_mean``) give back exactly ``L`` and its
+    gradient, while the sum aggregations scale it by the token count. A ``[B, T]`` result is taken
+    as the per-token loss (zeroed off the mask). The second result (a clip ratio, a metrics dict
+    or None) becomes detached scalar metrics; a bare number is ``metrics["clip_ratio"]``.
+    """
+
+    __skyrl_kind__ = "policy_loss"
+
+    def __init__(self, name: str, fn: Callable) -> None:
+        self.name, self.fn = name, fn
+        self.__doc__ = getattr(fn, "__doc__", None) or f"SkyRL-style policy loss {name!r} ({describe(fn)})."
+
+    def __call__(self, batch: PolicyLossInput, **hyper: Any) -> PolicyLossOutput:
+        config = hyper.pop("config", None)
+        if config is None:
+            config = config_from_hyperparameters(hyper, policy_loss_type=self.name, loss_reduction="token_mean")
+        elif isinstance(config, dict):  # SkyRL code reads fields as attributes
+            config = LossConfig(config)
+        mask = batch.loss_mask.to(batch.log_probs.dtype)
+        kwargs: dict[str, Any] = {"loss_mask": mask}
+        if batch.rollout_log_probs is not None:
+            kwargs["rollout_logprobs"] = batch.rollout_log_probs
+        result = call_accepting(self.fn, (batch.log_probs, batch.old_log_probs, batch.advantages, config), kwargs)
+        if not (isinstance(result, (tuple, list)) and len(result) == 2 and isinstance(result[0], torch.Tensor)):
+            raise TypeError(
+                f"policy loss {self.name!r}: expected (loss tensor, clip_ratio or metrics), got {type(result).__name__}"
+            )
+        loss, second = result
+        if loss.dim() == 0 or loss.numel() == 1:
+            token_loss = loss.reshape(()) * mask
+        elif tuple(loss.shape) == tuple(mask.shape):
+            token_loss = torch.where(batch.loss_mask, loss, torch.zeros((), dtype=loss.dtype, device=loss.device))
+        else:
+            raise ValueError(
+                f"policy loss {self.name!r}: expected a scalar or [B, T] = {tuple(mask.shape)} loss, "
+                f"got {tuple(loss.shape)}"
+            )
+        if second is None:
+            raw: Mapping[str, Any] = {}
+        elif isinstance(second, Mapping):
+            raw = {k: v for k, v in second.items() if v is not None}
+        else:
+            raw = {"clip_ratio": second}
+        return PolicyLossOutput(token_loss=token_loss, metrics={k: _metric(k, v, mask) for k, v in raw.items()})
+
+    def __repr__(self) -> str:
+        return f"NativeFromSkyRLLoss({self.name!r}, {describe(self.fn)})"
