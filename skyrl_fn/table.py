@@ -20,6 +20,7 @@ aggregation           ``fn(token_loss, loss_mask, **hyper)``      ``[]`` scalar 
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 import typing
 from typing import Any, Callable, Iterable, Mapping
@@ -80,6 +81,8 @@ def infer_kind(fn: Callable) -> str | None:
     kind = getattr(fn, "__skyrl_kind__", None)
     if kind is not None:
         return kind
+    if isinstance(fn, functools.partial) and not fn.args:
+        return infer_kind(fn.func)
     sig = _signature(fn)
     if sig is None or not sig.parameters:
         return None

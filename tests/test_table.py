@@ -182,7 +182,7 @@ def test_compute_advantages_rejects_nan_and_wrong_type():
 
 
 def test_partial_registration_keeps_hyperparameters():
-    table = AlgorithmTable().register("g", functools.partial(grpo, epsilon=1e-3), kind="advantage_estimator")
+    table = AlgorithmTable().register("g", functools.partial(grpo, epsilon=1e-3))  # kind inferred
     assert set(table.entry("advantage_estimator", "g").hyperparameters()) == {"epsilon", "norm_by_std"}
 
 
