@@ -1,0 +1,61 @@
+"""Training pieces: config and name resolution, models, tasks, rollouts, the learner step,
+atomic checkpoints and the in-process loop. The Ray launcher (``skyrl_fn.launcher``) builds on
+these; everything here also runs without Ray.
+"""
+
+from skyrl_fn.train.config import (
+    AlgorithmConfig,
+    DataConfig,
+    LoggingConfig,
+    ModelConfig,
+    RayConfig,
+    ResolvedRun,
+    RolloutConfig,
+    TrainConfig,
+    TrainerConfig,
+    config_from_dict,
+    config_to_dict,
+    resolve,
+)
+from skyrl_fn.train.checkpoint import Checkpoint, latest_checkpoint, load, save
+from skyrl_fn.train.learner import (
+    Experience,
+    KLController,
+    TrainState,
+    batched_log_probs,
+    batched_values,
+    compute_advantages,
+    critic_update,
+    loss_kernel,
+    make_experience,
+    make_optimizer,
+    make_train_state,
+    policy_update,
+    sequence_log_probs,
+    token_rewards,
+)
+from skyrl_fn.train.loop import Components, Summary, build_components, rollout_seed, run_step, seed_everything, train
+from skyrl_fn.train.model import build_critic, build_tiny_model, build_tokenizer, load_model, load_tokenizer
+from skyrl_fn.train.rollout import (
+    BackendUnavailableError,
+    HFBackend,
+    RolloutBackend,
+    RolloutBatch,
+    check_backend_available,
+    make_backend,
+)
+from skyrl_fn.train.tasks import DataState, DigitsTask, Example, Task, make_task, next_prompts, score
+
+__all__ = [
+    "AlgorithmConfig", "DataConfig", "LoggingConfig", "ModelConfig", "RayConfig", "ResolvedRun",
+    "RolloutConfig", "TrainConfig", "TrainerConfig", "config_from_dict", "config_to_dict", "resolve",
+    "Checkpoint", "latest_checkpoint", "load", "save",
+    "Experience", "KLController", "TrainState", "batched_log_probs", "batched_values",
+    "compute_advantages", "critic_update", "loss_kernel", "make_experience", "make_optimizer",
+    "make_train_state", "policy_update", "sequence_log_probs", "token_rewards",
+    "Components", "Summary", "build_components", "rollout_seed", "run_step", "seed_everything", "train",
+    "build_critic", "build_tiny_model", "build_tokenizer", "load_model", "load_tokenizer",
+    "BackendUnavailableError", "HFBackend", "RolloutBackend", "RolloutBatch", "check_backend_available",
+    "make_backend",
+    "DataState", "DigitsTask", "Example", "Task", "make_task", "next_prompts", "score",
+]

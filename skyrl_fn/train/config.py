@@ -1,0 +1,398 @@
+"""Training configuration: frozen, tyro-ready dataclasses, and name resolution against the table.
+
+Every attribute docstring becomes the ``--help`` text of its flag (tyro reads them). Names of
+algorithm pieces are plain strings, checked once by :func:`resolve` against an ``AlgorithmTable``
+(so ``--algorithm.advantage-estimator my_custom`` works for anything registered). ``resolve``
+returns the one :class:`ResolvedRun` the driver ships into every Ray task and actor.
+
+Hyperparameter forwarding: a config field whose name matches a keyword of the selected function
+is passed to it (``epsilon``/``norm_by_std`` reach ``grpo``; ``gamma``/``lambd`` reach ``gae``);
+fields the function does not take are not passed. ``*_kwargs`` mappings pass anything else by
+name and are checked against the signature (an unknown key is an error).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+from typing import Any, Literal, Mapping
+
+import attrs
+
+from skyrl_fn._frozen import FrozenDict
+from skyrl_fn.table import AlgorithmTable
+
+__all__ = [
+    "AlgorithmConfig",
+    "ModelConfig",
+    "DataConfig",
+    "RolloutConfig",
+    "TrainerConfig",
+    "RayConfig",
+    "LoggingConfig",
+    "TrainConfig",
+    "ResolvedRun",
+    "resolve",
+    "config_to_dict",
+    "config_from_dict",
+    "CRITIC_ESTIMATORS",
+]
+
+#: Estimators that read critic values; a critic is built when one of these is selected.
+CRITIC_ESTIMATORS: frozenset[str] = frozenset({"gae"})
+
+HyperValue = float | int | bool | str
+
+
+@dataclasses.dataclass(frozen=True)
+class AlgorithmConfig:
+    """Which algorithm pieces to use (names from the table) and their hyperparameters."""
+
+    advantage_estimator: str = "grpo"
+    """Advantage estimator registered in the algorithm table (e.g. grpo, dr_grpo, rloo, gae)."""
+    policy_loss: str = "regular"
+    """Policy loss registered in the algorithm table (e.g. regular = PPO clip, gspo, cispo)."""
+    loss_reduction: str = "token_mean"
+    """Aggregation of the per-token loss: token_mean, token_sum, seq_mean_token_sum,
+    seq_mean_token_mean, seq_mean_token_sum_norm (or any registered aggregation)."""
+    eps_clip_low: float = 0.2
+    """PPO ratio clip below 1 (ratio >= 1 - eps_clip_low)."""
+    eps_clip_high: float = 0.2
+    """PPO ratio clip above 1 (ratio <= 1 + eps_clip_high); > eps_clip_low is DAPO's clip-higher."""
+    clip_ratio_c: float = 3.0
+    """Dual-clip constant for negative advantages (Ye et al. 2020)."""
+    gamma: float = 1.0
+    """Discount factor (GAE, REINFORCE++ returns)."""
+    lambd: float = 1.0
+    """GAE lambda."""
+    norm_by_std: bool = True
+    """Divide group-relative advantages by the group std (GRPO); False is Dr. GRPO."""
+    epsilon: float = 1e-6
+    """Added to the std in advantage normalisation."""
+    use_kl_loss: bool = False
+    """Add kl_loss_coef * KL(policy || reference) to the policy loss."""
+    kl_loss_coef: float = 0.001
+    """Coefficient of the KL loss term."""
+    kl_estimator: str = "k3"
+    """KL estimator registered in the table (k1, k2, k3, ...), used by the KL loss and penalty."""
+    use_kl_in_reward: bool = False
+    """Subtract kl_coef * KL from the token rewards (the reward-penalty form)."""
+    kl_ctrl: Literal["fixed", "adaptive"] = "fixed"
+    """KL-in-reward coefficient controller: fixed, or adaptive (Ziegler et al. 2019)."""
+    kl_coef: float = 0.001
+    """Initial KL-in-reward coefficient."""
+    kl_target: float = 0.1
+    """Target KL of the adaptive controller."""
+    kl_horizon: int = 10000
+    """Horizon (in samples) of the adaptive controller."""
+    off_policy_correction: Literal["none", "tis", "tis_sequence"] = "none"
+    """Correct for rollout-vs-trainer mismatch: truncated importance sampling with weight
+    min(exp(old_log_probs - rollout_log_probs), tis_cap) per token (tis) or per sequence."""
+    tis_cap: float = 2.0
+    """Cap of the truncated importance-sampling weight."""
+    entropy_coef: float = 0.0
+    """Subtract entropy_coef * mean token entropy from the policy loss (0 disables)."""
+    value_clip: float = 0.2
+    """Clip range of the critic's value loss (PPO value clipping)."""
+    update_epochs: int = 1
+    """Passes over each rollout batch per step (> 1 makes the ratio differ from 1)."""
+    recompute_old_log_probs: bool = False
+    """Score the rollout with a separate no-grad forward pass before the update (False takes the
+    old log-probs from the update's first forward pass: the same values, one pass fewer)."""
+    compile: bool = False
+    """torch.compile the loss kernel (policy loss + aggregation)."""
+    estimator_kwargs: dict[str, HyperValue] = dataclasses.field(default_factory=dict)
+    """Further keyword hyperparameters for the advantage estimator, by name."""
+    policy_loss_kwargs: dict[str, HyperValue] = dataclasses.field(default_factory=dict)
+    """Further keyword hyperparameters for the policy loss, by name."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The policy (and reference/critic) model."""
+
+    name_or_path: str | None = None
+    """Local HF causal-LM directory; None builds the embedded tiny Llama (no downloads ever)."""
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    """Parameter dtype."""
+    hidden_size: int = 64
+    """Tiny model: hidden size."""
+    num_layers: int = 2
+    """Tiny model: transformer layers."""
+    num_heads: int = 4
+    """Tiny model: attention heads."""
+    intermediate_size: int = 256
+    """Tiny model: MLP width."""
+    max_position_embeddings: int = 128
+    """Tiny model: longest prompt + response."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """The task: prompts and the verifiable reward."""
+
+    task: Literal["digits", "gsm8k"] = "digits"
+    """digits: embedded synthetic digit-string task; gsm8k: prompt/answer jsonl at data.path."""
+    path: str | None = None
+    """gsm8k: jsonl of {"prompt", "answer"} rows (see launch/prep_gsm8k.py)."""
+    digits_op: Literal["count", "copy", "reverse", "sort", "increment"] = "count"
+    """digits: count = continue counting up from a digit for k digits ("n:74>" -> "7890");
+    copy/reverse/sort/increment transform a digit string."""
+    min_digits: int = 3
+    """digits: shortest input string."""
+    max_digits: int = 5
+    """digits: longest input string."""
+    shuffle: bool = True
+    """gsm8k: reshuffle the rows every epoch (seeded)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+    """Sampling responses."""
+
+    backend: Literal["hf", "vllm"] = "hf"
+    """hf: in-process transformers sampling (CPU or GPU); vllm: needs vllm and CUDA."""
+    samples_per_prompt: int = 8
+    """G, responses sampled per prompt (the GRPO group size)."""
+    max_new_tokens: int = 6
+    """Longest response in tokens."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1.0 disables)."""
+    gpu_memory_utilization: float = 0.6
+    """vllm only: fraction of GPU memory for the engine."""
+    tensor_parallel_size: int = 1
+    """vllm only: tensor-parallel degree."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerConfig:
+    """Optimisation and checkpoints."""
+
+    steps: int = 100
+    """Training steps (one rollout batch each)."""
+    prompts_per_step: int = 16
+    """P, prompts per step; the batch holds B = P * G responses."""
+    micro_batch_size: int = 128
+    """Sequences per forward/backward; gradients accumulate to the full-batch gradient."""
+    lr: float = 3e-3
+    """Peak AdamW learning rate of the policy."""
+    warmup_steps: int = 3
+    """Linear warm-up from 0 to lr over this many steps."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (<= 0 disables)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    seed: int = 0
+    """Seed of models, data and sampling."""
+    ckpt_dir: str | None = None
+    """Checkpoint directory; None uses <logging.run_dir>/checkpoints."""
+    ckpt_interval: int = 25
+    """Save every this many steps (and at the end); <= 0 saves only at the end."""
+    keep_checkpoints: int = 2
+    """Keep the latest this many checkpoints."""
+    resume: bool = False
+    """Continue from the latest checkpoint in ckpt_dir (start fresh if there is none)."""
+    critic_lr: float = 3e-3
+    """Peak AdamW learning rate of the critic (GAE)."""
+    torch_threads: int = 1
+    """torch CPU threads per process (0 keeps torch's default); tiny models run fastest on 1."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RayConfig:
+    """Ray placement."""
+
+    use_ray: bool = True
+    """Run policy, reference, critic and rollout as Ray actors; False runs in-process."""
+    address: str | None = None
+    """Join an existing cluster (e.g. auto or ray://host:10001); None starts a local Ray."""
+    num_cpus: float | None = None
+    """CPUs for a local Ray (None: Ray's default)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingConfig:
+    """Where metrics go."""
+
+    run_dir: str = "runs/latest"
+    """Directory for metrics, plots and (by default) checkpoints."""
+    jsonl: bool = True
+    """Write metrics.jsonl in run_dir."""
+    tensorboard: bool = True
+    """Write TensorBoard events in run_dir."""
+    plot: bool = True
+    """Write a PNG of reward and KL per step at the end."""
+    wandb_project: str | None = None
+    """Log to this wandb project (needs the wandb extra)."""
+    progress: bool = True
+    """Show a rich progress bar."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run needs."""
+
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    ray: RayConfig = RayConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @property
+    def ckpt_dir(self) -> str:
+        """The effective checkpoint directory."""
+        import os
+
+        return self.trainer.ckpt_dir or os.path.join(self.logging.run_dir, "checkpoints")
+
+    @property
+    def uses_critic(self) -> bool:
+        """True when the advantage estimator reads critic values."""
+        return self.algorithm.advantage_estimator in CRITIC_ESTIMATORS
+
+    @property
+    def uses_reference(self) -> bool:
+        """True when a reference model is needed (KL loss or KL penalty)."""
+        return self.algorithm.use_kl_loss or self.algorithm.use_kl_in_reward
+
+
+def config_to_dict(config: TrainConfig) -> dict[str, Any]:
+    """A JSON-ready nested dict of ``config``."""
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
+    """Inverse of :func:`config_to_dict`; unknown keys raise ValueError naming them."""
+    groups = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    kwargs = {}
+    classes = {
+        "algorithm": AlgorithmConfig, "model": ModelConfig, "data": DataConfig,
+        "rollout": RolloutConfig, "trainer": TrainerConfig, "ray": RayConfig, "logging": LoggingConfig,
+    }
+    for key, value in data.items():
+        if key not in groups:
+            raise ValueError(f"config: unknown group {key!r}; expected one of {sorted(groups)}")
+        cls = classes[key]
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(value) - names
+        if unknown:
+            raise ValueError(f"config.{key}: unknown fields {sorted(unknown)}; expected some of {sorted(names)}")
+        kwargs[key] = cls(**value)
+    return TrainConfig(**kwargs)
+
+
+def _forward(table: AlgorithmTable, kind: str, name: str, source: Any, extra: Mapping[str, Any]) -> FrozenDict:
+    """Config fields named like the function's keyword hyperparameters, plus ``extra``, checked."""
+    table.check_hyperparameters(kind, name, extra)
+    accepted = table.entry(kind, name).hyperparameters()
+    out: dict[str, Any] = {}
+    if accepted is not None:
+        for f in dataclasses.fields(source):
+            if f.name in accepted and not f.name.endswith("_kwargs"):
+                out[f.name] = getattr(source, f.name)
+    out.update(extra)
+    return FrozenDict(out)
+
+
+@attrs.frozen(kw_only=True, eq=False)
+class ResolvedRun:
+    """The one object the driver builds after name resolution and ships everywhere.
+
+    Attributes:
+        config: the full ``TrainConfig``.
+        table: the ``AlgorithmTable`` every name was checked against (with the user's
+            registrations); workers look functions up in it, never in a global.
+        estimator_hyper: keyword hyperparameters passed to the advantage estimator.
+        policy_loss_hyper: keyword hyperparameters passed to the policy loss.
+        aggregation_hyper: keyword hyperparameters passed to the aggregation (besides the global
+            counts the learner supplies).
+        kl_hyper: keyword hyperparameters passed to the KL estimator.
+    """
+
+    config: TrainConfig
+    table: AlgorithmTable
+    estimator_hyper: Mapping[str, Any] = attrs.field(factory=FrozenDict, converter=FrozenDict)
+    policy_loss_hyper: Mapping[str, Any] = attrs.field(factory=FrozenDict, converter=FrozenDict)
+    aggregation_hyper: Mapping[str, Any] = attrs.field(factory=FrozenDict, converter=FrozenDict)
+    kl_hyper: Mapping[str, Any] = attrs.field(factory=FrozenDict, converter=FrozenDict)
+
+    def to_json(self) -> str:
+        """The config as JSON (the table holds functions and is not serialised)."""
+        return json.dumps(config_to_dict(self.config), indent=2, sort_keys=True)
+
+
+def _check_positive(name: str, value: float, *, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name}: expected {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def resolve(config: TrainConfig, table: AlgorithmTable) -> ResolvedRun:
+    """Check every name and hyperparameter of ``config`` against ``table``; build the run.
+
+    Checked: the advantage estimator, policy loss, aggregation (``loss_reduction``) and KL
+    estimator names (UnknownNameError listing the options and the closest one), the
+    ``*_kwargs`` keys against each function's signature (ValueError), and basic sizes.
+
+    Args:
+        config: the full training config.
+        table: the algorithm table (``DEFAULT_TABLE`` plus registrations).
+
+    Returns:
+        ``ResolvedRun`` with the hyperparameters each function will receive.
+
+    Raises:
+        UnknownNameError: an unknown estimator, loss, aggregation or KL estimator name.
+        ValueError: an unknown hyperparameter key, or an out-of-range size.
+        TypeError: ``config``/``table`` of the wrong type.
+    """
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config: expected a TrainConfig, got {type(config).__name__}")
+    if not isinstance(table, AlgorithmTable):
+        raise TypeError(f"table: expected an AlgorithmTable, got {type(table).__name__}")
+    alg = config.algorithm
+    # Look every name up first so a typo fails before anything else is checked.
+    table.entry("advantage_estimator", alg.advantage_estimator)
+    table.entry("policy_loss", alg.policy_loss)
+    table.entry("aggregation", alg.loss_reduction)
+    table.entry("kl_estimator", alg.kl_estimator)
+    est = _forward(table, "advantage_estimator", alg.advantage_estimator, alg, alg.estimator_kwargs)
+    loss = _forward(table, "policy_loss", alg.policy_loss, alg, alg.policy_loss_kwargs)
+    agg = _forward(table, "aggregation", alg.loss_reduction, alg, {})
+    # The learner passes the global counts itself; they are not config hyperparameters.
+    agg = FrozenDict({k: v for k, v in agg.items() if k not in ("global_tokens", "global_seqs", "max_seq_len")})
+    kl = _forward(table, "kl_estimator", alg.kl_estimator, alg, {})
+    tr, ro = config.trainer, config.rollout
+    for name, value in (
+        ("trainer.steps", tr.steps), ("trainer.prompts_per_step", tr.prompts_per_step),
+        ("trainer.micro_batch_size", tr.micro_batch_size), ("trainer.lr", tr.lr),
+        ("rollout.samples_per_prompt", ro.samples_per_prompt), ("rollout.max_new_tokens", ro.max_new_tokens),
+        ("rollout.temperature", ro.temperature), ("algorithm.update_epochs", alg.update_epochs),
+        ("trainer.keep_checkpoints", tr.keep_checkpoints),
+    ):
+        _check_positive(name, value)
+    _check_positive("trainer.warmup_steps", tr.warmup_steps, allow_zero=True)
+    if not 0 < ro.top_p <= 1:
+        raise ValueError(f"rollout.top_p: expected in (0, 1], got {ro.top_p!r}")
+    if config.data.task == "gsm8k" and not config.data.path:
+        raise ValueError("data.path: expected a jsonl path for task gsm8k (see launch/prep_gsm8k.py), got None")
+    if config.data.min_digits < 1 or config.data.max_digits < config.data.min_digits:
+        raise ValueError(
+            f"data.min_digits/max_digits: expected 1 <= min <= max, got {config.data.min_digits}, {config.data.max_digits}"
+        )
+    return ResolvedRun(
+        config=config, table=table, estimator_hyper=est, policy_loss_hyper=loss, aggregation_hyper=agg, kl_hyper=kl
+    )
+
+
+def accepts(fn: Any, name: str) -> bool:
+    """True when ``fn`` takes a keyword argument ``name`` (or ``**kwargs``)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind == p.VAR_KEYWORD for p in params.values())

@@ -1,0 +1,239 @@
+"""Rollouts: the ``RolloutBatch`` record, the ``RolloutBackend`` protocol and the ``hf`` backend.
+
+Notation: ``P`` prompts, ``G`` samples per prompt, ``B = P * G`` sequences, ``Lp`` prompt tokens
+(left-padded), ``T`` response tokens (right-padded, ``T <= max_new_tokens``), ``V`` vocabulary.
+
+Log-probs: ``rollout_log_probs[b, t] = log softmax(logits / temperature)[response_ids[b, t]]``,
+i.e. the sampling distribution before top-p truncation; at temperature 1 this equals a plain
+forward pass of the same model (tested). The learner scores with the same temperature.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Protocol, Sequence, runtime_checkable
+
+import attrs
+import torch
+from torch import nn
+
+from skyrl_fn._checks import as_mask, check_floating, check_shape, check_tensor
+from skyrl_fn.train.config import RolloutConfig
+from skyrl_fn.train.model import position_ids
+
+__all__ = [
+    "RolloutBatch", "RolloutBackend", "HFBackend", "make_backend", "check_backend_available",
+    "BackendUnavailableError",
+]
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested rollout backend cannot run here (e.g. vllm without CUDA)."""
+
+
+def _long(name: str):
+    def convert(x):
+        check_tensor(name, x)
+        if x.dtype != torch.long:
+            raise TypeError(f"{name}: expected int64 token ids, got {x.dtype}")
+        return x
+
+    return attrs.field(converter=convert)
+
+
+@attrs.frozen(kw_only=True, eq=False)
+class RolloutBatch:
+    """Sampled responses for ``P`` prompts, ``G`` each, ordered prompt-major (``b = p * G + g``).
+
+    Attributes:
+        prompt_ids: ``[B, Lp]`` int64, left-padded with the pad id.
+        prompt_mask: ``[B, Lp]`` bool, 1 on real prompt tokens.
+        response_ids: ``[B, T]`` int64, right-padded with the pad id after EOS.
+        response_mask: ``[B, T]`` bool, 1 on generated tokens including the EOS.
+        rollout_log_probs: ``[B, T]`` float32 log-probs of the sampled tokens under the sampling
+            distribution (0 where the mask is 0).
+        group_ids: ``[B]`` int64 prompt index ``p`` of each sequence.
+        prompts: ``P`` prompt texts.
+        responses: ``B`` decoded response texts (special tokens removed).
+    """
+
+    prompt_ids: torch.Tensor = _long("prompt_ids")
+    prompt_mask: torch.Tensor = attrs.field(converter=lambda x: as_mask("prompt_mask", x))
+    response_ids: torch.Tensor = _long("response_ids")
+    response_mask: torch.Tensor = attrs.field(converter=lambda x: as_mask("response_mask", x))
+    rollout_log_probs: torch.Tensor = attrs.field()
+    group_ids: torch.Tensor = _long("group_ids")
+    prompts: tuple[str, ...] = attrs.field(converter=tuple)
+    responses: tuple[str, ...] = attrs.field(converter=tuple)
+
+    def __attrs_post_init__(self) -> None:
+        if self.response_ids.dim() != 2 or self.prompt_ids.dim() != 2:
+            raise ValueError(
+                f"prompt_ids/response_ids: expected [B, Lp] and [B, T], got "
+                f"{tuple(self.prompt_ids.shape)} and {tuple(self.response_ids.shape)}"
+            )
+        b, t = self.response_ids.shape
+        check_shape("prompt_ids", self.prompt_ids, (b, None), "[B, Lp]")
+        check_shape("prompt_mask", self.prompt_mask, tuple(self.prompt_ids.shape), "[B, Lp]")
+        check_shape("response_mask", self.response_mask, (b, t), "[B, T]")
+        check_floating("rollout_log_probs", self.rollout_log_probs)
+        check_shape("rollout_log_probs", self.rollout_log_probs, (b, t), "[B, T]")
+        check_shape("group_ids", self.group_ids, (b,), "[B]")
+        if len(self.responses) != b:
+            raise ValueError(f"responses: expected {b} texts (B), got {len(self.responses)}")
+        if b and (int(self.group_ids.max()) >= len(self.prompts) or int(self.group_ids.min()) < 0):
+            raise ValueError(f"group_ids: expected values in [0, {len(self.prompts)}) (P prompts), got {self.group_ids.tolist()}")
+        # A response mask must be a prefix: no generated token after padding.
+        if t > 1 and bool((self.response_mask[:, 1:] & ~self.response_mask[:, :-1]).any()):
+            raise ValueError("response_mask: expected each row to be 1s then 0s (right padding)")
+
+    @property
+    def batch_size(self) -> int:
+        """``B``."""
+        return self.response_ids.shape[0]
+
+    @property
+    def num_prompts(self) -> int:
+        """``P``."""
+        return len(self.prompts)
+
+    def sequences(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``input_ids [B, Lp + T]`` and ``attention_mask [B, Lp + T]`` (bool) of prompt + response."""
+        ids = torch.cat([self.prompt_ids, self.response_ids], dim=1)
+        mask = torch.cat([self.prompt_mask, self.response_mask], dim=1)
+        return ids, mask
+
+    def response_lengths(self) -> torch.Tensor:
+        """``[B]`` int64 number of generated tokens."""
+        return self.response_mask.sum(-1)
+
+
+@runtime_checkable
+class RolloutBackend(Protocol):
+    """What the training loop needs from a rollout engine.
+
+    ``generate`` samples ``samples_per_prompt`` responses for each prompt with the engine's current
+    weights; ``sync_weights`` loads the trainer's weights (a no-op when the engine shares the
+    trainer's module in-process).
+    """
+
+    def generate(self, prompts: Sequence[str], *, seed: int) -> RolloutBatch:
+        """Sample ``G`` responses for each of the ``P`` prompts; deterministic for a fixed seed."""
+        ...
+
+    def sync_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load policy weights (parameter name -> tensor)."""
+        ...
+
+
+def check_backend_available(cfg: RolloutConfig) -> None:
+    """Raise BackendUnavailableError (before any model loads) if ``cfg.backend`` cannot run here.
+
+    ``hf`` always runs. ``vllm`` needs the ``vllm`` package and a CUDA device.
+    """
+    if cfg.backend == "hf":
+        return
+    if cfg.backend == "vllm":
+        missing = []
+        if importlib.util.find_spec("vllm") is None:
+            missing.append("the vllm package (pip install 'skyrl_fn[vllm]')")
+        if not torch.cuda.is_available():
+            missing.append("a CUDA GPU (torch.cuda.is_available() is False)")
+        if missing:
+            raise BackendUnavailableError(
+                "rollout.backend='vllm' needs " + " and ".join(missing) + "; use --rollout.backend hf on CPU"
+            )
+        return
+    raise ValueError(f"rollout.backend: expected 'hf' or 'vllm', got {cfg.backend!r}")
+
+
+class HFBackend:
+    """In-process sampling with a transformers causal LM (KV-cached loop; see ``generate``)."""
+
+    def __init__(self, model: nn.Module, tokenizer, cfg: RolloutConfig) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+
+    def sync_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Copy ``state_dict`` into the model (in-process the backend shares the trainer's module
+        and nothing needs syncing)."""
+        self.model.load_state_dict(state_dict)
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], *, seed: int) -> RolloutBatch:
+        """Sample ``G = cfg.samples_per_prompt`` responses per prompt (KV-cached loop).
+
+        Each row stops at EOS (kept, masked 1) or after ``max_new_tokens``; later positions hold
+        the pad id with mask 0. Sampling uses a generator seeded with ``seed`` only, so the same
+        weights, prompts and seed give the same batch.
+        """
+        from transformers import DynamicCache
+
+        cfg, tok, model = self.cfg, self.tokenizer, self.model
+        if not prompts:
+            raise ValueError("prompts: expected at least one prompt, got none")
+        g_per = cfg.samples_per_prompt
+        device = next(model.parameters()).device
+        enc = tok(list(prompts), padding=True, return_tensors="pt", add_special_tokens=False)
+        ids = enc["input_ids"].repeat_interleave(g_per, 0).to(device)
+        attn = enc["attention_mask"].repeat_interleave(g_per, 0).to(device).long()
+        b = ids.shape[0]
+        eos, pad = tok.eos_token_id, tok.pad_token_id
+        gen = torch.Generator(device=device)
+        gen.manual_seed(int(seed) % (2**63 - 1))
+        pos = position_ids(attn)
+        cache = DynamicCache()
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True).logits[:, -1]
+        next_pos = pos[:, -1:] + 1
+        finished = torch.zeros(b, dtype=torch.bool, device=device)
+        out_ids, out_lp, out_mask = [], [], []
+        for t in range(cfg.max_new_tokens):
+            logp = torch.log_softmax(logits.float() / cfg.temperature, dim=-1)
+            probs = _top_p(logp.exp(), cfg.top_p) if cfg.top_p < 1.0 else logp.exp()
+            nxt = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+            alive = ~finished
+            nxt = torch.where(alive, nxt, pad)
+            out_ids.append(nxt)
+            out_lp.append(torch.where(alive, logp.gather(-1, nxt[:, None]).squeeze(-1), 0.0))
+            out_mask.append(alive)
+            finished = finished | (nxt == eos)
+            if bool(finished.all()) or t == cfg.max_new_tokens - 1:
+                break
+            attn = torch.cat([attn, alive[:, None].long()], dim=1)
+            logits = model(
+                input_ids=nxt[:, None], attention_mask=attn, position_ids=next_pos, past_key_values=cache, use_cache=True
+            ).logits[:, -1]
+            next_pos = next_pos + 1
+        response_ids = torch.stack(out_ids, 1).cpu()
+        response_mask = torch.stack(out_mask, 1).cpu()
+        texts = []
+        for row, m in zip(response_ids.tolist(), response_mask.tolist()):
+            kept = [x for x, keep in zip(row, m) if keep and x != eos]
+            texts.append(tok.decode(kept, skip_special_tokens=True))
+        return RolloutBatch(
+            prompt_ids=ids.cpu(), prompt_mask=attn[:, : ids.shape[1]].cpu().bool(), response_ids=response_ids,
+            response_mask=response_mask, rollout_log_probs=torch.stack(out_lp, 1).cpu(),
+            group_ids=torch.arange(len(prompts)).repeat_interleave(g_per), prompts=tuple(prompts), responses=texts,
+        )
+
+
+def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """``[B, V]`` probabilities restricted to the smallest set with mass >= top_p (renormalised)."""
+    sorted_p, idx = probs.sort(dim=-1, descending=True)
+    keep = sorted_p.cumsum(-1) - sorted_p < top_p
+    sorted_p = torch.where(keep, sorted_p, 0.0)
+    out = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
+    return out / out.sum(-1, keepdim=True)
+
+
+def make_backend(cfg: RolloutConfig, model: nn.Module, tokenizer) -> RolloutBackend:
+    """The backend named by ``cfg.backend`` around ``model`` (checked with check_backend_available)."""
+    check_backend_available(cfg)
+    if cfg.backend == "hf":
+        return HFBackend(model, tokenizer, cfg)
+    if cfg.backend == "vllm":  # lazy: vllm is imported only inside skyrl_fn.gpu's functions
+        from skyrl_fn.gpu.vllm_backend import make_vllm_backend
+
+        return make_vllm_backend(cfg, model, tokenizer)
+    raise ValueError(f"rollout.backend: expected 'hf' or 'vllm', got {cfg.backend!r}")

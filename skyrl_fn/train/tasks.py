@@ -1,0 +1,212 @@
+"""Tasks: prompts with a verifiable reward, and a checkpointable prompt stream.
+
+The embedded task (``digits``) needs no data: example ``i`` is a pure function of ``(seed, i)``.
+Its reward gives partial credit per correct character, so a tiny randomly initialised model gets
+a dense learning signal from the first step::
+
+    reward(y, a) = #{i : y_i = a_i} / max(|a|, |y|)        in [0, 1]
+
+(a response longer than the answer is penalised through the denominator).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Protocol, Sequence, runtime_checkable
+
+import attrs
+
+from skyrl_fn.train.config import DataConfig
+from skyrl_fn.train.model import DIGITS_ALPHABET
+
+__all__ = [
+    "Example", "Task", "DigitsTask", "DataState", "next_prompts", "make_task", "char_credit", "step_credit", "score",
+]
+
+
+@attrs.frozen(kw_only=True)
+class Example:
+    """One prompt and its reference answer.
+
+    Attributes:
+        index: position in the task's sequence of examples.
+        prompt: the prompt text given to the model.
+        answer: the reference answer the reward compares against.
+    """
+
+    index: int
+    prompt: str
+    answer: str
+
+
+@runtime_checkable
+class Task(Protocol):
+    """A task: indexed examples and a reward in ``[0, 1]``."""
+
+    name: str
+    alphabet: str
+    """Characters the embedded character tokenizer needs for this task."""
+
+    def example(self, index: int) -> Example:
+        """Example ``index`` (deterministic)."""
+        ...
+
+    def size(self) -> int | None:
+        """Number of distinct examples, or None for an endless generator."""
+        ...
+
+    def reward(self, response: str, example: Example) -> float:
+        """The reward of ``response`` for ``example`` in ``[0, 1]``."""
+        ...
+
+
+def char_credit(response: str, answer: str) -> float:
+    """``#{i : response_i = answer_i} / max(|answer|, |response|)``; 1.0 for two empty strings."""
+    n = max(len(answer), len(response))
+    if n == 0:
+        return 1.0
+    return sum(1 for x, y in zip(response, answer) if x == y) / n
+
+
+def step_credit(response: str, answer: str) -> float:
+    """Credit for counting: the first character if it equals the answer's, and each later one if
+    it is the successor (mod 10) of the response's previous character::
+
+        (1[y_0 = a_0] + sum_{1 <= i < |a|} 1[y_i = (y_{i-1} + 1) mod 10]) / max(|a|, |y|)
+
+    A response equal to the answer scores 1; one started at the wrong digit but counted
+    correctly keeps the credit of every correct step (the dense part of the signal); characters
+    past the answer's length earn nothing and enlarge the denominator (so stopping matters).
+    """
+    n = max(len(answer), len(response))
+    if n == 0:
+        return 1.0
+    hits = 0
+    for i, c in enumerate(response[: len(answer)]):
+        if i == 0:
+            hits += c == answer[:1]
+        elif c.isdigit() and response[i - 1].isdigit():
+            hits += int(c) == (int(response[i - 1]) + 1) % 10
+    return hits / n
+
+
+_OPS = {"count": "n", "copy": "c", "reverse": "r", "sort": "s", "increment": "i"}
+
+
+@attrs.frozen(kw_only=True)
+class DigitsTask:
+    """The embedded synthetic task: transform a digit string.
+
+    ``count`` (the default): prompt ``"n:<a><k>>"``, answer the ``k`` digits counting up from
+    ``a`` modulo 10 (``"n:74>"`` -> ``"7890"``), ``k`` in ``[min_digits, max_digits]``.
+    The others: prompt ``"<op>:<digits>>"``, answer the transformed string: ``copy`` (the
+    string), ``reverse``, ``sort`` (ascending), ``increment`` (each digit + 1 mod 10).
+
+    Attributes:
+        op: the transformation.
+        min_digits, max_digits: length range of the input string.
+        seed: data seed; example ``i`` depends only on ``(seed, i)``.
+    """
+
+    op: str = "count"
+    min_digits: int = 3
+    max_digits: int = 5
+    seed: int = 0
+    name: str = "digits"
+    alphabet: str = DIGITS_ALPHABET
+
+    def __attrs_post_init__(self) -> None:
+        if self.op not in _OPS:
+            raise ValueError(f"op: expected one of {sorted(_OPS)}, got {self.op!r}")
+        if not 1 <= self.min_digits <= self.max_digits:
+            raise ValueError(f"min_digits/max_digits: expected 1 <= min <= max, got {self.min_digits}, {self.max_digits}")
+
+    def size(self) -> int | None:
+        """None: an endless generator."""
+        return None
+
+    def example(self, index: int) -> Example:
+        """Example ``index``: a pure function of ``(seed, index)``."""
+        rng = random.Random(self.seed * 1_000_003 + index)
+        n = rng.randint(self.min_digits, self.max_digits)
+        if self.op == "count":
+            if n > 9:
+                raise ValueError(f"max_digits: expected <= 9 for op 'count' (one-digit length), got {n}")
+            a = rng.randint(0, 9)
+            return Example(index=index, prompt=f"n:{a}{n}>", answer="".join(str((a + i) % 10) for i in range(n)))
+        digits = "".join(rng.choice("0123456789") for _ in range(n))
+        return Example(index=index, prompt=f"{_OPS[self.op]}:{digits}>", answer=self.transform(digits))
+
+    def transform(self, digits: str) -> str:
+        """The answer for ``digits`` (not for ``count``, whose prompt is not a digit string)."""
+        if self.op == "copy":
+            return digits
+        if self.op == "reverse":
+            return digits[::-1]
+        if self.op == "sort":
+            return "".join(sorted(digits))
+        return "".join(str((int(c) + 1) % 10) for c in digits)
+
+    def reward(self, response: str, example: Example) -> float:
+        """``count``: :func:`step_credit`; the others: :func:`char_credit` against the answer."""
+        if self.op == "count":
+            return step_credit(response.strip(), example.answer)
+        return char_credit(response.strip(), example.answer)
+
+
+@attrs.frozen(kw_only=True)
+class DataState:
+    """Where the prompt stream is: the only data state a checkpoint needs.
+
+    Attributes:
+        position: number of prompts consumed so far.
+        seed: shuffling seed (finite tasks reshuffle every epoch).
+    """
+
+    position: int = 0
+    seed: int = 0
+
+
+def _epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
+    order = list(range(n))
+    if shuffle:
+        random.Random(seed * 7_919 + epoch).shuffle(order)
+    return order
+
+
+def next_prompts(task: Task, state: DataState, n: int, *, shuffle: bool = True) -> tuple[list[Example], DataState]:
+    """The next ``n`` examples and the advanced state (pure: the same state gives the same batch).
+
+    Endless tasks read indices ``position .. position + n - 1``; finite ones walk a per-epoch
+    permutation seeded by ``(seed, epoch)``.
+    """
+    if n < 1:
+        raise ValueError(f"n: expected >= 1, got {n}")
+    size = task.size()
+    out = []
+    for k in range(state.position, state.position + n):
+        if size is None:
+            idx = k
+        else:
+            epoch, off = divmod(k, size)
+            idx = _epoch_order(size, state.seed, epoch, shuffle)[off]
+        out.append(task.example(idx))
+    return out, attrs.evolve(state, position=state.position + n)
+
+
+def make_task(cfg: DataConfig, *, seed: int = 0) -> Task:
+    """The task named by ``cfg.task``."""
+    if cfg.task == "digits":
+        return DigitsTask(op=cfg.digits_op, min_digits=cfg.min_digits, max_digits=cfg.max_digits, seed=seed)
+    if cfg.task == "gsm8k":
+        from skyrl_fn.train.gsm8k import Gsm8kTask
+
+        if not cfg.path:
+            raise ValueError("data.path: expected a gsm8k jsonl path, got None")
+        return Gsm8kTask.from_jsonl(cfg.path)
+    raise ValueError(f"data.task: expected 'digits' or 'gsm8k', got {cfg.task!r}")
+
+
+def score(task: Task, responses: Sequence[str], examples: Sequence[Example], group_ids: Sequence[int]) -> list[float]:
+    """Rewards ``[B]`` of ``responses``; response ``b`` answers ``examples[group_ids[b]]``."""
+    return [task.reward(r, examples[int(g)]) for r, g in zip(responses, group_ids)]
