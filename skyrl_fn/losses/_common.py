@@ -141,15 +141,22 @@ def run(kernel: Callable, batch: PolicyLossInput, *extra) -> "PolicyLossOutput":
     """
     fn = compiled_kernel(kernel, getattr(_MODE, "backend", "inductor")) if compiling() else kernel
     loss, metrics = fn(batch.log_probs, batch.old_log_probs, batch.advantages, batch.loss_mask, *extra)
+    if torch.compiler.is_compiling():
+        # Dynamo cannot trace the attrs-generated __init__ of a frozen record: build it outside
+        # any graph. Looked up lazily: importing torch._dynamo costs seconds at start-up.
+        return _output_outside_graph()(loss, metrics)
     return _output(loss, metrics)
 
 
-@torch.compiler.disable
 def _output(token_loss: torch.Tensor, metrics: Mapping[str, torch.Tensor]):
-    # Dynamo cannot trace the attrs-generated __init__ of a frozen record: build it outside any graph.
     from skyrl_fn.records import PolicyLossOutput
 
     return PolicyLossOutput(token_loss=token_loss, metrics={k: v.detach() for k, v in metrics.items()})
+
+
+@functools.lru_cache(maxsize=1)
+def _output_outside_graph() -> Callable:
+    return torch.compiler.disable(_output)
 
 
 def check_nonnegative(name: str, value: float) -> float:
