@@ -10,12 +10,64 @@ from __future__ import annotations
 import functools
 
 from skyrl_fn import estimators as est
+from skyrl_fn import losses as ls
 
 _GROUP_NORM = frozenset({"permutation_equivariant", "group_local", "shift_invariant", "scale_invariant"})
 _GROUP_CENTRED = frozenset({"permutation_equivariant", "group_local", "shift_invariant"})
+# Policy losses whose per-token loss of a row depends only on that row (micro-batch exact).
+_LOSS_LOCAL = frozenset({"masked_grad_zero", "microbatch_invariant", "zero_grad_at_ratio_one_zero_adv"})
+# Token selection by batch-wide covariance: a row's loss depends on the rest of the batch.
+_LOSS_COUPLED = frozenset({"masked_grad_zero", "zero_grad_at_ratio_one_zero_adv"})
+_PER_GROUP = frozenset({"permutation_equivariant", "group_local"})
+# Whitened (or scaled) over the whole batch: one group's rewards move every output, so not group_local.
+_BATCH_COUPLED = frozenset({"permutation_equivariant"})
+# Whitened over the batch's tokens: invariant to one positive scale of every reward of the batch.
+_BATCH_WHITENED = frozenset({"permutation_equivariant", "batch_scale_invariant"})
+_BATCH_WHITENED_CENTRED = _BATCH_WHITENED | {"shift_invariant"}
 
 BUILTINS = (
     # -- advantage estimators -------------------------------------------------------------
     ("advantage_estimator", "grpo", est.grpo, _GROUP_NORM),
     ("advantage_estimator", "dr_grpo", functools.partial(est.grpo, norm_by_std=False), _GROUP_CENTRED),
+    ("advantage_estimator", "rloo", est.rloo, _GROUP_CENTRED),
+    ("advantage_estimator", "maxrl", est.maxrl, _PER_GROUP),
+    ("advantage_estimator", "gpg", est.gpg, _BATCH_COUPLED),
+    ("advantage_estimator", "grpo_passk", est.grpo_passk, _GROUP_NORM | {"rejects_singleton_groups"}),
+    ("advantage_estimator", "opo", est.opo, _GROUP_CENTRED),
+    ("advantage_estimator", "reinforce++", est.reinforce_plus_plus, _BATCH_WHITENED),
+    ("advantage_estimator", "reinforce_plus_plus_baseline", est.reinforce_plus_plus_baseline, _BATCH_WHITENED_CENTRED),
+    ("advantage_estimator", "remax", est.remax, _PER_GROUP),
+    ("advantage_estimator", "gae", est.gae, _BATCH_COUPLED),
+    # -- policy losses (skyrl_fn.losses) ---------------------------------------------------
+    ("policy_loss", "regular", ls.regular, _LOSS_LOCAL),
+    ("policy_loss", "dual_clip", ls.dual_clip, _LOSS_LOCAL),
+    ("policy_loss", "gspo", ls.gspo, _LOSS_LOCAL),
+    ("policy_loss", "cispo", ls.cispo, _LOSS_LOCAL),
+    ("policy_loss", "sapo", ls.sapo, _LOSS_LOCAL),
+    ("policy_loss", "clip_cov", ls.clip_cov, _LOSS_COUPLED),
+    ("policy_loss", "kl_cov", ls.kl_cov, _LOSS_COUPLED),
+    ("policy_loss", "gpg", ls.gpg, _LOSS_LOCAL),
+    ("policy_loss", "geo_mean", ls.geo_mean, _LOSS_LOCAL),
+    ("policy_loss", "reinforce", ls.reinforce, _LOSS_LOCAL),
+    ("policy_loss", "cross_entropy", ls.cross_entropy, frozenset({"masked_grad_zero", "microbatch_invariant"})),
+    ("policy_loss", "rollout_is", ls.rollout_is, _LOSS_LOCAL),
+    ("policy_loss", "dppo", ls.dppo, _LOSS_LOCAL),
+    ("policy_loss", "importance_sampling", ls.importance_sampling, _LOSS_LOCAL),
+    # -- loss aggregation -----------------------------------------------------------------
+    ("aggregation", "token_mean", ls.token_mean, frozenset()),
+    ("aggregation", "token_sum", ls.token_sum, frozenset()),
+    ("aggregation", "seq_mean_token_sum", ls.seq_mean_token_sum, frozenset()),
+    ("aggregation", "seq_mean_token_mean", ls.seq_mean_token_mean, frozenset()),
+    ("aggregation", "seq_mean_token_sum_norm", ls.seq_mean_token_sum_norm, frozenset()),
+    ("aggregation", "sequence_mean", ls.seq_mean_token_mean, frozenset()),  # SkyRL's name
+    # -- KL estimators --------------------------------------------------------------------
+    ("kl_estimator", "k1", ls.k1, frozenset()),
+    ("kl_estimator", "abs", ls.kl_abs, frozenset()),
+    ("kl_estimator", "k2", ls.k2, frozenset()),
+    ("kl_estimator", "mse", ls.k2, frozenset()),  # verl's name for k2
+    ("kl_estimator", "k3", ls.k3, frozenset()),
+    ("kl_estimator", "k1+", ls.k1_plus, frozenset()),
+    ("kl_estimator", "abs+", ls.kl_abs_plus, frozenset()),
+    ("kl_estimator", "k2+", ls.k2_plus, frozenset()),
+    ("kl_estimator", "k3+", ls.k3_plus, frozenset()),
 )

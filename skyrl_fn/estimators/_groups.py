@@ -4,6 +4,11 @@ Notation: ``B`` samples, ``P`` groups, dense group ids ``ids [B]`` in ``0..P-1``
 ``index_add`` (one pass, no Python loop over groups); variances are computed in two passes
 (mean first, then centred squares), never as E[x^2] - E[x]^2, which loses low-variance groups to
 cancellation.
+
+Row sums over ``[B, T]`` run on CPU over blocks of rows of about 1 MiB: the masked temporary then
+stays in cache and its memory is reused, where one full ``[B, T]`` temporary costs a fresh
+allocation whose page faults dominate (5x slower at ``B = 65536, T = 256``). This is a loop over
+fixed-size blocks of memory, not over samples or groups.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import torch
 __all__ = [
     "accum_dtype",
     "outcome_scores",
+    "response_lengths",
+    "row_blocks",
     "group_count",
     "group_sum",
     "group_mean",
@@ -26,15 +33,49 @@ def accum_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+_BLOCK_BYTES = 1 << 20
+
+
+def row_blocks(x: torch.Tensor) -> range:
+    """Start rows of the blocks a ``[B, T]`` row sum over ``x`` runs on (one block off the CPU)."""
+    b, t = x.shape
+    if x.device.type != "cpu":
+        return range(0, b, max(b, 1))
+    return range(0, b, max(1, _BLOCK_BYTES // max(1, t * x.element_size())))
+
+
 def outcome_scores(token_level_rewards: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """``[B]`` masked sum of token rewards, in the accumulation dtype.
+    """``[B]`` masked sum of token rewards, in the accumulation dtype (rewards off the mask never reach it).
 
     Args:
         token_level_rewards: ``[B, T]`` floating.
         response_mask: ``[B, T]`` bool.
     """
-    acc = accum_dtype(token_level_rewards.dtype)
-    return torch.where(response_mask, token_level_rewards, 0).sum(dim=-1, dtype=acc)
+    r, m = token_level_rewards, response_mask
+    acc = accum_dtype(r.dtype)
+    out = torch.empty(r.shape[0], dtype=acc, device=r.device)
+    zero = torch.zeros((), dtype=r.dtype, device=r.device)
+    blocks = row_blocks(r)
+    for start in blocks:
+        stop = start + blocks.step
+        torch.sum(torch.where(m[start:stop], r[start:stop], zero), dim=-1, dtype=acc, out=out[start:stop])
+    return out
+
+
+def response_lengths(response_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[B]`` number of response tokens of each sample, in ``dtype``.
+
+    Args:
+        response_mask: ``[B, T]`` bool.
+        dtype: the result's dtype.
+    """
+    m = response_mask
+    out = torch.empty(m.shape[0], dtype=dtype, device=m.device)
+    blocks = row_blocks(m)
+    for start in blocks:
+        stop = start + blocks.step
+        torch.sum(m[start:stop], dim=-1, dtype=dtype, out=out[start:stop])
+    return out
 
 
 def group_count(ids: torch.Tensor, num_groups: int, dtype: torch.dtype) -> torch.Tensor:

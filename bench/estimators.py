@@ -1,0 +1,235 @@
+"""Benchmark the built-in advantage estimators against SkyRL-style per-group Python loops.
+
+Run: ``.venv/bin/python bench/estimators.py [--batch 65536] [--group 8] [--tokens 256]``
+
+Batch: ``B`` samples in groups of ``G``, ``T`` response tokens, float32, right-padded ragged masks
+(lengths uniform in ``[1, T]``), a 0/1 outcome reward on each response's last token, critic
+values and greedy baselines for GAE/ReMax. For every estimator: the median wall time over several
+runs after a warm-up, and the achieved bandwidth (bytes of rewards + mask (+ values) read and of
+advantages (+ returns, when a separate tensor) written, divided by the time). Outcome estimators
+are also timed against a plain per-group Python loop written here in SkyRL-Train's dict style;
+the loop runs on a slice of the batch (``--loop-samples``) and its time is scaled linearly to
+``B`` (both the loop and its tensor work are linear in ``B``), as printed. A fresh-allocation
+yardstick (``torch.zeros(B, T)``) measured in the same run puts the times in context on a shared
+machine; on a busy machine pass ``--threads 1`` (OpenMP threads oversubscribe). A second pass
+re-runs the outcome estimators with ``THP_MEM_ALLOC_ENABLE=1`` (huge pages for big CPU tensors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+
+import torch
+
+from skyrl_fn import AdvantageInput
+from skyrl_fn import estimators as est
+
+# -- SkyRL-Train-style loops (the baseline) --------------------------------------------------
+
+
+def _loop_outcome(rewards: torch.Tensor, mask: torch.Tensor, index: list, per_group) -> torch.Tensor:
+    """The shape of SkyRL-Train's outcome estimators: dicts of per-group lists, a Python loop over
+    samples and one over groups; ``per_group(scores, lengths) -> advantages`` (lists of tensors)."""
+    scores = (rewards * mask).sum(dim=-1)
+    lengths = mask.sum(dim=-1)
+    id2score, id2len, id2rows = defaultdict(list), defaultdict(list), defaultdict(list)
+    for i in range(scores.shape[0]):
+        id2score[index[i]].append(scores[i])
+        id2len[index[i]].append(lengths[i])
+        id2rows[index[i]].append(i)
+    out = torch.zeros_like(scores)
+    for idx in id2score:
+        adv = per_group(id2score[idx], id2len[idx])
+        for row, a in zip(id2rows[idx], adv):
+            out[row] = a
+    return out.unsqueeze(-1) * mask
+
+
+def _grpo_group(scores, lengths, *, norm_by_std=True, eps=1e-6):
+    # As SkyRL-Train's compute_grpo_outcome_advantage: torch.tensor over the list of scores.
+    if len(scores) == 1:
+        mean, std = torch.tensor(0.0), torch.tensor(1.0)
+    else:
+        mean, std = torch.mean(torch.tensor(scores)), torch.std(torch.tensor([scores]))
+    return [((s - mean) / (std + eps)) if norm_by_std else (s - mean) for s in scores]
+
+
+def _rloo_group(scores, lengths):
+    n = len(scores)
+    if n == 1:
+        return [torch.tensor(0.0)]
+    mean = torch.mean(torch.stack(scores))
+    return [(s - mean) * n / (n - 1) for s in scores]
+
+
+def _maxrl_group(scores, lengths, eps=1e-6):
+    if len(scores) == 1:
+        return list(scores)
+    mean = torch.mean(torch.stack(scores))
+    return [(s - mean) / (mean + eps) for s in scores]
+
+
+def _opo_group(scores, lengths):
+    if len(scores) == 1:
+        return list(scores)
+    s, n = torch.stack(scores), torch.stack(lengths).to(torch.float32)
+    base = (n * s).sum() / n.sum()
+    return [x - base for x in scores]
+
+
+def _passk_group(scores, lengths, eps=1e-6):
+    s = torch.stack(scores)
+    top, top_idx = torch.topk(s, 2)
+    adv = [torch.tensor(0.0)] * len(scores)
+    adv[int(top_idx[0])] = (top[0] - top[1]) / (torch.std(s) + eps)
+    return adv
+
+
+def _gpg_loop(rewards, mask, index):
+    scores = (rewards * mask).sum(dim=-1)
+    alpha = scores.shape[0] / torch.count_nonzero(scores).clamp(min=1)
+    return _loop_outcome(rewards, mask, index, lambda s, n: [alpha * a for a in _grpo_group(s, n, norm_by_std=False)])
+
+
+LOOPS = {
+    "grpo": lambda r, m, i: _loop_outcome(r, m, i, _grpo_group),
+    "dr_grpo": lambda r, m, i: _loop_outcome(r, m, i, functools.partial(_grpo_group, norm_by_std=False)),
+    "rloo": lambda r, m, i: _loop_outcome(r, m, i, _rloo_group),
+    "maxrl": lambda r, m, i: _loop_outcome(r, m, i, _maxrl_group),
+    "gpg": _gpg_loop,
+    "opo": lambda r, m, i: _loop_outcome(r, m, i, _opo_group),
+    "grpo_passk": lambda r, m, i: _loop_outcome(r, m, i, _passk_group),
+}
+
+ESTIMATORS = {
+    "grpo": est.grpo,
+    "dr_grpo": functools.partial(est.grpo, norm_by_std=False),
+    "rloo": est.rloo,
+    "maxrl": est.maxrl,
+    "gpg": est.gpg,
+    "opo": est.opo,
+    "grpo_passk": est.grpo_passk,
+    "reinforce_plus_plus_baseline": est.reinforce_plus_plus_baseline,
+    "remax": est.remax,
+    "reinforce++ (gamma=1)": est.reinforce_plus_plus,
+    "reinforce++ (gamma=0.99)": functools.partial(est.reinforce_plus_plus, gamma=0.99),
+    "gae": est.gae,
+}
+OUTCOME = {"grpo", "dr_grpo", "rloo", "maxrl", "gpg", "opo", "grpo_passk"}
+
+
+def timings(fn, *, repeats: int, warmup: int = 1) -> tuple[float, float]:
+    """(median, min) wall time of ``fn()`` in seconds over ``repeats`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), min(times)
+
+
+def median_time(fn, *, repeats: int, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` in seconds over ``repeats`` runs after ``warmup`` runs."""
+    return timings(fn, repeats=repeats, warmup=warmup)[0]
+
+
+def make_batch(b: int, g: int, t: int, seed: int = 0) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, t + 1, (b,), generator=gen)
+    mask = torch.arange(t)[None, :] < lengths[:, None]
+    rewards = torch.zeros(b, t)
+    rewards[torch.arange(b), lengths - 1] = torch.randint(0, 2, (b,), generator=gen).float()
+    return dict(
+        token_level_rewards=rewards,
+        response_mask=mask,
+        group_ids=torch.arange(b) // g,
+        values=torch.randn(b, t, generator=gen) * mask,
+        reward_baselines=torch.rand(b, generator=gen),
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=65536)
+    parser.add_argument("--group", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--loop-samples", type=int, default=4096, help="slice the loop baseline runs on")
+    parser.add_argument("--outcome-only", action="store_true", help="time only the outcome estimators")
+    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    parser.add_argument("--no-thp-run", action="store_true", help="skip the second run with THP_MEM_ALLOC_ENABLE=1")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    b, g, t = args.batch, args.group, args.tokens
+    fields = make_batch(b, g, t)
+    thp = os.environ.get("THP_MEM_ALLOC_ENABLE", "0") == "1"
+    print(f"B={b} (groups of {g}), T={t}, float32, right-padded ragged masks, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, THP_MEM_ALLOC_ENABLE={int(thp)}, load average "
+          f"{os.getloadavg()[0]:.1f}")
+
+    # -- yardsticks measured in the same run: the floor any estimator returning a fresh [B, T]
+    # float32 tensor pays (allocation + page faults), and one read + write pass ----------------
+    r = fields["token_level_rewards"]
+    zeros_sec = median_time(lambda: torch.zeros(b, t), repeats=args.repeats)
+    clone_sec = median_time(lambda: r.clone(), repeats=args.repeats)
+    print(f"yardsticks: torch.zeros(B, T) {zeros_sec * 1e3:.1f} ms, rewards.clone() {clone_sec * 1e3:.1f} ms")
+
+    # -- record construction (validation), timed on its own ------------------------------------
+    t_rec = median_time(lambda: AdvantageInput(**fields), repeats=args.repeats)
+    str_ids = [f"uid-{i // g}" for i in range(b)]
+    t_rec_str = median_time(lambda: AdvantageInput(**{**fields, "group_ids": str_ids}), repeats=3)
+    print(f"AdvantageInput construction: {t_rec * 1e3:.1f} ms (int64 tensor ids), "
+          f"{t_rec_str * 1e3:.1f} ms (string uids)")
+    batch = AdvantageInput(**fields)
+
+    bt = b * t
+    rows = []
+    for name, fn in ESTIMATORS.items():
+        if args.outcome_only and name not in OUTCOME:
+            continue
+        fast = name in OUTCOME or name in ("remax", "reinforce_plus_plus_baseline")
+        med, best = timings(lambda: fn(batch), repeats=args.repeats if fast else 3)
+        out = fn(batch)
+        read = bt * (4 + 1) + (bt * 4 if name == "gae" else 0)
+        written = bt * 4 * (1 if out.returns is out.advantages else 2)
+        rows.append([name, med, best, (read + written) / med / 1e9, None])
+
+    # -- loop baselines on a slice, scaled linearly to B -------------------------------------
+    n = min(args.loop_samples, b) // g * g
+    rl, ml = fields["token_level_rewards"][:n], fields["response_mask"][:n].float()
+    index = [int(i) for i in fields["group_ids"][:n]]
+    for row in rows:
+        if row[0] in LOOPS:
+            loop_sec = median_time(lambda: LOOPS[row[0]](rl, ml, index), repeats=3, warmup=0) * (b / n)
+            row[4] = loop_sec / row[1]
+    print(f"(loop baseline: SkyRL-style dict loop, median of 3 runs on {n} samples, scaled x{b / n:g} to B)")
+    print(f"{'estimator':30s} {'median ms':>9s} {'min ms':>7s} {'GB/s':>5s} {'x zeros':>7s} {'x vs loop':>9s}")
+    for name, med, best, gbs, ratio in rows:
+        speed = f"{ratio:9.0f}" if ratio is not None else f"{'':>9s}"
+        print(f"{name:30s} {med * 1e3:9.1f} {best * 1e3:7.1f} {gbs:5.1f} {med / zeros_sec:7.1f} {speed}")
+    slow = [name for name, med, *_ in rows if name in OUTCOME and med > 0.020]
+    weak = [name for name, *_, ratio in rows if name in ("grpo", "rloo") and ratio < 100]
+    print(f"goal <=20 ms for outcome estimators: {'met' if not slow else 'missed by ' + ', '.join(slow)}; "
+          f"goal >=100x vs loop for grpo/rloo: {'met' if not weak else 'missed by ' + ', '.join(weak)}")
+
+    if not thp and not args.no_thp_run:
+        # PyTorch reads THP_MEM_ALLOC_ENABLE once, at its first allocation: a fresh process.
+        print("\n-- again with transparent huge pages for large CPU tensors (THP_MEM_ALLOC_ENABLE=1) --",
+              flush=True)
+        cmd = [sys.executable, __file__, "--outcome-only", "--no-thp-run", "--repeats", str(args.repeats),
+               "--batch", str(b), "--group", str(g), "--tokens", str(t), "--loop-samples", str(args.loop_samples), "--threads", str(args.threads)]
+        subprocess.run(cmd, env={**os.environ, "THP_MEM_ALLOC_ENABLE": "1"}, check=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Generalized Advantage Estimation with a critic (PPO).
+
+Notation: ``B`` samples, ``T`` response tokens, ``m`` the response mask, ``V`` the critic values.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from skyrl_fn.estimators._groups import accum_dtype
+from skyrl_fn.estimators._whiten import whiten_stats
+from skyrl_fn.records import AdvantageInput, AdvantageOutput
+
+__all__ = ["gae"]
+
+
+@torch.no_grad()
+def gae(batch: AdvantageInput, *, gamma: float = 1.0, lambd: float = 1.0) -> AdvantageOutput:
+    """GAE advantages and returns (Schulman et al. 2016, arXiv:1506.02438), whitened over the batch.
+
+    The masked recursion of verl's ``compute_gae_advantage_return``, backwards over time with
+    ``nv = 0`` and ``L = 0`` after the last token::
+
+        delta_t = r_t + gamma * nv - V_t
+        L       = delta_t + gamma * lambd * L       if m_t else L    (masked tokens are skipped:
+        nv      = V_t                               if m_t else nv    they neither bootstrap nor
+        Ahat_t  = L                                                   accumulate)
+
+        returns_t = (Ahat_t + V_t) * m_t
+        A_t       = (Ahat_t - mean(Ahat)) / sqrt(var(Ahat) + 1e-8) * m_t
+
+    with ``mean``/``var`` (unbiased) over the valid tokens of the whole batch. ``lambd = 1`` gives
+    ``Ahat_t = (discounted return-to-go) - V_t``; ``lambd = 0`` gives the one-step TD error.
+
+    SkyRL-Train's GAE runs the same recursion without skipping masked tokens
+    (``nv = V_{t+1}`` always) and leaves padding unmasked. For right-padded responses whose
+    values and rewards are 0 on the padding, the two agree on every response token (the padding
+    then contributes ``delta = 0`` and carries ``L = 0``).
+
+    Deviations: outputs are zeroed off the mask; rewards and values off the mask never reach the
+    result (they may be NaN); with fewer than 2 valid tokens the variance is taken as 0 (the peers raise).
+    The loop over ``T`` is vectorised over ``B`` (the recursion is sequential in time).
+
+    Args:
+        batch: ``token_level_rewards [B, T]``, ``response_mask [B, T]``, ``values [B, T]``.
+        gamma: discount.
+        lambd: GAE trace-decay ``lambda``.
+
+    Returns:
+        ``AdvantageOutput`` with whitened ``advantages [B, T]`` and ``returns [B, T]``.
+
+    Raises:
+        ValueError: ``batch.values`` is missing.
+    """
+    if batch.values is None:
+        raise ValueError(
+            "values: gae needs critic values, expected a [B, T] tensor in AdvantageInput.values, got None"
+        )
+    dtype = batch.token_level_rewards.dtype
+    acc = accum_dtype(dtype)
+    mask = batch.response_mask
+    b, t_len = mask.shape
+    # Time-major [T, B] copies make each step read one contiguous row. Rewards and values off the
+    # mask are read but never selected (torch.where), so NaN there cannot reach the result.
+    m = mask.T.contiguous()
+    r = torch.empty(t_len, b, dtype=acc, device=mask.device).copy_(batch.token_level_rewards.T)
+    v = torch.empty(t_len, b, dtype=acc, device=mask.device).copy_(batch.values.T)
+    adv = torch.empty_like(r)
+    next_value = torch.zeros(b, dtype=acc, device=r.device)
+    last = torch.zeros(b, dtype=acc, device=r.device)
+    for t in range(t_len - 1, -1, -1):
+        delta = r[t] + gamma * next_value - v[t]
+        last = torch.where(m[t], delta + (gamma * lambd) * last, last)
+        next_value = torch.where(m[t], v[t], next_value)
+        adv[t] = last
+    # Statistics in the [T, B] layout; then one transposing copy back (elementwise ops reading a
+    # transposed view are several times slower than copy_'s transpose).
+    mean, rstd = whiten_stats(adv, m)
+    zero = torch.zeros((), dtype=acc, device=r.device)
+    adv = torch.empty(b, t_len, dtype=acc, device=r.device).copy_(adv.T)
+    returns = torch.add(adv, batch.values.to(acc))
+    torch.where(mask, returns, zero, out=returns)
+    advantages = torch.where(mask, adv.sub_(mean).mul_(rstd), zero, out=adv)
+    return AdvantageOutput(advantages=advantages.to(dtype), returns=returns.to(dtype))
