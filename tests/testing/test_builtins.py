@@ -1,0 +1,20 @@
+"""Every built-in of DEFAULT_TABLE (estimators, policy losses, aggregations) passes the kit: the
+universal properties of its kind plus what its entry promises."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import settings
+
+from skyrl_fn import DEFAULT_TABLE
+from skyrl_fn.testing import check_aggregation, check_estimator, check_policy_loss
+
+#: The sweep over every built-in scales with the hypothesis profile (dev: 7 per property).
+SWEEP = settings(deadline=None, database=None, max_examples=max(5, settings.default.max_examples // 4))
+CHECKS = {"advantage_estimator": check_estimator, "policy_loss": check_policy_loss, "aggregation": check_aggregation}
+KIT_ENTRIES = [e for e in DEFAULT_TABLE.entries() if e.kind in CHECKS]
+
+
+@pytest.mark.parametrize("entry", KIT_ENTRIES, ids=[f"{e.kind}:{e.name}" for e in KIT_ENTRIES])
+def test_every_builtin_passes_its_promises(entry):
+    CHECKS[entry.kind](entry.name, settings=SWEEP)

@@ -1,0 +1,75 @@
+"""The kit's strategies reach what they promise; the property vocabulary; the kit's settings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import find, settings
+
+from skyrl_fn.properties import ORDER, applicable, check_promises, universal
+from skyrl_fn.testing import DEFAULT_MAX_EXAMPLES, kit_settings
+from skyrl_fn.testing.strategies import advantage_inputs, decode, microbatch_cuts, policy_loss_inputs, token_losses
+
+
+def _scores(b):
+    return torch.where(b.response_mask, b.token_level_rewards, 0).sum(-1)
+
+
+# -- strategies, vocabulary, settings ----------------------------------------------------------------
+_FIND = settings(max_examples=2000, database=None, deadline=None)
+
+
+@pytest.mark.parametrize(
+    "what, predicate",
+    [
+        ("size-1 group", lambda b: bool((torch.bincount(b.group_ids) == 1).any())),
+        ("groups of 3+", lambda b: bool((torch.bincount(b.group_ids) >= 3).any())),
+        ("constant group of 2+", lambda b: any(
+            (ids := b.group_ids == g).sum() > 1 and bool((_scores(b)[ids] == _scores(b)[ids][0]).all()) and bool(b.response_mask[ids].any())
+            for g in range(b.num_groups))),
+        ("all-masked row next to a valid one", lambda b: bool((~b.response_mask.any(1)).any() and b.response_mask.any())),
+        ("mask with a hole", lambda b: bool((~b.response_mask[:, :-1] & b.response_mask[:, 1:]).any())),
+        ("extreme value", lambda b: bool((b.token_level_rewards.abs() >= 1e5).any())),
+        ("float32", lambda b: b.token_level_rewards.dtype == torch.float32),
+        ("float64", lambda b: b.token_level_rewards.dtype == torch.float64),
+        ("scattered groups", lambda b: bool((b.group_ids[1:] < b.group_ids[:-1]).any())),
+    ],
+)
+def test_advantage_strategy_reaches(what, predicate):
+    find(advantage_inputs(), predicate, settings=_FIND)
+
+
+def test_group_ids_come_as_ints_and_strings():
+    from skyrl_fn.testing.strategies import _labels
+
+    assert all(isinstance(x, int) for x in _labels(5, 3, False))
+    assert len(set(_labels(5, 3, True))) == 3 and all(x.startswith("uid-") for x in _labels(5, 3, True))
+
+
+def test_other_strategies_and_decoding():
+    assert decode(0) == 0.0 and decode(1) == 0.25 and decode(2) == -0.25 and abs(decode(192)) == 1e6
+    find(policy_loss_inputs(), lambda b: not bool(b.loss_mask.any()), settings=_FIND)
+    find(policy_loss_inputs(), lambda b: bool(((b.log_probs - b.old_log_probs).abs() >= 5).any()), settings=_FIND)
+    find(token_losses(), lambda p: p[0].shape[0] > 1 and bool(p[1].any()), settings=_FIND)
+    cuts = find(microbatch_cuts(5), lambda c: len(c) == 3, settings=_FIND)
+    assert cuts[0][0] == 0 and cuts[-1][1] == 5
+
+
+def test_vocabulary():
+    assert set(ORDER) == set(applicable("advantage_estimator") | applicable("policy_loss"))
+    assert "masked_grad_zero" in universal("policy_loss") and "microbatch_invariant" in universal("aggregation")
+    with pytest.raises(ValueError, match="unknown properties"):
+        check_promises("x", ["group_locall"])
+    with pytest.raises(TypeError):
+        check_promises("x", "group_local")
+
+
+def test_settings_follow_the_profile_or_the_argument():
+    assert kit_settings(settings(max_examples=3)).max_examples == 3
+    current = settings.get_current_profile_name()
+    try:
+        settings.load_profile("default")
+        assert kit_settings().max_examples == DEFAULT_MAX_EXAMPLES and kit_settings().deadline is None
+    finally:
+        settings.load_profile(current)
+    assert kit_settings().max_examples == (settings.default.max_examples if current != "default" else DEFAULT_MAX_EXAMPLES)
