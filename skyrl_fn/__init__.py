@@ -12,6 +12,23 @@ from skyrl_fn.records import (
     ReducedLoss,
 )
 from skyrl_fn.table import DEFAULT_TABLE, KINDS, AlgorithmTable, Entry, UnknownNameError
+from skyrl_fn.compose import AdvantageTransform, Chain, RewardTransform, chain
+from skyrl_fn.transforms import (
+    OutcomeEstimator,
+    batch_mean,
+    clip_advantages,
+    group_mean,
+    group_median,
+    group_normalize_std,
+    leave_one_out,
+    length_penalty,
+    normalize_by_length,
+    outcome_estimator,
+    scale_rewards,
+    shape_rewards,
+    weighted_sum,
+    whiten,
+)
 
 __version__ = "0.1.0"
 
@@ -26,4 +43,23 @@ __all__ = [
     "DEFAULT_TABLE",
     "KINDS",
     "UnknownNameError",
+    # composition (skyrl_fn.compose, skyrl_fn.transforms)
+    "chain",
+    "Chain",
+    "RewardTransform",
+    "AdvantageTransform",
+    "scale_rewards",
+    "shape_rewards",
+    "weighted_sum",
+    "length_penalty",
+    "outcome_estimator",
+    "OutcomeEstimator",
+    "group_mean",
+    "leave_one_out",
+    "batch_mean",
+    "group_median",
+    "whiten",
+    "clip_advantages",
+    "normalize_by_length",
+    "group_normalize_std",
 ]

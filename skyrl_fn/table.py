@@ -138,15 +138,21 @@ _CALLS = {
 
 
 def hyperparameters(fn: Callable, kind: str) -> Mapping[str, Any] | None:
-    """Name -> default of the hyperparameters ``fn`` accepts; None if it takes ``**kwargs``."""
+    """Name -> default of the hyperparameters ``fn`` accepts; None if it takes ``**kwargs``.
+
+    Keywords fixed by a ``functools.partial`` are part of the entry's identity, not
+    hyperparameters: ``dr_grpo = partial(grpo, norm_by_std=False)`` does not accept
+    ``norm_by_std``, so a config's ``norm_by_std=True`` can never turn it back into GRPO.
+    """
     sig = _signature(fn)
     if sig is None or any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
         return None
+    fixed = fn.keywords if isinstance(fn, functools.partial) else {}
     params = list(sig.parameters.values())
     n = KINDS[kind]
     out = {}
     for i, p in enumerate(params):
-        if p.kind == p.VAR_POSITIONAL or (i < n and p.kind != p.KEYWORD_ONLY):
+        if p.kind == p.VAR_POSITIONAL or (i < n and p.kind != p.KEYWORD_ONLY) or p.name in fixed:
             continue
         out[p.name] = p.default
     return out

@@ -183,7 +183,14 @@ def test_compute_advantages_rejects_nan_and_wrong_type():
 
 def test_partial_registration_keeps_hyperparameters():
     table = AlgorithmTable().register("g", functools.partial(grpo, epsilon=1e-3))  # kind inferred
-    assert set(table.entry("advantage_estimator", "g").hyperparameters()) == {"epsilon", "norm_by_std"}
+    # A keyword fixed by the partial is the entry's identity, not a hyperparameter.
+    assert set(table.entry("advantage_estimator", "g").hyperparameters()) == {"norm_by_std"}
+    with pytest.raises(ValueError, match="unknown hyperparameter 'epsilon'"):
+        table.compute_advantages("g", _batch(), epsilon=0.5)
+
+
+def test_dr_grpo_cannot_be_turned_back_into_grpo():
+    assert "norm_by_std" not in DEFAULT_TABLE.entry("advantage_estimator", "dr_grpo").hyperparameters()
 
 
 def test_kinds_are_the_documented_four():

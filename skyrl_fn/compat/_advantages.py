@@ -12,7 +12,6 @@ second. Notation: ``B`` sequences, ``T`` response tokens.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -125,9 +124,8 @@ class SkyRLCallable:
         kwargs.update(token_level_rewards=token_level_rewards, response_mask=response_mask, index=index)
         batch = advantage_input(kwargs)
         entry = self.table.entry("advantage_estimator", self.name)
+        # Keywords fixed by a partial are not in entry.hyperparameters(), so they are ignored.
         hyper = native_hyperparameters(kwargs, entry.hyperparameters())
-        fixed = entry.fn.keywords if isinstance(entry.fn, functools.partial) else {}
-        hyper = {k: v for k, v in hyper.items() if k not in fixed}
         out = self.table.compute_advantages(self.name, batch, **hyper)
         return out.advantages, out.returns
 

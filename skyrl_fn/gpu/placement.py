@@ -24,10 +24,13 @@ import Ray inside the function.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Mapping
 
 import attrs
+
+# Defined with the other config groups (TrainConfig.gpu, flags --gpu.*) so the config imports
+# without this package; re-exported here, where it is used.
+from skyrl_fn.train.config import GPUPlacementConfig
 
 __all__ = [
     "GPUPlacementConfig",
@@ -44,23 +47,6 @@ __all__ = [
 COLOCATED_SHARES: Mapping[str, float] = {"policy": 0.4, "reference": 0.2, "critic": 0.2, "rollout": 0.2}
 #: GPU fraction per actor on a trainer-side GPU when engines have their own GPUs.
 SEPARATE_SHARES: Mapping[str, float] = {"policy": 0.6, "reference": 0.2, "critic": 0.2}
-
-
-@dataclasses.dataclass(frozen=True)
-class GPUPlacementConfig:
-    """GPUs of a run and how trainer and rollout engines share them."""
-
-    num_gpus: int = 1
-    """N, GPUs the run uses (one placement-group bundle each)."""
-    colocate: bool = True
-    """True: trainer and vLLM engines share every GPU (engines sleep during training);
-    False: engines get their own GPUs and weights are broadcast over NCCL."""
-    trainer_gpus: int = 1
-    """separate layout only: GPUs of the trainer side (the rest go to the engines)."""
-    trainer_workers: int = 1
-    """W, policy actors (data-parallel ranks); the current runner uses one."""
-    cpus_per_bundle: float = 1.0
-    """CPUs reserved with each GPU bundle."""
 
 
 @attrs.frozen(kw_only=True)

@@ -31,6 +31,7 @@ __all__ = [
     "TrainerConfig",
     "RayConfig",
     "LoggingConfig",
+    "GPUPlacementConfig",
     "TrainConfig",
     "ResolvedRun",
     "resolve",
@@ -43,6 +44,9 @@ __all__ = [
 CRITIC_ESTIMATORS: frozenset[str] = frozenset({"gae"})
 
 HyperValue = float | int | bool | str
+#: ``torch.compile`` modes (the same tuple as ``skyrl_fn.gpu.kernels.COMPILE_MODES``; spelled out
+#: here so this module imports without ``skyrl_fn.gpu``).
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +106,8 @@ class AlgorithmConfig:
     old log-probs from the update's first forward pass: the same values, one pass fewer)."""
     compile: bool = False
     """torch.compile the loss kernel (policy loss + aggregation)."""
+    compile_mode: CompileMode = "max-autotune-no-cudagraphs"
+    """With compile, on CUDA: the inductor mode (skyrl_fn.gpu.kernels); CPU always compiles as default."""
     estimator_kwargs: dict[str, HyperValue] = dataclasses.field(default_factory=dict)
     """Further keyword hyperparameters for the advantage estimator, by name."""
     policy_loss_kwargs: dict[str, HyperValue] = dataclasses.field(default_factory=dict)
@@ -232,6 +238,24 @@ class LoggingConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class GPUPlacementConfig:
+    """GPUs of a run and how trainer and rollout engines share them (used with --rollout.backend vllm;
+    the Ray bundles are planned by ``skyrl_fn.gpu.placement.plan_placement``)."""
+
+    num_gpus: int = 1
+    """N, GPUs the run uses (one placement-group bundle each)."""
+    colocate: bool = True
+    """True: trainer and vLLM engines share every GPU (engines sleep during training);
+    False: engines get their own GPUs and weights are broadcast over NCCL."""
+    trainer_gpus: int = 1
+    """separate layout only: GPUs of the trainer side (the rest go to the engines)."""
+    trainer_workers: int = 1
+    """W, policy actors (data-parallel ranks); the current runner uses one."""
+    cpus_per_bundle: float = 1.0
+    """CPUs reserved with each GPU bundle."""
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Everything a training run needs."""
 
@@ -242,6 +266,7 @@ class TrainConfig:
     trainer: TrainerConfig = TrainerConfig()
     ray: RayConfig = RayConfig()
     logging: LoggingConfig = LoggingConfig()
+    gpu: GPUPlacementConfig = GPUPlacementConfig()
 
     @property
     def ckpt_dir(self) -> str:
@@ -273,6 +298,7 @@ def config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
     classes = {
         "algorithm": AlgorithmConfig, "model": ModelConfig, "data": DataConfig,
         "rollout": RolloutConfig, "trainer": TrainerConfig, "ray": RayConfig, "logging": LoggingConfig,
+        "gpu": GPUPlacementConfig,
     }
     for key, value in data.items():
         if key not in groups:

@@ -68,8 +68,8 @@ def token_rewards(
     if scores.shape != (b,):
         raise ValueError(f"scores: expected shape [B] = ({b},), got {tuple(scores.shape)}")
     last = (mask.long().sum(-1) - 1).clamp(min=0)
-    r = torch.zeros(b, t, dtype=torch.float32)
-    r[torch.arange(b), last] = scores.float()
+    r = torch.zeros(b, t, dtype=torch.float32, device=mask.device)
+    r[torch.arange(b, device=mask.device), last] = scores.float()
     if kl is not None and kl_coef:
         r = r - kl_coef * kl.float()
     return torch.where(mask, r, 0.0)

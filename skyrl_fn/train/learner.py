@@ -102,9 +102,10 @@ def _aggregate(fn: Callable, token_loss, mask, *, hyper: Mapping[str, Any], glob
     return fn(token_loss, mask, **hyper, **extra)
 
 
-def loss_kernel(run: ResolvedRun) -> Callable[..., tuple[torch.Tensor, Mapping[str, torch.Tensor]]]:
+def loss_kernel(run: ResolvedRun, *, device_type: str = "cpu") -> Callable[..., tuple[torch.Tensor, Mapping[str, torch.Tensor]]]:
     """The policy loss + aggregation of ``run`` as one function (compiled when
-    ``algorithm.compile``)::
+    ``algorithm.compile``; on ``device_type="cuda"`` with ``skyrl_fn.gpu.compile_kernel`` in
+    ``algorithm.compile_mode``, half-precision inputs upcast to float32 inside the graph)::
 
         kernel(PolicyLossInput, global_tokens, global_seqs, max_seq_len) -> (loss [], metrics)
 
@@ -138,6 +139,10 @@ def loss_kernel(run: ResolvedRun) -> Callable[..., tuple[torch.Tensor, Mapping[s
             loss = loss * (batch.batch_size / global_seqs)
         return loss, metrics
 
+    if a.compile and device_type == "cuda":
+        from skyrl_fn.gpu.kernels import compile_kernel
+
+        return compile_kernel(kernel, mode=a.compile_mode, device_type="cuda")
     if a.compile:
         helper = _compiled_helper()
         return helper(kernel) if helper is not None else torch.compile(kernel, dynamic=True)

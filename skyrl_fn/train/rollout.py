@@ -10,7 +10,6 @@ forward pass of the same model (tested). The learner scores with the same temper
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Protocol, Sequence, runtime_checkable
 
 import attrs
@@ -129,20 +128,17 @@ class RolloutBackend(Protocol):
 def check_backend_available(cfg: RolloutConfig) -> None:
     """Raise BackendUnavailableError (before any model loads) if ``cfg.backend`` cannot run here.
 
-    ``hf`` always runs. ``vllm`` needs the ``vllm`` package and a CUDA device.
+    ``hf`` always runs. ``vllm`` needs the ``vllm`` package and a CUDA device; the message is
+    ``skyrl_fn.gpu.vllm_unavailable_reason()`` (what is missing, the install command, the hardware).
     """
     if cfg.backend == "hf":
         return
     if cfg.backend == "vllm":
-        missing = []
-        if importlib.util.find_spec("vllm") is None:
-            missing.append("the vllm package (pip install 'skyrl_fn[vllm]')")
-        if not torch.cuda.is_available():
-            missing.append("a CUDA GPU (torch.cuda.is_available() is False)")
-        if missing:
-            raise BackendUnavailableError(
-                "rollout.backend='vllm' needs " + " and ".join(missing) + "; use --rollout.backend hf on CPU"
-            )
+        from skyrl_fn.gpu.vllm_backend import vllm_unavailable_reason  # imports no vLLM
+
+        reason = vllm_unavailable_reason()
+        if reason is not None:
+            raise BackendUnavailableError(reason)
         return
     raise ValueError(f"rollout.backend: expected 'hf' or 'vllm', got {cfg.backend!r}")
 
@@ -227,13 +223,19 @@ def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return out / out.sum(-1, keepdim=True)
 
 
-def make_backend(cfg: RolloutConfig, model: nn.Module, tokenizer) -> RolloutBackend:
-    """The backend named by ``cfg.backend`` around ``model`` (checked with check_backend_available)."""
+def make_backend(
+    cfg: RolloutConfig, model: nn.Module, tokenizer, *, seed: int = 0, colocated: bool = True
+) -> RolloutBackend:
+    """The backend named by ``cfg.backend`` around ``model`` (checked with check_backend_available).
+
+    ``seed`` and ``colocated`` reach the ``vllm`` engine only (``colocated``: it shares its GPU
+    with the trainer and sleeps between rollouts; see ``skyrl_fn.gpu.placement``).
+    """
     check_backend_available(cfg)
     if cfg.backend == "hf":
         return HFBackend(model, tokenizer, cfg)
     if cfg.backend == "vllm":  # lazy: vllm is imported only inside skyrl_fn.gpu's functions
         from skyrl_fn.gpu.vllm_backend import make_vllm_backend
 
-        return make_vllm_backend(cfg, model, tokenizer)
+        return make_vllm_backend(cfg, model, tokenizer, seed=seed, colocated=colocated)
     raise ValueError(f"rollout.backend: expected 'hf' or 'vllm', got {cfg.backend!r}")

@@ -126,3 +126,13 @@ def test_tyro_parses_nested_groups_literals_and_help(capsys):
     out = capsys.readouterr().out
     assert "GAE lambda" in out and "Sampling temperature" in out
     assert dataclasses.is_dataclass(cfg)
+
+
+def test_dr_grpo_keeps_its_fixed_norm_by_std_when_resolved():
+    # AlgorithmConfig.norm_by_std defaults to True; it must not reach dr_grpo (= grpo with
+    # norm_by_std=False fixed), or Dr. GRPO would silently run as GRPO.
+    base = TrainConfig()
+    cfg = dataclasses.replace(base, algorithm=dataclasses.replace(base.algorithm, advantage_estimator="dr_grpo"))
+    assert "norm_by_std" not in resolve(cfg, DEFAULT_TABLE).estimator_hyper
+    cfg = dataclasses.replace(base, algorithm=dataclasses.replace(base.algorithm, advantage_estimator="grpo"))
+    assert resolve(cfg, DEFAULT_TABLE).estimator_hyper["norm_by_std"] is True
