@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from skyrl_fn.compat._calls import LossConfig, call_accepting, config_value, describe
+from skyrl_fn.losses.aggregation import SKYRL_REDUCTIONS
 from skyrl_fn.records import PolicyLossInput, PolicyLossOutput
 from skyrl_fn.table import AlgorithmTable, UnknownNameError, unknown_name_message
 
@@ -39,11 +40,8 @@ CONFIG_FIELDS: Mapping[str, tuple[str, ...]] = {
 }
 
 #: SkyRL-Train ``loss_reduction`` -> native aggregation name (native names are accepted as well).
-LOSS_REDUCTIONS: Mapping[str, str] = {
-    "token_mean": "token_mean",
-    "sequence_mean": "seq_mean_token_mean",
-    "seq_mean_token_sum_norm": "seq_mean_token_sum_norm",
-}
+#: SkyRL-Train's ``loss_reduction`` names -> our aggregation names (one source: the losses package).
+LOSS_REDUCTIONS: Mapping[str, str] = SKYRL_REDUCTIONS
 
 
 def _from_config(config: Any, accepted: Mapping[str, Any] | None) -> dict[str, Any]:

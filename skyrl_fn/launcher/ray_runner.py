@@ -285,7 +285,7 @@ class RayTrainer:
         """One RL step on ``examples`` (see the module docstring). Returns its metrics."""
         import ray
 
-        from skyrl_fn.train.loop import rollout_seed
+        from skyrl_fn.train.loop import rollout_seed, step_timing
 
         self.step_index = step
         cfg = self.run.config
@@ -316,14 +316,9 @@ class RayTrainer:
         if critic_ref is not None:
             metrics.update(self.get(critic_ref))
         rollout_seconds = float(self.get(gen_s))
-        dt = time.perf_counter() - t0
         # response_length is the mean over the B = P * G sequences, so this is the token count.
         n_tokens = round(metrics.get("response_length", 0.0) * len(examples) * cfg.rollout.samples_per_prompt)
-        metrics.update(
-            step=float(step + 1), step_seconds=dt, rollout_seconds=rollout_seconds,
-            rollout_tokens_per_s=n_tokens / max(rollout_seconds, 1e-9), tokens_per_s=n_tokens / max(dt, 1e-9),
-            response_tokens=float(n_tokens),
-        )
+        metrics.update(step_timing(step, time.perf_counter() - t0, rollout_seconds, n_tokens))
         return metrics
 
     def flush(self) -> None:

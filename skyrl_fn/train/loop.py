@@ -160,14 +160,17 @@ def run_step(
     if cfg.algorithm.use_kl_in_reward:
         metrics["kl_coef"] = kl_ctrl.coef
         kl_ctrl = kl_ctrl.update(metrics.get("kl", 0.0), rollout.batch_size)
-    dt = time.perf_counter() - t0
-    n_tokens = int(rollout.response_mask.sum())
-    metrics.update(
-        step=float(step + 1), step_seconds=dt, rollout_seconds=t_rollout,
-        rollout_tokens_per_s=n_tokens / max(t_rollout, 1e-9), tokens_per_s=n_tokens / max(dt, 1e-9),
+    metrics.update(step_timing(step, time.perf_counter() - t0, t_rollout, int(rollout.response_mask.sum())))
+    return metrics, data_state, kl_ctrl
+
+
+def step_timing(step: int, step_seconds: float, rollout_seconds: float, n_tokens: int) -> dict[str, float]:
+    """The timing metrics every runner (in-process or Ray) logs for step ``step`` (0-based)."""
+    return dict(
+        step=float(step + 1), step_seconds=step_seconds, rollout_seconds=rollout_seconds,
+        rollout_tokens_per_s=n_tokens / max(rollout_seconds, 1e-9), tokens_per_s=n_tokens / max(step_seconds, 1e-9),
         response_tokens=float(n_tokens),
     )
-    return metrics, data_state, kl_ctrl
 
 
 def _save(run: ResolvedRun, comp: Components, step: int, data_state: DataState, kl_ctrl: KLController) -> str:
