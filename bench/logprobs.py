@@ -6,7 +6,8 @@ One measured call is forward + backward of ``sum_i a_i log p_i`` (random upstrea
 as a policy-gradient loss) with respect to ``hidden [N, H]`` and ``weight [V, H]``, float32 on CPU:
 
 - naive: ``log_softmax(hidden @ weight.T, -1).gather(-1, targets[:, None])``
-- fused: ``skyrl_fn.losses.logprobs.token_logprobs_from_hidden`` (default ``chunk_size``)
+- fused: ``skyrl_fn.losses.logprobs.token_logprobs_from_hidden`` (default ``chunk_size`` and
+  ``keep_bytes`` unless given)
 
 Every path runs in its own fresh subprocess (``--worker``), so one path's freed memory can never
 serve the other. In the worker: inputs are built, a tiny warm-up initialises the libraries, freed
@@ -16,7 +17,7 @@ measured as ``VmHWM - baseline`` (peak resident memory above the baseline, input
 gradients included). Time is the minimum over the measured call and ``--repeats`` further calls
 (the machine may be shared; the minimum is the least disturbed run), as wall time and as the
 process's CPU time (user + system, from ``getrusage``; steadier when other jobs share the cores).
-Workers of both paths alternate over ``--rounds``.
+Workers of both paths alternate over ``--rounds``; medians over all calls are printed as well.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import gc
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -76,7 +78,8 @@ def _worker(args: argparse.Namespace) -> None:
         hid = hid.detach().requires_grad_()
         w = w.detach().requires_grad_()
         if fused:
-            out = token_logprobs_from_hidden(hid, w, tgt, chunk_size=args.chunk_size, with_entropy=entropy)
+            out = token_logprobs_from_hidden(hid, w, tgt, chunk_size=args.chunk_size, keep_bytes=args.keep_bytes,
+                                             with_entropy=entropy)
             loss = (out.log_probs * a).sum() + 0.01 * out.entropy.sum() if entropy else (out * a).sum()
         else:
             logp = torch.log_softmax(hid @ w.T, dim=-1)
@@ -116,6 +119,8 @@ def _run_worker(path: str, args: argparse.Namespace) -> dict:
            "--vocab", str(args.vocab), "--hidden", str(args.hidden), "--repeats", str(args.repeats)]
     if args.chunk_size is not None:
         cmd += ["--chunk-size", str(args.chunk_size)]
+    if args.keep_bytes is not None:
+        cmd += ["--keep-bytes", str(args.keep_bytes)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
@@ -128,6 +133,8 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=32000, help="V")
     p.add_argument("--hidden", type=int, default=256, help="H")
     p.add_argument("--chunk-size", type=int, default=None, help="fused rows per chunk (default: library default)")
+    p.add_argument("--keep-bytes", type=int, default=None,
+                   help="fused forward chunks kept for backward, bytes (default: library default)")
     p.add_argument("--repeats", type=int, default=2, help="timed calls per worker after the measured one")
     p.add_argument("--rounds", type=int, default=2, help="alternating naive/fused worker pairs")
     p.add_argument("--entropy", action="store_true", help="also bench log-probs + entropy")
@@ -140,12 +147,14 @@ def main() -> None:
 
     import torch
 
-    from skyrl_fn.losses.logprobs import DEFAULT_CHUNK_ELEMENTS
+    from skyrl_fn.losses.logprobs import DEFAULT_CHUNK_ELEMENTS, DEFAULT_KEEP_BYTES
 
     chunk = args.chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // args.vocab)
+    keep = DEFAULT_KEEP_BYTES if args.keep_bytes is None else args.keep_bytes
     print(f"N={args.tokens} V={args.vocab} H={args.hidden} float32 CPU, torch {torch.__version__}, "
           f"{args.threads or torch.get_num_threads()} threads, fused chunk_size={chunk}"
-          f"{'' if args.chunk_size else ' (default)'}; forward+backward wrt hidden and weight")
+          f"{'' if args.chunk_size else ' (default)'}, keep_bytes={keep / 2**20:.0f} MiB"
+          f"{'' if args.keep_bytes is not None else ' (default)'}; forward+backward wrt hidden and weight")
     pairs = [("naive", "fused")] + ([("naive+entropy", "fused+entropy")] if args.entropy else [])
     for base_name, fused_name in pairs:
         res: dict[str, list[dict]] = {base_name: [], fused_name: []}
@@ -167,6 +176,11 @@ def main() -> None:
         goal = "MET" if mem <= 0.20 and max(wall, cpu) <= 1.10 else "NOT MET"
         print(f"ratio {fused_name}/{base_name} ({threads} threads): memory {mem:.3f}x, wall time {wall:.3f}x, "
               f"CPU time {cpu:.3f}x (goal <=0.20x memory at <=1.10x wall and CPU time: {goal})")
+        med = {name: {k: statistics.median(t for r in rs for t in r[k]) for k in ("times", "cpus")}
+               for name, rs in res.items()}
+        print(f"  medians over all calls: wall {med[fused_name]['times'] / med[base_name]['times']:.3f}x, "
+              f"CPU {med[fused_name]['cpus'] / med[base_name]['cpus']:.3f}x "
+              f"({base_name} {med[base_name]['cpus']:.2f} s, {fused_name} {med[fused_name]['cpus']:.2f} s CPU)")
         print("  all wall s:", {k: [round(t, 2) for r in rs for t in r["times"]] for k, rs in res.items()})
         print("  all CPU s: ", {k: [round(t, 2) for r in rs for t in r["cpus"]] for k, rs in res.items()})
 

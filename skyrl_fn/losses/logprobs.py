@@ -21,9 +21,9 @@ and by the chain rule ``dL/dh_i = (dL/dz_i) W / tau``, ``dL/dW = sum_i (dL/dz_i)
 
 The naive path ``log_softmax(h @ W.T).gather(...)`` holds several ``[N, V]`` tensors at once
 (logits, log-softmax, and in backward a scattered one-hot gradient and the logits gradient).
-``token_logprobs_from_hidden`` never holds more than one ``[C, V]`` chunk (two with entropy):
-forward keeps only ``lse [N]`` (and ``ent [N]``) and backward recomputes each chunk's logits
-(the fused linear + cross-entropy idea of Liger-Kernel, Hsu et al. 2024, arXiv:2410.10989, and
+``token_logprobs_from_hidden`` holds one ``[C, V]`` chunk at a time (two with entropy) plus at
+most ``keep_bytes`` of forward chunks kept for backward: forward keeps ``lse [N]`` (and
+``ent [N]``), backward uses the kept chunks and recomputes the logits of the others (the fused linear + cross-entropy idea of Liger-Kernel, Hsu et al. 2024, arXiv:2410.10989, and
 Wijmans et al. 2024, "Cut Your Losses in Large-Vocabulary Language Models", arXiv:2411.09009).
 ``token_logprobs_from_logits`` avoids the log-softmax and one-hot copies when the logits already
 exist (the ``[N, V]`` logits gradient itself is unavoidable there).
@@ -41,22 +41,26 @@ from typing import NamedTuple
 import torch
 
 from skyrl_fn._checks import as_mask, check_floating, check_tensor
+from skyrl_fn.losses._linear_logprob import _acc_dtype, _chunk_grad, _chunk_stats, _LinearLogProb, _row_chunks
 
 __all__ = [
     "LogProbsAndEntropy",
     "token_logprobs_from_logits",
     "token_logprobs_from_hidden",
     "DEFAULT_CHUNK_ELEMENTS",
+    "DEFAULT_KEEP_BYTES",
 ]
 
-# One chunk of logits holds about this many elements (128 MiB in float32). On bench/logprobs.py
-# (N=8192, V=32000, H=256, CPU) this gives 6 % of the naive peak memory; time hardly depends on
-# it (chunks of 256 to 4096 rows were within 6 % of each other).
-DEFAULT_CHUNK_ELEMENTS = 1 << 25
+# One chunk of logits holds about this many elements (64 MiB in float32, 524 rows at V = 32,000).
+# Time hardly depends on it (chunks of 256 to 4096 rows were within 6 % of each other); smaller
+# chunks make ``keep_bytes`` finer-grained.
+DEFAULT_CHUNK_ELEMENTS = 1 << 24
 
-
-# Far below any log-prob whose exp is nonzero (float64 underflows at about -745).
-_LOG_FLOOR = -1.0e4
+# Bytes of forward softmax chunks ``token_logprobs_from_hidden`` keeps for backward, whose rows
+# then skip the recomputation (one [C, H] x [H, V] product each). On bench/logprobs.py
+# (N=8192, V=32000, H=256) 448 MiB keeps 7 of 16 chunks and peak memory is about 15 % of the
+# naive path's.
+DEFAULT_KEEP_BYTES = 448 << 20
 
 
 class LogProbsAndEntropy(NamedTuple):
@@ -64,10 +68,6 @@ class LogProbsAndEntropy(NamedTuple):
 
     log_probs: torch.Tensor
     entropy: torch.Tensor
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _resolve_chunk(chunk_size: int | None, vocab: int) -> int:
@@ -78,6 +78,16 @@ def _resolve_chunk(chunk_size: int | None, vocab: int) -> int:
     if chunk_size < 1:
         raise ValueError(f"chunk_size: expected a positive int or None, got {chunk_size}")
     return chunk_size
+
+
+def _resolve_keep(keep_bytes: int | None) -> int:
+    if keep_bytes is None:
+        return DEFAULT_KEEP_BYTES
+    if isinstance(keep_bytes, bool) or not isinstance(keep_bytes, int):
+        raise TypeError(f"keep_bytes: expected a non-negative int or None, got {type(keep_bytes).__name__}")
+    if keep_bytes < 0:
+        raise ValueError(f"keep_bytes: expected a non-negative int or None, got {keep_bytes}")
+    return keep_bytes
 
 
 def _check_temperature(temperature: float) -> float:
@@ -123,56 +133,7 @@ def _check_targets(
 
 
 # ----------------------------------------------------------------------------------------------
-# Per-chunk kernels shared by both paths. ``z`` is a [C, V] accumulation-dtype buffer we own.
-
-
-def _chunk_stats(
-    z: torch.Tensor, tgt: torch.Tensor, scratch: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """From logits ``z [C, V]`` (destroyed) return ``(lse [C], z_target [C], ent [C] or None)``.
-
-    ``scratch [C, V]`` is needed only for entropy.
-    """
-    z_tgt = z.gather(1, tgt[:, None]).squeeze(1)
-    m = z.amax(dim=1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # a row of all -inf stays -inf
-    z.sub_(m)
-    if scratch is None:
-        s = z.exp_().sum(dim=1)
-        return s.log_().add_(m.squeeze(1)), z_tgt, None
-    z.clamp_min_(_LOG_FLOOR)  # -inf logits (masked vocabulary): e = 0 and e * z = 0, not NaN
-    e = torch.exp(z, out=scratch)
-    s = e.sum(dim=1)
-    # sum_v e_v (z_v - m), as a batched dot product so no third [C, V] tensor is made.
-    ez = torch.bmm(e.unsqueeze(1), z.unsqueeze(2)).reshape(-1)
-    log_s = s.log()
-    return log_s + m.squeeze(1), z_tgt, log_s - ez / s
-
-
-def _chunk_grad(
-    z: torch.Tensor, tgt: torch.Tensor, lse: torch.Tensor, g_lp: torch.Tensor | None,
-    ent: torch.Tensor | None, g_ent: torch.Tensor | None, scratch: torch.Tensor | None,
-) -> torch.Tensor:
-    """Turn logits ``z [C, V]`` (in place) into ``dL/dz [C, V]``; ``g_lp``/``g_ent`` are [C] or None."""
-    z.sub_(lse[:, None])  # log p
-    if g_ent is None:
-        grad = z.exp_().mul_(-g_lp[:, None])  # -g p
-    else:
-        z.clamp_min_(_LOG_FLOOR)  # p = 0 there; keeps p * (log p + ent) at 0 rather than NaN
-        p = torch.exp(z, out=scratch)
-        # -p (e (log p + ent) + g)  ==  dL/dz off the target column
-        coef = z.add_(ent[:, None]).mul_(g_ent[:, None])
-        if g_lp is not None:
-            coef.add_(g_lp[:, None])
-        grad = coef.mul_(p).neg_()
-    if g_lp is not None:
-        grad.scatter_add_(1, tgt[:, None], g_lp[:, None].to(grad.dtype))
-    return grad
-
-
-def _row_chunks(n: int, chunk: int):
-    for start in range(0, n, chunk):
-        yield start, min(start + chunk, n)
+# Shared forward loop
 
 
 def _forward_pass(fill, blocks, targets, vocab, like, chunk, with_entropy):
@@ -187,7 +148,7 @@ def _forward_pass(fill, blocks, targets, vocab, like, chunk, with_entropy):
     scratch = torch.empty_like(buf) if with_entropy else None
     for s, e, rows in blocks:
         z = fill(buf[: e - s], rows)
-        lse[s:e], z_tgt[s:e], ent_c = _chunk_stats(z, targets[s:e], None if scratch is None else scratch[: e - s])
+        lse[s:e], z_tgt[s:e], ent_c, _ = _chunk_stats(z, targets[s:e], None if scratch is None else scratch[: e - s])
         if ent is not None:
             ent[s:e] = ent_c
     return z_tgt - lse, lse, ent
@@ -197,76 +158,6 @@ def _forward_pass(fill, blocks, targets, vocab, like, chunk, with_entropy):
 # Fused linear + log-prob (+ entropy)
 
 
-class _LinearLogProb(torch.autograd.Function):
-    """``hidden [N, H]``, ``weight [V, H]``, ``bias [V] | None``, ``targets [N]`` -> log p [N] (, ent [N])."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk, inv_temp, with_entropy):
-        half = _acc_dtype(hidden.dtype) != hidden.dtype
-        blocks = ((s, e, (slice(s, e),)) for s, e in _row_chunks(hidden.shape[0], chunk))
-        fill = lambda out, rows: _logits_into(out, hidden[rows], weight, bias, inv_temp, half)  # noqa: E731
-        lp, lse, ent = _forward_pass(fill, blocks, targets, weight.shape[0], hidden, chunk, with_entropy)
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
-        ctx.chunk, ctx.inv_temp, ctx.half = chunk, inv_temp, half
-        ctx.set_materialize_grads(False)
-        return (lp, ent) if with_entropy else lp
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g_lp, g_ent=None):
-        hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        n, v = hidden.shape[0], weight.shape[0]
-        if g_lp is None and g_ent is None:
-            return None, None, None, None, None, None, None
-        acc, half, inv_t = lse.dtype, ctx.half, ctx.inv_temp
-        # Fold 1/tau into the per-row upstream gradients: dL/dlogits = (dL/dz) / tau.
-        g_lp = None if g_lp is None else g_lp.to(acc) * inv_t
-        g_ent = None if g_ent is None else g_ent.to(acc) * inv_t
-        grad_h = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        grad_b = torch.zeros(v, dtype=acc, device=weight.device) if (need_b and bias is not None) else None
-        c = min(ctx.chunk, max(n, 1))
-        buf = torch.empty(c, v, dtype=acc, device=hidden.device)
-        scratch = torch.empty_like(buf) if g_ent is not None else None
-        for s, e in _row_chunks(n, c):
-            h_c = hidden[s:e]
-            z = _logits_into(buf[: e - s], h_c, weight, bias, inv_t, half)
-            grad = _chunk_grad(
-                z, targets[s:e], lse[s:e], None if g_lp is None else g_lp[s:e],
-                None if ent is None else ent[s:e], None if g_ent is None else g_ent[s:e],
-                None if scratch is None else scratch[: e - s],
-            )
-            if grad_h is not None:
-                if half:
-                    grad_h[s:e] = grad.to(weight.dtype) @ weight
-                else:
-                    torch.mm(grad, weight, out=grad_h[s:e])
-            if grad_w is not None:
-                grad_w.addmm_(grad.T, h_c.to(acc) if half else h_c)
-            if grad_b is not None:
-                grad_b += grad.sum(dim=0)
-        if grad_w is not None:
-            grad_w = grad_w.to(weight.dtype)
-        if grad_b is not None:
-            grad_b = grad_b.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None
-
-
-def _logits_into(out, h_c, weight, bias, inv_temp, half):
-    """``out [C, V] = (h_c W^T + b) * inv_temp`` in the accumulation dtype."""
-    if half:
-        z = h_c @ weight.T if bias is None else torch.addmm(bias, h_c, weight.T)
-        out.copy_(z)
-    elif bias is None:
-        torch.mm(h_c, weight.T, out=out)
-    else:
-        torch.addmm(bias, h_c, weight.T, out=out)
-    if inv_temp != 1.0:
-        out.mul_(inv_temp)
-    return out
-
-
 def token_logprobs_from_hidden(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -274,6 +165,7 @@ def token_logprobs_from_hidden(
     *,
     bias: torch.Tensor | None = None,
     chunk_size: int | None = None,
+    keep_bytes: int | None = None,
     temperature: float = 1.0,
     with_entropy: bool = False,
     ignore_index: int | None = -100,
@@ -285,13 +177,14 @@ def token_logprobs_from_hidden(
 
         z_i = (h_i W^T + b) / tau,   log p_i = z_i,y_i - logsumexp(z_i),   ent_i = -sum_v p_iv log p_iv
 
-    Forward computes ``C`` rows of logits at a time and keeps only ``lse [N]`` (and ``ent [N]``);
-    backward recomputes each chunk and accumulates ``dL/dhidden``, ``dL/dweight`` and
-    ``dL/dbias`` (formulas in the module docstring). Values and gradients equal
+    Forward computes ``C`` rows of logits at a time and keeps ``lse [N]`` (and ``ent [N]``) plus,
+    within ``keep_bytes``, the softmax chunks of the last ``K`` rows; backward uses those kept
+    chunks, recomputes the other ``N - K`` rows chunk by chunk, and accumulates ``dL/dhidden``,
+    ``dL/dweight`` and ``dL/dbias`` (formulas in the module docstring). Values and gradients equal
     ``log_softmax((hidden @ weight.T + bias) / tau).gather(-1, targets)`` up to rounding.
-    Peak extra memory is one ``[C, V]`` chunk (two with entropy) plus ``[V, H]`` for the weight
-    gradient, against several ``[N, V]`` tensors for the naive path; the cost is one extra
-    ``[N, H] x [H, V]`` matrix product (the recomputation in backward).
+    Peak extra memory is about ``max(keep_bytes, one [C, V] chunk)`` (plus one chunk with
+    entropy) and ``[V, H]`` for the weight gradient, against several ``[N, V]`` tensors for the
+    naive path; the cost is an extra ``[N - K, H] x [H, V]`` product (the recomputation).
 
     Args:
         hidden: ``[N, H]`` or ``[B, T, H]`` floating hidden states.
@@ -299,7 +192,11 @@ def token_logprobs_from_hidden(
         targets: ``[N]`` or ``[B, T]`` integer token ids in ``[0, V)``.
         bias: optional ``[V]`` LM-head bias.
         chunk_size: rows per chunk ``C``; None picks ``DEFAULT_CHUNK_ELEMENTS // V`` (about
-            128 MiB of float32 logits per chunk).
+            64 MiB of float32 logits per chunk).
+        keep_bytes: budget for forward chunks kept for backward (whole chunks of the last rows,
+            ``K = keep_bytes // (V * 4)`` rows at most in float32); 0 recomputes every chunk,
+            None picks ``DEFAULT_KEEP_BYTES`` (448 MiB). Nothing is kept when no input needs a
+            gradient.
         temperature: ``tau > 0``, divides the logits (sampling temperature).
         with_entropy: also return the entropy of each row's distribution.
         ignore_index: rows whose target equals it get log-prob 0, entropy 0 and no gradient
@@ -313,9 +210,9 @@ def token_logprobs_from_hidden(
 
     Raises:
         TypeError: non-tensor or non-floating ``hidden``/``weight``/``bias``, dtype mismatch,
-            non-integer ``targets``, bad ``chunk_size``/``temperature`` types.
+            non-integer ``targets``, bad ``chunk_size``/``keep_bytes``/``temperature`` types.
         ValueError: shape or device mismatch, targets out of range, ``chunk_size < 1``,
-            ``temperature <= 0``.
+            ``keep_bytes < 0``, ``temperature <= 0``.
     """
     check_floating("hidden", hidden)
     check_floating("weight", weight)
@@ -340,12 +237,13 @@ def token_logprobs_from_hidden(
     names = "[N]" if len(lead) == 1 else "[B, T]"
     inv_t = 1.0 / _check_temperature(temperature)
     chunk = _resolve_chunk(chunk_size, v)
+    keep = _resolve_keep(keep_bytes)
     flat_t, valid = _check_targets(targets, lead, names, v, ignore_index, mask, hidden.device)
     h = hidden.reshape(-1, hidden.shape[-1])
     if valid is not None:  # compute only the kept rows; autograd scatters their gradient back
         idx = torch.nonzero(valid).squeeze(1)
         h, flat_t = h.index_select(0, idx), flat_t.index_select(0, idx)
-    out = _LinearLogProb.apply(h, weight, bias, flat_t, chunk, inv_t, bool(with_entropy))
+    out = _LinearLogProb.apply(h, weight, bias, flat_t, chunk, inv_t, bool(with_entropy), keep)
     return _finish(out, valid, lead, bool(with_entropy))
 
 
@@ -371,12 +269,12 @@ def _logit_blocks(logits: torch.Tensor, chunk: int):
     slice ``logits[:, :-1]``); the latter is walked sequence by sequence so it is never copied.
     """
     if logits.dim() == 2:
-        for s, e in _row_chunks(logits.shape[0], chunk):
+        for s, e in _row_chunks(0, logits.shape[0], chunk):
             yield s, e, (slice(s, e),)
         return
     t = logits.shape[1]
     for b in range(logits.shape[0]):
-        for s, e in _row_chunks(t, chunk):
+        for s, e in _row_chunks(0, t, chunk):
             yield b * t + s, b * t + e, (b, slice(s, e))
 
 

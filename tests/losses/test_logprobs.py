@@ -331,3 +331,102 @@ def test_logits_errors_name_the_argument():
 def test_default_chunk_follows_the_element_budget():
     assert lpmod._resolve_chunk(None, 32000) == lpmod.DEFAULT_CHUNK_ELEMENTS // 32000
     assert lpmod._resolve_chunk(None, 10**9) == 1
+
+
+# -- keep_bytes: forward chunks kept for backward -----------------------------------------------
+
+
+def _fused_node(t):
+    """The ``_LinearLogProb`` backward node behind an output (through reshape views)."""
+    node = t.grad_fn
+    while not hasattr(node, "kept"):
+        node = node.next_functions[0][0]
+    return node
+
+
+def _kept_rows(node):
+    return sum(e - s for s, e, _, _ in node.kept)
+
+
+@pytest.mark.parametrize("with_entropy", [False, True])
+@pytest.mark.parametrize("keep_rows", [0, 1, 4, 9, 17])
+def test_keep_bytes_matches_naive_and_respects_budget(with_entropy, keep_rows):
+    """Any budget (0 = pure recompute, 17 rows = everything) gives the naive values and gradients."""
+    n, v, chunk = 17, 29, 4
+    hidden, weight, bias, targets, up_lp, up_ent = make(n, 6, v, seed=keep_rows)
+    budget = keep_rows * v * 8  # float64 rows
+    out = token_logprobs_from_hidden(hidden, weight, targets, bias=bias, chunk_size=chunk, keep_bytes=budget,
+                                     temperature=0.8, with_entropy=with_entropy)
+    node = _fused_node(out.log_probs if with_entropy else out)
+    kept = _kept_rows(node)
+    # Whole chunks of the last rows, within the budget, and as many as fit.
+    assert kept * v * 8 <= budget and (kept == 0 or (n - kept) % chunk == 0) and kept > keep_rows - chunk
+    assert all(z.shape == (e - s, v) for s, e, z, _ in node.kept)
+    want_lp, want_ent = naive(hidden @ weight.T + bias, targets, 0.8)
+    lp = out.log_probs if with_entropy else out
+    torch.testing.assert_close(lp, want_lp, **F64)
+    inputs = (hidden, weight, bias)
+    if with_entropy:
+        torch.testing.assert_close(out.entropy, want_ent, **F64)
+        got, want = grads(*out, up_lp, up_ent, inputs), grads(want_lp, want_ent, up_lp, up_ent, inputs)
+    else:
+        got, want = grads(lp, None, up_lp, None, inputs), grads(want_lp, None, up_lp, None, inputs)
+    assert_close_all(got, want, F64)
+    assert node.kept is None  # released by backward, not when the graph dies
+
+
+def test_keep_everything_skips_recomputation_and_zero_recomputes_all(monkeypatch):
+    from skyrl_fn.losses import _linear_logprob as fused
+
+    calls = []
+    real = fused._logits_into
+    monkeypatch.setattr(fused, "_logits_into", lambda out, h_c, *a: calls.append(h_c.shape[0]) or real(out, h_c, *a))
+    hidden, weight, _, targets, up_lp, _ = make(10, 3, 7)
+    want = grads(naive(hidden @ weight.T, targets)[0], None, up_lp, None, (hidden, weight))
+    for keep, recomputed in ((10 * 7 * 8, 0), (0, 10)):
+        lp = token_logprobs_from_hidden(hidden, weight, targets, chunk_size=3, keep_bytes=keep)
+        assert sum(calls) == 10  # forward computes every row once
+        calls.clear()
+        assert_close_all(grads(lp, None, up_lp, None, (hidden, weight)), want, F64)
+        assert sum(calls) == recomputed
+        calls.clear()
+
+
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_keep_bytes_survives_retain_graph(with_entropy):
+    """A retained graph keeps its chunks intact: a second backward gives the same gradients."""
+    hidden, weight, _, targets, up_lp, up_ent = make(9, 4, 11, seed=7)
+    out = token_logprobs_from_hidden(hidden, weight, targets, chunk_size=2, keep_bytes=6 * 11 * 8,
+                                     with_entropy=with_entropy)
+    outs = (out.log_probs, out.entropy) if with_entropy else (out, None)
+    loss = (outs[0] * up_lp).sum() + (0 if outs[1] is None else (outs[1] * up_ent).sum())
+    g1 = torch.autograd.grad(loss, (hidden, weight), retain_graph=True)
+    assert _kept_rows(_fused_node(outs[0])) == 5  # rows [4, 9): the cut moves up to a chunk edge
+    g2 = torch.autograd.grad(loss, (hidden, weight))
+    assert_close_all(g1, g2, dict(rtol=0, atol=0))
+    want_lp, want_ent = naive(hidden @ weight.T, targets)
+    want_loss = (want_lp * up_lp).sum() + ((want_ent * up_ent).sum() if with_entropy else 0)
+    assert_close_all(g1, torch.autograd.grad(want_loss, (hidden, weight)), F64)
+
+
+def test_keep_bytes_without_grad_and_argument_checks():
+    hidden, weight, _, targets, _, _ = make(6, 3, 5)
+    lp = token_logprobs_from_hidden(hidden.detach(), weight.detach(), targets, keep_bytes=1 << 30)
+    assert lp.grad_fn is None
+    with pytest.raises(ValueError, match="keep_bytes: expected a non-negative int"):
+        token_logprobs_from_hidden(hidden, weight, targets, keep_bytes=-1)
+    with pytest.raises(TypeError, match="keep_bytes: expected a non-negative int or None, got float"):
+        token_logprobs_from_hidden(hidden, weight, targets, keep_bytes=1.5)
+    assert lpmod._resolve_keep(None) == lpmod.DEFAULT_KEEP_BYTES
+
+
+@pytest.mark.parametrize("use", ["log_probs", "entropy"])
+def test_keep_bytes_with_entropy_when_only_one_output_is_used(use):
+    hidden, weight, bias, targets, up_lp, up_ent = make(11, 3, 13, seed=11)
+    out = token_logprobs_from_hidden(hidden, weight, targets, bias=bias, chunk_size=3, keep_bytes=5 * 13 * 8,
+                                     with_entropy=True)
+    want = dict(zip(("log_probs", "entropy"), naive(hidden @ weight.T + bias, targets)))
+    up = up_lp if use == "log_probs" else up_ent
+    inputs = (hidden, weight, bias)
+    got = torch.autograd.grad((getattr(out, use) * up).sum(), inputs)
+    assert_close_all(got, torch.autograd.grad((want[use] * up).sum(), inputs), F64)
