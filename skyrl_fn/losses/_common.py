@@ -159,6 +159,12 @@ def _output_outside_graph() -> Callable:
     return torch.compiler.disable(_output)
 
 
+def check_batch(batch: PolicyLossInput) -> None:
+    """Raise TypeError unless ``batch`` is a ``PolicyLossInput`` (every built-in loss calls this first)."""
+    if not isinstance(batch, PolicyLossInput):
+        raise TypeError(f"batch: expected a PolicyLossInput, got {type(batch).__name__}")
+
+
 def check_nonnegative(name: str, value: float) -> float:
     """Raise ValueError unless ``value`` is a finite number >= 0."""
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0 or value == float("inf"):

@@ -13,15 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from skyrl_fn.losses._common import check_nonnegative, clean, masked_mean, ratio_metrics, run, safe_ratio
+from skyrl_fn.losses._common import check_batch, check_nonnegative, clean, masked_mean, ratio_metrics, run, safe_ratio
 from skyrl_fn.records import PolicyLossInput, PolicyLossOutput
 
 __all__ = ["clip_cov", "kl_cov"]
-
-
-def _check_batch(batch: PolicyLossInput) -> None:
-    if not isinstance(batch, PolicyLossInput):
-        raise TypeError(f"batch: expected a PolicyLossInput, got {type(batch).__name__}")
 
 
 def _covariance(adv: torch.Tensor, lp: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -78,7 +73,7 @@ def clip_cov(
         ``token_loss [B, T]``; ratio metrics with PPO's clip fractions; ``cov_clip_frac`` (fraction
         of valid tokens in ``S``) and ``clip_ratio`` set to it (SkyRL's metric for this loss).
     """
-    _check_batch(batch)
+    check_batch(batch)
     check_nonnegative("eps_clip_low", eps_clip_low)
     check_nonnegative("eps_clip_high", eps_clip_high)
     if not isinstance(clip_cov_ratio, (int, float)) or not 0 < clip_cov_ratio <= 1:
@@ -131,7 +126,7 @@ def kl_cov(batch: PolicyLossInput, *, kl_cov_frac: float = 0.2, ppo_kl_coef: flo
         ``token_loss [B, T]``; ratio metrics (clip fractions 0, ``clip_ratio`` 0 as SkyRL's);
         ``kl_cov_selected_frac``; ``approx_kl_abs`` (mean ``|log r|``, verl's ``ppo_kl`` here).
     """
-    _check_batch(batch)
+    check_batch(batch)
     if not isinstance(kl_cov_frac, (int, float)) or not 0 < kl_cov_frac <= 1:
         raise ValueError(f"kl_cov_frac: expected a fraction in (0, 1], got {kl_cov_frac!r}")
     check_nonnegative("ppo_kl_coef", ppo_kl_coef)

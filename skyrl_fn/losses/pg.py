@@ -11,15 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from skyrl_fn.losses._common import check_nonnegative, clean, ratio_metrics, run, safe_ratio
+from skyrl_fn.losses._common import check_batch, check_nonnegative, clean, ratio_metrics, run, safe_ratio
 from skyrl_fn.records import PolicyLossInput, PolicyLossOutput
 
 __all__ = ["reinforce", "gpg", "cispo", "rollout_is", "importance_sampling", "cross_entropy"]
-
-
-def _check_batch(batch: PolicyLossInput) -> None:
-    if not isinstance(batch, PolicyLossInput):
-        raise TypeError(f"batch: expected a PolicyLossInput, got {type(batch).__name__}")
 
 
 def _vanilla(lp, old, adv, m):
@@ -37,7 +32,7 @@ def reinforce(batch: PolicyLossInput) -> PolicyLossOutput:
     Returns:
         ``token_loss [B, T]``; ratio metrics (clip fractions are 0).
     """
-    _check_batch(batch)
+    check_batch(batch)
     return run(_vanilla, batch)
 
 
@@ -49,7 +44,7 @@ def gpg(batch: PolicyLossInput) -> PolicyLossOutput:
     advantages and the batch correction factor) live in the advantage estimator and the
     aggregation (verl default ``token_mean``). No hyperparameters.
     """
-    _check_batch(batch)
+    check_batch(batch)
     return run(_vanilla, batch)
 
 
@@ -70,7 +65,7 @@ def cispo(
         ``token_loss [B, T]``; ratio metrics; ``clip_frac_low`` (r < 1 - low), ``clip_frac_high``
         (r > 1 + high), ``clip_ratio`` their sum (as SkyRL's).
     """
-    _check_batch(batch)
+    check_batch(batch)
     check_nonnegative("cispo_eps_clip_low", cispo_eps_clip_low)
     check_nonnegative("cispo_eps_clip_high", cispo_eps_clip_high)
     return run(_cispo, batch, 1.0 - cispo_eps_clip_low, 1.0 + cispo_eps_clip_high)
@@ -105,7 +100,7 @@ def rollout_is(batch: PolicyLossInput, *, eps_clip_low: float = 0.2, eps_clip_hi
     Without ``batch.rollout_log_probs`` (SkyRL asserts they are there) the old policy is taken as
     the sampling policy: synchronous training, where the two coincide up to kernel numerics.
     """
-    _check_batch(batch)
+    check_batch(batch)
     check_nonnegative("eps_clip_low", eps_clip_low)
     check_nonnegative("eps_clip_high", eps_clip_high)
     roll = batch.rollout_log_probs if batch.rollout_log_probs is not None else batch.old_log_probs
@@ -136,7 +131,7 @@ def importance_sampling(batch: PolicyLossInput) -> PolicyLossOutput:
     Returns:
         ``token_loss [B, T]``; ratio metrics, plus ``importance_ratio`` (= ``ratio_mean``).
     """
-    _check_batch(batch)
+    check_batch(batch)
     return run(_importance_sampling, batch)
 
 
@@ -158,7 +153,7 @@ def cross_entropy(batch: PolicyLossInput) -> PolicyLossOutput:
     Returns:
         ``token_loss [B, T]``; ratio metrics; ``nll`` (mean over valid tokens).
     """
-    _check_batch(batch)
+    check_batch(batch)
     return run(_cross_entropy, batch)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from skyrl_fn.losses._common import (
+    check_batch,
     check_nonnegative,
     check_positive,
     clean,
@@ -29,11 +30,6 @@ from skyrl_fn.losses._common import (
 from skyrl_fn.records import PolicyLossInput, PolicyLossOutput
 
 __all__ = ["regular", "dual_clip", "gspo", "sapo", "geo_mean", "dppo"]
-
-
-def _check_batch(batch: PolicyLossInput) -> None:
-    if not isinstance(batch, PolicyLossInput):
-        raise TypeError(f"batch: expected a PolicyLossInput, got {type(batch).__name__}")
 
 
 def _ppo_clip(lp, old, adv, m, eps_clip_low: float, eps_clip_high: float):
@@ -73,7 +69,7 @@ def regular(batch: PolicyLossInput, *, eps_clip_low: float = 0.2, eps_clip_high:
     Raises:
         ValueError: a negative ``eps_clip_low`` / ``eps_clip_high``.
     """
-    _check_batch(batch)
+    check_batch(batch)
     check_nonnegative("eps_clip_low", eps_clip_low)
     check_nonnegative("eps_clip_high", eps_clip_high)
     return run(_regular, batch, float(eps_clip_low), float(eps_clip_high))
@@ -102,7 +98,7 @@ def dual_clip(
     Raises:
         ValueError: ``clip_ratio_c <= 1`` (as verl) or negative clip offsets.
     """
-    _check_batch(batch)
+    check_batch(batch)
     check_nonnegative("eps_clip_low", eps_clip_low)
     check_nonnegative("eps_clip_high", eps_clip_high)
     if not isinstance(clip_ratio_c, (int, float)) or not clip_ratio_c > 1.0:
@@ -138,7 +134,7 @@ def gspo(batch: PolicyLossInput, *, eps_clip_low: float = 0.2, eps_clip_high: fl
         As ``regular``; the clip fractions and ratio statistics refer to the sequence ratio ``s``,
         ``approx_kl`` to the token ratio.
     """
-    _check_batch(batch)
+    check_batch(batch)
     check_nonnegative("eps_clip_low", eps_clip_low)
     check_nonnegative("eps_clip_high", eps_clip_high)
     return run(_gspo, batch, float(eps_clip_low), float(eps_clip_high))
@@ -177,7 +173,7 @@ def sapo(batch: PolicyLossInput, *, tau_pos: float = 1.0, tau_neg: float = 1.05)
     Raises:
         ValueError: a temperature that is not > 0.
     """
-    _check_batch(batch)
+    check_batch(batch)
     check_positive("tau_pos", tau_pos)
     check_positive("tau_neg", tau_neg)
     return run(_sapo, batch, float(tau_pos), float(tau_neg))
@@ -212,7 +208,7 @@ def geo_mean(batch: PolicyLossInput, *, eps_clip_low: float = 0.2, eps_clip_high
         ``token_loss [B, T]``; ratio metrics; ``clip_frac_high`` / ``clip_frac_low``: tokens whose
         log-ratio was clamped, with A > 0 / A < 0.
     """
-    _check_batch(batch)
+    check_batch(batch)
     check_nonnegative("eps_clip_low", eps_clip_low)
     check_nonnegative("eps_clip_high", eps_clip_high)
     return run(_geo_mean, batch, float(eps_clip_low), float(eps_clip_high))
@@ -266,7 +262,7 @@ def dppo(
     Raises:
         ValueError: ``dppo_divergence`` not ``"tv"`` or ``"kl"``; bad thresholds or cap.
     """
-    _check_batch(batch)
+    check_batch(batch)
     check_nonnegative("eps_clip_low", eps_clip_low)
     check_nonnegative("eps_clip_high", eps_clip_high)
     check_positive("dppo_ratio_cap", dppo_ratio_cap)
