@@ -243,9 +243,10 @@ def value_loss(
         global_tokens: ``N``, the token count of the whole batch.
     """
     from skyrl_fn.losses import value_loss as per_token
+    from skyrl_fn.losses.aggregation import token_mean
 
     out = per_token(values, old_values, returns, mask, value_clip=clip if clip > 0 else None)
-    return out.token_loss.sum() / global_tokens
+    return token_mean(out.token_loss, mask, global_tokens=global_tokens)
 
 
 def critic_update(run: ResolvedRun, state: TrainState, exp: Experience) -> dict[str, float]:
