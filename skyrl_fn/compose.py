@@ -201,15 +201,6 @@ class Chain:
         return f"chain({', '.join(piece_name(p) for p in self.pieces)})"
 
 
-def _kind(piece: Callable) -> str | None:
-    """``infer_kind``, looking through ``functools.partial`` (whose string annotations
-    ``infer_kind`` cannot resolve) to the wrapped function."""
-    kind = getattr(piece, "__skyrl_kind__", None)
-    if kind is None and isinstance(piece, functools.partial) and not piece.args:
-        return _kind(piece.func)
-    return kind if kind is not None else infer_kind(piece)
-
-
 def _role(position: int, piece: Any) -> str:
     """``"reward"``, ``"estimator"`` or ``"advantage"``; raises TypeError for anything else."""
     if isinstance(piece, RewardTransform):
@@ -221,7 +212,7 @@ def _role(position: int, piece: Any) -> str:
             f"chain: piece {position} expected a RewardTransform, an advantage estimator or an "
             f"AdvantageTransform, got {type(piece).__name__} ({piece!r})"
         )
-    kind = _kind(piece)
+    kind = infer_kind(piece)
     if kind == "advantage_estimator":
         return "estimator"
     if kind is None:
