@@ -10,9 +10,11 @@ advantages (+ returns, when a separate tensor) written, divided by the time). Ou
 are also timed against a plain per-group Python loop written here in SkyRL-Train's dict style;
 the loop runs on a slice of the batch (``--loop-samples``) and its time is scaled linearly to
 ``B`` (both the loop and its tensor work are linear in ``B``), as printed. A fresh-allocation
-yardstick (``torch.zeros(B, T)``) measured in the same run puts the times in context on a shared
-machine; on a busy machine pass ``--threads 1`` (OpenMP threads oversubscribe). A second pass
-re-runs the outcome estimators with ``THP_MEM_ALLOC_ENABLE=1`` (huge pages for big CPU tensors).
+yardstick (``torch.zeros(B, T)``, and the same on huge pages as the estimators' outputs are)
+measured in the same run puts the times in context on a shared machine; on a busy machine pass
+``--threads 1`` (OpenMP threads oversubscribe). The first few calls in a fresh process touch
+memory the kernel has not handed out before and run several times slower: every timing follows
+three warm-up calls.
 """
 
 from __future__ import annotations
@@ -21,14 +23,12 @@ import argparse
 import functools
 import os
 import statistics
-import subprocess
-import sys
 import time
 from collections import defaultdict
 
 import torch
 
-from skyrl_fn import AdvantageInput
+from skyrl_fn import AdvantageInput, _alloc
 from skyrl_fn import estimators as est
 
 # -- SkyRL-Train-style loops (the baseline) --------------------------------------------------
@@ -122,10 +122,10 @@ ESTIMATORS = {
     "reinforce++ (gamma=0.99)": functools.partial(est.reinforce_plus_plus, gamma=0.99),
     "gae": est.gae,
 }
-OUTCOME = {"grpo", "dr_grpo", "rloo", "maxrl", "gpg", "opo", "grpo_passk"}
+OUTCOME = {"grpo", "dr_grpo", "rloo", "maxrl", "gpg", "opo", "grpo_passk", "reinforce_plus_plus_baseline"}
 
 
-def timings(fn, *, repeats: int, warmup: int = 1) -> tuple[float, float]:
+def timings(fn, *, repeats: int, warmup: int = 3) -> tuple[float, float]:
     """(median, min) wall time of ``fn()`` in seconds over ``repeats`` runs after ``warmup`` runs."""
     for _ in range(warmup):
         fn()
@@ -137,7 +137,7 @@ def timings(fn, *, repeats: int, warmup: int = 1) -> tuple[float, float]:
     return statistics.median(times), min(times)
 
 
-def median_time(fn, *, repeats: int, warmup: int = 1) -> float:
+def median_time(fn, *, repeats: int, warmup: int = 3) -> float:
     """Median wall time of ``fn()`` in seconds over ``repeats`` runs after ``warmup`` runs."""
     return timings(fn, repeats=repeats, warmup=warmup)[0]
 
@@ -162,27 +162,27 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=65536)
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--loop-samples", type=int, default=4096, help="slice the loop baseline runs on")
+    parser.add_argument("--repeats", type=int, default=11)
+    parser.add_argument("--loop-samples", type=int, default=0, help="run the loop baseline on a slice of this many samples (0: all of B)")
     parser.add_argument("--outcome-only", action="store_true", help="time only the outcome estimators")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
-    parser.add_argument("--no-thp-run", action="store_true", help="skip the second run with THP_MEM_ALLOC_ENABLE=1")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     b, g, t = args.batch, args.group, args.tokens
     fields = make_batch(b, g, t)
-    thp = os.environ.get("THP_MEM_ALLOC_ENABLE", "0") == "1"
     print(f"B={b} (groups of {g}), T={t}, float32, right-padded ragged masks, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, THP_MEM_ALLOC_ENABLE={int(thp)}, load average "
+          f"{torch.get_num_threads()} threads, load average "
           f"{os.getloadavg()[0]:.1f}")
 
     # -- yardsticks measured in the same run: the floor any estimator returning a fresh [B, T]
     # float32 tensor pays (allocation + page faults), and one read + write pass ----------------
     r = fields["token_level_rewards"]
     zeros_sec = median_time(lambda: torch.zeros(b, t), repeats=args.repeats)
+    huge_sec = median_time(lambda: _alloc.empty((b, t), torch.float32).zero_(), repeats=args.repeats)
     clone_sec = median_time(lambda: r.clone(), repeats=args.repeats)
-    print(f"yardsticks: torch.zeros(B, T) {zeros_sec * 1e3:.1f} ms, rewards.clone() {clone_sec * 1e3:.1f} ms")
+    print(f"yardsticks: torch.zeros(B, T) {zeros_sec * 1e3:.1f} ms, the same on huge pages "
+          f"{huge_sec * 1e3:.1f} ms, rewards.clone() {clone_sec * 1e3:.1f} ms")
 
     # -- record construction (validation), timed on its own ------------------------------------
     t_rec = median_time(lambda: AdvantageInput(**fields), repeats=args.repeats)
@@ -204,15 +204,18 @@ def main() -> None:
         written = bt * 4 * (1 if out.returns is out.advantages else 2)
         rows.append([name, med, best, (read + written) / med / 1e9, None])
 
-    # -- loop baselines on a slice, scaled linearly to B -------------------------------------
-    n = min(args.loop_samples, b) // g * g
+    # -- loop baselines (on a slice, scaled linearly to B, when --loop-samples asks) ---------
+    n = min(args.loop_samples or b, b) // g * g
     rl, ml = fields["token_level_rewards"][:n], fields["response_mask"][:n].float()
     index = [int(i) for i in fields["group_ids"][:n]]
+    loop_secs = {}
     for row in rows:
         if row[0] in LOOPS:
-            loop_sec = median_time(lambda: LOOPS[row[0]](rl, ml, index), repeats=3, warmup=0) * (b / n)
-            row[4] = loop_sec / row[1]
-    print(f"(loop baseline: SkyRL-style dict loop, median of 3 runs on {n} samples, scaled x{b / n:g} to B)")
+            loop_secs[row[0]] = median_time(lambda: LOOPS[row[0]](rl, ml, index), repeats=3, warmup=0) * (b / n)
+            row[4] = loop_secs[row[0]] / row[1]
+    print(f"(loop baseline: SkyRL-style dict loop, median of 3 runs on {n} samples, scaled x{b / n:g} to B; "
+          f"grpo's loop {loop_secs.get('grpo', float('nan')) * 1e3:.0f} ms = "
+          f"{loop_secs.get('grpo', float('nan')) / b * 1e6:.1f} us per sample)")
     print(f"{'estimator':30s} {'median ms':>9s} {'min ms':>7s} {'GB/s':>5s} {'x zeros':>7s} {'x vs loop':>9s}")
     for name, med, best, gbs, ratio in rows:
         speed = f"{ratio:9.0f}" if ratio is not None else f"{'':>9s}"
@@ -221,14 +224,6 @@ def main() -> None:
     weak = [name for name, *_, ratio in rows if name in ("grpo", "rloo") and ratio < 100]
     print(f"goal <=20 ms for outcome estimators: {'met' if not slow else 'missed by ' + ', '.join(slow)}; "
           f"goal >=100x vs loop for grpo/rloo: {'met' if not weak else 'missed by ' + ', '.join(weak)}")
-
-    if not thp and not args.no_thp_run:
-        # PyTorch reads THP_MEM_ALLOC_ENABLE once, at its first allocation: a fresh process.
-        print("\n-- again with transparent huge pages for large CPU tensors (THP_MEM_ALLOC_ENABLE=1) --",
-              flush=True)
-        cmd = [sys.executable, __file__, "--outcome-only", "--no-thp-run", "--repeats", str(args.repeats),
-               "--batch", str(b), "--group", str(g), "--tokens", str(t), "--loop-samples", str(args.loop_samples), "--threads", str(args.threads)]
-        subprocess.run(cmd, env={**os.environ, "THP_MEM_ALLOC_ENABLE": "1"}, check=True)
 
 
 if __name__ == "__main__":

@@ -8,22 +8,28 @@ cancellation.
 Row sums over ``[B, T]`` run on CPU over blocks of rows of about 1 MiB: the masked temporary then
 stays in cache and its memory is reused, where one full ``[B, T]`` temporary costs a fresh
 allocation whose page faults dominate (5x slower at ``B = 65536, T = 256``). This is a loop over
-fixed-size blocks of memory, not over samples or groups.
+fixed-size blocks of memory, not over samples or groups. Masking is an integer product of bit
+patterns with the mask (:func:`mask_rows`), and the ``[B, T]`` broadcast writes into a
+huge-page-backed output (:mod:`skyrl_fn._alloc`) in blocks of about 4 MiB.
 """
 
 from __future__ import annotations
 
 import torch
 
+from skyrl_fn import _alloc
+
 __all__ = [
     "accum_dtype",
     "outcome_scores",
+    "outcome_scores_and_lengths",
     "response_lengths",
     "row_blocks",
     "group_count",
     "group_sum",
     "group_mean",
     "group_std",
+    "mask_rows",
     "broadcast_to_tokens",
 ]
 
@@ -34,32 +40,52 @@ def accum_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 _BLOCK_BYTES = 1 << 20
+_WRITE_BLOCK_BYTES = 4 << 20
 
 
-def row_blocks(x: torch.Tensor) -> range:
-    """Start rows of the blocks a ``[B, T]`` row sum over ``x`` runs on (one block off the CPU)."""
+def row_blocks(x: torch.Tensor, block_bytes: int = _BLOCK_BYTES) -> range:
+    """Start rows of the blocks a ``[B, T]`` pass over ``x`` runs on (one block off the CPU)."""
     b, t = x.shape
     if x.device.type != "cpu":
         return range(0, b, max(b, 1))
-    return range(0, b, max(1, _BLOCK_BYTES // max(1, t * x.element_size())))
+    return range(0, b, max(1, block_bytes // max(1, t * x.element_size())))
 
 
 def outcome_scores(token_level_rewards: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """``[B]`` masked sum of token rewards, in the accumulation dtype (rewards off the mask never reach it).
 
+    Off the mask, rewards may hold anything, NaN and inf included (records check finiteness on the
+    mask only): each block is masked with :func:`mask_rows` (exactly ``torch.where``'s zeros), never
+    with a float product, where ``NaN * 0`` would leak.
+
     Args:
         token_level_rewards: ``[B, T]`` floating.
         response_mask: ``[B, T]`` bool.
     """
-    r, m = token_level_rewards, response_mask
+    return _row_sums(token_level_rewards, response_mask, with_lengths=False)[0]
+
+
+def outcome_scores_and_lengths(token_level_rewards: torch.Tensor, response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(outcome_scores, response_lengths)`` in one pass over the mask, both in the accumulation dtype."""
+    return _row_sums(token_level_rewards, response_mask, with_lengths=True)
+
+
+def _row_sums(r: torch.Tensor, mask: torch.Tensor, *, with_lengths: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     acc = accum_dtype(r.dtype)
-    out = torch.empty(r.shape[0], dtype=acc, device=r.device)
-    zero = torch.zeros((), dtype=r.dtype, device=r.device)
+    scores = torch.empty(r.shape[0], dtype=acc, device=r.device)
+    lengths = torch.empty(r.shape[0], dtype=acc, device=r.device) if with_lengths else None
+    ones = mask.view(torch.uint8)
     blocks = row_blocks(r)
+    # One scratch block for every masked product: a fresh temporary per block goes through malloc
+    # each time, and glibc may trim and re-fault it on every block (measured: 2x slower overall).
+    scratch = torch.empty((min(blocks.step, r.shape[0]), r.shape[1]), dtype=r.dtype, device=r.device)
     for start in blocks:
-        stop = start + blocks.step
-        torch.sum(torch.where(m[start:stop], r[start:stop], zero), dim=-1, dtype=acc, out=out[start:stop])
-    return out
+        stop = min(start + blocks.step, r.shape[0])
+        masked = mask_rows(r[start:stop], mask[start:stop], out=scratch[: stop - start])
+        torch.sum(masked, dim=-1, dtype=acc, out=scores[start:stop])
+        if lengths is not None:
+            torch.sum(ones[start:stop], dim=-1, dtype=acc, out=lengths[start:stop])
+    return scores, lengths
 
 
 def response_lengths(response_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -69,7 +95,7 @@ def response_lengths(response_mask: torch.Tensor, dtype: torch.dtype) -> torch.T
         response_mask: ``[B, T]`` bool.
         dtype: the result's dtype.
     """
-    m = response_mask
+    m = response_mask.view(torch.uint8)
     out = torch.empty(m.shape[0], dtype=dtype, device=m.device)
     blocks = row_blocks(m)
     for start in blocks:
@@ -114,6 +140,39 @@ def group_std(
     return (group_sum(centred * centred, ids, num_groups) / denom).sqrt()
 
 
+_SAME_WIDTH_INT = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def mask_rows(x: torch.Tensor, mask: torch.Tensor, *, out: torch.Tensor) -> torch.Tensor:
+    """``out = torch.where(mask, x, 0)`` bit for bit (``x`` broadcastable to ``mask``), written into ``out``.
+
+    Computed on ``x``'s bit patterns, viewed as integers of the same width: ``out`` first takes the
+    0/1 mask, then is multiplied in place by the bits. Off the mask every element is ``+0.0``
+    whatever ``x`` holds (a float product would write ``-0.0`` for negative values and NaN for
+    inf/NaN), and on CPU the two contiguous integer passes run 1.3-2x faster than ``torch.where``,
+    whose bool kernels convert element by element. Dtypes without a same-width integer fall back to
+    ``torch.where``.
+    """
+    bits = _SAME_WIDTH_INT.get(out.dtype)
+    if bits is None or x.dtype != out.dtype:
+        return torch.where(mask, x, torch.zeros((), dtype=out.dtype, device=out.device), out=out)
+    target = out.view(bits)
+    target.copy_(mask)
+    target.mul_(x.view(bits))
+    return out
+
+
 def broadcast_to_tokens(per_sample: torch.Tensor, response_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``[B, T]``: ``per_sample [B]`` on every response token, 0 elsewhere, cast to ``dtype``."""
-    return torch.where(response_mask, per_sample.to(dtype)[:, None], 0)
+    """``[B, T]``: ``per_sample [B]`` on every response token, 0 elsewhere, cast to ``dtype``.
+
+    The same values as ``torch.where(response_mask, per_sample[:, None], 0)``, bit for bit (see
+    :func:`mask_rows`), written in blocks of about 4 MiB into a fresh huge-page-backed output.
+    """
+    m = response_mask
+    values = per_sample.to(dtype)[:, None]
+    out = _alloc.empty(tuple(m.shape), dtype, m.device)
+    blocks = row_blocks(out, _WRITE_BLOCK_BYTES)
+    for start in blocks:
+        stop = start + blocks.step
+        mask_rows(values[start:stop], m[start:stop], out=out[start:stop])
+    return out

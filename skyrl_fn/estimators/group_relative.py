@@ -18,7 +18,7 @@ from skyrl_fn.estimators._groups import (
     group_std,
     group_sum,
     outcome_scores,
-    response_lengths,
+    outcome_scores_and_lengths,
 )
 from skyrl_fn.records import AdvantageInput, AdvantageOutput
 
@@ -225,9 +225,8 @@ def opo(batch: AdvantageInput) -> AdvantageOutput:
     Returns:
         ``AdvantageOutput`` with ``advantages [B, T]`` and ``returns [B, T]`` (the same tensor).
     """
-    scores = outcome_scores(batch.token_level_rewards, batch.response_mask)
+    scores, lengths = outcome_scores_and_lengths(batch.token_level_rewards, batch.response_mask)
     ids, p = batch.group_ids, batch.num_groups
-    lengths = response_lengths(batch.response_mask, scores.dtype)
     total = group_sum(lengths, ids, p)
     empty = (group_count(ids, p, scores.dtype) < 2) | (total == 0)
     base = torch.where(empty, 0.0, group_sum(lengths * scores, ids, p) / torch.where(empty, 1.0, total))

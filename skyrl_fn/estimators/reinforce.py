@@ -9,13 +9,13 @@ import math
 
 import torch
 
+from skyrl_fn import _alloc
 from skyrl_fn.estimators._groups import (
     accum_dtype,
     broadcast_to_tokens,
     group_count,
     group_mean,
-    outcome_scores,
-    response_lengths,
+    outcome_scores_and_lengths,
     row_blocks,
 )
 from skyrl_fn.estimators._whiten import masked_whiten, masked_whiten_rows
@@ -71,7 +71,7 @@ def discounted_returns(token_level_rewards: torch.Tensor, response_mask: torch.T
     if gamma == 0.0:
         return torch.where(response_mask, token_level_rewards, 0).to(acc)
     b, t = token_level_rewards.shape
-    out = torch.empty(b, t, dtype=acc, device=token_level_rewards.device)
+    out = _alloc.empty((b, t), acc, token_level_rewards.device)
     chunk = _chunk_length(gamma, t)
     power = gamma ** torch.arange(chunk + 1, dtype=torch.float64, device=out.device)  # P relative to a chunk start
     blocks = row_blocks(token_level_rewards)
@@ -161,11 +161,10 @@ def reinforce_plus_plus_baseline(batch: AdvantageInput) -> AdvantageOutput:
     Returns:
         ``AdvantageOutput`` with ``advantages [B, T]`` and ``returns [B, T]`` (the same tensor).
     """
-    scores = outcome_scores(batch.token_level_rewards, batch.response_mask)
+    scores, lengths = outcome_scores_and_lengths(batch.token_level_rewards, batch.response_mask)
     ids, p = batch.group_ids, batch.num_groups
     count = group_count(ids, p, scores.dtype)
     mean = torch.where(count < 2, 0.0, group_mean(scores, ids, p, count))
-    lengths = response_lengths(batch.response_mask, scores.dtype)
     adv = masked_whiten_rows(scores - mean[ids], lengths)
     out = broadcast_to_tokens(adv, batch.response_mask, batch.token_level_rewards.dtype)
     return AdvantageOutput(advantages=out, returns=out)
@@ -201,8 +200,8 @@ def remax(batch: AdvantageInput) -> AdvantageOutput:
     rewards, mask = batch.token_level_rewards, batch.response_mask
     dtype, acc = rewards.dtype, accum_dtype(rewards.dtype)
     baselines = batch.reward_baselines.to(acc)
-    returns = torch.empty(rewards.shape, dtype=acc, device=rewards.device)
-    advantages = torch.empty_like(returns)
+    returns = _alloc.empty(tuple(rewards.shape), acc, rewards.device)
+    advantages = _alloc.empty(tuple(rewards.shape), acc, rewards.device)
     zero = torch.zeros((), dtype=acc, device=rewards.device)
     # Row blocks keep the reward-to-go temporaries small (see ``row_blocks``).
     blocks = row_blocks(rewards)

@@ -20,8 +20,8 @@ One step mirrors ``skyrl_fn.train.loop.run_step`` (same seeds, same order, so th
 the in-process loop; tested)::
 
     rollout, scores = RolloutWorker.generate(prompts)             # N workers, prompts split
-    ref_lp = ReferenceModel.log_probs(rollout)   # KL only  \  concurrent with each other
-    values = Critic.values(rollout)              # GAE only /
+    ref_lp = ReferenceModel.log_probs(rollout)   # KL only,  concurrent with
+    values = Critic.values(rollout)              # GAE only, each other
     metrics, exp, weights = PolicyTrainer.update(rollout, scores, ref_lp, values)
     Critic.update(exp);  RolloutWorker.sync(weights)              # sync runs before the next generate
 

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from skyrl_fn.estimators._groups import group_mean, group_std, outcome_scores, response_lengths, row_blocks
+from skyrl_fn.estimators._groups import (
+    broadcast_to_tokens,
+    group_mean,
+    group_std,
+    mask_rows,
+    outcome_scores,
+    outcome_scores_and_lengths,
+    response_lengths,
+    row_blocks,
+)
 
 
 def test_blocked_row_sums_cross_block_boundaries():
@@ -33,3 +43,38 @@ def test_two_pass_std_keeps_low_variance_groups():
     mean = group_mean(x, ids, 2, count)
     std = group_std(x, ids, 2, mean, count)
     torch.testing.assert_close(std, torch.stack([x[:2].std(), x[2:].std()]), rtol=1e-2, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_mask_rows_is_torch_where_bit_for_bit(dtype):
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.randn(6, 9, generator=gen) * 3).to(dtype)
+    x[0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=dtype)
+    x[1] = -x[1].abs()  # negative values off the mask must give +0.0, never -0.0
+    mask = torch.rand(6, 9, generator=gen) < 0.5
+    mask[0, :3] = False
+    got = mask_rows(x, mask, out=torch.empty_like(x))
+    want = torch.where(mask, x, torch.zeros((), dtype=dtype))
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))  # same bytes: no -0.0, no NaN
+
+
+def test_broadcast_to_tokens_matches_where_on_a_huge_page_output():
+    b, t = 8192, 300  # 9.4 MiB of float32: above _alloc.MIN_BYTES, several write blocks
+    gen = torch.Generator().manual_seed(2)
+    values = torch.randn(b, generator=gen, dtype=torch.float64)
+    values[::7] = -values[::7].abs()
+    mask = torch.rand(b, t, generator=gen) < 0.6
+    got = broadcast_to_tokens(values, mask, torch.float32)
+    want = torch.where(mask, values.float()[:, None], 0.0)
+    assert got.shape == (b, t) and got.dtype == torch.float32 and got.is_contiguous()
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
+def test_scores_and_lengths_in_one_pass():
+    gen = torch.Generator().manual_seed(3)
+    rewards = torch.randn(2500, 33, generator=gen)
+    mask = torch.rand(2500, 33, generator=gen) < 0.3
+    dirty = torch.where(mask, rewards, float("inf"))
+    scores, lengths = outcome_scores_and_lengths(dirty, mask)
+    assert torch.equal(scores, outcome_scores(rewards, mask))
+    assert torch.equal(lengths, response_lengths(mask, torch.float32))

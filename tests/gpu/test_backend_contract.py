@@ -33,8 +33,11 @@ PROMPTS = ("n:12>", "c:3456>", "r:9>")
 # head_dim 64: a size every vLLM attention backend supports.
 MODEL = ModelConfig(hidden_size=128, num_layers=2, num_heads=2, intermediate_size=256, max_position_embeddings=64)
 BASE = RolloutConfig(samples_per_prompt=8, max_new_tokens=12, temperature=1.0, top_p=1.0, gpu_memory_utilization=0.3)
-# Max |rollout - forward| log-prob error: hf shares the kernels; vLLM (fp32 weights) does not.
-ATOL = {"hf": 1e-4, "vllm": 2e-2}
+# Max |rollout - forward| log-prob error. hf shares the kernels, but sampling with the KV cache
+# and one full forward pass still differ by float32 rounding that depends on the CPU's kernels
+# (seen up to 1.03e-4 on one Xeon); vLLM (fp32 weights) does not share them. A stale policy is
+# off by far more (asserted > 10x).
+ATOL = {"hf": 5e-4, "vllm": 2e-2}
 
 
 def unavailable(name: str) -> str | None:
