@@ -1,15 +1,17 @@
 """Seconds per training step of the embedded default: Ray actors vs the same loop in-process.
 
-Both runs use the default ``TrainConfig`` (tiny Llama, digits task, GRPO, 8 prompts x 8 samples)
-with checkpoints only at the end, in the same process and the same Ray session. A step's time is
-the wall time between consecutive ``on_step`` callbacks (so Ray's scheduling, object transfers
-and the weight sync to the rollout worker are included); the first ``--warmup`` steps are dropped
-and the median is reported. Rounds alternate in-process / Ray so load drift hits both alike.
+Three runs of the default ``TrainConfig`` (tiny Llama, digits task, GRPO), checkpoints only at the
+end, in the same process and the same Ray session: in-process (``--ray.no-use-ray``), Ray in the
+default hybrid layout (the policy trainer samples itself), and Ray with one separate rollout worker
+(``--ray.rollout-workers 1``: the policy's weights are pushed to it after every update). A step's
+time is the wall time between consecutive ``on_step`` callbacks (so Ray's scheduling and object
+transfers are included); the first ``--warmup`` steps are dropped and the median is reported.
+Rounds alternate the modes so load drift hits all alike; the ratio compares each mode's best round.
 
-    .venv/bin/python bench/train_step.py [--steps 14] [--warmup 4] [--rounds 2]
+    .venv/bin/python bench/train_step.py [--steps 30] [--warmup 5] [--rounds 3] [launcher flags...]
 
-Prints the overhead ratio ``ray / in-process`` (goal <= 1.10) and tokens/s of rollout and of
-training (response tokens / (step time - rollout time)).
+Prints the overhead ratio ``ray / in-process`` (goal <= 1.10, for the default layout) and tokens/s
+of rollout and of training (response tokens / (step time - rollout time)).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from skyrl_fn import DEFAULT_TABLE  # noqa: E402
 from skyrl_fn.launcher import parse_config, resolve_names  # noqa: E402
 
 
-def measure(run, *, use_ray: bool, warmup: int) -> dict[str, float]:
+def measure(run, *, use_ray: bool, warmup: int, rollout_workers: int = 0) -> dict[str, float]:
     from skyrl_fn.launcher.ray_runner import train_on_ray
     from skyrl_fn.train.loop import train
 
@@ -38,7 +40,10 @@ def measure(run, *, use_ray: bool, warmup: int) -> dict[str, float]:
         rows.append(m)
 
     t0 = time.perf_counter()
-    (train_on_ray if use_ray else train)(run, on_step=on_step)
+    if use_ray:
+        train_on_ray(run, on_step=on_step, num_rollout_workers=rollout_workers)
+    else:
+        train(run, on_step=on_step)
     intervals = [b - a for a, b in zip(stamps, stamps[1:])][max(0, warmup - 1):]
     steady = rows[warmup:]
     tokens = statistics.median(r["response_tokens"] for r in steady)
@@ -55,37 +60,38 @@ def measure(run, *, use_ray: bool, warmup: int) -> dict[str, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=14)
-    p.add_argument("--warmup", type=int, default=4)
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--extra", nargs="*", default=[], help="more launcher flags, e.g. --extra --model.hidden-size 128")
-    a = p.parse_args()
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=3)
+    a, extra = p.parse_known_args()  # anything else goes to the launcher, e.g. --model.hidden-size 128
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     tmp = tempfile.mkdtemp(prefix="skyrl_fn_bench_")
-    argv = ["--trainer.steps", str(a.steps), "--trainer.ckpt-interval", "0", "--logging.run-dir", tmp, *a.extra]
+    argv = ["--trainer.steps", str(a.steps), "--trainer.ckpt-interval", "0", "--logging.run-dir", tmp, *extra]
     run = resolve_names(parse_config(argv, DEFAULT_TABLE), DEFAULT_TABLE)
     import ray
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="skyrl_fn_ray_"), log_to_driver=False)
-    results: dict[str, list[dict[str, float]]] = {"in-process": [], "ray": []}
+    modes = {"in-process": None, "ray (hybrid, default)": 0, "ray + 1 rollout worker": 1}
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in modes}
     try:
         for r in range(a.rounds):
-            for name in ("in-process", "ray"):
-                res = measure(run, use_ray=name == "ray", warmup=a.warmup)
+            for name, workers in modes.items():
+                res = measure(run, use_ray=workers is not None, warmup=a.warmup, rollout_workers=workers or 0)
                 results[name].append(res)
-                print(f"round {r + 1} {name:>10}: {res['s_per_step']:.3f} s/step, rollout {res['rollout_tok_s']:.0f} tok/s, "
+                print(f"round {r + 1} {name:>22}: {res['s_per_step']:.3f} s/step, rollout {res['rollout_tok_s']:.0f} tok/s, "
                       f"train {res['train_tok_s']:.0f} tok/s, start-up {res['startup_s']:.1f} s", flush=True)
     finally:
         ray.shutdown()
     best = {k: min(v, key=lambda x: x["s_per_step"]) for k, v in results.items()}
-    ratio = best["ray"]["s_per_step"] / best["in-process"]["s_per_step"]
+    base = best["in-process"]["s_per_step"]
     print()
-    print("| mode | s/step (median, best round) | rollout tok/s | train tok/s |")
-    print("|---|---|---|---|")
-    for k in ("in-process", "ray"):
-        b = best[k]
-        print(f"| {k} | {b['s_per_step']:.3f} | {b['rollout_tok_s']:.0f} | {b['train_tok_s']:.0f} |")
-    print(f"\nRay overhead ratio (ray / in-process s/step): {ratio:.2f}x  (goal <= 1.10)  cpus={os.cpu_count()} load={os.getloadavg()[0]:.1f}")
+    print("| mode | s/step (median, best round) | x in-process | rollout tok/s | train tok/s |")
+    print("|---|---|---|---|---|")
+    for k, b in best.items():
+        print(f"| {k} | {b['s_per_step']:.3f} | {b['s_per_step'] / base:.2f} | {b['rollout_tok_s']:.0f} | {b['train_tok_s']:.0f} |")
+    ratio = best["ray (hybrid, default)"]["s_per_step"] / base
+    print(f"\nRay overhead ratio (default layout / in-process s/step): {ratio:.2f}x  (goal <= 1.10)  "
+          f"cpus={os.cpu_count()} load={os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

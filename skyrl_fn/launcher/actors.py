@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import os
 import time
-import warnings
 from typing import Any, Mapping
 
 import torch
 
 from skyrl_fn.launcher.devices import actor_device, to_device
+from skyrl_fn.launcher.weights import PackedWeights, pack, unpack
 from skyrl_fn.train import checkpoint as ckpt
 from skyrl_fn.train.config import ResolvedRun
 
-__all__ = ["PolicyTrainer", "RolloutWorker", "ReferenceModel", "Critic"]
+__all__ = ["PolicyTrainer", "RolloutWorker", "ReferenceModel", "Critic", "hosts_rollout"]
 
 
 def _torch_threads(run: ResolvedRun) -> int:
@@ -51,13 +51,35 @@ class _Base:
         return self.run.table.names(kind)
 
 
+def hosts_rollout(run: ResolvedRun) -> bool:
+    """True when the policy trainer samples itself (``ray.rollout_workers == 0`` on the hf path)."""
+    cfg = run.config
+    return cfg.ray.rollout_workers == 0 and cfg.rollout.backend == "hf"
+
+
+def _generate_and_score(backend, task, examples, seed: int):
+    """``(rollout, scores [B], seconds)``: sample ``examples`` with ``backend``, score with ``task``."""
+    from skyrl_fn.train.tasks import score
+
+    t0 = time.perf_counter()
+    rollout = backend.generate([e.prompt for e in examples], seed=seed)
+    scores = torch.tensor(score(task, rollout.responses, examples, rollout.group_ids.tolist()), dtype=torch.float32)
+    return rollout, scores, time.perf_counter() - t0
+
+
 class PolicyTrainer(_Base):
-    """The policy with its optimiser: old log-probs, experience, update, weights, state."""
+    """The policy with its optimiser: old log-probs, experience, update, weights, state.
+
+    With :func:`hosts_rollout` it also samples (``generate``) with its own model, as the
+    in-process loop does: the rollout and scores stay in this actor for the ``update`` that
+    follows, and no weights travel anywhere.
+    """
 
     def __init__(self, run: ResolvedRun) -> None:
         super().__init__(run)
         from skyrl_fn.train.learner import loss_kernel, make_train_state
         from skyrl_fn.train.model import load_model
+        from skyrl_fn.train.rollout import make_backend
 
         cfg = run.config
         tr = cfg.trainer
@@ -67,17 +89,43 @@ class PolicyTrainer(_Base):
         self.state = make_train_state(model, lr=tr.lr, weight_decay=tr.weight_decay, warmup_steps=tr.warmup_steps)
         self.kernel = loss_kernel(run, device_type=torch.device(self.device).type)
         self.sender = None  # BroadcastSender when the engines have their own GPUs
+        self.backend = make_backend(cfg.rollout, model, self.tokenizer) if hosts_rollout(run) else None
+        self.kept: tuple[Any, Any] | None = None  # (rollout, scores) of the last local generate
 
-    def update(self, rollout, scores, ref_log_probs=None, values=None, kl_coef: float = 0.0):
+    def generate(self, examples, seed: int, share: bool = False):
+        """Sample and score here (hybrid layout); keeps ``(rollout, scores)`` for :meth:`update`.
+
+        Returns ``(rollout or None, seconds)``: the rollout only when ``share`` (the reference
+        model or critic needs it), so nothing is serialised otherwise.
+        """
+        if self.backend is None:
+            raise RuntimeError("PolicyTrainer.generate: this run has separate rollout workers (ray.rollout_workers > 0)")
+        self.state.model.eval()
+        rollout, scores, seconds = _generate_and_score(self.backend, self.task, examples, seed)
+        self.kept = (rollout, scores)
+        return (rollout if share else None), seconds
+
+    def generate_and_update(self, examples, seed: int, kl_coef: float = 0.0):
+        """:meth:`generate` then :meth:`update` in one call (hybrid layout, no reference model or
+        critic waiting for the rollout). Returns ``(metrics, sampling seconds)``."""
+        _, seconds = self.generate(examples, seed)
+        return self.update(kl_coef=kl_coef)[0], seconds
+
+    def update(self, rollout=None, scores=None, ref_log_probs=None, values=None, kl_coef: float = 0.0):
         """Old log-probs, advantages (the run's estimator, from the shipped table), one update.
 
+        ``rollout``/``scores`` None: those of the last :meth:`generate` here (hybrid layout).
         Returns ``(metrics, experience, weights)``: the experience feeds the critic (None without
-        one), the new weights go straight to the rollout workers (no extra round trip).
+        one), the new weights go straight to the rollout workers (None when there are none).
         """
         from skyrl_fn.train.learner import batched_log_probs, make_experience, policy_update
 
         t0 = time.perf_counter()
         cfg = self.run.config
+        if rollout is None:
+            if self.kept is None:
+                raise RuntimeError("PolicyTrainer.update: no rollout given and none generated here")
+            (rollout, scores), self.kept = self.kept, None
         if self.device != "cpu":
             rollout, scores, ref_log_probs, values = to_device((rollout, scores, ref_log_probs, values), self.device)
         model = self.state.model
@@ -92,16 +140,15 @@ class PolicyTrainer(_Base):
         metrics["update_seconds"] = time.perf_counter() - t0
         if values is not None and self.device != "cpu":
             exp = to_device(exp, "cpu")
-        # Broadcast layout: weights travel over NCCL (broadcast()), not through the object store.
-        return metrics, (exp if values is not None else None), (self.weights() if self.sender is None else None)
+        # Broadcast layout: weights travel over NCCL (broadcast()), not through the object store;
+        # hybrid layout: they never leave this actor.
+        push = self.sender is None and self.backend is None
+        return metrics, (exp if values is not None else None), (self.weights() if push else None)
 
-    def weights(self) -> dict[str, Any]:
-        """Parameter name -> numpy view of the current weights.
-
-        Ray copies numpy arrays into its object store once when the call returns and hands them
-        to the rollout workers without unpickling (zero-copy), which is cheaper than tensors.
-        """
-        return {k: v.detach().cpu().numpy() for k, v in self.state.model.state_dict().items()}
+    def weights(self) -> PackedWeights:
+        """The current weights packed into one byte buffer (:mod:`skyrl_fn.launcher.weights`):
+        Ray copies it into its object store once and the workers read it zero-copy."""
+        return pack(self.state.model.state_dict())
 
     def get_state(self) -> dict[str, Any]:
         s = self.state
@@ -161,19 +208,11 @@ class RolloutWorker(_Base):
 
     def generate(self, examples, seed: int):
         """``(rollout, scores [B], seconds)`` for ``examples``."""
-        from skyrl_fn.train.tasks import score
+        return _generate_and_score(self.backend, self.task, examples, seed)
 
-        t0 = time.perf_counter()
-        rollout = self.backend.generate([e.prompt for e in examples], seed=seed)
-        scores = torch.tensor(score(self.task, rollout.responses, examples, rollout.group_ids.tolist()), dtype=torch.float32)
-        return rollout, scores, time.perf_counter() - t0
-
-    def sync(self, weights: Mapping[str, Any]) -> None:
-        """Load the policy's weights (tensors, or the read-only numpy arrays of ``weights()``)."""
-        with warnings.catch_warnings():  # read-only arrays from the object store: copied below
-            warnings.simplefilter("ignore", UserWarning)
-            state = {k: torch.as_tensor(v) for k, v in weights.items()}
-        self.backend.sync_weights(state)
+    def sync(self, weights: PackedWeights | Mapping[str, torch.Tensor]) -> None:
+        """Load the policy's weights (``PolicyTrainer.weights()``, or a state dict of tensors)."""
+        self.backend.sync_weights(unpack(weights) if isinstance(weights, PackedWeights) else dict(weights))
 
     def init_broadcast(self, host: str, port: int, rank_offset: int, world_size: int):
         """Join the policy's NCCL sync group (vLLM backend; ``weight_sync.broadcast_ranks``)."""

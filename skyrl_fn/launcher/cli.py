@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from typing import Annotated, Any, Mapping, Sequence
+from typing import Annotated, Any, Mapping, NoReturn, Sequence
 
 import tyro
 
@@ -180,7 +180,7 @@ def resolve_names(config: TrainConfig, table: AlgorithmTable) -> ResolvedRun:
 # -- 4. run ------------------------------------------------------------------------------------
 
 
-def _fail(err: BaseException) -> "NoReturn":  # noqa: F821
+def _fail(err: BaseException) -> NoReturn:
     print(f"error: {err}", file=sys.stderr, flush=True)
     raise SystemExit(EXIT_USAGE)
 

@@ -7,23 +7,38 @@ ships ``__main__`` and plugin modules by value), so no named actor keeps registr
 
 Actors (fractional CPUs, sized so all of them fit a 2-core machine with room to spare):
 
-====================  =====================================================  ==========
+====================  =====================================================  =====================
 actor                 does                                                   when
-====================  =====================================================  ==========
+====================  =====================================================  =====================
 ``PolicyTrainer``     old log-probs, experience (advantages), policy update  always
-``RolloutWorker``     sampling + task reward, receives the policy weights    always (N)
+                      + sampling and task reward (hybrid layout)             ``rollout_workers=0``
+``RolloutWorker``     sampling + task reward, receives the policy weights    ``rollout_workers=N``
 ``ReferenceModel``    reference log-probs (frozen initial policy)            KL is used
 ``Critic``            values, critic update                                  GAE
-====================  =====================================================  ==========
+====================  =====================================================  =====================
 
 One step mirrors ``skyrl_fn.train.loop.run_step`` (same seeds, same order, so the metrics match
-the in-process loop; tested)::
+the in-process loop; tested). With ``--ray.rollout-workers N`` (N >= 1; the vLLM path: one per
+engine)::
 
     rollout, scores = RolloutWorker.generate(prompts)             # N workers, prompts split
     ref_lp = ReferenceModel.log_probs(rollout)   # KL only,  concurrent with
     values = Critic.values(rollout)              # GAE only, each other
     metrics, exp, weights = PolicyTrainer.update(rollout, scores, ref_lp, values)
     Critic.update(exp);  RolloutWorker.sync(weights)              # sync runs before the next generate
+
+With the default ``--ray.rollout-workers 0`` (hybrid layout, as verl's actor-rollout worker) the
+policy trainer samples with its own model: the rollout and scores stay in that actor, and no
+weights travel. The driver submits a step's calls at once and waits once per step::
+
+    rollout = PolicyTrainer.generate(prompts, share=True)         # KL or GAE: to ref/critic
+    ref_lp, values = ...                                          # as above
+    metrics, exp, _ = PolicyTrainer.update(None, None, ref_lp, values)
+    metrics = PolicyTrainer.generate_and_update(prompts)          # neither: one call per step
+
+Measured on the embedded default (``bench/train_step.py``, 2 cores): the hybrid layout adds ~1 ms
+per step to the in-process loop; separate workers add ~15 ms (weight push, batch transfer, and
+two processes taking turns on the same cores).
 
 Checkpoints are written by the driver from the actors' states with the same atomic
 ``skyrl_fn.train.checkpoint.save`` as the in-process loop, so a dying worker never touches them.
@@ -39,13 +54,14 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, NoReturn, Sequence
 
 import attrs
 import torch
 
-from skyrl_fn.launcher.actors import Critic, PolicyTrainer, ReferenceModel, RolloutWorker
+from skyrl_fn.launcher.actors import Critic, PolicyTrainer, ReferenceModel, RolloutWorker, hosts_rollout
 from skyrl_fn.launcher.devices import gpu_plan
+from skyrl_fn.launcher.layout import concat_rollouts, split_prompts, with_rollout_workers
 from skyrl_fn.train import checkpoint as ckpt
 from skyrl_fn.train.config import ResolvedRun, config_to_dict
 
@@ -56,6 +72,7 @@ __all__ = [
     "RayTrainer",
     "train_on_ray",
     "concat_rollouts",
+    "with_rollout_workers",
 ]
 
 #: Fractional CPUs each actor asks for. The step is sequential on-policy RL, so actors mostly
@@ -90,66 +107,23 @@ def init_ray(run: ResolvedRun) -> bool:
     return True
 
 
-# -- helpers -----------------------------------------------------------------------------------
-
-
-def concat_rollouts(parts: Sequence[Any], pad_id: int):
-    """One ``RolloutBatch`` from per-worker batches (prompts left-padded, responses right-padded
-    to the longest; group ids offset so prompt ``p`` of part ``k`` keeps its rows)."""
-    from skyrl_fn.train.rollout import RolloutBatch
-
-    if len(parts) == 1:
-        return parts[0]
-    lp = max(p.prompt_ids.shape[1] for p in parts)
-    t = max(p.response_ids.shape[1] for p in parts)
-
-    def left(x, width, value):
-        return torch.nn.functional.pad(x, (width - x.shape[1], 0), value=value)
-
-    def right(x, width, value):
-        return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
-
-    offsets, total = [], 0
-    for p in parts:
-        offsets.append(total)
-        total += p.num_prompts
-    return RolloutBatch(
-        prompt_ids=torch.cat([left(p.prompt_ids, lp, pad_id) for p in parts]),
-        prompt_mask=torch.cat([left(p.prompt_mask, lp, False) for p in parts]),
-        response_ids=torch.cat([right(p.response_ids, t, pad_id) for p in parts]),
-        response_mask=torch.cat([right(p.response_mask, t, False) for p in parts]),
-        rollout_log_probs=torch.cat([right(p.rollout_log_probs, t, 0.0) for p in parts]),
-        group_ids=torch.cat([p.group_ids + o for p, o in zip(parts, offsets)]),
-        prompts=[s for p in parts for s in p.prompts],
-        responses=[s for p in parts for s in p.responses],
-    )
-
-
-def _split(items: Sequence[Any], n: int) -> list[list[Any]]:
-    n = max(1, min(n, len(items)))
-    k, r = divmod(len(items), n)
-    out, i = [], 0
-    for j in range(n):
-        size = k + (1 if j < r else 0)
-        out.append(list(items[i : i + size]))
-        i += size
-    return out
-
-
 class RayTrainer:
     """The actors of one run and the driver-side step.
 
     Args:
         run: the one ``ResolvedRun``; passed as-is to every actor.
-        num_rollout_workers: rollout actors; prompts are split between them (with one worker the
-            sampling is exactly the in-process loop's).
+        num_rollout_workers: overrides ``ray.rollout_workers`` (None keeps it): separate rollout
+            actors, prompts split between them (with one worker the sampling is exactly the
+            in-process loop's); 0 samples inside the policy trainer.
     """
 
-    def __init__(self, run: ResolvedRun, *, num_rollout_workers: int = 1) -> None:
+    def __init__(self, run: ResolvedRun, *, num_rollout_workers: int | None = None) -> None:
         import ray
 
+        run = with_rollout_workers(run, num_rollout_workers)
         self.run = run
         cfg = run.config
+        num_rollout_workers = cfg.ray.rollout_workers
         remote = lambda cls, share: ray.remote(num_cpus=share, max_restarts=0)(cls)  # noqa: E731
         # GPU path (--rollout.backend vllm): one placement group, each actor on its planned
         # bundle with its GPU share, one rollout worker per engine. None on CPU (CPU_SHARES).
@@ -170,7 +144,11 @@ class RayTrainer:
             return ray.remote(max_restarts=0)(cls).options(**actor_options(self.plan.of(role)[index], self.pg)).remote(run)
 
         self.names: dict[str, str] = {}
-        self.policy = self._named(start(PolicyTrainer, "policy", 0, CPU_SHARES["policy"]), "policy trainer (PolicyTrainer)")
+        self.hybrid = self.plan is None and hosts_rollout(run)
+        policy_share = CPU_SHARES["policy"] + (CPU_SHARES["rollout"] if self.hybrid else 0.0)
+        self.policy = self._named(start(PolicyTrainer, "policy", 0, policy_share), "policy trainer (PolicyTrainer)")
+        if self.hybrid:
+            num_rollout_workers = 0
         share = CPU_SHARES["rollout"] / max(1, num_rollout_workers)
         self.rollout = [
             self._named(start(RolloutWorker, "rollout", i, share), f"rollout worker {i} (RolloutWorker)")
@@ -241,7 +219,7 @@ class RayTrainer:
                 self._died(cause)
             raise err.as_instanceof_cause() from None
 
-    def _died(self, err) -> "NoReturn":  # noqa: F821
+    def _died(self, err) -> NoReturn:
         who = self._which_died(err)
         where = f"the last checkpoint is {self.last_checkpoint} (intact; rerun with --trainer.resume to continue)" if self.last_checkpoint else "no checkpoint was written yet"
         detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -285,13 +263,15 @@ class RayTrainer:
         """One RL step on ``examples`` (see the module docstring). Returns its metrics."""
         import ray
 
-        from skyrl_fn.train.loop import rollout_seed, step_timing
+        from skyrl_fn.train.loop import rollout_seed
 
         self.step_index = step
         cfg = self.run.config
         t0 = time.perf_counter()
         seed = rollout_seed(cfg.trainer.seed, step)
-        chunks = _split(examples, len(self.rollout))
+        if self.hybrid:
+            return self._hybrid_step(step, examples, kl_coef, seed, t0)
+        chunks = split_prompts(examples, len(self.rollout))
         outs = [
             w.generate.options(num_returns=3).remote(chunk, seed + i) for i, (w, chunk) in enumerate(zip(self.rollout, chunks))
         ]
@@ -312,13 +292,33 @@ class RayTrainer:
             self.pending = [w.sync.remote(weights) for w in self.rollout]
         else:  # engines on their own GPUs: NCCL broadcast, both sides started together
             self._broadcast()
-        metrics = dict(self.get(metrics_ref))
+        return self._finish(step, examples, t0, metrics_ref, critic_ref, gen_s)
+
+    def _hybrid_step(self, step: int, examples: Sequence[Any], kl_coef: float, seed: int, t0: float) -> dict[str, float]:
+        """The step of the hybrid layout: the policy trainer samples, keeps the batch, updates."""
+        share = self.reference is not None or self.critic is not None
+        if not share:  # one call: a task costs ~0.5 ms, 1-2 % of a step of the embedded default
+            metrics_ref, gen_s = self.policy.generate_and_update.options(num_returns=2).remote(examples, seed, kl_coef)
+            return self._finish(step, examples, t0, metrics_ref, None, gen_s)
+        rollout, gen_s = self.policy.generate.options(num_returns=2).remote(examples, seed, share)
+        ref_lp = self.reference.log_probs.remote(rollout) if self.reference is not None else None
+        values = self.critic.values.remote(rollout) if self.critic is not None else None
+        metrics_ref, exp_ref, _ = self.policy.update.options(num_returns=3).remote(None, None, ref_lp, values, kl_coef)
+        critic_ref = self.critic.update.remote(exp_ref) if self.critic is not None else None
+        return self._finish(step, examples, t0, metrics_ref, critic_ref, gen_s)
+
+    def _finish(self, step: int, examples: Sequence[Any], t0: float, metrics_ref, critic_ref, gen_s) -> dict[str, float]:
+        """Wait once for the step's metrics (policy, critic) and sampling time; add the timing."""
+        from skyrl_fn.train.loop import step_timing
+
+        got = self.get([metrics_ref, gen_s] + ([critic_ref] if critic_ref is not None else []))
+        metrics = dict(got[0])
         if critic_ref is not None:
-            metrics.update(self.get(critic_ref))
-        rollout_seconds = float(self.get(gen_s))
+            metrics.update(got[2])
         # response_length is the mean over the B = P * G sequences, so this is the token count.
+        cfg = self.run.config
         n_tokens = round(metrics.get("response_length", 0.0) * len(examples) * cfg.rollout.samples_per_prompt)
-        metrics.update(step_timing(step, time.perf_counter() - t0, rollout_seconds, n_tokens))
+        metrics.update(step_timing(step, time.perf_counter() - t0, float(got[1]), n_tokens))
         return metrics
 
     def flush(self) -> None:
@@ -359,9 +359,11 @@ def _window_mean(history: Sequence[Mapping[str, float]], key: str, first: bool) 
 
 
 def train_on_ray(
-    run: ResolvedRun, *, on_step: Callable[[dict[str, float]], None] | None = None, num_rollout_workers: int = 1
+    run: ResolvedRun, *, on_step: Callable[[dict[str, float]], None] | None = None, num_rollout_workers: int | None = None
 ):
     """Train ``run`` with Ray actors; same contract and ``Summary`` as ``skyrl_fn.train.loop.train``.
+
+    ``num_rollout_workers`` overrides ``ray.rollout_workers`` (see :class:`RayTrainer`).
 
     Starts a local Ray (or joins ``ray.address``) unless Ray is already initialised, and shuts it
     down again only if it started it.

@@ -13,7 +13,7 @@ from typing import Callable, Mapping
 
 import torch
 
-from skyrl_fn.records import PolicyLossInput
+from skyrl_fn.records import PolicyLossInput, PolicyLossOutput
 
 __all__ = [
     "LOG_RATIO_CLAMP",
@@ -131,7 +131,7 @@ def compiled_kernel(kernel: Callable, backend: str = "inductor") -> Callable:
     return torch.compile(kernel, dynamic=True, backend=backend)
 
 
-def run(kernel: Callable, batch: PolicyLossInput, *extra) -> "PolicyLossOutput":
+def run(kernel: Callable, batch: PolicyLossInput, *extra) -> PolicyLossOutput:
     """Call ``kernel(log_probs, old_log_probs, advantages, loss_mask, *extra) -> (token_loss,
     metrics)`` (compiled inside ``compile_mode``) and wrap the result in a ``PolicyLossOutput``.
 
@@ -148,9 +148,7 @@ def run(kernel: Callable, batch: PolicyLossInput, *extra) -> "PolicyLossOutput":
     return _output(loss, metrics)
 
 
-def _output(token_loss: torch.Tensor, metrics: Mapping[str, torch.Tensor]):
-    from skyrl_fn.records import PolicyLossOutput
-
+def _output(token_loss: torch.Tensor, metrics: Mapping[str, torch.Tensor]) -> PolicyLossOutput:
     return PolicyLossOutput(token_loss=token_loss, metrics={k: v.detach() for k, v in metrics.items()})
 
 

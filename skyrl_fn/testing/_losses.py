@@ -22,7 +22,7 @@ import torch
 from hypothesis import settings as Settings
 from hypothesis import strategies as st
 
-from skyrl_fn.records import PolicyLossInput, PolicyLossOutput
+from skyrl_fn.records import PolicyLossOutput
 from skyrl_fn.table import DEFAULT_TABLE, AlgorithmTable
 from skyrl_fn.testing._report import PropertyViolation, fmt, positions
 from skyrl_fn.testing._resolve import Target, resolve

@@ -217,6 +217,11 @@ class RayConfig:
     """Join an existing cluster (e.g. auto or ray://host:10001); None starts a local Ray."""
     num_cpus: float | None = None
     """CPUs for a local Ray (None: Ray's default)."""
+    rollout_workers: int = 0
+    """Separate rollout-worker actors, prompts split between them, weights pushed after every
+    update. 0 samples inside the policy trainer (one actor holds the policy for both, as verl's
+    hybrid actor-rollout worker: no weight push, no batch transfer). The vLLM path always runs
+    one worker per engine (--gpu.*)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -402,6 +407,7 @@ def resolve(config: TrainConfig, table: AlgorithmTable) -> ResolvedRun:
     ):
         _check_positive(name, value)
     _check_positive("trainer.warmup_steps", tr.warmup_steps, allow_zero=True)
+    _check_positive("ray.rollout_workers", config.ray.rollout_workers, allow_zero=True)
     if not 0 < ro.top_p <= 1:
         raise ValueError(f"rollout.top_p: expected in (0, 1], got {ro.top_p!r}")
     if config.data.task == "gsm8k" and not config.data.path:

@@ -62,12 +62,20 @@ def _recording_estimator(marker: str, die_on_call: int = 0):
     return recorded
 
 
-def test_driver_registered_estimator_runs_in_the_policy_actor_and_matches_in_process(ray_session, tmp_path):
+@pytest.mark.parametrize(
+    "layout",
+    [
+        (),  # hybrid: the policy trainer samples
+        ("--ray.rollout-workers", "1", "--model.dtype", "bf16"),  # weights pushed as bytes (bf16 has no numpy)
+    ],
+    ids=["hybrid", "one-rollout-worker-bf16"],
+)
+def test_driver_registered_estimator_runs_in_the_policy_actor_and_matches_in_process(ray_session, tmp_path, layout):
     from skyrl_fn.train.loop import train
 
     marker = str(tmp_path / "calls.txt")
     table = DEFAULT_TABLE.register("recorded", _recording_estimator(marker))
-    args = ("--trainer.steps", "2", "--algorithm.advantage-estimator", "recorded")
+    args = ("--trainer.steps", "2", "--algorithm.advantage-estimator", "recorded", *layout)
     summary = train_on_ray(_run(tmp_path / "ray", *args, table=table))
     assert summary.steps == 2 and len(summary.history) == 2
     pids = {int(p) for p in open(marker).read().split()}
@@ -92,11 +100,11 @@ def test_dead_worker_is_named_and_last_checkpoint_stays_intact(ray_session, tmp_
     assert c.step == 2 and c.data_state["position"] == 4 and "policy" in c.weights
 
 
-@pytest.mark.slow
-def test_kl_and_gae_start_reference_and_critic_actors_with_two_rollout_workers(ray_session, tmp_path):
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)], ids=["hybrid", "two-rollout-workers"])
+def test_kl_and_gae_start_reference_and_critic_actors(ray_session, tmp_path, workers):
     run = _run(tmp_path, "--trainer.steps", "1", "--algorithm.advantage-estimator", "gae", "--algorithm.use-kl-loss")
     assert run.config.uses_critic and run.config.uses_reference
-    summary = train_on_ray(run, num_rollout_workers=2)
+    summary = train_on_ray(run, num_rollout_workers=workers)
     (m,) = summary.history
     assert {"kl", "value_loss", "kl_loss"} <= set(m), sorted(m)
     assert m["response_tokens"] > 0 and 0.0 <= m["reward"] <= 1.0
