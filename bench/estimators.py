@@ -10,8 +10,8 @@ advantages (+ returns, when a separate tensor) written, divided by the time). Ou
 are also timed against a plain per-group Python loop written here in SkyRL-Train's dict style;
 the loop runs on a slice of the batch (``--loop-samples``) and its time is scaled linearly to
 ``B`` (both the loop and its tensor work are linear in ``B``), as printed. A fresh-allocation
-yardstick (``torch.zeros(B, T)``, and the same on huge pages as the estimators' outputs are)
-measured in the same run puts the times in context on a shared machine; on a busy machine pass
+yardstick (``torch.zeros(B, T)``, and the same on fresh and on reused huge-page mappings as the
+estimators' outputs are, see ``skyrl_fn._alloc``) measured in the same run puts the times in context on a shared machine; on a busy machine pass
 ``--threads 1`` (OpenMP threads oversubscribe). The first few calls in a fresh process touch
 memory the kernel has not handed out before and run several times slower: every timing follows
 three warm-up calls.
@@ -179,10 +179,18 @@ def main() -> None:
     # float32 tensor pays (allocation + page faults), and one read + write pass ----------------
     r = fields["token_level_rewards"]
     zeros_sec = median_time(lambda: torch.zeros(b, t), repeats=args.repeats)
+    cache = os.environ.get("SKYRL_FN_HUGE_PAGES_CACHE_MB")
+    os.environ["SKYRL_FN_HUGE_PAGES_CACHE_MB"] = "0"  # fresh mappings: no reuse of freed ones
     huge_sec = median_time(lambda: _alloc.empty((b, t), torch.float32).zero_(), repeats=args.repeats)
+    if cache is None:
+        del os.environ["SKYRL_FN_HUGE_PAGES_CACHE_MB"]
+    else:
+        os.environ["SKYRL_FN_HUGE_PAGES_CACHE_MB"] = cache
+    reused_sec = median_time(lambda: _alloc.empty((b, t), torch.float32).zero_(), repeats=args.repeats)
     clone_sec = median_time(lambda: r.clone(), repeats=args.repeats)
-    print(f"yardsticks: torch.zeros(B, T) {zeros_sec * 1e3:.1f} ms, the same on huge pages "
-          f"{huge_sec * 1e3:.1f} ms, rewards.clone() {clone_sec * 1e3:.1f} ms")
+    print(f"yardsticks: torch.zeros(B, T) {zeros_sec * 1e3:.1f} ms, the same on fresh huge pages "
+          f"{huge_sec * 1e3:.1f} ms, on a reused mapping {reused_sec * 1e3:.1f} ms, rewards.clone() "
+          f"{clone_sec * 1e3:.1f} ms")
 
     # -- record construction (validation), timed on its own ------------------------------------
     t_rec = median_time(lambda: AdvantageInput(**fields), repeats=args.repeats)

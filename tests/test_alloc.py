@@ -53,3 +53,70 @@ def test_memory_is_released_with_the_tensor():
     )
     peak_kib = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert peak_kib < 1_000_000, peak_kib
+
+
+def test_a_freed_mapping_is_reused_only_when_nothing_refers_to_it(monkeypatch):
+    monkeypatch.setenv("SKYRL_FN_HUGE_PAGES_CACHE_MB", "256")
+    _alloc.release()
+    a = _alloc.empty(_BIG, torch.float32)
+    ptr = a.data_ptr()
+    view = a[:, :3]  # a view keeps the mapping in use
+    storage = a.untyped_storage()  # so does a bare storage
+    del a
+    b = _alloc.empty(_BIG, torch.float32)
+    assert b.data_ptr() != ptr
+    del view, b
+    c = _alloc.empty(_BIG, torch.float32)
+    assert c.data_ptr() != ptr  # the storage still holds it
+    del storage, c
+    d = _alloc.empty(_BIG, torch.int32)  # same size class, any dtype
+    assert d.data_ptr() == ptr
+    in_use, free = _alloc.cached_bytes()
+    assert in_use >= d.numel() * 4
+    del d
+    assert _alloc.release() >= 4096 * 1024 * 4
+    assert _alloc.cached_bytes() == (0, 0)
+
+
+def test_cache_size_zero_never_reuses(monkeypatch):
+    monkeypatch.setenv("SKYRL_FN_HUGE_PAGES_CACHE_MB", "0")
+    _alloc.release()
+    ptrs = set()
+    for _ in range(3):
+        x = _alloc.empty(_BIG, torch.float32)
+        ptrs.add(x.data_ptr())
+        x.fill_(0)
+        del x
+    assert _alloc.cached_bytes() == (0, 0)
+
+
+def test_concurrent_callers_never_share_a_mapping(monkeypatch):
+    import threading
+
+    monkeypatch.setenv("SKYRL_FN_HUGE_PAGES_CACHE_MB", "256")
+    live: dict[int, int] = {}  # data_ptr -> thread holding it
+    lock, errors = threading.Lock(), []
+
+    def work(me: int) -> None:
+        try:
+            for _ in range(20):
+                x = _alloc.empty(_BIG, torch.float32)
+                with lock:
+                    if x.data_ptr() in live:
+                        errors.append(f"thread {me} got the mapping thread {live[x.data_ptr()]} holds")
+                    live[x.data_ptr()] = me
+                x.fill_(float(me))
+                assert float(x[0, 0]) == float(me) and float(x[-1, -1]) == float(me)
+                with lock:
+                    del live[x.data_ptr()]
+                del x
+        except Exception as err:  # surfaced below: a thread's exception would not fail the test
+            errors.append(repr(err))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    _alloc.release()
+    assert not errors, errors
