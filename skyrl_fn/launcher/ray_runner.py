@@ -36,9 +36,9 @@ weights travel. The driver submits a step's calls at once and waits once per ste
     metrics, exp, _ = PolicyTrainer.update(None, None, ref_lp, values)
     metrics = PolicyTrainer.generate_and_update(prompts)          # neither: one call per step
 
-Measured on the embedded default (``bench/train_step.py``, 2 cores): the hybrid layout adds ~1 ms
-per step to the in-process loop; separate workers add ~15 ms (weight push, batch transfer, and
-two processes taking turns on the same cores).
+Measured on the embedded default (``bench/train_step.py``, 2 cores, ~41 ms per in-process step):
+the hybrid layout adds ~2-3 ms per step (1.07x); one separate worker adds ~12 ms (1.29x: weight
+push, batch transfer, two processes taking turns on the same cores).
 
 Checkpoints are written by the driver from the actors' states with the same atomic
 ``skyrl_fn.train.checkpoint.save`` as the in-process loop, so a dying worker never touches them.
