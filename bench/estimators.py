@@ -8,8 +8,9 @@ values and greedy baselines for GAE/ReMax. For every estimator: the median wall 
 runs after a warm-up, and the achieved bandwidth (bytes of rewards + mask (+ values) read and of
 advantages (+ returns, when a separate tensor) written, divided by the time). Outcome estimators
 are also timed against a plain per-group Python loop written here in SkyRL-Train's dict style;
-the loop runs on a slice of the batch (``--loop-samples``) and its time is scaled linearly to
-``B`` (both the loop and its tensor work are linear in ``B``), as printed. A fresh-allocation
+the loop runs on the whole batch (or on a slice, ``--loop-samples``, its time scaled linearly to
+``B``), in rounds interleaved with fresh timings of the estimator; the ratio is the median over
+the rounds. A fresh-allocation
 yardstick (``torch.zeros(B, T)``, and the same on fresh and on reused huge-page mappings as the
 estimators' outputs are, see ``skyrl_fn._alloc``) measured in the same run puts the times in context on a shared machine; on a busy machine pass
 ``--threads 1`` (OpenMP threads oversubscribe). The first few calls in a fresh process touch
@@ -164,6 +165,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--loop-samples", type=int, default=0, help="run the loop baseline on a slice of this many samples (0: all of B)")
+    parser.add_argument("--loop-rounds", type=int, default=5, help="rounds of (estimator, loop) for the ratio")
+    parser.add_argument("--no-norm-only", action="store_true", help="skip the T=1 (group math only) rows")
     parser.add_argument("--outcome-only", action="store_true", help="time only the outcome estimators")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     args = parser.parse_args()
@@ -212,22 +215,44 @@ def main() -> None:
         written = bt * 4 * (1 if out.returns is out.advantages else 2)
         rows.append([name, med, best, (read + written) / med / 1e9, None])
 
-    # -- loop baselines (on a slice, scaled linearly to B, when --loop-samples asks) ---------
+    # -- loop baselines (on a slice, scaled linearly to B, when --loop-samples asks), interleaved
+    # with fresh timings of the estimator so that drift in the machine's speed hits both alike ---
     n = min(args.loop_samples or b, b) // g * g
     rl, ml = fields["token_level_rewards"][:n], fields["response_mask"][:n].float()
     index = [int(i) for i in fields["group_ids"][:n]]
     loop_secs = {}
     for row in rows:
         if row[0] in LOOPS:
-            loop_secs[row[0]] = median_time(lambda: LOOPS[row[0]](rl, ml, index), repeats=3, warmup=0) * (b / n)
-            row[4] = loop_secs[row[0]] / row[1]
-    print(f"(loop baseline: SkyRL-style dict loop, median of 3 runs on {n} samples, scaled x{b / n:g} to B; "
+            fn, loops, ratios = ESTIMATORS[row[0]], [], []
+            for _ in range(args.loop_rounds):
+                est_sec = median_time(lambda: fn(batch), repeats=5)
+                loops.append(median_time(lambda: LOOPS[row[0]](rl, ml, index), repeats=1, warmup=0) * (b / n))
+                ratios.append(loops[-1] / est_sec)
+            loop_secs[row[0]] = statistics.median(loops)
+            row[4] = statistics.median(ratios)
+    print(f"(loop baseline: SkyRL-style dict loop on {n} samples, scaled x{b / n:g} to B; x vs loop = median "
+          f"over {args.loop_rounds} rounds of (one loop run / the estimator's median of 5 just before it); "
           f"grpo's loop {loop_secs.get('grpo', float('nan')) * 1e3:.0f} ms = "
           f"{loop_secs.get('grpo', float('nan')) / b * 1e6:.1f} us per sample)")
+    # -- the group normalisation alone: the same B at T = 1, where [B, T] traffic is negligible ----
+    norm_rows = []
+    if not args.no_norm_only:
+        f1 = make_batch(b, g, 1)
+        b1 = AdvantageInput(**{k: v for k, v in f1.items() if k in ("token_level_rewards", "response_mask", "group_ids")})
+        r1, m1 = f1["token_level_rewards"], f1["response_mask"].float()
+        idx1 = [int(i) for i in f1["group_ids"]]
+        for name in ("grpo", "rloo"):
+            est_sec = median_time(lambda: ESTIMATORS[name](b1), repeats=args.repeats)
+            loop_sec = median_time(lambda: LOOPS[name](r1, m1, idx1), repeats=1, warmup=0)
+            norm_rows.append((name, est_sec, loop_sec))
+
     print(f"{'estimator':30s} {'median ms':>9s} {'min ms':>7s} {'GB/s':>5s} {'x zeros':>7s} {'x vs loop':>9s}")
     for name, med, best, gbs, ratio in rows:
         speed = f"{ratio:9.0f}" if ratio is not None else f"{'':>9s}"
         print(f"{name:30s} {med * 1e3:9.1f} {best * 1e3:7.1f} {gbs:5.1f} {med / zeros_sec:7.1f} {speed}")
+    for name, est_sec, loop_sec in norm_rows:
+        print(f"{name + ' at T=1 (group math only)':30s} {est_sec * 1e3:9.2f} {'':>7s} {'':>5s} {'':>7s} "
+              f"{loop_sec / est_sec:9.0f}")
     slow = [name for name, med, *_ in rows if name in OUTCOME and med > 0.020]
     weak = [name for name, *_, ratio in rows if name in ("grpo", "rloo") and ratio < 100]
     print(f"goal <=20 ms for outcome estimators: {'met' if not slow else 'missed by ' + ', '.join(slow)}; "
