@@ -218,10 +218,7 @@ class RayConfig:
     num_cpus: float | None = None
     """CPUs for a local Ray (None: Ray's default)."""
     rollout_workers: int = 0
-    """Separate rollout-worker actors, prompts split between them, weights pushed after every
-    update. 0 samples inside the policy trainer (one actor holds the policy for both, as verl's
-    hybrid actor-rollout worker: no weight push, no batch transfer). The vLLM path always runs
-    one worker per engine (--gpu.*)."""
+    """Separate rollout actors (prompts split, weights pushed after each update); 0: the policy trainer samples itself (hybrid, nothing moves). vLLM: one per engine."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -70,6 +70,7 @@ def test_typo_exits_2_with_a_suggestion_before_any_model_is_built(monkeypatch, c
         (["--algorithm.estimator-kwargs", "nope", "1"], "nope"),
         (["--plugin", "/nonexistent/plugin.py"], "expected an existing .py file"),
         (["--algorithm.advantage-estimator", "os:no_such_fn"], "has no attribute 'no_such_fn'"),
+        (["--ray.rollout-workers", "-1"], "ray.rollout_workers: expected >= 0, got -1"),
     ],
 )
 def test_other_usage_errors_exit_2(argv, needle, capsys):
