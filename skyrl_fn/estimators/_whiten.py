@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from skyrl_fn.estimators._groups import outcome_scores, response_lengths, row_blocks
+from skyrl_fn.estimators._groups import outcome_scores_and_lengths, row_blocks
 
 __all__ = ["masked_whiten", "masked_whiten_rows", "whiten_stats"]
 
@@ -56,8 +56,9 @@ def whiten_stats(x: torch.Tensor, response_mask: torch.Tensor, *, eps: float = 1
 
     For callers that write the whitened values into a buffer of their own (e.g. transposed).
     """
-    n = response_lengths(response_mask, x.dtype).sum()
-    mean = outcome_scores(x, response_mask).sum() / n.clamp(min=1)
+    sums, lengths = outcome_scores_and_lengths(x, response_mask)  # one pass over x and the mask
+    n = lengths.sum()
+    mean = sums.sum() / n.clamp(min=1)
     var = _masked_centred_square_sum(x, response_mask, mean) / (n - 1).clamp(min=1)
     return mean, torch.rsqrt(var + eps)
 

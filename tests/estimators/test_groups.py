@@ -12,7 +12,6 @@ from skyrl_fn.estimators._groups import (
     mask_rows,
     outcome_scores,
     outcome_scores_and_lengths,
-    response_lengths,
     row_blocks,
 )
 
@@ -25,7 +24,7 @@ def test_blocked_row_sums_cross_block_boundaries():
     mask = torch.rand(b, t, generator=gen) < 0.5
     dirty = torch.where(mask, rewards, float("nan"))  # off-mask values never reach the sum
     torch.testing.assert_close(outcome_scores(dirty, mask), torch.where(mask, rewards, 0).sum(-1))
-    assert torch.equal(response_lengths(mask, torch.float32), mask.sum(-1).float())
+    assert torch.equal(outcome_scores_and_lengths(rewards, mask)[1], mask.sum(-1).float())
 
 
 def test_half_precision_scores_accumulate_in_float32():
@@ -77,4 +76,14 @@ def test_scores_and_lengths_in_one_pass():
     dirty = torch.where(mask, rewards, float("inf"))
     scores, lengths = outcome_scores_and_lengths(dirty, mask)
     assert torch.equal(scores, outcome_scores(rewards, mask))
-    assert torch.equal(lengths, response_lengths(mask, torch.float32))
+    assert torch.equal(lengths, mask.sum(-1).float())
+
+
+def test_row_sums_without_a_same_width_integer_fall_back_to_where():
+    gen = torch.Generator().manual_seed(4)
+    rewards = torch.randn(1500, 9, generator=gen).to(torch.float8_e4m3fn)  # no int8 bit trick here
+    mask = torch.rand(1500, 9, generator=gen) < 0.4
+    scores, lengths = outcome_scores_and_lengths(rewards, mask)
+    want = torch.where(mask, rewards.float(), 0.0).sum(-1)
+    torch.testing.assert_close(scores, want)
+    assert torch.equal(lengths, mask.sum(-1).float())
