@@ -79,7 +79,7 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str
     """
     device = torch.device(device)
     numel = math.prod(shape)
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    nbytes = numel * dtype.itemsize
     if device.type != "cpu" or nbytes < MIN_BYTES or not _enabled():
         return torch.empty(shape, dtype=dtype, device=device)
     size = -(-nbytes // _HUGE_PAGE) * _HUGE_PAGE
@@ -87,12 +87,11 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str
         mapping = next((m for m in _tracked if m.size == size and m.free()), None)
         if mapping is None:
             mapping = _Mapping(size)
+            # Track it if it fits the cache size, after making room from free mappings; else it
+            # stays untracked and is unmapped with its last tensor.
+            _drop_free(keep=_cache_limit() - size)
             if sum(m.size for m in _tracked) + size <= _cache_limit():
                 _tracked.append(mapping)
-            else:  # over the cache size: make room from free mappings, or leave this one untracked
-                _drop_free(keep=_cache_limit() - size)
-                if sum(m.size for m in _tracked) + size <= _cache_limit():
-                    _tracked.append(mapping)
         # frombuffer keeps ``mapping.buf`` alive for as long as the tensor's storage lives.
         return torch.frombuffer(mapping.buf, dtype=dtype, count=numel, offset=mapping.offset).view(shape)
 

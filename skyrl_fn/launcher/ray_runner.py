@@ -147,8 +147,6 @@ class RayTrainer:
         self.hybrid = self.plan is None and hosts_rollout(run)
         policy_share = CPU_SHARES["policy"] + (CPU_SHARES["rollout"] if self.hybrid else 0.0)
         self.policy = self._named(start(PolicyTrainer, "policy", 0, policy_share), "policy trainer (PolicyTrainer)")
-        if self.hybrid:
-            num_rollout_workers = 0
         share = CPU_SHARES["rollout"] / max(1, num_rollout_workers)
         self.rollout = [
             self._named(start(RolloutWorker, "rollout", i, share), f"rollout worker {i} (RolloutWorker)")
@@ -232,7 +230,7 @@ class RayTrainer:
         import ray
 
         refs = [self.policy.set_state.remote(c.weights["policy"], c.optim["policy"], c.optim["policy_sched"], c.rng)]
-        if self.broadcast_plan is None:
+        if self.broadcast_plan is None and self.rollout:  # hybrid: the policy trainer has them
             weights = ray.put(c.weights["policy"])
             refs += [w.sync.remote(weights) for w in self.rollout]
         if self.critic is not None:

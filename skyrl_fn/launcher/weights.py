@@ -53,6 +53,6 @@ def unpack(packed: PackedWeights) -> dict[str, torch.Tensor]:
     out = {}
     for name, shape, dtype, offset in packed.layout:
         dt = getattr(torch, dtype)
-        nbytes = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dt).element_size()
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
         out[name] = raw[offset : offset + nbytes].view(dt).view(shape)
     return out

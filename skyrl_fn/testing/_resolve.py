@@ -23,6 +23,7 @@ from typing import Any, Callable, Mapping
 import attrs
 import torch
 
+from skyrl_fn.compat._calls import call_accepting
 from skyrl_fn.records import AdvantageInput, AdvantageOutput, PolicyLossInput, PolicyLossOutput
 from skyrl_fn.table import DEFAULT_TABLE, AlgorithmTable, Entry, infer_kind
 
@@ -87,15 +88,6 @@ def is_skyrl_style(fn: Callable, kind: str) -> bool:
     return bool(positional) and positional[0].name == "log_probs"
 
 
-def _call_accepting(fn: Callable, args: tuple, kwargs: dict[str, Any]) -> Any:
-    """Call ``fn`` with the keywords it accepts (all of them if it takes ``**kwargs``)."""
-    params = _params(fn)
-    if params is not None and not any(p.kind == p.VAR_KEYWORD for p in params):
-        names = {p.name for p in params if p.kind != p.POSITIONAL_ONLY}
-        kwargs = {k: v for k, v in kwargs.items() if k in names}
-    return fn(*args, **kwargs)
-
-
 def _describe(fn: Callable) -> str:
     name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
     return name
@@ -125,7 +117,7 @@ class SkyRLEstimator:
         )
         if batch.reward_baselines is not None:
             kwargs["reward_baselines"] = batch.reward_baselines
-        result = _call_accepting(self.fn, (), kwargs)
+        result = call_accepting(self.fn, (), kwargs)
         if isinstance(result, torch.Tensor):
             result = (result, result)
         if not (isinstance(result, (tuple, list)) and len(result) == 2 and all(isinstance(x, torch.Tensor) for x in result)):
@@ -164,7 +156,7 @@ class SkyRLPolicyLossAdapter:
         kwargs: dict[str, Any] = {"loss_mask": mask}
         if batch.rollout_log_probs is not None:
             kwargs["rollout_logprobs"] = batch.rollout_log_probs
-        result = _call_accepting(self.fn, (batch.log_probs, batch.old_log_probs, batch.advantages, config), kwargs)
+        result = call_accepting(self.fn, (batch.log_probs, batch.old_log_probs, batch.advantages, config), kwargs)
         if not (isinstance(result, (tuple, list)) and len(result) == 2 and isinstance(result[0], torch.Tensor)):
             raise TypeError(f"{_describe(self.fn)}: expected (loss tensor, clip_ratio), got {type(result).__name__}")
         loss, clip = result
