@@ -24,6 +24,8 @@ _BATCH_COUPLED = frozenset({"permutation_equivariant"})
 # Whitened over the batch's tokens: invariant to one positive scale of every reward of the batch.
 _BATCH_WHITENED = frozenset({"permutation_equivariant", "batch_scale_invariant"})
 _BATCH_WHITENED_CENTRED = _BATCH_WHITENED | {"shift_invariant"}
+# Each row's output depends on that row alone (the raw forms of reinforce++ and gae).
+_PER_SAMPLE = frozenset({"permutation_equivariant", "group_local"})
 
 BUILTINS = (
     # -- advantage estimators -------------------------------------------------------------
@@ -34,10 +36,13 @@ BUILTINS = (
     ("advantage_estimator", "gpg", est.gpg, _BATCH_COUPLED),
     ("advantage_estimator", "grpo_passk", est.grpo_passk, _GROUP_NORM | {"rejects_singleton_groups"}),
     ("advantage_estimator", "opo", est.opo, _GROUP_CENTRED),
+    # reinforce++ and gae are chains: the raw estimator, then whiten() (skyrl_fn.compose).
     ("advantage_estimator", "reinforce++", est.reinforce_plus_plus, _BATCH_WHITENED),
+    ("advantage_estimator", "reinforce++_raw", est.reinforce_plus_plus_raw, _PER_SAMPLE),
     ("advantage_estimator", "reinforce_plus_plus_baseline", est.reinforce_plus_plus_baseline, _BATCH_WHITENED_CENTRED),
     ("advantage_estimator", "remax", est.remax, _PER_GROUP),
     ("advantage_estimator", "gae", est.gae, _BATCH_COUPLED),
+    ("advantage_estimator", "gae_raw", est.gae_raw, _PER_SAMPLE),
     # -- policy losses (skyrl_fn.losses) ---------------------------------------------------
     ("policy_loss", "regular", ls.regular, _LOSS_LOCAL),
     ("policy_loss", "dual_clip", ls.dual_clip, _LOSS_LOCAL),

@@ -5,6 +5,8 @@ Records call these in their validators, so bad input fails where it enters the l
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any, Sequence
 
 import numpy as np
@@ -18,6 +20,7 @@ __all__ = [
     "as_mask",
     "as_group_ids",
     "first_bad_row",
+    "check_number",
 ]
 
 
@@ -119,3 +122,17 @@ def as_group_ids(name: str, ids: Any, batch: int) -> torch.Tensor:
             arr = np.array([f"{type(v).__name__}:{v}" for v in arr.tolist()], dtype=object)
     _, inverse = np.unique(arr, return_inverse=True)
     return torch.from_numpy(inverse.reshape(-1).astype(np.int64))
+
+
+def check_number(name: str, value: Any, *, low: float = -math.inf, low_open: bool = False) -> float:
+    """Return ``value`` as a float, raising TypeError unless it is a real number (not a bool) and
+    ValueError unless it is finite and ``>= low`` (``> low`` when ``low_open``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__} ({value!r})")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value!r}")
+    if value < low or (low_open and value == low):
+        bound = f"> {low:g}" if low_open else f">= {low:g}"
+        raise ValueError(f"{name}: expected a number {bound}, got {value!r}")
+    return value

@@ -14,17 +14,22 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from batches import random_batch
-from skyrl_fn import DEFAULT_TABLE, AdvantageInput
+from skyrl_fn import DEFAULT_TABLE, AdvantageInput, Chain
 
 NAMES = DEFAULT_TABLE.names("advantage_estimator")
 EXPECTED = {
     "grpo", "dr_grpo", "rloo", "maxrl", "gpg", "grpo_passk", "opo",
-    "reinforce++", "reinforce_plus_plus_baseline", "remax", "gae",
+    "reinforce++", "reinforce_plus_plus_baseline", "remax", "gae", "reinforce++_raw", "gae_raw",
 }
-# 11 estimators x 5 properties: fewer examples per test keep the file fast; the "thorough"
+# 13 estimators x 5 properties: fewer examples per test keep the file fast; the "thorough"
 # profile still runs more (HYPOTHESIS_PROFILE=thorough).
 FEW = settings(max_examples=12) if settings().max_examples < 100 else settings()
-HYPER = {"reinforce++": {"gamma": 0.9}, "gae": {"gamma": 0.95, "lambd": 0.9}}
+HYPER = {
+    "reinforce++": {"gamma": 0.9},
+    "reinforce++_raw": {"gamma": 0.9},
+    "gae": {"gamma": 0.95, "lambd": 0.9},
+    "gae_raw": {"gamma": 0.95, "lambd": 0.9},
+}
 
 cases = st.fixed_dictionaries(
     {
@@ -71,6 +76,7 @@ def test_every_builtin_is_registered():
 @pytest.mark.parametrize("name", NAMES)
 def test_docstring_and_signature(name):
     fn = DEFAULT_TABLE.estimator(name)
+    fn = fn.estimator if isinstance(fn, Chain) else fn  # gae, reinforce++: the raw estimator's doc
     doc = inspect.getdoc(getattr(fn, "func", fn))  # dr_grpo is a partial of grpo
     assert doc and "Args:" in doc and "Returns:" in doc and "arXiv" in doc
 
