@@ -24,6 +24,8 @@ _BATCH_COUPLED = frozenset({"permutation_equivariant"})
 # Whitened over the batch's tokens: invariant to one positive scale of every reward of the batch.
 _BATCH_WHITENED = frozenset({"permutation_equivariant", "batch_scale_invariant"})
 _BATCH_WHITENED_CENTRED = _BATCH_WHITENED | {"shift_invariant"}
+# KL estimates that are >= 0 for every input (k1 = log-ratio can be negative).
+_KL_NON_NEGATIVE = frozenset({"non_negative"})
 # Each row's output depends on that row alone (the raw forms of reinforce++ and gae).
 _PER_SAMPLE = frozenset({"permutation_equivariant", "group_local"})
 
@@ -67,12 +69,12 @@ BUILTINS = (
     ("aggregation", "sequence_mean", ls.seq_mean_token_mean, frozenset()),  # SkyRL's name
     # -- KL estimators --------------------------------------------------------------------
     ("kl_estimator", "k1", ls.k1, frozenset()),
-    ("kl_estimator", "abs", ls.kl_abs, frozenset()),
-    ("kl_estimator", "k2", ls.k2, frozenset()),
-    ("kl_estimator", "mse", ls.k2, frozenset()),  # verl's name for k2
-    ("kl_estimator", "k3", ls.k3, frozenset()),
+    ("kl_estimator", "abs", ls.kl_abs, _KL_NON_NEGATIVE),
+    ("kl_estimator", "k2", ls.k2, _KL_NON_NEGATIVE),
+    ("kl_estimator", "mse", ls.k2, _KL_NON_NEGATIVE),  # verl's name for k2
+    ("kl_estimator", "k3", ls.k3, _KL_NON_NEGATIVE),
     ("kl_estimator", "k1+", ls.k1_plus, frozenset()),
-    ("kl_estimator", "abs+", ls.kl_abs_plus, frozenset()),
-    ("kl_estimator", "k2+", ls.k2_plus, frozenset()),
-    ("kl_estimator", "k3+", ls.k3_plus, frozenset()),
+    ("kl_estimator", "abs+", ls.kl_abs_plus, _KL_NON_NEGATIVE),
+    ("kl_estimator", "k2+", ls.k2_plus, _KL_NON_NEGATIVE),
+    ("kl_estimator", "k3+", ls.k3_plus, _KL_NON_NEGATIVE),
 )
