@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 
-import attrs
 import torch
 
 from skyrl_fn.compose import AdvantageTransform
