@@ -38,7 +38,10 @@ BUILTINS = (
     ("advantage_estimator", "gpg", est.gpg, _BATCH_COUPLED),
     ("advantage_estimator", "grpo_passk", est.grpo_passk, _GROUP_NORM | {"rejects_singleton_groups"}),
     ("advantage_estimator", "opo", est.opo, _GROUP_CENTRED),
-    # reinforce++ and gae are chains: the raw estimator, then whiten() (skyrl_fn.compose).
+    # reinforce++ and gae are chains: the raw estimator, then whiten() (skyrl_fn.compose). grpo,
+    # dr_grpo, rloo and reinforce_plus_plus_baseline are chains in maths too (outcome_estimator with
+    # group_mean / leave_one_out, then group_normalize_std / whiten; tests prove each equal) but stay
+    # fused: one pass over per-sample scores instead of [B, T] passes per piece.
     ("advantage_estimator", "reinforce++", est.reinforce_plus_plus, _BATCH_WHITENED),
     ("advantage_estimator", "reinforce++_raw", est.reinforce_plus_plus_raw, _PER_SAMPLE),
     ("advantage_estimator", "reinforce_plus_plus_baseline", est.reinforce_plus_plus_baseline, _BATCH_WHITENED_CENTRED),
