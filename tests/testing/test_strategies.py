@@ -6,7 +6,6 @@ import pytest
 import torch
 from hypothesis import find, settings
 
-from skyrl_fn.properties import KNOWN, ORDER, applicable, check_promises, universal
 from skyrl_fn.testing import DEFAULT_MAX_EXAMPLES, kit_settings
 from skyrl_fn.testing.strategies import advantage_inputs, decode, log_prob_pairs, microbatch_cuts, policy_loss_inputs, token_losses
 
@@ -53,17 +52,6 @@ def test_other_strategies_and_decoding():
     find(token_losses(), lambda p: p[0].shape[0] > 1 and bool(p[1].any()), settings=_FIND)
     cuts = find(microbatch_cuts(5), lambda c: len(c) == 3, settings=_FIND)
     assert cuts[0][0] == 0 and cuts[-1][1] == 5
-
-
-def test_vocabulary():
-    assert set(ORDER) == set(applicable("advantage_estimator") | applicable("policy_loss") | applicable("kl_estimator"))
-    assert set(ORDER) == KNOWN  # every property has a place in the order
-    assert "mask" not in applicable("kl_estimator") and {"token_local", "zero_at_reference"} <= universal("kl_estimator")
-    assert "masked_grad_zero" in universal("policy_loss") and "microbatch_invariant" in universal("aggregation")
-    with pytest.raises(ValueError, match="unknown properties"):
-        check_promises("x", ["group_locall"])
-    with pytest.raises(TypeError):
-        check_promises("x", "group_local")
 
 
 def test_settings_follow_the_profile_or_the_argument():
