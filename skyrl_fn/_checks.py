@@ -99,7 +99,7 @@ def check_all(
         ValueError: a numeric mask holds values other than 0 and 1; non-finite values on the mask.
     """
     flags: dict[torch.device, list[torch.Tensor]] = {}
-    for _name, original, flag in masks:
+    for _name, _original, flag in masks:
         if flag is not None:
             flags.setdefault(flag.device, []).append(flag)
     for _name, x, _mask in finite:

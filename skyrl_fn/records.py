@@ -50,24 +50,13 @@ _R = TypeVar("_R")
 
 
 def _unchecked(cls: type[_R], fields: Mapping[str, Any]) -> _R:
-    """An instance of the attrs record ``cls`` with ``fields`` set as given: no converter, no
-    validator, no ``__attrs_post_init__``; omitted optional fields take their defaults."""
+    """An instance of the attrs record ``cls`` holding ``fields`` (every field, by name) as given:
+    no validator and no ``__attrs_post_init__`` run; converters do (``FrozenDict`` wrapping of a
+    mapping: host-side, no device read)."""
     self = object.__new__(cls)
-    given = dict(fields)
     for a in attrs.fields(cls):
-        if a.name in given:
-            value = given.pop(a.name)
-        elif a.default is attrs.NOTHING:
-            raise TypeError(f"{cls.__name__}.unchecked: missing field {a.name!r}")
-        elif isinstance(a.default, attrs.Factory):  # type: ignore[arg-type]
-            value = a.default.factory()
-        else:
-            value = a.default
-        if a.converter is not None:  # FrozenDict wrapping of mappings: host-side, no device read
-            value = a.converter(value)
-        object.__setattr__(self, a.name, value)
-    if given:
-        raise TypeError(f"{cls.__name__}.unchecked: unknown fields {sorted(given)}; expected some of {[a.name for a in attrs.fields(cls)]}")
+        value = fields[a.name]
+        object.__setattr__(self, a.name, a.converter(value) if a.converter is not None else value)
     return self
 
 

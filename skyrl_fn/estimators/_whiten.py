@@ -15,10 +15,10 @@ import functools
 import attrs
 import torch
 
+from skyrl_fn._checks import check_number
 from skyrl_fn.compose import AdvantageTransform
 from skyrl_fn.estimators._groups import accum_dtype, outcome_scores_and_lengths, row_blocks
 from skyrl_fn.records import AdvantageInput, AdvantageOutput
-from skyrl_fn._checks import check_number
 
 __all__ = ["masked_whiten", "masked_whiten_rows", "whiten_stats", "whiten", "with_advantages"]
 
