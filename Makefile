@@ -25,6 +25,7 @@ train: setup
 
 # The suite CI runs: everything except runs marked slow (a short end-to-end run is not slow).
 test: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir $(VENV)/site
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 test-all: setup
