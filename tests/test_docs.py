@@ -121,3 +121,10 @@ def test_every_docs_page_is_in_the_nav():
     pages = {str(p.relative_to(DOCS)) for p in DOCS.rglob("*.md")}
     assert pages - listed == set(), f"pages missing from mkdocs.yml's nav: {sorted(pages - listed)}"
     assert listed - pages == set(), f"nav entries without a page: {sorted(listed - pages)}"
+
+
+def test_readme_links_resolve():
+    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", README.read_text()):
+        if "://" in target:
+            continue
+        assert (ROOT / target).exists(), f"README.md links to {target}, which does not exist"
