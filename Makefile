@@ -27,6 +27,7 @@ train: setup
 # except runs marked slow (a short end-to-end run is not slow).
 test: setup
 	$(BIN)/lint-imports
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir $(VENV)/site
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 test-all: setup
