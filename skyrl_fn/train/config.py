@@ -251,8 +251,6 @@ class GPUPlacementConfig:
     False: engines get their own GPUs and weights are broadcast over NCCL."""
     trainer_gpus: int = 1
     """separate layout only: GPUs of the trainer side (the rest go to the engines)."""
-    trainer_workers: int = 1
-    """W, policy actors (data-parallel ranks); the current runner uses one."""
     cpus_per_bundle: float = 1.0
     """CPUs reserved with each GPU bundle."""
 
