@@ -7,7 +7,8 @@ A chain is a frozen value holding, in order::
                                                                                outcome_estimator(...))
     advantage transforms  (AdvantageOutput, AdvantageInput) -> AdvantageOutput (applied last)
 
-so a new estimator is built and named in one call::
+so a new estimator is built and named in one call (what a piece reads besides the rewards, e.g.
+critic values for ``gae``, carries over: see ``skyrl_fn.requires``)::
 
     table = DEFAULT_TABLE.register("clipped_grpo", chain(scale_rewards(2.0), grpo, clip_advantages(1.0)))
 
@@ -33,6 +34,7 @@ import attrs
 import torch
 
 from skyrl_fn.records import AdvantageInput, AdvantageOutput
+from skyrl_fn.requires import requirements
 from skyrl_fn.table import hyperparameters, infer_kind
 
 __all__ = ["RewardTransform", "AdvantageTransform", "Chain", "chain", "piece_name"]
@@ -191,6 +193,14 @@ class Chain:
         for transform in self.advantage_transforms:
             out = transform(out, batch)
         return out
+
+    @property
+    def __skyrl_requires__(self) -> frozenset[str]:
+        """The optional inputs any piece reads (``skyrl_fn.requires``): a chain around ``gae``
+        still needs critic values."""
+        found = [requirements(self.estimator)]
+        found += [requirements(t.fn) for t in (*self.reward_transforms, *self.advantage_transforms)]
+        return frozenset().union(*found)
 
     @property
     def pieces(self) -> tuple[Callable, ...]:

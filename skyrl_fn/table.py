@@ -29,6 +29,7 @@ import attrs
 
 from skyrl_fn.properties import check_promises
 from skyrl_fn.records import AdvantageInput, AdvantageOutput, PolicyLossInput
+from skyrl_fn.requires import check_inputs, requirements
 
 __all__ = ["KINDS", "Entry", "AlgorithmTable", "UnknownNameError", "DEFAULT_TABLE", "infer_kind"]
 
@@ -168,12 +169,16 @@ class Entry:
         fn: the pure function.
         promises: invariants it promises (names from ``skyrl_fn.properties``) that the testing kit
             checks on top of the universal ones.
+        requires: the optional inputs it reads (``skyrl_fn.requires.INPUTS``: ``values`` means
+            a critic, ``ref_log_probs`` a reference model), from the function itself (through
+            partials and chains) plus what ``register(requires=...)`` added.
     """
 
     kind: str
     name: str
     fn: Callable = attrs.field(eq=False)
     promises: frozenset[str] = frozenset()
+    requires: frozenset[str] = frozenset()
 
     def hyperparameters(self) -> Mapping[str, Any] | None:
         """Name -> default of the accepted hyperparameters; None if the function takes ``**kwargs``."""
@@ -200,6 +205,7 @@ class AlgorithmTable:
         kind: str | None = None,
         replace: bool = False,
         promises: Iterable[str] = (),
+        requires: Iterable[str] = (),
     ) -> "AlgorithmTable":
         """Return a new table with ``fn`` registered as ``name``.
 
@@ -210,6 +216,9 @@ class AlgorithmTable:
                 annotation of its first parameter (``AdvantageInput`` / ``PolicyLossInput``).
             replace: allow replacing an existing entry of the same kind and name.
             promises: invariants (``skyrl_fn.properties``) the testing kit should check.
+            requires: optional inputs ``fn`` reads that it does not declare itself with
+                ``skyrl_fn.requires.requires`` (e.g. ``("values",)`` for a wrapped critic-based
+                estimator); joined with what it declares.
 
         Raises:
             ValueError: empty/whitespace name, duplicate name without ``replace=True``, unknown
@@ -232,7 +241,8 @@ class AlgorithmTable:
         if key in self._entries and not replace:
             raise ValueError(f"{kind} {name!r} is already registered; pass replace=True to replace it")
         entries = dict(self._entries)
-        entries[key] = Entry(kind=kind, name=name, fn=fn, promises=check_promises(name, promises))
+        needs = check_inputs(requires) | requirements(fn)
+        entries[key] = Entry(kind=kind, name=name, fn=fn, promises=check_promises(name, promises), requires=needs)
         return AlgorithmTable(entries=entries)
 
     def unregister(self, kind: str, name: str) -> "AlgorithmTable":
@@ -245,7 +255,7 @@ class AlgorithmTable:
         """Return a new table with every entry of ``other`` added (duplicates need ``replace``)."""
         table = self
         for e in other.entries():
-            table = table.register(e.name, e.fn, kind=e.kind, replace=replace, promises=e.promises)
+            table = table.register(e.name, e.fn, kind=e.kind, replace=replace, promises=e.promises, requires=e.requires)
         return table
 
     # -- lookup -----------------------------------------------------------------------------

@@ -10,10 +10,12 @@ import torch
 from skyrl_fn.estimators._groups import accum_dtype
 from skyrl_fn.estimators._whiten import whiten_stats
 from skyrl_fn.records import AdvantageInput, AdvantageOutput
+from skyrl_fn.requires import requires
 
 __all__ = ["gae"]
 
 
+@requires("values")
 @torch.no_grad()
 def gae(batch: AdvantageInput, *, gamma: float = 1.0, lambd: float = 1.0) -> AdvantageOutput:
     """GAE advantages and returns (Schulman et al. 2016, arXiv:1506.02438), whitened over the batch.

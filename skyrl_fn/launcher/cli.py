@@ -47,11 +47,11 @@ PRESETS: Mapping[str, tuple[str, TrainConfig]] = {
     "grpo": _recipe("GRPO (Shao et al. 2024): group-normalised advantages, PPO clip, token mean (the default)."),
     "dr_grpo": _recipe(
         "Dr. GRPO (Liu et al. 2025): no std normalisation, constant-length loss normalisation.",
-        advantage_estimator="grpo", norm_by_std=False, loss_reduction="seq_mean_token_sum_norm",
+        advantage_estimator="grpo", estimator={"norm_by_std": False}, loss_reduction="seq_mean_token_sum_norm",
     ),
     "ppo_gae": _recipe(
         "PPO with a critic and GAE (Schulman et al. 2016/2017), lambda 0.95, two update epochs.",
-        advantage_estimator="gae", lambd=0.95, gamma=1.0, update_epochs=2,
+        advantage_estimator="gae", estimator={"lambd": 0.95}, update_epochs=2,
     ),
     "rloo": _recipe("RLOO (Ahmadian et al. 2024): leave-one-out baseline.", advantage_estimator="rloo"),
 }

@@ -28,7 +28,8 @@ def test_every_preset_resolves_against_the_default_table(preset):
 
 
 def test_ppo_gae_preset_uses_a_critic():
-    assert parse_config(["ppo_gae"], DEFAULT_TABLE).uses_critic
+    cfg = parse_config(["ppo_gae"], DEFAULT_TABLE)
+    assert resolve_names(cfg, DEFAULT_TABLE).uses_critic and cfg.algorithm.estimator == {"lambd": 0.95}
 
 
 def test_help_lists_registered_names(capsys):
