@@ -25,6 +25,7 @@ from skyrl_fn.losses.kl import KLController
 from skyrl_fn.train import checkpoint as ckpt
 from skyrl_fn.train.config import ResolvedRun, config_to_dict
 from skyrl_fn.train.experience import kl_controller_of
+from skyrl_fn.train.rollout import check_backend_available
 from skyrl_fn.train.tasks import DataState, make_task, next_prompts
 from skyrl_fn.train.workers import LocalWorkers, Workers, WorkersState, state_from_checkpoint
 
@@ -147,6 +148,7 @@ def train(
         ``run.config.ckpt_dir`` (fresh when there is none).
     """
     cfg = run.config
+    check_backend_available(cfg.rollout)  # vllm without vllm/CUDA fails before any model loads
     if cfg.trainer.torch_threads > 0:
         torch.set_num_threads(cfg.trainer.torch_threads)
     seed_everything(cfg.trainer.seed)
