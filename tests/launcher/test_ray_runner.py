@@ -72,7 +72,7 @@ LAYOUTS = {
 CHAINED = DEFAULT_TABLE.register("gae_clipped", chain(gae, clip_advantages(1.0)))
 ALGORITHMS = {
     "grpo": (),
-    "ppo_gae+kl": ("--algorithm.advantage-estimator", "gae", "--algorithm.estimator", "lambd", "0.95", "--algorithm.update-epochs", "2",
+    "ppo_gae+kl": ("--algorithm.advantage-estimator", "gae", "--algorithm.estimator.lambd", "0.95", "--algorithm.update-epochs", "2",
                    "--algorithm.use-kl-loss", "--algorithm.use-kl-in-reward", "--algorithm.kl-ctrl", "adaptive"),
     "gae_clipped": ("--algorithm.advantage-estimator", "gae_clipped"),
 }
