@@ -76,11 +76,10 @@ class PolicyTrainer(roles.PolicyWorker, _Ping):
             if self.kept is None:
                 raise RuntimeError("PolicyTrainer.update_here: no batch given and none generated here")
             generated, self.kept = self.kept, None
-        rollout, scores = generated.rollout, generated.scores
-        if self.device != "cpu":
-            rollout, scores, ref_log_probs, values = to_device((rollout, scores, ref_log_probs, values), self.device)
+        # to_device moves nothing (and copies nothing) on the CPU path.
+        rollout, scores, ref_log_probs, values = to_device((generated.rollout, generated.scores, ref_log_probs, values), self.device)
         metrics, exp = self.update(rollout, scores, ref_log_probs, values, kl_coef)
-        if values is not None and self.device != "cpu":
+        if values is not None:
             exp = to_device(exp, "cpu")
         push = self.sender is None and self.backend is None
         return metrics, (exp if values is not None else None), (self.packed_weights() if push else None)
@@ -92,8 +91,7 @@ class PolicyTrainer(roles.PolicyWorker, _Ping):
 
     def get_state(self) -> tuple[roles.RoleState, Mapping[str, Any]]:
         """``(state, RNG states of this process)``, on the CPU."""
-        state, rng = self.state(), ckpt.capture_rng()
-        return (to_device(state, "cpu"), rng) if self.device != "cpu" else (state, rng)
+        return to_device(self.state(), "cpu"), ckpt.capture_rng()
 
     def set_state(self, saved: roles.RoleState, rng: Mapping[str, Any] | None = None) -> None:
         self.load_state(saved)
@@ -157,32 +155,27 @@ class ReferenceModel(roles.ReferenceWorker, _Ping):
     """The reference role as an actor."""
 
     def __init__(self, run: ResolvedRun) -> None:
-        self.device = _start(run)
-        super().__init__(run, device=self.device)
+        super().__init__(run, device=_start(run))
 
     def log_probs_of(self, generated: roles.Generated) -> torch.Tensor:
-        rollout = generated.rollout if self.device == "cpu" else to_device(generated.rollout, self.device)
-        return self.log_probs(rollout).cpu()
+        return self.log_probs(to_device(generated.rollout, self.device)).cpu()
 
 
 class Critic(roles.CriticWorker, _Ping):
     """The critic role as an actor."""
 
     def __init__(self, run: ResolvedRun) -> None:
-        self.device = _start(run)
-        super().__init__(run, device=self.device)
+        super().__init__(run, device=_start(run))
 
     def values_of(self, generated: roles.Generated) -> torch.Tensor:
-        rollout = generated.rollout if self.device == "cpu" else to_device(generated.rollout, self.device)
-        return self.values(rollout).cpu()
+        return self.values(to_device(generated.rollout, self.device)).cpu()
 
     def update_on(self, exp) -> dict[str, float]:
         """The critic update on the experience ``PolicyTrainer.update_here`` returned."""
-        return self.update(to_device(exp, self.device) if self.device != "cpu" else exp)
+        return self.update(to_device(exp, self.device))
 
     def get_state(self) -> roles.RoleState:
-        state = self.state()
-        return to_device(state, "cpu") if self.device != "cpu" else state
+        return to_device(self.state(), "cpu")
 
     def set_state(self, saved: roles.RoleState) -> None:
         self.load_state(saved)

@@ -202,8 +202,9 @@ def parse_config(
     ``app_dir``: where ``module:function`` names are searched first (as :func:`resolve_names`).
 
     Raises:
-        UsageError: a hyperparameter flag the chosen function does not take (named), or a
-            ``module:function`` name that cannot be loaded.
+        UsageError: a hyperparameter flag the chosen function does not take (named). A
+            ``module:function`` name that cannot be loaded gets untyped flags here; resolving
+            it (:func:`resolve_names`) reports why.
     """
     argv = list(argv)
     preset = DEFAULT_PRESET
@@ -213,8 +214,11 @@ def parse_config(
     names = chosen_names(argv, {f: getattr(base.algorithm, f) for f in NAME_FIELDS})
     try:  # module:function names are registered here only to read their signatures
         preview = register_import_names({NAME_FIELDS[f]: n for f, n in names.items()}, table, app_dir=app_dir)
+    except (PluginError, ValueError, TypeError):
+        preview = table  # untyped groups; resolve_names reports the name's problem
+    try:
         check_group_flags(argv, preview, names)
-    except (PluginError, ValueError, TypeError) as err:
+    except ValueError as err:
         raise UsageError(str(err)) from err
     alg_cls, train_cls = _cli_types(preview, names, base.algorithm)
     hyper_groups = {group for group, _ in HYPER_FIELDS.values()}

@@ -176,6 +176,7 @@ class RolloutWorker:
     def __init__(self, run: ResolvedRun, *, device: str = "cpu") -> None:
         cfg = run.config
         self.run = run
+        self.device = device
         self.task, self.tokenizer = _task_and_tokenizer(run)
         self.model = load_model(cfg.model, self.tokenizer, seed=cfg.trainer.seed).eval()
         if device != "cpu" and cfg.rollout.backend == "hf":  # vLLM loads its own copy
@@ -197,6 +198,7 @@ class ReferenceWorker:
     def __init__(self, run: ResolvedRun, *, device: str = "cpu") -> None:
         cfg = run.config
         self.run = run
+        self.device = device
         _, tokenizer = _task_and_tokenizer(run)
         self.model = load_model(cfg.model, tokenizer, seed=cfg.trainer.seed).eval()
         self.model.requires_grad_(False)
@@ -216,6 +218,7 @@ class CriticWorker:
         cfg = run.config
         tr = cfg.trainer
         self.run = run
+        self.device = device
         _, tokenizer = _task_and_tokenizer(run)
         critic = build_critic(cfg.model, tokenizer, seed=tr.seed)
         if device != "cpu":
