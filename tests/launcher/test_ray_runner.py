@@ -70,24 +70,27 @@ LAYOUTS = {
 # Chained from a critic estimator and registered under a new name: needs a critic because the
 # entry says so (chain carries gae's requirement), not because of its name.
 CHAINED = DEFAULT_TABLE.register("gae_clipped", chain(gae, clip_advantages(1.0)))
+KL = ("--algorithm.use-kl-loss", "--algorithm.use-kl-in-reward", "--algorithm.kl-ctrl", "adaptive")
 ALGORITHMS = {
     "grpo": (),
-    "ppo_gae+kl": ("--algorithm.advantage-estimator", "gae", "--algorithm.estimator.lambd", "0.95", "--algorithm.update-epochs", "2",
-                   "--algorithm.use-kl-loss", "--algorithm.use-kl-in-reward", "--algorithm.kl-ctrl", "adaptive"),
-    "gae_clipped": ("--algorithm.advantage-estimator", "gae_clipped"),
+    "ppo_gae+kl": ("--algorithm.advantage-estimator", "gae", "--algorithm.estimator.lambd", "0.95", "--algorithm.update-epochs", "2", *KL),
+    "gae_clipped+kl": ("--algorithm.advantage-estimator", "gae_clipped", "--algorithm.estimator.lambd", "0.95", *KL),
 }
 KEYS = ("reward", "response_length", "loss", "pg_loss", "grad_norm", "kl", "kl_loss", "value_loss", "critic_grad_norm", "kl_coef")
+# Each Ray run starts one actor per role (a process importing torch): the suite runs the two that
+# together cover both layouts, the reference model, the critic and a chained estimator.
+SLOW = pytest.mark.slow
 
 
 @pytest.mark.parametrize(
     "algorithm, layout",
     [
         ("grpo", "one-rollout-worker"),
-        ("ppo_gae+kl", "hybrid"),
-        pytest.param("ppo_gae+kl", "one-rollout-worker", marks=pytest.mark.slow),  # four actors: ~30 s here
-        ("gae_clipped", "hybrid"),
-        pytest.param("grpo", "hybrid", marks=pytest.mark.slow),  # also in the recorded-estimator test
-        pytest.param("gae_clipped", "one-rollout-worker", marks=pytest.mark.slow),
+        ("gae_clipped+kl", "hybrid"),
+        pytest.param("grpo", "hybrid", marks=SLOW),  # also the recorded-estimator test below
+        pytest.param("ppo_gae+kl", "hybrid", marks=SLOW),
+        pytest.param("ppo_gae+kl", "one-rollout-worker", marks=SLOW),
+        pytest.param("gae_clipped+kl", "one-rollout-worker", marks=SLOW),
     ],
 )
 def test_ray_gives_the_in_process_metrics(ray_session, tmp_path, algorithm, layout):
@@ -95,7 +98,7 @@ def test_ray_gives_the_in_process_metrics(ray_session, tmp_path, algorithm, layo
 
     args = ("--trainer.steps", "2", *ALGORITHMS[algorithm])
     run = _run(tmp_path / "ray", *args, *LAYOUTS[layout], table=CHAINED)
-    assert run.uses_critic == (algorithm != "grpo") and run.uses_reference == (algorithm == "ppo_gae+kl")
+    assert run.uses_critic == run.uses_reference == (algorithm != "grpo")
     ray_hist = train_on_ray(run).history
     local = train(_run(tmp_path / "local", *args, "--ray.no-use-ray", table=CHAINED)).history
     assert len(ray_hist) == len(local) == 2
@@ -105,9 +108,8 @@ def test_ray_gives_the_in_process_metrics(ray_session, tmp_path, algorithm, layo
             if key in b:
                 assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
     if algorithm != "grpo":
-        assert "value_loss" in local[0] and "critic" in ckpt.load(ckpt.latest_checkpoint(run.config.ckpt_dir)).weights
-    if algorithm == "ppo_gae+kl":
-        assert {"kl", "kl_loss", "kl_coef"} <= set(local[0])
+        assert {"value_loss", "kl", "kl_loss", "kl_coef"} <= set(local[0])
+        assert "critic" in ckpt.load(ckpt.latest_checkpoint(run.config.ckpt_dir)).weights
 
 
 @pytest.mark.parametrize(
