@@ -1,5 +1,5 @@
-"""From a rollout to the learner's input: token rewards (with a KL penalty), advantages through
-the table, and the ``Experience`` record.
+"""From a rollout to the learner's input: token rewards (with a KL penalty), advantages from the
+run's bound estimator (``run.algorithm``), and the ``Experience`` record.
 
 Notation: ``B`` sequences, ``T`` response tokens, ``L`` prompt + response tokens.
 """

@@ -13,7 +13,7 @@ One step (see ``skyrl_fn.train.loop``)::
     scores   = task rewards                                         # [B]
     old_lp   = batched_log_probs(policy, rollout)   (or None: from the update's first pass)
     ref_lp   = batched_log_probs(reference, rollout)   (KL only)    # [B, T]
-    values   = batched_values(critic, rollout)         (GAE only)   # [B, T]
+    values   = batched_values(critic, rollout)   (critic only)    # [B, T]
     exp, m   = make_experience(run, rollout, scores, old_log_probs=old_lp, ...)
     policy_update(run, policy_state, exp); critic_update(run, critic_state, exp)
 """
