@@ -19,7 +19,7 @@ __all__ = ["uses_gpus", "gpu_plan", "select_device", "actor_device", "to_device"
 
 def uses_gpus(config: TrainConfig) -> bool:
     """True when the run is placed on GPUs (``--rollout.backend vllm``); the ``hf`` default runs
-    on the CPU shares of ``skyrl_fn.launcher.ray_runner.CPU_SHARES``."""
+    on the CPU shares of ``skyrl_fn.launcher.ray_workers.CPU_SHARES``."""
     return config.rollout.backend == "vllm"
 
 
