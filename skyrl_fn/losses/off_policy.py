@@ -16,7 +16,8 @@ Pieces (pure, detached, no device sync):
   outlier token.
 - ``mismatch_metrics``: how far apart the two policies are.
 - ``off_policy_correction``: all of them in SkyRL's order, returning an ``OffPolicyCorrection``
-  (weights + new loss mask + metrics) that ``compute_policy_loss(correction=...)`` applies.
+  (weights + new loss mask + metrics) that ``policy_objective(correction=...)`` applies (bind
+  the options with ``functools.partial``).
 """
 
 from __future__ import annotations
