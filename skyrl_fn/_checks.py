@@ -137,24 +137,31 @@ def _zero_one_to_bool(x: torch.Tensor) -> torch.Tensor | None:
     return torch.from_numpy(out).view(x.shape)
 
 
+def _zero_off_mask(x: torch.Tensor, mask: torch.Tensor) -> bool:
+    """True when ``x`` is provably 0 wherever ``mask`` is False; False when it is not, or when
+    there is no numpy view (the caller then finds and reports the row)."""
+    flat, flat_mask = _numpy_view(x), _numpy_view(mask)
+    if flat is None or flat_mask is None or x.shape != mask.shape:
+        return False
+    blocks = _blocks(flat.size, flat.itemsize)
+    leak = np.empty(min(blocks.step, flat.size), dtype=np.bool_)
+    for start in blocks:
+        part = flat[start : start + blocks.step]
+        found = leak[: part.size]
+        np.not_equal(part, 0, out=found)  # -0.0 is 0; NaN is not
+        np.greater(found, flat_mask[start : start + blocks.step], out=found)  # x != 0 and not mask
+        if found.any():
+            return False
+    return True
+
+
 def check_zero_off_mask(name: str, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Raise ValueError naming the first row where ``x != 0`` while ``mask`` is False.
 
     ``x`` and the bool ``mask`` have the same shape. ``-0.0`` counts as 0; NaN counts as non-zero.
     """
-    flat, flat_mask = _numpy_view(x), _numpy_view(mask)
-    if flat is not None and flat_mask is not None and x.shape == mask.shape:
-        blocks = _blocks(flat.size, flat.itemsize)
-        leak = np.empty(min(blocks.step, flat.size), dtype=np.bool_)
-        for start in blocks:
-            part = flat[start : start + blocks.step]
-            found = leak[: part.size]
-            np.not_equal(part, 0, out=found)
-            np.greater(found, flat_mask[start : start + blocks.step], out=found)  # x != 0 and not mask
-            if found.any():
-                break
-        else:
-            return x
+    if _zero_off_mask(x, mask):
+        return x
     bad = (x != 0) & ~mask
     if bool(bad.any()):
         row = first_bad_row(bad)
