@@ -17,6 +17,7 @@ __all__ = [
     "check_finite",
     "as_mask",
     "check_zero_off_mask",
+    "check_finite_and_zero_off_mask",
     "as_group_ids",
     "first_bad_row",
 ]
@@ -137,9 +138,11 @@ def _zero_one_to_bool(x: torch.Tensor) -> torch.Tensor | None:
     return torch.from_numpy(out).view(x.shape)
 
 
-def _zero_off_mask(x: torch.Tensor, mask: torch.Tensor) -> bool:
-    """True when ``x`` is provably 0 wherever ``mask`` is False; False when it is not, or when
-    there is no numpy view (the caller then finds and reports the row)."""
+def _zero_off_mask(x: torch.Tensor, mask: torch.Tensor, *, finite: bool = False) -> bool:
+    """True when ``x`` is provably 0 wherever ``mask`` is False (and, with ``finite``, finite
+    everywhere); False when it is not, or when there is no numpy view (the caller then finds and
+    reports the row). One read of ``x``: each block is summed while it is in cache (a finite sum
+    proves every element finite, as in :func:`check_finite`)."""
     flat, flat_mask = _numpy_view(x), _numpy_view(mask)
     if flat is None or flat_mask is None or x.shape != mask.shape:
         return False
@@ -147,12 +150,23 @@ def _zero_off_mask(x: torch.Tensor, mask: torch.Tensor) -> bool:
     leak = np.empty(min(blocks.step, flat.size), dtype=np.bool_)
     for start in blocks:
         part = flat[start : start + blocks.step]
+        if finite and not np.isfinite(np.add.reduce(part)):
+            return False
         found = leak[: part.size]
         np.not_equal(part, 0, out=found)  # -0.0 is 0; NaN is not
         np.greater(found, flat_mask[start : start + blocks.step], out=found)  # x != 0 and not mask
         if found.any():
             return False
     return True
+
+
+def check_finite_and_zero_off_mask(name: str, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """:func:`check_finite` then :func:`check_zero_off_mask` (the same errors, in that order),
+    reading ``x`` once when both pass."""
+    if _zero_off_mask(x, mask, finite=True):
+        return x
+    check_finite(name, x)
+    return check_zero_off_mask(name, x, mask)
 
 
 def check_zero_off_mask(name: str, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -21,9 +21,9 @@ from skyrl_fn._checks import (
     as_mask,
     check_finite,
     check_floating,
+    check_finite_and_zero_off_mask,
     check_shape,
     check_tensor,
-    check_zero_off_mask,
 )
 
 __all__ = [
@@ -144,8 +144,7 @@ class AdvantageOutput:
                 raise ValueError(f"{name}: {field} expected shape [B, T] = ({b}, {t}), got {tuple(x.shape)}")
             if x.dtype != batch.token_level_rewards.dtype:
                 raise TypeError(f"{name}: {field} expected dtype {batch.token_level_rewards.dtype}, got {x.dtype}")
-            check_finite(f"{name}: {field}", x)
-            check_zero_off_mask(f"{name}: {field}", x, batch.response_mask)
+            check_finite_and_zero_off_mask(f"{name}: {field}", x, batch.response_mask)
         return self
 
 

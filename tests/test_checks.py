@@ -17,7 +17,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from skyrl_fn import _checks
-from skyrl_fn._checks import _zero_off_mask, _zero_one_to_bool, as_group_ids, as_mask, check_zero_off_mask
+from skyrl_fn._checks import (
+    _zero_off_mask,
+    _zero_one_to_bool,
+    as_group_ids,
+    as_mask,
+    check_finite,
+    check_finite_and_zero_off_mask,
+    check_zero_off_mask,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -115,6 +123,47 @@ def test_check_zero_off_mask_fails_exactly_where_the_plain_check_does(b, t, plan
     else:
         with pytest.raises(ValueError, match=f"est: advantages expected 0 wherever response_mask is 0, got non-zero values in row {row}$"):
             check_zero_off_mask("est: advantages", x, mask)
+
+
+def plain_output_check(x, mask):
+    """The output check written the plain way: its error message, or None."""
+    try:
+        check_finite("est: advantages", x)
+        bad = (x != 0) & ~mask
+        if bool(bad.any()):
+            raise ValueError(f"est: advantages expected 0 wherever response_mask is 0, got non-zero values in row {int(torch.nonzero(bad.any(dim=1))[0, 0])}")
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+@given(
+    st.integers(1, 6),
+    st.integers(1, 9),
+    st.lists(st.tuples(st.sampled_from(SPECIAL + [3e38, -3e38]), st.booleans()), min_size=0, max_size=4),
+    st.randoms(use_true_random=False),
+    st.sampled_from([torch.float32, torch.float64, torch.float16]),
+)
+def test_fused_output_check_raises_what_the_two_checks_raise_in_order(b, t, plants, rnd, dtype):
+    mask = torch.tensor([[rnd.random() < 0.6 for _ in range(t)] for _ in range(b)])
+    x = torch.where(mask, torch.randn(b, t, dtype=torch.float64), 0.0)
+    for value, off_mask in plants:  # NaN/inf on or off the mask; huge values whose sum overflows
+        rows, cols = torch.nonzero(~mask if off_mask else mask, as_tuple=True)
+        if len(rows):
+            k = rnd.randrange(len(rows))
+            x[rows[k], cols[k]] = value
+    x = x.to(dtype)
+    want = plain_output_check(x, mask)
+    fast = _zero_off_mask(x, mask, finite=True)
+    assert not fast or want is None  # a pass of the fast path is always right
+    if not bool((x.abs() > 1e4).any()):  # and without values whose sums can overflow, it decides alone
+        assert fast == (want is None)
+    if want is None:
+        assert check_finite_and_zero_off_mask("est: advantages", x, mask) is x
+    else:
+        with pytest.raises(ValueError) as err:
+            check_finite_and_zero_off_mask("est: advantages", x, mask)
+        assert str(err.value) == want
 
 
 @pytest.mark.parametrize("value", [1e-45, -3.0, float("nan"), float("inf")])
