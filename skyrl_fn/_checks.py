@@ -10,6 +10,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from skyrl_fn._blocked import zero_off_mask, zero_one_to_bool
+
 __all__ = [
     "check_tensor",
     "check_floating",
@@ -86,7 +88,7 @@ def as_mask(name: str, x: Any, shape: Sequence[int] | None = None) -> torch.Tens
         check_shape(name, x, shape, "[B, T]")
     if x.dtype == torch.bool:
         return x
-    fast = _zero_one_to_bool(x)
+    fast = zero_one_to_bool(x)
     if fast is not None:
         return fast
     bad = (x != 0) & (x != 1)
@@ -96,74 +98,10 @@ def as_mask(name: str, x: Any, shape: Sequence[int] | None = None) -> torch.Tens
     return x != 0
 
 
-# Blocked numpy passes over contiguous CPU tensors. torch's comparison kernels that write bool
-# run element by element on CPU (``x != 0`` on a 64 MiB float32 mask: 13 ms); numpy's are
-# vectorised, and blocks of about 1 MiB keep each pass's temporaries in cache, so checking and
-# converting a float mask reads it from memory once (measured: 45 ms -> 5 ms at B=65536, T=256).
-_NUMPY_BLOCK_BYTES = 1 << 20
-
-
-def _numpy_view(x: torch.Tensor) -> np.ndarray | None:
-    """``x`` flattened as a numpy array sharing its memory, or None (not CPU, not contiguous,
-    or a dtype numpy lacks, e.g. bfloat16): callers then take their torch path."""
-    if x.device.type != "cpu" or not x.is_contiguous() or x.dtype == torch.bfloat16 or x.numel() == 0:
-        return None
-    try:
-        return x.detach().reshape(-1).numpy()
-    except (TypeError, RuntimeError):
-        return None
-
-
-def _blocks(n: int, itemsize: int) -> range:
-    return range(0, n, max(1, _NUMPY_BLOCK_BYTES // itemsize))
-
-
-def _zero_one_to_bool(x: torch.Tensor) -> torch.Tensor | None:
-    """``x != 0`` as a bool tensor when every element of ``x`` is 0 or 1; None when some element
-    is not (the caller then finds and reports it) or when ``x`` has no numpy view."""
-    flat = _numpy_view(x)
-    if flat is None:
-        return None
-    out = np.empty(flat.shape, dtype=np.bool_)
-    blocks = _blocks(flat.size, flat.itemsize)
-    other = np.empty(min(blocks.step, flat.size), dtype=np.bool_)
-    for start in blocks:
-        part, res = flat[start : start + blocks.step], out[start : start + blocks.step]
-        ok = other[: part.size]
-        np.equal(part, 1, out=res)
-        np.equal(part, 0, out=ok)  # -0.0 == 0; NaN equals neither
-        ok |= res
-        if not ok.all():
-            return None
-    return torch.from_numpy(out).view(x.shape)
-
-
-def _zero_off_mask(x: torch.Tensor, mask: torch.Tensor, *, finite: bool = False) -> bool:
-    """True when ``x`` is provably 0 wherever ``mask`` is False (and, with ``finite``, finite
-    everywhere); False when it is not, or when there is no numpy view (the caller then finds and
-    reports the row). One read of ``x``: each block is summed while it is in cache (a finite sum
-    proves every element finite, as in :func:`check_finite`)."""
-    flat, flat_mask = _numpy_view(x), _numpy_view(mask)
-    if flat is None or flat_mask is None or x.shape != mask.shape:
-        return False
-    blocks = _blocks(flat.size, flat.itemsize)
-    leak = np.empty(min(blocks.step, flat.size), dtype=np.bool_)
-    for start in blocks:
-        part = flat[start : start + blocks.step]
-        if finite and not np.isfinite(np.add.reduce(part)):
-            return False
-        found = leak[: part.size]
-        np.not_equal(part, 0, out=found)  # -0.0 is 0; NaN is not
-        np.greater(found, flat_mask[start : start + blocks.step], out=found)  # x != 0 and not mask
-        if found.any():
-            return False
-    return True
-
-
 def check_finite_and_zero_off_mask(name: str, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """:func:`check_finite` then :func:`check_zero_off_mask` (the same errors, in that order),
     reading ``x`` once when both pass."""
-    if _zero_off_mask(x, mask, finite=True):
+    if zero_off_mask(x, mask, finite=True):
         return x
     check_finite(name, x)
     return check_zero_off_mask(name, x, mask)
@@ -174,7 +112,7 @@ def check_zero_off_mask(name: str, x: torch.Tensor, mask: torch.Tensor) -> torch
 
     ``x`` and the bool ``mask`` have the same shape. ``-0.0`` counts as 0; NaN counts as non-zero.
     """
-    if _zero_off_mask(x, mask):
+    if zero_off_mask(x, mask):
         return x
     bad = (x != 0) & ~mask
     if bool(bad.any()):

@@ -1,9 +1,10 @@
 """The central input checks' fast paths decide exactly what the plain torch checks decide.
 
-``as_mask``, ``check_zero_off_mask`` and ``as_group_ids`` take blocked numpy passes (and a dict
-numbering for string uids) for speed; each is compared here with a reference written the plain way,
-over many blocks (the block size is shrunk so small tensors span several), and on the cases that
-must fail: every row, NaN, inf, -0.0, other dtypes and layouts that take the torch path.
+``as_mask``, ``check_zero_off_mask`` and the output check take blocked numpy passes
+(``skyrl_fn._blocked``), ``as_group_ids`` a dict numbering of string uids, for speed; each is
+compared here with a reference written the plain way, over many blocks (the block size is shrunk so
+small tensors span several), in one thread and split over threads, and on the cases that must
+fail: every row, NaN, inf, -0.0, other dtypes and layouts that take the torch path.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from skyrl_fn import _checks
+from skyrl_fn import _blocked
+from skyrl_fn._blocked import zero_off_mask as _zero_off_mask
+from skyrl_fn._blocked import zero_one_to_bool as _zero_one_to_bool
 from skyrl_fn._checks import (
-    _zero_off_mask,
-    _zero_one_to_bool,
     as_group_ids,
     as_mask,
     check_finite,
@@ -28,10 +29,14 @@ from skyrl_fn._checks import (
 )
 
 
-@pytest.fixture(autouse=True)
-def small_blocks(monkeypatch):
-    """Blocks of 16 bytes: a [B, T] tensor of a few rows already spans many blocks."""
-    monkeypatch.setattr(_checks, "_NUMPY_BLOCK_BYTES", 16)
+@pytest.fixture(autouse=True, params=["one thread", "three threads"])
+def small_blocks(request, monkeypatch):
+    """Blocks of 16 bytes, so a [B, T] tensor of a few rows spans many; in one chunk, or in one
+    chunk per thread for three threads (as torch.get_num_threads() would ask)."""
+    monkeypatch.setattr(_blocked, "_NUMPY_BLOCK_BYTES", 16)
+    if request.param == "three threads":
+        monkeypatch.setattr(_blocked, "_MIN_BLOCKS_PER_THREAD", 1)
+        monkeypatch.setattr(_blocked.torch, "get_num_threads", lambda: 3)
 
 
 def reference_mask(x: torch.Tensor) -> torch.Tensor | None:
