@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import types
 
 import cloudpickle
 import numpy as np
@@ -221,3 +222,12 @@ def test_the_snapshot_is_the_frozen_table(ray):
     assert isinstance(table.estimator("mine"), NativeFromSkyRL)
     assert table.names("advantage_estimator") == freeze().names("advantage_estimator")
     assert ray.get_actor(ACTOR_NAME) is not None  # one holder per job, in the job's namespace
+
+
+def test_a_snapshot_workers_cannot_unpickle_is_a_clear_error(ray, monkeypatch):
+    ghost = types.ModuleType("skyrl_fn_test_ghost")  # importable in the driver only
+    exec("def est(token_level_rewards, response_mask, index, **kwargs):\n    return token_level_rewards, token_level_rewards", ghost.__dict__)
+    monkeypatch.setitem(sys.modules, ghost.__name__, ghost)
+    AdvantageEstimatorRegistry.register("ghost", ghost.est)  # cloudpickle pickles it by reference
+    with pytest.raises(Exception, match="expected them to unpickle in this Ray worker.*skyrl_fn_test_ghost.*register_pickle_by_value"):
+        ray.get(remote(ray, _names_in_task).remote())

@@ -168,5 +168,14 @@ def latest() -> RegistrySnapshot | None:
                 if attempt:
                     return None
         if payload is not None:
-            _seen.update(version=version, snapshot=cloudpickle.loads(payload))
+            try:
+                snapshot = cloudpickle.loads(payload)
+            except Exception as err:
+                raise RuntimeError(
+                    f"the driver's published registrations (version {version}): expected them to "
+                    f"unpickle in this Ray worker, got {type(err).__name__}: {err}. A function from a "
+                    f"module the workers cannot import must be shipped by value "
+                    f"(cloudpickle.register_pickle_by_value(module)) before it is registered"
+                ) from err
+            _seen.update(version=version, snapshot=snapshot)
         return _seen["snapshot"]
