@@ -22,6 +22,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from skyrl_fn import _alloc
+
 __all__ = ["numpy_view", "zero_one_to_bool", "zero_off_mask"]
 
 # 256 KiB blocks measured fastest on the 2-core dev machine (64 KiB - 1 MiB tried).
@@ -82,7 +84,8 @@ def zero_one_to_bool(x: torch.Tensor) -> torch.Tensor | None:
     flat = numpy_view(x)
     if flat is None:
         return None
-    out = np.empty(flat.shape, dtype=np.bool_)
+    result = _alloc.empty(tuple(x.shape), torch.bool)  # a huge-page mapping, reused across steps
+    out = result.view(-1).numpy()
 
     def make_check() -> Callable[[int, int], bool]:
         scratch = np.empty(min(flat.size, max(1, _NUMPY_BLOCK_BYTES // flat.itemsize)), dtype=np.bool_)
@@ -96,7 +99,7 @@ def zero_one_to_bool(x: torch.Tensor) -> torch.Tensor | None:
 
         return check
 
-    return torch.from_numpy(out).view(x.shape) if _all_blocks(flat.size, flat.itemsize, make_check) else None
+    return result if _all_blocks(flat.size, flat.itemsize, make_check) else None
 
 
 def zero_off_mask(x: torch.Tensor, mask: torch.Tensor, *, finite: bool = False) -> bool:
