@@ -497,7 +497,9 @@ def test_config_from_hyperparameters_is_the_inverse_mapping():
 
 
 # -- sync_registries and Ray ---------------------------------------------------------------------
-def test_sync_registries_validates_pickling_and_names_the_culprit():
+def test_sync_registries_validates_pickling_and_names_the_culprit(monkeypatch):
+    # As before ray.init() (with Ray up, register itself refuses it: see test_compat_ray.py).
+    monkeypatch.setitem(sys.modules, "ray", None)
     register_advantage_estimator("fine")(leaky_fn)
     assert "fine" in sync_registries().names("advantage_estimator")
     lock = threading.Lock()
@@ -509,6 +511,7 @@ def test_sync_registries_validates_pickling_and_names_the_culprit():
     PolicyLossRegistry.register("locked", holds_a_lock)
     with pytest.raises(TypeError, match="policy loss 'locked' .*holds_a_lock.*cloudpickle"):
         sync_registries()
+    PolicyLossRegistry.unregister("locked")  # while Ray is still hidden (a driver would publish)
 
 
 def test_sync_registries_needs_no_ray(monkeypatch):
@@ -549,4 +552,4 @@ def test_registered_function_runs_in_a_ray_task_through_the_frozen_table(ray_ses
         for p in picklers:
             p.unregister_pickle_by_value(module)
     torch.testing.assert_close(adv, table.compute_advantages("ray_baseline", batch).advantages)
-    assert not in_worker_registry  # the table carried it, not a synced global registry
+    assert in_worker_registry  # sync_registries() also published it to the job's workers

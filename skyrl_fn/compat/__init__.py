@@ -15,8 +15,11 @@ with ``from skyrl_fn.compat import ...`` (same names). What differs underneath:
   and reduces as ``config.loss_reduction`` says (``LOSS_REDUCTIONS``).
 - The registries are the library's only mutable global state. ``freeze()`` turns them plus the
   built-ins into one immutable ``AlgorithmTable``; pass that to Ray tasks.
-- ``sync_registries()`` syncs nothing (there is no registry actor): it checks that every
-  registration pickles and returns ``freeze()``.
+- On Ray, a driver publishes ``freeze()`` as an immutable snapshot (on ``sync_registries()`` and
+  whenever it registers or unregisters while Ray is up), and every task and actor of the job looks
+  up names it does not know in the latest snapshot; workers never write it
+  (``skyrl_fn.compat._snapshot``). ``sync_registries()`` also checks that every registration
+  pickles, and returns ``freeze()``.
 """
 
 from skyrl_fn.compat._advantages import HYPER_ALIASES, AdvantageEstimator, NativeFromSkyRL, SkyRLCallable
