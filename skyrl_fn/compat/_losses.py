@@ -15,11 +15,20 @@ from typing import Any, Callable, Mapping
 import torch
 
 from skyrl_fn.compat._calls import LossConfig, call_accepting, config_value, describe
+from skyrl_fn.compat.off_policy_correction_utils import apply_off_policy_correction
 from skyrl_fn.losses.aggregation import SKYRL_REDUCTIONS
+from skyrl_fn.losses.reduction_weights import REDUCTIONS, reduction_weights
 from skyrl_fn.records import PolicyLossInput, PolicyLossOutput
 from skyrl_fn.table import AlgorithmTable, UnknownNameError, unknown_name_message
 
-__all__ = ["CONFIG_FIELDS", "LOSS_REDUCTIONS", "SkyRLPolicyLoss", "NativeFromSkyRLLoss", "config_from_hyperparameters"]
+__all__ = [
+    "CONFIG_FIELDS",
+    "LOSS_REDUCTIONS",
+    "SkyRLPolicyLoss",
+    "SkyRLSumPolicyLoss",
+    "NativeFromSkyRLLoss",
+    "config_from_hyperparameters",
+]
 
 #: Native hyperparameter -> its field path in SkyRL-Train's algorithm config. A native
 #: hyperparameter not listed here is read from the top-level config field of the same name.
@@ -131,6 +140,45 @@ class SkyRLPolicyLoss:
         return f"SkyRLPolicyLoss({self.name!r})"
 
 
+class SkyRLSumPolicyLoss:
+    """A native policy loss of a table, called as SkyRL 0.3.0 calls its policy losses.
+
+    ``fn(log_probs [B, T], old_log_probs [B, T], advantages [B, T], config, loss_mask [B, T] | None,
+    rollout_logprobs [B, T] | None, **ignored) -> (loss [], {"clip_ratio": float})``: the native
+    per-token loss (hyperparameters from ``config`` through ``CONFIG_FIELDS``), the off-policy
+    correction of ``config.off_policy_correction`` when ``rollout_logprobs`` are given, then the
+    masked sum (the reduction is in the advantages, as SkyRL 0.3.0). For the table's losses that
+    SkyRL does not ship (e.g. ``reinforce``, ``gpg``, ``geo_mean``); picklable.
+    """
+
+    def __init__(self, table: AlgorithmTable, name: str) -> None:
+        entry = table.entry("policy_loss", name)
+        self.table, self.name = table, name
+        self.__name__ = self.__qualname__ = name
+        self.__doc__ = entry.fn.__doc__
+
+    def __call__(
+        self, log_probs, old_log_probs, advantages, config=None, loss_mask=None, rollout_logprobs=None, **kwargs: Any
+    ):
+        mask = torch.ones_like(log_probs) if loss_mask is None else loss_mask
+        batch = PolicyLossInput(
+            log_probs=log_probs, old_log_probs=old_log_probs, advantages=advantages, loss_mask=mask != 0,
+            rollout_log_probs=rollout_logprobs, ref_log_probs=kwargs.get("ref_log_probs"),
+        )
+        entry = self.table.entry("policy_loss", self.name)
+        out = entry.fn(batch, **_from_config(config, entry.hyperparameters()))
+        if not isinstance(out, PolicyLossOutput):
+            raise TypeError(f"policy loss {self.name!r}: expected it to return a PolicyLossOutput, got {type(out).__name__}")
+        loss, mask, metrics = apply_off_policy_correction(
+            out.token_loss, old_log_probs, rollout_logprobs, mask, config_value(config, ("off_policy_correction",))
+        )
+        clip = out.metrics.get("clip_ratio")
+        return (loss * mask).sum(), {"clip_ratio": 0.0 if clip is None else float(clip), **metrics}
+
+    def __repr__(self) -> str:
+        return f"SkyRLSumPolicyLoss({self.name!r})"
+
+
 def _metric(key: str, value: Any, like: torch.Tensor) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
@@ -155,12 +203,21 @@ class NativeFromSkyRLLoss:
     gradient, while the sum aggregations scale it by the token count. A ``[B, T]`` result is taken
     as the per-token loss (zeroed off the mask). The second result (a clip ratio, a metrics dict
     or None) becomes detached scalar metrics; a bare number is ``metrics["clip_ratio"]``.
+
+    ``presummed=True`` is SkyRL 0.3.0's contract (losses registered through ``skyrl_fn.compat``):
+    the function receives the advantages multiplied by the weights ``w`` of the reduction
+    ``config.loss_reduction`` over this batch (``skyrl_fn.losses.reduction_weights``; default
+    ``token_mean``) and returns the masked *sum* ``S``. Since every aggregation is ``sum(l m w)``
+    up to a constant factor, ``token_loss = S / sum(m w) * m`` makes the aggregation of the same
+    name give ``S`` on this batch and the exact share of the global loss under micro-batching. A
+    ``[B, T]`` result over the scaled advantages is divided by ``w`` (exact for a loss that is
+    positively homogeneous in the advantage).
     """
 
     __skyrl_kind__ = "policy_loss"
 
-    def __init__(self, name: str, fn: Callable) -> None:
-        self.name, self.fn = name, fn
+    def __init__(self, name: str, fn: Callable, *, presummed: bool = False) -> None:
+        self.name, self.fn, self.presummed = name, fn, presummed
         self.__doc__ = getattr(fn, "__doc__", None) or f"SkyRL-style policy loss {name!r} ({describe(fn)})."
 
     def __call__(self, batch: PolicyLossInput, **hyper: Any) -> PolicyLossOutput:
@@ -173,14 +230,33 @@ class NativeFromSkyRLLoss:
         kwargs: dict[str, Any] = {"loss_mask": mask}
         if batch.rollout_log_probs is not None:
             kwargs["rollout_logprobs"] = batch.rollout_log_probs
-        result = call_accepting(self.fn, (batch.log_probs, batch.old_log_probs, batch.advantages, config), kwargs)
+        advantages, scale, weights = batch.advantages, None, None
+        if self.presummed:
+            reduction = config_value(config, ("loss_reduction",)) or "token_mean"
+            if reduction not in REDUCTIONS or reduction == "prompt_mean":
+                raise ValueError(
+                    f"loss_reduction: policy loss {self.name!r} (SkyRL 0.3.0 style) expected one of "
+                    f"{[r for r in REDUCTIONS if r != 'prompt_mean']}, got {reduction!r}"
+                )
+            w = reduction_weights(
+                mask, reduction=reduction, max_seq_len=config_value(config, ("max_seq_len",)) or mask.shape[1],
+                micro_batch_size=mask.shape[0],
+            ).to(advantages.dtype)
+            advantages, scale, weights = advantages * w, (mask * w).sum(), w
+        result = call_accepting(self.fn, (batch.log_probs, batch.old_log_probs, advantages, config), kwargs)
         if not (isinstance(result, (tuple, list)) and len(result) == 2 and isinstance(result[0], torch.Tensor)):
             raise TypeError(
                 f"policy loss {self.name!r}: expected (loss tensor, clip_ratio or metrics), got {type(result).__name__}"
             )
         loss, second = result
-        if loss.dim() == 0 or loss.numel() == 1:
+        if scale is not None and (loss.dim() == 0 or loss.numel() == 1):
+            token_loss = torch.where(scale > 0, loss.reshape(()) / scale.clamp(min=torch.finfo(scale.dtype).tiny), 0.0) * mask
+        elif loss.dim() == 0 or loss.numel() == 1:
             token_loss = loss.reshape(()) * mask
+        elif tuple(loss.shape) == tuple(mask.shape) and weights is not None:
+            # per-token results over scaled advantages: l(A w) = w l(A) for a loss homogeneous in A
+            keep = batch.loss_mask & (weights > 0)
+            token_loss = torch.where(keep, loss / torch.where(keep, weights, 1.0), torch.zeros((), dtype=loss.dtype, device=loss.device))
         elif tuple(loss.shape) == tuple(mask.shape):
             token_loss = torch.where(batch.loss_mask, loss, torch.zeros((), dtype=loss.dtype, device=loss.device))
         else:
@@ -197,4 +273,5 @@ class NativeFromSkyRLLoss:
         return PolicyLossOutput(token_loss=token_loss, metrics={k: _metric(k, v, mask) for k, v in raw.items()})
 
     def __repr__(self) -> str:
-        return f"NativeFromSkyRLLoss({self.name!r}, {describe(self.fn)})"
+        era = ", presummed=True" if self.presummed else ""
+        return f"NativeFromSkyRLLoss({self.name!r}, {describe(self.fn)}{era})"

@@ -16,35 +16,24 @@ import cloudpickle
 
 from skyrl_fn.compat._advantages import AdvantageEstimator, NativeFromSkyRL, SkyRLCallable
 from skyrl_fn.compat._calls import as_name, describe
-from skyrl_fn.compat._losses import NativeFromSkyRLLoss, SkyRLPolicyLoss
+from skyrl_fn.compat._losses import NativeFromSkyRLLoss, SkyRLPolicyLoss, SkyRLSumPolicyLoss
+from skyrl_fn.compat._policy_losses import SKYRL_LOSSES, PolicyLossType
+from skyrl_fn.compat._seed_losses import SEED_LOSS_NAMES, SEED_LOSSES
 from skyrl_fn.table import DEFAULT_TABLE, KINDS, AlgorithmTable, UnknownNameError, infer_kind, unknown_name_message
 
 __all__ = [
     "AdvantageEstimatorRegistry",
     "PolicyLossRegistry",
+    "SeedPolicyLossRegistry",
     "PolicyLossType",
     "register_advantage_estimator",
     "register_policy_loss",
+    "register_seed_policy_loss",
     "sync_registries",
     "repopulate_all_registries",
     "freeze",
     "compute_advantages_and_returns",
 ]
-
-
-class PolicyLossType(enum.StrEnum):
-    """SkyRL-Train's policy-loss names (usable wherever a name is expected)."""
-
-    REGULAR = "regular"
-    DUAL_CLIP = "dual_clip"
-    GSPO = "gspo"
-    CISPO = "cispo"
-    ROLLOUT_IS = "rollout_is"
-    CLIP_COV = "clip_cov"
-    KL_COV = "kl_cov"
-    SAPO = "sapo"
-    CROSS_ENTROPY = "cross_entropy"
-    IMPORTANCE_SAMPLING = "importance_sampling"
 
 
 class BaseFunctionRegistry:
@@ -126,7 +115,8 @@ class BaseFunctionRegistry:
             return cls._functions[key]
         if key in cls._builtins():
             return cls._adapt(key)
-        raise UnknownNameError(unknown_name_message(cls._function_type, str(key), cls.list_available()))
+        message = unknown_name_message(cls._function_type, str(key), cls.list_available())
+        raise UnknownNameError("U" + message[1:])  # SkyRL's wording: "Unknown advantage estimator 'x'"
 
     @classmethod
     def list_available(cls) -> list[str]:
@@ -197,16 +187,34 @@ class AdvantageEstimatorRegistry(BaseFunctionRegistry):
 
 
 class PolicyLossRegistry(BaseFunctionRegistry):
-    """SkyRL-style policy losses: ``fn(log_probs, old_log_probs, advantages, config,
-    loss_mask=None, rollout_logprobs=None) -> (loss, clip_ratio)``."""
+    """SkyRL 0.3.0's policy losses: ``fn(log_probs, old_log_probs, advantages, config,
+    loss_mask=None, rollout_logprobs=None) -> (masked-sum loss, metrics dict)``; the reduction is
+    in the advantages. SkyRL's built-in names give SkyRL's functions (``_policy_losses``), the
+    table's other losses a ``SkyRLSumPolicyLoss``. User functions are frozen into the table as
+    ``NativeFromSkyRLLoss(..., presummed=True)``."""
 
     _kind = "policy_loss"
     _function_type = "policy loss"
     _skyrl_defaults = frozenset(m.value for m in PolicyLossType)
+    _presummed: ClassVar[bool] = True
 
     @classmethod
     def _adapt(cls, name: str) -> Callable:
-        return SkyRLPolicyLoss(DEFAULT_TABLE, name)
+        return SKYRL_LOSSES.get(name) or SkyRLSumPolicyLoss(DEFAULT_TABLE, name)
+
+
+class SeedPolicyLossRegistry(PolicyLossRegistry):
+    """The skyrl_train seed era's policy losses (``skyrl_fn.compat.skyrl_train.PolicyLossRegistry``):
+    ``fn(...) -> (loss reduced by config.loss_reduction, clip_ratio float)``. A registry of its own:
+    user functions are frozen as ``NativeFromSkyRLLoss`` (reduced loss), the seed's built-in names
+    give the seed's functions (``_seed_losses``), the table's other losses a ``SkyRLPolicyLoss``."""
+
+    _skyrl_defaults = SEED_LOSS_NAMES
+    _presummed = False
+
+    @classmethod
+    def _adapt(cls, name: str) -> Callable:
+        return SEED_LOSSES.get(name) or SkyRLPolicyLoss(DEFAULT_TABLE, name)
 
 
 def _decorator(registry: type[BaseFunctionRegistry], name: Any) -> Callable:
@@ -252,7 +260,9 @@ def freeze(base: AlgorithmTable = DEFAULT_TABLE, *, replace: bool = False) -> Al
 
     Built-ins unregistered through the façade are removed (when ``base`` has them), built-ins
     shadowed by a user registration (see ``BaseFunctionRegistry``) are replaced; user
-    estimators are wrapped in ``NativeFromSkyRL``, user losses in ``NativeFromSkyRLLoss``
+    estimators are wrapped in ``NativeFromSkyRL``, user losses in ``NativeFromSkyRLLoss`` (SkyRL
+    0.3.0 registrations with ``presummed=True``, seed-era ones without; both registries' names
+    share the table, so one name in both raises)
     (module-level classes holding the user function, so the table pickles as long as the
     functions do). The façade itself is not changed.
 
@@ -261,13 +271,17 @@ def freeze(base: AlgorithmTable = DEFAULT_TABLE, *, replace: bool = False) -> Al
             to let the registration win).
     """
     table = base
-    for registry, wrap in ((AdvantageEstimatorRegistry, NativeFromSkyRL), (PolicyLossRegistry, NativeFromSkyRLLoss)):
+    for registry in (AdvantageEstimatorRegistry, PolicyLossRegistry, SeedPolicyLossRegistry):
         kind = registry._kind
         for name in sorted(registry._hidden):
             if (kind, name) in table:
                 table = table.unregister(kind, name)
         for name, fn in registry._functions.items():
-            table = table.register(name, wrap(name, fn), kind=kind, replace=replace or registry._shadows(name))
+            if kind == "advantage_estimator":
+                native = NativeFromSkyRL(name, fn)
+            else:
+                native = NativeFromSkyRLLoss(name, fn, presummed=registry._presummed)
+            table = table.register(name, native, kind=kind, replace=replace or registry._shadows(name))
     return table
 
 
@@ -282,6 +296,7 @@ def sync_registries() -> AlgorithmTable:
         TypeError: a registered function cannot be pickled (the message names it).
     """
     PolicyLossRegistry.sync_with_actor()
+    SeedPolicyLossRegistry.sync_with_actor()
     AdvantageEstimatorRegistry.sync_with_actor()
     return freeze()
 
@@ -289,6 +304,7 @@ def sync_registries() -> AlgorithmTable:
 def repopulate_all_registries() -> None:
     """Bring back unregistered built-ins in both registries (SkyRL-Train's name)."""
     PolicyLossRegistry.repopulate_registry()
+    SeedPolicyLossRegistry.repopulate_registry()
     AdvantageEstimatorRegistry.repopulate_registry()
 
 
@@ -321,3 +337,12 @@ def compute_advantages_and_returns(
         config=config,
         **kwargs,
     )
+
+
+def register_seed_policy_loss(name: str | enum.Enum, loss: Callable | None = None) -> Callable:
+    """The seed era's ``register_policy_loss`` (into ``SeedPolicyLossRegistry``); as a decorator or
+    ``register_seed_policy_loss(name, fn)``."""
+    if loss is not None:
+        SeedPolicyLossRegistry.register(name, loss)
+        return loss
+    return _decorator(SeedPolicyLossRegistry, name)
