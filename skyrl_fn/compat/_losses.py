@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from skyrl_fn.compat._calls import LossConfig, call_accepting, config_value, describe
-from skyrl_fn.compat.off_policy_correction_utils import apply_off_policy_correction
+from skyrl_fn.compat.off_policy_correction_utils import apply_off_policy_correction, off_policy_correction_enabled
 from skyrl_fn.losses.aggregation import SKYRL_REDUCTIONS
 from skyrl_fn.losses.reduction_weights import REDUCTIONS, reduction_weights
 from skyrl_fn.records import PolicyLossInput, PolicyLossOutput
@@ -125,6 +125,12 @@ class SkyRLPolicyLoss:
             rollout_log_probs=rollout_logprobs,
             ref_log_probs=kwargs.get("ref_log_probs"),
         )
+        correction = config_value(config, ("off_policy_correction",))
+        if correction is not None and rollout_logprobs is not None and off_policy_correction_enabled(correction):
+            raise ValueError(
+                f"config.off_policy_correction: the seed-era policy loss {self.name!r} cannot apply it (the "
+                f"seed's losses predate it); call it through skyrl_fn.compat (SkyRL 0.3.0), or leave it unset"
+            )
         entry = self.table.entry("policy_loss", self.name)
         out = entry.fn(batch, **_from_config(config, entry.hyperparameters()))
         if not isinstance(out, PolicyLossOutput):

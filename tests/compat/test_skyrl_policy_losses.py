@@ -249,3 +249,13 @@ def test_user_losses_keep_their_return_shape_in_both_eras():
     assert with_dict(**args, config=AlgorithmConfig(policy_loss_type="with_dict")) == (1.5, {"clip_ratio": 0.3})
     loss, clip = with_float(**args, config={"policy_loss_type": "with_float"})
     assert loss.item() == 2.5 and clip == 0.4
+
+
+def test_seed_era_adapter_refuses_an_off_policy_correction_it_cannot_apply():
+    lp, old, rollout, adv, mask = data(3)
+    cfg = {"off_policy_correction": {"tis_ratio_type": "token"}, "loss_reduction": "token_mean"}
+    loss, _ = PolicyLossRegistry.get("reinforce")(lp, old, adv, cfg, mask, rollout)  # 0.3.0: applied
+    plain, _ = PolicyLossRegistry.get("reinforce")(lp, old, adv, {}, mask, rollout)
+    assert not torch.allclose(loss, plain)
+    with pytest.raises(ValueError, match="config.off_policy_correction: the seed-era policy loss 'reinforce' cannot apply it"):
+        skyrl_train.PolicyLossRegistry.get("reinforce")(lp, old, adv, cfg, mask, rollout)
