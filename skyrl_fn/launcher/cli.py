@@ -1,4 +1,4 @@
-"""The command line: ``python launch/train.py [PRESET] [--group.field VALUE ...] [--plugin P ...]``.
+"""The command line: ``python launch/train.py [PRESET] [--group.field VALUE ...] [--plugin P ...] [--app-dir DIR]``.
 
 Read top to bottom, :func:`main` does:
 
@@ -19,11 +19,13 @@ import os
 import sys
 from typing import Annotated, Any, Mapping, NoReturn, Sequence
 
+import attrs
 import tyro
 
 from skyrl_fn.launcher.plugins import (
     NAME_FIELDS,
     PluginError,
+    check_shippable,
     freeze_compat,
     load_entry_points,
     load_plugins,
@@ -32,7 +34,18 @@ from skyrl_fn.launcher.plugins import (
 from skyrl_fn.table import DEFAULT_TABLE, AlgorithmTable, UnknownNameError
 from skyrl_fn.train.config import AlgorithmConfig, ResolvedRun, TrainConfig, resolve
 
-__all__ = ["PRESETS", "EXIT_USAGE", "UsageError", "build_table", "parse_config", "resolve_names", "launch", "main"]
+__all__ = [
+    "PRESETS",
+    "EXIT_USAGE",
+    "UsageError",
+    "LauncherArgs",
+    "split_launcher_args",
+    "build_table",
+    "parse_config",
+    "resolve_names",
+    "launch",
+    "main",
+]
 
 #: Exit status of a usage error (argparse's convention).
 EXIT_USAGE = 2
@@ -65,29 +78,53 @@ class UsageError(ValueError):
 # -- 1. the table ------------------------------------------------------------------------------
 
 
-def split_plugins(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """``--plugin X`` / ``--plugin=X`` (repeatable) out of ``argv``: (plugins, rest)."""
-    plugins, rest, it = [], [], iter(argv)
+@attrs.frozen(kw_only=True)
+class LauncherArgs:
+    """What the launcher takes out of ``argv`` before tyro parses the rest.
+
+    Attributes:
+        plugins: each ``--plugin FILE_OR_MODULE``, in order.
+        app_dir: ``--app-dir DIR``: where module names (``--plugin my_module``,
+            ``my_module:function``) are searched first; None = the working directory.
+        rest: the remaining arguments, for :func:`parse_config`.
+    """
+
+    plugins: tuple[str, ...]
+    app_dir: str | None
+    rest: tuple[str, ...]
+
+
+def split_launcher_args(argv: Sequence[str]) -> LauncherArgs:
+    """``--plugin X`` (repeatable) and ``--app-dir DIR`` (also as ``--flag=value``) out of ``argv``."""
+    plugins, app_dir, rest, it = [], None, [], iter(argv)
     for arg in it:
-        if arg == "--plugin":
-            value = next(it, None)
-            if value is None:
-                raise UsageError("--plugin: expected a .py path or a module name after it")
-            plugins.append(value)
-        elif arg.startswith("--plugin="):
-            plugins.append(arg.split("=", 1)[1])
+        flag, eq, value = arg.partition("=")
+        if flag in ("--plugin", "--app-dir"):
+            if not eq:
+                value = next(it, None)
+                if value is None or value.startswith("--"):
+                    what = "a .py path or a module name" if flag == "--plugin" else "a directory"
+                    raise UsageError(f"{flag}: expected {what} after it")
+            if flag == "--plugin":
+                plugins.append(value)
+            elif not os.path.isdir(value):
+                raise UsageError(f"--app-dir: expected an existing directory, got {value!r}")
+            else:
+                app_dir = value
         else:
             rest.append(arg)
-    return plugins, rest
+    return LauncherArgs(plugins=tuple(plugins), app_dir=app_dir, rest=tuple(rest))
 
 
-def build_table(table: AlgorithmTable | None = None, plugins: Sequence[str] = ()) -> AlgorithmTable:
+def build_table(
+    table: AlgorithmTable | None = None, plugins: Sequence[str] = (), *, app_dir: str | None = None
+) -> AlgorithmTable:
     """``table`` (default ``DEFAULT_TABLE``) + entry points + plugins + compat registrations."""
     table = DEFAULT_TABLE if table is None else table
     if not isinstance(table, AlgorithmTable):
         raise TypeError(f"table: expected an AlgorithmTable, got {type(table).__name__}")
     table = load_entry_points(table)
-    table = load_plugins(plugins, table)
+    table = load_plugins(plugins, table, app_dir=app_dir)
     return freeze_compat(table)
 
 
@@ -135,7 +172,9 @@ def _description(table: AlgorithmTable) -> str:
         f"Presets (base configs; flags override them; default {DEFAULT_PRESET}):\n{presets}\n\n"
         f"Registered names:\n{kinds}\n\n"
         "--plugin path/to/file.py or a module name (repeatable) is imported before names are resolved;\n"
-        "it registers through skyrl_fn.compat or defines register(table) -> table."
+        "it registers through skyrl_fn.compat or defines register(table) -> table. Module names (in\n"
+        "--plugin and module:function) are searched in the working directory first (--app-dir DIR\n"
+        "changes that place). Plugins travel to every Ray worker by value."
     )
 
 
@@ -162,8 +201,9 @@ def parse_config(argv: Sequence[str], table: AlgorithmTable, *, prog: str | None
 # -- 3. names ----------------------------------------------------------------------------------
 
 
-def resolve_names(config: TrainConfig, table: AlgorithmTable) -> ResolvedRun:
-    """Register ``module:function`` names of ``config``, then ``resolve`` once.
+def resolve_names(config: TrainConfig, table: AlgorithmTable, *, app_dir: str | None = None) -> ResolvedRun:
+    """Register ``module:function`` names of ``config`` (modules searched in ``app_dir``, default
+    the working directory, first), then ``resolve`` once.
 
     Raises:
         UsageError: any unknown name, plugin problem or bad hyperparameter, with the message of
@@ -171,7 +211,7 @@ def resolve_names(config: TrainConfig, table: AlgorithmTable) -> ResolvedRun:
     """
     names = {kind: getattr(config.algorithm, field) for field, kind in NAME_FIELDS.items()}
     try:
-        table = register_import_names(names, table)
+        table = register_import_names(names, table, app_dir=app_dir)
         return resolve(config, table)
     except (UnknownNameError, PluginError, ValueError, TypeError) as err:
         raise UsageError(str(err)) from err
@@ -200,15 +240,14 @@ def main(argv: Sequence[str] | None = None, table: AlgorithmTable | None = None)
         2 on a usage error (unknown name with a suggestion, bad plugin, bad value), before any
         model is built; 1 when a Ray worker dies (the message names it).
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        plugins, argv = split_plugins(argv)
-        table = build_table(table, plugins)
+        args = split_launcher_args(sys.argv[1:] if argv is None else argv)
+        table = build_table(table, args.plugins, app_dir=args.app_dir)
     except (UsageError, PluginError, ImportError, ValueError, TypeError) as err:
         _fail(err)
-    config = parse_config(argv, table)
+    config = parse_config(args.rest, table)
     try:
-        run = resolve_names(config, table)
+        run = resolve_names(config, table, app_dir=args.app_dir)
         from skyrl_fn.train.rollout import check_backend_available
 
         check_backend_available(run.config.rollout)
@@ -218,6 +257,8 @@ def main(argv: Sequence[str] | None = None, table: AlgorithmTable | None = None)
 
     try:
         return launch(run)
+    except PluginError as err:
+        _fail(err)
     except WorkerDiedError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
@@ -240,6 +281,9 @@ def launch(run: ResolvedRun, *, out=None):
     from skyrl_fn.train.config import config_to_dict
 
     cfg = run.config
+    if cfg.ray.use_ray:
+        entries = {f"{e.kind} {e.name!r}": e.fn for e in run.table.entries()}
+        check_shippable(run, what="the resolved run (config + algorithm table)", parts=entries)
     log = cfg.logging
     with RunObserver(
         log.run_dir, total_steps=cfg.trainer.steps, start_step=_start_step(run), jsonl=log.jsonl,

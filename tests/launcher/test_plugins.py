@@ -16,8 +16,10 @@ import pytest
 
 from skyrl_fn import DEFAULT_TABLE
 from skyrl_fn.launcher import PluginError, UsageError, build_table, parse_config, resolve_names
-from skyrl_fn.launcher.cli import split_plugins
-from skyrl_fn.launcher.plugins import ENTRY_POINT_GROUP, load_entry_points, ship_by_value
+import ray.cloudpickle
+
+from skyrl_fn.launcher.cli import split_launcher_args
+from skyrl_fn.launcher.plugins import ENTRY_POINT_GROUP, check_shippable, import_path_or_module, load_entry_points, ship_by_value
 
 NATIVE = textwrap.dedent(
     '''
@@ -123,10 +125,10 @@ def test_compat_registrations_are_frozen_into_the_table():
 
 def test_plugin_file_with_register_hook(tmp_path):
     f = _write(tmp_path / "my_plugin.py", NATIVE + "\n\ndef register(table):\n    return table.register('plugged', my_adv)\n")
-    plugins, rest = split_plugins(["--plugin", str(f), "--algorithm.advantage-estimator", "plugged"])
-    assert plugins == [str(f)] and rest == ["--algorithm.advantage-estimator", "plugged"]
-    table = build_table(plugins=plugins)
-    run = resolve_names(_config(rest, table), table)
+    args = split_launcher_args(["--plugin", str(f), "--algorithm.advantage-estimator", "plugged"])
+    assert args.plugins == (str(f),) and args.rest == ("--algorithm.advantage-estimator", "plugged")
+    table = build_table(plugins=args.plugins)
+    run = resolve_names(_config(args.rest, table), table)
     assert run.config.algorithm.advantage_estimator == "plugged"
     assert cloudpickle.loads(cloudpickle.dumps(run.table)).estimator("plugged").__name__ == "my_adv"
 
@@ -161,7 +163,7 @@ def test_plugin_errors_are_usage_errors(tmp_path):
     with pytest.raises(PluginError, match="return an AlgorithmTable"):
         build_table(plugins=[str(bad)])
     with pytest.raises(UsageError, match="--plugin"):
-        split_plugins(["--plugin"])
+        split_launcher_args(["--plugin"])
 
 
 # -- (c) the entry-point group --------------------------------------------------------------------
@@ -214,3 +216,84 @@ def test_main_trains_with_a_plugin_an_entry_point_and_a_path_name(tmp_path, monk
     ]):
         summary = main([*extra, *TINY, "--algorithm.advantage-estimator", name, "--logging.run-dir", str(tmp_path / f"run{i}")])
         assert summary.steps == 1 and len(summary.history) == 1, name
+
+
+# -- shipping to Ray workers ---------------------------------------------------------------------
+
+
+def test_plugin_modules_are_registered_with_rays_own_cloudpickle(tmp_path):
+    """Ray serialises with its vendored ``ray.cloudpickle``, which has its own by-value registry."""
+    module = import_path_or_module(str(_write(tmp_path / "ray_by_value.py", NATIVE)))
+    assert module.__name__ in ray.cloudpickle.list_registry_pickle_by_value()
+    assert module.__name__ in cloudpickle.list_registry_pickle_by_value()
+
+
+def test_split_launcher_args_takes_plugins_and_app_dir(tmp_path):
+    args = split_launcher_args(["--plugin", "a.py", "--app-dir", str(tmp_path), "--plugin=b", "--trainer.steps", "3"])
+    assert args.plugins == ("a.py", "b") and args.app_dir == str(tmp_path)
+    assert args.rest == ("--trainer.steps", "3")
+    with pytest.raises(UsageError, match="--app-dir: expected an existing directory"):
+        split_launcher_args(["--app-dir", str(tmp_path / "absent")])
+    with pytest.raises(UsageError, match="--app-dir: expected a directory"):
+        split_launcher_args(["--app-dir", "--trainer.steps"])
+
+
+def test_module_names_are_searched_in_the_working_directory_first(tmp_path, monkeypatch):
+    (tmp_path / "cwd").mkdir()
+    (tmp_path / "other").mkdir()
+    _write(tmp_path / "cwd" / "skyrl_fn_test_cwd_est.py", NATIVE)
+    _write(tmp_path / "other" / "skyrl_fn_test_app_est.py", NATIVE)
+    monkeypatch.chdir(tmp_path / "cwd")
+    name = "skyrl_fn_test_cwd_est:my_adv"
+    run = resolve_names(_config(["--algorithm.advantage-estimator", name], DEFAULT_TABLE), DEFAULT_TABLE)
+    assert run.table.estimator(name).__name__ == "my_adv"
+    assert "skyrl_fn_test_cwd_est" in ray.cloudpickle.list_registry_pickle_by_value()
+    assert str(tmp_path / "cwd") not in sys.path, "the working directory stays off sys.path afterwards"
+    # --app-dir replaces the working directory as the first place searched.
+    other = "skyrl_fn_test_app_est:my_adv"
+    with pytest.raises(UsageError, match=r"No module named 'skyrl_fn_test_app_est'.*searched .*cwd first"):
+        resolve_names(_config(["--algorithm.advantage-estimator", other], DEFAULT_TABLE), DEFAULT_TABLE)
+    run = resolve_names(
+        _config(["--algorithm.advantage-estimator", other], DEFAULT_TABLE), DEFAULT_TABLE, app_dir=str(tmp_path / "other")
+    )
+    assert run.table.estimator(other).__name__ == "my_adv"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("x = 1\ndef f(:\n    pass\n", r"plugin_err\.py:2: SyntaxError"),
+        ("import os\n\nraise RuntimeError('no GPU here')\n", r"plugin_err\.py:3: RuntimeError: no GPU here"),
+        ("import skyrl_fn_absent_dependency\n", r"plugin_err\.py:1: ModuleNotFoundError"),
+        ("def register(table):\n    return table.nope()\n", r"register\(table\) raised at .*plugin_err\.py:2: AttributeError"),
+    ],
+    ids=["syntax", "raises", "missing-dependency", "hook-raises"],
+)
+def test_plugin_errors_name_the_file_and_line(tmp_path, text, expected):
+    with pytest.raises(PluginError, match=expected):
+        build_table(plugins=[str(_write(tmp_path / "plugin_err.py", text))])
+
+
+def test_check_shippable_ships_helpers_by_value_and_names_what_cannot_be_pickled(tmp_path, monkeypatch):
+    # A helper module imported outside any plugin loader (e.g. by a custom entry point script).
+    _write(tmp_path / "skyrl_fn_test_helper_mod.py", "def centre(s):\n    return s - s.mean()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import skyrl_fn_test_helper_mod as helper
+
+    def uses_helper(batch):
+        return helper.centre(batch)
+
+    assert "skyrl_fn_test_helper_mod" not in ray.cloudpickle.list_registry_pickle_by_value()
+    assert check_shippable({"fn": uses_helper}) > 0
+    assert "skyrl_fn_test_helper_mod" in ray.cloudpickle.list_registry_pickle_by_value()
+
+    import threading
+
+    lock = threading.Lock()
+
+    def locked(batch):
+        with lock:
+            return batch
+
+    with pytest.raises(PluginError, match=r"^advantage_estimator 'locked' cannot be sent to Ray workers: TypeError"):
+        check_shippable({"fn": locked, "ok": uses_helper}, parts={"advantage_estimator 'locked'": locked, "ok": uses_helper})
