@@ -35,6 +35,7 @@ __all__ = [
     "PolicyLossType",
     "LOSSES_WITHOUT_OLD_LOGPROBS",
     "LOSSES_WITH_OLD_LOGPROBS",
+    "config_field",
     "token_loss",
     "ppo_policy_loss",
     "sapo_policy_loss",
@@ -95,7 +96,7 @@ _DEFAULTS: dict[tuple[str, ...], Any] = {
 }
 
 
-def field(config: Any, *path: str) -> Any:
+def config_field(config: Any, *path: str) -> Any:
     """``config.<path>``, or SkyRL's default when the config lacks it (None stays None for
     optional fields without a default here)."""
     value = config_value(config, path)
@@ -104,17 +105,17 @@ def field(config: Any, *path: str) -> Any:
 
 def _hyper(kind: str, config: Any) -> dict[str, Any]:
     """Native hyperparameters of ``kind`` read from SkyRL's config fields."""
-    eps = {"eps_clip_low": field(config, "eps_clip_low"), "eps_clip_high": field(config, "eps_clip_high")}
+    eps = {"eps_clip_low": config_field(config, "eps_clip_low"), "eps_clip_high": config_field(config, "eps_clip_high")}
     if kind in ("regular", "gspo", "rollout_is"):
         return eps
     if kind == "dual_clip":
-        return {**eps, "clip_ratio_c": field(config, "clip_ratio_c")}
+        return {**eps, "clip_ratio_c": config_field(config, "clip_ratio_c")}
     if kind == "sapo":
-        return {"tau_pos": field(config, "sapo", "tau_pos"), "tau_neg": field(config, "sapo", "tau_neg")}
+        return {"tau_pos": config_field(config, "sapo", "tau_pos"), "tau_neg": config_field(config, "sapo", "tau_neg")}
     if kind == "cispo":
         return {
-            "cispo_eps_clip_low": field(config, "cispo", "cispo_eps_clip_low"),
-            "cispo_eps_clip_high": field(config, "cispo", "cispo_eps_clip_high"),
+            "cispo_eps_clip_low": config_field(config, "cispo", "cispo_eps_clip_low"),
+            "cispo_eps_clip_high": config_field(config, "cispo", "cispo_eps_clip_high"),
         }
     if kind == "clip_cov":
         # SkyRL draws the clipped tokens with the global RNG (torch.randperm); the native loss
@@ -122,13 +123,13 @@ def _hyper(kind: str, config: Any) -> dict[str, Any]:
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
         return {
             **eps,
-            "clip_cov_ratio": field(config, "clip_cov", "clip_ratio"),
-            "clip_cov_lb": field(config, "clip_cov", "clip_cov_lb"),
-            "clip_cov_ub": field(config, "clip_cov", "clip_cov_ub"),
+            "clip_cov_ratio": config_field(config, "clip_cov", "clip_ratio"),
+            "clip_cov_lb": config_field(config, "clip_cov", "clip_cov_lb"),
+            "clip_cov_ub": config_field(config, "clip_cov", "clip_cov_ub"),
             "clip_cov_seed": seed,
         }
     if kind == "kl_cov":
-        return {"kl_cov_frac": field(config, "kl_cov", "kl_cov_frac"), "ppo_kl_coef": field(config, "kl_cov", "ppo_kl_coef")}
+        return {"kl_cov_frac": config_field(config, "kl_cov", "kl_cov_frac"), "ppo_kl_coef": config_field(config, "kl_cov", "ppo_kl_coef")}
     return {}
 
 
@@ -177,14 +178,14 @@ def token_loss(
     if kind == "rollout_is" and rollout_logprobs is None:
         raise ValueError("rollout_logprobs: rollout_is expected a [B, T] tensor of rollout log-probs, got None")
     if kind == "dppo":
-        dppo_type = field(config, "dppo", "dppo_type")
+        dppo_type = config_field(config, "dppo", "dppo_type")
         divergence = {"binary_tv": "tv", "binary_kl": "kl"}.get(dppo_type)
         if divergence is None:
             raise ValueError(f"dppo.dppo_type: Unknown DPPO type: {dppo_type!r}. Must be 'binary_tv' or 'binary_kl'.")
         mu = rollout_logprobs if rollout_logprobs is not None else old_log_probs
         keep = native.dppo_mask(
             log_probs, mu, advantages, divergence=divergence,
-            delta_low=field(config, "dppo", "delta_low"), delta_high=field(config, "dppo", "delta_high"),
+            delta_low=config_field(config, "dppo", "delta_low"), delta_high=config_field(config, "dppo", "delta_high"),
         )
         ratio = safe_ratio((log_probs - mu).float()).to(log_probs.dtype)
         loss = -(ratio * advantages * keep.to(advantages.dtype))
@@ -245,7 +246,7 @@ def ppo_policy_loss(log_probs, old_log_probs, advantages, config, loss_mask=None
     Raises:
         ValueError: ``policy_loss_type`` is neither (SkyRL asserts).
     """
-    kind = field(config, "policy_loss_type")
+    kind = config_field(config, "policy_loss_type")
     if kind not in ("regular", "dual_clip"):
         raise ValueError(f"policy_loss_type: loss_type must be either 'regular' or 'dual_clip', got {kind!r}")
     return _loss_030(kind, log_probs, old_log_probs, advantages, config, loss_mask, rollout_logprobs)

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 
 from skyrl_fn.compat._calls import caller_names
-from skyrl_fn.compat._policy_losses import field, token_loss
+from skyrl_fn.compat._policy_losses import config_field, token_loss
 from skyrl_fn.losses import aggregation, tis_weights
 
 __all__ = ["reduce_loss", "SEED_LOSSES", "SEED_LOSS_NAMES", "SEED_REDUCTIONS"]
@@ -62,10 +62,10 @@ def reduce_loss(
 def _seed(kind: str) -> Callable:
     def loss_fn(log_probs, old_log_probs, advantages, config, loss_mask=None, rollout_logprobs=None):
         if kind == "regular":  # ppo_policy_loss serves both names and reads policy_loss_type
-            name = field(config, "policy_loss_type")
+            name = config_field(config, "policy_loss_type")
             if name not in ("regular", "dual_clip"):
                 raise ValueError(f"policy_loss_type: loss_type must be either 'regular' or 'dual_clip', got {name!r}")
-            reduction = field(config, "loss_reduction")
+            reduction = config_field(config, "loss_reduction")
             if reduction not in SEED_REDUCTIONS:
                 raise ValueError(
                     f"loss_reduction: loss_reduction must be either 'token_mean', 'sequence_mean', or "
@@ -74,14 +74,14 @@ def _seed(kind: str) -> Callable:
         else:
             name = kind
         loss, metrics = token_loss(name, log_probs, old_log_probs, advantages, config, loss_mask, rollout_logprobs)
-        if kind == "regular" and field(config, "use_tis"):
+        if kind == "regular" and config_field(config, "use_tis"):
             if rollout_logprobs is None:
                 raise ValueError("rollout_logprobs: expected a [B, T] tensor with use_tis=True, got None")
             with caller_names({"rollout_log_probs": "rollout_logprobs", "cap": "tis_imp_ratio_cap"}):
-                w, _ = tis_weights(old_log_probs, rollout_logprobs, _binary(loss, loss_mask), level="token", cap=field(config, "tis_imp_ratio_cap"))
+                w, _ = tis_weights(old_log_probs, rollout_logprobs, _binary(loss, loss_mask), level="token", cap=config_field(config, "tis_imp_ratio_cap"))
             loss = loss * w
-        max_seq_len = field(config, "max_seq_len")
-        return reduce_loss(loss, loss_mask, field(config, "loss_reduction"), max_seq_len), metrics["clip_ratio"]
+        max_seq_len = config_field(config, "max_seq_len")
+        return reduce_loss(loss, loss_mask, config_field(config, "loss_reduction"), max_seq_len), metrics["clip_ratio"]
 
     return loss_fn
 

@@ -88,6 +88,9 @@ def test_presummed_wrapper_gives_the_reduced_loss_on_the_batch_and_its_share_und
     (g_want,) = torch.autograd.grad(want, batch.log_probs)
     torch.testing.assert_close(g_got, g_want)
     assert set(out.metrics) == {"clip_ratio", "seen_reduction"}
+    if reduction != "seq_mean_token_sum_norm":  # as a policy_loss_kwargs hyperparameter (max_seq_len = T)
+        again = table.policy_loss("r030")(batch, loss_reduction=reduction)
+        torch.testing.assert_close(DEFAULT_TABLE.get("aggregation", agg)(again.token_loss, batch.loss_mask), want)
 
 
 def test_presummed_per_token_result_is_unscaled_and_prompt_mean_is_refused():
