@@ -193,7 +193,7 @@ def token_loss(
     fn = _NATIVE.get(kind)
     if fn is None:
         raise ValueError(f"policy_loss_type: unknown policy loss {kind!r}; expected one of {sorted(_NATIVE) + ['dppo']}")
-    with caller_names({"rollout_log_probs": "rollout_logprobs", "loss_mask": "loss_mask"}):
+    with caller_names({"rollout_log_probs": "rollout_logprobs"}):
         batch = PolicyLossInput(
             log_probs=log_probs,
             old_log_probs=old_log_probs,

@@ -1,7 +1,8 @@
 """SkyRL-Train's registries, decorators and ``sync_registries``, over the frozen table.
 
-The two registries below are the only mutable global state of the library. They hold only what
-users register; the built-ins are read from ``DEFAULT_TABLE`` on lookup. ``freeze()`` turns both
+The registries below (advantage estimators; SkyRL 0.3.0's and the seed era's policy losses) are
+the only mutable global state of the library. They hold only what
+users register; the built-ins are read from ``DEFAULT_TABLE`` on lookup. ``freeze()`` turns them
 into one ``AlgorithmTable``, the value that Ray tasks receive as an argument.
 """
 

@@ -88,12 +88,12 @@ def compute_tis_ratio(
     m = _valid(loss_mask)
     if tis_ratio_type == "token":
         cap = _get(off_policy_correction, "token_tis_ratio_clip_high")
-        with caller_names(_NAMES):
+        with caller_names({**_NAMES, "cap": "token_tis_ratio_clip_high"}):
             w, metrics = tis_weights(old_log_probs, rollout_logprobs, m, level="token", cap=cap)
         return w, {"tis_token_clip_high_ratio": metrics["tis_capped_frac"].item()}
     if tis_ratio_type == "sequence":
         cap = _get(off_policy_correction, "sequence_tis_ratio_clip_high")
-        with caller_names(_NAMES):
+        with caller_names({**_NAMES, "cap": "sequence_tis_ratio_clip_high"}):
             w, metrics = tis_weights(old_log_probs, rollout_logprobs, m, level="sequence", cap=cap)
         # The native weight is the row's value on every valid token; a row without valid tokens
         # has the sequence ratio exp(0) = 1.
@@ -102,8 +102,17 @@ def compute_tis_ratio(
     raise ValueError(f"Unknown tis_ratio_type: {tis_ratio_type!r}; expected 'token' or 'sequence'")
 
 
+#: The config fields behind the native ``low`` / ``high`` of each sequence metric.
+_BOUNDS = {
+    "geometric": ("geo_mask_low", "geo_mask_high"),
+    "product": ("product_mask_low", "product_mask_high"),
+    "token": ("outlier_token_is_threshold_low", "outlier_token_is_threshold_high"),
+}
+
+
 def _sequence(old_log_probs, rollout_logprobs, loss_mask, metric, low, high, prefix):
-    with caller_names(_NAMES):
+    name_low, name_high = _BOUNDS[metric]
+    with caller_names({**_NAMES, "low": name_low, "high": name_high}):
         keep, metrics = sequence_keep(old_log_probs, rollout_logprobs, _valid(loss_mask), metric=metric, low=low, high=high)
     out = {
         f"{prefix}masked_ratio": metrics["seq_masked_frac"].item(),

@@ -196,3 +196,13 @@ def test_drift_metric_edge_cases_and_reduce_metrics_rules():
     negative = {MINIBATCH_ROLLOUT_LOGPROB_DIFF_MEAN_KEY: 1.0, MINIBATCH_ROLLOUT_LOGPROB_DIFF_SQ_MEAN_KEY: 1.0 - 1e-12}
     finalize_minibatch_rollout_logprob_diff_std(negative)
     assert negative[MINIBATCH_ROLLOUT_LOGPROB_DIFF_STD_KEY] == 0.0 and not math.isnan(negative[MINIBATCH_ROLLOUT_LOGPROB_DIFF_STD_KEY])
+
+
+def test_bound_errors_name_skyrls_config_fields():
+    old, mask = torch.zeros(1, 2), torch.ones(1, 2)
+    with pytest.raises(ValueError, match="geo_mask_low, geo_mask_high: expected geo_mask_low <= geo_mask_high"):
+        compute_sequence_mask(old, old, mask, "geometric", OffPolicyCorrectionConfig(geo_mask_low=2.0, geo_mask_high=1.0))
+    with pytest.raises(ValueError, match="^outlier_token_is_threshold_high: expected a number >= 0"):
+        compute_outlier_token_mask(old, old, mask, OffPolicyCorrectionConfig(outlier_token_is_threshold_high=-1.0))
+    with pytest.raises(ValueError, match="^token_tis_ratio_clip_high: expected a number > 0"):
+        compute_tis_ratio(old, old, mask, "token", OffPolicyCorrectionConfig(token_tis_ratio_clip_high=0.0))
