@@ -10,6 +10,7 @@ Notation: ``B`` sequences, ``T`` response tokens.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Mapping
 
 import torch
@@ -17,7 +18,7 @@ import torch
 from skyrl_fn.compat._calls import LossConfig, call_accepting, config_value, describe
 from skyrl_fn.compat.off_policy_correction_utils import apply_off_policy_correction, off_policy_correction_enabled
 from skyrl_fn.losses.aggregation import SKYRL_REDUCTIONS
-from skyrl_fn.losses.reduction_weights import REDUCTIONS, reduction_weights
+from skyrl_fn.losses.reduction_weights import reduction_weights
 from skyrl_fn.records import PolicyLossInput, PolicyLossOutput
 from skyrl_fn.table import AlgorithmTable, UnknownNameError, unknown_name_message
 
@@ -195,29 +196,64 @@ def _metric(key: str, value: Any, like: torch.Tensor) -> torch.Tensor:
     raise TypeError(f"metrics[{key!r}]: expected a number or scalar tensor, got {type(value).__name__}")
 
 
+#: Keyword hyperparameters of a wrapped SkyRL-style loss (``NativeFromSkyRLLoss``). Each one given
+#: (not None) becomes the config field of that name (``CONFIG_FIELDS`` paths); ``loss_reduction``
+#: is the launcher's aggregation, told to the loss in SkyRL's vocabulary.
+WRAPPED_LOSS_HYPERPARAMETERS: Mapping[str, Any] = {
+    "config": None, "loss_reduction": "token_mean", **{k: None for k in CONFIG_FIELDS}
+}
+
+#: Aggregation / loss_reduction names -> SkyRL's ``loss_reduction`` (what a SkyRL-style loss reads).
+_SKYRL_REDUCTION = {
+    "token_mean": "token_mean",
+    "token_mean_legacy": "token_mean_legacy",
+    "sequence_mean": "sequence_mean",
+    "seq_mean_token_mean": "sequence_mean",
+    "seq_mean_token_sum_norm": "seq_mean_token_sum_norm",
+}
+
+
+def skyrl_reduction(name: str, loss: str) -> str:
+    """SkyRL's ``loss_reduction`` for an aggregation name (native names accepted).
+
+    Raises:
+        ValueError: a reduction a SkyRL-style loss cannot follow (``token_sum``,
+            ``seq_mean_token_sum``, ``prompt_mean``: no per-prompt ids here), naming ``loss_reduction``.
+    """
+    out = _SKYRL_REDUCTION.get(name)
+    if out is None:
+        raise ValueError(
+            f"loss_reduction: the SkyRL-style policy loss {loss!r} expected one of {sorted(_SKYRL_REDUCTION)}, got {name!r}"
+        )
+    return out
+
+
 class NativeFromSkyRLLoss:
-    """A SkyRL-style policy loss as a native one: ``fn(batch: PolicyLossInput, **hyper) -> PolicyLossOutput``.
+    """A SkyRL-style policy loss as a native one: ``fn(batch: PolicyLossInput, *, loss_reduction,
+    eps_clip_low, ..., config) -> PolicyLossOutput`` (keywords: ``WRAPPED_LOSS_HYPERPARAMETERS``).
 
-    The SkyRL function gets ``(log_probs, old_log_probs, advantages, config)`` with
-    ``loss_mask`` as 0/1 in the log-probs' dtype and ``rollout_logprobs`` (when the batch has them
-    and the function accepts them). ``config`` is the ``config=`` hyperparameter if given (a plain
-    dict becomes a ``LossConfig``), else
-    ``config_from_hyperparameters(hyper, policy_loss_type=name, loss_reduction="token_mean")``.
+    The SkyRL function gets ``(log_probs, old_log_probs, advantages, config)`` with ``loss_mask``
+    as 0/1 in the log-probs' dtype and ``rollout_logprobs`` (when the batch has them and the
+    function accepts them). ``config`` is the ``config=`` hyperparameter if given (a plain dict
+    becomes a ``LossConfig``), else ``config_from_hyperparameters`` of the hyperparameters given
+    (``policy_loss_type`` = the name, ``loss_reduction`` in SkyRL's vocabulary, ``max_seq_len``
+    default ``T``); a field not given is absent (reading it raises AttributeError naming it). The
+    launcher passes its own ``loss_reduction``, ``eps_clip_low/high`` and ``clip_ratio_c``.
 
-    A SkyRL loss is already reduced to a scalar ``L``; it becomes ``token_loss = L * mask``, so the
-    mean aggregations (``token_mean``, ``seq_mean_token_mean``) give back exactly ``L`` and its
-    gradient, while the sum aggregations scale it by the token count. A ``[B, T]`` result is taken
-    as the per-token loss (zeroed off the mask). The second result (a clip ratio, a metrics dict
-    or None) becomes detached scalar metrics; a bare number is ``metrics["clip_ratio"]``.
+    Let ``w`` be the weights of the reduction over this batch (``skyrl_fn.losses.reduction_weights``:
+    ``sum(l m w)`` is the reduced loss) and ``c = sum(m w)``. The seed era's contract
+    (``presummed=False``): the function reduces by ``config.loss_reduction`` itself and returns
+    ``S``. SkyRL 0.3.0's (``presummed=True``, losses registered through ``skyrl_fn.compat``): it
+    receives the advantages times ``w`` and returns the masked *sum* ``S``. Either way ``token_loss
+    = S / c * m``: every aggregation is ``sum(l m w)`` up to a constant factor, so the aggregation
+    of the same name gives back ``S`` and its gradient on this batch, and exactly its share of the
+    global loss under micro-batching. A ``[B, T]`` result is the per-token loss (zeroed off the
+    mask; with ``presummed`` divided by ``w``, exact for a loss positively homogeneous in the
+    advantage). The second result (a clip ratio, a metrics dict or None) becomes detached scalar
+    metrics; a bare number is ``metrics["clip_ratio"]``.
 
-    ``presummed=True`` is SkyRL 0.3.0's contract (losses registered through ``skyrl_fn.compat``):
-    the function receives the advantages multiplied by the weights ``w`` of the reduction
-    ``config.loss_reduction`` over this batch (``skyrl_fn.losses.reduction_weights``; default
-    ``token_mean``) and returns the masked *sum* ``S``. Since every aggregation is ``sum(l m w)``
-    up to a constant factor, ``token_loss = S / sum(m w) * m`` makes the aggregation of the same
-    name give ``S`` on this batch and the exact share of the global loss under micro-batching. A
-    ``[B, T]`` result over the scaled advantages is divided by ``w`` (exact for a loss that is
-    positively homogeneous in the advantage).
+    Raises:
+        ValueError: a reduction a SkyRL-style loss cannot follow (see ``skyrl_reduction``).
     """
 
     __skyrl_kind__ = "policy_loss"
@@ -225,46 +261,48 @@ class NativeFromSkyRLLoss:
     def __init__(self, name: str, fn: Callable, *, presummed: bool = False) -> None:
         self.name, self.fn, self.presummed = name, fn, presummed
         self.__doc__ = getattr(fn, "__doc__", None) or f"SkyRL-style policy loss {name!r} ({describe(fn)})."
+        # Advertised keyword hyperparameters (no **kwargs): the launcher passes its config fields of
+        # these names (loss_reduction, eps_clip_*, clip_ratio_c), unknown policy_loss_kwargs are errors.
+        params = [inspect.Parameter("batch", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=PolicyLossInput)]
+        params += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v) for k, v in WRAPPED_LOSS_HYPERPARAMETERS.items()]
+        self.__signature__ = inspect.Signature(params, return_annotation=PolicyLossOutput)
 
     def __call__(self, batch: PolicyLossInput, **hyper: Any) -> PolicyLossOutput:
         config = hyper.pop("config", None)
+        t = batch.log_probs.shape[1]
         if config is None:
-            config = config_from_hyperparameters(hyper, policy_loss_type=self.name, loss_reduction="token_mean")
-        elif isinstance(config, dict):  # SkyRL code reads fields as attributes
-            config = LossConfig(config)
+            given = {k: v for k, v in hyper.items() if v is not None}
+            reduction = skyrl_reduction(given.pop("loss_reduction", "token_mean"), self.name)
+            given.setdefault("max_seq_len", t)
+            config = config_from_hyperparameters(given, policy_loss_type=self.name, loss_reduction=reduction)
+        else:
+            if isinstance(config, dict):  # SkyRL code reads fields as attributes
+                config = LossConfig(config)
+            reduction = skyrl_reduction(config_value(config, ("loss_reduction",)) or "token_mean", self.name)
         mask = batch.loss_mask.to(batch.log_probs.dtype)
         kwargs: dict[str, Any] = {"loss_mask": mask}
         if batch.rollout_log_probs is not None:
             kwargs["rollout_logprobs"] = batch.rollout_log_probs
-        advantages, scale, weights = batch.advantages, None, None
-        if self.presummed:
-            reduction = config_value(config, ("loss_reduction",)) or "token_mean"
-            if reduction not in REDUCTIONS or reduction == "prompt_mean":
-                raise ValueError(
-                    f"loss_reduction: policy loss {self.name!r} (SkyRL 0.3.0 style) expected one of "
-                    f"{[r for r in REDUCTIONS if r != 'prompt_mean']}, got {reduction!r}"
-                )
-            w = reduction_weights(
-                mask, reduction=reduction, max_seq_len=config_value(config, ("max_seq_len",)) or mask.shape[1],
-                micro_batch_size=mask.shape[0],
-            ).to(advantages.dtype)
-            advantages, scale, weights = advantages * w, (mask * w).sum(), w
+        w = reduction_weights(
+            mask, reduction=reduction, max_seq_len=config_value(config, ("max_seq_len",)) or t, micro_batch_size=mask.shape[0]
+        ).to(batch.advantages.dtype)
+        scale = (mask * w).sum()  # the reduction of an all-ones loss: S / scale * m reduces back to S
+        advantages = batch.advantages * w if self.presummed else batch.advantages
         result = call_accepting(self.fn, (batch.log_probs, batch.old_log_probs, advantages, config), kwargs)
         if not (isinstance(result, (tuple, list)) and len(result) == 2 and isinstance(result[0], torch.Tensor)):
             raise TypeError(
                 f"policy loss {self.name!r}: expected (loss tensor, clip_ratio or metrics), got {type(result).__name__}"
             )
         loss, second = result
-        if scale is not None and (loss.dim() == 0 or loss.numel() == 1):
-            token_loss = torch.where(scale > 0, loss.reshape(()) / scale.clamp(min=torch.finfo(scale.dtype).tiny), 0.0) * mask
-        elif loss.dim() == 0 or loss.numel() == 1:
-            token_loss = loss.reshape(()) * mask
-        elif tuple(loss.shape) == tuple(mask.shape) and weights is not None:
+        zero = torch.zeros((), dtype=loss.dtype, device=loss.device)
+        if loss.dim() == 0 or loss.numel() == 1:
+            token_loss = torch.where(scale > 0, loss.reshape(()) / torch.where(scale > 0, scale, 1.0), zero) * mask
+        elif tuple(loss.shape) == tuple(mask.shape) and self.presummed:
             # per-token results over scaled advantages: l(A w) = w l(A) for a loss homogeneous in A
-            keep = batch.loss_mask & (weights > 0)
-            token_loss = torch.where(keep, loss / torch.where(keep, weights, 1.0), torch.zeros((), dtype=loss.dtype, device=loss.device))
+            keep = batch.loss_mask & (w > 0)
+            token_loss = torch.where(keep, loss / torch.where(keep, w, 1.0), zero)
         elif tuple(loss.shape) == tuple(mask.shape):
-            token_loss = torch.where(batch.loss_mask, loss, torch.zeros((), dtype=loss.dtype, device=loss.device))
+            token_loss = torch.where(batch.loss_mask, loss, zero)
         else:
             raise ValueError(
                 f"policy loss {self.name!r}: expected a scalar or [B, T] = {tuple(mask.shape)} loss, "

@@ -52,9 +52,13 @@ def reinforce_030(log_probs, old_log_probs, advantages, config, loss_mask=None, 
 
 
 def reinforce_seed(log_probs, old_log_probs, advantages, config, loss_mask=None):
-    """REINFORCE under the seed's contract: a token mean inside, a float clip ratio."""
+    """REINFORCE under the seed's contract: reduced inside by config.loss_reduction, a float clip ratio."""
+    tok = -log_probs * advantages * loss_mask
+    assert config.eps_clip_low == 0.2 and config.clip_ratio_c == 3.0  # the launcher's values reach the config
+    if config.loss_reduction == "sequence_mean":
+        return (tok.sum(-1) / loss_mask.sum(-1).clamp(min=1)).mean(), 0.0
     assert config.loss_reduction == "token_mean"
-    return (-log_probs * advantages * loss_mask).sum() / loss_mask.sum().clamp(min=1), 0.0
+    return tok.sum() / loss_mask.sum().clamp(min=1), 0.0
 
 
 def per_token_030(log_probs, old_log_probs, advantages, config, loss_mask=None, rollout_logprobs=None):
@@ -128,17 +132,29 @@ def test_user_losses_of_both_eras_train_on_ray_exactly_like_native_reinforce(ray
     skyrl_train.register_policy_loss("reinforce_seed", reinforce_seed)  # (loss, float)
     table = freeze()
     native = train(_run(tmp_path / "native", table, "--algorithm.policy-loss", "reinforce", "--ray.no-use-ray")).history
-    module = sys.modules[__name__]
-    ray_session.cloudpickle.register_pickle_by_value(module)  # Ray pickles with its vendored copy
-    try:
-        for name in ("reinforce_030", "reinforce_seed"):
-            summary = train_on_ray(_run(tmp_path / name, table, "--algorithm.policy-loss", name))
-            assert summary.steps == 2 and len(summary.history) == 2, name
-            for got, want in zip(summary.history, native):
-                for key in ("reward", "loss", "grad_norm"):
-                    assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), (name, key)
-    finally:
-        ray_session.cloudpickle.unregister_pickle_by_value(module)
+    for name in ("reinforce_030", "reinforce_seed"):
+        summary = train_on_ray(_run(tmp_path / name, table, "--algorithm.policy-loss", name))
+        assert summary.steps == 2 and len(summary.history) == 2, name
+        for got, want in zip(summary.history, native):
+            for key in ("reward", "loss", "grad_norm"):
+                assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), (name, key)
+
+
+def test_user_losses_follow_the_launchers_loss_reduction(tmp_path):
+    from skyrl_fn.train.loop import train
+
+    register_policy_loss("reinforce_030", reinforce_030)
+    skyrl_train.register_policy_loss("reinforce_seed", reinforce_seed)
+    table = freeze()
+    args = ("--algorithm.loss-reduction", "seq_mean_token_mean", "--ray.no-use-ray")
+    native = train(_run(tmp_path / "native", table, "--algorithm.policy-loss", "reinforce", *args)).history
+    for name in ("reinforce_030", "reinforce_seed"):
+        history = train(_run(tmp_path / name, table, "--algorithm.policy-loss", name, *args)).history
+        for got, want in zip(history, native):
+            for key in ("loss", "grad_norm"):
+                assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), (name, key)
+    with pytest.raises(ValueError, match="loss_reduction: the SkyRL-style policy loss 'reinforce_seed' expected one of"):
+        train(_run(tmp_path / "sum", table, "--algorithm.policy-loss", "reinforce_seed", "--algorithm.loss-reduction", "token_sum", "--ray.no-use-ray"))
 
 
 # -- SkyRL 0.3.0's example entry points, with our launcher as the trainer --------------------------
