@@ -67,7 +67,7 @@ class BaseFunctionRegistry:
         return tuple(n for n in DEFAULT_TABLE.names(cls._kind) if n not in cls._hidden)
 
     @classmethod
-    def _adapt(cls, name: str) -> Callable:
+    def _adapt(cls, table: AlgorithmTable, name: str) -> Callable:
         raise NotImplementedError
 
     @classmethod
@@ -115,7 +115,7 @@ class BaseFunctionRegistry:
         if key in cls._functions:
             return cls._functions[key]
         if key in cls._builtins():
-            return cls._adapt(key)
+            return cls._adapt(DEFAULT_TABLE, key)
         message = unknown_name_message(cls._function_type, str(key), cls.list_available())
         raise UnknownNameError("U" + message[1:])  # SkyRL's wording: "Unknown advantage estimator 'x'"
 
@@ -172,8 +172,8 @@ class AdvantageEstimatorRegistry(BaseFunctionRegistry):
     _skyrl_defaults = frozenset({"gae", "grpo", "rloo", "reinforce++", "maxrl"})
 
     @classmethod
-    def _adapt(cls, name: str) -> Callable:
-        return SkyRLCallable(DEFAULT_TABLE, name)
+    def _adapt(cls, table: AlgorithmTable, name: str) -> Callable:
+        return SkyRLCallable(table, name)
 
     @classmethod
     def _prepare(cls, name: str, func: Any) -> Callable:
@@ -200,8 +200,8 @@ class PolicyLossRegistry(BaseFunctionRegistry):
     _presummed: ClassVar[bool] = True
 
     @classmethod
-    def _adapt(cls, name: str) -> Callable:
-        return SKYRL_LOSSES.get(name) or SkyRLSumPolicyLoss(DEFAULT_TABLE, name)
+    def _adapt(cls, table: AlgorithmTable, name: str) -> Callable:
+        return SKYRL_LOSSES.get(name) or SkyRLSumPolicyLoss(table, name)
 
 
 class SeedPolicyLossRegistry(PolicyLossRegistry):
@@ -214,8 +214,8 @@ class SeedPolicyLossRegistry(PolicyLossRegistry):
     _presummed = False
 
     @classmethod
-    def _adapt(cls, name: str) -> Callable:
-        return SEED_LOSSES.get(name) or SkyRLPolicyLoss(DEFAULT_TABLE, name)
+    def _adapt(cls, table: AlgorithmTable, name: str) -> Callable:
+        return SEED_LOSSES.get(name) or SkyRLPolicyLoss(table, name)
 
 
 def _decorator(registry: type[BaseFunctionRegistry], name: Any) -> Callable:
