@@ -114,8 +114,8 @@ def test_the_two_eras_keep_separate_loss_registries_and_clash_only_in_the_table(
     assert "mine_seed" not in PolicyLossRegistry.list_available()
     table = freeze()
     assert table.policy_loss("mine").presummed and not table.policy_loss("mine_seed").presummed
-    skyrl_train.register_policy_loss("mine", reinforce_seed)
-    with pytest.raises(ValueError, match="already registered"):
+    with pytest.raises(ValueError, match="already registered"):  # (a Ray driver publishes at registration)
+        skyrl_train.register_policy_loss("mine", reinforce_seed)
         freeze()
 
 
