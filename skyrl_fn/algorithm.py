@@ -211,6 +211,10 @@ def bind_algorithm(
     if unknown:
         raise ValueError(f"hyper: expected kinds from {list(_KINDS)}, got {unknown}")
     entries = {k: table.entry(k, names[k]) for k in _KINDS}  # a typo fails before anything else
+    loss_hyper = entries["policy_loss"].hyperparameters() or {}
+    if "loss_reduction" in loss_hyper and "loss_reduction" not in (hyper.get("policy_loss") or {}):
+        # A loss that reduces itself (SkyRL-style) is told the run's aggregation, in its own words.
+        hyper["policy_loss"] = {**(hyper.get("policy_loss") or {}), "loss_reduction": names["aggregation"]}
     bound = {k: bind(table, k, names[k], hyper.get(k)) for k in _KINDS}
     return Algorithm(
         names={k: names[k] for k in _KINDS}, hyper={k: dict(hyper.get(k) or {}) for k in _KINDS},

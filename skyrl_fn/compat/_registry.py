@@ -1,7 +1,8 @@
 """SkyRL-Train's registries, decorators and ``sync_registries``, over the frozen table.
 
-The two registries below are the only mutable global state of the library. They hold only what
-users register; the built-ins are read from ``DEFAULT_TABLE`` on lookup. ``freeze()`` turns both
+The registries below (advantage estimators; SkyRL 0.3.0's and the seed era's policy losses) are
+the only mutable global state of the library. They hold only what
+users register; the built-ins are read from ``DEFAULT_TABLE`` on lookup. ``freeze()`` turns them
 into one ``AlgorithmTable``, the value that Ray tasks receive as an argument.
 
 On Ray, every task and actor of the job sees the driver's registrations too: the driver publishes
@@ -21,36 +22,25 @@ import cloudpickle
 
 from skyrl_fn.compat._advantages import AdvantageEstimator, NativeFromSkyRL, SkyRLCallable
 from skyrl_fn.compat._calls import as_name, describe
-from skyrl_fn.compat._losses import NativeFromSkyRLLoss, SkyRLPolicyLoss
+from skyrl_fn.compat._losses import NativeFromSkyRLLoss, SkyRLPolicyLoss, SkyRLSumPolicyLoss
+from skyrl_fn.compat._policy_losses import SKYRL_LOSSES, PolicyLossType
+from skyrl_fn.compat._seed_losses import SEED_LOSS_NAMES, SEED_LOSSES
 from skyrl_fn.compat._snapshot import RegistrySnapshot, latest, publish, published_in_this_session, ray_role
 from skyrl_fn.table import DEFAULT_TABLE, KINDS, AlgorithmTable, UnknownNameError, infer_kind, unknown_name_message
 
 __all__ = [
     "AdvantageEstimatorRegistry",
     "PolicyLossRegistry",
+    "SeedPolicyLossRegistry",
     "PolicyLossType",
     "register_advantage_estimator",
     "register_policy_loss",
+    "register_seed_policy_loss",
     "sync_registries",
     "repopulate_all_registries",
     "freeze",
     "compute_advantages_and_returns",
 ]
-
-
-class PolicyLossType(enum.StrEnum):
-    """SkyRL-Train's policy-loss names (usable wherever a name is expected)."""
-
-    REGULAR = "regular"
-    DUAL_CLIP = "dual_clip"
-    GSPO = "gspo"
-    CISPO = "cispo"
-    ROLLOUT_IS = "rollout_is"
-    CLIP_COV = "clip_cov"
-    KL_COV = "kl_cov"
-    SAPO = "sapo"
-    CROSS_ENTROPY = "cross_entropy"
-    IMPORTANCE_SAMPLING = "importance_sampling"
 
 
 class BaseFunctionRegistry:
@@ -75,6 +65,8 @@ class BaseFunctionRegistry:
     """
 
     _kind: ClassVar[str] = ""
+    #: Key of this registry's names in a published snapshot (default: the kind).
+    _names_key: ClassVar[str] = ""
     _function_type: ClassVar[str] = "function"
     _wrapper: ClassVar[type] = object
     _skyrl_defaults: ClassVar[frozenset[str]] = frozenset()
@@ -112,7 +104,7 @@ class BaseFunctionRegistry:
     def _available(cls, snapshot: RegistrySnapshot | None) -> list[str]:
         if snapshot is None:
             return cls._local_available()
-        names = [n for n in snapshot.names.get(cls._kind, ()) if n not in cls._hidden]
+        names = [n for n in snapshot.names.get(cls._names_key or cls._kind, ()) if n not in cls._hidden]
         return names + [n for n in cls._functions if n not in names]
 
     @classmethod
@@ -156,7 +148,7 @@ class BaseFunctionRegistry:
         cls._functions[name] = cls._prepare(name, func)
         try:
             _changed()
-        except TypeError:  # it does not pickle, so it cannot be published: not registered
+        except (TypeError, ValueError):  # it cannot be published (does not pickle, clashes): not registered
             del cls._functions[name]
             raise
 
@@ -178,7 +170,8 @@ class BaseFunctionRegistry:
             return cls._from_snapshot(snapshot, key)
         if key in cls._builtins():
             return cls._adapt(DEFAULT_TABLE, key)
-        raise UnknownNameError(unknown_name_message(cls._function_type, str(key), cls._local_available()))
+        message = unknown_name_message(cls._function_type, str(key), cls._local_available())
+        raise UnknownNameError("U" + message[1:])  # SkyRL's wording: "Unknown advantage estimator 'x'"
 
     @classmethod
     def list_available(cls) -> list[str]:
@@ -260,17 +253,36 @@ class AdvantageEstimatorRegistry(BaseFunctionRegistry):
 
 
 class PolicyLossRegistry(BaseFunctionRegistry):
-    """SkyRL-style policy losses: ``fn(log_probs, old_log_probs, advantages, config,
-    loss_mask=None, rollout_logprobs=None) -> (loss, clip_ratio)``."""
+    """SkyRL 0.3.0's policy losses: ``fn(log_probs, old_log_probs, advantages, config,
+    loss_mask=None, rollout_logprobs=None) -> (masked-sum loss, metrics dict)``; the reduction is
+    in the advantages. SkyRL's built-in names give SkyRL's functions (``_policy_losses``), the
+    table's other losses a ``SkyRLSumPolicyLoss``. User functions are frozen into the table as
+    ``NativeFromSkyRLLoss(..., presummed=True)``."""
 
     _kind = "policy_loss"
     _function_type = "policy loss"
     _skyrl_defaults = frozenset(m.value for m in PolicyLossType)
+    _presummed: ClassVar[bool] = True
     _wrapper = NativeFromSkyRLLoss
 
     @classmethod
     def _adapt(cls, table: AlgorithmTable, name: str) -> Callable:
-        return SkyRLPolicyLoss(table, name)
+        return SKYRL_LOSSES.get(name) or SkyRLSumPolicyLoss(table, name)
+
+
+class SeedPolicyLossRegistry(PolicyLossRegistry):
+    """The skyrl_train seed era's policy losses (``skyrl_fn.compat.skyrl_train.PolicyLossRegistry``):
+    ``fn(...) -> (loss reduced by config.loss_reduction, clip_ratio float)``. A registry of its own:
+    user functions are frozen as ``NativeFromSkyRLLoss`` (reduced loss), the seed's built-in names
+    give the seed's functions (``_seed_losses``), the table's other losses a ``SkyRLPolicyLoss``."""
+
+    _skyrl_defaults = SEED_LOSS_NAMES
+    _presummed = False
+    _names_key = "policy_loss (skyrl_train)"
+
+    @classmethod
+    def _adapt(cls, table: AlgorithmTable, name: str) -> Callable:
+        return SEED_LOSSES.get(name) or SkyRLPolicyLoss(table, name)
 
 
 def _decorator(registry: type[BaseFunctionRegistry], name: Any) -> Callable:
@@ -311,7 +323,7 @@ def register_policy_loss(name: str | enum.Enum, loss: Callable | None = None) ->
     return _decorator(PolicyLossRegistry, name)
 
 
-_REGISTRIES: tuple[type[BaseFunctionRegistry], ...] = (AdvantageEstimatorRegistry, PolicyLossRegistry)
+_REGISTRIES: tuple[type[BaseFunctionRegistry], ...] = (AdvantageEstimatorRegistry, PolicyLossRegistry, SeedPolicyLossRegistry)
 #: Counts changes to the registrations (any registry); the driver publishes each count once per Ray session.
 _generation = 0
 
@@ -328,7 +340,7 @@ def _publish() -> None:
     """Publish the driver's registrations (checked to pickle first, naming the culprit)."""
     for registry in _REGISTRIES:
         registry._check_pickles()
-    names = {registry._kind: tuple(registry._local_available()) for registry in _REGISTRIES}
+    names = {registry._names_key or registry._kind: tuple(registry._local_available()) for registry in _REGISTRIES}
     publish(RegistrySnapshot(table=freeze(base=DEFAULT_TABLE), names=names), _generation)
 
 
@@ -340,8 +352,10 @@ def freeze(base: AlgorithmTable | None = None, *, replace: bool = False) -> Algo
     of the same name, as in ``get``). Built-ins unregistered through the façade are removed (when
     ``base`` has them), built-ins shadowed by a user registration (see ``BaseFunctionRegistry``)
     are replaced; user estimators are wrapped in ``NativeFromSkyRL``, user losses in
-    ``NativeFromSkyRLLoss`` (module-level classes holding the user function, so the table pickles
-    as long as the functions do). The façade itself is not changed.
+    ``NativeFromSkyRLLoss`` (SkyRL 0.3.0 registrations with ``presummed=True``, seed-era ones
+    without; both eras' names share the table, so one name in both raises), module-level classes
+    holding the user function, so the table pickles as long as the functions do. The façade
+    itself is not changed.
 
     Raises:
         ValueError: a registration clashes with a name already in ``base`` (pass ``replace=True``
@@ -356,7 +370,11 @@ def freeze(base: AlgorithmTable | None = None, *, replace: bool = False) -> Algo
                 table = table.unregister(kind, name)
         for name, fn in registry._functions.items():
             wins = replace or registry._shadows(name) or (snapshot is not None and (kind, name) in snapshot.table)
-            table = table.register(name, registry._wrapper(name, fn), kind=kind, replace=wins)
+            if kind == "advantage_estimator":
+                native = NativeFromSkyRL(name, fn)
+            else:
+                native = NativeFromSkyRLLoss(name, fn, presummed=registry._presummed)
+            table = table.register(name, native, kind=kind, replace=wins)
     return table
 
 
@@ -383,6 +401,7 @@ def sync_registries() -> AlgorithmTable:
 def repopulate_all_registries() -> None:
     """Bring back unregistered built-ins in both registries (SkyRL-Train's name)."""
     PolicyLossRegistry.repopulate_registry()
+    SeedPolicyLossRegistry.repopulate_registry()
     AdvantageEstimatorRegistry.repopulate_registry()
 
 
@@ -415,3 +434,12 @@ def compute_advantages_and_returns(
         config=config,
         **kwargs,
     )
+
+
+def register_seed_policy_loss(name: str | enum.Enum, loss: Callable | None = None) -> Callable:
+    """The seed era's ``register_policy_loss`` (into ``SeedPolicyLossRegistry``); as a decorator or
+    ``register_seed_policy_loss(name, fn)``."""
+    if loss is not None:
+        SeedPolicyLossRegistry.register(name, loss)
+        return loss
+    return _decorator(SeedPolicyLossRegistry, name)

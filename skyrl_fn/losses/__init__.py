@@ -42,11 +42,13 @@ from skyrl_fn.losses.off_policy import (
     icepop_mask,
     mismatch_metrics,
     off_policy_correction,
+    sequence_keep,
     sequence_mask,
     tis_weights,
 )
+from skyrl_fn.losses.reduction_weights import REDUCTIONS, reduction_weights
 from skyrl_fn.losses.pg import cispo, cross_entropy, gpg, importance_sampling, reinforce, rollout_is
-from skyrl_fn.losses.ppo import dppo, dual_clip, geo_mean, gspo, regular, sapo
+from skyrl_fn.losses.ppo import dppo, dppo_mask, dual_clip, geo_mean, gspo, regular, sapo
 from skyrl_fn.losses.value import entropy_from_logits, value_loss
 
 #: ``reduce`` is ``aggregate``: token_loss [B, T] -> scalar by aggregation name.
@@ -55,7 +57,7 @@ reduce = aggregate
 __all__ = [
     # policy losses
     "regular", "dual_clip", "gspo", "cispo", "sapo", "clip_cov", "kl_cov", "gpg", "geo_mean",
-    "reinforce", "cross_entropy", "rollout_is", "dppo", "importance_sampling",
+    "reinforce", "cross_entropy", "rollout_is", "dppo", "dppo_mask", "importance_sampling",
     # aggregation
     "token_mean", "token_sum", "seq_mean_token_sum", "seq_mean_token_mean", "seq_mean_token_sum_norm",
     "AGGREGATIONS", "SKYRL_REDUCTIONS", "aggregation_name", "aggregate", "reduce",
@@ -67,8 +69,10 @@ __all__ = [
     # value, entropy
     "value_loss", "entropy_from_logits",
     # off-policy
-    "OffPolicyCorrection", "tis_weights", "icepop_mask", "sequence_mask", "mismatch_metrics",
+    "OffPolicyCorrection", "tis_weights", "icepop_mask", "sequence_keep", "sequence_mask", "mismatch_metrics",
     "off_policy_correction",
+    # reduction weights (SkyRL 0.3.0: the reduction applied to the advantages)
+    "REDUCTIONS", "reduction_weights",
     # compile
     "compile_loss", "compile_unavailable_reason",
 ]
