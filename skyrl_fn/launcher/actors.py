@@ -92,6 +92,16 @@ class PolicyTrainer(_Base):
         self.backend = make_backend(cfg.rollout, model, self.tokenizer) if hosts_rollout(run) else None
         self.kept: tuple[Any, Any] | None = None  # (rollout, scores) of the last local generate
 
+    def evaluate(self, examples) -> dict[str, float]:
+        """Greedy pass@1 of the current policy on held-out ``examples`` (``skyrl_fn.train.evaluate``)."""
+        from skyrl_fn.train.evaluate import evaluate, heldout_task
+
+        cfg = self.run.config
+        return evaluate(
+            self.state.model, self.tokenizer, heldout_task(self.task, cfg.eval), examples,
+            max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens, batch_size=cfg.eval.batch_size,
+        )
+
     def generate(self, examples, seed: int, share: bool = False):
         """Sample and score here (hybrid layout); keeps ``(rollout, scores)`` for :meth:`update`.
 

@@ -371,6 +371,7 @@ def train_on_ray(
     """
     import ray
 
+    from skyrl_fn.train.evaluate import eval_due, heldout_examples
     from skyrl_fn.train.learner import KLController
     from skyrl_fn.train.loop import Summary, seed_everything
     from skyrl_fn.train.tasks import DataState, make_task, next_prompts
@@ -397,9 +398,14 @@ def train_on_ray(
         history: list[dict[str, float]] = []
         t0 = time.perf_counter()
         interval = cfg.trainer.ckpt_interval
+        held = heldout_examples(task, cfg.eval)[1] if cfg.eval.every > 0 else None
+        if start == 0 and eval_due(cfg, 0) and on_step is not None:
+            on_step({"step": 0.0, **trainer.get(trainer.policy.evaluate.remote(held))})  # the baseline
         for step in range(start, cfg.trainer.steps):
             examples, data_state = next_prompts(task, data_state, cfg.trainer.prompts_per_step, shuffle=cfg.data.shuffle)
             metrics = trainer.step(step, examples, kl_ctrl.coef)
+            if eval_due(cfg, step + 1):
+                metrics.update(trainer.get(trainer.policy.evaluate.remote(held)))
             if cfg.algorithm.use_kl_in_reward:
                 metrics["kl_coef"] = kl_ctrl.coef
                 kl_ctrl = kl_ctrl.update(metrics.get("kl", 0.0), cfg.trainer.prompts_per_step * cfg.rollout.samples_per_prompt)

@@ -21,6 +21,7 @@ from torch import nn
 
 from skyrl_fn.train import checkpoint as ckpt
 from skyrl_fn.train.config import ResolvedRun, config_to_dict
+from skyrl_fn.train.evaluate import eval_due, evaluate, heldout_examples
 from skyrl_fn.train.learner import (
     KLController,
     TrainState,
@@ -239,10 +240,20 @@ def train(run: ResolvedRun, *, on_step: Callable[[dict[str, float]], None] | Non
     history: list[dict[str, float]] = []
     t0 = time.perf_counter()
     interval = cfg.trainer.ckpt_interval
+    held = heldout_examples(comp.task, cfg.eval) if cfg.eval.every > 0 else None
+    eval_new = cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
+
+    def held_out_eval() -> dict[str, float]:
+        return evaluate(comp.policy.model, comp.tokenizer, held[0], held[1], max_new_tokens=eval_new, batch_size=cfg.eval.batch_size)
+
+    if start == 0 and eval_due(cfg, 0) and on_step is not None:
+        on_step({"step": 0.0, **held_out_eval()})  # the baseline, before any update
     for step in range(start, cfg.trainer.steps):
         metrics, data_state, kl_ctrl = run_step(run, comp, step, data_state, kl_ctrl, kernel=kernel)
         history.append(metrics)
         done = step + 1
+        if eval_due(cfg, done):
+            metrics.update(held_out_eval())
         if (interval > 0 and done % interval == 0) or done == cfg.trainer.steps:
             last_ckpt = _save(run, comp, done, data_state, kl_ctrl)
         if on_step is not None:
