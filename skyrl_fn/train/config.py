@@ -344,7 +344,8 @@ def config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
         unknown = set(value) - names
         if unknown:
             raise ValueError(f"config.{key}: unknown fields {sorted(unknown)}; expected some of {sorted(names)}")
-        kwargs[key] = cls(**value)
+        tuples = {f.name for f in dataclasses.fields(cls) if isinstance(f.default, tuple)}
+        kwargs[key] = cls(**{k: tuple(v) if k in tuples and isinstance(v, list) else v for k, v in value.items()})  # JSON has no tuples
     return TrainConfig(**kwargs)
 
 
