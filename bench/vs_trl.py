@@ -147,6 +147,9 @@ def main() -> None:
     a.warmup = a.warmup or (2 if big else 4)
     a.rounds = a.rounds or (1 if big else 2)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Ray starts its workers at nice 15; TRL runs in this process at nice 0. On a shared machine
+    # that alone skews the ratio, so both halves get the same priority.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     import ray
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="skyrl_fn_ray_"), log_to_driver=False)

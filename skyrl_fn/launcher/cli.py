@@ -88,7 +88,7 @@ PRESETS: Mapping[str, tuple[str, TrainConfig]] = {
             trainer=TrainerConfig(
                 steps=40, prompts_per_step=4, micro_batch_size=8, lr=2e-5, warmup_steps=2, torch_threads=2, ckpt_interval=0,
             ),
-            eval=EvalConfig(every=4, size=64),
+            eval=EvalConfig(every=4, size=48),
         ),
     ),
 }

@@ -76,3 +76,21 @@ def test_two_steps_and_an_evaluation_through_the_launcher(tmp_path):
     assert rows[0]["eval_size"] == 4 and all(0 < r["response_length"] <= 12 for r in rows[1:])
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows[1:])
     assert "eval accuracy" in out.stdout and (run_dir / "reward_kl.png").exists()
+
+
+@needs_model
+def test_the_gsm8k_fixture_with_the_same_model(tmp_path):
+    from skyrl_fn import DEFAULT_TABLE
+    from skyrl_fn.launcher import parse_config, resolve_names
+    from skyrl_fn.train.loop import train
+
+    fixture = os.path.join(ROOT, "tests", "fixtures", "gsm8k_tiny.jsonl")
+    argv = [
+        "smollm2", "--data.task", "gsm8k", "--data.path", fixture, "--eval.path", fixture, "--eval.every", "1",
+        "--eval.size", "2", "--trainer.steps", "1", "--trainer.prompts-per-step", "2", "--rollout.samples-per-prompt", "2",
+        "--rollout.max-new-tokens", "16", "--ray.no-use-ray", "--logging.run-dir", str(tmp_path / "run"),
+    ]
+    rows = []
+    summary = train(resolve_names(parse_config(argv, DEFAULT_TABLE), DEFAULT_TABLE), on_step=rows.append)
+    assert summary.steps == 1 and [r["step"] for r in rows] == [0.0, 1.0]
+    assert rows[0]["eval_size"] == 2 and "eval_accuracy" in rows[1] and rows[1]["response_length"] <= 16
