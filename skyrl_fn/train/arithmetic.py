@@ -15,16 +15,17 @@ prompt ever appears in the evaluation set whatever the seeds.
 
 Reward (in ``[0, 1]``)::
 
-    reward = 1                if the number after the last '####' equals the answer
-             format_credit    if there is a '####' number but it is wrong
+    reward = 1                if the last number on the last '####' line equals the answer
+             format_credit    if that line has a number but it is wrong
              0                otherwise (no '####' number: the required format is missing)
 
 Why a format credit cannot be gamed: it is strictly below the reward of a correct answer, and a
 correct answer needs the same format, so in any group where one sample is right, the right one
 gets the largest advantage; a formatted wrong answer only ever beats replies that ignore the
 instruction, which is the behaviour the task asks for. Held-out accuracy (pass@1) counts only
-reward 1, so the credit cannot inflate the measured metric. The default is 0 (the measured
-preset's choice; see ``docs/real-model.md``).
+reward 1, so the credit cannot inflate the measured metric. It can still make "####" come
+before the answer is right (measured: ``docs/real-model.md``). Default 0; the ``smollm2``
+preset uses 0.1.
 """
 
 from __future__ import annotations
@@ -45,14 +46,24 @@ KINDS: tuple[str, ...] = ("add", "add_sub", "word")
 #: Appended to every question: the required answer format.
 INSTRUCTION = "Think briefly, then give the final answer on the last line as '#### <number>'."
 
-_FINAL = re.compile(r"####\s*(-?\d[\d,]*)")
+_FINAL_LINE = re.compile(r"####([^\n]*)")
+_INT = re.compile(r"-?\d[\d,]*")
 _NAMES = ("Tom", "Anna", "Li", "Sara", "Omar", "Maya", "Ben", "Zoe")
 _THINGS = ("apples", "marbles", "stickers", "books", "coins", "pencils", "cards", "shells")
 
 
 def final_answer(response: str) -> int | None:
-    """The integer after the last ``####`` in ``response`` (commas allowed), or None."""
-    found = _FINAL.findall(response)
+    """The last integer on the line of the last ``####`` in ``response`` (commas allowed), or None.
+
+    ``"#### 7"`` and ``"#### 3 + 4 = 7"`` both give 7: the answer line's final number, as the
+    instruction asks ("the final answer on the last line"); only one number counts, so listing
+    guesses gains nothing. (SmolLM2 tends to restate the sum after ``####``; taking the number right
+    after it instead scored those 0 and stalled a measured run at 0 % held-out accuracy.)
+    """
+    lines = _FINAL_LINE.findall(response)
+    if not lines:
+        return None
+    found = _INT.findall(lines[-1])
     if not found:
         return None
     try:

@@ -55,6 +55,8 @@ def test_kinds_and_ranges():
 def test_reward_and_extraction():
     assert final_answer("12 + 3 = 15\n#### 15") == 15
     assert final_answer("#### 1,234 then #### -7") == -7
+    assert final_answer("#### 3 + 4 = 7\nso that is it") == 7  # the answer line's last number
+    assert final_answer("#### 3\n4 + 5") == 3 and final_answer("#### none") is None
     assert final_answer("the answer is 15") is None
     assert format_reward("#### 15", 15) == 1.0
     assert format_reward("#### 14", 15, format_credit=0.1) == 0.1
