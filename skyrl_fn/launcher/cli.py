@@ -83,7 +83,7 @@ PRESETS: Mapping[str, tuple[str, TrainConfig]] = {
         "sized for a 2-core CPU, held-out greedy accuracy every 4 steps (needs `make setup-real`).",
         TrainConfig(
             model=ModelConfig(name_or_path="smollm2-135m-instruct"),
-            data=DataConfig(task="arithmetic", min_value=1, max_value=9, arithmetic_kinds=("add",), format_credit=0.1),
+            data=DataConfig(task="arithmetic", min_value=1, max_value=9, format_credit=0.1),
             rollout=RolloutConfig(samples_per_prompt=8, max_new_tokens=20),
             trainer=TrainerConfig(
                 steps=40, prompts_per_step=4, micro_batch_size=8, lr=2e-5, warmup_steps=2, torch_threads=2, ckpt_interval=0,

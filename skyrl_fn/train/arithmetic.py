@@ -9,9 +9,10 @@ integer and tells the model how to give it: the reply must end its reasoning wit
     add_sub  What is 37 + 48 - 19?
     word     Tom has 37 marbles. He gets 48 more and gives away 19. How many marbles does he have now?
 
-Held out by construction: a problem belongs to the ``eval`` split when a hash of its question
-falls in the held-out bucket (one in ``heldout_every``), to ``train`` otherwise, so no training
-prompt ever appears in the evaluation set whatever the seeds.
+Held out by construction: a problem belongs to the ``eval`` split when a hash of its arithmetic
+(the added operands unordered, and the subtrahend) falls in the held-out bucket (one in
+``heldout_every``), to ``train`` otherwise, so no training problem, nor its commuted twin or a
+word problem over the same numbers, is ever in the evaluation set whatever the seeds.
 
 Reward (in ``[0, 1]``)::
 
@@ -126,22 +127,27 @@ class ArithmeticTask:
         """The same task's ``eval`` split."""
         return attrs.evolve(self, split="eval")
 
-    def _in_split(self, question: str) -> bool:
-        bucket = int.from_bytes(hashlib.sha256(question.encode()).digest()[:4], "big") % self.heldout_every
+    def _in_split(self, key: str) -> bool:
+        bucket = int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big") % self.heldout_every
         return (bucket == 0) == (self.split == "eval")
 
-    def _draw(self, rng: random.Random, kind: str) -> tuple[str, int]:
+    def _draw(self, rng: random.Random, kind: str) -> tuple[str, int, str]:
+        """``(question, answer, split key)``; the key is the arithmetic up to the order of the
+        added operands, so ``3 + 4`` and ``4 + 3`` (or a word problem over the same numbers)
+        always land in the same split."""
         lo, hi = self.min_value, self.max_value
         a, b = rng.randint(lo, hi), rng.randint(lo, hi)
+        pair = f"{min(a, b)}+{max(a, b)}"
         if kind == "add":
-            return f"What is {a} + {b}?", a + b
+            return f"What is {a} + {b}?", a + b, pair
         c = rng.randint(lo, min(hi, a + b))  # the result stays >= 0
+        key = f"{pair}-{c}"
         if kind == "add_sub":
-            return f"What is {a} + {b} - {c}?", a + b - c
+            return f"What is {a} + {b} - {c}?", a + b - c, key
         name, thing = rng.choice(_NAMES), rng.choice(_THINGS)
         return (
             f"{name} has {a} {thing}. {name} gets {b} more and gives away {c}. How many {thing} does {name} have now?",
-            a + b - c,
+            a + b - c, key,
         )
 
     def example(self, index: int) -> Example:
@@ -151,8 +157,8 @@ class ArithmeticTask:
         kind = self.kinds[index % len(self.kinds)]
         rng = random.Random(f"arithmetic/{self.seed}/{self.split}/{index}")
         while True:  # rejection keeps the splits disjoint; ~1 draw for train, ~heldout_every for eval
-            question, answer = self._draw(rng, kind)
-            if self._in_split(question):
+            question, answer, key = self._draw(rng, kind)
+            if self._in_split(key):
                 return Example(index=index, prompt=f"{question} {INSTRUCTION}", answer=str(answer))
 
     def reward(self, response: str, example: Example) -> float:

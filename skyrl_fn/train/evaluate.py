@@ -3,7 +3,7 @@ scored with the task's reward.
 
     eval_accuracy = #{held-out prompts whose greedy response earns the full reward 1.0} / N   (pass@1)
 
-The set is fixed for a run: the first ``eval.size`` examples of the task's held-out split
+The set is fixed for a run: the first ``eval.size`` distinct prompts of the task's held-out split
 (``task.heldout()``, e.g. ``arithmetic``'s eval split, disjoint from training by construction) or
 of the rows in ``eval.path`` (gsm8k-style ``{"prompt", "answer"}`` jsonl). Decoding is
 ``model.generate(do_sample=False)`` with the same prompt encoding (chat template, left padding)
@@ -48,11 +48,25 @@ def heldout_task(task: Task, cfg: EvalConfig) -> Task:
 
 
 def heldout_examples(task: Task, cfg: EvalConfig) -> tuple[Task, list[Example]]:
-    """``(held-out task, its first eval.size examples)`` (all rows when a file holds fewer)."""
+    """``(held-out task, its first eval.size distinct prompts)``.
+
+    Repeated prompts are skipped (a small generated split repeats itself), scanning at most
+    ``20 * eval.size`` examples, so the set may be smaller than ``eval.size``: ``eval_size``
+    in the metrics says how many were scored.
+    """
     held = heldout_task(task, cfg)
     size = held.size()
-    n = cfg.size if size is None else min(cfg.size, size)
-    return held, [held.example(i) for i in range(n)]
+    limit = 20 * cfg.size if size is None else size
+    seen: set[str] = set()
+    out: list[Example] = []
+    for i in range(limit):
+        e = held.example(i)
+        if e.prompt not in seen:
+            seen.add(e.prompt)
+            out.append(e)
+            if len(out) == cfg.size:
+                break
+    return held, out
 
 
 def eval_due(config: TrainConfig, done: int) -> bool:

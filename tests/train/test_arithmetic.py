@@ -42,6 +42,24 @@ def test_splits_are_disjoint_and_seeded():
     assert ArithmeticTask().heldout() == ArithmeticTask(split="eval")
 
 
+def _arithmetic(prompt: str) -> tuple:
+    nums = [int(x) for x in re.findall(r"\d+", prompt.split("Think briefly")[0])]
+    return (tuple(sorted(nums[:2])), *nums[2:])
+
+
+def test_commuted_twins_and_word_problems_share_a_split():
+    train = {_arithmetic(ArithmeticTask(min_value=1, max_value=9).example(i).prompt) for i in range(3000)}
+    held = {_arithmetic(ArithmeticTask(min_value=1, max_value=9, split="eval").example(i).prompt) for i in range(300)}
+    assert held and not train & held  # no 3 + 4 in train with 4 + 3 held out, nor the same numbers worded
+
+
+def test_the_heldout_set_has_distinct_prompts():
+    small = ArithmeticTask(kinds=("add",), min_value=1, max_value=9)  # 81 questions, ~1/8 held out
+    _, examples = heldout_examples(small, EvalConfig(size=48))
+    prompts = [e.prompt for e in examples]
+    assert len(set(prompts)) == len(prompts) < 48
+
+
 def test_kinds_and_ranges():
     task = ArithmeticTask(kinds=("add",), min_value=1, max_value=9)
     for i in range(50):
