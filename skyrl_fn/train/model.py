@@ -1,27 +1,28 @@
-"""Models for training: the embedded tiny Llama, a locally built tokenizer, local HF directories,
-and a critic (a causal-LM backbone with a scalar value head).
+"""Models for training: the embedded tiny Llama, a locally built tokenizer, pretrained
+checkpoints, and a critic (a causal-LM backbone with a scalar value head).
 
 Nothing here downloads: the tiny model is built from a ``LlamaConfig`` and the tokenizer from the
-``tokenizers`` library over a fixed character alphabet; ``name_or_path`` must be a local directory
-(``local_files_only=True``).
+``tokenizers`` library over a fixed character alphabet; ``name_or_path`` is a local HF directory,
+a ``.gguf`` file or a packaged model (``skyrl_fn.train.pretrained``; ``local_files_only=True``).
 
 Notation: ``B`` sequences, ``L`` tokens per sequence (prompt + response), ``V`` vocabulary.
 """
 
 from __future__ import annotations
 
-import os
 import string
+from typing import Sequence
 
 import torch
 from torch import nn
 
 from skyrl_fn.train.config import ModelConfig
+from skyrl_fn.train.pretrained import materialize, resolve_source
 
 __all__ = [
     "PAD", "BOS", "EOS", "DIGITS_ALPHABET", "TEXT_ALPHABET",
     "build_tokenizer", "build_tiny_model", "load_model", "load_tokenizer", "build_critic",
-    "ValueModel", "torch_dtype", "position_ids",
+    "ValueModel", "torch_dtype", "position_ids", "checkpoint_dir", "eos_token_ids", "encode_prompts",
 ]
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
@@ -104,25 +105,53 @@ def build_tiny_model(cfg: ModelConfig, tokenizer, *, seed: int = 0) -> nn.Module
     return model.to(torch_dtype(cfg))
 
 
+def checkpoint_dir(cfg: ModelConfig) -> str:
+    """The local HF directory of ``cfg.name_or_path`` (a GGUF source is dequantised into the
+    cache once; see ``skyrl_fn.train.pretrained``)."""
+    if cfg.name_or_path is None:
+        raise ValueError("model.name_or_path: expected a checkpoint, got None (the embedded tiny model)")
+    return materialize(resolve_source(cfg.name_or_path, cfg.gguf_file), cache_dir=cfg.cache_dir)
+
+
 def load_tokenizer(cfg: ModelConfig, *, alphabet: str = DIGITS_ALPHABET):
     """The tokenizer of ``cfg.name_or_path`` (local), or the character tokenizer over ``alphabet``.
 
-    A loaded tokenizer without a pad token gets ``pad = eos``; padding is on the left.
+    With ``cfg.chat_template`` False the tokenizer's chat template is dropped, so
+    :func:`encode_prompts` feeds raw text. Padding is on the left. A loaded tokenizer without a pad token gets ``pad = eos`` (padding
+    positions are masked everywhere, so the id they hold never matters; generation stops on the
+    EOS ids of :func:`eos_token_ids`, not on the pad id).
     """
     if cfg.name_or_path is None:
         return build_tokenizer(alphabet)
     from transformers import AutoTokenizer
 
-    _check_local(cfg.name_or_path)
-    tok = AutoTokenizer.from_pretrained(cfg.name_or_path, local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(checkpoint_dir(cfg), local_files_only=True)
+    if not cfg.chat_template:
+        tok.chat_template = None  # encode_prompts then feeds the raw prompt text
     if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ValueError(f"model.name_or_path: the tokenizer of {cfg.name_or_path!r} has neither a pad nor an EOS token")
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
     return tok
 
 
+def eos_token_ids(tokenizer, model: nn.Module | None = None) -> tuple[int, ...]:
+    """The ids that end a response: the tokenizer's EOS plus the model's generation-config EOS ids
+    (chat models often end turns with a token other than the tokenizer's EOS, and some list several)."""
+    ids = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
+    gen = getattr(model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None)
+    for i in ([extra] if isinstance(extra, int) else list(extra or [])):
+        if int(i) not in ids:
+            ids.append(int(i))
+    if not ids:
+        raise ValueError("tokenizer: expected an EOS token (responses must be able to end), got none")
+    return tuple(ids)
+
+
 def load_model(cfg: ModelConfig, tokenizer, *, seed: int = 0) -> nn.Module:
-    """The policy: the tiny model when ``cfg.name_or_path`` is None, else the local HF directory.
+    """The policy: the tiny model when ``cfg.name_or_path`` is None, else the pretrained checkpoint.
 
     Args:
         cfg: model config (``dtype`` applies to both paths).
@@ -130,21 +159,34 @@ def load_model(cfg: ModelConfig, tokenizer, *, seed: int = 0) -> nn.Module:
         seed: initialisation seed of the tiny model.
 
     Raises:
-        ValueError: ``name_or_path`` is not an existing local directory.
+        ValueError: ``name_or_path`` names nothing local (see ``pretrained.resolve_source``).
     """
     if cfg.name_or_path is None:
         return build_tiny_model(cfg, tokenizer, seed=seed)
     from transformers import AutoModelForCausalLM
 
-    _check_local(cfg.name_or_path)
-    return AutoModelForCausalLM.from_pretrained(cfg.name_or_path, local_files_only=True, dtype=torch_dtype(cfg))
+    model = AutoModelForCausalLM.from_pretrained(checkpoint_dir(cfg), local_files_only=True, dtype=torch_dtype(cfg))
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
 
 
-def _check_local(path: str) -> None:
-    if not os.path.isdir(path):
-        raise ValueError(
-            f"model.name_or_path: expected a local HF model directory (downloads are disabled), got {path!r}"
+def encode_prompts(tokenizer, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids [P, Lp]`` (int64) and ``attention_mask [P, Lp]`` (int64) of ``prompts``, left-padded.
+
+    With a chat template on the tokenizer each prompt becomes one user message followed by the
+    assistant header (``add_generation_prompt``); the template's own special tokens are kept and
+    no others are added. Without one the text is encoded as is (no BOS added).
+    """
+    texts = list(prompts)
+    if getattr(tokenizer, "chat_template", None):
+        texts = tokenizer.apply_chat_template(
+            [[{"role": "user", "content": p}] for p in texts], tokenize=False, add_generation_prompt=True
         )
+    if tokenizer.padding_side != "left":
+        raise ValueError(f"tokenizer.padding_side: expected 'left' (responses follow the prompts), got {tokenizer.padding_side!r}")
+    enc = tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
+    return enc["input_ids"].long(), enc["attention_mask"].long()
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:

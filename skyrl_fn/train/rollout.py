@@ -18,7 +18,7 @@ from torch import nn
 
 from skyrl_fn._checks import as_mask, check_floating, check_shape, check_tensor
 from skyrl_fn.train.config import RolloutConfig
-from skyrl_fn.train.model import position_ids
+from skyrl_fn.train.model import encode_prompts, eos_token_ids, position_ids
 
 __all__ = [
     "RolloutBatch", "RolloutBackend", "HFBackend", "make_backend", "check_backend_available",
@@ -160,7 +160,9 @@ class HFBackend:
     def generate(self, prompts: Sequence[str], *, seed: int) -> RolloutBatch:
         """Sample ``G = cfg.samples_per_prompt`` responses per prompt (KV-cached loop).
 
-        Each row stops at EOS (kept, masked 1) or after ``max_new_tokens``; later positions hold
+        Prompts go through the tokenizer's chat template when it has one (``encode_prompts``).
+        Each row stops at an EOS id (``eos_token_ids``: the tokenizer's and the model's
+        generation config's; kept, masked 1) or after ``max_new_tokens``; later positions hold
         the pad id with mask 0. Sampling uses a generator seeded with ``seed`` only, so the same
         weights, prompts and seed give the same batch.
         """
@@ -171,11 +173,12 @@ class HFBackend:
             raise ValueError("prompts: expected at least one prompt, got none")
         g_per = cfg.samples_per_prompt
         device = next(model.parameters()).device
-        enc = tok(list(prompts), padding=True, return_tensors="pt", add_special_tokens=False)
-        ids = enc["input_ids"].repeat_interleave(g_per, 0).to(device)
-        attn = enc["attention_mask"].repeat_interleave(g_per, 0).to(device).long()
+        enc_ids, enc_mask = encode_prompts(tok, prompts)
+        ids = enc_ids.repeat_interleave(g_per, 0).to(device)
+        attn = enc_mask.repeat_interleave(g_per, 0).to(device)
         b = ids.shape[0]
-        eos, pad = tok.eos_token_id, tok.pad_token_id
+        eos, pad = eos_token_ids(tok, model), tok.pad_token_id
+        eos_t = torch.tensor(eos, device=device)
         gen = torch.Generator(device=device)
         gen.manual_seed(int(seed) % (2**63 - 1))
         pos = position_ids(attn)
@@ -193,7 +196,7 @@ class HFBackend:
             out_ids.append(nxt)
             out_lp.append(torch.where(alive, logp.gather(-1, nxt[:, None]).squeeze(-1), 0.0))
             out_mask.append(alive)
-            finished = finished | (nxt == eos)
+            finished = finished | (alive & torch.isin(nxt, eos_t))
             if bool(finished.all()) or t == cfg.max_new_tokens - 1:
                 break
             attn = torch.cat([attn, alive[:, None].long()], dim=1)
@@ -205,7 +208,7 @@ class HFBackend:
         response_mask = torch.stack(out_mask, 1).cpu()
         texts = []
         for row, m in zip(response_ids.tolist(), response_mask.tolist()):
-            kept = [x for x, keep in zip(row, m) if keep and x != eos]
+            kept = [x for x, keep in zip(row, m) if keep and x not in eos]
             texts.append(tok.decode(kept, skip_special_tokens=True))
         return RolloutBatch(
             prompt_ids=ids.cpu(), prompt_mask=attn[:, : ids.shape[1]].cpu().bool(), response_ids=response_ids,

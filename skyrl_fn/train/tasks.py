@@ -198,13 +198,20 @@ def make_task(cfg: DataConfig, *, seed: int = 0) -> Task:
     """The task named by ``cfg.task``."""
     if cfg.task == "digits":
         return DigitsTask(op=cfg.digits_op, min_digits=cfg.min_digits, max_digits=cfg.max_digits, seed=seed)
+    if cfg.task == "arithmetic":
+        from skyrl_fn.train.arithmetic import ArithmeticTask
+
+        return ArithmeticTask(
+            seed=seed, min_value=cfg.min_value, max_value=cfg.max_value, kinds=cfg.arithmetic_kinds,
+            format_credit=cfg.format_credit,
+        )
     if cfg.task == "gsm8k":
         from skyrl_fn.train.gsm8k import Gsm8kTask
 
         if not cfg.path:
             raise ValueError("data.path: expected a gsm8k jsonl path, got None")
         return Gsm8kTask.from_jsonl(cfg.path)
-    raise ValueError(f"data.task: expected 'digits' or 'gsm8k', got {cfg.task!r}")
+    raise ValueError(f"data.task: expected 'digits', 'arithmetic' or 'gsm8k', got {cfg.task!r}")
 
 
 def score(task: Task, responses: Sequence[str], examples: Sequence[Example], group_ids: Sequence[int]) -> list[float]:

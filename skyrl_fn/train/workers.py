@@ -32,6 +32,7 @@ import torch
 
 from skyrl_fn.train import checkpoint as ckpt
 from skyrl_fn.train.config import ResolvedRun
+from skyrl_fn.train.evaluate import evaluate, heldout_task
 from skyrl_fn.train.experience import Experience, make_experience
 from skyrl_fn.train.forward import batched_log_probs, batched_values
 from skyrl_fn.train.learner import TrainState, critic_update, loss_kernel, make_train_state, policy_update
@@ -128,6 +129,7 @@ class PolicyWorker:
         self.train_state = make_train_state(model, lr=tr.lr, weight_decay=tr.weight_decay, warmup_steps=tr.warmup_steps)
         self.kernel = loss_kernel(run, device_type=torch.device(device).type)
         self.backend = make_backend(cfg.rollout, model, self.tokenizer) if samples else None
+        self._heldout: Task | None = None  # the held-out task, built on the first evaluate
 
     def generate(self, examples: Sequence[Any], seed: int) -> Generated:
         """Sample and score with the policy's own model (hybrid layout)."""
@@ -156,6 +158,17 @@ class PolicyWorker:
         metrics.update(policy_update(self.run, self.train_state, exp, kernel=self.kernel))
         metrics["update_seconds"] = time.perf_counter() - t0
         return metrics, exp
+
+    def evaluate(self, examples: Sequence[Any]) -> dict[str, float]:
+        """Greedy pass@1 of the current policy on held-out ``examples`` (``P`` of them), scored by
+        the held-out task (:func:`skyrl_fn.train.evaluate.evaluate`; its ``eval_*`` metrics)."""
+        cfg = self.run.config
+        if self._heldout is None:
+            self._heldout = heldout_task(self.task, cfg.eval)
+        return evaluate(
+            self.train_state.model, self.tokenizer, self._heldout, examples,
+            max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens, batch_size=cfg.eval.batch_size,
+        )
 
     def weights(self) -> dict[str, torch.Tensor]:
         """The current state dict (for separate rollout workers)."""
@@ -269,6 +282,10 @@ class Workers(Protocol):
     def wait(self, generated: Any, updated: Any, critic: Any) -> tuple[dict[str, float], float]:
         """Wait for the step: ``(policy metrics merged with the critic's, sampling seconds)``."""
 
+    def evaluate(self, examples: Sequence[Any]) -> dict[str, float]:
+        """Greedy pass@1 of the current policy (after every update so far) on held-out
+        ``examples``: the ``eval_*`` metrics of ``skyrl_fn.train.evaluate.evaluate``. Blocks."""
+
     def state(self) -> WorkersState:
         """The state of every role (for a checkpoint)."""
 
@@ -316,6 +333,9 @@ class LocalWorkers:
         if critic is not None:
             metrics.update(critic)
         return metrics, generated.seconds
+
+    def evaluate(self, examples: Sequence[Any]) -> dict[str, float]:
+        return self.policy.evaluate(examples)
 
     def state(self) -> WorkersState:
         roles = {"policy": self.policy.state()}

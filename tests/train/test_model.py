@@ -79,7 +79,7 @@ def test_load_local_directory(tmp_path):
 
 
 def test_missing_directory_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="local HF model directory"):
+    with pytest.raises(ValueError, match="expected a local HF directory.*downloads are disabled"):
         load_tokenizer(ModelConfig(name_or_path=str(tmp_path / "nope")))
 
 
