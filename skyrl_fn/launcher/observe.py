@@ -257,6 +257,13 @@ class RunObserver:
                 kl=fmt(metric(row, "kl"), ".4f"), tps=fmt(metric(row, "tokens_per_s"), ".0f"),
             )
 
+    def event(self, name: str, *, step: int, **fields: Any) -> None:
+        """Write one non-metric row ``{"step", "event": name, **fields}`` to ``metrics.jsonl``
+        (e.g. the config changes of a resume); not plotted, not counted as a step."""
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps({"step": int(step), "event": name, **fields}, default=str) + "\n")
+            self._jsonl.flush()
+
     def finish(self, extra: Mapping[str, Any] | None = None) -> str:
         """Close the live outputs, write the PNG and ``summary.json``; return the summary line."""
         self.close()

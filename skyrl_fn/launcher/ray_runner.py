@@ -386,9 +386,9 @@ def train_on_ray(
         kl_ctrl = KLController.from_run(run)
         start, resumed_from = 0, None
         if cfg.trainer.resume:
-            path = ckpt.latest_checkpoint(cfg.ckpt_dir)
-            if path is not None:
-                c = ckpt.load(path)
+            c = ckpt.load_latest(cfg.ckpt_dir)  # the newest that verifies; damaged ones skipped, warned
+            if c is not None:
+                path = c.path
                 trainer.restore(c)
                 data_state = DataState(**c.data_state)
                 kl_ctrl = attrs.evolve(kl_ctrl, coef=float(c.extra.get("kl_coef", kl_ctrl.coef)))

@@ -228,9 +228,9 @@ def train(run: ResolvedRun, *, on_step: Callable[[dict[str, float]], None] | Non
     kl_ctrl = KLController.from_run(run)
     start, resumed_from, last_ckpt = 0, None, None
     if cfg.trainer.resume:
-        path = ckpt.latest_checkpoint(cfg.ckpt_dir)
-        if path is not None:
-            c = ckpt.load(path)
+        c = ckpt.load_latest(cfg.ckpt_dir)  # the newest that verifies; damaged ones skipped, warned
+        if c is not None:
+            path = c.path
             data_state, coef = _restore(comp, c)
             kl_ctrl = attrs.evolve(kl_ctrl, coef=coef)
             start = resumed_from = c.step
