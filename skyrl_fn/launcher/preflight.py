@@ -28,6 +28,7 @@ import attrs
 
 from skyrl_fn.train import checkpoint as ckpt
 from skyrl_fn.train.config import ModelConfig, ResolvedRun, config_to_dict
+from skyrl_fn.train.degenerate import degenerate_settings, singleton_behaviour
 from skyrl_fn.train.resume import ConfigDiff, IncompatibleResumeError, check_resume
 from skyrl_fn.train.tasks import DataError, make_task
 
@@ -144,6 +145,14 @@ def check_resume_target(run: ResolvedRun) -> Preflight:
     return Preflight(warnings=lines, resume_from=path, resume_step=int(manifest["step"]), resume_diff=diff)
 
 
+def _bound_estimator(run: ResolvedRun):
+    """The run's advantage estimator with its hyperparameters, as the learner calls it."""
+    import functools
+
+    fn = run.table.estimator(run.config.algorithm.advantage_estimator)
+    return functools.partial(fn, **dict(run.estimator_hyper))
+
+
 def preflight(run: ResolvedRun) -> Preflight:
     """Run every check of the module docstring on ``run``; the first failure raises.
 
@@ -152,10 +161,19 @@ def preflight(run: ResolvedRun) -> Preflight:
     """
     cfg = run.config
     try:
-        make_task(cfg.data, seed=cfg.trainer.seed)
+        task = make_task(cfg.data, seed=cfg.trainer.seed)
     except DataError as err:
         raise PreflightError(str(err)) from None
+    promises = run.table.entry("advantage_estimator", cfg.algorithm.advantage_estimator).promises
+    singleton = None
+    if cfg.rollout.samples_per_prompt == 1:
+        singleton = singleton_behaviour(_bound_estimator(run))
+    findings = degenerate_settings(cfg, estimator_promises=promises, singleton=singleton, task_size=task.size())
+    refused = [f.message for f in findings if f.refuse]
+    if refused:
+        raise PreflightError("; ".join(refused))
     check_model(cfg.model)
     check_writable(cfg.logging.run_dir, "logging.run_dir")
     check_writable(cfg.ckpt_dir, "trainer.ckpt_dir" if cfg.trainer.ckpt_dir else "trainer.ckpt_dir (<logging.run_dir>/checkpoints)")
-    return check_resume_target(run)
+    resumed = check_resume_target(run)
+    return attrs.evolve(resumed, warnings=tuple(f.message for f in findings if not f.refuse) + resumed.warnings)

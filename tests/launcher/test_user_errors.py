@@ -72,6 +72,8 @@ PROBES = [
      "expected a causal-LM model_type, got 'vit'"),
     ("plugin syntax error", lambda t: ["--plugin", _jsonl(t, "bad_plugin.py", b"def (:\n")], "bad_plugin.py:1"),
     ("unknown estimator", lambda t: ["--algorithm.advantage-estimator", "gpro"], "did you mean 'grpo'"),
+    ("groups of one with grpo", lambda t: ["--rollout.samples-per-prompt", "1"],
+     "rollout.samples_per_prompt: expected >= 2 with algorithm.advantage_estimator 'grpo'"),
     ("zero prompts", lambda t: ["--trainer.prompts-per-step", "0"], "trainer.prompts_per_step: expected > 0, got 0"),
     ("resume changed shape", lambda t: (_checkpoint(t, ["--logging.run-dir", str(t / "r")]) or
                                         ["--logging.run-dir", str(t / "r"), "--trainer.resume", "--model.hidden-size", "32"]),
