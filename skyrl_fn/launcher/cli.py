@@ -43,6 +43,7 @@ from skyrl_fn.launcher.preflight import Preflight, PreflightError, preflight
 from skyrl_fn.table import DEFAULT_TABLE, AlgorithmTable, UnknownNameError
 from skyrl_fn.train.checkpoint import CheckpointError, CheckpointWarning
 from skyrl_fn.train.config import AlgorithmConfig, ResolvedRun, TrainConfig, resolve
+from skyrl_fn.train.nonfinite import NonFiniteStepError, SkippedStepWarning
 from skyrl_fn.train.tasks import DataError, RewardError
 
 __all__ = [
@@ -253,7 +254,7 @@ def _fault_errors() -> tuple[type[BaseException], ...]:
     """Faults while training: one ``error:`` line, exit 1 (their classes import Ray lazily)."""
     from skyrl_fn.launcher.ray_runner import WorkerDiedError
 
-    return (WorkerDiedError, CheckpointError, RewardError)
+    return (WorkerDiedError, CheckpointError, RewardError, NonFiniteStepError)
 
 
 def _one_line(err: BaseException) -> str:
@@ -271,6 +272,14 @@ def _fail(err: BaseException, status: int = EXIT_USAGE) -> NoReturn:
 
 def _warn(line: str) -> None:
     print(f"warning: {line}", file=sys.stderr, flush=True)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
+    """Our own warnings as ``warning: <message>`` lines; any other as Python shows it."""
+    if issubclass(category, (CheckpointWarning, SkippedStepWarning)):
+        _warn(str(message))
+    else:
+        _default(message, category, filename, lineno, file, line)
 
 
 def main(argv: Sequence[str] | None = None, table: AlgorithmTable | None = None):
@@ -327,6 +336,8 @@ def _main(argv: list[str], table: AlgorithmTable | None):
     with warnings.catch_warnings():
         # Pre-flight reported the skipped checkpoints already; the loader would repeat them.
         warnings.simplefilter("ignore", CheckpointWarning)
+        warnings.simplefilter("always", SkippedStepWarning)
+        warnings.showwarning = _show_warning
         return launch(run, checks=checks)
 
 
