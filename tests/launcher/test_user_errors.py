@@ -165,3 +165,15 @@ def test_every_probe_through_the_real_script(tmp_path):
             failures.append((name, out.returncode, out.stderr[-500:]))
     print(f"user-error probes: {len(PROBES)}, tracebacks: {tracebacks}")
     assert tracebacks == 0 and not failures, failures
+
+
+def test_an_error_raised_inside_a_ray_actor_is_reported_by_its_own_message():
+    from ray.exceptions import RayTaskError
+
+    from skyrl_fn.launcher.cli import _fault_errors, _one_line
+    from skyrl_fn.train.tasks import RewardError
+
+    cause = RewardError("reward: Task.reward raised KeyError: 'a' on sample 0 (...)")
+    err = RayTaskError("PolicyWorker.generate", "Traceback (most recent call last):\n  ...", cause).as_instanceof_cause()
+    assert isinstance(err, _fault_errors())
+    assert _one_line(err) == str(cause)  # not the remote traceback Ray's str() holds
