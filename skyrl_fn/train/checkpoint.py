@@ -2,8 +2,8 @@
 
 ``save`` writes everything into a hidden temporary directory next to the target, each file with
 its size and sha256 recorded, then ``manifest.json`` (written last), fsyncs every file and the
-directory, ``os.replace``-s it to ``step_XXXXXXXX``, fsyncs the parent, reads it back through
-:func:`load` and only then prunes older checkpoints. A crash at any point leaves the previous
+directory, ``os.replace``-s it to ``step_XXXXXXXX``, fsyncs the parent, reads it back
+(:func:`verify`) and only then prunes older checkpoints. A crash at any point leaves the previous
 checkpoints untouched and at most a hidden ``.tmp-*`` directory, which the next ``save`` removes.
 A failed write (e.g. ENOSPC) raises :class:`CheckpointWriteError` naming the file and the intact
 previous checkpoint.
@@ -226,7 +226,7 @@ def save(
         rng: RNG states; captured now (:func:`capture_rng`) when None.
         extra: further JSON-able state.
         keep: number of newest checkpoints to keep (>= 1); older ones are pruned only after the
-            new one has been read back and verified.
+            new one has been read back and verified (:func:`verify`).
 
     Raises:
         ValueError: negative step, keep < 1, or a weights name that is not a plain identifier.
@@ -287,7 +287,7 @@ def save(
             f"checkpoint {final}: could not {doing}: "
             f"{err.strerror or err} ({type(err).__name__}); {kept}"
         ) from err
-    load(final)  # read back what was written before anything older goes
+    verify(final)  # read back (sizes, sha256) what was written before anything older goes
     for old in list_checkpoints(ckpt_dir)[:-keep]:
         # Renamed away first, so an interrupted prune never leaves a half-deleted step_ directory.
         gone = os.path.join(ckpt_dir, f".old-{os.path.basename(old)}-{uuid.uuid4().hex[:8]}")
