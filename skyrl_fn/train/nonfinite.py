@@ -24,7 +24,7 @@ import torch
 
 __all__ = [
     "NonFiniteStepError", "SkippedStepWarning", "SkipCounter", "reward_rows", "nonfinite_rows", "describe_rows",
-    "SKIPPED", "SKIP_REASON",
+    "step_if_finite", "skipped_metrics", "reward_function_name", "SKIPPED", "SKIP_REASON",
 ]
 
 #: Metric set to 1.0 on a skipped step (0.0 otherwise).
@@ -39,6 +39,12 @@ class NonFiniteStepError(RuntimeError):
 
 class SkippedStepWarning(UserWarning):
     """A training step was skipped: a reward, the loss or the gradient was not finite."""
+
+
+def reward_function_name(task: object) -> str:
+    """``Class.reward`` of a task (what :func:`reward_rows` names)."""
+    fn = getattr(task, "reward", None)
+    return getattr(fn, "__qualname__", None) or f"{type(task).__name__}.reward"
 
 
 def reward_rows(scores: torch.Tensor, *, prompts: Sequence[str], responses: Sequence[str], group_ids: Sequence[int], function: str) -> list[str]:
@@ -90,6 +96,39 @@ def describe_rows(rows: Mapping[int, Sequence[str]], *, rewards: torch.Tensor, l
     ]
     more = f"; ... {len(rows) - limit} more rows" if len(rows) > limit else ""
     return "; ".join(parts) + more
+
+
+def step_if_finite(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, max_norm: float, loss_finite: bool = True) -> tuple[torch.Tensor, bool]:
+    """Clip the global gradient norm to ``max_norm`` (<= 0: no clipping) and step ``optimizer`` —
+    unless the loss or the norm is not finite: then the gradients are dropped and nothing steps.
+
+    Returns:
+        ``(grad_norm, stepped)``.
+    """
+    params = [p for p in model.parameters() if p.grad is not None]
+    if max_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm).detach()
+    elif params:
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+    else:
+        norm = torch.zeros(())
+    if not loss_finite or not bool(torch.isfinite(norm)):
+        optimizer.zero_grad(set_to_none=True)
+        return norm, False
+    optimizer.step()
+    return norm, True
+
+
+def skipped_metrics(reason: str, *, scores: torch.Tensor, response_mask: torch.Tensor) -> dict[str, object]:
+    """The metrics of a skipped step: ``skipped = 1``, the reason, and the batch's finite reward
+    mean and mean response length (so the step still shows what was sampled)."""
+    s = scores.detach().float()
+    finite = s[torch.isfinite(s)]
+    return {
+        SKIPPED: 1.0, SKIP_REASON: reason,
+        "reward": float(finite.mean()) if finite.numel() else float("nan"),
+        "response_length": float(response_mask.sum(-1).float().mean()),
+    }
 
 
 @attrs.frozen(kw_only=True)

@@ -48,3 +48,20 @@ def test_skip_counter_counts_warns_and_stops():
     assert (c.consecutive, c.total) == (2, 3)
     with pytest.raises(NonFiniteStepError, match="3 consecutive steps skipped \\(limit 2\\), the last, step 5, for a NaN reward"):
         c.record(bad, step=5)
+
+
+@pytest.mark.parametrize("poison, max_norm", [(None, 1.0), ("grad", 1.0), ("grad", 0.0), ("loss", 1.0)])
+def test_step_if_finite_never_lets_a_nan_reach_the_weights(poison, max_norm):
+    from skyrl_fn.train.nonfinite import step_if_finite
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    loss = model(torch.ones(1, 3)).sum() * (math.nan if poison == "grad" else 1.0)
+    loss.backward()
+    norm, stepped = step_if_finite(model, opt, max_norm=max_norm, loss_finite=poison != "loss")
+    assert stepped == (poison is None)
+    changed = any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert changed == stepped and all(torch.isfinite(v).all() for v in model.state_dict().values())
+    if not stepped:
+        assert all(p.grad is None for p in model.parameters()) and not opt.state  # AdamW untouched
