@@ -11,7 +11,6 @@ a dense learning signal from the first step::
 
 from __future__ import annotations
 
-import math
 import os
 import random
 from typing import Protocol, Sequence, runtime_checkable
@@ -20,10 +19,11 @@ import attrs
 
 from skyrl_fn.train.config import DataConfig
 from skyrl_fn.train.model import DIGITS_ALPHABET
+from skyrl_fn.train.nonfinite import reward_function_name
 
 __all__ = [
     "Example", "Task", "DigitsTask", "DataState", "next_prompts", "make_task", "char_credit", "step_credit", "score",
-    "DataError", "RewardError", "check_data_path", "nonfinite_rewards",
+    "DataError", "RewardError", "check_data_path",
 ]
 
 
@@ -234,11 +234,6 @@ def make_task(cfg: DataConfig, *, seed: int = 0) -> Task:
     raise DataError(f"data.task: expected 'digits' or 'gsm8k', got {cfg.task!r}")
 
 
-def _function_name(task: Task) -> str:
-    fn = getattr(task, "reward", None)
-    return getattr(fn, "__qualname__", None) or f"{type(task).__name__}.reward"
-
-
 def _sample(b: int, example: Example, response: str) -> str:
     return f"sample {b} (prompt {example.index} {example.prompt[:40]!r}, response {response[:40]!r})"
 
@@ -246,8 +241,8 @@ def _sample(b: int, example: Example, response: str) -> str:
 def score(task: Task, responses: Sequence[str], examples: Sequence[Example], group_ids: Sequence[int]) -> list[float]:
     """Rewards ``[B]`` of ``responses``; response ``b`` answers ``examples[group_ids[b]]``.
 
-    Non-finite rewards are returned as they are (see :func:`nonfinite_rewards`: the training
-    step skips a batch holding one).
+    Non-finite rewards are returned as they are (the training step skips a batch holding one and
+    names each sample: ``skyrl_fn.train.nonfinite.reward_rows``).
 
     Raises:
         RewardError: the reward function raised; names the function, the sample and the error.
@@ -259,17 +254,6 @@ def score(task: Task, responses: Sequence[str], examples: Sequence[Example], gro
             out.append(float(task.reward(r, example)))
         except Exception as err:
             raise RewardError(
-                f"reward: {_function_name(task)} raised {type(err).__name__}: {err} on {_sample(b, example, r)}"
+                f"reward: {reward_function_name(task)} raised {type(err).__name__}: {err} on {_sample(b, example, r)}"
             ) from err
     return out
-
-
-def nonfinite_rewards(
-    task: Task, rewards: Sequence[float], responses: Sequence[str], examples: Sequence[Example], group_ids: Sequence[int]
-) -> list[str]:
-    """One line per NaN/inf reward, naming the function and the sample (empty when all are finite)."""
-    fn = _function_name(task)
-    return [
-        f"{fn} returned {x} for {_sample(b, examples[int(g)], r)}"
-        for b, (x, r, g) in enumerate(zip(rewards, responses, group_ids)) if not math.isfinite(x)
-    ]

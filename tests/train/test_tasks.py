@@ -126,16 +126,3 @@ def test_a_raising_reward_names_the_function_and_the_sample():
     msg = str(err.value)
     assert "_Broken.reward raised ZeroDivisionError: division by zero" in msg
     assert f"sample 2 (prompt 1 {examples[1].prompt!r}, response 'boom')" in msg
-
-
-def test_nonfinite_rewards_are_returned_and_named():
-    from skyrl_fn.train.tasks import nonfinite_rewards, score
-
-    task = _Broken()
-    examples = [task.example(0)]
-    responses = ["1", "nan", "inf"]
-    rewards = score(task, responses, examples, [0, 0, 0])
-    assert rewards[0] == 0.5
-    lines = nonfinite_rewards(task, rewards, responses, examples, [0, 0, 0])
-    assert len(lines) == 2 and lines[0].startswith("_Broken.reward returned nan for sample 1 ") and "inf for sample 2" in lines[1]
-    assert nonfinite_rewards(task, [0.0], ["x"], examples, [0]) == []
