@@ -118,7 +118,8 @@ class PolicyTrainer(_Base):
         Returns ``(metrics, experience, weights)``: the experience feeds the critic (None without
         one), the new weights go straight to the rollout workers (None when there are none).
         """
-        from skyrl_fn.train.learner import batched_log_probs, make_experience, policy_update
+        from skyrl_fn.train.learner import batched_log_probs, experience_and_update
+        from skyrl_fn.train.nonfinite import reward_function_name
 
         t0 = time.perf_counter()
         cfg = self.run.config
@@ -133,12 +134,12 @@ class PolicyTrainer(_Base):
         old_lp = None  # as the in-process loop: taken from policy_update's first forward pass
         if getattr(cfg.algorithm, "recompute_old_log_probs", True):
             old_lp = batched_log_probs(model, rollout, micro_batch_size=cfg.trainer.micro_batch_size, temperature=cfg.rollout.temperature)
-        exp, metrics = make_experience(
-            self.run, rollout, scores, old_log_probs=old_lp, ref_log_probs=ref_log_probs, values=values, kl_coef=kl_coef
+        metrics, exp = experience_and_update(
+            self.run, self.state, rollout, scores, reward_function=reward_function_name(self.task), old_log_probs=old_lp,
+            ref_log_probs=ref_log_probs, values=values, kl_coef=kl_coef, kernel=self.kernel,
         )
-        metrics.update(policy_update(self.run, self.state, exp, kernel=self.kernel))
         metrics["update_seconds"] = time.perf_counter() - t0
-        if values is not None and self.device != "cpu":
+        if exp is not None and values is not None and self.device != "cpu":
             exp = to_device(exp, "cpu")
         # Broadcast layout: weights travel over NCCL (broadcast()), not through the object store;
         # hybrid layout: they never leave this actor.
@@ -185,9 +186,13 @@ class PolicyTrainer(_Base):
         return to_hf_names({k: v.detach() for k, v in model.state_dict().items()}, tied_embeddings=tied)
 
     def set_state(self, weights, optim, sched, rng=None) -> None:
+        from skyrl_fn.train.learner import set_hyperparameters
+
         self.state.model.load_state_dict(weights)
         self.state.optimizer.load_state_dict(optim)
         self.state.scheduler.load_state_dict(sched)
+        tr = self.run.config.trainer
+        set_hyperparameters(self.state, lr=tr.lr, weight_decay=tr.weight_decay)
         if rng is not None:
             ckpt.restore_rng(rng)
 
@@ -270,8 +275,11 @@ class Critic(_Base):
         return batched_values(self.state.model, rollout, micro_batch_size=self.run.config.trainer.micro_batch_size)
 
     def update(self, exp) -> dict[str, float]:
+        """The critic update on ``exp``; nothing when the policy step was skipped (``exp`` None)."""
         from skyrl_fn.train.learner import critic_update
 
+        if exp is None:
+            return {}
         return critic_update(self.run, self.state, to_device(exp, self.device) if self.device != "cpu" else exp)
 
     def get_state(self) -> dict[str, Any]:
@@ -280,6 +288,10 @@ class Critic(_Base):
         return to_device(state, "cpu") if self.device != "cpu" else state
 
     def set_state(self, weights, optim, sched) -> None:
+        from skyrl_fn.train.learner import set_hyperparameters
+
         self.state.model.load_state_dict(weights)
         self.state.optimizer.load_state_dict(optim)
         self.state.scheduler.load_state_dict(sched)
+        tr = self.run.config.trainer
+        set_hyperparameters(self.state, lr=tr.critic_lr, weight_decay=tr.weight_decay)

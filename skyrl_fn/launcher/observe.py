@@ -243,6 +243,9 @@ class RunObserver:
         if self._jsonl is not None:
             self._jsonl.write(json.dumps(row) + "\n")
             self._jsonl.flush()
+        reason = metrics.get("skip_reason")
+        if isinstance(reason, str):  # a skipped step (skyrl_fn.train.nonfinite): why, with the rows
+            self.event("step_skipped", step=row["step"], reason=reason)
         if self._tb is not None:
             for key, value in row.items():
                 if key != "step" and math.isfinite(value):

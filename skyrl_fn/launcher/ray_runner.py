@@ -372,7 +372,8 @@ def train_on_ray(
     import ray
 
     from skyrl_fn.train.learner import KLController
-    from skyrl_fn.train.loop import Summary, seed_everything
+    from skyrl_fn.train.loop import Summary, check_checkpoint, seed_everything
+    from skyrl_fn.train.nonfinite import SkipCounter
     from skyrl_fn.train.tasks import DataState, make_task, next_prompts
 
     cfg = run.config
@@ -389,6 +390,7 @@ def train_on_ray(
             c = ckpt.load_latest(cfg.ckpt_dir)  # the newest that verifies; damaged ones skipped, warned
             if c is not None:
                 path = c.path
+                check_checkpoint(run, c)
                 trainer.restore(c)
                 data_state = DataState(**c.data_state)
                 kl_ctrl = attrs.evolve(kl_ctrl, coef=float(c.extra.get("kl_coef", kl_ctrl.coef)))
@@ -397,10 +399,13 @@ def train_on_ray(
         history: list[dict[str, float]] = []
         t0 = time.perf_counter()
         interval = cfg.trainer.ckpt_interval
+        skips = SkipCounter(limit=cfg.trainer.max_consecutive_skips)
         for step in range(start, cfg.trainer.steps):
             examples, data_state = next_prompts(task, data_state, cfg.trainer.prompts_per_step, shuffle=cfg.data.shuffle)
             metrics = trainer.step(step, examples, kl_ctrl.coef)
-            if cfg.algorithm.use_kl_in_reward:
+            skips = skips.record(metrics, step=step + 1)
+            metrics["skipped_steps"] = float(skips.total)
+            if cfg.algorithm.use_kl_in_reward and not metrics.get("skipped"):
                 metrics["kl_coef"] = kl_ctrl.coef
                 kl_ctrl = kl_ctrl.update(metrics.get("kl", 0.0), cfg.trainer.prompts_per_step * cfg.rollout.samples_per_prompt)
             history.append(metrics)

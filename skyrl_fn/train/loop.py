@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import random
 import time
+import warnings
 from typing import Any, Callable, Mapping
 
 import attrs
@@ -27,16 +28,18 @@ from skyrl_fn.train.learner import (
     batched_log_probs,
     batched_values,
     critic_update,
+    experience_and_update,
     loss_kernel,
-    make_experience,
     make_train_state,
-    policy_update,
+    set_hyperparameters,
 )
+from skyrl_fn.train.nonfinite import SkipCounter, reward_function_name
+from skyrl_fn.train.resume import check_resume
 from skyrl_fn.train.model import build_critic, load_model, load_tokenizer
 from skyrl_fn.train.rollout import RolloutBackend, check_backend_available, make_backend
 from skyrl_fn.train.tasks import DataState, Task, make_task, next_prompts, score
 
-__all__ = ["Components", "Summary", "build_components", "seed_everything", "rollout_seed", "run_step", "train"]
+__all__ = ["Components", "Summary", "build_components", "seed_everything", "rollout_seed", "run_step", "check_checkpoint", "train"]
 
 
 @attrs.frozen(kw_only=True, eq=False)
@@ -153,11 +156,13 @@ def run_step(
     if comp.critic is not None:
         comp.critic.model.eval()
         values = batched_values(comp.critic.model, rollout, micro_batch_size=mbs)
-    exp, metrics = make_experience(run, rollout, scores, old_log_probs=old_lp, ref_log_probs=ref_lp, values=values, kl_coef=kl_ctrl.coef)
-    metrics.update(policy_update(run, comp.policy, exp, kernel=kernel))
-    if comp.critic is not None:
+    metrics, exp = experience_and_update(
+        run, comp.policy, rollout, scores, reward_function=reward_function_name(comp.task), old_log_probs=old_lp,
+        ref_log_probs=ref_lp, values=values, kl_coef=kl_ctrl.coef, kernel=kernel,
+    )
+    if comp.critic is not None and exp is not None:
         metrics.update(critic_update(run, comp.critic, exp))
-    if cfg.algorithm.use_kl_in_reward:
+    if cfg.algorithm.use_kl_in_reward and exp is not None:
         metrics["kl_coef"] = kl_ctrl.coef
         kl_ctrl = kl_ctrl.update(metrics.get("kl", 0.0), rollout.batch_size)
     metrics.update(step_timing(step, time.perf_counter() - t0, t_rollout, int(rollout.response_mask.sum())))
@@ -186,16 +191,28 @@ def _save(run: ResolvedRun, comp: Components, step: int, data_state: DataState, 
     )
 
 
-def _restore(comp: Components, c: ckpt.Checkpoint) -> tuple[DataState, float]:
+def _restore(run: ResolvedRun, comp: Components, c: ckpt.Checkpoint) -> tuple[DataState, float]:
+    tr = run.config.trainer
     comp.policy.model.load_state_dict(c.weights["policy"])
     comp.policy.optimizer.load_state_dict(c.optim["policy"])
     comp.policy.scheduler.load_state_dict(c.optim["policy_sched"])
+    set_hyperparameters(comp.policy, lr=tr.lr, weight_decay=tr.weight_decay)
     if comp.critic is not None:
         comp.critic.model.load_state_dict(c.weights["critic"])
         comp.critic.optimizer.load_state_dict(c.optim["critic"])
         comp.critic.scheduler.load_state_dict(c.optim["critic_sched"])
+        set_hyperparameters(comp.critic, lr=tr.critic_lr, weight_decay=tr.weight_decay)
     ckpt.restore_rng(c.rng)
     return DataState(**c.data_state), float(c.extra.get("kl_coef", 0.0))
+
+
+def check_checkpoint(run: ResolvedRun, c: ckpt.Checkpoint) -> None:
+    """Refuse a checkpoint ``run`` cannot resume from (``IncompatibleResumeError`` naming each
+    field, ``skyrl_fn.train.resume``); warn (``CheckpointWarning``) listing compatible changes."""
+    needed = ["policy", "critic"] if run.config.uses_critic else ["policy"]
+    diff = check_resume(c.config, config_to_dict(run.config), where=c.path, saved_models=list(c.weights), needed_models=needed)
+    if diff.warning():
+        warnings.warn(diff.warning(), ckpt.CheckpointWarning, stacklevel=3)
 
 
 def _window_mean(history: list[Mapping[str, float]], key: str, first: bool) -> float:
@@ -231,7 +248,8 @@ def train(run: ResolvedRun, *, on_step: Callable[[dict[str, float]], None] | Non
         c = ckpt.load_latest(cfg.ckpt_dir)  # the newest that verifies; damaged ones skipped, warned
         if c is not None:
             path = c.path
-            data_state, coef = _restore(comp, c)
+            check_checkpoint(run, c)
+            data_state, coef = _restore(run, comp, c)
             kl_ctrl = attrs.evolve(kl_ctrl, coef=coef)
             start = resumed_from = c.step
             last_ckpt = path
@@ -239,8 +257,11 @@ def train(run: ResolvedRun, *, on_step: Callable[[dict[str, float]], None] | Non
     history: list[dict[str, float]] = []
     t0 = time.perf_counter()
     interval = cfg.trainer.ckpt_interval
+    skips = SkipCounter(limit=cfg.trainer.max_consecutive_skips)
     for step in range(start, cfg.trainer.steps):
         metrics, data_state, kl_ctrl = run_step(run, comp, step, data_state, kl_ctrl, kernel=kernel)
+        skips = skips.record(metrics, step=step + 1)
+        metrics["skipped_steps"] = float(skips.total)
         history.append(metrics)
         done = step + 1
         if (interval > 0 and done % interval == 0) or done == cfg.trainer.steps:

@@ -38,7 +38,7 @@ INCOMPATIBLE: Mapping[str, str] = {
 #: Fields (or whole groups, ending in ``.``) whose changes are not reported.
 IGNORED: tuple[str, ...] = (
     "trainer.steps", "trainer.resume", "trainer.ckpt_dir", "trainer.ckpt_interval", "trainer.keep_checkpoints",
-    "trainer.torch_threads", "logging.", "ray.use_ray", "ray.address", "ray.num_cpus",
+    "trainer.torch_threads", "trainer.max_consecutive_skips", "logging.", "ray.use_ray", "ray.address", "ray.num_cpus",
 )
 _ABSENT = "<absent>"
 

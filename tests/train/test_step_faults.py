@@ -42,7 +42,7 @@ def test_nan_reward_skips_the_step_names_the_sample_and_counts(make_config, tabl
     with pytest.warns(SkippedStepWarning) as caught:
         s = train(resolve(cfg, table))
     (w,) = [str(x.message) for x in caught]
-    assert w.startswith("step 2 skipped (1 so far): a non-finite reward: ") and "DigitsTask.reward returned nan for sample 5" in w
+    assert w.startswith("step 2 skipped (1 so far): a non-finite reward: ") and ".<locals>.reward returned nan for sample 5 (prompt " in w
     assert [h["skipped"] for h in s.history] == [0.0, 1.0, 0.0]
     assert [h["skipped_steps"] for h in s.history] == [0.0, 1.0, 1.0]
     run_dir = cfg.logging.run_dir
