@@ -177,3 +177,31 @@ def test_an_error_raised_inside_a_ray_actor_is_reported_by_its_own_message():
     err = RayTaskError("PolicyWorker.generate", "Traceback (most recent call last):\n  ...", cause).as_instanceof_cause()
     assert isinstance(err, _fault_errors())
     assert _one_line(err) == str(cause)  # not the remote traceback Ray's str() holds
+
+
+def test_a_fault_while_training_is_one_line_exit_1_after_warning_lines(tmp_path, capsys, monkeypatch):
+    """Non-finite steps print ``warning:`` lines, then too many in a row stop with one ``error:``
+    line and exit 1; the metrics log holds a ``step_skipped`` event with the reason."""
+    import math
+
+    import attrs
+
+    from skyrl_fn.launcher.cli import EXIT_FAULT
+
+    monkeypatch.delenv("SKYRL_FN_DEBUG", raising=False)
+    regular = DEFAULT_TABLE.policy_loss("regular")
+    table = DEFAULT_TABLE.register(
+        "always_nan", lambda batch, **h: attrs.evolve(regular(batch, **h), token_loss=regular(batch, **h).token_loss * math.nan),
+        kind="policy_loss",
+    )
+    run_dir = tmp_path / "run"
+    argv = ["--ray.no-use-ray", "--logging.run-dir", str(run_dir), "--algorithm.policy-loss", "always_nan",
+            "--trainer.max-consecutive-skips", "1", "--trainer.prompts-per-step", "2", "--model.num-layers", "1", *QUIET]
+    with pytest.raises(SystemExit) as exc:
+        main(argv, table=table)
+    assert exc.value.code == EXIT_FAULT
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert [line[:31] for line in lines][-2:] == ["warning: step 1 skipped (1 so f", "error: trainer.max_consecutive_"]
+    assert "Traceback" not in "".join(lines)
+    events = [json.loads(line) for line in open(run_dir / "metrics.jsonl") if '"event"' in line]
+    assert [e["event"] for e in events] == ["step_skipped"] and "a non-finite loss" in events[0]["reason"]
