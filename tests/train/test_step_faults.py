@@ -134,3 +134,17 @@ def test_a_run_emits_no_deprecation_warning(make_config, table):
         train(resolve(make_config(algorithm=algorithm, trainer={"steps": 2, "ckpt_interval": 1}), table))
     deprecations = [w for w in caught if issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning))]
     assert not deprecations, [f"{w.filename}:{w.lineno}: {w.message}" for w in deprecations]
+
+
+def test_the_aggregation_max_length_is_the_generation_budget(make_config, table):
+    """``max_seq_len`` (Dr. GRPO's constant normaliser) is ``rollout.max_new_tokens`` at every
+    step, not the longest response of the batch (which would vary from step to step)."""
+    seen = []
+
+    def recording(token_loss, loss_mask, *, global_tokens=None, global_seqs=None, max_seq_len=None):
+        seen.append(max_seq_len)
+        return (token_loss * loss_mask).sum() / (global_seqs * max_seq_len)
+
+    t = table.register("recording", recording, kind="aggregation")
+    train(resolve(make_config(algorithm={"loss_reduction": "recording"}, rollout={"max_new_tokens": 40}, trainer={"steps": 2}), t))
+    assert seen and set(seen) == {40}
