@@ -103,9 +103,11 @@ def test_resume_skips_a_damaged_latest_checkpoint(make_config, table, tiny_confi
     with open(os.path.join(latest, "policy.safetensors"), "r+b") as f:
         f.seek(100)
         f.write(b"\xff" * 8)
-    with pytest.warns(ckpt.CheckpointWarning, match="step_00000004: policy.safetensors: sha256"):
+    with pytest.warns(ckpt.CheckpointWarning) as caught:
         s = train(resolve(tiny_config(cfg.logging.run_dir, trainer={"steps": 6, "ckpt_interval": 2, "resume": True}), table))
     assert s.resumed_from == 2 and len(s.history) == 4
+    messages = [str(w.message) for w in caught]
+    assert "step_00000004: policy.safetensors: sha256" in messages[0] and "step_00000002, the newest" in messages[1]
 
 
 def test_resume_refuses_a_changed_model_shape(make_config, table, tiny_config):
