@@ -111,7 +111,7 @@ def check_model(cfg: ModelConfig) -> None:
 
 def needed_models(run: ResolvedRun) -> tuple[str, ...]:
     """Model names a resumed run loads from its checkpoint."""
-    return ("policy", "critic") if run.config.uses_critic else ("policy",)
+    return ("policy", "critic") if run.uses_critic else ("policy",)
 
 
 def check_resume_target(run: ResolvedRun) -> Preflight:
@@ -145,14 +145,6 @@ def check_resume_target(run: ResolvedRun) -> Preflight:
     return Preflight(warnings=lines, resume_from=path, resume_step=int(manifest["step"]), resume_diff=diff)
 
 
-def _bound_estimator(run: ResolvedRun):
-    """The run's advantage estimator with its hyperparameters, as the learner calls it."""
-    import functools
-
-    fn = run.table.estimator(run.config.algorithm.advantage_estimator)
-    return functools.partial(fn, **dict(run.estimator_hyper))
-
-
 def preflight(run: ResolvedRun) -> Preflight:
     """Run every check of the module docstring on ``run``; the first failure raises.
 
@@ -167,7 +159,7 @@ def preflight(run: ResolvedRun) -> Preflight:
     promises = run.table.entry("advantage_estimator", cfg.algorithm.advantage_estimator).promises
     singleton = None
     if cfg.rollout.samples_per_prompt == 1:
-        singleton = singleton_behaviour(_bound_estimator(run))
+        singleton = singleton_behaviour(run.algorithm.estimator)
     findings = degenerate_settings(cfg, estimator_promises=promises, singleton=singleton, task_size=task.size())
     refused = [f.message for f in findings if f.refuse]
     if refused:
