@@ -172,7 +172,7 @@ class Critic(roles.CriticWorker, _Ping):
 
     def update_on(self, exp) -> dict[str, float]:
         """The critic update on the experience ``PolicyTrainer.update_here`` returned."""
-        return self.update(to_device(exp, self.device))
+        return self.update(None if exp is None else to_device(exp, self.device))  # None: skipped step
 
     def get_state(self) -> roles.RoleState:
         return to_device(self.state(), "cpu")

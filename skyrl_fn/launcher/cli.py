@@ -1,4 +1,4 @@
-"""The command line: ``python launch/train.py [PRESET] [--group.field VALUE ...] [--plugin P ...] [--app-dir DIR]``.
+"""The command line: ``python launch/train.py [PRESET] [--group.field VALUE ...] [--plugin P ...] [--app-dir DIR] [--debug]``.
 
 Read top to bottom, :func:`main` does:
 
@@ -11,7 +11,14 @@ Read top to bottom, :func:`main` does:
    ``skyrl_fn.launcher.hyper_flags``);
 3. register ``module:function`` / ``path/file.py:function`` names, then ``resolve`` once: a typo
    exits with code 2 and a suggestion before any model is built;
-4. train on Ray (default) or in-process (``--ray.no-use-ray``) and report.
+4. pre-flight (``skyrl_fn.launcher.preflight``): data rows, writable directories, the model, the
+   resume target and its config, degenerate settings — still before Ray starts;
+5. train on Ray (default) or in-process (``--ray.no-use-ray``) and report.
+
+Every user mistake ends in one line ``error: <field or file>: <expected, found>`` and exit
+status 2; a fault while training (a worker died, a checkpoint could not be written, too many
+non-finite steps) in one ``error:`` line and exit status 1. ``--debug`` (or ``SKYRL_FN_DEBUG=1``)
+shows the traceback instead. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import warnings
 from typing import Annotated, Any, Mapping, NoReturn, Sequence
 
 import attrs
@@ -34,7 +42,9 @@ from skyrl_fn.launcher.plugins import (
     register_import_names,
 )
 from skyrl_fn.launcher.hyper_flags import check_group_flags, chosen_names, group_type, to_mapping
+from skyrl_fn.launcher.preflight import Preflight, PreflightError, preflight
 from skyrl_fn.table import DEFAULT_TABLE, AlgorithmTable, UnknownNameError
+from skyrl_fn.train.checkpoint import CheckpointError, CheckpointWarning
 from skyrl_fn.train.config import (
     HYPER_FIELDS,
     AlgorithmConfig,
@@ -47,10 +57,14 @@ from skyrl_fn.train.config import (
     TrainerConfig,
     resolve,
 )
+from skyrl_fn.train.nonfinite import NonFiniteStepError, SkippedStepWarning
+from skyrl_fn.train.tasks import DataError, RewardError
 
 __all__ = [
     "PRESETS",
     "EXIT_USAGE",
+    "EXIT_FAULT",
+    "DEBUG_ENV",
     "UsageError",
     "LauncherArgs",
     "split_launcher_args",
@@ -63,6 +77,10 @@ __all__ = [
 
 #: Exit status of a usage error (argparse's convention).
 EXIT_USAGE = 2
+#: Exit status of a fault while training (a worker died, a checkpoint write failed, ...).
+EXIT_FAULT = 1
+#: Set to 1 to see tracebacks of user errors (as ``--debug``).
+DEBUG_ENV = "SKYRL_FN_DEBUG"
 
 
 def _recipe(description: str, **algorithm: Any) -> tuple[str, TrainConfig]:
@@ -115,17 +133,24 @@ class LauncherArgs:
         app_dir: ``--app-dir DIR``: where module names (``--plugin my_module``,
             ``my_module:function``) are searched first; None = the working directory.
         rest: the remaining arguments, for :func:`parse_config`.
+        debug: ``--debug``: user errors show their traceback.
     """
 
     plugins: tuple[str, ...]
     app_dir: str | None
     rest: tuple[str, ...]
+    debug: bool = False
 
 
 def split_launcher_args(argv: Sequence[str]) -> LauncherArgs:
-    """``--plugin X`` (repeatable) and ``--app-dir DIR`` (also as ``--flag=value``) out of ``argv``."""
+    """``--plugin X`` (repeatable), ``--app-dir DIR`` (also as ``--flag=value``) and ``--debug``
+    out of ``argv``."""
     plugins, app_dir, rest, it = [], None, [], iter(argv)
+    debug = False
     for arg in it:
+        if arg == "--debug":
+            debug = True
+            continue
         flag, eq, value = arg.partition("=")
         if flag in ("--plugin", "--app-dir"):
             if not eq:
@@ -141,7 +166,7 @@ def split_launcher_args(argv: Sequence[str]) -> LauncherArgs:
                 app_dir = value
         else:
             rest.append(arg)
-    return LauncherArgs(plugins=tuple(plugins), app_dir=app_dir, rest=tuple(rest))
+    return LauncherArgs(plugins=tuple(plugins), app_dir=app_dir, rest=tuple(rest), debug=debug)
 
 
 def build_table(
@@ -213,7 +238,8 @@ def _description(table: AlgorithmTable) -> str:
         "--plugin path/to/file.py or a module name (repeatable) is imported before names are resolved;\n"
         "it registers through skyrl_fn.compat or defines register(table) -> table. Module names (in\n"
         "--plugin and module:function) are searched in the working directory first (--app-dir DIR\n"
-        "changes that place). Plugins travel to every Ray worker by value."
+        "changes that place). Plugins travel to every Ray worker by value.\n\n"
+        f"--debug (or {DEBUG_ENV}=1) shows the traceback of a user error instead of its one line."
     )
 
 
@@ -286,13 +312,44 @@ def resolve_names(config: TrainConfig, table: AlgorithmTable, *, app_dir: str | 
 # -- 4. run ------------------------------------------------------------------------------------
 
 
-def _fail(err: BaseException) -> NoReturn:
-    print(f"error: {err}", file=sys.stderr, flush=True)
-    raise SystemExit(EXIT_USAGE)
+#: User mistakes: one ``error:`` line, exit 2.
+USER_ERRORS = (UsageError, PluginError, PreflightError, DataError, UnknownNameError)
+
+
+def _fault_errors() -> tuple[type[BaseException], ...]:
+    """Faults while training: one ``error:`` line, exit 1 (their classes import Ray lazily)."""
+    from skyrl_fn.launcher.ray_workers import WorkerDiedError
+
+    return (WorkerDiedError, CheckpointError, RewardError, NonFiniteStepError)
+
+
+def _one_line(err: BaseException) -> str:
+    # An error raised inside a Ray actor arrives wrapped, its str() holding the remote
+    # traceback: report the original.
+    cause = getattr(err, "cause", None)
+    text = str(cause if isinstance(cause, BaseException) else err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _fail(err: BaseException, status: int = EXIT_USAGE) -> NoReturn:
+    print(f"error: {_one_line(err)}", file=sys.stderr, flush=True)
+    raise SystemExit(status)
+
+
+def _warn(line: str) -> None:
+    print(f"warning: {line}", file=sys.stderr, flush=True)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
+    """Our own warnings as ``warning: <message>`` lines; any other as Python shows it."""
+    if issubclass(category, (CheckpointWarning, SkippedStepWarning)):
+        _warn(str(message))
+    else:
+        _default(message, category, filename, lineno, file, line)
 
 
 def main(argv: Sequence[str] | None = None, table: AlgorithmTable | None = None):
-    """Parse ``argv`` (default ``sys.argv[1:]``), resolve names once, train, report.
+    """Parse ``argv`` (default ``sys.argv[1:]``), resolve names once, check, train, report.
 
     Args:
         argv: command-line arguments without the program name.
@@ -303,63 +360,84 @@ def main(argv: Sequence[str] | None = None, table: AlgorithmTable | None = None)
         the training ``Summary`` (see :func:`launch`).
 
     Exits:
-        2 on a usage error (unknown name with a suggestion, bad plugin, bad value), before any
-        model is built; 1 when a Ray worker dies (the message names it).
+        2 on a user error (unknown name with a suggestion, bad plugin, bad value, data file,
+        directory, model or resume target; see ``skyrl_fn.launcher.preflight``), before any
+        model is built; 1 on a fault while training (a Ray worker died, a checkpoint could not
+        be written); each with one ``error:`` line. ``--debug`` or ``SKYRL_FN_DEBUG=1`` raises
+        instead (traceback).
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
     try:
-        args = split_launcher_args(sys.argv[1:] if argv is None else argv)
-        table = build_table(table, args.plugins, app_dir=args.app_dir)
-    except (UsageError, PluginError, ImportError, ValueError, TypeError) as err:
-        _fail(err)
-    try:
-        config = parse_config(args.rest, table, app_dir=args.app_dir)
-        run = resolve_names(config, table, app_dir=args.app_dir)
-        from skyrl_fn.train.rollout import check_backend_available
+        return _main(argv, table)
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        _fail(err, EXIT_USAGE)
+    except Exception as err:
+        if debug or not isinstance(err, _fault_errors()):
+            raise
+        _fail(err, EXIT_FAULT)
 
+
+def _main(argv: list[str], table: AlgorithmTable | None):
+    try:
+        args = split_launcher_args(argv)
+        table = build_table(table, args.plugins, app_dir=args.app_dir)
+    except (ImportError, ValueError, TypeError) as err:
+        if isinstance(err, USER_ERRORS):
+            raise
+        raise UsageError(str(err)) from err
+    config = parse_config(args.rest, table, app_dir=args.app_dir)
+    run = resolve_names(config, table, app_dir=args.app_dir)
+    from skyrl_fn.train.rollout import check_backend_available
+
+    try:
         check_backend_available(run.config.rollout)
         if run.config.model.name_or_path is not None:
             from skyrl_fn.train.model import checkpoint_dir
 
             checkpoint_dir(run.config.model)  # resolve (clear error) and dequantise a GGUF once, here, not per actor
-    except (UsageError, RuntimeError, ValueError) as err:
-        _fail(err)
-    from skyrl_fn.launcher.ray_runner import WorkerDiedError
-
-    try:
-        return launch(run)
-    except PluginError as err:
-        _fail(err)
-    except WorkerDiedError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
-
-
-def _start_step(run: ResolvedRun) -> int:
-    """The step a resumed run continues after (0 for a fresh run)."""
-    if not run.config.trainer.resume:
-        return 0
-    from skyrl_fn.train.checkpoint import latest_checkpoint
-
-    path = latest_checkpoint(run.config.ckpt_dir)
-    return 0 if path is None else int(os.path.basename(path).split("_")[-1])
+    except (RuntimeError, ValueError) as err:
+        if isinstance(err, USER_ERRORS):
+            raise
+        raise UsageError(str(err)) from err
+    checks = preflight(run)
+    for line in checks.warnings:
+        _warn(line)
+    with warnings.catch_warnings():
+        # Pre-flight reported the skipped checkpoints already; the loader would repeat them.
+        warnings.simplefilter("ignore", CheckpointWarning)
+        warnings.simplefilter("always", SkippedStepWarning)
+        warnings.showwarning = _show_warning
+        return launch(run, checks=checks)
 
 
-def launch(run: ResolvedRun, *, out=None):
+def launch(run: ResolvedRun, *, out=None, checks: Preflight | None = None):
     """Train ``run`` on Ray (``ray.use_ray``, the default) or in-process, with the progress bar,
-    metrics files, the reward/KL plot and a one-line summary. Returns the ``Summary``."""
+    metrics files, the reward/KL plot and a one-line summary. Returns the ``Summary``.
+
+    ``checks``: the :func:`~skyrl_fn.launcher.preflight.preflight` of ``run`` (run here when
+    None); a resume's config changes go into the metrics log as an ``event`` row.
+    """
     from skyrl_fn.launcher.observe import RunObserver
     from skyrl_fn.train.config import config_to_dict
 
+    checks = preflight(run) if checks is None else checks
     cfg = run.config
     if cfg.ray.use_ray:
         entries = {f"{e.kind} {e.name!r}": e.fn for e in run.table.entries()}
         check_shippable(run, what="the resolved run (config + algorithm table)", parts=entries)
     log = cfg.logging
     with RunObserver(
-        log.run_dir, total_steps=cfg.trainer.steps, start_step=_start_step(run), jsonl=log.jsonl,
+        log.run_dir, total_steps=cfg.trainer.steps, start_step=checks.resume_step, jsonl=log.jsonl,
         tensorboard=log.tensorboard, plot=log.plot, progress=log.progress, wandb_project=log.wandb_project,
         config=config_to_dict(cfg), out=out,
     ) as observer:
+        if checks.resume_diff is not None and checks.resume_diff.compatible:
+            observer.event("resume_config_changed", step=checks.resume_step, checkpoint=checks.resume_from, changes=[
+                {"field": c.field, "saved": c.saved, "current": c.current} for c in checks.resume_diff.compatible
+            ])
         if cfg.ray.use_ray:
             from skyrl_fn.launcher.ray_runner import train_on_ray
 

@@ -251,6 +251,9 @@ class RunObserver:
         if self._jsonl is not None:
             self._jsonl.write(json.dumps(row) + "\n")
             self._jsonl.flush()
+        reason = metrics.get("skip_reason")
+        if isinstance(reason, str):  # a skipped step (skyrl_fn.train.nonfinite): why, with the rows
+            self.event("step_skipped", step=row["step"], reason=reason)
         if self._tb is not None:
             for key, value in row.items():
                 if key != "step" and math.isfinite(value):
@@ -264,6 +267,13 @@ class RunObserver:
                 reward=fmt(metric(row, "reward"), ".3f"), loss=fmt(metric(row, "loss"), ".4f"),
                 kl=fmt(metric(row, "kl"), ".4f"), tps=fmt(metric(row, "tokens_per_s"), ".0f"),
             )
+
+    def event(self, name: str, *, step: int, **fields: Any) -> None:
+        """Write one non-metric row ``{"step", "event": name, **fields}`` to ``metrics.jsonl``
+        (e.g. the config changes of a resume); not plotted, not counted as a step."""
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps({"step": int(step), "event": name, **fields}, default=str) + "\n")
+            self._jsonl.flush()
 
     def finish(self, extra: Mapping[str, Any] | None = None) -> str:
         """Close the live outputs, write the PNG and ``summary.json``; return the summary line."""

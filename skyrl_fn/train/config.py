@@ -238,6 +238,9 @@ class TrainerConfig:
     """Peak AdamW learning rate of the critic (GAE)."""
     torch_threads: int = 1
     """torch CPU threads per process (0 keeps torch's default); tiny models run fastest on 1."""
+    max_consecutive_skips: int = 3
+    """Stop the run after more than this many consecutive steps skipped for a non-finite reward,
+    loss or gradient (each skipped step is counted and logged; 0 stops at the first)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -419,6 +422,7 @@ def resolve(config: TrainConfig, table: AlgorithmTable) -> ResolvedRun:
     ):
         _check_positive(name, value)
     _check_positive("trainer.warmup_steps", tr.warmup_steps, allow_zero=True)
+    _check_positive("trainer.max_consecutive_skips", tr.max_consecutive_skips, allow_zero=True)
     _check_positive("ray.rollout_workers", config.ray.rollout_workers, allow_zero=True)
     if not 0 < ro.top_p <= 1:
         raise ValueError(f"rollout.top_p: expected in (0, 1], got {ro.top_p!r}")

@@ -17,7 +17,7 @@ from typing import Iterable, Iterator, Mapping
 import attrs
 
 from skyrl_fn.train.model import TEXT_ALPHABET
-from skyrl_fn.train.tasks import Example
+from skyrl_fn.train.tasks import DataError, Example
 
 __all__ = [
     "extract_final_number", "normalize_number", "math_reward", "format_prompt", "Gsm8kTask",
@@ -88,17 +88,26 @@ class Gsm8kTask:
 
     def __attrs_post_init__(self) -> None:
         if not self.rows:
-            raise ValueError("rows: expected at least one (prompt, answer) row, got none")
+            raise DataError("rows: expected at least one (prompt, answer) row, got none")
 
     @classmethod
     def from_jsonl(cls, path: str) -> "Gsm8kTask":
-        """Load prepared rows; raw gsm8k rows (``question``/``answer``) are converted on the fly."""
+        """Load prepared rows; raw gsm8k rows (``question``/``answer``) are converted on the fly.
+
+        Raises:
+            DataError: an unreadable file, or a row that is not a JSON object with string
+                ``prompt``/``answer`` (or ``question``/``answer``), named as ``file:line``.
+        """
         rows = []
-        for i, row in enumerate(_read_jsonl(path)):
-            if "prompt" in row:
-                rows.append((str(row["prompt"]), str(row["answer"])))
+        for where, row in _read_jsonl(path, numbered=True):
+            if isinstance(row, Mapping) and "prompt" in row:
+                if not isinstance(row.get("prompt"), str) or not isinstance(row.get("answer"), (str, int, float)):
+                    raise DataError(f"{where}: expected a string 'prompt' and an 'answer', got keys {sorted(row)}")
+                rows.append((row["prompt"], str(row["answer"])))
             else:
-                rows.append(_convert(row, f"{path}:{i + 1}"))
+                rows.append(_convert(row, where))
+        if not rows:
+            raise DataError(f"{path}: expected at least one row, got an empty file")
         return cls(rows=rows)
 
     def size(self) -> int:
@@ -115,24 +124,35 @@ class Gsm8kTask:
         return math_reward(response, example.answer)
 
 
-def _read_jsonl(path: str) -> Iterator[Mapping]:
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            line = line.strip()
+def _read_jsonl(path: str, *, numbered: bool = False) -> Iterator:
+    """The JSON value of each non-empty line (with ``numbered``: ``("path:line", value)`` pairs)."""
+    try:
+        f = open(path, "rb")
+    except OSError as err:
+        raise DataError(f"{path}: expected a readable jsonl file, got {err.strerror or err}") from None
+    with f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                raise DataError(f"{path}:{n}: expected UTF-8 text, got bytes {raw[:40]!r}") from None
             if not line:
                 continue
             try:
-                yield json.loads(line)
+                value = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: expected a JSON object per line, got {line[:60]!r} ({e})") from None
+                raise DataError(f"{path}:{n}: expected a JSON object per line, got {line[:60]!r} ({e})") from None
+            if not isinstance(value, Mapping):
+                raise DataError(f"{path}:{n}: expected a JSON object per line, got a {type(value).__name__}")
+            yield (f"{path}:{n}", value) if numbered else value
 
 
 def _convert(row: Mapping, where: str) -> tuple[str, str]:
     if "question" not in row or "answer" not in row:
-        raise ValueError(f"{where}: expected keys 'question' and 'answer', got {sorted(row)}")
+        raise DataError(f"{where}: expected keys 'prompt' and 'answer' (prepared) or 'question' and 'answer' (raw gsm8k), got {sorted(row)}")
     number = extract_final_number(str(row["answer"]))
     if number is None:
-        raise ValueError(f"{where}: expected a final number in the answer, got {str(row['answer'])[-60:]!r}")
+        raise DataError(f"{where}: expected a final number in the answer, got {str(row['answer'])[-60:]!r}")
     return format_prompt(str(row["question"])), number
 
 

@@ -42,12 +42,13 @@ from skyrl_fn.train.experience import (
     token_rewards,
 )
 from skyrl_fn.train.forward import batched_log_probs, batched_values, response_values, sequence_log_probs
+from skyrl_fn.train.nonfinite import describe_rows, nonfinite_rows, reward_rows, skipped_metrics, step_if_finite
 
 __all__ = [
     "TrainState", "Experience", "KLController", "kl_controller_of",
     "make_optimizer", "make_train_state", "sequence_log_probs", "batched_log_probs", "batched_values",
     "token_rewards", "compute_advantages", "make_experience", "loss_kernel", "policy_update",
-    "critic_update", "value_loss", "response_values",
+    "critic_update", "value_loss", "response_values", "experience_and_update", "set_hyperparameters",
 ]
 
 
@@ -95,6 +96,19 @@ def make_train_state(model: nn.Module, *, lr: float, weight_decay: float = 0.0, 
     return TrainState(model=model, optimizer=opt, scheduler=sched)
 
 
+def set_hyperparameters(state: TrainState, *, lr: float, weight_decay: float) -> None:
+    """Make ``state`` use ``lr`` and ``weight_decay`` from now on, keeping its schedule position
+    and AdamW moments (after loading a checkpoint's optimiser and schedule, which carry the old
+    values: a resume with a changed ``trainer.lr`` must not keep training at the old rate)."""
+    sched = state.scheduler
+    sched.base_lrs = [lr for _ in sched.base_lrs]
+    for group, factor in zip(state.optimizer.param_groups, sched.lr_lambdas):
+        group["initial_lr"] = lr
+        group["weight_decay"] = weight_decay
+        group["lr"] = lr * factor(sched.last_epoch)
+    sched._last_lr = [g["lr"] for g in state.optimizer.param_groups]
+
+
 # -- losses and updates ----------------------------------------------------------------------
 
 
@@ -129,6 +143,7 @@ def policy_update(
     kernel: Callable | None = None,
     global_tokens: torch.Tensor | None = None,
     global_seqs: torch.Tensor | None = None,
+    scores: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """``algorithm.update_epochs`` optimiser steps on ``exp`` with gradient accumulation.
 
@@ -145,10 +160,14 @@ def policy_update(
             compiled kernel).
         global_tokens, global_seqs: the normalisers of the whole optimiser step when ``exp`` is
             a share of it (data-parallel); None: counted on ``exp``.
+        scores: ``[B]`` rewards, named in the report of a skipped step.
 
     Returns:
         metrics (python floats): loss, pg_loss, the loss's metrics, grad_norm, lr, kl_loss,
-        entropy.
+        entropy, ``skipped`` (0.0). A non-finite loss or gradient norm skips the step
+        (``skyrl_fn.train.nonfinite``): the gradients are dropped, neither the optimiser nor the
+        LR schedule steps, and the metrics are ``skipped = 1.0``, ``grad_norm``, ``lr`` and
+        ``skip_reason`` naming the rows with a non-finite input or log-prob (reward, length).
     """
     a, tr = run.config.algorithm, run.config.trainer
     kernel = kernel or loss_kernel(run)
@@ -161,11 +180,16 @@ def policy_update(
     if global_seqs is None:
         global_seqs = torch.tensor(float(b))
     with_entropy = run.algorithm.entropy_coef != 0
+    # The aggregation's max length is the configured generation budget, one constant for every
+    # step (Dr. GRPO's normaliser), never the longest response of this batch.
+    max_len = run.config.rollout.max_new_tokens
     sums: dict[str, float] = {}
     mbs = tr.micro_batch_size
     first_pass: dict[int, torch.Tensor] = {}  # old log-probs taken from epoch 0 when not given
-    for _ in range(a.update_epochs):
+    stepped = 0
+    for epoch in range(a.update_epochs):
         opt.zero_grad(set_to_none=True)
+        bad: dict[int, list[str]] | None = None  # rows of a non-finite loss, once one is seen
         for s in range(0, b, mbs):
             mb = exp.slice(s, s + mbs)
             lp, ent = sequence_log_probs(model, mb.input_ids, mb.attention_mask, t, temperature=run.config.rollout.temperature, with_entropy=with_entropy)
@@ -178,7 +202,11 @@ def policy_update(
                 log_probs=lp, old_log_probs=old, advantages=mb.advantages, loss_mask=mb.response_mask,
                 ref_log_probs=mb.ref_log_probs, rollout_log_probs=mb.rollout_log_probs,
             )
-            out = kernel(batch, global_tokens=global_tokens, global_seqs=global_seqs, max_seq_len=t, entropy=ent)
+            out = kernel(batch, global_tokens=global_tokens, global_seqs=global_seqs, max_seq_len=max_len, entropy=ent)
+            if not bool(torch.isfinite(out.loss)):
+                tensors = {"advantages": mb.advantages, "log_probs": lp, "old_log_probs": old, "ref_log_probs": mb.ref_log_probs, "rollout_log_probs": mb.rollout_log_probs}
+                bad = {s + r: names for r, names in nonfinite_rows(tensors, mb.response_mask).items()}
+                break
             out.loss.backward()
             share = mb.batch_size / b
             _acc(sums, "loss", out.loss.detach(), 1.0)
@@ -186,13 +214,63 @@ def policy_update(
                 # The objective's terms are globally normalised (they sum over micro-batches);
                 # the loss's own metrics are means of each micro-batch.
                 _acc(sums, k, v, 1.0 if k in SUMMED_METRICS else share)
-        grad_norm = _clip(model, tr.grad_clip)
-        opt.step()
+        grad_norm, ok = step_if_finite(model, opt, max_norm=tr.grad_clip, loss_finite=bad is None)
+        if not ok:
+            what = "loss" if bad is not None else f"gradient (norm {float(grad_norm)})"
+            rewards = scores if scores is not None else torch.full((b,), float("nan"))
+            reason = f"a non-finite {what} in update epoch {epoch + 1}: " + describe_rows(bad or {}, rewards=rewards, lengths=mask.sum(-1))
+            skipped = {"skipped": 1.0, "skip_reason": reason, "grad_norm": float(grad_norm), "lr": float(opt.param_groups[0]["lr"])}
+            if stepped:
+                state.scheduler.step()
+            return skipped
+        stepped += 1
         _acc(sums, "grad_norm", grad_norm, 1.0)
     out_metrics = {k: v / a.update_epochs for k, v in sums.items()}
     out_metrics["lr"] = float(opt.param_groups[0]["lr"])  # the rate this step used
+    out_metrics["skipped"] = 0.0
     state.scheduler.step()
     return out_metrics
+
+
+def experience_and_update(
+    run: ResolvedRun,
+    state: TrainState,
+    rollout,
+    scores: torch.Tensor,
+    *,
+    reward_function: str,
+    old_log_probs: torch.Tensor | None = None,
+    ref_log_probs: torch.Tensor | None = None,
+    values: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    kernel: Callable | None = None,
+) -> tuple[dict[str, Any], Experience | None]:
+    """:func:`make_experience` then :func:`policy_update`, unless something is not finite.
+
+    Skipped (``skyrl_fn.train.nonfinite``; metrics ``skipped = 1.0`` and ``skip_reason``, no
+    experience returned, nothing updated): a non-finite reward (each sample named with
+    ``reward_function``), a non-finite reference/rollout/old log-prob or critic value (the rows
+    named), or a non-finite loss or gradient in :func:`policy_update`.
+
+    Args:
+        rollout: the ``RolloutBatch``; scores ``[B]``; the log-probs and values ``[B, T]``.
+        reward_function: the reward's name for the report (``nonfinite.reward_function_name``).
+
+    Returns:
+        ``(metrics, experience or None)``; the experience feeds the critic update.
+    """
+    mask = rollout.response_mask
+    bad = reward_rows(scores, prompts=rollout.prompts, responses=rollout.responses, group_ids=rollout.group_ids.tolist(), function=reward_function)
+    if bad:
+        return skipped_metrics("a non-finite reward: " + "; ".join(bad), scores=scores, response_mask=mask), None
+    inputs = {"ref_log_probs": ref_log_probs, "values": values, "rollout_log_probs": rollout.rollout_log_probs, "old_log_probs": old_log_probs}
+    rows = nonfinite_rows(inputs, mask)
+    if rows:
+        reason = "non-finite inputs: " + describe_rows(rows, rewards=scores, lengths=mask.sum(-1))
+        return skipped_metrics(reason, scores=scores, response_mask=mask), None
+    exp, metrics = make_experience(run, rollout, scores, old_log_probs=old_log_probs, ref_log_probs=ref_log_probs, values=values, kl_coef=kl_coef)
+    metrics.update(policy_update(run, state, exp, kernel=kernel, scores=scores))
+    return metrics, (None if metrics["skipped"] else exp)
 
 
 def value_loss(
@@ -230,29 +308,26 @@ def critic_update(run: ResolvedRun, state: TrainState, exp: Experience) -> dict[
     b, t = exp.batch_size, exp.response_len
     global_tokens = exp.response_mask.sum().clamp(min=1).float()
     sums: dict[str, float] = {}
-    for _ in range(a.update_epochs):
+    for epoch in range(a.update_epochs):
         opt.zero_grad(set_to_none=True)
+        finite = True
         for s in range(0, b, tr.micro_batch_size):
             mb = exp.slice(s, s + tr.micro_batch_size)
             v = response_values(model, mb.input_ids, mb.attention_mask, t).float()
             loss = value_loss(v, mb.values, mb.returns, mb.response_mask, clip=a.value_clip, global_tokens=global_tokens)
+            finite = bool(torch.isfinite(loss))
+            if not finite:
+                break
             loss.backward()
             _acc(sums, "value_loss", loss.detach(), 1.0)
-        _acc(sums, "critic_grad_norm", _clip(model, tr.grad_clip), 1.0)
-        opt.step()
+        grad_norm, ok = step_if_finite(model, opt, max_norm=tr.grad_clip, loss_finite=finite)
+        if not ok:  # the critic keeps its weights; the policy step is reported on its own
+            return {"critic_skipped": 1.0, "critic_grad_norm": float(grad_norm)}
+        _acc(sums, "critic_grad_norm", grad_norm, 1.0)
     out = {k: v / a.update_epochs for k, v in sums.items()}
     out["critic_lr"] = float(opt.param_groups[0]["lr"])
     state.scheduler.step()
     return out
-
-
-def _clip(model: nn.Module, max_norm: float) -> torch.Tensor:
-    params = [p for p in model.parameters() if p.grad is not None]
-    if max_norm > 0:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm).detach()
-    if not params:
-        return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
 
 
 def _acc(sums: dict[str, float], key: str, value: Any, weight: float) -> None:

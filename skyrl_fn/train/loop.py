@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import random
 import time
+import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 import attrs
@@ -26,11 +27,13 @@ from skyrl_fn.train import checkpoint as ckpt
 from skyrl_fn.train.config import ResolvedRun, config_to_dict
 from skyrl_fn.train.evaluate import eval_due, heldout_examples
 from skyrl_fn.train.experience import kl_controller_of
+from skyrl_fn.train.nonfinite import SkipCounter
+from skyrl_fn.train.resume import check_resume
 from skyrl_fn.train.rollout import check_backend_available
 from skyrl_fn.train.tasks import DataState, make_task, next_prompts
 from skyrl_fn.train.workers import LocalWorkers, Workers, WorkersState, state_from_checkpoint
 
-__all__ = ["Summary", "seed_everything", "rollout_seed", "run_step", "step_timing", "train"]
+__all__ = ["Summary", "seed_everything", "rollout_seed", "run_step", "step_timing", "check_checkpoint", "train"]
 
 
 @attrs.frozen(kw_only=True)
@@ -101,7 +104,7 @@ def run_step(run: ResolvedRun, workers: Workers, step: int, examples: Sequence[A
     # response_length is the mean over the B = P * G sequences, so this is the token count.
     n_tokens = round(metrics.get("response_length", 0.0) * len(examples) * cfg.rollout.samples_per_prompt)
     metrics.update(step_timing(step, time.perf_counter() - t0, rollout_seconds, n_tokens))
-    if run.algorithm.kl_in_reward:
+    if run.algorithm.kl_in_reward and not metrics.get("skipped"):  # a skipped step measured no KL
         metrics["kl_coef"] = kl_ctrl.coef
         kl_ctrl = kl_ctrl.update(metrics.get("kl", 0.0), len(examples) * cfg.rollout.samples_per_prompt)
     return metrics, kl_ctrl
@@ -117,6 +120,15 @@ def _save(run: ResolvedRun, state: WorkersState, step: int, data_state: DataStat
         cfg.ckpt_dir, step=step, weights=weights, optim=optim, data_state=attrs.asdict(data_state),
         config=config_to_dict(cfg), rng=state.rng, extra={"kl_coef": kl_ctrl.coef}, keep=cfg.trainer.keep_checkpoints,
     )
+
+
+def check_checkpoint(run: ResolvedRun, c: ckpt.Checkpoint) -> None:
+    """Refuse a checkpoint ``run`` cannot resume from (``IncompatibleResumeError`` naming each
+    field, ``skyrl_fn.train.resume``); warn (``CheckpointWarning``) listing compatible changes."""
+    needed = ["policy", "critic"] if run.uses_critic else ["policy"]
+    diff = check_resume(c.config, config_to_dict(run.config), where=c.path, saved_models=list(c.weights), needed_models=needed)
+    if diff.warning():
+        warnings.warn(diff.warning(), ckpt.CheckpointWarning, stacklevel=3)
 
 
 def _window_mean(history: Sequence[Mapping[str, float]], key: str, first: bool) -> float:
@@ -159,9 +171,11 @@ def train(
         data_state = DataState(seed=cfg.trainer.seed)
         kl_ctrl = kl_controller_of(run)
         start, resumed_from, last_ckpt = 0, None, None
-        path = ckpt.latest_checkpoint(cfg.ckpt_dir) if cfg.trainer.resume else None
-        if path is not None:
-            c = ckpt.load(path)
+        # The newest checkpoint that verifies; damaged ones are skipped with a warning.
+        c = ckpt.load_latest(cfg.ckpt_dir) if cfg.trainer.resume else None
+        if c is not None:
+            path = c.path
+            check_checkpoint(run, c)
             pool.load_state(state_from_checkpoint(c))
             data_state = DataState(**c.data_state)
             kl_ctrl = attrs.evolve(kl_ctrl, coef=float(c.extra.get("kl_coef", kl_ctrl.coef)))
@@ -173,9 +187,12 @@ def train(
         held = heldout_examples(task, cfg.eval)[1] if cfg.eval.every > 0 else None
         if start == 0 and eval_due(cfg, 0) and on_step is not None:
             on_step({"step": 0.0, **pool.evaluate(held)})  # the baseline, before any update
+        skips = SkipCounter(limit=cfg.trainer.max_consecutive_skips)
         for step in range(start, cfg.trainer.steps):
             examples, data_state = next_prompts(task, data_state, cfg.trainer.prompts_per_step, shuffle=cfg.data.shuffle)
             metrics, kl_ctrl = run_step(run, pool, step, examples, kl_ctrl)
+            skips = skips.record(metrics, step=step + 1)
+            metrics["skipped_steps"] = float(skips.total)
             history.append(metrics)
             done = step + 1
             if eval_due(cfg, done):

@@ -10,6 +10,7 @@ forward pass of the same model (tested). The learner scores with the same temper
 
 from __future__ import annotations
 
+import inspect
 from typing import Protocol, Sequence, runtime_checkable
 
 import attrs
@@ -182,8 +183,8 @@ class HFBackend:
         gen = torch.Generator(device=device)
         gen.manual_seed(int(seed) % (2**63 - 1))
         pos = position_ids(attn)
-        cache = DynamicCache()
-        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True).logits[:, -1]
+        cache = {cache_keyword(model): DynamicCache()}
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, **cache).logits[:, -1]
         next_pos = pos[:, -1:] + 1
         finished = torch.zeros(b, dtype=torch.bool, device=device)
         out_ids, out_lp, out_mask = [], [], []
@@ -201,7 +202,7 @@ class HFBackend:
                 break
             attn = torch.cat([attn, alive[:, None].long()], dim=1)
             logits = model(
-                input_ids=nxt[:, None], attention_mask=attn, position_ids=next_pos, past_key_values=cache, use_cache=True
+                input_ids=nxt[:, None], attention_mask=attn, position_ids=next_pos, use_cache=True, **cache
             ).logits[:, -1]
             next_pos = next_pos + 1
         response_ids = torch.stack(out_ids, 1).cpu()
@@ -215,6 +216,17 @@ class HFBackend:
             response_mask=response_mask, rollout_log_probs=torch.stack(out_lp, 1).cpu(),
             group_ids=torch.arange(len(prompts)).repeat_interleave(g_per), prompts=tuple(prompts), responses=texts,
         )
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The keyword a causal LM's ``forward`` takes its KV cache by: ``cache`` (transformers >= 5.2x,
+    where ``past_key_values`` warns that it is deprecated) or ``past_key_values`` (older releases)."""
+    forward = getattr(model, "forward", model)
+    try:
+        params = inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:

@@ -11,6 +11,7 @@ a dense learning signal from the first step::
 
 from __future__ import annotations
 
+import os
 import random
 from typing import Protocol, Sequence, runtime_checkable
 
@@ -18,10 +19,21 @@ import attrs
 
 from skyrl_fn.train.config import DataConfig
 from skyrl_fn.train.model import DIGITS_ALPHABET
+from skyrl_fn.train.nonfinite import reward_function_name
 
 __all__ = [
     "Example", "Task", "DigitsTask", "DataState", "next_prompts", "make_task", "char_credit", "step_credit", "score",
+    "DataError", "RewardError", "check_data_path",
 ]
+
+
+class DataError(ValueError):
+    """The task's data cannot be used: the message names the field or ``file:line``, what was
+    expected and what was found."""
+
+
+class RewardError(RuntimeError):
+    """A reward function raised; the message names the function and the sample."""
 
 
 @attrs.frozen(kw_only=True)
@@ -194,8 +206,25 @@ def next_prompts(task: Task, state: DataState, n: int, *, shuffle: bool = True) 
     return out, attrs.evolve(state, position=state.position + n)
 
 
+def check_data_path(path: str | None, *, field: str = "data.path") -> str:
+    """``path`` if it names a readable regular file, else :class:`DataError` saying what it is."""
+    if not path:
+        raise DataError(f"{field}: expected a jsonl file path, got {path!r}")
+    if not os.path.exists(path):
+        raise DataError(f"{field}: expected an existing jsonl file, got {path!r} (no such file)")
+    if os.path.isdir(path):
+        raise DataError(f"{field}: expected a jsonl file, got {path!r} (a directory)")
+    if not os.access(path, os.R_OK):
+        raise DataError(f"{field}: expected a readable jsonl file, got {path!r} (permission denied)")
+    return path
+
+
 def make_task(cfg: DataConfig, *, seed: int = 0) -> Task:
-    """The task named by ``cfg.task``."""
+    """The task named by ``cfg.task``; gsm8k reads and checks every row of ``cfg.path``.
+
+    Raises:
+        DataError: a missing/unreadable path or a malformed row (``file:line`` named).
+    """
     if cfg.task == "digits":
         return DigitsTask(op=cfg.digits_op, min_digits=cfg.min_digits, max_digits=cfg.max_digits, seed=seed)
     if cfg.task == "arithmetic":
@@ -208,12 +237,30 @@ def make_task(cfg: DataConfig, *, seed: int = 0) -> Task:
     if cfg.task == "gsm8k":
         from skyrl_fn.train.gsm8k import Gsm8kTask
 
-        if not cfg.path:
-            raise ValueError("data.path: expected a gsm8k jsonl path, got None")
-        return Gsm8kTask.from_jsonl(cfg.path)
-    raise ValueError(f"data.task: expected 'digits', 'arithmetic' or 'gsm8k', got {cfg.task!r}")
+        return Gsm8kTask.from_jsonl(check_data_path(cfg.path))
+    raise DataError(f"data.task: expected 'digits', 'arithmetic' or 'gsm8k', got {cfg.task!r}")
+
+
+def _sample(b: int, example: Example, response: str) -> str:
+    return f"sample {b} (prompt {example.index} {example.prompt[:40]!r}, response {response[:40]!r})"
 
 
 def score(task: Task, responses: Sequence[str], examples: Sequence[Example], group_ids: Sequence[int]) -> list[float]:
-    """Rewards ``[B]`` of ``responses``; response ``b`` answers ``examples[group_ids[b]]``."""
-    return [task.reward(r, examples[int(g)]) for r, g in zip(responses, group_ids)]
+    """Rewards ``[B]`` of ``responses``; response ``b`` answers ``examples[group_ids[b]]``.
+
+    Non-finite rewards are returned as they are (the training step skips a batch holding one and
+    names each sample: ``skyrl_fn.train.nonfinite.reward_rows``).
+
+    Raises:
+        RewardError: the reward function raised; names the function, the sample and the error.
+    """
+    out = []
+    for b, (r, g) in enumerate(zip(responses, group_ids)):
+        example = examples[int(g)]
+        try:
+            out.append(float(task.reward(r, example)))
+        except Exception as err:
+            raise RewardError(
+                f"reward: {reward_function_name(task)} raised {type(err).__name__}: {err} on {_sample(b, example, r)}"
+            ) from err
+    return out

@@ -33,9 +33,10 @@ import torch
 from skyrl_fn.train import checkpoint as ckpt
 from skyrl_fn.train.config import ResolvedRun
 from skyrl_fn.train.evaluate import evaluate, heldout_task
-from skyrl_fn.train.experience import Experience, make_experience
+from skyrl_fn.train.experience import Experience
 from skyrl_fn.train.forward import batched_log_probs, batched_values
-from skyrl_fn.train.learner import TrainState, critic_update, loss_kernel, make_train_state, policy_update
+from skyrl_fn.train.learner import TrainState, critic_update, experience_and_update, loss_kernel, make_train_state, set_hyperparameters
+from skyrl_fn.train.nonfinite import reward_function_name
 from skyrl_fn.train.model import build_critic, load_model, load_tokenizer
 from skyrl_fn.train.rollout import RolloutBatch, make_backend
 from skyrl_fn.train.tasks import Task, make_task, score
@@ -107,10 +108,12 @@ def _role_state(state: TrainState) -> RoleState:
     return RoleState(weights=weights, optim=state.optimizer.state_dict(), sched=state.scheduler.state_dict())
 
 
-def _load_role_state(state: TrainState, saved: RoleState) -> None:
+def _load_role_state(state: TrainState, saved: RoleState, *, lr: float, weight_decay: float) -> None:
     state.model.load_state_dict(saved.weights)
     state.optimizer.load_state_dict(saved.optim)
     state.scheduler.load_state_dict(saved.sched)
+    # The saved optimiser carries the old rate and decay: a resume uses this run's.
+    set_hyperparameters(state, lr=lr, weight_decay=weight_decay)
 
 
 class PolicyWorker:
@@ -141,10 +144,11 @@ class PolicyWorker:
     def update(
         self, rollout: RolloutBatch, scores: torch.Tensor, ref_log_probs: torch.Tensor | None,
         values: torch.Tensor | None, kl_coef: float,
-    ) -> tuple[dict[str, float], Experience]:
+    ) -> tuple[dict[str, float], Experience | None]:
         """Old log-probs (a separate pass only with ``recompute_old_log_probs``), token rewards
-        and advantages (``make_experience``), then the policy update. Returns its metrics and the
-        experience (the critic trains on it)."""
+        and advantages (``make_experience``), then the policy update (``experience_and_update``).
+        Returns its metrics and the experience (the critic trains on it), None when the step was
+        skipped for something non-finite (``skyrl_fn.train.nonfinite``)."""
         t0 = time.perf_counter()
         cfg = self.run.config
         model = self.train_state.model
@@ -152,10 +156,10 @@ class PolicyWorker:
         old_lp = None  # taken from policy_update's first forward pass
         if cfg.algorithm.recompute_old_log_probs:
             old_lp = batched_log_probs(model, rollout, micro_batch_size=cfg.trainer.micro_batch_size, temperature=cfg.rollout.temperature)
-        exp, metrics = make_experience(
-            self.run, rollout, scores, old_log_probs=old_lp, ref_log_probs=ref_log_probs, values=values, kl_coef=kl_coef
+        metrics, exp = experience_and_update(
+            self.run, self.train_state, rollout, scores, reward_function=reward_function_name(self.task), old_log_probs=old_lp,
+            ref_log_probs=ref_log_probs, values=values, kl_coef=kl_coef, kernel=self.kernel,
         )
-        metrics.update(policy_update(self.run, self.train_state, exp, kernel=self.kernel))
         metrics["update_seconds"] = time.perf_counter() - t0
         return metrics, exp
 
@@ -179,8 +183,10 @@ class PolicyWorker:
         return _role_state(self.train_state)
 
     def load_state(self, saved: RoleState) -> None:
-        """Load what :meth:`state` returned (e.g. from a checkpoint)."""
-        _load_role_state(self.train_state, saved)
+        """Load what :meth:`state` returned (e.g. from a checkpoint); this run's ``trainer.lr``
+        and ``trainer.weight_decay`` apply from now on."""
+        tr = self.run.config.trainer
+        _load_role_state(self.train_state, saved, lr=tr.lr, weight_decay=tr.weight_decay)
 
 
 class RolloutWorker:
@@ -243,15 +249,19 @@ class CriticWorker:
         self.train_state.model.eval()
         return batched_values(self.train_state.model, rollout, micro_batch_size=self.run.config.trainer.micro_batch_size)
 
-    def update(self, exp: Experience) -> dict[str, float]:
-        """The critic update on ``exp`` (``critic_update``)."""
+    def update(self, exp: Experience | None) -> dict[str, float]:
+        """The critic update on ``exp`` (``critic_update``); nothing (``{}``) when the policy step
+        was skipped (``exp`` None)."""
+        if exp is None:
+            return {}
         return critic_update(self.run, self.train_state, exp)
 
     def state(self) -> RoleState:
         return _role_state(self.train_state)
 
     def load_state(self, saved: RoleState) -> None:
-        _load_role_state(self.train_state, saved)
+        tr = self.run.config.trainer
+        _load_role_state(self.train_state, saved, lr=tr.critic_lr, weight_decay=tr.weight_decay)
 
 
 class Workers(Protocol):

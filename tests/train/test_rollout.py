@@ -131,3 +131,22 @@ def test_vllm_fails_before_any_model_loads(make_config, table, monkeypatch):
     run = resolve(make_config(rollout={"backend": "vllm"}), table)
     with pytest.raises(BackendUnavailableError, match="vllm"):
         loop.train(run)
+
+
+def test_sampling_emits_no_deprecation_warning():
+    """Our own calls into transformers raise no FutureWarning/DeprecationWarning (e.g. the
+    ``past_key_values`` keyword, renamed ``cache``)."""
+    import warnings
+
+    from skyrl_fn.train.config import ModelConfig, RolloutConfig
+    from skyrl_fn.train.model import build_tiny_model, build_tokenizer
+    from skyrl_fn.train.rollout import HFBackend, cache_keyword
+
+    tok = build_tokenizer()
+    model = build_tiny_model(ModelConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32), tok)
+    assert cache_keyword(model) in ("cache", "past_key_values")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        out = HFBackend(model, tok, RolloutConfig(samples_per_prompt=2, max_new_tokens=3)).generate(["n:12>"], seed=0)
+    assert out.batch_size == 2

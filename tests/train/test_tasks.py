@@ -107,3 +107,22 @@ def test_make_task():
     assert make_task(DataConfig()).name == "digits"
     with pytest.raises(ValueError, match="data.path"):
         make_task(DataConfig(task="gsm8k"))
+
+
+class _Broken(DigitsTask):
+    def reward(self, response, example):
+        if response == "boom":
+            raise ZeroDivisionError("division by zero")
+        return float("nan") if response == "nan" else float("inf") if response == "inf" else 0.5
+
+
+def test_a_raising_reward_names_the_function_and_the_sample():
+    from skyrl_fn.train.tasks import RewardError, score
+
+    task = _Broken()
+    examples = [task.example(0), task.example(1)]
+    with pytest.raises(RewardError) as err:
+        score(task, ["1", "2", "boom"], examples, [0, 0, 1])
+    msg = str(err.value)
+    assert "_Broken.reward raised ZeroDivisionError: division by zero" in msg
+    assert f"sample 2 (prompt 1 {examples[1].prompt!r}, response 'boom')" in msg
