@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 import torch
 
+from skyrl_fn.gpu.memory import release_cached_memory
 from skyrl_fn.launcher.devices import actor_device, to_device
 from skyrl_fn.launcher.weights import PackedWeights, pack, unpack
 from skyrl_fn.train import checkpoint as ckpt
@@ -42,6 +43,8 @@ class _Base:
         self.tokenizer = load_tokenizer(cfg.model, alphabet=self.task.alphabet)
         # "cuda" only when Ray gave this actor a GPU (skyrl_fn.gpu placement); else "cpu".
         self.device = actor_device()
+        # Colocated vLLM engines wake up after the trainer side's work: give cached memory back.
+        self.shares_gpu = cfg.rollout.backend == "vllm" and cfg.gpu.colocate
 
     def ping(self) -> int:
         return os.getpid()
@@ -132,7 +135,7 @@ class PolicyTrainer(_Base):
         model.eval()
         old_lp = None  # as the in-process loop: taken from policy_update's first forward pass
         if getattr(cfg.algorithm, "recompute_old_log_probs", True):
-            old_lp = batched_log_probs(model, rollout, micro_batch_size=cfg.trainer.micro_batch_size, temperature=cfg.rollout.temperature)
+            old_lp = batched_log_probs(model, rollout, micro_batch_size=cfg.trainer.micro_batch_size, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
         exp, metrics = make_experience(
             self.run, rollout, scores, old_log_probs=old_lp, ref_log_probs=ref_log_probs, values=values, kl_coef=kl_coef
         )
@@ -143,6 +146,7 @@ class PolicyTrainer(_Base):
         # Broadcast layout: weights travel over NCCL (broadcast()), not through the object store;
         # hybrid layout: they never leave this actor.
         push = self.sender is None and self.backend is None
+        release_cached_memory(self.device, colocated=self.shares_gpu)
         return metrics, (exp if values is not None else None), (self.weights() if push else None)
 
     def weights(self) -> PackedWeights:
@@ -241,9 +245,10 @@ class ReferenceModel(_Base):
 
         cfg = self.run.config
         if self.device != "cpu":
-            lp = batched_log_probs(self.model, to_device(rollout, self.device), micro_batch_size=cfg.trainer.micro_batch_size, temperature=cfg.rollout.temperature)
+            lp = batched_log_probs(self.model, to_device(rollout, self.device), micro_batch_size=cfg.trainer.micro_batch_size, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
+            release_cached_memory(self.device, colocated=self.shares_gpu)
             return lp.cpu()
-        return batched_log_probs(self.model, rollout, micro_batch_size=cfg.trainer.micro_batch_size, temperature=cfg.rollout.temperature)
+        return batched_log_probs(self.model, rollout, micro_batch_size=cfg.trainer.micro_batch_size, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
 
 
 class Critic(_Base):
@@ -266,13 +271,17 @@ class Critic(_Base):
 
         self.state.model.eval()
         if self.device != "cpu":
-            return batched_values(self.state.model, to_device(rollout, self.device), micro_batch_size=self.run.config.trainer.micro_batch_size).cpu()
+            values = batched_values(self.state.model, to_device(rollout, self.device), micro_batch_size=self.run.config.trainer.micro_batch_size).cpu()
+            release_cached_memory(self.device, colocated=self.shares_gpu)
+            return values
         return batched_values(self.state.model, rollout, micro_batch_size=self.run.config.trainer.micro_batch_size)
 
     def update(self, exp) -> dict[str, float]:
         from skyrl_fn.train.learner import critic_update
 
-        return critic_update(self.run, self.state, to_device(exp, self.device) if self.device != "cpu" else exp)
+        metrics = critic_update(self.run, self.state, to_device(exp, self.device) if self.device != "cpu" else exp)
+        release_cached_memory(self.device, colocated=self.shares_gpu)
+        return metrics
 
     def get_state(self) -> dict[str, Any]:
         s = self.state

@@ -59,6 +59,7 @@ from typing import Any, Callable, Mapping, NoReturn, Sequence
 import attrs
 import torch
 
+from skyrl_fn.gpu.sync_check import SyncTracker
 from skyrl_fn.launcher.actors import Critic, PolicyTrainer, ReferenceModel, RolloutWorker, hosts_rollout
 from skyrl_fn.launcher.devices import gpu_plan
 from skyrl_fn.launcher.layout import concat_rollouts, split_prompts, with_rollout_workers
@@ -145,26 +146,34 @@ class RayTrainer:
 
         self.names: dict[str, str] = {}
         self.hybrid = self.plan is None and hosts_rollout(run)
-        policy_share = CPU_SHARES["policy"] + (CPU_SHARES["rollout"] if self.hybrid else 0.0)
-        self.policy = self._named(start(PolicyTrainer, "policy", 0, policy_share), "policy trainer (PolicyTrainer)")
+        self.step_index = -1  # -1: still starting (constructors running)
+        self.last_checkpoint: str | None = None
+        self.policy = self.reference = self.critic = None
         share = CPU_SHARES["rollout"] / max(1, num_rollout_workers)
         self.rollout = [
             self._named(start(RolloutWorker, "rollout", i, share), f"rollout worker {i} (RolloutWorker)")
             for i in range(num_rollout_workers)
         ]
-        self.reference = None
+        if self.plan is not None and self.plan.colocate:
+            # Engines first: vLLM needs gpu_memory_utilization x total free at start-up, then
+            # sleeps, so the trainer-side models load into the memory it frees.
+            self.get([w.ping.remote() for w in self.rollout])
+        policy_share = CPU_SHARES["policy"] + (CPU_SHARES["rollout"] if self.hybrid else 0.0)
+        self.policy = self._named(start(PolicyTrainer, "policy", 0, policy_share), "policy trainer (PolicyTrainer)")
         if cfg.uses_reference:
             self.reference = self._named(start(ReferenceModel, "reference", 0, CPU_SHARES["reference"]), "reference model (ReferenceModel)")
-        self.critic = None
         if cfg.uses_critic:
             self.critic = self._named(start(Critic, "critic", 0, CPU_SHARES["critic"]), "critic (Critic)")
-        self.step_index = -1  # -1: still starting (constructors running)
-        self.last_checkpoint: str | None = None
+        self.sync_timeout_s = cfg.gpu.sync_timeout_s
         self.get([a.ping.remote() for a in self.actors()])  # constructors done, or a clear error
         if self.plan is not None and not self.plan.colocate:
             self._init_broadcast()
         self.step_index = 0
-        self.pending: list[Any] = []
+        # Each step's weight sync, checked before the next generate (skyrl_fn.gpu.sync_check).
+        self.syncs = SyncTracker(
+            lambda ref, timeout: self.get(ref, timeout=timeout), timeout_s=self.sync_timeout_s,
+            names=[self.names[w._actor_id.hex()] for w in self.rollout], passthrough=(WorkerDiedError,),
+        )
 
     def _init_broadcast(self) -> None:
         """Form the NCCL sync group: the policy is rank 0, engine ``e``'s TP workers follow
@@ -175,12 +184,12 @@ class RayTrainer:
         world, offsets = broadcast_ranks(len(self.rollout), self.run.config.rollout.tensor_parallel_size)
         refs = [self.policy.init_broadcast.remote(host, port, world)]
         refs += [w.init_broadcast.remote(host, port, off, world) for w, off in zip(self.rollout, offsets)]
-        self.broadcast_plan = self.get(refs)[0]
+        self.broadcast_plan = self.get(refs, timeout=self.sync_timeout_s, what="forming the NCCL weight-sync group")[0]
 
     def _broadcast(self) -> None:
         """Send the policy's weights to every engine over NCCL and wait for both sides."""
         refs = [self.policy.broadcast.remote()] + [w.receive_broadcast.remote(self.broadcast_plan) for w in self.rollout]
-        self.get(refs)
+        self.get(refs, timeout=self.sync_timeout_s, what="the NCCL weight broadcast")
 
     def _named(self, handle, name: str):
         self.names[handle._actor_id.hex()] = name
@@ -202,13 +211,18 @@ class RayTrainer:
                 return self.names[handle._actor_id.hex()]
         return "a Ray worker"
 
-    def get(self, refs):
-        """``ray.get`` that turns a dead actor into :class:`WorkerDiedError` naming it."""
+    def get(self, refs, *, timeout: float | None = None, what: str | None = None):
+        """``ray.get`` that turns a dead actor into :class:`WorkerDiedError` naming it; with
+        ``timeout`` (s) and ``what``, a wait that runs out is a ``TimeoutError`` naming ``what``."""
         import ray
-        from ray.exceptions import RayActorError, RayTaskError
+        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
         try:
-            return ray.get(refs)
+            return ray.get(refs, timeout=timeout)
+        except GetTimeoutError as err:
+            if what is None:
+                raise
+            raise TimeoutError(f"{what} did not finish within {timeout:g} s (--gpu.sync-timeout-s)") from err
         except RayActorError as err:
             self._died(err)
         except RayTaskError as err:
@@ -269,6 +283,7 @@ class RayTrainer:
         seed = rollout_seed(cfg.trainer.seed, step)
         if self.hybrid:
             return self._hybrid_step(step, examples, kl_coef, seed, t0)
+        self.syncs.check()  # the last step's weights reached every worker, or stop here
         chunks = split_prompts(examples, len(self.rollout))
         outs = [
             w.generate.options(num_returns=3).remote(chunk, seed + i) for i, (w, chunk) in enumerate(zip(self.rollout, chunks))
@@ -285,9 +300,9 @@ class RayTrainer:
         metrics_ref, exp_ref, weights = self.policy.update.options(num_returns=3).remote(rollout, scores, ref_lp, values, kl_coef)
         critic_ref = self.critic.update.remote(exp_ref) if self.critic is not None else None
         # Queued now, run by each worker before its next generate (an actor runs one caller's
-        # calls in order); the driver does not wait for it (checked in flush()).
+        # calls in order); checked before the next generate and in flush().
         if self.broadcast_plan is None:
-            self.pending = [w.sync.remote(weights) for w in self.rollout]
+            self.syncs.record(step, [w.sync.remote(weights) for w in self.rollout])
         else:  # engines on their own GPUs: NCCL broadcast, both sides started together
             self._broadcast()
         return self._finish(step, examples, t0, metrics_ref, critic_ref, gen_s)
@@ -320,10 +335,8 @@ class RayTrainer:
         return metrics
 
     def flush(self) -> None:
-        """Wait for the last weight sync (raises if a rollout worker died meanwhile)."""
-        if self.pending:
-            self.get(self.pending)
-            self.pending = []
+        """Wait for the last weight sync (raises if it failed or a rollout worker died meanwhile)."""
+        self.syncs.check()
 
     def _pad_id(self) -> int:
         from skyrl_fn.train.model import load_tokenizer

@@ -191,7 +191,7 @@ def policy_update(run: ResolvedRun, state: TrainState, exp: Experience, *, kerne
         opt.zero_grad(set_to_none=True)
         for s in range(0, b, mbs):
             mb = exp.slice(s, s + mbs)
-            lp, ent = sequence_log_probs(model, mb.input_ids, mb.attention_mask, t, temperature=run.config.rollout.temperature, with_entropy=a.entropy_coef != 0)
+            lp, ent = sequence_log_probs(model, mb.input_ids, mb.attention_mask, t, temperature=run.config.rollout.temperature, top_p=run.config.rollout.top_p, with_entropy=a.entropy_coef != 0)
             old = mb.old_log_probs
             if old is None:
                 # No optimiser step has happened before the first epoch ends, so this forward

@@ -147,8 +147,8 @@ def run_step(
     scores = torch.tensor(score(comp.task, rollout.responses, examples, rollout.group_ids.tolist()), dtype=torch.float32)
     mbs, temp = cfg.trainer.micro_batch_size, cfg.rollout.temperature
     # The policy's log-probs before the update come from policy_update's first forward pass.
-    old_lp = None if not cfg.algorithm.recompute_old_log_probs else batched_log_probs(comp.policy.model, rollout, micro_batch_size=mbs, temperature=temp)
-    ref_lp = None if comp.reference is None else batched_log_probs(comp.reference, rollout, micro_batch_size=mbs, temperature=temp)
+    old_lp = None if not cfg.algorithm.recompute_old_log_probs else batched_log_probs(comp.policy.model, rollout, micro_batch_size=mbs, temperature=temp, top_p=cfg.rollout.top_p)
+    ref_lp = None if comp.reference is None else batched_log_probs(comp.reference, rollout, micro_batch_size=mbs, temperature=temp, top_p=cfg.rollout.top_p)
     values = None
     if comp.critic is not None:
         comp.critic.model.eval()
