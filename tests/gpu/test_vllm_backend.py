@@ -119,6 +119,22 @@ def test_sampling_params_come_from_the_config():
         sampling_params_kwargs({"n": 1}, seed=0)
 
 
+def test_config_rejects_temperatures_vllm_would_change_or_refuse():
+    from skyrl_fn import DEFAULT_TABLE
+    from skyrl_fn.train.config import GPUPlacementConfig, TrainConfig, resolve
+
+    def cfg(backend, temperature, **gpu):
+        return TrainConfig(rollout=RolloutConfig(backend=backend, temperature=temperature), gpu=GPUPlacementConfig(**gpu))
+
+    for bad in (2.5, 0.005):
+        with pytest.raises(ValueError, match=r"rollout.temperature: expected in \[0.01, 2.0\] with rollout.backend 'vllm'.*--rollout.backend hf"):
+            resolve(cfg("vllm", bad), DEFAULT_TABLE)
+    assert resolve(cfg("vllm", 2.0), DEFAULT_TABLE).config.rollout.temperature == 2.0
+    assert resolve(cfg("hf", 2.5), DEFAULT_TABLE).config.rollout.temperature == 2.5  # the hf backend samples any
+    with pytest.raises(ValueError, match="gpu.sync_timeout_s"):
+        resolve(cfg("hf", 1.0, sync_timeout_s=0.0), DEFAULT_TABLE)
+
+
 def test_engine_kwargs_come_from_the_config():
     cfg = RolloutConfig(tensor_parallel_size=2, gpu_memory_utilization=0.45)
     kw = engine_kwargs(cfg, "/models/qwen", dtype="bfloat16", seed=7, colocated=True)
