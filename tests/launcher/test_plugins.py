@@ -259,19 +259,19 @@ def test_module_names_are_searched_in_the_working_directory_first(tmp_path, monk
     assert run.table.estimator(other).__name__ == "my_adv"
 
 
-def test_plugin_import_errors_name_the_file_and_line(tmp_path):
-    syntax = _write(tmp_path / "syntax_err.py", "x = 1\ndef f(:\n    pass\n")
-    with pytest.raises(PluginError, match=r"syntax_err\.py:2: SyntaxError"):
-        build_table(plugins=[str(syntax)])
-    raising = _write(tmp_path / "raising.py", "import os\n\nraise RuntimeError('no GPU here')\n")
-    with pytest.raises(PluginError, match=r"raising\.py:3: RuntimeError: no GPU here"):
-        build_table(plugins=[str(raising)])
-    missing_dep = _write(tmp_path / "missing_dep.py", "import skyrl_fn_absent_dependency\n")
-    with pytest.raises(PluginError, match=r"missing_dep\.py:1: ModuleNotFoundError"):
-        build_table(plugins=[str(missing_dep)])
-    bad_hook = _write(tmp_path / "bad_hook.py", "def register(table):\n    return table.nope()\n")
-    with pytest.raises(PluginError, match=r"register\(table\) raised at .*bad_hook\.py:2: AttributeError"):
-        build_table(plugins=[str(bad_hook)])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("x = 1\ndef f(:\n    pass\n", r"plugin_err\.py:2: SyntaxError"),
+        ("import os\n\nraise RuntimeError('no GPU here')\n", r"plugin_err\.py:3: RuntimeError: no GPU here"),
+        ("import skyrl_fn_absent_dependency\n", r"plugin_err\.py:1: ModuleNotFoundError"),
+        ("def register(table):\n    return table.nope()\n", r"register\(table\) raised at .*plugin_err\.py:2: AttributeError"),
+    ],
+    ids=["syntax", "raises", "missing-dependency", "hook-raises"],
+)
+def test_plugin_errors_name_the_file_and_line(tmp_path, text, expected):
+    with pytest.raises(PluginError, match=expected):
+        build_table(plugins=[str(_write(tmp_path / "plugin_err.py", text))])
 
 
 def test_check_shippable_ships_helpers_by_value_and_names_what_cannot_be_pickled(tmp_path, monkeypatch):
