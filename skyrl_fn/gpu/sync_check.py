@@ -18,11 +18,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-__all__ = ["WeightSyncError", "SyncTracker", "DEFAULT_SYNC_TIMEOUT_S"]
-
-#: Seconds the driver waits for one step's weight sync (or the NCCL group set-up) before it
-#: gives up: generous for a 70B model over PCIe, short next to a hung collective.
-DEFAULT_SYNC_TIMEOUT_S = 900.0
+__all__ = ["WeightSyncError", "SyncTracker"]
 
 
 class WeightSyncError(RuntimeError):
@@ -35,7 +31,8 @@ class SyncTracker:
     Args:
         wait: ``wait(handle, timeout_s)`` blocks until the sync behind ``handle`` is done and
             returns its result, raising its error (``TimeoutError`` when ``timeout_s`` passes).
-        timeout_s: seconds to wait for one step's syncs (> 0).
+        timeout_s: seconds to wait for one step's syncs (> 0; the runner passes
+            ``--gpu.sync-timeout-s``).
         names: ``names[i]`` names worker ``i`` in messages (default ``rollout worker i``).
         passthrough: error types re-raised unchanged (the runner's own "worker died" error,
             which already names the worker and the last checkpoint).
@@ -44,7 +41,7 @@ class SyncTracker:
         ValueError: ``timeout_s`` is not positive.
     """
 
-    def __init__(self, wait: Callable[[Any, float], Any], *, timeout_s: float = DEFAULT_SYNC_TIMEOUT_S,
+    def __init__(self, wait: Callable[[Any, float], Any], *, timeout_s: float,
                  names: Sequence[str] | None = None, passthrough: tuple[type[BaseException], ...] = ()) -> None:
         if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
             raise ValueError(f"timeout_s: expected a positive number of seconds, got {timeout_s!r}")

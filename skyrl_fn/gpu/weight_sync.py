@@ -276,6 +276,8 @@ def bucket_to_wire(bucket: Bucket, tensors: Mapping[str, torch.Tensor]) -> list:
         KeyError/ValueError/TypeError: as :func:`pack_bucket`.
     """
     buf = pack_bucket(bucket, tensors, device="cpu")
+    if any(tensors[s.name].is_cuda for s in bucket.slots):
+        torch.cuda.synchronize()  # pack_bucket copies non-blocking; the bytes are read right below
     # numpy has no bfloat16, but the buffer is uint8: this is one copy into a bytes object.
     return [*plan_to_wire((bucket,))[0], buf.numpy().tobytes()]
 
