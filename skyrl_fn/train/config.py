@@ -153,8 +153,8 @@ class DataConfig:
     """gsm8k: reshuffle the rows every epoch (seeded)."""
 
 
-#: Temperatures vLLM samples with as given: ``SamplingParams`` rejects > 2 and raises < 0.01
-#: to 0.01 (vllm/sampling_params.py, 0.11-0.33).
+#: Temperatures every vLLM of the ``[vllm]`` extra samples with as given: ``SamplingParams``
+#: raises < 0.01 to 0.01 (0.11 and 0.33) and rejects > 2 (0.33; 0.11 accepted them).
 VLLM_TEMPERATURE_RANGE: tuple[float, float] = (0.01, 2.0)
 
 

@@ -18,7 +18,8 @@ a sampled token is always in the sampler's nucleus, so rollout log-probs are una
 
 Why this definition: vLLM returns, for ``logprobs_mode="processed_logprobs"``, exactly this
 (temperature, then top-k/top-p masking, then ``log_softmax``: ``vllm/v1/worker/gpu/sample/
-sampler.py``, ``v1/sample/ops/topk_topp_sampler.py``), and its other modes ignore temperature
+sampler.py``, ``v1/sample/ops/topk_topp_sampler.py``, read in 0.33.0 and 0.11.0), and its other
+modes ignore temperature
 (``raw_*``) or return logits; so it is the one definition every backend can produce for every
 ``(tau, p)``. It also makes the importance ratios of TIS/IcePop and the off-policy metrics
 compare the learner with the distribution that produced the data.
