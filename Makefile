@@ -23,15 +23,19 @@ $(STAMP): pyproject.toml
 train: setup
 	$(BIN)/python launch/train.py $(ARGS)
 
-# The suite CI runs: everything except runs marked slow (a short end-to-end run is not slow).
+# The suite CI runs: the import contracts ([tool.importlinter] in pyproject.toml), then every test
+# except runs marked slow (a short end-to-end run is not slow).
 test: setup
+	$(BIN)/lint-imports
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir $(VENV)/site
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 test-all: setup
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: setup
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis .import_linter_cache

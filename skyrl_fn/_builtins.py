@@ -24,6 +24,10 @@ _BATCH_COUPLED = frozenset({"permutation_equivariant"})
 # Whitened over the batch's tokens: invariant to one positive scale of every reward of the batch.
 _BATCH_WHITENED = frozenset({"permutation_equivariant", "batch_scale_invariant"})
 _BATCH_WHITENED_CENTRED = _BATCH_WHITENED | {"shift_invariant"}
+# KL estimates that are >= 0 for every input (k1 = log-ratio can be negative).
+_KL_NON_NEGATIVE = frozenset({"non_negative"})
+# Each row's output depends on that row alone (the raw forms of reinforce++ and gae).
+_PER_SAMPLE = frozenset({"permutation_equivariant", "group_local"})
 
 BUILTINS = (
     # -- advantage estimators -------------------------------------------------------------
@@ -34,10 +38,16 @@ BUILTINS = (
     ("advantage_estimator", "gpg", est.gpg, _BATCH_COUPLED),
     ("advantage_estimator", "grpo_passk", est.grpo_passk, _GROUP_NORM | {"rejects_singleton_groups"}),
     ("advantage_estimator", "opo", est.opo, _GROUP_CENTRED),
+    # reinforce++ and gae are chains: the raw estimator, then whiten() (skyrl_fn.compose). grpo,
+    # dr_grpo, rloo and reinforce_plus_plus_baseline are chains in maths too (outcome_estimator with
+    # group_mean / leave_one_out, then group_normalize_std / whiten; tests prove each equal) but stay
+    # fused: one pass over per-sample scores instead of [B, T] passes per piece.
     ("advantage_estimator", "reinforce++", est.reinforce_plus_plus, _BATCH_WHITENED),
+    ("advantage_estimator", "reinforce++_raw", est.reinforce_plus_plus_raw, _PER_SAMPLE),
     ("advantage_estimator", "reinforce_plus_plus_baseline", est.reinforce_plus_plus_baseline, _BATCH_WHITENED_CENTRED),
     ("advantage_estimator", "remax", est.remax, _PER_GROUP),
     ("advantage_estimator", "gae", est.gae, _BATCH_COUPLED),
+    ("advantage_estimator", "gae_raw", est.gae_raw, _PER_SAMPLE),
     # -- policy losses (skyrl_fn.losses) ---------------------------------------------------
     ("policy_loss", "regular", ls.regular, _LOSS_LOCAL),
     ("policy_loss", "dual_clip", ls.dual_clip, _LOSS_LOCAL),
@@ -62,12 +72,12 @@ BUILTINS = (
     ("aggregation", "sequence_mean", ls.seq_mean_token_mean, frozenset()),  # SkyRL's name
     # -- KL estimators --------------------------------------------------------------------
     ("kl_estimator", "k1", ls.k1, frozenset()),
-    ("kl_estimator", "abs", ls.kl_abs, frozenset()),
-    ("kl_estimator", "k2", ls.k2, frozenset()),
-    ("kl_estimator", "mse", ls.k2, frozenset()),  # verl's name for k2
-    ("kl_estimator", "k3", ls.k3, frozenset()),
+    ("kl_estimator", "abs", ls.kl_abs, _KL_NON_NEGATIVE),
+    ("kl_estimator", "k2", ls.k2, _KL_NON_NEGATIVE),
+    ("kl_estimator", "mse", ls.k2, _KL_NON_NEGATIVE),  # verl's name for k2
+    ("kl_estimator", "k3", ls.k3, _KL_NON_NEGATIVE),
     ("kl_estimator", "k1+", ls.k1_plus, frozenset()),
-    ("kl_estimator", "abs+", ls.kl_abs_plus, frozenset()),
-    ("kl_estimator", "k2+", ls.k2_plus, frozenset()),
-    ("kl_estimator", "k3+", ls.k3_plus, frozenset()),
+    ("kl_estimator", "abs+", ls.kl_abs_plus, _KL_NON_NEGATIVE),
+    ("kl_estimator", "k2+", ls.k2_plus, _KL_NON_NEGATIVE),
+    ("kl_estimator", "k3+", ls.k3_plus, _KL_NON_NEGATIVE),
 )

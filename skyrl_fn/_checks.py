@@ -5,6 +5,8 @@ Records call these in their validators, so bad input fails where it enters the l
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any, Sequence
 
 import numpy as np
@@ -18,6 +20,9 @@ __all__ = [
     "as_mask",
     "as_group_ids",
     "first_bad_row",
+    "check_number",
+    "mask_or_flag",
+    "check_all",
 ]
 
 
@@ -71,6 +76,57 @@ def check_finite(name: str, x: torch.Tensor, mask: torch.Tensor | None = None) -
     return x
 
 
+def _finite_flag(x: torch.Tensor) -> torch.Tensor:
+    """0-dim bool on ``x``'s device, True when ``x.sum()`` is finite (then every element is)."""
+    return torch.isfinite(x.detach().sum())
+
+
+def check_all(
+    finite: Sequence[tuple[str, torch.Tensor | None, torch.Tensor | None]],
+    masks: Sequence[tuple[str, torch.Tensor, torch.Tensor | None]] = (),
+) -> None:
+    """Every finiteness and mask check of a record with one host sync (per device).
+
+    ``finite`` holds ``(name, x, mask)``: ``x`` must be finite where ``mask`` is True (everywhere
+    when ``mask`` is None; ``x`` None is skipped). ``masks`` holds ``(name, original, flag)`` from
+    :func:`mask_or_flag` (``flag`` None: nothing to check). The fast path reduces each tensor to
+    one 0-dim flag on its device (a finite sum proves every element finite) and reads them all
+    at once; only when a flag is False do the per-field checks run (:func:`as_mask`, then
+    :func:`check_finite` in order), which raise the error naming the first bad field and row, or
+    pass when the only non-finite values lie off the mask.
+
+    Raises:
+        ValueError: a numeric mask holds values other than 0 and 1; non-finite values on the mask.
+    """
+    flags: dict[torch.device, list[torch.Tensor]] = {}
+    for _name, _original, flag in masks:
+        if flag is not None:
+            flags.setdefault(flag.device, []).append(flag)
+    for _name, x, _mask in finite:
+        if x is not None and x.numel():
+            flags.setdefault(x.device, []).append(_finite_flag(x))
+    if all(bool(torch.stack(fs).all()) for fs in flags.values()):
+        return
+    for name, original, flag in masks:
+        if flag is not None:
+            as_mask(name, original)
+    for name, x, mask in finite:
+        if x is not None:
+            check_finite(name, x.detach(), mask)
+
+
+def mask_or_flag(name: str, x: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``x`` as a torch.bool mask without a host sync, and a 0-dim flag (None for a bool ``x``)
+    that is True when a numeric ``x`` holds only 0 and 1; :func:`check_all` reads the flag with the
+    record's other checks. Type errors are raised at once (they need no device read)."""
+    check_tensor(name, x)
+    if x.dtype.is_complex:
+        raise TypeError(f"{name}: expected a bool, integer or floating 0/1 mask, got {x.dtype}")
+    if x.dtype == torch.bool:
+        return x, None
+    return x != 0, ((x == 0) | (x == 1)).all()
+
+
 def as_mask(name: str, x: Any, shape: Sequence[int] | None = None) -> torch.Tensor:
     """Return ``x`` as a torch.bool mask, checking that a numeric mask holds only 0 and 1.
 
@@ -119,3 +175,17 @@ def as_group_ids(name: str, ids: Any, batch: int) -> torch.Tensor:
             arr = np.array([f"{type(v).__name__}:{v}" for v in arr.tolist()], dtype=object)
     _, inverse = np.unique(arr, return_inverse=True)
     return torch.from_numpy(inverse.reshape(-1).astype(np.int64))
+
+
+def check_number(name: str, value: Any, *, low: float = -math.inf, low_open: bool = False) -> float:
+    """Return ``value`` as a float, raising TypeError unless it is a real number (not a bool) and
+    ValueError unless it is finite and ``>= low`` (``> low`` when ``low_open``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__} ({value!r})")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value!r}")
+    if value < low or (low_open and value == low):
+        bound = f"> {low:g}" if low_open else f">= {low:g}"
+        raise ValueError(f"{name}: expected a number {bound}, got {value!r}")
+    return value

@@ -13,7 +13,9 @@ so a new estimator is built and named in one call::
 
 The chain is itself an advantage estimator: ``chain(...)(batch, **hyper)`` passes ``hyper`` to its
 estimator, and its ``__signature__`` exposes exactly the estimator's hyperparameters, so
-``AlgorithmTable.check_hyperparameters`` rejects unknown names. Transform hyperparameters are
+``AlgorithmTable.check_hyperparameters`` rejects unknown names. What the pieces need
+(``skyrl_fn.table.needs``, e.g. critic ``values`` for GAE) the chain needs: ``chain(gae_raw,
+clip_advantages(1.0))`` registered under any name is an entry with ``needs == {"values"}``. Transform hyperparameters are
 fixed when the piece is built (``clip_advantages(1.0)``), as in optax.
 
 Pieces never change their inputs: transforms derive new records with ``attrs.evolve``, which runs
@@ -33,7 +35,7 @@ import attrs
 import torch
 
 from skyrl_fn.records import AdvantageInput, AdvantageOutput
-from skyrl_fn.table import hyperparameters, infer_kind
+from skyrl_fn.table import hyperparameters, infer_kind, needed_inputs
 
 __all__ = ["RewardTransform", "AdvantageTransform", "Chain", "chain", "piece_name"]
 
@@ -79,6 +81,11 @@ class RewardTransform:
     fn: Callable[[AdvantageInput], AdvantageInput] = attrs.field(validator=_check_callable("RewardTransform.fn"))
     name: str | None = attrs.field(default=None, validator=_check_name)
 
+    @property
+    def __skyrl_needs__(self) -> frozenset[str]:
+        """The optional inputs ``fn`` declares (``skyrl_fn.table.needs``)."""
+        return needed_inputs(self.fn)
+
     def __call__(self, batch: AdvantageInput) -> AdvantageInput:
         out = self.fn(batch)
         if not isinstance(out, AdvantageInput):
@@ -114,6 +121,11 @@ class AdvantageTransform:
         validator=_check_callable("AdvantageTransform.fn")
     )
     name: str | None = attrs.field(default=None, validator=_check_name)
+
+    @property
+    def __skyrl_needs__(self) -> frozenset[str]:
+        """The optional inputs ``fn`` declares (``skyrl_fn.table.needs``)."""
+        return needed_inputs(self.fn)
 
     def __call__(self, out: AdvantageOutput, batch: AdvantageInput) -> AdvantageOutput:
         new = self.fn(out, batch)
@@ -196,6 +208,13 @@ class Chain:
     def pieces(self) -> tuple[Callable, ...]:
         """Every piece, in the order they run."""
         return (*self.reward_transforms, self.estimator, *self.advantage_transforms)
+
+    @property
+    def __skyrl_needs__(self) -> frozenset[str]:
+        """The optional inputs any piece needs (``skyrl_fn.table.needs``): a chain around an
+        estimator that reads critic ``values`` needs them too, so ``Entry.needs`` of a
+        registered chain says so."""
+        return frozenset().union(*(needed_inputs(p) for p in self.pieces))
 
     def __repr__(self) -> str:
         return f"chain({', '.join(piece_name(p) for p in self.pieces)})"

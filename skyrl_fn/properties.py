@@ -15,6 +15,7 @@ __all__ = [
     "ESTIMATOR_PROPERTIES",
     "LOSS_PROPERTIES",
     "AGGREGATION_PROPERTIES",
+    "KL_PROPERTIES",
     "KNOWN",
     "DESCRIPTIONS",
     "ORDER",
@@ -24,7 +25,7 @@ __all__ = [
     "check_promises",
 ]
 
-#: Checked for every estimator, loss and aggregation: output shapes/dtypes, zero output off the
+#: Checked for every estimator, loss and aggregation (and, but ``mask``, KL estimator): output shapes/dtypes, zero output off the
 #: mask (and independent of the inputs' values there), finite output (also on constant and
 #: size-1 groups, all-masked rows, extreme but finite inputs), inputs never mutated, deterministic.
 UNIVERSAL = frozenset({"shapes", "mask", "finite", "no_mutation", "deterministic"})
@@ -52,7 +53,17 @@ LOSS_PROPERTIES = frozenset(
 #: Aggregations share the loss vocabulary (gradient w.r.t. ``token_loss``).
 AGGREGATION_PROPERTIES = frozenset({"masked_grad_zero", "microbatch_invariant"})
 
-KNOWN = UNIVERSAL | ESTIMATOR_PROPERTIES | LOSS_PROPERTIES
+#: KL estimators ``fn(log_probs, ref_log_probs) -> [B, T]`` take no mask (masking happens outside),
+#: so ``mask`` does not apply; every one must be token-local and 0 at the reference.
+KL_PROPERTIES = frozenset(
+    {
+        "token_local",  # each output token depends only on the two inputs at that token
+        "zero_at_reference",  # log_probs == ref_log_probs gives 0 everywhere
+        "non_negative",  # the estimate is >= 0 for every input (k2, k3, abs; not k1)
+    }
+)
+
+KNOWN = UNIVERSAL | ESTIMATOR_PROPERTIES | LOSS_PROPERTIES | KL_PROPERTIES
 
 #: What a row-local policy-gradient loss promises (every PPO-family loss): register it with
 #: ``promises=ROW_LOCAL_POLICY_LOSS``. Losses that select tokens from batch-wide statistics
@@ -77,6 +88,10 @@ DESCRIPTIONS: Mapping[str, str] = {
     "microbatch_invariant": "the gradient summed over micro-batches (aggregated with global_tokens/global_seqs) "
     "equals the full-batch gradient",
     "zero_grad_at_ratio_one_zero_adv": "with log_probs == old_log_probs (ratio 1) and zero advantages the gradient is 0",
+    "token_local": "the output on any block of rows and tokens equals that block of the full output (no coupling "
+    "across tokens or rows, so micro-batching cannot change it)",
+    "zero_at_reference": "with log_probs == ref_log_probs the estimate is 0 at every token",
+    "non_negative": "the estimate is >= 0 at every token, for every input",
 }
 
 #: The order the kit checks properties in: basic ones first, so a broken function is reported under
@@ -89,6 +104,9 @@ ORDER: tuple[str, ...] = (
     "deterministic",
     "masked_grad_zero",
     "mask",
+    "token_local",
+    "zero_at_reference",
+    "non_negative",
     "rejects_singleton_groups",
     "permutation_equivariant",
     "group_local",
@@ -106,11 +124,13 @@ _UNIVERSAL_BY_KIND: Mapping[str, frozenset[str]] = {
     "policy_loss": UNIVERSAL | {"masked_grad_zero"},
     # The aggregation kind exists to be exact under micro-batching (global_tokens/global_seqs).
     "aggregation": UNIVERSAL | {"masked_grad_zero", "microbatch_invariant"},
+    "kl_estimator": (UNIVERSAL - {"mask"}) | {"token_local", "zero_at_reference"},
 }
 _APPLICABLE_BY_KIND: Mapping[str, frozenset[str]] = {
     "advantage_estimator": UNIVERSAL | ESTIMATOR_PROPERTIES,
     "policy_loss": UNIVERSAL | LOSS_PROPERTIES,
     "aggregation": UNIVERSAL | AGGREGATION_PROPERTIES,
+    "kl_estimator": (UNIVERSAL - {"mask"}) | KL_PROPERTIES,
 }
 
 

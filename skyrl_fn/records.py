@@ -6,11 +6,18 @@ accepted and converted once, at construction.
 
 Records compare by identity (``eq=False``); derive a changed record with ``attrs.evolve``, which
 runs every validator again.
+
+Validation once per batch. The checked constructor runs every check where the data enters, with
+one host sync for all of a record's value checks (finiteness, 0/1 masks; see
+``skyrl_fn._checks.check_all``); shapes and dtypes are host-side metadata and cost no sync.
+Inside a training step, records built from an already-checked batch (micro-batch slices, the
+same tensors re-wrapped) use ``unchecked(...)`` / :meth:`PolicyLossInput.rows`, which validate
+nothing and never read the device.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, TypeVar
 
 import attrs
 import torch
@@ -18,11 +25,12 @@ import torch
 from skyrl_fn._frozen import FrozenDict
 from skyrl_fn._checks import (
     as_group_ids,
-    as_mask,
+    check_all,
     check_finite,
     check_floating,
     check_shape,
     check_tensor,
+    mask_or_flag,
 )
 
 __all__ = [
@@ -38,9 +46,26 @@ def _frozen_mapping(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
     return FrozenDict(value)
 
 
-def _mask_field(name: str):
-    """A mask field: converted to bool once; the shape is checked against the rewards later."""
-    return attrs.field(converter=lambda x, _n=name: as_mask(_n, x))
+_R = TypeVar("_R")
+
+
+def _unchecked(cls: type[_R], fields: Mapping[str, Any]) -> _R:
+    """An instance of the attrs record ``cls`` holding ``fields`` (every field, by name) as given:
+    no validator and no ``__attrs_post_init__`` run; converters do (``FrozenDict`` wrapping of a
+    mapping: host-side, no device read)."""
+    self = object.__new__(cls)
+    for a in attrs.fields(cls):
+        value = fields[a.name]
+        object.__setattr__(self, a.name, a.converter(value) if a.converter is not None else value)
+    return self
+
+
+def _take_mask(record: Any, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Replace the record's mask field by its bool form (no sync); return (mask, original, flag)."""
+    original = getattr(record, name)
+    mask, flag = mask_or_flag(name, original)
+    object.__setattr__(record, name, mask)
+    return mask, original, flag
 
 
 @attrs.frozen(kw_only=True, eq=False)
@@ -59,13 +84,14 @@ class AdvantageInput:
     """
 
     token_level_rewards: torch.Tensor = attrs.field()
-    response_mask: torch.Tensor = _mask_field("response_mask")
+    response_mask: torch.Tensor = attrs.field()  # converted to bool in __attrs_post_init__
     group_ids: torch.Tensor = attrs.field()
     values: torch.Tensor | None = attrs.field(default=None)
     reward_baselines: torch.Tensor | None = attrs.field(default=None)
     extras: Mapping[str, torch.Tensor] = attrs.field(factory=dict, converter=_frozen_mapping)
 
     def __attrs_post_init__(self) -> None:
+        mask, original_mask, mask_flag = _take_mask(self, "response_mask")
         rewards = check_floating("token_level_rewards", self.token_level_rewards)
         if rewards.dim() != 2:
             raise ValueError(f"token_level_rewards: expected shape [B, T], got {tuple(rewards.shape)}")
@@ -75,7 +101,6 @@ class AdvantageInput:
         check_shape("response_mask", self.response_mask, (b, t), "[B, T]")
         if self.response_mask.device != rewards.device:
             raise ValueError(f"response_mask: expected device {rewards.device}, got {self.response_mask.device}")
-        check_finite("token_level_rewards", rewards, self.response_mask)
         # Group ids arrive as labels; store dense ids (the record is frozen, so set it once here).
         object.__setattr__(self, "group_ids", as_group_ids("group_ids", self.group_ids, b).to(rewards.device))
         if self.values is not None:
@@ -83,15 +108,43 @@ class AdvantageInput:
             check_shape("values", self.values, (b, t), "[B, T]")
             if self.values.dtype != rewards.dtype:
                 raise TypeError(f"values: expected dtype {rewards.dtype} (as token_level_rewards), got {self.values.dtype}")
-            check_finite("values", self.values, self.response_mask)
         if self.reward_baselines is not None:
             check_floating("reward_baselines", self.reward_baselines)
             check_shape("reward_baselines", self.reward_baselines, (b,), "[B]")
-            check_finite("reward_baselines", self.reward_baselines)
         for key, value in self.extras.items():
             check_tensor(f"extras[{key!r}]", value)
             if value.dim() not in (1, 2) or value.shape[0] != b or (value.dim() == 2 and value.shape[1] != t):
                 raise ValueError(f"extras[{key!r}]: expected shape [B] = ({b},) or [B, T] = ({b}, {t}), got {tuple(value.shape)}")
+        check_all(
+            [("token_level_rewards", rewards, mask), ("values", self.values, mask), ("reward_baselines", self.reward_baselines, None)],
+            [("response_mask", original_mask, mask_flag)],
+        )
+
+    @classmethod
+    def unchecked(
+        cls,
+        *,
+        token_level_rewards: torch.Tensor,
+        response_mask: torch.Tensor,
+        group_ids: torch.Tensor,
+        values: torch.Tensor | None = None,
+        reward_baselines: torch.Tensor | None = None,
+        extras: Mapping[str, torch.Tensor] | None = None,
+    ) -> "AdvantageInput":
+        """Build without any check or conversion: no host sync, no device read.
+
+        For records made from tensors a checked ``AdvantageInput`` already holds (the fields must
+        be in its canonical form: ``response_mask`` bool ``[B, T]``, ``group_ids`` dense int64
+        ``[B]`` on the rewards' device). Nothing is verified; bad input gives wrong results, not
+        an error. Use the ordinary constructor wherever data enters.
+        """
+        return _unchecked(
+            cls,
+            dict(
+                token_level_rewards=token_level_rewards, response_mask=response_mask, group_ids=group_ids,
+                values=values, reward_baselines=reward_baselines, extras=extras,
+            ),
+        )
 
     # Derived quantities used by many estimators; cheap, so computed on demand, never stored.
     @property
@@ -167,11 +220,12 @@ class PolicyLossInput:
     log_probs: torch.Tensor = attrs.field()
     old_log_probs: torch.Tensor = attrs.field()
     advantages: torch.Tensor = attrs.field()
-    loss_mask: torch.Tensor = _mask_field("loss_mask")
+    loss_mask: torch.Tensor = attrs.field()  # converted to bool in __attrs_post_init__
     ref_log_probs: torch.Tensor | None = attrs.field(default=None)
     rollout_log_probs: torch.Tensor | None = attrs.field(default=None)
 
     def __attrs_post_init__(self) -> None:
+        mask, original_mask, mask_flag = _take_mask(self, "loss_mask")
         lp = check_floating("log_probs", self.log_probs)
         if lp.dim() != 2 or lp.shape[0] == 0 or lp.shape[1] == 0:
             raise ValueError(f"log_probs: expected a non-empty shape [B, T], got {tuple(lp.shape)}")
@@ -183,10 +237,54 @@ class PolicyLossInput:
                 continue
             check_floating(field, x)
             check_shape(field, x, shape, "[B, T]")
-        for field in ("log_probs", "old_log_probs", "advantages", "ref_log_probs", "rollout_log_probs"):
-            x = getattr(self, field)
-            if x is not None:
-                check_finite(field, x.detach(), self.loss_mask)
+        check_all(
+            [(f, getattr(self, f), mask) for f in ("log_probs", "old_log_probs", "advantages", "ref_log_probs", "rollout_log_probs")],
+            [("loss_mask", original_mask, mask_flag)],
+        )
+
+    @classmethod
+    def unchecked(
+        cls,
+        *,
+        log_probs: torch.Tensor,
+        old_log_probs: torch.Tensor,
+        advantages: torch.Tensor,
+        loss_mask: torch.Tensor,
+        ref_log_probs: torch.Tensor | None = None,
+        rollout_log_probs: torch.Tensor | None = None,
+    ) -> "PolicyLossInput":
+        """Build without any check or conversion: no host sync, no device read.
+
+        For the inner loop of a training step, where the batch was checked once at the boundary
+        (the ordinary constructor) and each micro-batch re-wraps slices of it (see :meth:`rows`)
+        together with fresh ``log_probs``. ``loss_mask`` must already be bool ``[B, T]``. Nothing
+        is verified; bad input gives wrong results, not an error.
+        """
+        return _unchecked(
+            cls,
+            dict(
+                log_probs=log_probs, old_log_probs=old_log_probs, advantages=advantages, loss_mask=loss_mask,
+                ref_log_probs=ref_log_probs, rollout_log_probs=rollout_log_probs,
+            ),
+        )
+
+    def rows(self, start: int, stop: int, *, log_probs: torch.Tensor | None = None) -> "PolicyLossInput":
+        """Rows ``[start, stop)`` of this (checked) record as an unchecked ``PolicyLossInput``.
+
+        Micro-batching: every ``[B, T]`` field is sliced (views, no copy, no sync). ``log_probs``
+        replaces the sliced log-probs, e.g. the micro-batch's fresh forward pass ``[stop - start, T]``.
+        """
+        def cut(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x[start:stop]
+
+        return PolicyLossInput.unchecked(
+            log_probs=cut(self.log_probs) if log_probs is None else log_probs,
+            old_log_probs=cut(self.old_log_probs),
+            advantages=cut(self.advantages),
+            loss_mask=cut(self.loss_mask),
+            ref_log_probs=cut(self.ref_log_probs),
+            rollout_log_probs=cut(self.rollout_log_probs),
+        )
 
     @property
     def batch_size(self) -> int:

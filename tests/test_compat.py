@@ -91,13 +91,25 @@ def test_decorator_registers_and_returns_a_wraps_wrapper():
     assert available[-1] == "mine" and set(ESTIMATORS) <= set(available)
 
 
-def test_state_does_not_leak_between_tests_part_1():
+def test_reset_drops_user_entries_and_keeps_the_builtins():
+    builtin_estimators = set(AdvantageEstimatorRegistry.list_available())
+    builtin_losses = set(PolicyLossRegistry.list_available())
+    assert set(ESTIMATORS) <= builtin_estimators
     AdvantageEstimatorRegistry.register("leak_probe", lambda **kw: None)
-
-
-def test_state_does_not_leak_between_tests_part_2():
-    assert "leak_probe" not in AdvantageEstimatorRegistry.list_available()
+    PolicyLossRegistry.register("leak_probe", lambda log_probs, old_log_probs, advantages, config, loss_mask=None: None)
+    assert "leak_probe" in AdvantageEstimatorRegistry.list_available() and "leak_probe" in PolicyLossRegistry.list_available()
+    AdvantageEstimatorRegistry.reset()
+    PolicyLossRegistry.reset()
+    assert set(AdvantageEstimatorRegistry.list_available()) == builtin_estimators
+    assert set(PolicyLossRegistry.list_available()) == builtin_losses
     AdvantageEstimatorRegistry.register("leak_probe", lambda **kw: None)  # no duplicate error
+
+
+def test_every_test_starts_with_only_the_builtins():
+    # clean_registries (autouse) resets before each test, whatever ran before: in any order, a
+    # test sees exactly the table's built-in names.
+    assert set(AdvantageEstimatorRegistry.list_available()) == set(ESTIMATORS)
+    assert set(PolicyLossRegistry.list_available()) == set(DEFAULT_TABLE.names("policy_loss"))
 
 
 def test_duplicates_raise_value_error_also_for_builtins():

@@ -1,15 +1,26 @@
-"""Masked whitening over the valid tokens of a whole batch (REINFORCE++, GAE).
+"""Masked whitening over the valid tokens of a whole batch (REINFORCE++, GAE), and the
+``whiten()`` advantage transform that ``gae`` and ``reinforce++`` are chained with.
+
+``whiten`` lives here, beside the statistics it runs, so the estimators can name their chains
+(``gae = chain(gae_raw, whiten())``) without importing ``skyrl_fn.transforms`` (which builds on
+the estimators' helpers); ``skyrl_fn.transforms`` re-exports it.
 
 Notation: ``B`` sequences, ``T`` response tokens.
 """
 
 from __future__ import annotations
 
+import functools
+
+import attrs
 import torch
 
-from skyrl_fn.estimators._groups import outcome_scores_and_lengths, row_blocks
+from skyrl_fn._checks import check_number
+from skyrl_fn.compose import AdvantageTransform
+from skyrl_fn.estimators._groups import accum_dtype, outcome_scores_and_lengths, row_blocks
+from skyrl_fn.records import AdvantageInput, AdvantageOutput
 
-__all__ = ["masked_whiten", "masked_whiten_rows", "whiten_stats"]
+__all__ = ["masked_whiten", "masked_whiten_rows", "whiten_stats", "whiten", "with_advantages"]
 
 
 def _masked_centred_square_sum(x: torch.Tensor, mask: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
@@ -39,15 +50,19 @@ def masked_whiten(x: torch.Tensor, response_mask: torch.Tensor, *, eps: float = 
 
     Args:
         x: ``[B, T]`` floating; statistics are taken in ``x``'s dtype (callers pass the
-            accumulation dtype).
+            accumulation dtype). A transposed view of a ``[T, B]`` buffer (time-major, as GAE
+            computes) is read in that memory order (see :func:`whiten_stats`).
         response_mask: ``[B, T]`` bool.
         eps: added to the variance.
 
     Returns:
-        ``[B, T]`` in ``x``'s dtype (a new tensor).
+        ``[B, T]`` contiguous, in ``x``'s dtype (a new tensor).
     """
     mean, rstd = whiten_stats(x, response_mask, eps=eps)
-    out = (x - mean).mul_(rstd)
+    # A transposed x: one transposing copy, then contiguous element-wise passes (element-wise
+    # ops reading a transposed view are several times slower than copy_'s transpose).
+    out = x - mean if x.is_contiguous() else x.contiguous().sub_(mean)
+    out.mul_(rstd)
     return torch.where(response_mask, out, torch.zeros((), dtype=x.dtype, device=x.device), out=out)
 
 
@@ -55,7 +70,12 @@ def whiten_stats(x: torch.Tensor, response_mask: torch.Tensor, *, eps: float = 1
     """``(mean, 1 / sqrt(var + eps))`` of :func:`masked_whiten`, as 0-dim tensors in ``x``'s dtype.
 
     For callers that write the whitened values into a buffer of their own (e.g. transposed).
+    The statistics are full reductions, so they are taken in ``x``'s memory order: a ``[B, T]``
+    transposed view of a contiguous ``[T, B]`` buffer is summed time-major (as GAE's recursion
+    leaves it), which is both the fast order and the one the fused GAE always used.
     """
+    if x.dim() == 2 and not x.is_contiguous() and x.T.is_contiguous():
+        x, response_mask = x.T, response_mask.T.contiguous()
     sums, lengths = outcome_scores_and_lengths(x, response_mask)  # one pass over x and the mask
     n = lengths.sum()
     mean = sums.sum() / n.clamp(min=1)
@@ -85,3 +105,38 @@ def masked_whiten_rows(per_sample: torch.Tensor, lengths: torch.Tensor, *, eps: 
     centred = per_sample - mean
     var = (lengths * centred.square()).sum() / (n - 1).clamp(min=1)
     return centred * torch.rsqrt(var + eps)
+
+
+def with_advantages(out: AdvantageOutput, batch: AdvantageInput, adv: torch.Tensor) -> AdvantageOutput:
+    """``out`` with ``advantages = adv * m`` in ``out``'s dtype (``returns`` unchanged)."""
+    adv = torch.where(batch.response_mask, adv.to(out.advantages.dtype), 0)
+    return attrs.evolve(out, advantages=adv)
+
+
+def _whiten_advantages(out: AdvantageOutput, batch: AdvantageInput, *, eps: float) -> AdvantageOutput:
+    acc = accum_dtype(out.advantages.dtype)
+    return with_advantages(out, batch, masked_whiten(out.advantages.to(acc), batch.response_mask, eps=eps))
+
+
+def whiten(*, eps: float = 1e-8) -> AdvantageTransform:
+    """Whiten the advantages over the valid tokens of the whole batch::
+
+        n    = sum_{i,t} m_{i,t},   mean = sum A m / n,   var = sum (A - mean)^2 m / (n - 1)
+        A'   = (A - mean) / sqrt(var + eps) * m
+
+    as :func:`masked_whiten` (SkyRL-Train's / verl's ``masked_whiten``): unbiased variance; fewer
+    than 2 valid tokens give ``A' = 0``. ``returns`` pass through unchanged. Statistics are taken
+    in float32 (float64 for float64 advantages). The built-ins ``gae`` and ``reinforce++`` are
+    ``chain(gae_raw, whiten())`` and ``chain(reinforce_plus_plus_raw, whiten())``.
+
+    Args:
+        eps: ``> 0``, added to the variance.
+
+    Returns:
+        An :class:`~skyrl_fn.compose.AdvantageTransform` (picklable) for :func:`~skyrl_fn.compose.chain`.
+
+    Raises:
+        TypeError / ValueError: ``eps`` is not a finite number ``> 0``.
+    """
+    eps = check_number("eps", eps, low=0.0, low_open=True)
+    return AdvantageTransform(functools.partial(_whiten_advantages, eps=eps), name=f"whiten(eps={eps!r})")

@@ -1,4 +1,4 @@
-"""Generalized Advantage Estimation with a critic (PPO).
+"""Generalized Advantage Estimation with a critic (PPO): ``gae_raw`` and ``gae = chain(gae_raw, whiten())``.
 
 Notation: ``B`` samples, ``T`` response tokens, ``m`` the response mask, ``V`` the critic values.
 """
@@ -7,16 +7,19 @@ from __future__ import annotations
 
 import torch
 
+from skyrl_fn.compose import Chain, chain
 from skyrl_fn.estimators._groups import accum_dtype
-from skyrl_fn.estimators._whiten import whiten_stats
+from skyrl_fn.estimators._whiten import whiten
 from skyrl_fn.records import AdvantageInput, AdvantageOutput
+from skyrl_fn.table import needs
 
-__all__ = ["gae"]
+__all__ = ["gae", "gae_raw"]
 
 
+@needs("values")
 @torch.no_grad()
-def gae(batch: AdvantageInput, *, gamma: float = 1.0, lambd: float = 1.0) -> AdvantageOutput:
-    """GAE advantages and returns (Schulman et al. 2016, arXiv:1506.02438), whitened over the batch.
+def gae_raw(batch: AdvantageInput, *, gamma: float = 1.0, lambd: float = 1.0) -> AdvantageOutput:
+    """GAE advantages and returns (Schulman et al. 2016, arXiv:1506.02438), not whitened.
 
     The masked recursion of verl's ``compute_gae_advantage_return``, backwards over time with
     ``nv = 0`` and ``L = 0`` after the last token::
@@ -27,10 +30,14 @@ def gae(batch: AdvantageInput, *, gamma: float = 1.0, lambd: float = 1.0) -> Adv
         Ahat_t  = L                                                   accumulate)
 
         returns_t = (Ahat_t + V_t) * m_t
-        A_t       = (Ahat_t - mean(Ahat)) / sqrt(var(Ahat) + 1e-8) * m_t
+        A_t       = Ahat_t * m_t
 
-    with ``mean``/``var`` (unbiased) over the valid tokens of the whole batch. ``lambd = 1`` gives
-    ``Ahat_t = (discounted return-to-go) - V_t``; ``lambd = 0`` gives the one-step TD error.
+    ``lambd = 1`` gives ``Ahat_t = (discounted return-to-go) - V_t``; ``lambd = 0`` gives the
+    one-step TD error. The built-in ``gae`` (SkyRL-Train's and verl's GAE) is this estimator
+    chained with ``whiten()``; the raw form is registered as ``gae_raw`` for losses or transforms
+    that want the unnormalised advantages (rlax's and the paper's GAE), e.g.
+    ``chain(gae_raw, clip_advantages(5.0))``. Needs critic values (declared with ``needs``, so
+    every chain built on it reports that it needs a critic).
 
     SkyRL-Train's GAE runs the same recursion without skipping masked tokens
     (``nv = V_{t+1}`` always) and leaves padding unmasked. For right-padded responses whose
@@ -38,8 +45,9 @@ def gae(batch: AdvantageInput, *, gamma: float = 1.0, lambd: float = 1.0) -> Adv
     then contributes ``delta = 0`` and carries ``L = 0``).
 
     Deviations: outputs are zeroed off the mask; rewards and values off the mask never reach the
-    result (they may be NaN); with fewer than 2 valid tokens the variance is taken as 0 (the peers raise).
-    The loop over ``T`` is vectorised over ``B`` (the recursion is sequential in time).
+    result (they may be NaN). The loop over ``T`` is vectorised over ``B`` (the recursion is
+    sequential in time). The advantages come back as a ``[B, T]`` transposed view of the
+    time-major buffer the recursion fills; ``whiten`` reads them in that order.
 
     Args:
         batch: ``token_level_rewards [B, T]``, ``response_mask [B, T]``, ``values [B, T]``.
@@ -47,7 +55,7 @@ def gae(batch: AdvantageInput, *, gamma: float = 1.0, lambd: float = 1.0) -> Adv
         lambd: GAE trace-decay ``lambda``.
 
     Returns:
-        ``AdvantageOutput`` with whitened ``advantages [B, T]`` and ``returns [B, T]``.
+        ``AdvantageOutput`` with ``advantages [B, T]`` and ``returns [B, T]``.
 
     Raises:
         ValueError: ``batch.values`` is missing.
@@ -73,12 +81,26 @@ def gae(batch: AdvantageInput, *, gamma: float = 1.0, lambd: float = 1.0) -> Adv
         last = torch.where(m[t], delta + (gamma * lambd) * last, last)
         next_value = torch.where(m[t], v[t], next_value)
         adv[t] = last
-    # Statistics in the [T, B] layout; then one transposing copy back (elementwise ops reading a
-    # transposed view are several times slower than copy_'s transpose).
-    mean, rstd = whiten_stats(adv, m)
     zero = torch.zeros((), dtype=acc, device=r.device)
-    adv = torch.empty(b, t_len, dtype=acc, device=r.device).copy_(adv.T)
-    returns = torch.add(adv, batch.values.to(acc))
+    # Returns in [B, T] through one transposing copy (element-wise ops reading a transposed view
+    # are several times slower than copy_'s transpose); the advantages stay time-major.
+    returns = torch.empty(b, t_len, dtype=acc, device=r.device).copy_(adv.T)
+    returns.add_(batch.values.to(acc))
     torch.where(mask, returns, zero, out=returns)
-    advantages = torch.where(mask, adv.sub_(mean).mul_(rstd), zero, out=adv)
-    return AdvantageOutput(advantages=advantages.to(dtype), returns=returns.to(dtype))
+    torch.where(m, adv, zero, out=adv)
+    return AdvantageOutput(advantages=adv.T.to(dtype), returns=returns.to(dtype))
+
+
+gae: Chain = chain(gae_raw, whiten())
+"""GAE whitened over the batch, as SkyRL-Train's and verl's GAE: ``chain(gae_raw, whiten())``::
+
+    A_t = (Ahat_t - mean(Ahat)) / sqrt(var(Ahat) + 1e-8) * m_t
+
+with ``Ahat`` from :func:`gae_raw` and ``mean``/``var`` (unbiased) over the valid tokens of the
+whole batch; returns are ``gae_raw``'s. Call it as ``gae(batch, gamma=..., lambd=...)``.
+
+Deviation: with fewer than 2 valid tokens the variance is taken as 0 (the peers raise). For
+float32/float64 values this is bit for bit the fused GAE of earlier versions; with
+half-precision values ``Ahat`` is rounded to that dtype before whitening (the fused form whitened
+the float32 values).
+"""

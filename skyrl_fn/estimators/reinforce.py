@@ -1,4 +1,6 @@
-"""REINFORCE-family estimators: REINFORCE++, REINFORCE++ with a group baseline, ReMax.
+"""REINFORCE-family estimators: REINFORCE++ (``reinforce_plus_plus_raw`` and
+``reinforce_plus_plus = chain(reinforce_plus_plus_raw, whiten())``), REINFORCE++ with a group
+baseline, ReMax.
 
 Notation: ``B`` samples, ``T`` response tokens, ``P`` groups (prompts). ``m`` is the response mask.
 """
@@ -10,6 +12,7 @@ import math
 import torch
 
 from skyrl_fn import _alloc
+from skyrl_fn.compose import Chain, chain
 from skyrl_fn.estimators._groups import (
     accum_dtype,
     broadcast_to_tokens,
@@ -18,10 +21,11 @@ from skyrl_fn.estimators._groups import (
     outcome_scores_and_lengths,
     row_blocks,
 )
-from skyrl_fn.estimators._whiten import masked_whiten, masked_whiten_rows
+from skyrl_fn.estimators._whiten import masked_whiten_rows, whiten
 from skyrl_fn.records import AdvantageInput, AdvantageOutput
+from skyrl_fn.table import needs
 
-__all__ = ["discounted_returns", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "remax"]
+__all__ = ["discounted_returns", "reinforce_plus_plus", "reinforce_plus_plus_raw", "reinforce_plus_plus_baseline", "remax"]
 
 # Powers of gamma kept above this inside one chunk of the time axis, far from float64's
 # underflow (~1e-308), so dividing by gamma^t loses no precision.
@@ -106,36 +110,54 @@ def _returns_block(rewards: torch.Tensor, mask: torch.Tensor, chunk: int, power:
 
 
 @torch.no_grad()
-def reinforce_plus_plus(batch: AdvantageInput, *, gamma: float = 1.0) -> AdvantageOutput:
-    """REINFORCE++ advantage: whitened discounted returns (Hu 2025, arXiv:2501.03262).
+def reinforce_plus_plus_raw(batch: AdvantageInput, *, gamma: float = 1.0) -> AdvantageOutput:
+    """REINFORCE++ before whitening: the discounted reward-to-go as the advantage (Hu 2025,
+    arXiv:2501.03262).
 
     With the discounted reward-to-go ``x`` (see :func:`discounted_returns`)::
 
         x_{i,t} = r_{i,t} + gamma * m_{i,t+1} * x_{i,t+1}
-        A_{i,t} = (x_{i,t} - mean(x)) / sqrt(var(x) + 1e-8) * m_{i,t}
+        A_{i,t} = x_{i,t} * m_{i,t}
 
-    where ``mean``/``var`` (unbiased) run over the valid tokens of the whole batch, as
-    SkyRL-Train's ``compute_reinforce_plus_plus_outcome_advantage``. Returns are ``x * m``.
+    i.e. REINFORCE with reward-to-go and no baseline. The built-in ``reinforce++`` is this
+    estimator chained with ``whiten()`` (:data:`reinforce_plus_plus`); the raw form is registered
+    as ``reinforce++_raw`` so the whitening is a visible, replaceable piece (e.g.
+    ``chain(reinforce_plus_plus_raw, clip_advantages(3.0))``) rather than a flag.
 
-    Deviations: returns are zeroed off the mask (the peers leave the loop's values there); with
-    fewer than 2 valid tokens the variance is taken as 0 (the peers raise), so one valid token gets
-    ``A = 0`` and an all-masked batch gives zeros. The return-to-go is computed without a loop over
-    time and in float64 (see :func:`discounted_returns`), so it matches the loop to rounding.
+    Deviations: returns are zeroed off the mask (the peers leave the loop's values there). The
+    return-to-go is computed without a loop over time and in float64 (see
+    :func:`discounted_returns`), so it matches the loop to rounding.
 
     Args:
         batch: ``token_level_rewards [B, T]``, ``response_mask [B, T]``.
         gamma: discount in ``[0, 1]``.
 
     Returns:
-        ``AdvantageOutput`` with ``advantages [B, T]`` and ``returns [B, T]``.
+        ``AdvantageOutput`` with ``advantages [B, T]`` and ``returns [B, T]`` (the same tensor).
 
     Raises:
         ValueError: ``gamma`` outside ``[0, 1]``.
     """
-    dtype = batch.token_level_rewards.dtype
     returns = discounted_returns(batch.token_level_rewards, batch.response_mask, gamma=gamma)
-    adv = masked_whiten(returns, batch.response_mask)
-    return AdvantageOutput(advantages=adv.to(dtype), returns=returns.to(dtype))
+    returns = returns.to(batch.token_level_rewards.dtype)
+    return AdvantageOutput(advantages=returns, returns=returns)
+
+
+reinforce_plus_plus: Chain = chain(reinforce_plus_plus_raw, whiten())
+"""REINFORCE++ advantage: whitened discounted returns (Hu 2025, arXiv:2501.03262), as
+SkyRL-Train's ``compute_reinforce_plus_plus_outcome_advantage``:
+``chain(reinforce_plus_plus_raw, whiten())``::
+
+    A_{i,t} = (x_{i,t} - mean(x)) / sqrt(var(x) + 1e-8) * m_{i,t}
+
+with ``mean``/``var`` (unbiased) over the valid tokens of the whole batch; returns are ``x * m``.
+Call it as ``reinforce_plus_plus(batch, gamma=...)``.
+
+Deviation: with fewer than 2 valid tokens the variance is taken as 0 (the peers raise), so one
+valid token gets ``A = 0`` and an all-masked batch gives zeros. For float32/float64 rewards this
+is bit for bit the fused REINFORCE++ of earlier versions; with half-precision rewards ``x`` is
+rounded to that dtype before whitening (the fused form whitened the float32 values).
+"""
 
 
 @torch.no_grad()
@@ -170,6 +192,7 @@ def reinforce_plus_plus_baseline(batch: AdvantageInput) -> AdvantageOutput:
     return AdvantageOutput(advantages=out, returns=out)
 
 
+@needs("reward_baselines")
 @torch.no_grad()
 def remax(batch: AdvantageInput) -> AdvantageOutput:
     """ReMax advantage: reward-to-go minus the greedy rollout's reward (Li et al. 2023, arXiv:2310.10505).

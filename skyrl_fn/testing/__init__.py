@@ -1,4 +1,5 @@
-"""skyrl_fn.testing: a hypothesis invariant kit that tests any estimator, loss or aggregation in one line.
+"""skyrl_fn.testing: a hypothesis invariant kit that tests any estimator, loss, aggregation or KL
+estimator in one line.
 
 ::
 
@@ -7,6 +8,7 @@
     def test_my_estimator():
         check_estimator(my_estimator)              # a native function, a SkyRL-style function
         check_estimator("grpo", table=my_table)    # or a registered name
+        check_kl_estimator(my_kl)                  # fn(log_probs, ref_log_probs) -> [B, T]
 
 Each property (``skyrl_fn.properties``) is a hypothesis search over generated batches
 (``skyrl_fn.testing.strategies``); a failure raises ``PropertyViolation`` (an ``AssertionError``)
@@ -19,6 +21,7 @@ Needs ``hypothesis`` (the ``dev`` extra). Example counts follow the loaded hypot
 """
 
 from skyrl_fn.testing._estimators import check_estimator
+from skyrl_fn.testing._kl import check_kl_estimator
 from skyrl_fn.testing._losses import check_aggregation, check_policy_loss, reference_token_mean
 from skyrl_fn.testing._report import PropertyViolation
 from skyrl_fn.testing._resolve import Target, is_skyrl_style, resolve
@@ -29,6 +32,7 @@ __all__ = [
     "check_estimator",
     "check_policy_loss",
     "check_aggregation",
+    "check_kl_estimator",
     "PropertyViolation",
     "DEFAULT_MAX_EXAMPLES",
     "kit_settings",

@@ -109,6 +109,11 @@ def format_batch(batch: Any) -> list[str]:
             [str(i), _mask_row(batch.loss_mask[i])] + [_row(getattr(batch, f)[i]) for f in fields] for i in range(b)
         ]
         return [head] + ["  " + line for line in _table(["row", "mask"] + fields, rows)]
+    if hasattr(batch, "ref_log_probs") and hasattr(batch, "log_probs"):  # a strategies.LogProbPair
+        b, t = batch.log_probs.shape
+        head = f"batch: log-prob pair B={b}, T={t}, {str(batch.log_probs.dtype).replace('torch.', '')}"
+        rows = [[str(i), _row(batch.log_probs[i]), _row(batch.ref_log_probs[i])] for i in range(b)]
+        return [head] + ["  " + line for line in _table(["row", "log_probs", "ref_log_probs"], rows)]
     if isinstance(batch, tuple) and len(batch) == 2 and all(isinstance(x, torch.Tensor) for x in batch):
         loss, mask = batch
         b, t = loss.shape

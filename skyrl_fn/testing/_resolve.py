@@ -48,8 +48,9 @@ class Target:
 
     Attributes:
         label: how messages name it.
-        kind: ``advantage_estimator``, ``policy_loss`` or ``aggregation``.
-        fn: native ``fn(record, **hyper)`` (or ``fn(token_loss, loss_mask, **hyper)``).
+        kind: ``advantage_estimator``, ``policy_loss``, ``aggregation`` or ``kl_estimator``.
+        fn: native ``fn(record, **hyper)`` (or ``fn(token_loss, loss_mask, **hyper)``,
+            ``fn(log_probs, ref_log_probs, **hyper)``).
         promises: the properties it promises (from the table entry; empty otherwise).
         style: ``"native"``, ``"skyrl"`` or ``"table"``.
     """
@@ -74,7 +75,7 @@ def _positional(params: list[inspect.Parameter]) -> list[inspect.Parameter]:
 
 def is_skyrl_style(fn: Callable, kind: str) -> bool:
     """True if ``fn`` speaks SkyRL-Train's keyword style for ``kind`` (see the module docstring)."""
-    if infer_kind(fn) == kind or kind == "aggregation":
+    if infer_kind(fn) == kind or kind not in _ADAPTERS:  # aggregations and KL estimators: native only
         return False
     params = _params(fn)
     if params is None:

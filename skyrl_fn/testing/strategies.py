@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import attrs
 import torch
 from hypothesis import strategies as st
 
@@ -36,6 +37,8 @@ __all__ = [
     "advantage_inputs",
     "policy_loss_inputs",
     "token_losses",
+    "LogProbPair",
+    "log_prob_pairs",
     "microbatch_cuts",
 ]
 
@@ -218,6 +221,36 @@ def token_losses(draw, *, dtypes: Sequence[torch.dtype] = DTYPES, max_rows: int 
     loss = torch.tensor([decode(x) for x in data[b:]], dtype=dtype).reshape(b, t)
     garbage = decode(draw(st.integers(0, 255)))
     return torch.where(mask, loss, torch.full_like(loss, garbage)), mask
+
+
+@attrs.frozen(kw_only=True, eq=False)
+class LogProbPair:
+    """What a KL estimator reads: ``log_probs [B, T]`` and ``ref_log_probs [B, T]`` (same dtype).
+
+    Attributes:
+        log_probs: log-probs of the sampled tokens under the trained policy.
+        ref_log_probs: the same tokens' log-probs under the reference policy.
+    """
+
+    log_probs: torch.Tensor
+    ref_log_probs: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(B, T)``."""
+        return tuple(self.log_probs.shape)  # type: ignore[return-value]
+
+
+@st.composite
+def log_prob_pairs(draw, *, dtypes: Sequence[torch.dtype] = DTYPES, max_rows: int = 6, max_len: int = 5) -> LogProbPair:
+    """A ``LogProbPair`` for KL estimators: log-probs in ``[-24, 0]``, reference log-probs at
+    log-ratios from 0 to +-20 (mostly small multiples of 1/32, sometimes far), some tokens equal."""
+    dtype = draw(st.sampled_from(list(dtypes)))
+    b, t = draw(st.integers(1, max_rows)), draw(st.integers(1, max_len))
+    data = draw(_blob(2 * b * t))
+    grid = lambda xs, f: torch.tensor([f(x) for x in xs], dtype=dtype).reshape(b, t)  # noqa: E731
+    lp = grid(data[: b * t], lambda x: -(x % 97) / 4.0)
+    return LogProbPair(log_probs=lp, ref_log_probs=lp - grid(data[b * t:], _log_ratio))
 
 
 @st.composite

@@ -1,6 +1,9 @@
 """Advantage transforms: pieces applied after the estimator,
 ``(AdvantageOutput, AdvantageInput) -> AdvantageOutput``.
 
+``whiten`` is defined beside the whitening statistics in ``skyrl_fn.estimators._whiten`` (the
+built-in ``gae`` and ``reinforce++`` chains use it) and re-exported here.
+
 Each builder checks its hyperparameters now and returns an :class:`AdvantageTransform` around a
 ``functools.partial`` of a module-level function (picklable with plain ``pickle``). They change the
 advantages only; ``returns`` pass through unchanged. Statistics are taken in float32 (float64 for
@@ -14,45 +17,16 @@ from __future__ import annotations
 
 import functools
 
-import attrs
 import torch
 
+from skyrl_fn._checks import check_number
 from skyrl_fn.compose import AdvantageTransform
 from skyrl_fn.estimators import _groups
-from skyrl_fn.estimators._whiten import masked_whiten
+from skyrl_fn.estimators._whiten import whiten
+from skyrl_fn.estimators._whiten import with_advantages as _with_advantages
 from skyrl_fn.records import AdvantageInput, AdvantageOutput
-from skyrl_fn.transforms._checks import check_number
 
 __all__ = ["whiten", "clip_advantages", "normalize_by_length", "group_normalize_std"]
-
-
-def _with_advantages(out: AdvantageOutput, batch: AdvantageInput, adv: torch.Tensor) -> AdvantageOutput:
-    adv = torch.where(batch.response_mask, adv.to(out.advantages.dtype), 0)
-    return attrs.evolve(out, advantages=adv)
-
-
-def _whiten(out: AdvantageOutput, batch: AdvantageInput, *, eps: float) -> AdvantageOutput:
-    acc = _groups.accum_dtype(out.advantages.dtype)
-    return _with_advantages(out, batch, masked_whiten(out.advantages.to(acc), batch.response_mask, eps=eps))
-
-
-def whiten(*, eps: float = 1e-8) -> AdvantageTransform:
-    """Whiten the advantages over the valid tokens of the whole batch::
-
-        n    = sum_{i,t} m_{i,t},   mean = sum A m / n,   var = sum (A - mean)^2 m / (n - 1)
-        A'   = (A - mean) / sqrt(var + eps) * m
-
-    as ``skyrl_fn.estimators._whiten.masked_whiten`` (REINFORCE++ / GAE whitening; SkyRL-Train's
-    ``masked_whiten``): unbiased variance; fewer than 2 valid tokens give ``A' = 0``.
-
-    Args:
-        eps: ``> 0``, added to the variance.
-
-    Raises:
-        TypeError / ValueError: ``eps`` is not a finite number ``> 0``.
-    """
-    eps = check_number("eps", eps, low=0.0, low_open=True)
-    return AdvantageTransform(functools.partial(_whiten, eps=eps), name=f"whiten(eps={eps!r})")
 
 
 def _clip(out: AdvantageOutput, batch: AdvantageInput, *, max_abs: float) -> AdvantageOutput:

@@ -45,6 +45,9 @@ def random_batch(
     n = len(labels)
     if gaps:
         mask = torch.rand(n, t, generator=gen) < 0.7
+        if not empty_rows:  # one valid token at a random position in every otherwise empty row
+            at = torch.randint(0, t, (n,), generator=gen)
+            mask[torch.arange(n), at] |= ~mask.any(-1)
     else:
         lengths = torch.randint(0 if empty_rows else 1, t + 1, (n,), generator=gen)
         mask = torch.arange(t)[None, :] < lengths[:, None]

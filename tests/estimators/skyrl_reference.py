@@ -193,8 +193,9 @@ def remax(token_level_rewards, reward_baselines, response_mask):
     return advantages, returns
 
 
-def gae_verl(token_level_rewards, values, response_mask, gamma, lam):
-    """verl's masked GAE (masked tokens neither bootstrap nor accumulate)."""
+def gae_verl(token_level_rewards, values, response_mask, gamma, lam, whiten=True):
+    """verl's masked GAE (masked tokens neither bootstrap nor accumulate); ``whiten=False`` stops
+    before its final whitening."""
     nextvalues = 0
     lastgaelam = 0
     advantages_reversed = []
@@ -206,7 +207,8 @@ def gae_verl(token_level_rewards, values, response_mask, gamma, lam):
         advantages_reversed.append(lastgaelam)
     advantages = torch.stack(advantages_reversed[::-1], dim=1)
     returns = advantages + values
-    advantages = masked_whiten(advantages, response_mask)
+    if whiten:
+        advantages = masked_whiten(advantages, response_mask)
     return advantages, returns
 
 

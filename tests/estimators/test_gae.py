@@ -1,4 +1,5 @@
-"""GAE: verl's masked recursion, SkyRL-Train's unmasked one on right padding, special cases."""
+"""GAE: verl's masked recursion, SkyRL-Train's unmasked one on right padding, special cases;
+``gae`` is ``chain(gae_raw, whiten())``, bit for bit the fused form."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import torch
 
 import skyrl_reference as ref
 from batches import random_batch
-from skyrl_fn import AdvantageInput
-from skyrl_fn.estimators import discounted_returns, gae
+from fused import fused_gae
+from skyrl_fn import DEFAULT_TABLE, AdvantageInput, Chain, chain, clip_advantages, scale_rewards
+from skyrl_fn.estimators import discounted_returns, gae, gae_raw
+from skyrl_fn.estimators._whiten import masked_whiten
 
 PARAMS = [(1.0, 1.0), (0.99, 0.95), (0.9, 0.0), (0.5, 0.7)]
 
@@ -127,3 +130,45 @@ def test_edge_cases_single_token_all_masked_half_precision():
     assert out.advantages.dtype == torch.float16 and torch.isfinite(out.advantages).all()
     assert torch.equal(batch.values, before)
     out.check_against(batch)
+
+
+# -- gae is chain(gae_raw, whiten()) ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("gamma", "lambd"), PARAMS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_chain_is_bit_identical_to_the_fused_gae(gamma, lambd, dtype):
+    assert isinstance(gae, Chain) and gae.estimator is gae_raw and repr(gae.advantage_transforms[0]) == "whiten(eps=1e-08)"
+    for seed in range(10):
+        batch, _, _, _ = random_batch(seed, b=3 + 7 * seed, t=1 + seed, dtype=dtype, gaps=seed % 2 == 0)
+        out = gae(batch, gamma=gamma, lambd=lambd)
+        adv, returns = fused_gae(batch, gamma=gamma, lambd=lambd)
+        assert torch.equal(out.advantages, adv) and torch.equal(out.returns, returns), seed
+        assert out.advantages.is_contiguous() and out.returns.is_contiguous()
+
+
+def test_chain_in_half_precision_whitens_the_rounded_raw_advantages():
+    batch, _, _, _ = random_batch(3, b=40, t=9, dtype=torch.bfloat16, gaps=True)
+    out = gae(batch, gamma=0.9, lambd=0.8)
+    adv, returns = fused_gae(batch, gamma=0.9, lambd=0.8)
+    assert torch.equal(out.returns, returns)
+    torch.testing.assert_close(out.advantages, adv, rtol=2e-2, atol=2e-2)  # documented deviation
+
+
+def test_raw_gae_is_the_unwhitened_recursion_and_whitening_it_gives_gae():
+    batch, rewards, mask, _ = random_batch(8, b=30, t=8, gaps=True)
+    raw = gae_raw(batch, gamma=0.95, lambd=0.9)
+    adv, returns = ref.gae_verl(rewards, batch.values, mask, 0.95, 0.9, whiten=False)
+    torch.testing.assert_close(raw.advantages, adv * mask)
+    torch.testing.assert_close(raw.returns, returns * mask)
+    torch.testing.assert_close(masked_whiten(raw.advantages, batch.response_mask), gae(batch, gamma=0.95, lambd=0.9).advantages)
+
+
+def test_gae_and_every_chain_of_it_need_a_critic():
+    assert DEFAULT_TABLE.entry("advantage_estimator", "gae").needs_critic
+    assert DEFAULT_TABLE.entry("advantage_estimator", "gae_raw").needs == {"values"}
+    clipped = DEFAULT_TABLE.register("gae_clipped", chain(gae_raw, clip_advantages(1.0)))
+    assert clipped.entry("advantage_estimator", "gae_clipped").needs_critic
+    nested = DEFAULT_TABLE.register("gae_nested", chain(scale_rewards(2.0), gae, clip_advantages(1.0)))
+    assert nested.entry("advantage_estimator", "gae_nested").needs == {"values"}
+    assert not DEFAULT_TABLE.entry("advantage_estimator", "grpo").needs_critic

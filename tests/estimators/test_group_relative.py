@@ -9,7 +9,7 @@ import torch
 
 import skyrl_reference as ref
 from batches import random_batch
-from skyrl_fn import DEFAULT_TABLE, AdvantageInput
+from skyrl_fn import DEFAULT_TABLE, AdvantageInput, chain, group_mean, group_normalize_std, outcome_estimator
 from skyrl_fn.estimators import gpg, grpo, grpo_passk, maxrl, opo
 
 EPS = 1e-6
@@ -264,3 +264,21 @@ def test_inputs_are_not_mutated(name):
     ALL[name](batch)
     assert torch.equal(batch.token_level_rewards, before[0])
     assert torch.equal(batch.response_mask, before[1]) and torch.equal(batch.group_ids, before[2])
+
+
+# -- the named group estimators are chains of outcome_estimator and group_normalize_std ------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("epsilon", [1e-6, 0.1])
+def test_grpo_equals_its_chain_form(dtype, epsilon):
+    # Registered as the fused function (one pass over the scores); the chain is the same maths.
+    chained = chain(outcome_estimator(baseline=group_mean), group_normalize_std(epsilon=epsilon))
+    dr_chained = chain(outcome_estimator(baseline=group_mean))
+    for seed in range(12):  # groups of 1..5 samples (size-1 groups included), ragged or gappy masks
+        batch, _, _, _ = random_batch(seed, b=4 + 5 * seed, t=1 + seed % 6, dtype=dtype, gaps=seed % 3 == 0)
+        want = DEFAULT_TABLE.compute_advantages("grpo", batch, epsilon=epsilon)
+        got = chained(batch)
+        torch.testing.assert_close(got.advantages, want.advantages, rtol=0, atol=0)
+        dr = DEFAULT_TABLE.compute_advantages("dr_grpo", batch)
+        assert torch.equal(dr_chained(batch).advantages, dr.advantages)

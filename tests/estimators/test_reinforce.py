@@ -8,7 +8,15 @@ import torch
 import skyrl_reference as ref
 from batches import random_batch
 from skyrl_fn import AdvantageInput
-from skyrl_fn.estimators import discounted_returns, reinforce_plus_plus, reinforce_plus_plus_baseline, remax
+from fused import fused_reinforce_plus_plus
+from skyrl_fn import DEFAULT_TABLE, Chain, chain, group_mean, outcome_estimator, whiten
+from skyrl_fn.estimators import (
+    discounted_returns,
+    reinforce_plus_plus,
+    reinforce_plus_plus_baseline,
+    reinforce_plus_plus_raw,
+    remax,
+)
 
 GAMMAS = [0.0, 0.01, 0.5, 0.9, 0.99, 1.0]
 
@@ -168,3 +176,40 @@ def test_inputs_are_not_mutated_and_half_precision_is_finite(fn):
     assert torch.equal(batch.token_level_rewards, before[0]) and torch.equal(batch.reward_baselines, before[1])
     assert out.advantages.dtype == torch.bfloat16 and torch.isfinite(out.advantages).all()
     out.check_against(batch)
+
+
+# -- reinforce++ is chain(reinforce_plus_plus_raw, whiten()) -----------------------------------------
+
+
+@pytest.mark.parametrize("gamma", [1.0, 0.99, 0.5, 0.0])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_chain_is_bit_identical_to_the_fused_reinforce_plus_plus(gamma, dtype):
+    assert isinstance(reinforce_plus_plus, Chain) and reinforce_plus_plus.estimator is reinforce_plus_plus_raw
+    for seed in range(10):
+        batch, _, _, _ = random_batch(seed, b=2 + 9 * seed, t=1 + 2 * seed, dtype=dtype, gaps=seed % 2 == 1)
+        out = reinforce_plus_plus(batch, gamma=gamma)
+        adv, returns = fused_reinforce_plus_plus(batch, gamma=gamma)
+        assert torch.equal(out.advantages, adv) and torch.equal(out.returns, returns), seed
+
+
+def test_raw_reinforce_plus_plus_is_the_masked_reward_to_go():
+    batch, rewards, mask, _ = random_batch(5, b=20, t=9, gaps=True)
+    raw = reinforce_plus_plus_raw(batch, gamma=0.9)
+    expect = ref.reinforce_plus_plus_returns(rewards, mask, 0.9) * mask
+    torch.testing.assert_close(raw.advantages, expect, rtol=1e-9, atol=1e-9)
+    assert raw.returns is raw.advantages
+    assert DEFAULT_TABLE.estimator("reinforce++_raw") is reinforce_plus_plus_raw
+
+
+def test_reinforce_plus_plus_baseline_is_dr_grpo_then_whiten():
+    # Not registered as the chain: its per-sample whitening skips two [B, T] passes. Equal to rounding.
+    chained = chain(outcome_estimator(baseline=group_mean), whiten())
+    for seed in range(8):
+        batch, _, _, _ = random_batch(seed, b=5 + 4 * seed, t=6, gaps=seed % 2 == 0)
+        a, b = reinforce_plus_plus_baseline(batch), chained(batch)
+        torch.testing.assert_close(a.advantages, b.advantages, rtol=1e-9, atol=1e-9)
+
+
+def test_remax_needs_reward_baselines_by_its_entry():
+    assert DEFAULT_TABLE.entry("advantage_estimator", "remax").needs == {"reward_baselines"}
+    assert not DEFAULT_TABLE.entry("advantage_estimator", "remax").needs_critic

@@ -1,5 +1,5 @@
-"""Every built-in of DEFAULT_TABLE (estimators, policy losses, aggregations) passes the kit: the
-universal properties of its kind plus what its entry promises."""
+"""Every built-in of DEFAULT_TABLE (estimators, policy losses, aggregations, KL estimators) passes
+the kit: the universal properties of its kind plus what its entry promises."""
 
 from __future__ import annotations
 
@@ -7,12 +7,22 @@ import pytest
 from hypothesis import settings
 
 from skyrl_fn import DEFAULT_TABLE
-from skyrl_fn.testing import check_aggregation, check_estimator, check_policy_loss
+from skyrl_fn import KINDS
+from skyrl_fn.testing import check_aggregation, check_estimator, check_kl_estimator, check_policy_loss
 
 #: The sweep over every built-in scales with the hypothesis profile (dev: 7 per property).
 SWEEP = settings(deadline=None, database=None, max_examples=max(5, settings.default.max_examples // 4))
-CHECKS = {"advantage_estimator": check_estimator, "policy_loss": check_policy_loss, "aggregation": check_aggregation}
-KIT_ENTRIES = [e for e in DEFAULT_TABLE.entries() if e.kind in CHECKS]
+CHECKS = {
+    "advantage_estimator": check_estimator,
+    "policy_loss": check_policy_loss,
+    "aggregation": check_aggregation,
+    "kl_estimator": check_kl_estimator,
+}
+KIT_ENTRIES = DEFAULT_TABLE.entries()
+
+
+def test_the_kit_covers_every_kind():
+    assert set(CHECKS) == set(KINDS)
 
 
 @pytest.mark.parametrize("entry", KIT_ENTRIES, ids=[f"{e.kind}:{e.name}" for e in KIT_ENTRIES])

@@ -6,9 +6,8 @@ import pytest
 import torch
 from hypothesis import find, settings
 
-from skyrl_fn.properties import ORDER, applicable, check_promises, universal
 from skyrl_fn.testing import DEFAULT_MAX_EXAMPLES, kit_settings
-from skyrl_fn.testing.strategies import advantage_inputs, decode, microbatch_cuts, policy_loss_inputs, token_losses
+from skyrl_fn.testing.strategies import advantage_inputs, decode, log_prob_pairs, microbatch_cuts, policy_loss_inputs, token_losses
 
 
 def _scores(b):
@@ -55,15 +54,6 @@ def test_other_strategies_and_decoding():
     assert cuts[0][0] == 0 and cuts[-1][1] == 5
 
 
-def test_vocabulary():
-    assert set(ORDER) == set(applicable("advantage_estimator") | applicable("policy_loss"))
-    assert "masked_grad_zero" in universal("policy_loss") and "microbatch_invariant" in universal("aggregation")
-    with pytest.raises(ValueError, match="unknown properties"):
-        check_promises("x", ["group_locall"])
-    with pytest.raises(TypeError):
-        check_promises("x", "group_local")
-
-
 def test_settings_follow_the_profile_or_the_argument():
     assert kit_settings(settings(max_examples=3)).max_examples == 3
     current = settings.get_current_profile_name()
@@ -73,3 +63,10 @@ def test_settings_follow_the_profile_or_the_argument():
     finally:
         settings.load_profile(current)
     assert kit_settings().max_examples == (settings.default.max_examples if current != "default" else DEFAULT_MAX_EXAMPLES)
+
+
+def test_log_prob_pairs_reach_equal_and_far_tokens():
+    find(log_prob_pairs(), lambda p: bool((p.log_probs == p.ref_log_probs).any()) and p.shape[0] > 1, settings=_FIND)
+    find(log_prob_pairs(), lambda p: bool(((p.log_probs - p.ref_log_probs).abs() >= 20).any()), settings=_FIND)
+    pair = find(log_prob_pairs(), lambda p: p.log_probs.dtype == torch.float64, settings=_FIND)
+    assert pair.ref_log_probs.dtype == torch.float64 and pair.ref_log_probs.shape == pair.shape

@@ -1,5 +1,5 @@
-"""The invariant kit (skyrl_fn.testing) in one line: native functions, SkyRL-style keyword functions,
-registered names and façade callables alike. Broken functions: tests/testing/test_broken_*.py;
+"""The invariant kit (skyrl_fn.testing) in one line, and what ``resolve`` accepts: native functions,
+SkyRL-style keyword functions, registered names and façade callables alike. Broken functions: tests/testing/test_broken_*.py;
 the sweep over every built-in: tests/testing/test_builtins.py; strategies: tests/testing/test_strategies.py."""
 
 from __future__ import annotations
