@@ -16,21 +16,40 @@ estimators' outputs are, see ``skyrl_fn._alloc``) measured in the same run puts 
 ``--threads 1`` (OpenMP threads oversubscribe). The first few calls in a fresh process touch
 memory the kernel has not handed out before and run several times slower: every timing follows
 three warm-up calls.
+
+The SkyRL call path (``--path compat|table|raw``, repeatable; ``--vs-verl`` adds verl 0.9.1's
+vectorised estimators as the baseline): the same rewards with a float 0/1 mask and a numpy object
+array of string uids (``G`` consecutive copies of a uuid per prompt), as SkyRL-Train's trainer
+passes them. ``compat`` is ``AdvantageEstimatorRegistry.get(name)(token_level_rewards=...,
+response_mask=..., index=...)``, ``table`` is ``DEFAULT_TABLE.compute_advantages(name, batch)``
+and ``raw`` the native function on a prebuilt ``AdvantageInput``; verl is
+``compute_{grpo,rloo}_vectorized_outcome_advantage`` on the same tensors. The contenders run in
+interleaved rounds (each a median of ``--repeats`` calls); a ratio is the median over rounds of
+the per-round ratios. verl is imported as installed (``pip install --no-deps verl==0.9.1`` plus
+the modules its ``core_algos`` imports: omegaconf, tensordict, pyvers, codetiming, orjson); nothing
+of it is stubbed, and when it does not import the bench says why and stops.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import os
+import random
 import statistics
+import sys
 import time
+import uuid
 from collections import defaultdict
 
+import numpy as np
 import torch
 
-from skyrl_fn import AdvantageInput, _alloc
+from skyrl_fn import DEFAULT_TABLE, AdvantageInput, _alloc
 from skyrl_fn import estimators as est
+from skyrl_fn._checks import as_group_ids
+from skyrl_fn.compat import AdvantageEstimatorRegistry
 
 # -- SkyRL-Train-style loops (the baseline) --------------------------------------------------
 
@@ -158,6 +177,110 @@ def make_batch(b: int, g: int, t: int, seed: int = 0) -> dict:
     )
 
 
+# -- the SkyRL call path, against verl's vectorised estimators --------------------------------
+
+
+def skyrl_index(b: int, g: int, seed: int = 0) -> np.ndarray:
+    """``[B]`` numpy object array of uuid strings, ``G`` consecutive copies each (SkyRL's ``uids``)."""
+    rng = random.Random(seed)
+    uids = [str(uuid.UUID(int=rng.getrandbits(128), version=4)) for _ in range(-(-b // g))]
+    return np.array([uids[i // g] for i in range(b)], dtype=object)
+
+
+def load_verl():
+    """verl's ``core_algos`` module as installed, or exit saying why (nothing is stubbed)."""
+    try:
+        return importlib.import_module("verl.trainer.ppo.core_algos")
+    except ImportError as err:
+        sys.exit(
+            f"--vs-verl: could not import verl.trainer.ppo.core_algos ({err}). Install it outside the "
+            f"project's dependencies: pip install --no-deps verl==0.9.1 omegaconf tensordict pyvers "
+            f"codetiming orjson"
+        )
+
+
+def interleaved(fns: dict, *, rounds: int, repeats: int) -> dict:
+    """name -> per-round median seconds; every round runs every function (after a warm-up)."""
+    for fn in fns.values():
+        for _ in range(3):
+            fn()
+    out = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            out[name].append(median_time(fn, repeats=repeats, warmup=0))
+    return out
+
+
+def ratio(times: dict, name: str, base: str) -> float:
+    """Median over rounds of ``times[name] / times[base]``."""
+    return statistics.median(a / b for a, b in zip(times[name], times[base]))
+
+
+def skyrl_path(args, b: int, g: int, t: int) -> None:
+    """Time the paths SkyRL users take, and print them against verl / the raw function."""
+    fields = make_batch(b, g, t)
+    rewards, float_mask = fields["token_level_rewards"], fields["response_mask"].float()
+    index = skyrl_index(b, g)
+    batch = AdvantageInput(token_level_rewards=rewards, response_mask=fields["response_mask"], group_ids=index)
+    paths = args.path or ["compat", "table", "raw"]
+    verl = load_verl() if args.vs_verl else None
+    verl_fns = {} if verl is None else {
+        "grpo": verl.compute_grpo_vectorized_outcome_advantage,
+        "rloo": verl.compute_rloo_vectorized_outcome_advantage,
+    }
+    print(f"SkyRL call path: float 0/1 mask, numpy object array of {b // g} uuid strings x {g}; "
+          f"{args.rounds} interleaved rounds of median-of-{args.repeats}")
+    rows = []
+    for name in ("grpo", "rloo"):
+        fns = {}
+        if "compat" in paths:
+            skyrl = AdvantageEstimatorRegistry.get(name)
+            fns["compat"] = lambda f=skyrl: f(token_level_rewards=rewards, response_mask=float_mask, index=index)
+        if "table" in paths:
+            fns["table"] = lambda n=name: DEFAULT_TABLE.compute_advantages(n, batch)
+        fns["raw"] = lambda fn=DEFAULT_TABLE.estimator(name): fn(batch)  # the baseline of every path
+        if name in verl_fns:
+            fns["verl"] = lambda fn=verl_fns[name]: fn(rewards, float_mask, index)
+            if "compat" in fns:  # same numbers? (verl sums unmasked rewards: equal here, 0 off the mask)
+                ours, theirs = fns["compat"]()[0], fns["verl"]()[0]
+                diff = (ours - theirs).abs().max().item()
+                print(f"  {name}: compat vs verl on the same tensors: max |diff| = {diff:.3g}"
+                      f"{' (bit-identical)' if torch.equal(ours, theirs) else ''}")
+        rows.append((name, interleaved(fns, rounds=args.rounds, repeats=args.repeats)))
+    print(f"  {'estimator':10s} {'path':7s} {'median ms':>9s}  ratio")
+    verdicts = []
+    for name, times in rows:
+        for path, secs in times.items():
+            line = f"  {name:10s} {path:7s} {statistics.median(secs) * 1e3:9.1f}"
+            if path == "compat":
+                line += f"  {ratio(times, 'compat', 'raw'):.2f}x raw"
+            if path in ("compat", "raw") and "verl" in times:
+                r = ratio(times, path, "verl")
+                line += f"  {r:.2f}x verl"
+                if path == "compat":
+                    line += f" (goal <= 0.50: {'met' if r <= 0.5 else 'MISSED'})"
+                    verdicts.append(f"{name} compat/verl {r:.2f} {'met' if r <= 0.5 else 'missed'}")
+            if path == "table":
+                r = ratio(times, "table", "raw")
+                line += f"  {r:.2f}x raw (goal <= 1.25: {'met' if r <= 1.25 else 'MISSED'})"
+                verdicts.append(f"{name} table/raw {r:.2f} {'met' if r <= 1.25 else 'missed'}")
+            print(line)
+    # -- string uids -> AdvantageInput (the issue's "string-id mapping") -----------------------
+    mask = fields["response_mask"]
+    dense = torch.arange(b) // g
+    ids = interleaved({
+        "record, string uids": lambda: AdvantageInput(token_level_rewards=rewards, response_mask=mask, group_ids=index),
+        "record, int64 ids": lambda: AdvantageInput(token_level_rewards=rewards, response_mask=mask, group_ids=dense),
+        "as_group_ids alone": lambda: as_group_ids("group_ids", index, b),
+        "record, string uids, float mask": lambda: AdvantageInput(token_level_rewards=rewards, response_mask=float_mask, group_ids=index),
+    }, rounds=args.rounds, repeats=args.repeats)
+    for label, secs in ids.items():
+        print(f"  AdvantageInput: {label:32s} {statistics.median(secs) * 1e3:6.1f} ms")
+    mapping = statistics.median(ids["record, string uids"]) * 1e3
+    verdicts.append(f"AdvantageInput from {b} string uids {mapping:.1f} ms {'met' if mapping <= 10 else 'missed'} (goal <= 10 ms)")
+    print("goals: " + "; ".join(verdicts))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=65536)
@@ -169,10 +292,19 @@ def main() -> None:
     parser.add_argument("--no-norm-only", action="store_true", help="skip the T=1 (group math only) rows")
     parser.add_argument("--outcome-only", action="store_true", help="time only the outcome estimators")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    parser.add_argument("--path", action="append", choices=("compat", "table", "raw"),
+                        help="time the SkyRL call path this way, against raw (repeatable; default with --vs-verl: all three)")
+    parser.add_argument("--vs-verl", action="store_true", help="time verl 0.9.1's vectorised grpo/rloo on the same tensors")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds for the SkyRL call path")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     b, g, t = args.batch, args.group, args.tokens
+    if args.path or args.vs_verl:
+        print(f"B={b} (groups of {g}), T={t}, float32, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+              f"load average {os.getloadavg()[0]:.1f}")
+        skyrl_path(args, b, g, t)
+        return
     fields = make_batch(b, g, t)
     print(f"B={b} (groups of {g}), T={t}, float32, right-padded ragged masks, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, load average "

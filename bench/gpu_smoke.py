@@ -12,7 +12,7 @@ Parts (each in its own subprocess, so one part's GPU memory never leaks into the
   starts and sleeps; its rollout log-probs equal the learner's (``batched_log_probs`` on the GPU)
   at top_p 1.0 and 0.9; sleeping frees the GPU; after ``sync_weights`` of perturbed weights the
   engine samples with the new weights (its log-probs agree with the new model, not the old).
-* ``colocated`` / ``separate`` — ``RayTrainer`` on one GPU (engines sleep, weights as bytes over
+* ``colocated`` / ``separate`` — ``RayWorkers`` on one GPU (engines sleep, weights as bytes over
   ``collective_rpc``) / on two GPUs (trainer and engine apart, NCCL broadcast): start-up, a few
   GRPO steps, every step's sync checked, and the engine's log-probs of fixed prompts after
   training agree with the trained policy's weights and not the initial ones.
@@ -153,7 +153,10 @@ def part_ray(checks: Checks, steps: int, *, colocate: bool, backend: str = "vllm
     import ray
 
     from skyrl_fn import DEFAULT_TABLE
-    from skyrl_fn.launcher.ray_runner import RayTrainer, init_ray
+    from skyrl_fn.launcher.ray_runner import init_ray
+    from skyrl_fn.launcher.ray_workers import RayWorkers
+    from skyrl_fn.train.experience import kl_controller_of
+    from skyrl_fn.train.loop import run_step
     from skyrl_fn.train.config import resolve
     from skyrl_fn.train.forward import batched_log_probs
     from skyrl_fn.train.model import load_model, load_tokenizer
@@ -164,7 +167,8 @@ def part_ray(checks: Checks, steps: int, *, colocate: bool, backend: str = "vllm
     run = resolve(cfg, DEFAULT_TABLE)
     init_ray(run)
     layout = "colocated, 1 GPU, engines first" if colocate else "separate, 2 GPUs, NCCL group formed"
-    trainer = checks.run(f"RayTrainer starts ({layout})", lambda: (True, "ok", RayTrainer(run)))
+    trainer = checks.run(f"RayWorkers start ({layout})", lambda: (True, "ok", RayWorkers(run)))
+    kl_ctrl = kl_controller_of(run)
     if trainer is None:
         ray.shutdown()
         return
@@ -178,7 +182,7 @@ def part_ray(checks: Checks, steps: int, *, colocate: bool, backend: str = "vllm
             return batched_log_probs(model, batch, micro_batch_size=64, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
 
         def before():
-            batch = ray.get(trainer.rollout[0].generate.remote(fixed, 777))[0]
+            batch = ray.get(trainer.rollout[0].generate.remote(fixed, 777)).rollout
             d = compare_log_probs(batch.rollout_log_probs, lp(initial, batch), batch.response_mask)
             return d["mean_abs"] <= ATOL, d
 
@@ -188,14 +192,14 @@ def part_ray(checks: Checks, steps: int, *, colocate: bool, backend: str = "vllm
             examples, state = next_prompts(task, state, cfg.trainer.prompts_per_step)
 
             def one(step=step, examples=examples):
-                m = trainer.step(step, examples, 0.0)
+                m = run_step(run, trainer, step, examples, kl_ctrl)[0]
                 bad = [k for k, v in m.items() if isinstance(v, float) and not math.isfinite(v)]
                 return not bad, {"reward": m.get("reward", float("nan")), "non_finite": ",".join(bad) or "none"}
 
             checks.run(f"step {step + 1}: generate, update, weight sync", one)
 
         def synced():
-            trainer.flush()
+            trainer.syncs.check()
             done = list(trainer.syncs.checked_steps)
             if colocate or backend == "hf":
                 return done == list(range(steps)), {"checked_steps": done}
@@ -204,15 +208,15 @@ def part_ray(checks: Checks, steps: int, *, colocate: bool, backend: str = "vllm
         checks.run("every step's weight sync confirmed", synced)
 
         def followed():
-            after = ray.get(trainer.rollout[0].generate.remote(fixed, 777))[0]
-            weights = ray.get(trainer.policy.get_state.remote())["weights"]
+            after = ray.get(trainer.rollout[0].generate.remote(fixed, 777)).rollout
+            weights = ray.get(trainer.policy.get_state.remote())[0].weights
             current = load_model(cfg.model, tok, seed=cfg.trainer.seed).float().eval()
             current.load_state_dict({k: v.float() for k, v in weights.items()})
             return followed_the_policy(after.rollout_log_probs, lp(current, after), lp(initial, after), after.response_mask, atol=ATOL)
 
         checks.run("engine samples with the trained weights (not the initial ones)", followed)
     finally:
-        trainer.shutdown()
+        trainer.close()
         ray.shutdown()
 
 

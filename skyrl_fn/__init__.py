@@ -13,6 +13,8 @@ from skyrl_fn.records import (
 )
 from skyrl_fn.table import DEFAULT_TABLE, KINDS, AlgorithmTable, Entry, UnknownNameError
 from skyrl_fn.compose import AdvantageTransform, Chain, RewardTransform, chain
+from skyrl_fn.algorithm import Algorithm, bind, bind_algorithm, compute_policy_loss
+from skyrl_fn.requires import requires
 from skyrl_fn.transforms import (
     OutcomeEstimator,
     batch_mean,
@@ -43,6 +45,12 @@ __all__ = [
     "DEFAULT_TABLE",
     "KINDS",
     "UnknownNameError",
+    # names bound once (skyrl_fn.algorithm, skyrl_fn.requires)
+    "Algorithm",
+    "bind",
+    "bind_algorithm",
+    "compute_policy_loss",
+    "requires",
     # composition (skyrl_fn.compose, skyrl_fn.transforms)
     "chain",
     "Chain",

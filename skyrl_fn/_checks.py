@@ -12,12 +12,16 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from skyrl_fn._blocked import zero_off_mask, zero_one_to_bool
+
 __all__ = [
     "check_tensor",
     "check_floating",
     "check_shape",
     "check_finite",
     "as_mask",
+    "check_zero_off_mask",
+    "check_finite_and_zero_off_mask",
     "as_group_ids",
     "first_bad_row",
     "check_number",
@@ -124,13 +128,17 @@ def mask_or_flag(name: str, x: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise TypeError(f"{name}: expected a bool, integer or floating 0/1 mask, got {x.dtype}")
     if x.dtype == torch.bool:
         return x, None
+    checked = zero_one_to_bool(x)  # host memory (CPU): checked and converted in one read, no flag
+    if checked is not None:
+        return checked, None
     return x != 0, ((x == 0) | (x == 1)).all()
 
 
 def as_mask(name: str, x: Any, shape: Sequence[int] | None = None) -> torch.Tensor:
     """Return ``x`` as a torch.bool mask, checking that a numeric mask holds only 0 and 1.
 
-    Accepts bool, integer or floating tensors (SkyRL passes float or long masks).
+    Accepts bool, integer or floating tensors (SkyRL passes float or long masks). ``-0.0`` counts
+    as 0; NaN is rejected like any other value outside {0, 1}.
     """
     check_tensor(name, x)
     if x.dtype.is_complex:
@@ -139,6 +147,9 @@ def as_mask(name: str, x: Any, shape: Sequence[int] | None = None) -> torch.Tens
         check_shape(name, x, shape, "[B, T]")
     if x.dtype == torch.bool:
         return x
+    fast = zero_one_to_bool(x)
+    if fast is not None:
+        return fast
     bad = (x != 0) & (x != 1)
     if bool(bad.any()):
         row = first_bad_row(bad)
@@ -146,11 +157,35 @@ def as_mask(name: str, x: Any, shape: Sequence[int] | None = None) -> torch.Tens
     return x != 0
 
 
+def check_finite_and_zero_off_mask(name: str, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """:func:`check_finite` then :func:`check_zero_off_mask` (the same errors, in that order),
+    reading ``x`` once when both pass."""
+    if zero_off_mask(x, mask, finite=True):
+        return x
+    check_finite(name, x)
+    return check_zero_off_mask(name, x, mask)
+
+
+def check_zero_off_mask(name: str, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Raise ValueError naming the first row where ``x != 0`` while ``mask`` is False.
+
+    ``x`` and the bool ``mask`` have the same shape. ``-0.0`` counts as 0; NaN counts as non-zero.
+    """
+    if zero_off_mask(x, mask):
+        return x
+    bad = (x != 0) & ~mask
+    if bool(bad.any()):
+        row = first_bad_row(bad)
+        raise ValueError(f"{name} expected 0 wherever response_mask is 0, got non-zero values in row {row}")
+    return x
+
+
 def as_group_ids(name: str, ids: Any, batch: int) -> torch.Tensor:
     """Convert group ids ``[B]`` (ints, strings such as prompt uids, or a tensor) to dense int64 ids.
 
     Dense ids follow the sorted order of the labels, so ``["b", "a", "b"]`` becomes ``[1, 0, 1]``;
-    converting dense ids again returns them unchanged.
+    converting dense ids again returns them unchanged. Labels of different types (ints and
+    strings) never fall in one group.
     """
     if isinstance(ids, torch.Tensor):
         if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
@@ -167,14 +202,39 @@ def as_group_ids(name: str, ids: Any, batch: int) -> torch.Tensor:
     if arr.shape[0] != batch:
         raise ValueError(f"{name}: expected shape [B] = ({batch},), got ({arr.shape[0]},)")
     if arr.dtype == object:
-        kinds = {type(v) for v in arr.tolist()}
+        labels = arr.tolist()
+        kinds = set(map(type, labels))
         if any(k is float or k is bool for k in kinds):
             raise TypeError(f"{name}: expected integer or string group ids, got {sorted(k.__name__ for k in kinds)}")
         if len(kinds) > 1:
             # Mixed ints and strings would never compare equal; keep them distinct but hashable.
-            arr = np.array([f"{type(v).__name__}:{v}" for v in arr.tolist()], dtype=object)
-    _, inverse = np.unique(arr, return_inverse=True)
-    return torch.from_numpy(inverse.reshape(-1).astype(np.int64))
+            arr = np.array([f"{type(v).__name__}:{v}" for v in labels], dtype=object)
+        inverse = _dense_labels(arr)
+    else:
+        inverse = np.unique(arr, return_inverse=True)[1]
+    return torch.from_numpy(inverse.reshape(-1).astype(np.int64, copy=False))
+
+
+def _dense_labels(arr: np.ndarray) -> np.ndarray:
+    """``np.unique(arr, return_inverse=True)[1]`` for a 1-D object array of hashable labels.
+
+    ``np.unique`` sorts all ``B`` Python objects (65,536 string uids: 20 ms). Here only the
+    distinct labels are sorted and a dict numbers them; rows in runs of one label (SkyRL's uids
+    come as ``G`` consecutive copies) are looked up once per run. Same ids: dense, in sorted
+    order of the labels, equal labels sharing one id. Unhashable labels take ``np.unique``.
+    """
+    n = arr.shape[0]
+    try:
+        starts = np.flatnonzero(np.concatenate(([True], np.asarray(arr[1:] != arr[:-1], dtype=bool))))
+        heads = arr[starts].tolist() if 2 * starts.size <= n else arr.tolist()
+        distinct = sorted(set(heads))
+    except (TypeError, ValueError):  # unhashable, unorderable or odd labels: np.unique decides
+        return np.unique(arr, return_inverse=True)[1]
+    code = dict(zip(distinct, range(len(distinct))))
+    dense = np.fromiter(map(code.__getitem__, heads), dtype=np.int64, count=len(heads))
+    if len(heads) == n:
+        return dense
+    return np.repeat(dense, np.diff(np.append(starts, n)))
 
 
 def check_number(name: str, value: Any, *, low: float = -math.inf, low_open: bool = False) -> float:

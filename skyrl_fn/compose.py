@@ -7,15 +7,16 @@ A chain is a frozen value holding, in order::
                                                                                outcome_estimator(...))
     advantage transforms  (AdvantageOutput, AdvantageInput) -> AdvantageOutput (applied last)
 
-so a new estimator is built and named in one call::
+so a new estimator is built and named in one call (what a piece reads besides the rewards, e.g.
+critic values for ``gae``, carries over: see ``skyrl_fn.requires``)::
 
     table = DEFAULT_TABLE.register("clipped_grpo", chain(scale_rewards(2.0), grpo, clip_advantages(1.0)))
 
 The chain is itself an advantage estimator: ``chain(...)(batch, **hyper)`` passes ``hyper`` to its
 estimator, and its ``__signature__`` exposes exactly the estimator's hyperparameters, so
 ``AlgorithmTable.check_hyperparameters`` rejects unknown names. What the pieces need
-(``skyrl_fn.table.needs``, e.g. critic ``values`` for GAE) the chain needs: ``chain(gae_raw,
-clip_advantages(1.0))`` registered under any name is an entry with ``needs == {"values"}``. Transform hyperparameters are
+(``skyrl_fn.requires``, e.g. critic ``values`` for GAE) the chain needs: ``chain(gae_raw,
+clip_advantages(1.0))`` registered under any name is an entry with ``requires == {"values"}``. Transform hyperparameters are
 fixed when the piece is built (``clip_advantages(1.0)``), as in optax.
 
 Pieces never change their inputs: transforms derive new records with ``attrs.evolve``, which runs
@@ -35,7 +36,8 @@ import attrs
 import torch
 
 from skyrl_fn.records import AdvantageInput, AdvantageOutput
-from skyrl_fn.table import hyperparameters, infer_kind, needed_inputs
+from skyrl_fn.requires import requirements
+from skyrl_fn.table import hyperparameters, infer_kind
 
 __all__ = ["RewardTransform", "AdvantageTransform", "Chain", "chain", "piece_name"]
 
@@ -82,9 +84,9 @@ class RewardTransform:
     name: str | None = attrs.field(default=None, validator=_check_name)
 
     @property
-    def __skyrl_needs__(self) -> frozenset[str]:
-        """The optional inputs ``fn`` declares (``skyrl_fn.table.needs``)."""
-        return needed_inputs(self.fn)
+    def __skyrl_requires__(self) -> frozenset[str]:
+        """The optional inputs ``fn`` declares (``skyrl_fn.requires``)."""
+        return requirements(self.fn)
 
     def __call__(self, batch: AdvantageInput) -> AdvantageInput:
         out = self.fn(batch)
@@ -123,9 +125,9 @@ class AdvantageTransform:
     name: str | None = attrs.field(default=None, validator=_check_name)
 
     @property
-    def __skyrl_needs__(self) -> frozenset[str]:
-        """The optional inputs ``fn`` declares (``skyrl_fn.table.needs``)."""
-        return needed_inputs(self.fn)
+    def __skyrl_requires__(self) -> frozenset[str]:
+        """The optional inputs ``fn`` declares (``skyrl_fn.requires``)."""
+        return requirements(self.fn)
 
     def __call__(self, out: AdvantageOutput, batch: AdvantageInput) -> AdvantageOutput:
         new = self.fn(out, batch)
@@ -210,11 +212,11 @@ class Chain:
         return (*self.reward_transforms, self.estimator, *self.advantage_transforms)
 
     @property
-    def __skyrl_needs__(self) -> frozenset[str]:
-        """The optional inputs any piece needs (``skyrl_fn.table.needs``): a chain around an
-        estimator that reads critic ``values`` needs them too, so ``Entry.needs`` of a
+    def __skyrl_requires__(self) -> frozenset[str]:
+        """The optional inputs any piece reads (``skyrl_fn.requires``): a chain around an
+        estimator that reads critic ``values`` needs them too, so ``Entry.requires`` of a
         registered chain says so."""
-        return frozenset().union(*(needed_inputs(p) for p in self.pieces))
+        return frozenset().union(*(requirements(p) for p in self.pieces))
 
     def __repr__(self) -> str:
         return f"chain({', '.join(piece_name(p) for p in self.pieces)})"

@@ -28,6 +28,7 @@ from skyrl_fn._checks import (
     check_all,
     check_finite,
     check_floating,
+    check_finite_and_zero_off_mask,
     check_shape,
     check_tensor,
     mask_or_flag,
@@ -190,15 +191,13 @@ class AdvantageOutput:
         b, t = batch.token_level_rewards.shape
         for field in ("advantages", "returns"):
             x = getattr(self, field)
+            if field == "returns" and x is self.advantages:
+                break  # the same tensor (critic-free estimators): checked once, just above
             if tuple(x.shape) != (b, t):
                 raise ValueError(f"{name}: {field} expected shape [B, T] = ({b}, {t}), got {tuple(x.shape)}")
             if x.dtype != batch.token_level_rewards.dtype:
                 raise TypeError(f"{name}: {field} expected dtype {batch.token_level_rewards.dtype}, got {x.dtype}")
-            check_finite(f"{name}: {field}", x)
-            leak = (x != 0) & ~batch.response_mask
-            if bool(leak.any()):
-                row = int(torch.nonzero(leak.any(dim=1))[0, 0])
-                raise ValueError(f"{name}: {field} expected 0 wherever response_mask is 0, got non-zero values in row {row}")
+            check_finite_and_zero_off_mask(f"{name}: {field}", x, batch.response_mask)
         return self
 
 

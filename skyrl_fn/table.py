@@ -29,17 +29,15 @@ import attrs
 
 from skyrl_fn.properties import check_promises
 from skyrl_fn.records import AdvantageInput, AdvantageOutput, PolicyLossInput
+from skyrl_fn.requires import check_inputs, requirements
 
 __all__ = [
     "KINDS",
-    "OPTIONAL_INPUTS",
     "Entry",
     "AlgorithmTable",
     "UnknownNameError",
     "DEFAULT_TABLE",
     "infer_kind",
-    "needs",
-    "needed_inputs",
 ]
 
 #: kind -> number of positional inputs the function takes.
@@ -50,17 +48,6 @@ KINDS: Mapping[str, int] = {
     "aggregation": 2,
 }
 _RECORD_KIND = {AdvantageInput: "advantage_estimator", PolicyLossInput: "policy_loss"}
-
-#: kind -> the optional record fields a function of that kind can need (``Entry.needs``).
-#: ``values`` on an advantage estimator means the run needs a critic; ``reward_baselines`` means
-#: it needs a baseline rollout (ReMax's greedy sample).
-OPTIONAL_INPUTS: Mapping[str, frozenset[str]] = {
-    "advantage_estimator": frozenset({"values", "reward_baselines"}),
-    "policy_loss": frozenset({"ref_log_probs", "rollout_log_probs"}),
-    "kl_estimator": frozenset(),
-    "aggregation": frozenset(),
-}
-_ALL_OPTIONAL = frozenset().union(*OPTIONAL_INPUTS.values())
 
 
 class UnknownNameError(KeyError, ValueError):
@@ -116,45 +103,6 @@ def infer_kind(fn: Callable) -> str | None:
         except Exception:  # unresolvable forward refs: compare by name
             return {"AdvantageInput": "advantage_estimator", "PolicyLossInput": "policy_loss"}.get(ann.split(".")[-1])
     return _RECORD_KIND.get(ann)
-
-
-def _check_needs(where: str, fields: Iterable[str], allowed: frozenset[str]) -> frozenset[str]:
-    if isinstance(fields, str):
-        raise TypeError(f"{where}: expected a collection of record field names, got the string {fields!r}")
-    out = frozenset(fields)
-    bad = sorted(out - allowed)
-    if bad:
-        raise ValueError(f"{where}: unknown optional inputs {bad}; expected some of {sorted(allowed)}")
-    return out
-
-
-def needs(*fields: str) -> Callable[[Callable], Callable]:
-    """Decorator: declare the optional record fields ``fn`` reads (see ``OPTIONAL_INPUTS``).
-
-    ``@needs("values")`` on an estimator records that it needs critic values; the table entry,
-    and every :func:`skyrl_fn.compose.chain` built around the function, then report it
-    (``Entry.needs``), so a trainer knows to build a critic without a list of names.
-
-    Raises:
-        ValueError: a field that is no optional input of any kind.
-    """
-    declared = _check_needs("needs", fields, _ALL_OPTIONAL)
-
-    def mark(fn: Callable) -> Callable:
-        fn.__skyrl_needs__ = declared
-        return fn
-
-    return mark
-
-
-def needed_inputs(fn: Callable) -> frozenset[str]:
-    """The optional record fields ``fn`` declares it needs: its ``__skyrl_needs__`` (set by
-    :func:`needs`; a ``Chain`` reports the union over its pieces), looked up through
-    ``functools.partial``; empty when it declares nothing."""
-    while isinstance(fn, functools.partial):
-        fn = fn.func
-    declared = getattr(fn, "__skyrl_needs__", None)
-    return frozenset(declared) if declared is not None else frozenset()
 
 
 def check_signature(kind: str, name: str, fn: Callable) -> None:
@@ -228,21 +176,16 @@ class Entry:
         fn: the pure function.
         promises: invariants it promises (names from ``skyrl_fn.properties``) that the testing kit
             checks on top of the universal ones.
-        needs: the optional record fields it reads (``OPTIONAL_INPUTS[kind]``): what the function
-            declares with :func:`needs` (through partials and chains) plus what ``register`` was
-            told. An advantage estimator needing ``values`` needs a critic.
+        requires: the optional inputs it reads (``skyrl_fn.requires.INPUTS``: ``values`` means
+            a critic, ``ref_log_probs`` a reference model), from the function itself (through
+            partials and chains) plus what ``register(requires=...)`` added.
     """
 
     kind: str
     name: str
     fn: Callable = attrs.field(eq=False)
     promises: frozenset[str] = frozenset()
-    needs: frozenset[str] = frozenset()
-
-    @property
-    def needs_critic(self) -> bool:
-        """True for an advantage estimator that reads critic ``values``."""
-        return self.kind == "advantage_estimator" and "values" in self.needs
+    requires: frozenset[str] = frozenset()
 
     def hyperparameters(self) -> Mapping[str, Any] | None:
         """Name -> default of the accepted hyperparameters; None if the function takes ``**kwargs``."""
@@ -269,7 +212,7 @@ class AlgorithmTable:
         kind: str | None = None,
         replace: bool = False,
         promises: Iterable[str] = (),
-        needs: Iterable[str] = (),
+        requires: Iterable[str] = (),
     ) -> "AlgorithmTable":
         """Return a new table with ``fn`` registered as ``name``.
 
@@ -280,9 +223,9 @@ class AlgorithmTable:
                 annotation of its first parameter (``AdvantageInput`` / ``PolicyLossInput``).
             replace: allow replacing an existing entry of the same kind and name.
             promises: invariants (``skyrl_fn.properties``) the testing kit should check.
-            needs: optional record fields (``OPTIONAL_INPUTS[kind]``) the function reads, on top
-                of what it declares itself with :func:`needs` (e.g. ``needs={"values"}`` for your
-                own critic-based estimator).
+            requires: optional inputs ``fn`` reads that it does not declare itself with
+                ``skyrl_fn.requires.requires`` (e.g. ``("values",)`` for a wrapped critic-based
+                estimator); joined with what it declares.
 
         Raises:
             ValueError: empty/whitespace name, duplicate name without ``replace=True``, unknown
@@ -305,9 +248,8 @@ class AlgorithmTable:
         if key in self._entries and not replace:
             raise ValueError(f"{kind} {name!r} is already registered; pass replace=True to replace it")
         entries = dict(self._entries)
-        where = f"needs for {kind} {name!r}"
-        needed = _check_needs(where, needs, OPTIONAL_INPUTS[kind]) | _check_needs(where, needed_inputs(fn), OPTIONAL_INPUTS[kind])
-        entries[key] = Entry(kind=kind, name=name, fn=fn, promises=check_promises(name, promises), needs=needed)
+        needs = check_inputs(requires) | requirements(fn)
+        entries[key] = Entry(kind=kind, name=name, fn=fn, promises=check_promises(name, promises), requires=needs)
         return AlgorithmTable(entries=entries)
 
     def unregister(self, kind: str, name: str) -> "AlgorithmTable":
@@ -320,7 +262,7 @@ class AlgorithmTable:
         """Return a new table with every entry of ``other`` added (duplicates need ``replace``)."""
         table = self
         for e in other.entries():
-            table = table.register(e.name, e.fn, kind=e.kind, replace=replace, promises=e.promises, needs=e.needs)
+            table = table.register(e.name, e.fn, kind=e.kind, replace=replace, promises=e.promises, requires=e.requires)
         return table
 
     # -- lookup -----------------------------------------------------------------------------

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from skyrl_fn import DEFAULT_TABLE, AdvantageInput, PolicyLossInput
-from skyrl_fn.compat import AdvantageEstimatorRegistry, PolicyLossRegistry, freeze, sync_registries
+from skyrl_fn.compat import AdvantageEstimatorRegistry, freeze, sync_registries
+from skyrl_fn.compat.skyrl_train import PolicyLossRegistry  # the seed era's own loss registry
 
 # -- verbatim from docs/algorithms/custom_algorithms.rst ----------------------------------------
 SEED_ESTIMATORS = '''
@@ -111,9 +112,9 @@ from skyrl_train.algorithms.advantage_estimators import register_advantage_estim
 register_advantage_estimator("my_custom", MyCustomAdvantageEstimator)
 '''
 
-IMPORTS = {
-    "from skyrl_train.utils.ppo_utils import": "from skyrl_fn.compat import",
-    "from skyrl_train.algorithms.advantage_estimators import": "from skyrl_fn.compat import",
+IMPORTS = {  # the rewrite rule of docs/skyrl-deviations.md
+    "from skyrl_train.utils.ppo_utils import": "from skyrl_fn.compat.skyrl_train import",
+    "from skyrl_train.algorithms.advantage_estimators import": "from skyrl_fn.compat.advantage_estimators import",
 }
 
 

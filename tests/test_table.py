@@ -11,7 +11,6 @@ import torch
 
 from skyrl_fn import DEFAULT_TABLE, KINDS, AdvantageInput, AdvantageOutput, AlgorithmTable, UnknownNameError
 from skyrl_fn.estimators import grpo
-from skyrl_fn.table import OPTIONAL_INPUTS, needs
 
 
 def _batch() -> AdvantageInput:
@@ -220,39 +219,3 @@ def test_every_default_entry_has_a_docstring():
     for entry in DEFAULT_TABLE.entries():
         fn = entry.fn.func if isinstance(entry.fn, functools.partial) else entry.fn
         assert (fn.__doc__ or "").strip(), f"{entry.kind} {entry.name!r} has no docstring"
-
-
-# -- what an entry needs (critic values, baseline rollouts), declared on the function ----------------
-
-
-def test_needs_come_from_the_function_through_partials_and_from_register():
-    @needs("values")
-    def critic(batch: AdvantageInput, *, scale: float = 1.0) -> AdvantageOutput:
-        return zero_estimator(batch, scale=scale)
-
-    table = AlgorithmTable().register("mine", critic).register("plain", zero_estimator)
-    assert table.entry("advantage_estimator", "mine").needs == {"values"}
-    assert table.entry("advantage_estimator", "mine").needs_critic
-    assert table.entry("advantage_estimator", "plain").needs == frozenset()
-    table = table.register("told", zero_estimator, needs={"reward_baselines"})
-    assert table.entry("advantage_estimator", "told").needs == {"reward_baselines"}
-    table = table.register("part", functools.partial(critic, scale=2.0), kind="advantage_estimator")
-    assert table.entry("advantage_estimator", "part").needs == {"values"}
-    merged = AlgorithmTable().merge(table)
-    assert merged.entry("advantage_estimator", "mine").needs == {"values"}
-    assert merged.entry("advantage_estimator", "told").needs == {"reward_baselines"}
-
-
-def test_unknown_needs_are_rejected_naming_the_options():
-    with pytest.raises(ValueError, match=r"needs: unknown optional inputs \['critic'\]"):
-        needs("critic")
-    with pytest.raises(ValueError, match=r"unknown optional inputs \['ref_log_probs'\]; expected some of \['reward_baselines', 'values'\]"):
-        AlgorithmTable().register("mine", zero_estimator, needs={"ref_log_probs"})
-    with pytest.raises(TypeError, match="got the string 'values'"):
-        AlgorithmTable().register("mine", zero_estimator, needs="values")
-
-
-def test_builtin_needs():
-    needed = {e.name: e.needs for e in DEFAULT_TABLE.entries() if e.needs}
-    assert needed == {"gae": {"values"}, "gae_raw": {"values"}, "remax": {"reward_baselines"}}
-    assert set(OPTIONAL_INPUTS) == set(KINDS)

@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from skyrl_fn.compat._calls import call_accepting, describe
+from skyrl_fn.compat._calls import call_accepting, caller_names, describe
 from skyrl_fn.records import AdvantageInput, AdvantageOutput
 from skyrl_fn.table import AlgorithmTable
 
@@ -55,14 +55,15 @@ def advantage_input(kwargs: Mapping[str, Any]) -> AdvantageInput:
     index = kwargs.get("index")
     if index is None and isinstance(rewards, torch.Tensor) and rewards.dim() > 0:
         index = np.zeros(rewards.shape[0], dtype=np.int64)
-    return AdvantageInput(
-        token_level_rewards=rewards,
-        response_mask=mask,
-        group_ids=index,
-        values=kwargs.get("values"),
-        reward_baselines=kwargs.get("reward_baselines"),
-        extras=kwargs.get("extras") or {},
-    )
+    with caller_names({"group_ids": "index"}):
+        return AdvantageInput(
+            token_level_rewards=rewards,
+            response_mask=mask,
+            group_ids=index,
+            values=kwargs.get("values"),
+            reward_baselines=kwargs.get("reward_baselines"),
+            extras=kwargs.get("extras") or {},
+        )
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -133,7 +134,7 @@ class SkyRLCallable:
         return f"SkyRLCallable({self.name!r})"
 
 
-def _pair(result: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+def pair(result: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(advantages, returns) from a SkyRL-style result; a lone tensor means returns = advantages."""
     if isinstance(result, torch.Tensor):
         return result, result
@@ -145,7 +146,7 @@ def _pair(result: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     raise TypeError(f"advantage estimator {name!r}: expected (advantages, returns) tensors [B, T], got {got}")
 
 
-def _masked(x: torch.Tensor, mask: torch.Tensor, field: str, name: str) -> torch.Tensor:
+def masked(x: torch.Tensor, mask: torch.Tensor, field: str, name: str) -> torch.Tensor:
     if tuple(x.shape) != tuple(mask.shape):
         raise ValueError(
             f"advantage estimator {name!r}: {field} expected shape [B, T] = {tuple(mask.shape)}, got {tuple(x.shape)}"
@@ -190,10 +191,10 @@ class NativeFromSkyRL:
             kwargs["reward_baselines"] = batch.reward_baselines.clone()
         if batch.extras:
             kwargs["extras"] = dict(batch.extras)
-        adv, ret = _pair(call_accepting(self.fn, (), kwargs), self.name)
+        adv, ret = pair(call_accepting(self.fn, (), kwargs), self.name)
         mask = batch.response_mask
         return AdvantageOutput(
-            advantages=_masked(adv, mask, "advantages", self.name), returns=_masked(ret, mask, "returns", self.name)
+            advantages=masked(adv, mask, "advantages", self.name), returns=masked(ret, mask, "returns", self.name)
         )
 
     def __repr__(self) -> str:
@@ -232,7 +233,7 @@ class AdvantageEstimator:
     @torch.no_grad()
     def __call__(self, token_level_rewards, response_mask, index=None, values=None, **kwargs: Any):
         result = self.compute_advantages(token_level_rewards, values, response_mask, index=index, **kwargs)
-        adv, ret = _pair(result, type(self).__name__)
+        adv, ret = pair(result, type(self).__name__)
         mask = response_mask.bool() if response_mask.dtype != torch.bool else response_mask
         name = type(self).__name__
-        return _masked(adv, mask, "advantages", name), _masked(ret, mask, "returns", name)
+        return masked(adv, mask, "advantages", name), masked(ret, mask, "returns", name)

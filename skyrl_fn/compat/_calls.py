@@ -5,11 +5,13 @@ Nothing here holds state.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import inspect
+import re
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-__all__ = ["as_name", "describe", "call_accepting", "config_value", "LossConfig"]
+__all__ = ["as_name", "describe", "call_accepting", "config_value", "caller_names", "LossConfig"]
 
 _MISSING = object()
 
@@ -124,3 +126,27 @@ class LossConfig(Mapping[str, Any]):
 
     def __repr__(self) -> str:
         return f"LossConfig({self._fields!r})"
+
+
+@contextlib.contextmanager
+def caller_names(names: Mapping[str, str]) -> Iterator[None]:
+    """Re-raise a ValueError/TypeError from native code with the caller's argument names.
+
+    Native records name their fields (``group_ids``, ``ref_log_probs``); a SkyRL caller passed
+    ``index`` / ``log_probs_base``. ``names`` maps native -> caller name; whole words are replaced in
+    the message and the exception keeps its type (and ``UnknownNameError`` stays one).
+    """
+    try:
+        yield
+    except (ValueError, TypeError) as err:
+        msg = str(err.args[0]) if err.args else str(err)
+        new = msg
+        for native, caller in names.items():
+            new = re.sub(rf"\b{re.escape(native)}\b", caller, new)
+        if new == msg:
+            raise
+        try:
+            clone = type(err)(new)
+        except Exception:
+            raise err from None
+        raise clone.with_traceback(err.__traceback__) from None

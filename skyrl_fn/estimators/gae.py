@@ -11,12 +11,12 @@ from skyrl_fn.compose import Chain, chain
 from skyrl_fn.estimators._groups import accum_dtype
 from skyrl_fn.estimators._whiten import whiten
 from skyrl_fn.records import AdvantageInput, AdvantageOutput
-from skyrl_fn.table import needs
+from skyrl_fn.requires import requires
 
 __all__ = ["gae", "gae_raw"]
 
 
-@needs("values")
+@requires("values")
 @torch.no_grad()
 def gae_raw(batch: AdvantageInput, *, gamma: float = 1.0, lambd: float = 1.0) -> AdvantageOutput:
     """GAE advantages and returns (Schulman et al. 2016, arXiv:1506.02438), not whitened.
@@ -36,7 +36,7 @@ def gae_raw(batch: AdvantageInput, *, gamma: float = 1.0, lambd: float = 1.0) ->
     one-step TD error. The built-in ``gae`` (SkyRL-Train's and verl's GAE) is this estimator
     chained with ``whiten()``; the raw form is registered as ``gae_raw`` for losses or transforms
     that want the unnormalised advantages (rlax's and the paper's GAE), e.g.
-    ``chain(gae_raw, clip_advantages(5.0))``. Needs critic values (declared with ``needs``, so
+    ``chain(gae_raw, clip_advantages(5.0))``. Needs critic values (declared with ``requires``, so
     every chain built on it reports that it needs a critic).
 
     SkyRL-Train's GAE runs the same recursion without skipping masked tokens

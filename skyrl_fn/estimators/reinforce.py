@@ -23,7 +23,7 @@ from skyrl_fn.estimators._groups import (
 )
 from skyrl_fn.estimators._whiten import masked_whiten_rows, whiten
 from skyrl_fn.records import AdvantageInput, AdvantageOutput
-from skyrl_fn.table import needs
+from skyrl_fn.requires import requires
 
 __all__ = ["discounted_returns", "reinforce_plus_plus", "reinforce_plus_plus_raw", "reinforce_plus_plus_baseline", "remax"]
 
@@ -192,7 +192,7 @@ def reinforce_plus_plus_baseline(batch: AdvantageInput) -> AdvantageOutput:
     return AdvantageOutput(advantages=out, returns=out)
 
 
-@needs("reward_baselines")
+@requires("reward_baselines")
 @torch.no_grad()
 def remax(batch: AdvantageInput) -> AdvantageOutput:
     """ReMax advantage: reward-to-go minus the greedy rollout's reward (Li et al. 2023, arXiv:2310.10505).

@@ -122,7 +122,12 @@ def _engine_slot(index: int, bundles: tuple[int, ...], share: float, cpus: float
 
 
 def plan_placement(
-    gpu: GPUPlacementConfig, *, tensor_parallel_size: int = 1, uses_reference: bool = False, uses_critic: bool = False
+    gpu: GPUPlacementConfig,
+    *,
+    tensor_parallel_size: int = 1,
+    uses_reference: bool = False,
+    uses_critic: bool = False,
+    trainer_workers: int = 1,
 ) -> PlacementPlan:
     """The placement of a run (see the module docstring for the two layouts).
 
@@ -131,6 +136,8 @@ def plan_placement(
         tensor_parallel_size: ``tp`` of each vLLM engine (``rollout.tensor_parallel_size``).
         uses_reference: a reference model is placed (``TrainConfig.uses_reference``).
         uses_critic: a critic is placed (``TrainConfig.uses_critic``).
+        trainer_workers: ``W``, policy actors to place (the runner starts one; the planner
+            already places data-parallel ranks, one bundle each).
 
     Returns:
         A :class:`PlacementPlan` whose per-bundle GPU load is <= 1 everywhere.
@@ -141,7 +148,7 @@ def plan_placement(
     """
     n = _positive_int("gpu.num_gpus", gpu.num_gpus)
     tp = _positive_int("rollout.tensor_parallel_size", tensor_parallel_size)
-    w = _positive_int("gpu.trainer_workers", gpu.trainer_workers)
+    w = _positive_int("trainer_workers", trainer_workers)
     if not gpu.cpus_per_bundle > 0:
         raise ValueError(f"gpu.cpus_per_bundle: expected > 0, got {gpu.cpus_per_bundle!r}")
     cpus = float(gpu.cpus_per_bundle)
@@ -153,7 +160,7 @@ def plan_placement(
         if n % tp:
             raise ValueError(f"gpu.num_gpus: expected a multiple of rollout.tensor_parallel_size={tp} when colocated, got {n}")
         if w > n:
-            raise ValueError(f"gpu.trainer_workers: expected <= gpu.num_gpus={n}, got {w}")
+            raise ValueError(f"trainer_workers: expected <= gpu.num_gpus={n}, got {w}")
         shares, trainer_bundles = COLOCATED_SHARES, list(range(w))
         engine_groups = [tuple(range(e * tp, (e + 1) * tp)) for e in range(n // tp)]
         engine_share = COLOCATED_SHARES["rollout"]
@@ -165,7 +172,7 @@ def plan_placement(
                 f"(engines need their own GPUs when not colocated), got {t}"
             )
         if w > t:
-            raise ValueError(f"gpu.trainer_workers: expected <= gpu.trainer_gpus={t}, got {w}")
+            raise ValueError(f"trainer_workers: expected <= gpu.trainer_gpus={t}, got {w}")
         shares, trainer_bundles = SEPARATE_SHARES, list(range(w))
         engine_groups = [tuple(range(t + e * tp, t + (e + 1) * tp)) for e in range((n - t) // tp)]
         engine_share = 1.0

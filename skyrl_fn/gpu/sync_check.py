@@ -10,7 +10,7 @@ the step and the worker on the first failure. The driver calls ``check`` before 
 next step's ``generate``; the wait costs one round trip, since the worker would sync before
 sampling anyway.
 
-Nothing here imports Ray: the waiting function is passed in (``RayTrainer.get`` on Ray, a fake
+Nothing here imports Ray: the waiting function is passed in (``RayWorkers.get`` on Ray, a fake
 in the tests).
 """
 

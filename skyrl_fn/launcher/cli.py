@@ -6,7 +6,9 @@ Read top to bottom, :func:`main` does:
    entry points, then each ``--plugin``, then the SkyRL-compat façade's registrations (so a
    script that registers and then calls ``main()`` works);
 2. parse the flags with tyro over ``TrainConfig``, starting from the preset (a base config); the
-   ``--help`` of every name field lists what the table holds;
+   ``--help`` of every name field lists what the table holds, and each chosen function's
+   hyperparameters are typed flags (``--algorithm.estimator.lambd``, ``--algorithm.loss.tau-pos``;
+   ``skyrl_fn.launcher.hyper_flags``);
 3. register ``module:function`` / ``path/file.py:function`` names, then ``resolve`` once: a typo
    exits with code 2 and a suggestion before any model is built;
 4. train on Ray (default) or in-process (``--ray.no-use-ray``) and report.
@@ -31,8 +33,9 @@ from skyrl_fn.launcher.plugins import (
     load_plugins,
     register_import_names,
 )
+from skyrl_fn.launcher.hyper_flags import check_group_flags, chosen_names, group_type, to_mapping
 from skyrl_fn.table import DEFAULT_TABLE, AlgorithmTable, UnknownNameError
-from skyrl_fn.train.config import AlgorithmConfig, ResolvedRun, TrainConfig, resolve
+from skyrl_fn.train.config import HYPER_FIELDS, AlgorithmConfig, ResolvedRun, TrainConfig, resolve
 
 __all__ = [
     "PRESETS",
@@ -60,11 +63,11 @@ PRESETS: Mapping[str, tuple[str, TrainConfig]] = {
     "grpo": _recipe("GRPO (Shao et al. 2024): group-normalised advantages, PPO clip, token mean (the default)."),
     "dr_grpo": _recipe(
         "Dr. GRPO (Liu et al. 2025): no std normalisation, constant-length loss normalisation.",
-        advantage_estimator="grpo", norm_by_std=False, loss_reduction="seq_mean_token_sum_norm",
+        advantage_estimator="grpo", estimator={"norm_by_std": False}, loss_reduction="seq_mean_token_sum_norm",
     ),
     "ppo_gae": _recipe(
         "PPO with a critic and GAE (Schulman et al. 2016/2017), lambda 0.95, two update epochs.",
-        advantage_estimator="gae", lambd=0.95, gamma=1.0, update_epochs=2,
+        advantage_estimator="gae", estimator={"lambd": 0.95}, update_epochs=2,
     ),
     "rloo": _recipe("RLOO (Ahmadian et al. 2024): leave-one-out baseline.", advantage_estimator="rloo"),
 }
@@ -144,16 +147,27 @@ def _names_help(table: AlgorithmTable, field: str) -> str:
     return f"{_FIELD_HELP[field]}. Registered: {listed}. Or module:function / path/to/file.py:function."
 
 
-def _cli_types(table: AlgorithmTable) -> tuple[type, type]:
-    """Subclasses of AlgorithmConfig/TrainConfig whose name fields' help lists ``table``'s names.
+def _cli_types(table: AlgorithmTable, names: Mapping[str, str], base: AlgorithmConfig) -> tuple[type, type]:
+    """Subclasses of AlgorithmConfig/TrainConfig for this command line: the name fields' help
+    lists ``table``'s names, and each hyperparameter mapping is a group of typed flags of the
+    function ``names`` chooses (``skyrl_fn.launcher.hyper_flags``).
 
-    Built at start-up because the names depend on the plugins loaded; parsing converts back to
-    the plain classes, so nothing dynamic ever leaves this module.
+    Built at start-up because names and signatures depend on the plugins loaded; parsing converts
+    back to the plain classes, so nothing dynamic ever leaves this module.
     """
     fields = [
-        (f.name, Annotated[str, tyro.conf.arg(help=_names_help(table, f.name))], dataclasses.field(default=f.default))
+        (f.name, Annotated[str, tyro.conf.arg(help=_names_help(table, f.name))], dataclasses.field(default=names[f.name]))
         for f in dataclasses.fields(AlgorithmConfig) if f.name in NAME_FIELDS
     ]
+    for field, (group, _) in HYPER_FIELDS.items():
+        # The base config's values belong to the function it names; another name starts clean.
+        given = getattr(base, group) if names[field] == getattr(base, field) else {}
+        typ, default = group_type(table, field, names[field], given)
+        what = f"{HYPER_FIELDS[field][1].replace('_', ' ')} {names[field]!r}"
+        doc = f"Hyperparameters of the {what} (set only those to change; the rest keep the function's own defaults)."
+        if not dataclasses.is_dataclass(typ):
+            doc = f"Hyperparameters of the {what} as KEY VALUE pairs (it takes **kwargs, so they are not typed)."
+        fields.append((group, Annotated[typ, tyro.conf.arg(help=doc)], dataclasses.field(default_factory=lambda d=default: d)))
     alg = dataclasses.make_dataclass("AlgorithmConfig", fields, bases=(AlgorithmConfig,), frozen=True)
     alg.__doc__ = AlgorithmConfig.__doc__
     train = dataclasses.make_dataclass(
@@ -178,23 +192,50 @@ def _description(table: AlgorithmTable) -> str:
     )
 
 
-def parse_config(argv: Sequence[str], table: AlgorithmTable, *, prog: str | None = None) -> TrainConfig:
-    """The ``TrainConfig`` of ``argv``: an optional leading preset name, then tyro flags."""
+def parse_config(
+    argv: Sequence[str], table: AlgorithmTable, *, prog: str | None = None, app_dir: str | None = None
+) -> TrainConfig:
+    """The ``TrainConfig`` of ``argv``: an optional leading preset name, then tyro flags.
+
+    The functions named in ``argv`` (or the preset) decide which hyperparameter flags exist:
+    ``--algorithm.policy-loss sapo --algorithm.loss.tau-pos 2`` is typed and checked by tyro.
+    ``app_dir``: where ``module:function`` names are searched first (as :func:`resolve_names`).
+
+    Raises:
+        UsageError: a hyperparameter flag the chosen function does not take (named). A
+            ``module:function`` name that cannot be loaded gets untyped flags here; resolving
+            it (:func:`resolve_names`) reports why.
+    """
     argv = list(argv)
     preset = DEFAULT_PRESET
     if argv and argv[0] in PRESETS:
         preset = argv.pop(0)
     base = PRESETS[preset][1]
-    alg_cls, train_cls = _cli_types(table)
+    names = chosen_names(argv, {f: getattr(base.algorithm, f) for f in NAME_FIELDS})
+    try:  # module:function names are registered here only to read their signatures
+        preview = register_import_names({NAME_FIELDS[f]: n for f, n in names.items()}, table, app_dir=app_dir)
+    except (PluginError, ValueError, TypeError):
+        preview = table  # untyped groups; resolve_names reports the name's problem
+    try:
+        check_group_flags(argv, preview, names)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    alg_cls, train_cls = _cli_types(preview, names, base.algorithm)
+    hyper_groups = {group for group, _ in HYPER_FIELDS.values()}
     default = train_cls(
         **{f.name: getattr(base, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "algorithm"},
-        algorithm=alg_cls(**{f.name: getattr(base.algorithm, f.name) for f in dataclasses.fields(AlgorithmConfig)}),
+        algorithm=alg_cls(**{
+            f.name: getattr(base.algorithm, f.name) for f in dataclasses.fields(AlgorithmConfig)
+            if f.name not in hyper_groups and f.name not in NAME_FIELDS
+        }),
     )
     parsed = tyro.cli(train_cls, default=default, args=argv, prog=prog, description=_description(table))
-    algorithm = AlgorithmConfig(**{f.name: getattr(parsed.algorithm, f.name) for f in dataclasses.fields(AlgorithmConfig)})
+    values = {f.name: getattr(parsed.algorithm, f.name) for f in dataclasses.fields(AlgorithmConfig)}
+    for field, (group, _) in HYPER_FIELDS.items():
+        values[group] = to_mapping(values[group], preview, field, values[field])
     return TrainConfig(
         **{f.name: getattr(parsed, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "algorithm"},
-        algorithm=algorithm,
+        algorithm=AlgorithmConfig(**values),
     )
 
 
@@ -245,8 +286,8 @@ def main(argv: Sequence[str] | None = None, table: AlgorithmTable | None = None)
         table = build_table(table, args.plugins, app_dir=args.app_dir)
     except (UsageError, PluginError, ImportError, ValueError, TypeError) as err:
         _fail(err)
-    config = parse_config(args.rest, table)
     try:
+        config = parse_config(args.rest, table, app_dir=args.app_dir)
         run = resolve_names(config, table, app_dir=args.app_dir)
         from skyrl_fn.train.rollout import check_backend_available
 

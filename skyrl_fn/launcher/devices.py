@@ -12,31 +12,32 @@ from typing import Any, Sequence
 import attrs
 import torch
 
-from skyrl_fn.train.config import TrainConfig
+from skyrl_fn.train.config import ResolvedRun, TrainConfig
 
 __all__ = ["uses_gpus", "gpu_plan", "select_device", "actor_device", "to_device"]
 
 
 def uses_gpus(config: TrainConfig) -> bool:
     """True when the run is placed on GPUs (``--rollout.backend vllm``); the ``hf`` default runs
-    on the CPU shares of ``skyrl_fn.launcher.ray_runner.CPU_SHARES``."""
+    on the CPU shares of ``skyrl_fn.launcher.ray_workers.CPU_SHARES``."""
     return config.rollout.backend == "vllm"
 
 
-def gpu_plan(config: TrainConfig):
-    """The ``PlacementPlan`` of ``config`` (``skyrl_fn.gpu.plan_placement`` over ``config.gpu``,
+def gpu_plan(run: ResolvedRun):
+    """The ``PlacementPlan`` of ``run`` (``skyrl_fn.gpu.plan_placement`` over ``config.gpu``,
     the engines' tensor-parallel size and the models the run needs), or None on the CPU path.
 
     Raises:
         ValueError: the GPUs cannot hold the layout (from ``plan_placement``).
     """
+    config = run.config
     if not uses_gpus(config):
         return None
     from skyrl_fn.gpu.placement import plan_placement
 
     return plan_placement(
         config.gpu, tensor_parallel_size=config.rollout.tensor_parallel_size,
-        uses_reference=config.uses_reference, uses_critic=config.uses_critic,
+        uses_reference=run.uses_reference, uses_critic=run.uses_critic,
     )
 
 

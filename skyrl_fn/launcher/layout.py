@@ -1,6 +1,6 @@
 """How one step's prompts and rollouts are laid out over the rollout actors.
 
-``ray.rollout_workers`` picks the layout (see ``skyrl_fn.launcher.ray_runner``): 0 samples inside
+``ray.rollout_workers`` picks the layout (see ``skyrl_fn.launcher.ray_workers``): 0 samples inside
 the policy trainer; N >= 1 splits the prompts over N workers and joins their batches here.
 """
 

@@ -366,12 +366,14 @@ def _native(kind: str, name: str, fn: Callable) -> Callable:
 
     try:
         from skyrl_fn import compat
+        from skyrl_fn.compat import advantage_estimators  # noqa: F401  (binds compat.advantage_estimators)
     except ImportError:
         return fn
     if kind == "advantage_estimator":
-        if inspect.isclass(fn) and issubclass(fn, compat.AdvantageEstimator):
+        class_based = compat.advantage_estimators.AdvantageEstimator  # the seed's base class
+        if inspect.isclass(fn) and issubclass(fn, class_based):
             return compat.NativeFromSkyRL(name, fn())
-        if isinstance(fn, compat.AdvantageEstimator) or _params(fn)[:1] == ["token_level_rewards"]:
+        if isinstance(fn, class_based) or _params(fn)[:1] == ["token_level_rewards"]:
             return compat.NativeFromSkyRL(name, fn)
     if kind == "policy_loss" and "config" in _params(fn):
         return compat.NativeFromSkyRLLoss(name, fn)

@@ -2,13 +2,15 @@
 
 Policy losses: ``fn(batch: PolicyLossInput, **hyper) -> PolicyLossOutput`` (per-token loss [B, T]).
 Aggregations: ``fn(token_loss [B, T], loss_mask [B, T], *, global_tokens, global_seqs, max_seq_len)
--> []``. KL estimators: ``fn(log_probs [B, T], ref_log_probs [B, T]) -> [B, T]``. All are registered
-in ``DEFAULT_TABLE``; ``compute_policy_loss`` runs loss + aggregation (+ KL term) in one call.
+-> []``. KL estimators: ``fn(log_probs [B, T], ref_log_probs [B, T]) -> [B, T]``. The built-ins are
+registered in ``skyrl_fn.DEFAULT_TABLE`` (nothing here reads it); ``policy_objective`` runs a bound
+loss + correction + aggregation (+ KL and entropy terms) as one pure function.
 """
 
 from skyrl_fn.losses.aggregation import (
     AGGREGATIONS,
     SKYRL_REDUCTIONS,
+    aggregate,
     aggregation_name,
     seq_mean_token_mean,
     seq_mean_token_sum,
@@ -17,13 +19,11 @@ from skyrl_fn.losses.aggregation import (
     token_sum,
 )
 from skyrl_fn.losses.compile import compile_loss, compile_unavailable_reason
-from skyrl_fn.losses.compute import aggregate, compute_policy_loss
 from skyrl_fn.losses.cov import clip_cov, kl_cov
 from skyrl_fn.losses.logprobs import *  # noqa: F401,F403  (memory-light log-probs; its own __all__)
 from skyrl_fn.losses.kl import (
     KL_ESTIMATORS,
-    AdaptiveKLController,
-    FixedKLController,
+    KLController,
     k1,
     k1_plus,
     k2,
@@ -35,18 +35,20 @@ from skyrl_fn.losses.kl import (
     kl_controller,
     kl_penalty_rewards,
     kl_token_loss,
-    update,
 )
+from skyrl_fn.losses.objective import SUMMED_METRICS, policy_objective
 from skyrl_fn.losses.off_policy import (
     OffPolicyCorrection,
     icepop_mask,
     mismatch_metrics,
     off_policy_correction,
+    sequence_keep,
     sequence_mask,
     tis_weights,
 )
+from skyrl_fn.losses.reduction_weights import REDUCTIONS, reduction_weights
 from skyrl_fn.losses.pg import cispo, cross_entropy, gpg, importance_sampling, reinforce, rollout_is
-from skyrl_fn.losses.ppo import dppo, dual_clip, geo_mean, gspo, regular, sapo
+from skyrl_fn.losses.ppo import dppo, dppo_mask, dual_clip, geo_mean, gspo, regular, sapo
 from skyrl_fn.losses.value import entropy_from_logits, value_loss
 
 #: ``reduce`` is ``aggregate``: token_loss [B, T] -> scalar by aggregation name.
@@ -55,19 +57,22 @@ reduce = aggregate
 __all__ = [
     # policy losses
     "regular", "dual_clip", "gspo", "cispo", "sapo", "clip_cov", "kl_cov", "gpg", "geo_mean",
-    "reinforce", "cross_entropy", "rollout_is", "dppo", "importance_sampling",
+    "reinforce", "cross_entropy", "rollout_is", "dppo", "dppo_mask", "importance_sampling",
     # aggregation
     "token_mean", "token_sum", "seq_mean_token_sum", "seq_mean_token_mean", "seq_mean_token_sum_norm",
-    "AGGREGATIONS", "SKYRL_REDUCTIONS", "aggregation_name", "aggregate", "reduce", "compute_policy_loss",
+    "AGGREGATIONS", "SKYRL_REDUCTIONS", "aggregation_name", "aggregate", "reduce",
+    # the objective
+    "policy_objective", "SUMMED_METRICS",
     # KL
     "k1", "kl_abs", "k2", "k3", "k1_plus", "kl_abs_plus", "k2_plus", "k3_plus", "KL_ESTIMATORS",
-    "kl_token_loss", "kl_penalty_rewards", "FixedKLController", "AdaptiveKLController", "update",
-    "kl_controller",
+    "kl_token_loss", "kl_penalty_rewards", "KLController", "kl_controller",
     # value, entropy
     "value_loss", "entropy_from_logits",
     # off-policy
-    "OffPolicyCorrection", "tis_weights", "icepop_mask", "sequence_mask", "mismatch_metrics",
+    "OffPolicyCorrection", "tis_weights", "icepop_mask", "sequence_keep", "sequence_mask", "mismatch_metrics",
     "off_policy_correction",
+    # reduction weights (SkyRL 0.3.0: the reduction applied to the advantages)
+    "REDUCTIONS", "reduction_weights",
     # compile
     "compile_loss", "compile_unavailable_reason",
 ]

@@ -24,6 +24,7 @@ micro-batching with per-micro-batch padding, pass the configured constant explic
 
 from __future__ import annotations
 
+import difflib
 from typing import Mapping
 
 import torch
@@ -39,6 +40,7 @@ __all__ = [
     "AGGREGATIONS",
     "SKYRL_REDUCTIONS",
     "aggregation_name",
+    "aggregate",
 ]
 
 Number = float | int | torch.Tensor
@@ -202,3 +204,30 @@ def aggregation_name(mode: str) -> str:
         raise TypeError(f"aggregation: expected a mode name (str), got {type(mode).__name__}")
     name = mode.replace("-", "_")
     return SKYRL_REDUCTIONS.get(name, name)
+
+
+def aggregate(
+    token_loss: torch.Tensor,
+    loss_mask: torch.Tensor,
+    mode: str = "token_mean",
+    *,
+    global_tokens: Number | None = None,
+    global_seqs: Number | None = None,
+    max_seq_len: int | None = None,
+) -> torch.Tensor:
+    """Reduce ``token_loss [B, T]`` to ``[]`` with the built-in aggregation named ``mode``.
+
+    ``mode`` is a name of :data:`AGGREGATIONS`, verl's hyphenated form or SkyRL's
+    ``sequence_mean``. A registered aggregation of your own is called directly (or bound from a
+    table by ``skyrl_fn.algorithm``); this helper knows only the built-ins.
+
+    Raises:
+        ValueError: unknown mode (lists the built-ins and the closest one).
+    """
+    name = aggregation_name(mode)
+    fn = AGGREGATIONS.get(name)
+    if fn is None:
+        guess = difflib.get_close_matches(name, list(AGGREGATIONS), n=1, cutoff=0.5)
+        hint = f"; did you mean {guess[0]!r}?" if guess else ""
+        raise ValueError(f"unknown aggregation {mode!r}{hint} Available: {sorted(AGGREGATIONS)}")
+    return fn(token_loss, loss_mask, global_tokens=global_tokens, global_seqs=global_seqs, max_seq_len=max_seq_len)

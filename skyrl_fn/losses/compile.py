@@ -26,8 +26,9 @@ from skyrl_fn.losses._common import compile_mode
 __all__ = ["compile_loss", "compile_unavailable_reason"]
 
 _CACHE: dict[tuple, Callable] = {}
-# Modules whose losses keep their math in ``run`` kernels (compiled without the record plumbing).
-_KERNEL_MODULES = frozenset({"skyrl_fn.losses.ppo", "skyrl_fn.losses.pg", "skyrl_fn.losses.cov"})
+# Modules whose functions keep their math in ``run`` kernels (compiled without the record
+# plumbing); the policy objective calls the losses, so compiling it compiles their kernels.
+_KERNEL_MODULES = frozenset({"skyrl_fn.losses.ppo", "skyrl_fn.losses.pg", "skyrl_fn.losses.cov", "skyrl_fn.losses.objective"})
 _LOCK = threading.Lock()
 
 

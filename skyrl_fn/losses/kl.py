@@ -1,5 +1,5 @@
 """KL to a reference policy: per-token estimators, the KL loss term, the KL reward penalty and the
-fixed / adaptive coefficient controllers.
+fixed / adaptive coefficient controller.
 
 Notation: ``B`` sequences, ``T`` tokens, ``d_t = log_probs_t - ref_log_probs_t`` (the log-ratio of
 the trained policy to the reference, on the sampled tokens). Estimators of ``KL(pi || pi_ref)``
@@ -40,9 +40,7 @@ __all__ = [
     "KL_ESTIMATORS",
     "kl_token_loss",
     "kl_penalty_rewards",
-    "FixedKLController",
-    "AdaptiveKLController",
-    "update",
+    "KLController",
     "kl_controller",
 ]
 
@@ -124,30 +122,30 @@ def kl_token_loss(
     ref_log_probs: torch.Tensor,
     loss_mask: torch.Tensor,
     *,
-    kl_estimator: str = "k3",
-    table=None,
+    estimator: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = k3,
 ) -> torch.Tensor:
     """The KL loss term per token (SkyRL's ``use_kl_loss``), zero where ``loss_mask`` is 0.
 
-    Multiply the aggregated result by ``kl_loss_coef`` (SkyRL default 0.001) and add it to the
-    policy loss; ``compute_policy_loss(..., kl_loss_coef=...)`` does exactly that.
+    The estimator sees its inputs masked (0 where ``loss_mask`` is 0), so padding can never put a
+    NaN or inf into it. Multiply the aggregated result by ``kl_loss_coef`` (SkyRL default 0.001)
+    and add it to the policy loss; ``policy_objective(..., kl_loss_coef=...)`` does exactly that.
 
     Args:
         log_probs, ref_log_probs: ``[B, T]``.
         loss_mask: ``[B, T]`` bool.
-        kl_estimator: a registered ``kl_estimator`` name (SkyRL's ``kl_estimator_type``, default k3).
-        table: the ``AlgorithmTable`` to look the name up in (default ``DEFAULT_TABLE``).
+        estimator: a KL estimator ``fn(log_probs, ref_log_probs) -> [B, T]`` (default ``k3``,
+            SkyRL's ``kl_estimator_type`` default); a registered one is
+            ``table.get("kl_estimator", name)``.
 
     Returns:
         ``[B, T]``; the gradient is exactly zero where ``loss_mask`` is 0.
     """
-    if table is None:
-        from skyrl_fn.table import DEFAULT_TABLE as table
-    fn = table.get("kl_estimator", kl_estimator)
+    if not callable(estimator):
+        raise TypeError(f"estimator: expected a KL estimator function, got {type(estimator).__name__}")
     m = loss_mask if loss_mask.dtype == torch.bool else loss_mask != 0
     check_shape("loss_mask", m, tuple(log_probs.shape), "[B, T] (as log_probs)")
     zero = torch.zeros((), dtype=log_probs.dtype, device=log_probs.device)
-    kl = fn(torch.where(m, log_probs, zero), torch.where(m, ref_log_probs, zero))
+    kl = estimator(torch.where(m, log_probs, zero), torch.where(m, ref_log_probs, zero))
     return torch.where(m, kl, zero)
 
 
@@ -163,7 +161,7 @@ def kl_penalty_rewards(
         token_level_rewards: ``[B, T]``.
         kl: ``[B, T]`` per-token KL estimate (any estimator; it is detached).
         response_mask: ``[B, T]`` bool (0/1 numeric accepted).
-        coef: the KL coefficient (e.g. ``controller.value``), >= 0.
+        coef: the KL coefficient (e.g. ``controller.coef``), >= 0.
 
     Returns:
         ``[B, T]`` new rewards, zero where the mask is 0. Inputs are not modified.
@@ -181,69 +179,49 @@ def kl_penalty_rewards(
 
 
 @attrs.frozen(kw_only=True)
-class FixedKLController:
-    """A constant KL coefficient (SkyRL's ``kl_ctrl.type = "fixed"``).
+class KLController:
+    """The KL coefficient: fixed, or adaptive (Ziegler et al. 2019, arXiv:1909.08593; SkyRL's
+    ``kl_ctrl.type``). A frozen value; :meth:`update` returns the next one::
+
+        fixed:     coef' = coef
+        adaptive:  e = clip(kl / target - 1, -0.2, 0.2);   coef' = coef * (1 + e * n / horizon)
 
     Attributes:
-        value: the coefficient (SkyRL's ``kl_loss_coef``, default 0.001).
+        coef: the current coefficient (SkyRL's ``kl_loss_coef``, default 0.001), >= 0.
+        kind: ``"fixed"`` or ``"adaptive"``.
+        target: target KL of the adaptive rule (``kl_ctrl.kl_target``, default 0.1), > 0.
+        horizon: horizon in samples of the adaptive rule (``kl_ctrl.horizon``, default 10000), > 0.
     """
 
-    value: float = 0.001
-
-
-@attrs.frozen(kw_only=True)
-class AdaptiveKLController:
-    """Adaptive KL coefficient (Ziegler et al. 2019, arXiv:1909.08593; SkyRL's ``kl_ctrl.type =
-    "adaptive"``). See ``update`` for the rule.
-
-    Attributes:
-        value: the current coefficient (initially SkyRL's ``kl_loss_coef``, default 0.001).
-        target: target KL (``kl_ctrl.kl_target``, default 0.1), > 0.
-        horizon: update horizon in samples (``kl_ctrl.horizon``, default 10000), > 0.
-    """
-
-    value: float = 0.001
+    coef: float = 0.001
+    kind: str = "fixed"
     target: float = 0.1
     horizon: int = 10000
 
     def __attrs_post_init__(self) -> None:
+        if self.kind not in ("fixed", "adaptive"):
+            raise ValueError(f"kind: expected 'fixed' or 'adaptive', got {self.kind!r}")
+        if isinstance(self.coef, bool) or not isinstance(self.coef, (int, float)) or not self.coef >= 0:
+            raise ValueError(f"coef: expected a number >= 0, got {self.coef!r}")
         if not self.target > 0:
             raise ValueError(f"target: expected a KL target > 0, got {self.target!r}")
         if not self.horizon > 0:
             raise ValueError(f"horizon: expected > 0, got {self.horizon!r}")
 
-
-def update(controller, current_kl: float, n_steps: int):
-    """Return the controller for the next step (the old one is unchanged).
-
-    Fixed: unchanged. Adaptive (Ziegler et al. 2019)::
-
-        e = clip(current_kl / target - 1, -0.2, 0.2)
-        value' = value * (1 + e * n_steps / horizon)
-
-    Args:
-        controller: a ``FixedKLController`` or ``AdaptiveKLController``.
-        current_kl: the measured KL (a float or 0-dim tensor; read once, outside any loss).
-        n_steps: samples since the last update (SkyRL passes the batch size).
-    """
-    if isinstance(controller, FixedKLController):
-        return controller
-    if not isinstance(controller, AdaptiveKLController):
-        raise TypeError(f"controller: expected a FixedKLController or AdaptiveKLController, got {type(controller).__name__}")
-    kl = float(current_kl)
-    err = float(np.clip(kl / controller.target - 1.0, -0.2, 0.2))
-    return attrs.evolve(controller, value=controller.value * (1.0 + err * n_steps / controller.horizon))
+    def update(self, current_kl: float, n_samples: int) -> "KLController":
+        """The controller after observing mean KL ``current_kl`` (a float or 0-dim tensor, read
+        once, outside any loss) over ``n_samples`` samples (SkyRL passes the batch size)."""
+        if self.kind == "fixed":
+            return self
+        err = float(np.clip(float(current_kl) / self.target - 1.0, -0.2, 0.2))
+        return attrs.evolve(self, coef=self.coef * (1.0 + err * n_samples / self.horizon))
 
 
-def kl_controller(kind: str = "fixed", *, kl_loss_coef: float = 0.001, kl_target: float = 0.1, horizon: int = 10000):
-    """Build a controller from SkyRL's ``kl_ctrl.type`` / ``kl_loss_coef`` / ``kl_ctrl.kl_target`` /
-    ``kl_ctrl.horizon``.
+def kl_controller(kind: str = "fixed", *, kl_loss_coef: float = 0.001, kl_target: float = 0.1, horizon: int = 10000) -> KLController:
+    """A :class:`KLController` from SkyRL's ``kl_ctrl.type`` / ``kl_loss_coef`` /
+    ``kl_ctrl.kl_target`` / ``kl_ctrl.horizon``.
 
     Raises:
         ValueError: ``kind`` not ``"fixed"`` or ``"adaptive"``; non-positive target or horizon.
     """
-    if kind == "fixed":
-        return FixedKLController(value=kl_loss_coef)
-    if kind == "adaptive":
-        return AdaptiveKLController(value=kl_loss_coef, target=kl_target, horizon=horizon)
-    raise ValueError(f"kind: expected 'fixed' or 'adaptive', got {kind!r}")
+    return KLController(coef=kl_loss_coef, kind=kind, target=kl_target, horizon=horizon)

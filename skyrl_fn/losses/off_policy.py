@@ -16,7 +16,8 @@ Pieces (pure, detached, no device sync):
   outlier token.
 - ``mismatch_metrics``: how far apart the two policies are.
 - ``off_policy_correction``: all of them in SkyRL's order, returning an ``OffPolicyCorrection``
-  (weights + new loss mask + metrics) that ``compute_policy_loss(correction=...)`` applies.
+  (weights + new loss mask + metrics) that ``policy_objective(correction=...)`` applies (bind
+  the options with ``functools.partial``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ __all__ = [
     "OffPolicyCorrection",
     "tis_weights",
     "icepop_mask",
+    "sequence_keep",
     "sequence_mask",
     "mismatch_metrics",
     "off_policy_correction",
@@ -125,7 +127,7 @@ def icepop_mask(
 
 
 @torch.no_grad()
-def sequence_mask(
+def sequence_keep(
     old_log_probs: torch.Tensor,
     rollout_log_probs: torch.Tensor,
     loss_mask: torch.Tensor,
@@ -134,16 +136,19 @@ def sequence_mask(
     low: float | None = None,
     high: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Sequence rejection: drop every token of a row whose ratio statistic leaves ``[low, high]``::
+    """Which rows survive sequence rejection: ``keep_i`` is False when the row's ratio statistic
+    leaves ``[low, high]``::
 
         geometric:  exp(sum_t m d_t / max(n, 1))     defaults low 0.99, high 1.01 (SkyRL geo_mask_*)
         product:    exp(clamp(sum_t m d_t, -20, 20)) defaults low 0.5,  high 2.0  (SkyRL product_mask_*)
         token:      any valid token's rho_t outside [low, high]; None disables a side (SkyRL's
                     outlier_token_is_threshold_low/high, suggested 1e-4 / 100)
 
+    A row without valid tokens has statistic 1 (``token``: no outlier), as SkyRL's.
+
     Returns:
-        ``([B, T] bool new mask; metrics)``: ``seq_masked_frac``, ``seq_over_high_frac``,
-        ``seq_under_low_frac`` (fractions of rows).
+        ``([B] bool keep; metrics)``: ``seq_masked_frac``, ``seq_over_high_frac``,
+        ``seq_under_low_frac`` (fractions of all ``B`` rows).
     """
     d, m = _inputs(old_log_probs, rollout_log_probs, loss_mask)
     if metric == "geometric":
@@ -170,7 +175,27 @@ def sequence_mask(
         "seq_over_high_frac": over.to(f).mean(),
         "seq_under_low_frac": under.to(f).mean(),
     }
-    return m & keep[:, None], metrics
+    return keep, metrics
+
+
+@torch.no_grad()
+def sequence_mask(
+    old_log_probs: torch.Tensor,
+    rollout_log_probs: torch.Tensor,
+    loss_mask: torch.Tensor,
+    *,
+    metric: str = "geometric",
+    low: float | None = None,
+    high: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Sequence rejection: drop every token of a row that :func:`sequence_keep` rejects.
+
+    Returns:
+        ``([B, T] bool new mask = loss_mask and keep; metrics)``: ``seq_masked_frac``,
+        ``seq_over_high_frac``, ``seq_under_low_frac`` (fractions of rows).
+    """
+    keep, metrics = sequence_keep(old_log_probs, rollout_log_probs, loss_mask, metric=metric, low=low, high=high)
+    return as_mask("loss_mask", loss_mask, tuple(old_log_probs.shape)) & keep[:, None], metrics
 
 
 @torch.no_grad()

@@ -29,7 +29,7 @@ from skyrl_fn.losses._common import (
 )
 from skyrl_fn.records import PolicyLossInput, PolicyLossOutput
 
-__all__ = ["regular", "dual_clip", "gspo", "sapo", "geo_mean", "dppo"]
+__all__ = ["regular", "dual_clip", "gspo", "sapo", "geo_mean", "dppo", "dppo_mask"]
 
 
 def _ppo_clip(lp, old, adv, m, eps_clip_low: float, eps_clip_high: float):
@@ -271,20 +271,56 @@ def dppo(
     return run(_dppo, batch, float(eps_clip_low), float(eps_clip_high), dppo_divergence, float(dppo_ratio_cap))
 
 
+def _dppo_in_trust_region(lp, old, divergence: str, delta_low: float, delta_high: float):
+    """``(ok_pos, ok_neg)`` [B, T] bool: the token may move (A > 0 / A < 0) under DPPO-Binary."""
+    p, p_old = torch.exp(lp), torch.exp(old)
+    if divergence == "tv":
+        return (p - p_old) <= delta_high, (p - p_old) >= -delta_low
+    div = p_old * (old - lp) + (1 - p_old) * torch.log((1.0 - p_old + 1e-8) / (1.0 - p + 1e-8))
+    return (div <= delta_high) | (p <= p_old), (div <= delta_low) | (p >= p_old)
+
+
+@torch.no_grad()
+def dppo_mask(
+    log_probs: torch.Tensor,
+    behaviour_log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    divergence: str = "tv",
+    delta_low: float = 0.2,
+    delta_high: float = 0.2,
+) -> torch.Tensor:
+    """``[B, T]`` bool DPPO-Binary keep mask (arXiv:2602.04879, eqs. 13-14): False where a token
+    moved too far from the behaviour policy ``mu`` in the direction its advantage pushes it::
+
+        p = exp(log_probs), q = exp(behaviour_log_probs)
+        tv:  drop if A > 0 and p - q > delta_high,  or A < 0 and q - p > delta_low
+        kl:  D = q log(q / p) + (1 - q) log((1 - q + 1e-8) / (1 - p + 1e-8))
+             drop if A > 0 and p > q and D > delta_high,  or A < 0 and p < q and D > delta_low
+
+    Tokens with ``A = 0`` are always kept. This is the mask of ``dppo`` (which also drops nothing
+    where ``A = 0`` contributes, since its loss there is 0) and of SkyRL-Train's ``dppo_policy_loss``
+    (``dppo.dppo_type`` ``binary_tv`` / ``binary_kl``, ``dppo.delta_low/high``; ``mu`` = the rollout
+    log-probs when given, else the old log-probs). Detached.
+
+    Raises:
+        ValueError: ``divergence`` not ``"tv"`` or ``"kl"``; a negative threshold.
+    """
+    if divergence not in ("tv", "kl"):
+        raise ValueError(f"divergence: expected 'tv' or 'kl', got {divergence!r}")
+    check_nonnegative("delta_low", delta_low)
+    check_nonnegative("delta_high", delta_high)
+    ok_pos, ok_neg = _dppo_in_trust_region(log_probs.detach(), behaviour_log_probs.detach(), divergence, delta_low, delta_high)
+    return torch.where(advantages > 0, ok_pos, torch.where(advantages < 0, ok_neg, torch.ones_like(ok_pos)))
+
+
 def _dppo(lp, old, adv, m, eps_clip_low: float, eps_clip_high: float, dppo_divergence: str, dppo_ratio_cap: float):
     lp, old, adv = clean(lp, m), clean(old, m), clean(adv, m)
     log_ratio = lp - old
     with torch.no_grad():
         ratio = safe_ratio(log_ratio)
         w = torch.clamp(ratio, max=dppo_ratio_cap)
-        p, p_old = torch.exp(lp), torch.exp(old)
-        if dppo_divergence == "tv":
-            ok_pos = (p - p_old) <= eps_clip_high
-            ok_neg = (p - p_old) >= -eps_clip_low
-        else:
-            div = p_old * (old - lp) + (1 - p_old) * torch.log((1.0 - p_old + 1e-8) / (1.0 - p + 1e-8))
-            ok_pos = (div <= eps_clip_high) | (p <= p_old)
-            ok_neg = (div <= eps_clip_low) | (p >= p_old)
+        ok_pos, ok_neg = _dppo_in_trust_region(lp, old, dppo_divergence, eps_clip_low, eps_clip_high)
         pos = adv > 0
         valid = torch.where(pos, ok_pos, ok_neg)
     loss = -adv * (w * valid.to(w.dtype)) * lp

@@ -1,6 +1,7 @@
 """Training pieces: config and name resolution, models, tasks, rollouts, the learner step,
-atomic checkpoints and the in-process loop. The Ray launcher (``skyrl_fn.launcher``) builds on
-these; everything here also runs without Ray.
+atomic checkpoints, the workers of each role and the one training loop over them. The Ray
+launcher (``skyrl_fn.launcher``) implements the same ``Workers`` protocol with actors; everything
+here also runs without Ray.
 """
 
 from skyrl_fn.train.config import (
@@ -22,6 +23,7 @@ from skyrl_fn.train.learner import (
     Experience,
     KLController,
     TrainState,
+    kl_controller_of,
     batched_log_probs,
     batched_values,
     compute_advantages,
@@ -34,7 +36,17 @@ from skyrl_fn.train.learner import (
     sequence_log_probs,
     token_rewards,
 )
-from skyrl_fn.train.loop import Components, Summary, build_components, rollout_seed, run_step, seed_everything, train
+from skyrl_fn.train.loop import Summary, rollout_seed, run_step, seed_everything, train
+from skyrl_fn.train.workers import (
+    CriticWorker,
+    Generated,
+    LocalWorkers,
+    PolicyWorker,
+    ReferenceWorker,
+    RolloutWorker,
+    Workers,
+    WorkersState,
+)
 from skyrl_fn.train.model import build_critic, build_tiny_model, build_tokenizer, load_model, load_tokenizer
 from skyrl_fn.train.rollout import (
     BackendUnavailableError,
@@ -51,10 +63,12 @@ __all__ = [
     "AlgorithmConfig", "DataConfig", "LoggingConfig", "ModelConfig", "RayConfig", "ResolvedRun",
     "RolloutConfig", "TrainConfig", "TrainerConfig", "config_from_dict", "config_to_dict", "resolve",
     "Checkpoint", "latest_checkpoint", "load", "save",
-    "Experience", "KLController", "TrainState", "batched_log_probs", "batched_values",
+    "Experience", "KLController", "TrainState", "kl_controller_of", "batched_log_probs", "batched_values",
     "compute_advantages", "critic_update", "loss_kernel", "make_experience", "make_optimizer",
     "make_train_state", "policy_update", "sequence_log_probs", "token_rewards",
-    "Components", "Summary", "build_components", "rollout_seed", "run_step", "seed_everything", "train",
+    "Summary", "rollout_seed", "run_step", "seed_everything", "train",
+    "Workers", "LocalWorkers", "WorkersState", "Generated", "PolicyWorker", "RolloutWorker", "ReferenceWorker",
+    "CriticWorker",
     "build_critic", "build_tiny_model", "build_tokenizer", "load_model", "load_tokenizer",
     "BackendUnavailableError", "HFBackend", "RolloutBackend", "RolloutBatch", "check_backend_available",
     "make_backend",

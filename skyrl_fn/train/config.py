@@ -5,22 +5,26 @@ algorithm pieces are plain strings, checked once by :func:`resolve` against an `
 (so ``--algorithm.advantage-estimator my_custom`` works for anything registered). ``resolve``
 returns the one :class:`ResolvedRun` the driver ships into every Ray task and actor.
 
-Hyperparameter forwarding: a config field whose name matches a keyword of the selected function
-is passed to it (``epsilon``/``norm_by_std`` reach ``grpo``; ``gamma``/``lambd`` reach ``gae``);
-fields the function does not take are not passed. ``*_kwargs`` mappings pass anything else by
-name and are checked against the signature (an unknown key is an error).
+Hyperparameters belong to the function they are for: each name field has its own mapping
+(``advantage_estimator`` -> ``estimator``, ``policy_loss`` -> ``loss``, ``loss_reduction`` ->
+``reduction``, ``kl_estimator`` -> ``kl``; :data:`HYPER_FIELDS`) holding only the values to change.
+``resolve`` binds each function once (``skyrl_fn.algorithm.bind_algorithm``): a key the function
+does not take is an error naming it, and a function's own defaults are never overridden by
+anything else. The command line gives each chosen function's hyperparameters typed flags
+(``skyrl_fn.launcher.cli``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
+import functools
 import json
 from typing import Any, Literal, Mapping
 
 import attrs
 
-from skyrl_fn._frozen import FrozenDict
+from skyrl_fn.algorithm import Algorithm, bind_algorithm
+from skyrl_fn.losses.off_policy import off_policy_correction
 from skyrl_fn.table import AlgorithmTable
 
 __all__ = [
@@ -37,11 +41,16 @@ __all__ = [
     "resolve",
     "config_to_dict",
     "config_from_dict",
-    "CRITIC_ESTIMATORS",
+    "HYPER_FIELDS",
 ]
 
-#: Estimators that read critic values; a critic is built when one of these is selected.
-CRITIC_ESTIMATORS: frozenset[str] = frozenset({"gae"})
+#: ``AlgorithmConfig`` name field -> (its hyperparameter field, the table kind).
+HYPER_FIELDS: Mapping[str, tuple[str, str]] = {
+    "advantage_estimator": ("estimator", "advantage_estimator"),
+    "policy_loss": ("loss", "policy_loss"),
+    "loss_reduction": ("reduction", "aggregation"),
+    "kl_estimator": ("kl", "kl_estimator"),
+}
 
 HyperValue = float | int | bool | str
 #: ``torch.compile`` modes (the same tuple as ``skyrl_fn.gpu.kernels.COMPILE_MODES``; spelled out
@@ -55,31 +64,26 @@ class AlgorithmConfig:
 
     advantage_estimator: str = "grpo"
     """Advantage estimator registered in the algorithm table (e.g. grpo, dr_grpo, rloo, gae)."""
+    estimator: dict[str, HyperValue] = dataclasses.field(default_factory=dict)
+    """Hyperparameters of the advantage estimator, only those to change (the rest keep the
+    function's own defaults)."""
     policy_loss: str = "regular"
     """Policy loss registered in the algorithm table (e.g. regular = PPO clip, gspo, cispo)."""
+    loss: dict[str, HyperValue] = dataclasses.field(default_factory=dict)
+    """Hyperparameters of the policy loss, only those to change."""
     loss_reduction: str = "token_mean"
     """Aggregation of the per-token loss: token_mean, token_sum, seq_mean_token_sum,
     seq_mean_token_mean, seq_mean_token_sum_norm (or any registered aggregation)."""
-    eps_clip_low: float = 0.2
-    """PPO ratio clip below 1 (ratio >= 1 - eps_clip_low)."""
-    eps_clip_high: float = 0.2
-    """PPO ratio clip above 1 (ratio <= 1 + eps_clip_high); > eps_clip_low is DAPO's clip-higher."""
-    clip_ratio_c: float = 3.0
-    """Dual-clip constant for negative advantages (Ye et al. 2020)."""
-    gamma: float = 1.0
-    """Discount factor (GAE, REINFORCE++ returns)."""
-    lambd: float = 1.0
-    """GAE lambda."""
-    norm_by_std: bool = True
-    """Divide group-relative advantages by the group std (GRPO); False is Dr. GRPO."""
-    epsilon: float = 1e-6
-    """Added to the std in advantage normalisation."""
+    reduction: dict[str, HyperValue] = dataclasses.field(default_factory=dict)
+    """Hyperparameters of the aggregation (besides the global counts the objective passes)."""
     use_kl_loss: bool = False
     """Add kl_loss_coef * KL(policy || reference) to the policy loss."""
     kl_loss_coef: float = 0.001
     """Coefficient of the KL loss term."""
     kl_estimator: str = "k3"
     """KL estimator registered in the table (k1, k2, k3, ...), used by the KL loss and penalty."""
+    kl: dict[str, HyperValue] = dataclasses.field(default_factory=dict)
+    """Hyperparameters of the KL estimator, only those to change."""
     use_kl_in_reward: bool = False
     """Subtract kl_coef * KL from the token rewards (the reward-penalty form)."""
     kl_ctrl: Literal["fixed", "adaptive"] = "fixed"
@@ -108,10 +112,6 @@ class AlgorithmConfig:
     """torch.compile the loss kernel (policy loss + aggregation)."""
     compile_mode: CompileMode = "max-autotune-no-cudagraphs"
     """With compile, on CUDA: the inductor mode (skyrl_fn.gpu.kernels); CPU always compiles as default."""
-    estimator_kwargs: dict[str, HyperValue] = dataclasses.field(default_factory=dict)
-    """Further keyword hyperparameters for the advantage estimator, by name."""
-    policy_loss_kwargs: dict[str, HyperValue] = dataclasses.field(default_factory=dict)
-    """Further keyword hyperparameters for the policy loss, by name."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,8 +256,6 @@ class GPUPlacementConfig:
     False: engines get their own GPUs and weights are broadcast over NCCL."""
     trainer_gpus: int = 1
     """separate layout only: GPUs of the trainer side (the rest go to the engines)."""
-    trainer_workers: int = 1
-    """W, policy actors (data-parallel ranks); the current runner uses one."""
     cpus_per_bundle: float = 1.0
     """CPUs reserved with each GPU bundle."""
     sync_timeout_s: float = 900.0
@@ -285,15 +283,6 @@ class TrainConfig:
 
         return self.trainer.ckpt_dir or os.path.join(self.logging.run_dir, "checkpoints")
 
-    @property
-    def uses_critic(self) -> bool:
-        """True when the advantage estimator reads critic values."""
-        return self.algorithm.advantage_estimator in CRITIC_ESTIMATORS
-
-    @property
-    def uses_reference(self) -> bool:
-        """True when a reference model is needed (KL loss or KL penalty)."""
-        return self.algorithm.use_kl_loss or self.algorithm.use_kl_in_reward
 
 
 def config_to_dict(config: TrainConfig) -> dict[str, Any]:
@@ -322,19 +311,6 @@ def config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
     return TrainConfig(**kwargs)
 
 
-def _forward(table: AlgorithmTable, kind: str, name: str, source: Any, extra: Mapping[str, Any]) -> FrozenDict:
-    """Config fields named like the function's keyword hyperparameters, plus ``extra``, checked."""
-    table.check_hyperparameters(kind, name, extra)
-    accepted = table.entry(kind, name).hyperparameters()
-    out: dict[str, Any] = {}
-    if accepted is not None:
-        for f in dataclasses.fields(source):
-            if f.name in accepted and not f.name.endswith("_kwargs"):
-                out[f.name] = getattr(source, f.name)
-    out.update(extra)
-    return FrozenDict(out)
-
-
 @attrs.frozen(kw_only=True, eq=False)
 class ResolvedRun:
     """The one object the driver builds after name resolution and ships everywhere.
@@ -343,19 +319,23 @@ class ResolvedRun:
         config: the full ``TrainConfig``.
         table: the ``AlgorithmTable`` every name was checked against (with the user's
             registrations); workers look functions up in it, never in a global.
-        estimator_hyper: keyword hyperparameters passed to the advantage estimator.
-        policy_loss_hyper: keyword hyperparameters passed to the policy loss.
-        aggregation_hyper: keyword hyperparameters passed to the aggregation (besides the global
-            counts the learner supplies).
-        kl_hyper: keyword hyperparameters passed to the KL estimator.
+        algorithm: every piece bound once (``skyrl_fn.algorithm.Algorithm``): workers call these
+            callables and never look a name up.
     """
 
     config: TrainConfig
     table: AlgorithmTable
-    estimator_hyper: Mapping[str, Any] = attrs.field(factory=FrozenDict, converter=FrozenDict)
-    policy_loss_hyper: Mapping[str, Any] = attrs.field(factory=FrozenDict, converter=FrozenDict)
-    aggregation_hyper: Mapping[str, Any] = attrs.field(factory=FrozenDict, converter=FrozenDict)
-    kl_hyper: Mapping[str, Any] = attrs.field(factory=FrozenDict, converter=FrozenDict)
+    algorithm: Algorithm
+
+    @property
+    def uses_critic(self) -> bool:
+        """True when the advantage estimator reads critic values (its entry ``requires`` them)."""
+        return self.algorithm.needs_critic
+
+    @property
+    def uses_reference(self) -> bool:
+        """True when a reference model is needed (a KL term, or a loss reading ``ref_log_probs``)."""
+        return self.algorithm.needs_reference
 
     def to_json(self) -> str:
         """The config as JSON (the table holds functions and is not serialised)."""
@@ -371,15 +351,15 @@ def resolve(config: TrainConfig, table: AlgorithmTable) -> ResolvedRun:
     """Check every name and hyperparameter of ``config`` against ``table``; build the run.
 
     Checked: the advantage estimator, policy loss, aggregation (``loss_reduction``) and KL
-    estimator names (UnknownNameError listing the options and the closest one), the
-    ``*_kwargs`` keys against each function's signature (ValueError), and basic sizes.
+    estimator names (UnknownNameError listing the options and the closest one), each function's
+    hyperparameters against its signature (ValueError), and basic sizes.
 
     Args:
         config: the full training config.
         table: the algorithm table (``DEFAULT_TABLE`` plus registrations).
 
     Returns:
-        ``ResolvedRun`` with the hyperparameters each function will receive.
+        ``ResolvedRun`` with every function bound (``run.algorithm``).
 
     Raises:
         UnknownNameError: an unknown estimator, loss, aggregation or KL estimator name.
@@ -391,17 +371,17 @@ def resolve(config: TrainConfig, table: AlgorithmTable) -> ResolvedRun:
     if not isinstance(table, AlgorithmTable):
         raise TypeError(f"table: expected an AlgorithmTable, got {type(table).__name__}")
     alg = config.algorithm
-    # Look every name up first so a typo fails before anything else is checked.
-    table.entry("advantage_estimator", alg.advantage_estimator)
-    table.entry("policy_loss", alg.policy_loss)
-    table.entry("aggregation", alg.loss_reduction)
-    table.entry("kl_estimator", alg.kl_estimator)
-    est = _forward(table, "advantage_estimator", alg.advantage_estimator, alg, alg.estimator_kwargs)
-    loss = _forward(table, "policy_loss", alg.policy_loss, alg, alg.policy_loss_kwargs)
-    agg = _forward(table, "aggregation", alg.loss_reduction, alg, {})
-    # The learner passes the global counts itself; they are not config hyperparameters.
-    agg = FrozenDict({k: v for k, v in agg.items() if k not in ("global_tokens", "global_seqs", "max_seq_len")})
-    kl = _forward(table, "kl_estimator", alg.kl_estimator, alg, {})
+    correction = None
+    if alg.off_policy_correction != "none":
+        level = {"tis": "token", "tis_sequence": "sequence"}[alg.off_policy_correction]
+        correction = functools.partial(off_policy_correction, tis_ratio_type=level, tis_cap=alg.tis_cap)
+    algorithm = bind_algorithm(
+        table,
+        names={kind: getattr(alg, field) for field, (_, kind) in HYPER_FIELDS.items()},
+        hyper={kind: getattr(alg, hyper) for hyper, kind in HYPER_FIELDS.values()},
+        use_kl_loss=alg.use_kl_loss, kl_loss_coef=alg.kl_loss_coef, kl_in_reward=alg.use_kl_in_reward,
+        correction=correction, entropy_coef=alg.entropy_coef,
+    )
     tr, ro = config.trainer, config.rollout
     for name, value in (
         ("trainer.steps", tr.steps), ("trainer.prompts_per_step", tr.prompts_per_step),
@@ -429,15 +409,4 @@ def resolve(config: TrainConfig, table: AlgorithmTable) -> ResolvedRun:
         raise ValueError(
             f"data.min_digits/max_digits: expected 1 <= min <= max, got {config.data.min_digits}, {config.data.max_digits}"
         )
-    return ResolvedRun(
-        config=config, table=table, estimator_hyper=est, policy_loss_hyper=loss, aggregation_hyper=agg, kl_hyper=kl
-    )
-
-
-def accepts(fn: Any, name: str) -> bool:
-    """True when ``fn`` takes a keyword argument ``name`` (or ``**kwargs``)."""
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
+    return ResolvedRun(config=config, table=table, algorithm=algorithm)

@@ -1,5 +1,5 @@
-"""From a rollout to the learner's input: token rewards (with a KL penalty), advantages through
-the table, and the ``Experience`` record.
+"""From a rollout to the learner's input: token rewards (with a KL penalty), advantages from the
+run's bound estimator (``run.algorithm``), and the ``Experience`` record.
 
 Notation: ``B`` sequences, ``T`` response tokens, ``L`` prompt + response tokens.
 """
@@ -9,45 +9,19 @@ from __future__ import annotations
 import attrs
 import torch
 
+from skyrl_fn.losses.kl import KLController, kl_controller
 from skyrl_fn.records import AdvantageInput, AdvantageOutput
 from skyrl_fn.train.config import ResolvedRun
 from skyrl_fn.train.rollout import RolloutBatch
 
-__all__ = ["KLController", "Experience", "token_rewards", "compute_advantages", "make_experience"]
+__all__ = ["KLController", "kl_controller_of", "Experience", "token_rewards", "compute_advantages", "make_experience"]
 
 
-@attrs.frozen(kw_only=True)
-class KLController:
-    """The KL-in-reward coefficient: fixed, or adaptive (Ziegler et al. 2019, arXiv:1909.08593)::
-
-        e = clip(kl / target - 1, -0.2, 0.2);   coef <- coef * (1 + e * n / horizon)
-
-    Attributes:
-        coef: the current coefficient.
-        kind: ``fixed`` or ``adaptive``.
-        target: target KL (adaptive).
-        horizon: horizon in samples (adaptive).
-    """
-
-    coef: float
-    kind: str = "fixed"
-    target: float = 0.1
-    horizon: int = 10000
-
-    def update(self, kl: float, n_samples: int) -> "KLController":
-        """The controller after observing mean KL ``kl`` over ``n_samples`` samples."""
-        if self.kind == "fixed":
-            return self
-        if self.kind != "adaptive":
-            raise ValueError(f"kind: expected 'fixed' or 'adaptive', got {self.kind!r}")
-        err = min(max(kl / self.target - 1.0, -0.2), 0.2)
-        return attrs.evolve(self, coef=self.coef * (1.0 + err * n_samples / self.horizon))
-
-    @classmethod
-    def from_run(cls, run: ResolvedRun) -> "KLController":
-        """The initial controller of ``run.config.algorithm``."""
-        a = run.config.algorithm
-        return cls(coef=a.kl_coef, kind=a.kl_ctrl, target=a.kl_target, horizon=a.kl_horizon)
+def kl_controller_of(run: ResolvedRun) -> KLController:
+    """The initial KL-in-reward controller of ``run.config.algorithm`` (``kl_ctrl``, ``kl_coef``,
+    ``kl_target``, ``kl_horizon``)."""
+    a = run.config.algorithm
+    return kl_controller(a.kl_ctrl, kl_loss_coef=a.kl_coef, kl_target=a.kl_target, horizon=a.kl_horizon)
 
 
 def token_rewards(
@@ -83,17 +57,17 @@ def compute_advantages(
     *,
     values: torch.Tensor | None = None,
 ) -> AdvantageOutput:
-    """Run the configured estimator through the table (checked output).
+    """Run the run's bound estimator (``run.algorithm.estimator``; its output is checked).
 
     Args:
-        run: selects ``algorithm.advantage_estimator`` and its hyperparameters.
+        run: the resolved run.
         rewards: ``[B, T]`` token rewards.
         response_mask: ``[B, T]`` bool.
         group_ids: ``[B]`` prompt index of each sequence.
         values: ``[B, T]`` critic values (GAE).
     """
     batch = AdvantageInput(token_level_rewards=rewards, response_mask=response_mask, group_ids=group_ids, values=values)
-    return run.table.compute_advantages(run.config.algorithm.advantage_estimator, batch, **run.estimator_hyper)
+    return run.algorithm.estimator(batch)
 
 
 @attrs.frozen(kw_only=True, eq=False)
@@ -165,20 +139,20 @@ def make_experience(
     Returns:
         the ``Experience`` and metrics (python floats): reward mean/std, response length, KL.
     """
-    a = run.config.algorithm
+    alg = run.algorithm
     mask = rollout.response_mask
-    if run.config.uses_reference and ref_log_probs is None:
+    if alg.needs_reference and ref_log_probs is None:
         raise ValueError("ref_log_probs: expected [B, T] reference log-probs when a KL is used, got None")
-    if run.config.uses_critic and values is None:
-        raise ValueError(f"values: expected [B, T] critic values for estimator {a.advantage_estimator!r}, got None")
+    if alg.needs_critic and values is None:
+        raise ValueError(f"values: expected [B, T] critic values for estimator {alg.names['advantage_estimator']!r}, got None")
     metrics: dict[str, float] = {}
     kl = None
     if ref_log_probs is not None:
-        kl_fn = run.table.get("kl_estimator", a.kl_estimator)
         behaviour = old_log_probs if old_log_probs is not None else rollout.rollout_log_probs
-        kl = torch.where(mask, kl_fn(behaviour, ref_log_probs, **run.kl_hyper), 0.0)
+        kl = torch.where(mask, alg.kl_estimator(behaviour, ref_log_probs), 0.0)
         metrics["kl"] = float(kl.sum() / mask.sum().clamp(min=1))
-    rewards = token_rewards(scores, mask, kl=kl if a.use_kl_in_reward else None, kl_coef=kl_coef if a.use_kl_in_reward else 0.0)
+    in_reward = alg.kl_in_reward
+    rewards = token_rewards(scores, mask, kl=kl if in_reward else None, kl_coef=kl_coef if in_reward else 0.0)
     adv = compute_advantages(run, rewards, mask, rollout.group_ids, values=values)
     ids, am = rollout.sequences()
     exp = Experience(

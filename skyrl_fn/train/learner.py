@@ -1,7 +1,8 @@
 """The training step as composable pieces, usable in-process and inside Ray actors.
 
 Every function takes its models, optimisers and the ``ResolvedRun`` explicitly; nothing reads a
-global. The algorithm pieces are looked up by name in ``run.table``.
+global. The algorithm pieces are the callables bound once in ``run.algorithm``; no name is
+looked up here.
 
 Notation: ``P`` prompts, ``G`` samples per prompt, ``B = P * G`` sequences, ``Lp`` prompt tokens,
 ``T`` response tokens, ``L = Lp + T``, ``V`` vocabulary.
@@ -12,21 +13,23 @@ One step (see ``skyrl_fn.train.loop``)::
     scores   = task rewards                                         # [B]
     old_lp   = batched_log_probs(policy, rollout)   (or None: from the update's first pass)
     ref_lp   = batched_log_probs(reference, rollout)   (KL only)    # [B, T]
-    values   = batched_values(critic, rollout)         (GAE only)   # [B, T]
+    values   = batched_values(critic, rollout)   (critic only)    # [B, T]
     exp, m   = make_experience(run, rollout, scores, old_log_probs=old_lp, ...)
     policy_update(run, policy_state, exp); critic_update(run, critic_state, exp)
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import attrs
 import torch
 from torch import nn
 
-from skyrl_fn.records import PolicyLossInput
-from skyrl_fn.train.config import ResolvedRun, accepts
+from skyrl_fn.losses.compile import compile_loss
+from skyrl_fn.losses.objective import SUMMED_METRICS
+from skyrl_fn.records import PolicyLossInput, ReducedLoss
+from skyrl_fn.train.config import ResolvedRun
 
 # Re-exported: the learner's public surface is one import away (forward passes and experience
 # live in their own modules).
@@ -34,13 +37,14 @@ from skyrl_fn.train.experience import (
     Experience,
     KLController,
     compute_advantages,
+    kl_controller_of,
     make_experience,
     token_rewards,
 )
 from skyrl_fn.train.forward import batched_log_probs, batched_values, response_values, sequence_log_probs
 
 __all__ = [
-    "TrainState", "Experience", "KLController",
+    "TrainState", "Experience", "KLController", "kl_controller_of",
     "make_optimizer", "make_train_state", "sequence_log_probs", "batched_log_probs", "batched_values",
     "token_rewards", "compute_advantages", "make_experience", "loss_kernel", "policy_update",
     "critic_update", "value_loss", "response_values",
@@ -94,85 +98,57 @@ def make_train_state(model: nn.Module, *, lr: float, weight_decay: float = 0.0, 
 # -- losses and updates ----------------------------------------------------------------------
 
 
-def _aggregate(fn: Callable, token_loss, mask, *, hyper: Mapping[str, Any], global_tokens, global_seqs, max_seq_len):
-    extra = {}
-    for name, value in (("global_tokens", global_tokens), ("global_seqs", global_seqs), ("max_seq_len", max_seq_len)):
-        if accepts(fn, name):
-            extra[name] = value
-    return fn(token_loss, mask, **hyper, **extra)
-
-
-def loss_kernel(run: ResolvedRun, *, device_type: str = "cpu") -> Callable[..., tuple[torch.Tensor, Mapping[str, torch.Tensor]]]:
-    """The policy loss + aggregation of ``run`` as one function (compiled when
-    ``algorithm.compile``; on ``device_type="cuda"`` with ``skyrl_fn.gpu.compile_kernel`` in
+def loss_kernel(run: ResolvedRun, *, device_type: str = "cpu") -> Callable[..., ReducedLoss]:
+    """The run's policy objective with every piece bound: ``run.algorithm.objective()``, a
+    ``functools.partial`` of ``skyrl_fn.losses.policy_objective``, compiled when
+    ``algorithm.compile`` (on ``device_type="cuda"`` with ``skyrl_fn.gpu.compile_kernel`` in
     ``algorithm.compile_mode``, half-precision inputs upcast to float32 inside the graph)::
 
-        kernel(PolicyLossInput, global_tokens, global_seqs, max_seq_len) -> (loss [], metrics)
+        kernel(PolicyLossInput, *, global_tokens, global_seqs, max_seq_len, entropy=None) -> ReducedLoss
 
-    With ``algorithm.off_policy_correction`` = ``tis`` / ``tis_sequence`` the per-token loss is
-    multiplied by the truncated importance weights ``min(pi_old / pi_rollout, tis_cap)`` per token
-    / per sequence (``skyrl_fn.losses.tis_weights``), correcting for the rollout engine's drift.
-
-    The aggregation receives the GLOBAL token and sequence counts of the whole batch, so the sum
-    of the micro-batch losses is exactly the full-batch loss (and gradient accumulation gives the
-    full-batch gradient). An aggregation that takes none of the global counts is weighted by the
-    micro-batch's share of sequences instead (exact for per-sequence means only).
+    The objective receives the GLOBAL token and sequence counts of the whole batch, so the sum of
+    the micro-batch losses is exactly the full-batch loss (and gradient accumulation gives the
+    full-batch gradient).
     """
     a = run.config.algorithm
-    loss_fn = run.table.policy_loss(a.policy_loss)
-    agg_fn = run.table.get("aggregation", a.loss_reduction)
-    loss_hyper, agg_hyper = dict(run.policy_loss_hyper), dict(run.aggregation_hyper)
-    uses_globals = any(accepts(agg_fn, n) for n in ("global_tokens", "global_seqs"))
-    tis_level = {"none": None, "tis": "token", "tis_sequence": "sequence"}[a.off_policy_correction]
-
-    def kernel(batch: PolicyLossInput, global_tokens, global_seqs, max_seq_len):
-        out = loss_fn(batch, **loss_hyper)
-        token_loss, metrics = out.token_loss, dict(out.metrics)
-        if tis_level is not None and batch.rollout_log_probs is not None:
-            from skyrl_fn.losses import tis_weights
-
-            w, tis_metrics = tis_weights(batch.old_log_probs, batch.rollout_log_probs, batch.loss_mask, level=tis_level, cap=a.tis_cap)
-            token_loss = token_loss * w
-            metrics.update(tis_metrics)
-        loss = _aggregate(agg_fn, token_loss, batch.loss_mask, hyper=agg_hyper, global_tokens=global_tokens, global_seqs=global_seqs, max_seq_len=max_seq_len)
-        if not uses_globals:
-            loss = loss * (batch.batch_size / global_seqs)
-        return loss, metrics
-
+    kernel = run.algorithm.objective()
     if a.compile and device_type == "cuda":
         from skyrl_fn.gpu.kernels import compile_kernel
 
         return compile_kernel(kernel, mode=a.compile_mode, device_type="cuda")
     if a.compile:
-        helper = _compiled_helper()
-        return helper(kernel) if helper is not None else torch.compile(kernel, dynamic=True)
+        return compile_loss(kernel)
     return kernel
 
 
-def _compiled_helper() -> Callable | None:
-    try:
-        from skyrl_fn.losses import compile_loss
-    except ImportError:
-        return None
-    return compile_loss
-
-
-def policy_update(run: ResolvedRun, state: TrainState, exp: Experience, *, kernel: Callable | None = None) -> dict[str, float]:
+def policy_update(
+    run: ResolvedRun,
+    state: TrainState,
+    exp: Experience,
+    *,
+    kernel: Callable | None = None,
+    global_tokens: torch.Tensor | None = None,
+    global_seqs: torch.Tensor | None = None,
+) -> dict[str, float]:
     """``algorithm.update_epochs`` optimiser steps on ``exp`` with gradient accumulation.
 
-    Per micro-batch: ``loss = agg(policy_loss) [+ kl_loss_coef * agg(kl)] [- entropy_coef *
-    agg(entropy)]``, each aggregated with the global counts and backpropagated; then the global
-    gradient norm is clipped to ``trainer.grad_clip`` and AdamW steps. The LR schedule steps once.
+    Per micro-batch: the run's policy objective (``skyrl_fn.losses.policy_objective``: policy
+    loss, off-policy correction, KL loss and entropy bonus, each aggregated with the global
+    counts) is backpropagated; then the global gradient norm is clipped to ``trainer.grad_clip``
+    and AdamW steps. The LR schedule steps once.
 
     Args:
         run: the resolved run.
         state: the policy's ``TrainState`` (mutated: parameters, optimiser and schedule).
-        exp: the experience.
+        exp: the experience (the whole batch, or this worker's share of it).
         kernel: a prebuilt :func:`loss_kernel` (built per call when None; pass one to reuse a
             compiled kernel).
+        global_tokens, global_seqs: the normalisers of the whole optimiser step when ``exp`` is
+            a share of it (data-parallel); None: counted on ``exp``.
 
     Returns:
-        metrics (python floats): loss, pg metrics of the loss, grad_norm, lr, kl_loss, entropy.
+        metrics (python floats): loss, pg_loss, the loss's metrics, grad_norm, lr, kl_loss,
+        entropy.
     """
     a, tr = run.config.algorithm, run.config.trainer
     kernel = kernel or loss_kernel(run)
@@ -180,10 +156,11 @@ def policy_update(run: ResolvedRun, state: TrainState, exp: Experience, *, kerne
     model.train()
     b, t = exp.batch_size, exp.response_len
     mask = exp.response_mask
-    global_tokens = mask.sum().clamp(min=1).to(torch.float32)
-    global_seqs = torch.tensor(float(b))
-    kl_fn = run.table.get("kl_estimator", a.kl_estimator) if a.use_kl_loss else None
-    agg_fn = run.table.get("aggregation", a.loss_reduction)
+    if global_tokens is None:
+        global_tokens = mask.sum().clamp(min=1).to(torch.float32)
+    if global_seqs is None:
+        global_seqs = torch.tensor(float(b))
+    with_entropy = run.algorithm.entropy_coef != 0
     sums: dict[str, float] = {}
     mbs = tr.micro_batch_size
     first_pass: dict[int, torch.Tensor] = {}  # old log-probs taken from epoch 0 when not given
@@ -191,7 +168,7 @@ def policy_update(run: ResolvedRun, state: TrainState, exp: Experience, *, kerne
         opt.zero_grad(set_to_none=True)
         for s in range(0, b, mbs):
             mb = exp.slice(s, s + mbs)
-            lp, ent = sequence_log_probs(model, mb.input_ids, mb.attention_mask, t, temperature=run.config.rollout.temperature, top_p=run.config.rollout.top_p, with_entropy=a.entropy_coef != 0)
+            lp, ent = sequence_log_probs(model, mb.input_ids, mb.attention_mask, t, temperature=run.config.rollout.temperature, top_p=run.config.rollout.top_p, with_entropy=with_entropy)
             old = mb.old_log_probs
             if old is None:
                 # No optimiser step has happened before the first epoch ends, so this forward
@@ -201,29 +178,21 @@ def policy_update(run: ResolvedRun, state: TrainState, exp: Experience, *, kerne
                 log_probs=lp, old_log_probs=old, advantages=mb.advantages, loss_mask=mb.response_mask,
                 ref_log_probs=mb.ref_log_probs, rollout_log_probs=mb.rollout_log_probs,
             )
-            loss, metrics = kernel(batch, global_tokens, global_seqs, t)
+            out = kernel(batch, global_tokens=global_tokens, global_seqs=global_seqs, max_seq_len=t, entropy=ent)
+            out.loss.backward()
             share = mb.batch_size / b
-            _acc(sums, "pg_loss", loss.detach(), 1.0)
-            if kl_fn is not None:
-                kl = torch.where(mb.response_mask, kl_fn(lp, mb.ref_log_probs, **run.kl_hyper), 0.0)
-                kl_loss = _aggregate(agg_fn, kl, mb.response_mask, hyper=run.aggregation_hyper, global_tokens=global_tokens, global_seqs=global_seqs, max_seq_len=t)
-                loss = loss + a.kl_loss_coef * kl_loss
-                _acc(sums, "kl_loss", kl_loss.detach(), 1.0)
-            if ent is not None:
-                ent_loss = _aggregate(agg_fn, torch.where(mb.response_mask, ent, 0.0), mb.response_mask, hyper=run.aggregation_hyper, global_tokens=global_tokens, global_seqs=global_seqs, max_seq_len=t)
-                loss = loss - a.entropy_coef * ent_loss
-                _acc(sums, "entropy", ent_loss.detach(), 1.0)
-            loss.backward()
-            _acc(sums, "loss", loss.detach(), 1.0)
-            for k, v in metrics.items():
-                _acc(sums, k, v, share)
+            _acc(sums, "loss", out.loss.detach(), 1.0)
+            for k, v in out.metrics.items():
+                # The objective's terms are globally normalised (they sum over micro-batches);
+                # the loss's own metrics are means of each micro-batch.
+                _acc(sums, k, v, 1.0 if k in SUMMED_METRICS else share)
         grad_norm = _clip(model, tr.grad_clip)
         opt.step()
         _acc(sums, "grad_norm", grad_norm, 1.0)
-    out = {k: v / a.update_epochs for k, v in sums.items()}
-    out["lr"] = float(opt.param_groups[0]["lr"])  # the rate this step used
+    out_metrics = {k: v / a.update_epochs for k, v in sums.items()}
+    out_metrics["lr"] = float(opt.param_groups[0]["lr"])  # the rate this step used
     state.scheduler.step()
-    return out
+    return out_metrics
 
 
 def value_loss(

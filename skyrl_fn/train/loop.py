@@ -1,63 +1,35 @@
-"""The in-process training loop (no Ray), with checkpoints and resume.
+"""The training loop: one RL step per iteration over a :class:`~skyrl_fn.train.workers.Workers`,
+with seeding, resume, KL control, checkpoints and the summary written once.
 
-``train(run)`` reads top to bottom as one RL step per iteration: next prompts -> rollout ->
-rewards -> log-probs (policy, reference) and values -> advantages -> policy (and critic) update ->
-metrics -> checkpoint. On CPU with a fixed seed it is deterministic, and a resumed run reproduces
-the metrics of an uninterrupted one (the sampling generator of each step is a pure function of
-``(seed, step)``; the data position, weights, optimiser and RNG states are checkpointed).
+``train(run)`` runs every role in this process (:class:`~skyrl_fn.train.workers.LocalWorkers`);
+``train(run, workers=RayWorkers)`` (what ``skyrl_fn.launcher.ray_runner.train_on_ray`` does) runs
+the same loop with each role in a Ray actor. One step reads top to bottom: next prompts -> sample
+and score -> reference log-probs and values -> advantages and the policy update -> critic update
+-> metrics -> KL coefficient -> checkpoint. On CPU with a fixed seed it is deterministic, and a
+resumed run reproduces the metrics of an uninterrupted one (the sampling seed of each step is a
+pure function of ``(seed, step)``; the data position, weights, optimiser and RNG states and the
+KL coefficient are checkpointed).
 """
 
 from __future__ import annotations
 
-import copy
 import random
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import attrs
 import numpy as np
 import torch
-from torch import nn
 
+from skyrl_fn.losses.kl import KLController
 from skyrl_fn.train import checkpoint as ckpt
 from skyrl_fn.train.config import ResolvedRun, config_to_dict
-from skyrl_fn.train.learner import (
-    KLController,
-    TrainState,
-    batched_log_probs,
-    batched_values,
-    critic_update,
-    loss_kernel,
-    make_experience,
-    make_train_state,
-    policy_update,
-)
-from skyrl_fn.train.model import build_critic, load_model, load_tokenizer
-from skyrl_fn.train.rollout import RolloutBackend, check_backend_available, make_backend
-from skyrl_fn.train.tasks import DataState, Task, make_task, next_prompts, score
+from skyrl_fn.train.experience import kl_controller_of
+from skyrl_fn.train.rollout import check_backend_available
+from skyrl_fn.train.tasks import DataState, make_task, next_prompts
+from skyrl_fn.train.workers import LocalWorkers, Workers, WorkersState, state_from_checkpoint
 
-__all__ = ["Components", "Summary", "build_components", "seed_everything", "rollout_seed", "run_step", "train"]
-
-
-@attrs.frozen(kw_only=True, eq=False)
-class Components:
-    """Everything a run builds once.
-
-    Attributes:
-        task: prompts and reward.
-        tokenizer: the tokenizer.
-        policy: the policy's ``TrainState``.
-        reference: frozen reference model, or None when no KL is used.
-        critic: the critic's ``TrainState``, or None without GAE.
-        backend: the rollout backend around the policy.
-    """
-
-    task: Task
-    tokenizer: Any
-    policy: TrainState
-    reference: nn.Module | None
-    critic: TrainState | None
-    backend: RolloutBackend
+__all__ = ["Summary", "seed_everything", "rollout_seed", "run_step", "step_timing", "train"]
 
 
 @attrs.frozen(kw_only=True)
@@ -102,70 +74,8 @@ def rollout_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step * 7_919 + 12_345) % (2**62)
 
 
-def build_components(run: ResolvedRun) -> Components:
-    """Build task, tokenizer, policy (+ optimiser), reference, critic and backend for ``run``.
-
-    The backend is checked first, so ``rollout.backend=vllm`` without vllm/CUDA fails before any
-    model loads.
-    """
-    cfg = run.config
-    check_backend_available(cfg.rollout)
-    seed = cfg.trainer.seed
-    task = make_task(cfg.data, seed=seed)
-    tokenizer = load_tokenizer(cfg.model, alphabet=task.alphabet)
-    policy = load_model(cfg.model, tokenizer, seed=seed)
-    tr = cfg.trainer
-    policy_state = make_train_state(policy, lr=tr.lr, weight_decay=tr.weight_decay, warmup_steps=tr.warmup_steps)
-    reference = None
-    if cfg.uses_reference:
-        reference = copy.deepcopy(policy).eval()
-        reference.requires_grad_(False)
-    critic_state = None
-    if cfg.uses_critic:
-        critic = build_critic(cfg.model, tokenizer, seed=seed)
-        critic_state = make_train_state(critic, lr=tr.critic_lr, weight_decay=tr.weight_decay, warmup_steps=tr.warmup_steps)
-    backend = make_backend(cfg.rollout, policy, tokenizer)
-    return Components(task=task, tokenizer=tokenizer, policy=policy_state, reference=reference, critic=critic_state, backend=backend)
-
-
-def run_step(
-    run: ResolvedRun,
-    comp: Components,
-    step: int,
-    data_state: DataState,
-    kl_ctrl: KLController,
-    *,
-    kernel: Callable | None = None,
-) -> tuple[dict[str, float], DataState, KLController]:
-    """One RL step. Returns the step's metrics, the advanced data state and KL controller."""
-    cfg = run.config
-    t0 = time.perf_counter()
-    examples, data_state = next_prompts(comp.task, data_state, cfg.trainer.prompts_per_step, shuffle=cfg.data.shuffle)
-    comp.policy.model.eval()
-    rollout = comp.backend.generate([e.prompt for e in examples], seed=rollout_seed(cfg.trainer.seed, step))
-    t_rollout = time.perf_counter() - t0
-    scores = torch.tensor(score(comp.task, rollout.responses, examples, rollout.group_ids.tolist()), dtype=torch.float32)
-    mbs, temp = cfg.trainer.micro_batch_size, cfg.rollout.temperature
-    # The policy's log-probs before the update come from policy_update's first forward pass.
-    old_lp = None if not cfg.algorithm.recompute_old_log_probs else batched_log_probs(comp.policy.model, rollout, micro_batch_size=mbs, temperature=temp, top_p=cfg.rollout.top_p)
-    ref_lp = None if comp.reference is None else batched_log_probs(comp.reference, rollout, micro_batch_size=mbs, temperature=temp, top_p=cfg.rollout.top_p)
-    values = None
-    if comp.critic is not None:
-        comp.critic.model.eval()
-        values = batched_values(comp.critic.model, rollout, micro_batch_size=mbs)
-    exp, metrics = make_experience(run, rollout, scores, old_log_probs=old_lp, ref_log_probs=ref_lp, values=values, kl_coef=kl_ctrl.coef)
-    metrics.update(policy_update(run, comp.policy, exp, kernel=kernel))
-    if comp.critic is not None:
-        metrics.update(critic_update(run, comp.critic, exp))
-    if cfg.algorithm.use_kl_in_reward:
-        metrics["kl_coef"] = kl_ctrl.coef
-        kl_ctrl = kl_ctrl.update(metrics.get("kl", 0.0), rollout.batch_size)
-    metrics.update(step_timing(step, time.perf_counter() - t0, t_rollout, int(rollout.response_mask.sum())))
-    return metrics, data_state, kl_ctrl
-
-
 def step_timing(step: int, step_seconds: float, rollout_seconds: float, n_tokens: int) -> dict[str, float]:
-    """The timing metrics every runner (in-process or Ray) logs for step ``step`` (0-based)."""
+    """The timing metrics of step ``step`` (0-based)."""
     return dict(
         step=float(step + 1), step_seconds=step_seconds, rollout_seconds=rollout_seconds,
         rollout_tokens_per_s=n_tokens / max(rollout_seconds, 1e-9), tokens_per_s=n_tokens / max(step_seconds, 1e-9),
@@ -173,32 +83,43 @@ def step_timing(step: int, step_seconds: float, rollout_seconds: float, n_tokens
     )
 
 
-def _save(run: ResolvedRun, comp: Components, step: int, data_state: DataState, kl_ctrl: KLController) -> str:
-    weights = {"policy": comp.policy.model.state_dict()}
-    optim = {"policy": comp.policy.optimizer.state_dict(), "policy_sched": comp.policy.scheduler.state_dict()}
-    if comp.critic is not None:
-        weights["critic"] = comp.critic.model.state_dict()
-        optim.update(critic=comp.critic.optimizer.state_dict(), critic_sched=comp.critic.scheduler.state_dict())
+def run_step(run: ResolvedRun, workers: Workers, step: int, examples: Sequence[Any], kl_ctrl: KLController) -> tuple[dict[str, float], KLController]:
+    """One RL step on ``examples``. Returns the step's metrics and the next KL controller.
+
+    The calls are submitted in order and waited for once (:meth:`Workers.wait`), so on Ray the
+    reference model and the critic work concurrently and nothing goes through the driver.
+    """
+    cfg = run.config
+    t0 = time.perf_counter()
+    generated = workers.generate(examples, step=step, seed=rollout_seed(cfg.trainer.seed, step))
+    ref_lp = workers.reference_log_probs(generated) if run.uses_reference else None
+    values = workers.values(generated) if run.uses_critic else None
+    updated = workers.update_policy(generated, ref_lp, values, kl_ctrl.coef)
+    critic = workers.update_critic(updated) if run.uses_critic else None
+    metrics, rollout_seconds = workers.wait(generated, updated, critic)
+    # response_length is the mean over the B = P * G sequences, so this is the token count.
+    n_tokens = round(metrics.get("response_length", 0.0) * len(examples) * cfg.rollout.samples_per_prompt)
+    metrics.update(step_timing(step, time.perf_counter() - t0, rollout_seconds, n_tokens))
+    if run.algorithm.kl_in_reward:
+        metrics["kl_coef"] = kl_ctrl.coef
+        kl_ctrl = kl_ctrl.update(metrics.get("kl", 0.0), len(examples) * cfg.rollout.samples_per_prompt)
+    return metrics, kl_ctrl
+
+
+def _save(run: ResolvedRun, state: WorkersState, step: int, data_state: DataState, kl_ctrl: KLController) -> str:
+    weights = {role: s.weights for role, s in state.roles.items()}
+    optim: dict[str, Any] = {}
+    for role, s in state.roles.items():
+        optim.update({role: s.optim, f"{role}_sched": s.sched})
+    cfg = run.config
     return ckpt.save(
-        run.config.ckpt_dir, step=step, weights=weights, optim=optim,
-        data_state=attrs.asdict(data_state), config=config_to_dict(run.config),
-        extra={"kl_coef": kl_ctrl.coef}, keep=run.config.trainer.keep_checkpoints,
+        cfg.ckpt_dir, step=step, weights=weights, optim=optim, data_state=attrs.asdict(data_state),
+        config=config_to_dict(cfg), rng=state.rng, extra={"kl_coef": kl_ctrl.coef}, keep=cfg.trainer.keep_checkpoints,
     )
 
 
-def _restore(comp: Components, c: ckpt.Checkpoint) -> tuple[DataState, float]:
-    comp.policy.model.load_state_dict(c.weights["policy"])
-    comp.policy.optimizer.load_state_dict(c.optim["policy"])
-    comp.policy.scheduler.load_state_dict(c.optim["policy_sched"])
-    if comp.critic is not None:
-        comp.critic.model.load_state_dict(c.weights["critic"])
-        comp.critic.optimizer.load_state_dict(c.optim["critic"])
-        comp.critic.scheduler.load_state_dict(c.optim["critic_sched"])
-    ckpt.restore_rng(c.rng)
-    return DataState(**c.data_state), float(c.extra.get("kl_coef", 0.0))
-
-
-def _window_mean(history: list[Mapping[str, float]], key: str, first: bool) -> float:
+def _window_mean(history: Sequence[Mapping[str, float]], key: str, first: bool) -> float:
+    """Mean of ``key`` over the first/last 10% of ``history``."""
     if not history:
         return float("nan")
     n = max(1, len(history) // 10)
@@ -206,47 +127,59 @@ def _window_mean(history: list[Mapping[str, float]], key: str, first: bool) -> f
     return float(np.mean([h[key] for h in part]))
 
 
-def train(run: ResolvedRun, *, on_step: Callable[[dict[str, float]], None] | None = None) -> Summary:
-    """Train in-process for ``run.config.trainer.steps`` steps.
+def train(
+    run: ResolvedRun,
+    *,
+    on_step: Callable[[dict[str, float]], None] | None = None,
+    workers: Callable[[ResolvedRun], Workers] = LocalWorkers,
+) -> Summary:
+    """Train for ``run.config.trainer.steps`` steps.
 
     Args:
-        run: the resolved run (config + table).
+        run: the resolved run (config + bound algorithm).
         on_step: called after every step with its metrics (python floats; keys include
             ``step``, ``reward``, ``loss``, ``kl`` when a KL is used, ``grad_norm``, ``lr``,
             ``tokens_per_s``, ``step_seconds``).
+        workers: builds the workers after seeding (default :class:`LocalWorkers`: everything
+            in this process); closed when training ends or fails.
 
     Returns:
         a :class:`Summary`. With ``trainer.resume`` it continues from the latest checkpoint in
         ``run.config.ckpt_dir`` (fresh when there is none).
     """
     cfg = run.config
+    check_backend_available(cfg.rollout)  # vllm without vllm/CUDA fails before any model loads
     if cfg.trainer.torch_threads > 0:
         torch.set_num_threads(cfg.trainer.torch_threads)
     seed_everything(cfg.trainer.seed)
-    comp = build_components(run)
-    data_state = DataState(seed=cfg.trainer.seed)
-    kl_ctrl = KLController.from_run(run)
-    start, resumed_from, last_ckpt = 0, None, None
-    if cfg.trainer.resume:
-        path = ckpt.latest_checkpoint(cfg.ckpt_dir)
+    task = make_task(cfg.data, seed=cfg.trainer.seed)
+    pool = workers(run)
+    try:
+        data_state = DataState(seed=cfg.trainer.seed)
+        kl_ctrl = kl_controller_of(run)
+        start, resumed_from, last_ckpt = 0, None, None
+        path = ckpt.latest_checkpoint(cfg.ckpt_dir) if cfg.trainer.resume else None
         if path is not None:
             c = ckpt.load(path)
-            data_state, coef = _restore(comp, c)
-            kl_ctrl = attrs.evolve(kl_ctrl, coef=coef)
+            pool.load_state(state_from_checkpoint(c))
+            data_state = DataState(**c.data_state)
+            kl_ctrl = attrs.evolve(kl_ctrl, coef=float(c.extra.get("kl_coef", kl_ctrl.coef)))
             start = resumed_from = c.step
             last_ckpt = path
-    kernel = loss_kernel(run)
-    history: list[dict[str, float]] = []
-    t0 = time.perf_counter()
-    interval = cfg.trainer.ckpt_interval
-    for step in range(start, cfg.trainer.steps):
-        metrics, data_state, kl_ctrl = run_step(run, comp, step, data_state, kl_ctrl, kernel=kernel)
-        history.append(metrics)
-        done = step + 1
-        if (interval > 0 and done % interval == 0) or done == cfg.trainer.steps:
-            last_ckpt = _save(run, comp, done, data_state, kl_ctrl)
-        if on_step is not None:
-            on_step(metrics)
+        history: list[dict[str, float]] = []
+        t0 = time.perf_counter()
+        interval = cfg.trainer.ckpt_interval
+        for step in range(start, cfg.trainer.steps):
+            examples, data_state = next_prompts(task, data_state, cfg.trainer.prompts_per_step, shuffle=cfg.data.shuffle)
+            metrics, kl_ctrl = run_step(run, pool, step, examples, kl_ctrl)
+            history.append(metrics)
+            done = step + 1
+            if (interval > 0 and done % interval == 0) or done == cfg.trainer.steps:
+                last_ckpt = _save(run, pool.state(), done, data_state, kl_ctrl)
+            if on_step is not None:
+                on_step(metrics)
+    finally:
+        pool.close()
     return Summary(
         steps=max(cfg.trainer.steps, start), history=tuple(history),
         first_reward=_window_mean(history, "reward", True), last_reward=_window_mean(history, "reward", False),

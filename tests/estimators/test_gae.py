@@ -165,10 +165,10 @@ def test_raw_gae_is_the_unwhitened_recursion_and_whitening_it_gives_gae():
 
 
 def test_gae_and_every_chain_of_it_need_a_critic():
-    assert DEFAULT_TABLE.entry("advantage_estimator", "gae").needs_critic
-    assert DEFAULT_TABLE.entry("advantage_estimator", "gae_raw").needs == {"values"}
+    assert DEFAULT_TABLE.entry("advantage_estimator", "gae").requires == {"values"}
+    assert DEFAULT_TABLE.entry("advantage_estimator", "gae_raw").requires == {"values"}
     clipped = DEFAULT_TABLE.register("gae_clipped", chain(gae_raw, clip_advantages(1.0)))
-    assert clipped.entry("advantage_estimator", "gae_clipped").needs_critic
+    assert clipped.entry("advantage_estimator", "gae_clipped").requires == {"values"}
     nested = DEFAULT_TABLE.register("gae_nested", chain(scale_rewards(2.0), gae, clip_advantages(1.0)))
-    assert nested.entry("advantage_estimator", "gae_nested").needs == {"values"}
-    assert not DEFAULT_TABLE.entry("advantage_estimator", "grpo").needs_critic
+    assert nested.entry("advantage_estimator", "gae_nested").requires == {"values"}
+    assert "values" not in DEFAULT_TABLE.entry("advantage_estimator", "grpo").requires

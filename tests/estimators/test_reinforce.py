@@ -211,5 +211,4 @@ def test_reinforce_plus_plus_baseline_is_dr_grpo_then_whiten():
 
 
 def test_remax_needs_reward_baselines_by_its_entry():
-    assert DEFAULT_TABLE.entry("advantage_estimator", "remax").needs == {"reward_baselines"}
-    assert not DEFAULT_TABLE.entry("advantage_estimator", "remax").needs_critic
+    assert DEFAULT_TABLE.entry("advantage_estimator", "remax").requires == {"reward_baselines"}

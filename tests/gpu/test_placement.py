@@ -28,8 +28,8 @@ def test_colocated_tp2_engines_span_bundle_pairs_with_vllm_env():
 
 
 def test_separate_layout_gives_engines_their_own_gpus():
-    plan = plan_placement(GPUPlacementConfig(num_gpus=8, colocate=False, trainer_gpus=2, trainer_workers=2),
-                          tensor_parallel_size=2, uses_reference=True)
+    plan = plan_placement(GPUPlacementConfig(num_gpus=8, colocate=False, trainer_gpus=2),
+                          tensor_parallel_size=2, uses_reference=True, trainer_workers=2)
     assert [s.bundle for s in plan.of("policy")] == [0, 1]
     assert [e.engine_bundles for e in plan.of("rollout")] == [(2, 3), (4, 5), (6, 7)]
     assert plan.of("rollout")[0].env["VLLM_RAY_PER_WORKER_GPUS"] == "1.0"
@@ -50,7 +50,6 @@ def test_separate_tp1_engine_takes_a_whole_gpu():
     [
         (GPUPlacementConfig(num_gpus=3), 2, "multiple of rollout.tensor_parallel_size"),
         (GPUPlacementConfig(num_gpus=2, colocate=False, trainer_gpus=2), 1, "engines need their own GPUs"),
-        (GPUPlacementConfig(num_gpus=1, trainer_workers=2), 1, "trainer_workers"),
         (GPUPlacementConfig(num_gpus=0), 1, "gpu.num_gpus"),
         (GPUPlacementConfig(num_gpus=1, cpus_per_bundle=0), 1, "cpus_per_bundle"),
     ],
@@ -58,6 +57,20 @@ def test_separate_tp1_engine_takes_a_whole_gpu():
 def test_impossible_layouts_are_errors_naming_the_field(gpu, tp, match):
     with pytest.raises(ValueError, match=match):
         plan_placement(gpu, tensor_parallel_size=tp)
+
+
+def test_more_trainer_workers_than_gpus_is_an_error():
+    with pytest.raises(ValueError, match="trainer_workers: expected <= gpu.num_gpus=1, got 2"):
+        plan_placement(GPUPlacementConfig(num_gpus=1), trainer_workers=2)
+
+
+def test_there_is_no_trainer_workers_flag():
+    # A flag that did nothing was removed; data-parallel ranks come with their real flag.
+    from skyrl_fn.launcher import parse_config
+    from skyrl_fn.table import DEFAULT_TABLE
+
+    with pytest.raises(SystemExit):
+        parse_config(["--gpu.trainer-workers", "2"], DEFAULT_TABLE)
 
 
 @given(

@@ -34,8 +34,8 @@ def test_smoke_model_suits_every_common_attention_backend_and_the_default_does_n
 def test_smoke_configs_resolve_and_place(colocate, gpus):
     cfg = smoke_config(colocate=colocate, num_gpus=gpus, steps=2)
     run = resolve(cfg, DEFAULT_TABLE)
-    assert run.config.uses_reference and cfg.rollout.backend == "vllm"
-    plan = gpu_plan(cfg)
+    assert run.uses_reference and cfg.rollout.backend == "vllm"
+    plan = gpu_plan(run)
     assert plan.colocate is colocate and plan.num_engines == 1
     with pytest.raises(ValueError, match="backend"):
         smoke_config(colocate=True, num_gpus=1, backend="sglang")

@@ -118,10 +118,12 @@ def test_passthrough_errors_are_not_wrapped_and_bad_timeouts_are_rejected():
 
 
 @pytest.mark.ray
-def test_ray_trainer_stops_at_the_generate_after_a_failed_sync(ray_session, tmp_path):
+def test_ray_workers_stop_at_the_generate_after_a_failed_sync(ray_session, tmp_path):
     from skyrl_fn import DEFAULT_TABLE
     from skyrl_fn.launcher import parse_config, resolve_names
-    from skyrl_fn.launcher.ray_runner import RayTrainer
+    from skyrl_fn.launcher.ray_workers import RayWorkers
+    from skyrl_fn.train.experience import kl_controller_of
+    from skyrl_fn.train.loop import run_step
     from skyrl_fn.train.tasks import DataState, make_task, next_prompts
 
     argv = [
@@ -130,20 +132,21 @@ def test_ray_trainer_stops_at_the_generate_after_a_failed_sync(ray_session, tmp_
         "--ray.rollout-workers", "1", "--logging.run-dir", str(tmp_path / "run"), "--logging.no-progress",
     ]
     run = resolve_names(parse_config(argv, DEFAULT_TABLE), DEFAULT_TABLE)
-    trainer = RayTrainer(run)
+    kl_ctrl = kl_controller_of(run)
+    workers = RayWorkers(run)
     try:
         task = make_task(run.config.data, seed=0)
         examples, state = next_prompts(task, DataState(seed=0), 2)
-        trainer.step(0, examples, 0.0)
-        assert trainer.syncs.pending_step == 0
+        run_step(run, workers, 0, examples, kl_ctrl)
+        assert workers.syncs.pending_step == 0
         examples, state = next_prompts(task, state, 2)
-        trainer.step(1, examples, 0.0)
-        assert trainer.syncs.checked_steps == [0]
+        run_step(run, workers, 1, examples, kl_ctrl)
+        assert workers.syncs.checked_steps == [0]
         # The step-1 sync fails in the worker (a state dict the model does not have).
-        trainer.syncs.check()
-        trainer.syncs.record(1, [trainer.rollout[0].sync.remote({"bogus.weight": torch.zeros(1)})])
+        workers.syncs.check()
+        workers.syncs.record(1, [workers.rollout[0].sync_packed.remote({"bogus.weight": torch.zeros(1)})])
         examples, state = next_prompts(task, state, 2)
         with pytest.raises(WeightSyncError, match=r"step 2 to rollout worker 0 \(RolloutWorker\) failed"):
-            trainer.step(2, examples, 0.0)
+            run_step(run, workers, 2, examples, kl_ctrl)
     finally:
-        trainer.shutdown()
+        workers.close()

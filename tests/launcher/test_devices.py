@@ -34,25 +34,25 @@ def _vllm(**kw) -> TrainConfig:
 
 
 def test_cpu_default_has_no_plan():
-    assert not uses_gpus(TrainConfig()) and gpu_plan(TrainConfig()) is None
+    assert not uses_gpus(TrainConfig()) and gpu_plan(resolve(TrainConfig(), DEFAULT_TABLE)) is None
 
 
 def test_colocated_plan_places_every_model_the_run_needs():
     cfg = _vllm(algorithm=AlgorithmConfig(advantage_estimator="gae", use_kl_loss=True), gpu=GPUPlacementConfig(num_gpus=2))
-    plan = gpu_plan(cfg)
+    plan = gpu_plan(resolve(cfg, DEFAULT_TABLE))
     assert plan.colocate and len(plan.bundles) == 2 and plan.num_engines == 2
     assert [s.role for s in plan.slots].count("reference") == 1 and [s.role for s in plan.slots].count("critic") == 1
     assert all(load <= 1.0 + 1e-9 for load in plan.gpu_load())
-    assert gpu_plan(_vllm(gpu=GPUPlacementConfig(num_gpus=2))).of("critic") == ()
+    assert gpu_plan(resolve(_vllm(gpu=GPUPlacementConfig(num_gpus=2)), DEFAULT_TABLE)).of("critic") == ()
 
 
 def test_separate_plan_and_tensor_parallel_engines():
-    plan = gpu_plan(_vllm(tp=2, gpu=GPUPlacementConfig(num_gpus=5, colocate=False, trainer_gpus=1)))
+    plan = gpu_plan(resolve(_vllm(tp=2, gpu=GPUPlacementConfig(num_gpus=5, colocate=False, trainer_gpus=1)), DEFAULT_TABLE))
     assert not plan.colocate and plan.num_engines == 2
     assert [s.engine_bundles for s in plan.of("rollout")] == [(1, 2), (3, 4)]
     assert plan.of("policy")[0].bundle == 0
     with pytest.raises(ValueError, match="trainer_gpus"):
-        gpu_plan(_vllm(gpu=GPUPlacementConfig(num_gpus=1, colocate=False)))
+        gpu_plan(resolve(_vllm(gpu=GPUPlacementConfig(num_gpus=1, colocate=False)), DEFAULT_TABLE))
 
 
 class _FakePG:
@@ -62,7 +62,7 @@ class _FakePG:
 
 
 def test_actor_options_with_a_fake_placement_group():
-    plan = gpu_plan(_vllm(tp=2, gpu=GPUPlacementConfig(num_gpus=4, colocate=False, trainer_gpus=2)))
+    plan = gpu_plan(resolve(_vllm(tp=2, gpu=GPUPlacementConfig(num_gpus=4, colocate=False, trainer_gpus=2)), DEFAULT_TABLE))
     pg = _FakePG()
     for slot in plan.slots:
         opts = actor_options(slot, pg)

@@ -38,7 +38,8 @@ HEADER = '''
 import os
 import torch
 from skyrl_fn import AdvantageInput, AdvantageOutput
-from skyrl_fn.compat import AdvantageEstimator, register_advantage_estimator, register_policy_loss
+from skyrl_fn.compat.advantage_estimators import AdvantageEstimator
+from skyrl_fn.compat.skyrl_train import register_advantage_estimator, register_policy_loss
 
 def _mark(what):
     import ray

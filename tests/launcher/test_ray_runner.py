@@ -16,7 +16,8 @@ import textwrap
 import pytest
 import torch
 
-from skyrl_fn import DEFAULT_TABLE, AdvantageInput, AdvantageOutput
+from skyrl_fn import DEFAULT_TABLE, AdvantageInput, AdvantageOutput, chain, clip_advantages
+from skyrl_fn.estimators import gae
 from skyrl_fn.launcher import parse_config, resolve_names
 from skyrl_fn.launcher.plugins import ship_by_value
 from skyrl_fn.launcher.ray_runner import WorkerDiedError, concat_rollouts, train_on_ray
@@ -62,11 +63,60 @@ def _recording_estimator(marker: str, die_on_call: int = 0):
     return recorded
 
 
+LAYOUTS = {
+    "hybrid": (),  # the policy trainer samples
+    "one-rollout-worker": ("--ray.rollout-workers", "1"),  # weights pushed after every update
+}
+# Chained from a critic estimator and registered under a new name: needs a critic because the
+# entry says so (chain carries gae's requirement), not because of its name.
+CHAINED = DEFAULT_TABLE.register("gae_clipped", chain(gae, clip_advantages(1.0)))
+KL = ("--algorithm.use-kl-loss", "--algorithm.use-kl-in-reward", "--algorithm.kl-ctrl", "adaptive")
+ALGORITHMS = {
+    "grpo": (),
+    "ppo_gae+kl": ("--algorithm.advantage-estimator", "gae", "--algorithm.estimator.lambd", "0.95", "--algorithm.update-epochs", "2", *KL),
+    "gae_clipped+kl": ("--algorithm.advantage-estimator", "gae_clipped", "--algorithm.estimator.lambd", "0.95", *KL),
+}
+KEYS = ("reward", "response_length", "loss", "pg_loss", "grad_norm", "kl", "kl_loss", "value_loss", "critic_grad_norm", "kl_coef")
+# Each Ray run starts one actor per role (a process importing torch): the suite runs the two that
+# together cover both layouts, the reference model, the critic and a chained estimator.
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize(
+    "algorithm, layout",
+    [
+        ("grpo", "one-rollout-worker"),
+        ("gae_clipped+kl", "hybrid"),
+        pytest.param("grpo", "hybrid", marks=SLOW),  # also the recorded-estimator test below
+        pytest.param("ppo_gae+kl", "hybrid", marks=SLOW),
+        pytest.param("ppo_gae+kl", "one-rollout-worker", marks=SLOW),
+        pytest.param("gae_clipped+kl", "one-rollout-worker", marks=SLOW),
+    ],
+)
+def test_ray_gives_the_in_process_metrics(ray_session, tmp_path, algorithm, layout):
+    from skyrl_fn.train.loop import train
+
+    args = ("--trainer.steps", "2", *ALGORITHMS[algorithm])
+    run = _run(tmp_path / "ray", *args, *LAYOUTS[layout], table=CHAINED)
+    assert run.uses_critic == run.uses_reference == (algorithm != "grpo")
+    ray_hist = train_on_ray(run).history
+    local = train(_run(tmp_path / "local", *args, "--ray.no-use-ray", table=CHAINED)).history
+    assert len(ray_hist) == len(local) == 2
+    for a, b in zip(ray_hist, local):
+        assert set(a) == set(b)
+        for key in KEYS:
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    if algorithm != "grpo":
+        assert {"value_loss", "kl", "kl_loss", "kl_coef"} <= set(local[0])
+        assert "critic" in ckpt.load(ckpt.latest_checkpoint(run.config.ckpt_dir)).weights
+
+
 @pytest.mark.parametrize(
     "layout",
     [
         (),  # hybrid: the policy trainer samples
-        ("--ray.rollout-workers", "1", "--model.dtype", "bf16"),  # weights pushed as bytes (bf16 has no numpy)
+        pytest.param(("--ray.rollout-workers", "1", "--model.dtype", "bf16"), marks=pytest.mark.slow),  # weights as bytes (bf16 has no numpy)
     ],
     ids=["hybrid", "one-rollout-worker-bf16"],
 )
@@ -100,11 +150,10 @@ def test_dead_worker_is_named_and_last_checkpoint_stays_intact(ray_session, tmp_
     assert c.step == 2 and c.data_state["position"] == 4 and "policy" in c.weights
 
 
-@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)], ids=["hybrid", "two-rollout-workers"])
-def test_kl_and_gae_start_reference_and_critic_actors(ray_session, tmp_path, workers):
+@pytest.mark.slow
+def test_two_rollout_workers_start_reference_and_critic_actors(ray_session, tmp_path):
     run = _run(tmp_path, "--trainer.steps", "1", "--algorithm.advantage-estimator", "gae", "--algorithm.use-kl-loss")
-    assert run.config.uses_critic and run.config.uses_reference
-    summary = train_on_ray(run, num_rollout_workers=workers)
+    summary = train_on_ray(run, num_rollout_workers=2)
     (m,) = summary.history
     assert {"kl", "value_loss", "kl_loss"} <= set(m), sorted(m)
     assert m["response_tokens"] > 0 and 0.0 <= m["reward"] <= 1.0

@@ -7,8 +7,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from skyrl_fn import DEFAULT_TABLE, UnknownNameError
-from skyrl_fn.losses import aggregate, aggregation_name, compute_policy_loss
+from skyrl_fn import DEFAULT_TABLE
+from skyrl_fn.algorithm import compute_policy_loss
+from skyrl_fn.losses import aggregate, aggregation_name
 from skyrl_fn.losses import aggregation as agg
 from loss_batches import AGGREGATIONS, LOCAL_LOSSES, make_batch, rows
 
@@ -109,5 +110,5 @@ def test_bad_inputs_name_the_argument():
         agg.seq_mean_token_sum(LOSS, MASK, global_seqs=-3.0)
     with pytest.raises(ValueError, match="max_seq_len"):
         agg.seq_mean_token_sum_norm(LOSS, MASK, max_seq_len=0)
-    with pytest.raises(UnknownNameError, match=r"unknown aggregation 'seq_mean'.*Available"):
+    with pytest.raises(ValueError, match=r"unknown aggregation 'seq_mean'.*Available"):
         aggregate(LOSS, MASK, "seq_mean")

@@ -8,14 +8,12 @@ import pytest
 import torch
 
 from skyrl_fn import DEFAULT_TABLE, PolicyLossInput, UnknownNameError
+from skyrl_fn.algorithm import compute_policy_loss
 from skyrl_fn.losses import (
-    AdaptiveKLController,
-    FixedKLController,
-    compute_policy_loss,
+    KLController,
     kl_controller,
     kl_penalty_rewards,
     kl_token_loss,
-    update,
 )
 from loss_batches import make_batch
 
@@ -67,7 +65,13 @@ def test_gradcheck_and_shape_errors(name):
 def test_kl_token_loss_masks_and_feeds_compute_policy_loss():
     b = make_batch(3, 5, seed=3)
     m = b.loss_mask
-    kl = kl_token_loss(b.log_probs, b.ref_log_probs, m, kl_estimator="k3")
+    kl = kl_token_loss(b.log_probs, b.ref_log_probs, m, estimator=DEFAULT_TABLE.get("kl_estimator", "k3"))
+    seen = []
+    kl_token_loss(b.log_probs, b.ref_log_probs, m, estimator=lambda lp, ref: seen.append((lp, ref)) or lp - ref)
+    ((lp_in, ref_in),) = seen  # the estimator never sees padding
+    assert torch.equal(lp_in[~m], torch.zeros_like(lp_in[~m])) and torch.equal(ref_in[~m], torch.zeros_like(ref_in[~m]))
+    with pytest.raises(TypeError, match="estimator"):
+        kl_token_loss(b.log_probs, b.ref_log_probs, m, estimator="k3")
     assert torch.equal(kl[~m], torch.zeros_like(kl[~m]))
     (g,) = torch.autograd.grad(kl.sum(), b.log_probs)
     assert torch.equal(g[~m], torch.zeros_like(g[~m]))
@@ -96,20 +100,21 @@ def test_kl_penalty_rewards():
         kl_penalty_rewards(r, kl[:, :2], m, coef=0.5)
 
 
-def test_controllers_follow_ziegler_et_al():
+def test_the_controller_follows_ziegler_et_al():
     fixed = kl_controller("fixed", kl_loss_coef=0.01)
-    assert update(fixed, 5.0, 64) is fixed and fixed.value == 0.01
-    c = AdaptiveKLController(value=0.1, target=6.0, horizon=10000)
-    up = update(c, 9.0, 256)  # error clipped to +0.2
-    assert up.value == pytest.approx(0.1 * (1 + 0.2 * 256 / 10000))
-    assert c.value == 0.1  # frozen: the old controller is unchanged
-    down = update(c, 5.4, 100)  # error -0.1
-    assert down.value == pytest.approx(0.1 * (1 - 0.1 * 100 / 10000))
-    assert update(c, torch.tensor(6.0), 100).value == pytest.approx(0.1)
+    assert fixed.update(5.0, 64) is fixed and fixed.coef == 0.01
+    c = KLController(coef=0.1, kind="adaptive", target=6.0, horizon=10000)
+    up = c.update(9.0, 256)  # error clipped to +0.2
+    assert up.coef == pytest.approx(0.1 * (1 + 0.2 * 256 / 10000))
+    assert c.coef == 0.1  # frozen: the old controller is unchanged
+    down = c.update(5.4, 100)  # error -0.1
+    assert down.coef == pytest.approx(0.1 * (1 - 0.1 * 100 / 10000))
+    assert c.update(torch.tensor(6.0), 100).coef == pytest.approx(0.1)
+    assert c.update(0.0, 10).coef == pytest.approx(0.1 * (1 - 0.2 * 10 / 10000))
     with pytest.raises(ValueError, match="horizon"):
-        AdaptiveKLController(horizon=0)
+        KLController(kind="adaptive", horizon=0)
     with pytest.raises(ValueError, match="kind"):
         kl_controller("pid")
-    with pytest.raises(TypeError, match="controller"):
-        update(0.1, 1.0, 1)
-    assert isinstance(kl_controller(), FixedKLController)
+    with pytest.raises(ValueError, match="coef"):
+        KLController(coef=-1.0)
+    assert kl_controller() == KLController(coef=0.001, kind="fixed")

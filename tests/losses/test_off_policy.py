@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from skyrl_fn import DEFAULT_TABLE, PolicyLossInput
+from skyrl_fn.algorithm import compute_policy_loss
 from skyrl_fn.losses import (
-    compute_policy_loss,
     icepop_mask,
     mismatch_metrics,
     off_policy_correction,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from skyrl_fn import DEFAULT_TABLE, PolicyLossInput, PolicyLossOutput, UnknownNameError
-from skyrl_fn.losses import compute_policy_loss
+from skyrl_fn.algorithm import compute_policy_loss
 from skyrl_fn.losses import pg, ppo
 from loss_batches import POLICY_LOSSES, make_batch, with_log_probs
 
@@ -320,7 +320,7 @@ def test_unknown_loss_aggregation_or_hyperparameter():
     with pytest.raises(UnknownNameError, match=r"unknown aggregation 'tokenmean'.*token_mean"):
         compute_policy_loss(DEFAULT_TABLE, "regular", batch, aggregation="tokenmean")
     with pytest.raises(ValueError, match=r"hyperparameter 'eps_clip'.*eps_clip_high"):
-        compute_policy_loss(DEFAULT_TABLE, "regular", batch, eps_clip=0.1)
+        compute_policy_loss(DEFAULT_TABLE, "regular", batch, hyper={"eps_clip": 0.1})
     with pytest.raises(TypeError, match="batch: expected a PolicyLossInput"):
         compute_policy_loss(DEFAULT_TABLE, "regular", {"log_probs": batch.log_probs})
 

@@ -67,9 +67,12 @@ def test_facade_callables_are_unwrapped_to_their_entry():
     compat = pytest.importorskip("skyrl_fn.compat")
     target = resolve(compat.AdvantageEstimatorRegistry.get("grpo"), "advantage_estimator")
     assert target.style == "table" and target.promises == DEFAULT_TABLE.entry("advantage_estimator", "grpo").promises
-    loss = resolve(compat.PolicyLossRegistry.get("regular"), "policy_loss")
-    assert loss.style == "table" and loss.promises == DEFAULT_TABLE.entry("policy_loss", "regular").promises
-    check_policy_loss(compat.PolicyLossRegistry.get("dual_clip"), properties=["finite", "masked_grad_zero"], settings=KIT)
+    # SkyRL's own loss names give SkyRL's functions (issue 11); a loss only skyrl_fn ships is the table's
+    loss = resolve(compat.PolicyLossRegistry.get("gpg"), "policy_loss")
+    assert loss.style == "table" and loss.promises == DEFAULT_TABLE.entry("policy_loss", "gpg").promises
+    assert resolve(compat.PolicyLossRegistry.get("regular"), "policy_loss").style == "skyrl"
+    # ppo_policy_loss reads config.policy_loss_type (the kit's config says "custom"): check a loss that does not
+    check_policy_loss(compat.PolicyLossRegistry.get("gspo"), properties=["finite", "masked_grad_zero"], settings=KIT)
 
 
 def skyrl_reinforce(log_probs, old_log_probs, advantages, config, loss_mask=None):

@@ -13,7 +13,7 @@ from skyrl_fn.train.config import TrainConfig, resolve
 from skyrl_fn.train.loop import train
 
 # Timing-dependent metrics differ between runs; everything else must match exactly.
-_TIMING = {"step_seconds", "rollout_seconds", "rollout_tokens_per_s", "tokens_per_s"}
+_TIMING = {"step_seconds", "rollout_seconds", "rollout_tokens_per_s", "tokens_per_s", "update_seconds"}
 
 
 def _strip(history):

@@ -119,14 +119,14 @@ def test_backend_protocol_and_vllm_check(setup, monkeypatch):
 
 
 def test_vllm_fails_before_any_model_loads(make_config, table, monkeypatch):
-    from skyrl_fn.train import loop, model as model_mod
+    from skyrl_fn.train import loop, model as model_mod, workers
     from skyrl_fn.train.config import resolve
 
     def boom(*a, **k):
         raise AssertionError("a model was built before the backend check")
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(loop, "load_model", boom)
+    monkeypatch.setattr(workers, "load_model", boom)
     monkeypatch.setattr(model_mod, "build_tiny_model", boom)
     run = resolve(make_config(rollout={"backend": "vllm"}), table)
     with pytest.raises(BackendUnavailableError, match="vllm"):
