@@ -31,12 +31,17 @@ from skyrl_fn.gpu.vllm_backend import (
     sampling_params_kwargs,
     vllm_unavailable_reason,
 )
+from skyrl_fn.gpu.memory import release_cached_memory
+from skyrl_fn.gpu.sync_check import SyncTracker, WeightSyncError
 from skyrl_fn.gpu.weight_sync import (
     Bucket,
     BroadcastSender,
     TensorSlot,
     WeightSyncExtension,
     broadcast_ranks,
+    bucket_from_wire,
+    bucket_to_wire,
+    indexed_device,
     pack_bucket,
     plan_buckets,
     plan_from_wire,
@@ -54,4 +59,6 @@ __all__ = [
     "sampling_params_kwargs", "vllm_unavailable_reason",
     "Bucket", "BroadcastSender", "TensorSlot", "WeightSyncExtension", "broadcast_ranks", "pack_bucket",
     "plan_buckets", "plan_from_wire", "plan_to_wire", "specs_of", "to_hf_names", "unpack_bucket",
+    "bucket_to_wire", "bucket_from_wire", "indexed_device",
+    "SyncTracker", "WeightSyncError", "release_cached_memory",
 ]

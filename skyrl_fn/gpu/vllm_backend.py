@@ -12,17 +12,20 @@ actor (see ``skyrl_fn.gpu.placement`` for its GPUs). It returns the same ``Rollo
 * ``SamplingParams(n=G, temperature, top_p, max_tokens, seed, logprobs=0)``: ``logprobs=0``
   returns the log-prob of the sampled token only; vLLM seeds the ``G`` children of a request with
   ``seed + g``, so a batch is a pure function of (weights, prompts, seed);
-* ``logprobs_mode="processed_logprobs"``: log-probs after temperature scaling, i.e.
-  ``log softmax(z / tau)[y]`` as the ``hf`` backend and the learner compute. With ``top_p < 1``
-  vLLM's processed log-probs are renormalised over the nucleus (the actual sampling
-  distribution), which differs from the ``hf`` backend by ``log(nucleus mass)``; off-policy
-  corrections then see the true behaviour policy.
+* ``logprobs_mode="processed_logprobs"``: log-probs after temperature and top-p, i.e. of the
+  distribution the token was sampled from (``log softmax(z / tau)[y]`` renormalised over the
+  nucleus when ``top_p < 1``). The ``hf`` backend and the learner use the same definition
+  (``skyrl_fn.train.sampling``), so rollout and learner log-probs agree for every
+  ``(temperature, top_p)``; vLLM's ``raw_logprobs`` would ignore the temperature.
+* temperatures outside ``[0.01, 2]`` are rejected at config time (``SamplingParams`` rejects
+  > 2 and silently raises < 0.01 to 0.01, which the learner would not know).
 * EOS stays in ``token_ids`` (vLLM stops after emitting it), so ``response_mask`` is 1 on the
   generated tokens including EOS, as in the ``hf`` backend.
 
-Sleep/wake (colocated engines): after a rollout the engine sleeps (level 1: KV cache freed,
-weights offloaded to CPU RAM) so the trainer can use the GPU; ``sync_weights`` wakes only the
-weights, loads the new ones, and the next ``generate`` wakes the KV cache.
+Sleep/wake (colocated engines): the engine sleeps right after start-up and after each rollout
+(level 1: KV cache freed, weights offloaded to CPU RAM) so the trainer can use the GPU
+(``skyrl_fn.gpu.memory``); ``sync_weights`` wakes only the weights, loads the new ones (sent as
+bytes, see ``skyrl_fn.gpu.weight_sync``), and the next ``generate`` wakes the KV cache.
 
 vLLM is imported only inside functions: this module imports on a CPU-only machine.
 """
@@ -36,7 +39,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from skyrl_fn.train.config import RolloutConfig
+from skyrl_fn.train.config import VLLM_TEMPERATURE_RANGE, RolloutConfig
 
 __all__ = [
     "VLLM_EXTRA_HINT",
@@ -76,8 +79,12 @@ def _check_rollout(cfg: RolloutConfig) -> None:
         raise ValueError(
             f"rollout.samples_per_prompt/max_new_tokens: expected >= 1, got {cfg.samples_per_prompt}, {cfg.max_new_tokens}"
         )
-    if not cfg.temperature > 0:
-        raise ValueError(f"rollout.temperature: expected > 0 (vLLM treats 0 as greedy, without log-probs of a sampler), got {cfg.temperature}")
+    lo, hi = VLLM_TEMPERATURE_RANGE
+    if not lo <= cfg.temperature <= hi:
+        raise ValueError(
+            f"rollout.temperature: expected in [{lo}, {hi}] for the vLLM backend (SamplingParams rejects > {hi} and "
+            f"raises < {lo} to {lo}; 0 would be greedy), got {cfg.temperature}"
+        )
     if not 0 < cfg.top_p <= 1:
         raise ValueError(f"rollout.top_p: expected in (0, 1], got {cfg.top_p}")
 
@@ -261,8 +268,12 @@ class VLLMBackend:
         self.tokenizer = tokenizer
         self.colocated = colocated
         self.tied_embeddings = tied_embeddings
-        self.llm = LLM(**engine_kwargs(cfg, model_path, dtype=dtype, seed=seed, colocated=colocated, max_model_len=max_model_len))
+        kwargs = engine_kwargs(cfg, model_path, dtype=dtype, seed=seed, colocated=colocated, max_model_len=max_model_len)
+        self.llm = LLM(**kwargs)
         self._asleep: set[str] = set()  # parts released by sleep: {"weights", "kv_cache"}
+        # Colocated: give the GPU back at once, so the trainer-side models (started after the
+        # engines, see skyrl_fn.gpu.memory) load into it.
+        self.sleep()
 
     # -- sleep / wake ----------------------------------------------------------------------
     def sleep(self) -> None:
@@ -304,18 +315,24 @@ class VLLMBackend:
         )
 
     def sync_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        """Load the trainer's weights in-process (``collective_rpc`` -> ``model.load_weights``).
+        """Load the trainer's weights into the engine (``collective_rpc`` -> ``model.load_weights``).
 
-        Sends HF-named tensors in buckets of ``DEFAULT_BUCKET_BYTES`` so a large model never
-        needs a second full copy in flight; wakes only the weights of a sleeping engine.
+        Sends HF-named tensors in buckets of ``DEFAULT_BUCKET_BYTES`` as msgpack-safe data
+        (``weight_sync.bucket_to_wire``: bytes plus name/shape/dtype; vLLM's engine process
+        cannot receive tensors through ``collective_rpc``), so a large model never needs a
+        second full copy in flight; wakes only the weights of a sleeping engine.
+
+        Raises:
+            RuntimeError: a worker loaded a different number of tensors than were sent.
         """
-        from skyrl_fn.gpu.weight_sync import DEFAULT_BUCKET_BYTES, plan_buckets, specs_of, to_hf_names
+        from skyrl_fn.gpu.weight_sync import DEFAULT_BUCKET_BYTES, bucket_to_wire, plan_buckets, specs_of, to_hf_names
 
         named = to_hf_names(state_dict, tied_embeddings=self.tied_embeddings)
         self.wake_up(("weights",))
         for bucket in plan_buckets(specs_of(named), bucket_bytes=DEFAULT_BUCKET_BYTES):
-            chunk = [(name, named[name]) for name in bucket.names]
-            self.llm.collective_rpc("skyrl_load_weights", args=(chunk,))
+            loaded = self.llm.collective_rpc("skyrl_load_weights", args=(bucket_to_wire(bucket, named),))
+            if any(n != len(bucket.slots) for n in loaded):
+                raise RuntimeError(f"skyrl_load_weights: expected {len(bucket.slots)} tensors loaded by every worker, got {loaded}")
         self.llm.reset_prefix_cache()
 
     # -- broadcast path (engines on their own GPUs) ----------------------------------------

@@ -3,10 +3,17 @@
 After every optimiser step the rollout engines must sample from the new policy. Two paths:
 
 * **colocated** (engine and trainer share GPUs, or the engine lives in the rollout actor that
-  receives the state dict through Ray): the engine loads the tensors in-process with
-  ``LLM.collective_rpc("skyrl_load_weights", args=(named_tensors,))`` on the
-  :class:`WeightSyncExtension` mixed into every vLLM worker (``worker_extension_cls``), which
-  calls the model's own ``load_weights(iterable of (name, tensor))``. vLLM's loader takes
+  receives the state dict through Ray): each bucket goes to the engine as plain data,
+  ``LLM.collective_rpc("skyrl_load_weights", args=(bucket_to_wire(bucket, tensors),))``, and
+  the :class:`WeightSyncExtension` mixed into every vLLM worker (``worker_extension_cls``)
+  rebuilds the tensors with ``torch.frombuffer`` and calls the model's own
+  ``load_weights(iterable of (name, tensor))``. Why bytes: vLLM's engine runs in its own
+  process by default (``VLLM_ENABLE_V1_MULTIPROCESSING=1``) and ``collective_rpc`` arguments
+  cross that boundary msgpack-encoded (``vllm/v1/serial_utils.py``): a tensor becomes
+  ``[dtype, shape, buffer index]`` and the engine decodes it without type information, so the
+  worker would get a list, not a tensor. ``bytes``, ``str``, ``int`` and lists survive that
+  encoding (tested in ``tests/gpu/test_msgpack_contract.py``), in- or out-of-process alike. The
+  cost is one host copy per bucket; vLLM's loader takes
   Hugging Face checkpoint names and does the fusing itself (q/k/v into ``qkv_proj``, gate/up into
   ``gate_up_proj``, tensor-parallel sharding), so names only need :func:`to_hf_names`.
 * **broadcast** (engines on other GPUs): trainer rank 0 and every engine worker join one NCCL
@@ -31,6 +38,7 @@ Everything except the two classes' CUDA methods is pure and tested on CPU tensor
 from __future__ import annotations
 
 import socket
+import warnings
 from typing import Iterable, Mapping, Sequence
 
 import attrs
@@ -46,6 +54,9 @@ __all__ = [
     "unpack_bucket",
     "plan_to_wire",
     "plan_from_wire",
+    "bucket_to_wire",
+    "bucket_from_wire",
+    "indexed_device",
     "broadcast_ranks",
     "free_port",
     "WeightSyncExtension",
@@ -256,6 +267,66 @@ def plan_from_wire(wire: Sequence) -> tuple[Bucket, ...]:
     return tuple(out)
 
 
+def bucket_to_wire(bucket: Bucket, tensors: Mapping[str, torch.Tensor]) -> list:
+    """One bucket as msgpack-native data: ``[size, slots, payload]`` with ``slots`` as in
+    :func:`plan_to_wire` (name, shape, dtype name, offset, nbytes) and ``payload`` the packed
+    bytes (:func:`pack_bucket` on the CPU). What ``skyrl_load_weights`` receives.
+
+    Raises:
+        KeyError/ValueError/TypeError: as :func:`pack_bucket`.
+    """
+    buf = pack_bucket(bucket, tensors, device="cpu")
+    if any(tensors[s.name].is_cuda for s in bucket.slots):
+        torch.cuda.synchronize()  # pack_bucket copies non-blocking; the bytes are read right below
+    # numpy has no bfloat16, but the buffer is uint8: this is one copy into a bytes object.
+    return [*plan_to_wire((bucket,))[0], buf.numpy().tobytes()]
+
+
+def bucket_from_wire(wire: Sequence) -> tuple[Bucket, torch.Tensor]:
+    """Inverse of :func:`bucket_to_wire`: the bucket and a ``[size]`` uint8 CPU tensor over the
+    payload (``torch.frombuffer``: no copy; read-only memory, so copy before writing).
+
+    Raises:
+        ValueError: not ``[size, slots, payload]``, or the payload length differs from ``size``.
+    """
+    if not isinstance(wire, (list, tuple)) or len(wire) != 3:
+        raise ValueError(f"bucket: expected [size, slots, payload] (bucket_to_wire), got {type(wire).__name__} of length {len(wire) if hasattr(wire, '__len__') else '?'}")
+    size, slots, payload = wire
+    (bucket,) = plan_from_wire([[size, slots]])
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise ValueError(f"bucket payload: expected bytes, got {type(payload).__name__}")
+    view = memoryview(payload).cast("B")
+    if view.nbytes != bucket.size:
+        raise ValueError(f"bucket payload: expected {bucket.size} bytes (the planned size), got {view.nbytes}")
+    if bucket.size == 0:
+        return bucket, torch.empty(0, dtype=torch.uint8)
+    with warnings.catch_warnings():  # bytes are read-only; the tensor is only read (copied to the device)
+        warnings.filterwarnings("ignore", message=".*not writable.*")
+        return bucket, torch.frombuffer(view, dtype=torch.uint8)
+
+
+def indexed_device(device: torch.device | str, *, current_index: int | None = None) -> torch.device:
+    """``device`` with an explicit index: ``"cuda"`` becomes ``cuda:<current_index>``.
+
+    vLLM's ``PyNcclCommunicator`` checks ``tensor.device == self.device`` and a tensor always
+    carries an index, so a communicator bound to a bare ``"cuda"`` fails its first call.
+
+    Args:
+        device: the trainer's device (``"cuda"``, ``"cuda:1"``, a ``torch.device``).
+        current_index: the index to fill in; None asks ``torch.cuda.current_device()``.
+
+    Raises:
+        ValueError: ``device`` is not a CUDA device (NCCL needs one).
+    """
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        raise ValueError(f"device: expected a CUDA device for the NCCL weight broadcast, got {str(dev)!r}")
+    if dev.index is not None:
+        return dev
+    index = torch.cuda.current_device() if current_index is None else int(current_index)
+    return torch.device("cuda", index)
+
+
 def broadcast_ranks(num_engines: int, tensor_parallel_size: int) -> tuple[int, tuple[int, ...]]:
     """World size of the sync group and the first rank of each engine.
 
@@ -285,14 +356,16 @@ class WeightSyncExtension:
     ``self.model_runner.model``, ``self.device`` and ``self.rank`` are vLLM's. Needs CUDA.
     """
 
-    def skyrl_load_weights(self, named_tensors: Sequence[tuple[str, torch.Tensor]]) -> int:
-        """In-process load (colocated path): ``model.load_weights`` on HF-named tensors."""
+    def skyrl_load_weights(self, wire_bucket: Sequence) -> int:
+        """Colocated path: load one :func:`bucket_to_wire` bucket (HF names) with the model's
+        ``load_weights``; returns the tensor count."""
+        bucket, cpu_buf = bucket_from_wire(wire_bucket)
         device = torch.device(self.device)
-        model = self.model_runner.model
-        model.load_weights(weights=((n, t.to(device, non_blocking=True)) for n, t in named_tensors))
+        buf = cpu_buf.to(device)  # one copy; the views below point into it
+        self.model_runner.model.load_weights(weights=unpack_bucket(bucket, buf))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        return len(named_tensors)
+        return len(bucket.slots)
 
     def skyrl_init_broadcast(self, host: str, port: int, rank_offset: int, world_size: int) -> int:
         """Join the trainer's NCCL group as rank ``rank_offset + self.rank``; returns that rank."""
@@ -343,7 +416,7 @@ class BroadcastSender:
         from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
         from vllm.distributed.utils import StatelessProcessGroup
 
-        self.device = torch.device(device)
+        self.device = indexed_device(device)
         self.bucket_bytes = bucket_bytes
         group = StatelessProcessGroup.create(host=host, port=port, rank=0, world_size=world_size)
         self.comm = PyNcclCommunicator(group, device=self.device)
@@ -354,5 +427,5 @@ class BroadcastSender:
     def send(self, state_dict: Mapping[str, torch.Tensor], plan: Sequence[Bucket]) -> None:
         for bucket in plan:
             buf = pack_bucket(bucket, state_dict, device=self.device)
-            self.comm.broadcast(buf, src=0, stream=torch.cuda.current_stream())
-        torch.cuda.current_stream().synchronize()
+            self.comm.broadcast(buf, src=0, stream=torch.cuda.current_stream(self.device))
+        torch.cuda.current_stream(self.device).synchronize()

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 import torch
 
+from skyrl_fn.gpu.memory import release_cached_memory
 from skyrl_fn.launcher.devices import actor_device, to_device
 from skyrl_fn.launcher.weights import PackedWeights, pack, unpack
 from skyrl_fn.train import checkpoint as ckpt
@@ -32,6 +33,11 @@ def _start(run: ResolvedRun) -> str:
     seed_everything(run.config.trainer.seed)
     # "cuda" only when Ray gave this actor a GPU (skyrl_fn.gpu placement); else "cpu".
     return actor_device()
+
+
+def _shares_gpu(run: ResolvedRun) -> bool:
+    """Colocated vLLM engines wake up after the trainer side's work: it gives cached memory back."""
+    return run.config.rollout.backend == "vllm" and run.config.gpu.colocate
 
 
 def hosts_rollout(run: ResolvedRun) -> bool:
@@ -82,6 +88,7 @@ class PolicyTrainer(roles.PolicyWorker, _Ping):
         if values is not None:
             exp = to_device(exp, "cpu")
         push = self.sender is None and self.backend is None
+        release_cached_memory(self.device, colocated=_shares_gpu(self.run))
         return metrics, (exp if values is not None else None), (self.packed_weights() if push else None)
 
     def packed_weights(self) -> PackedWeights:
@@ -158,7 +165,9 @@ class ReferenceModel(roles.ReferenceWorker, _Ping):
         super().__init__(run, device=_start(run))
 
     def log_probs_of(self, generated: roles.Generated) -> torch.Tensor:
-        return self.log_probs(to_device(generated.rollout, self.device)).cpu()
+        lp = self.log_probs(to_device(generated.rollout, self.device)).cpu()
+        release_cached_memory(self.device, colocated=_shares_gpu(self.run))
+        return lp
 
 
 class Critic(roles.CriticWorker, _Ping):
@@ -168,11 +177,15 @@ class Critic(roles.CriticWorker, _Ping):
         super().__init__(run, device=_start(run))
 
     def values_of(self, generated: roles.Generated) -> torch.Tensor:
-        return self.values(to_device(generated.rollout, self.device)).cpu()
+        values = self.values(to_device(generated.rollout, self.device)).cpu()
+        release_cached_memory(self.device, colocated=_shares_gpu(self.run))
+        return values
 
     def update_on(self, exp) -> dict[str, float]:
         """The critic update on the experience ``PolicyTrainer.update_here`` returned."""
-        return self.update(None if exp is None else to_device(exp, self.device))  # None: skipped step
+        metrics = self.update(None if exp is None else to_device(exp, self.device))  # None: skipped step
+        release_cached_memory(self.device, colocated=_shares_gpu(self.run))
+        return metrics
 
     def get_state(self) -> roles.RoleState:
         return to_device(self.state(), "cpu")

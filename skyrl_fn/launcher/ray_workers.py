@@ -24,6 +24,7 @@ from typing import Any, Mapping, NoReturn, Sequence
 import attrs
 import torch
 
+from skyrl_fn.gpu.sync_check import SyncTracker
 from skyrl_fn.launcher.actors import Critic, PolicyTrainer, ReferenceModel, RolloutWorker, hosts_rollout
 from skyrl_fn.launcher.devices import gpu_plan
 from skyrl_fn.launcher.layout import concat_rollouts, split_prompts, with_rollout_workers
@@ -106,21 +107,31 @@ class RayWorkers:
         self.names: dict[str, str] = {}
         self.step_index = -1  # -1: still starting (constructors running)
         self.saved = bool(cfg.trainer.resume)  # a checkpoint of this run may exist on disk
-        self.pending: list[Any] = []
         self.hybrid = self.plan is None and hosts_rollout(run)
         self.share = run.uses_reference or run.uses_critic  # someone besides the policy reads the batch
-        policy_share = CPU_SHARES["policy"] + (CPU_SHARES["rollout"] if self.hybrid else 0.0)
-        self.policy = start(PolicyTrainer, "policy", 0, policy_share, "policy trainer (PolicyTrainer)")
+        self.policy = None
         self.rollout = [
             start(RolloutWorker, "rollout", i, CPU_SHARES["rollout"] / max(1, n_rollout), f"rollout worker {i} (RolloutWorker)")
             for i in range(n_rollout)
         ]
+        if self.plan is not None and self.plan.colocate:
+            # Engines first: vLLM needs gpu_memory_utilization x total free at start-up, then
+            # sleeps, so the trainer-side models load into the memory it frees.
+            self.get([w.ping.remote() for w in self.rollout])
+        policy_share = CPU_SHARES["policy"] + (CPU_SHARES["rollout"] if self.hybrid else 0.0)
+        self.policy = start(PolicyTrainer, "policy", 0, policy_share, "policy trainer (PolicyTrainer)")
         self.reference = start(ReferenceModel, "reference", 0, CPU_SHARES["reference"], "reference model (ReferenceModel)") if run.uses_reference else None
         self.critic = start(Critic, "critic", 0, CPU_SHARES["critic"], "critic (Critic)") if run.uses_critic else None
+        self.sync_timeout_s = cfg.gpu.sync_timeout_s
         self.get([a.ping.remote() for a in self.actors()])  # constructors done, or a clear error
         if self.plan is not None and not self.plan.colocate:
             self._init_broadcast()
         self.step_index = 0
+        # Each step's weight push, checked before the next generate (skyrl_fn.gpu.sync_check).
+        self.syncs = SyncTracker(
+            lambda ref, timeout: self.get(ref, timeout=timeout), timeout_s=self.sync_timeout_s,
+            names=[self.names[w._actor_id.hex()] for w in self.rollout], passthrough=(WorkerDiedError,),
+        )
 
     # -- the protocol ------------------------------------------------------------------------
     def generate(self, examples: Sequence[Any], *, step: int, seed: int):
@@ -130,6 +141,7 @@ class RayWorkers:
                 return _Deferred(list(examples), seed)
             generated, seconds = self.policy.generate_here.options(num_returns=2).remote(examples, seed, True)
             return _Sampled(generated, seconds)
+        self.syncs.check()  # the last step's weights reached every worker, or stop here
         chunks = split_prompts(examples, len(self.rollout))
         outs = [w.generate_split.options(num_returns=2).remote(c, seed + i) for i, (w, c) in enumerate(zip(self.rollout, chunks))]
         if len(outs) == 1:
@@ -156,8 +168,8 @@ class RayWorkers:
         if not self.hybrid:
             if self.broadcast_plan is None:
                 # Queued now, run by each worker before its next generate (an actor runs one
-                # caller's calls in order); waited for in state() or close().
-                self.pending = [w.sync_packed.remote(weights) for w in self.rollout]
+                # caller's calls in order); checked before the next generate and in state().
+                self.syncs.record(self.step_index, [w.sync_packed.remote(weights) for w in self.rollout])
             else:  # engines on their own GPUs: NCCL broadcast, both sides started together
                 self._broadcast()
         return _Updated(metrics, exp)
@@ -221,10 +233,8 @@ class RayWorkers:
         return [a for a in [self.policy, *self.rollout, self.reference, self.critic] if a is not None]
 
     def _flush(self) -> None:
-        """Wait for the last weight push (raises if a rollout worker died meanwhile)."""
-        if self.pending:
-            self.get(self.pending)
-            self.pending = []
+        """Wait for the last weight push (raises if it failed or a rollout worker died meanwhile)."""
+        self.syncs.check()
 
     def _pad_id(self) -> int:
         cfg = self.run.config
@@ -239,19 +249,25 @@ class RayWorkers:
         world, offsets = broadcast_ranks(len(self.rollout), self.run.config.rollout.tensor_parallel_size)
         refs = [self.policy.init_broadcast.remote(host, port, world)]
         refs += [w.init_broadcast.remote(host, port, off, world) for w, off in zip(self.rollout, offsets)]
-        self.broadcast_plan = self.get(refs)[0]
+        self.broadcast_plan = self.get(refs, timeout=self.sync_timeout_s, what="forming the NCCL weight-sync group")[0]
 
     def _broadcast(self) -> None:
         """Send the policy's weights to every engine over NCCL and wait for both sides."""
-        self.get([self.policy.broadcast.remote()] + [w.receive_broadcast.remote(self.broadcast_plan) for w in self.rollout])
+        refs = [self.policy.broadcast.remote()] + [w.receive_broadcast.remote(self.broadcast_plan) for w in self.rollout]
+        self.get(refs, timeout=self.sync_timeout_s, what="the NCCL weight broadcast")
 
-    def get(self, refs):
-        """``ray.get`` that turns a dead actor into :class:`WorkerDiedError` naming it."""
+    def get(self, refs, *, timeout: float | None = None, what: str | None = None):
+        """``ray.get`` that turns a dead actor into :class:`WorkerDiedError` naming it; with
+        ``timeout`` (s) and ``what``, a wait that runs out is a ``TimeoutError`` naming ``what``."""
         import ray
-        from ray.exceptions import RayActorError, RayTaskError
+        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
         try:
-            return ray.get(refs)
+            return ray.get(refs, timeout=timeout)
+        except GetTimeoutError as err:
+            if what is None:
+                raise
+            raise TimeoutError(f"{what} did not finish within {timeout:g} s (--gpu.sync-timeout-s)") from err
         except RayActorError as err:
             self._died(err)
         except RayTaskError as err:

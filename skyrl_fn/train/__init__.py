@@ -56,6 +56,7 @@ from skyrl_fn.train.rollout import (
     check_backend_available,
     make_backend,
 )
+from skyrl_fn.train.sampling import nucleus_log_mass, nucleus_mask, nucleus_probs, sampling_log_probs
 from skyrl_fn.train.tasks import DataState, DigitsTask, Example, Task, make_task, next_prompts, score
 
 __all__ = [
@@ -71,5 +72,6 @@ __all__ = [
     "build_critic", "build_tiny_model", "build_tokenizer", "load_model", "load_tokenizer",
     "BackendUnavailableError", "HFBackend", "RolloutBackend", "RolloutBatch", "check_backend_available",
     "make_backend",
+    "nucleus_log_mass", "nucleus_mask", "nucleus_probs", "sampling_log_probs",
     "DataState", "DigitsTask", "Example", "Task", "make_task", "next_prompts", "score",
 ]

@@ -186,6 +186,11 @@ class EvalConfig:
     """Prompts per generate call."""
 
 
+#: Temperatures every vLLM of the ``[vllm]`` extra samples with as given: ``SamplingParams``
+#: raises < 0.01 to 0.01 (0.11 and 0.33) and rejects > 2 (0.33; 0.11 accepted them).
+VLLM_TEMPERATURE_RANGE: tuple[float, float] = (0.01, 2.0)
+
+
 @dataclasses.dataclass(frozen=True)
 class RolloutConfig:
     """Sampling responses."""
@@ -289,6 +294,9 @@ class GPUPlacementConfig:
     """separate layout only: GPUs of the trainer side (the rest go to the engines)."""
     cpus_per_bundle: float = 1.0
     """CPUs reserved with each GPU bundle."""
+    sync_timeout_s: float = 900.0
+    """Seconds the driver waits for one weight sync (or for forming the NCCL group) before it
+    stops the run with an error naming the step (a hung collective never returns)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -426,6 +434,14 @@ def resolve(config: TrainConfig, table: AlgorithmTable) -> ResolvedRun:
     _check_positive("ray.rollout_workers", config.ray.rollout_workers, allow_zero=True)
     if not 0 < ro.top_p <= 1:
         raise ValueError(f"rollout.top_p: expected in (0, 1], got {ro.top_p!r}")
+    if ro.backend == "vllm" and not VLLM_TEMPERATURE_RANGE[0] <= ro.temperature <= VLLM_TEMPERATURE_RANGE[1]:
+        lo, hi = VLLM_TEMPERATURE_RANGE
+        raise ValueError(
+            f"rollout.temperature: expected in [{lo}, {hi}] with rollout.backend 'vllm' (vLLM's SamplingParams "
+            f"rejects temperatures above {hi} and raises those below {lo} to {lo}, which the learner would not "
+            f"know), got {ro.temperature!r}; use --rollout.backend hf for other temperatures"
+        )
+    _check_positive("gpu.sync_timeout_s", config.gpu.sync_timeout_s)
     if config.data.task == "gsm8k" and not config.data.path:
         raise ValueError("data.path: expected a jsonl path for task gsm8k (see launch/prep_gsm8k.py), got None")
     if config.data.min_digits < 1 or config.data.max_digits < config.data.min_digits:

@@ -192,7 +192,7 @@ def policy_update(
         bad: dict[int, list[str]] | None = None  # rows of a non-finite loss, once one is seen
         for s in range(0, b, mbs):
             mb = exp.slice(s, s + mbs)
-            lp, ent = sequence_log_probs(model, mb.input_ids, mb.attention_mask, t, temperature=run.config.rollout.temperature, with_entropy=with_entropy)
+            lp, ent = sequence_log_probs(model, mb.input_ids, mb.attention_mask, t, temperature=run.config.rollout.temperature, top_p=run.config.rollout.top_p, with_entropy=with_entropy)
             old = mb.old_log_probs
             if old is None:
                 # No optimiser step has happened before the first epoch ends, so this forward

@@ -3,9 +3,12 @@
 Notation: ``P`` prompts, ``G`` samples per prompt, ``B = P * G`` sequences, ``Lp`` prompt tokens
 (left-padded), ``T`` response tokens (right-padded, ``T <= max_new_tokens``), ``V`` vocabulary.
 
-Log-probs: ``rollout_log_probs[b, t] = log softmax(logits / temperature)[response_ids[b, t]]``,
-i.e. the sampling distribution before top-p truncation; at temperature 1 this equals a plain
-forward pass of the same model (tested). The learner scores with the same temperature.
+Log-probs: ``rollout_log_probs[b, t]`` is the log-prob of the sampled token under the
+distribution it was sampled from — ``softmax(logits / temperature)`` restricted to the top-p
+nucleus and renormalised (``skyrl_fn.train.sampling``, which also says why and how this differs
+from SkyRL/verl at ``top_p < 1``). At ``top_p = 1`` it is ``log softmax(logits / temperature)``
+and at temperature 1 a plain forward pass of the same model (tested). The learner scores with
+the same temperature and top-p, so rollout and learner log-probs agree (tested for both).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from torch import nn
 from skyrl_fn._checks import as_mask, check_floating, check_shape, check_tensor
 from skyrl_fn.train.config import RolloutConfig
 from skyrl_fn.train.model import encode_prompts, eos_token_ids, position_ids
+from skyrl_fn.train.sampling import nucleus_log_mass, nucleus_probs
 
 __all__ = [
     "RolloutBatch", "RolloutBackend", "HFBackend", "make_backend", "check_backend_available",
@@ -190,12 +194,16 @@ class HFBackend:
         out_ids, out_lp, out_mask = [], [], []
         for t in range(cfg.max_new_tokens):
             logp = torch.log_softmax(logits.float() / cfg.temperature, dim=-1)
-            probs = _top_p(logp.exp(), cfg.top_p) if cfg.top_p < 1.0 else logp.exp()
+            probs = nucleus_probs(logp.exp(), cfg.top_p) if cfg.top_p < 1.0 else logp.exp()
             nxt = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+            # The log-prob under the distribution sampled from (skyrl_fn.train.sampling), as the learner's.
+            tok_lp = logp.gather(-1, nxt[:, None]).squeeze(-1)
+            if cfg.top_p < 1.0:
+                tok_lp = tok_lp - nucleus_log_mass(logits, nxt, temperature=cfg.temperature, top_p=cfg.top_p)
             alive = ~finished
             nxt = torch.where(alive, nxt, pad)
             out_ids.append(nxt)
-            out_lp.append(torch.where(alive, logp.gather(-1, nxt[:, None]).squeeze(-1), 0.0))
+            out_lp.append(torch.where(alive, tok_lp, 0.0))
             out_mask.append(alive)
             finished = finished | (alive & torch.isin(nxt, eos_t))
             if bool(finished.all()) or t == cfg.max_new_tokens - 1:
@@ -227,15 +235,6 @@ def cache_keyword(model: nn.Module) -> str:
     except (TypeError, ValueError):
         return "past_key_values"
     return "cache" if "cache" in params else "past_key_values"
-
-
-def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """``[B, V]`` probabilities restricted to the smallest set with mass >= top_p (renormalised)."""
-    sorted_p, idx = probs.sort(dim=-1, descending=True)
-    keep = sorted_p.cumsum(-1) - sorted_p < top_p
-    sorted_p = torch.where(keep, sorted_p, 0.0)
-    out = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
-    return out / out.sum(-1, keepdim=True)
 
 
 def make_backend(

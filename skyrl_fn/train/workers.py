@@ -155,7 +155,7 @@ class PolicyWorker:
         model.eval()
         old_lp = None  # taken from policy_update's first forward pass
         if cfg.algorithm.recompute_old_log_probs:
-            old_lp = batched_log_probs(model, rollout, micro_batch_size=cfg.trainer.micro_batch_size, temperature=cfg.rollout.temperature)
+            old_lp = batched_log_probs(model, rollout, micro_batch_size=cfg.trainer.micro_batch_size, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
         metrics, exp = experience_and_update(
             self.run, self.train_state, rollout, scores, reward_function=reward_function_name(self.task), old_log_probs=old_lp,
             ref_log_probs=ref_log_probs, values=values, kl_coef=kl_coef, kernel=self.kernel,
@@ -227,7 +227,7 @@ class ReferenceWorker:
     def log_probs(self, rollout: RolloutBatch) -> torch.Tensor:
         """``[B, T]`` reference log-probs of the sampled tokens."""
         cfg = self.run.config
-        return batched_log_probs(self.model, rollout, micro_batch_size=cfg.trainer.micro_batch_size, temperature=cfg.rollout.temperature)
+        return batched_log_probs(self.model, rollout, micro_batch_size=cfg.trainer.micro_batch_size, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
 
 
 class CriticWorker:

@@ -9,6 +9,7 @@ import sys
 import types
 from pathlib import Path
 
+import msgpack
 import pytest
 
 import skyrl_fn.gpu.vllm_backend as vb
@@ -108,12 +109,30 @@ def test_sampling_params_come_from_the_config():
     kw = sampling_params_kwargs(cfg, seed=2**64 + 3, eos_token_id=2)
     assert kw["n"] == 4 and kw["max_tokens"] == 32 and kw["temperature"] == 0.8 and kw["top_p"] == 0.95
     assert kw["logprobs"] == 0 and kw["stop_token_ids"] == [2] and 0 <= kw["seed"] < 2**63
-    with pytest.raises(ValueError, match="rollout.temperature"):
-        sampling_params_kwargs(RolloutConfig(temperature=0.0), seed=0)
+    for bad in (0.0, 0.005, 2.5):  # vLLM rejects > 2 and raises < 0.01 to 0.01
+        with pytest.raises(ValueError, match=r"rollout.temperature: expected in \[0.01, 2.0\]"):
+            sampling_params_kwargs(RolloutConfig(temperature=bad), seed=0)
+    assert sampling_params_kwargs(RolloutConfig(temperature=2.0), seed=0)["temperature"] == 2.0
     with pytest.raises(ValueError, match="rollout.top_p"):
         sampling_params_kwargs(RolloutConfig(top_p=1.5), seed=0)
     with pytest.raises(TypeError, match="RolloutConfig"):
         sampling_params_kwargs({"n": 1}, seed=0)
+
+
+def test_config_rejects_temperatures_vllm_would_change_or_refuse():
+    from skyrl_fn import DEFAULT_TABLE
+    from skyrl_fn.train.config import GPUPlacementConfig, TrainConfig, resolve
+
+    def cfg(backend, temperature, **gpu):
+        return TrainConfig(rollout=RolloutConfig(backend=backend, temperature=temperature), gpu=GPUPlacementConfig(**gpu))
+
+    for bad in (2.5, 0.005):
+        with pytest.raises(ValueError, match=r"rollout.temperature: expected in \[0.01, 2.0\] with rollout.backend 'vllm'.*--rollout.backend hf"):
+            resolve(cfg("vllm", bad), DEFAULT_TABLE)
+    assert resolve(cfg("vllm", 2.0), DEFAULT_TABLE).config.rollout.temperature == 2.0
+    assert resolve(cfg("hf", 2.5), DEFAULT_TABLE).config.rollout.temperature == 2.5  # the hf backend samples any
+    with pytest.raises(ValueError, match="gpu.sync_timeout_s"):
+        resolve(cfg("hf", 1.0, sync_timeout_s=0.0), DEFAULT_TABLE)
 
 
 def test_engine_kwargs_come_from_the_config():
@@ -196,11 +215,15 @@ class FakeLLM:
         ]
 
     def collective_rpc(self, method, args=()):
+        # As vLLM's engine process receives them: msgpack-encoded (no tensors, tuples -> lists).
+        args = msgpack.unpackb(msgpack.packb(list(args), use_bin_type=True), raw=False)
         if method == "skyrl_load_weights":
-            self.calls.append(("rpc", method, [name for name, _ in args[0]]))
-        else:
-            self.calls.append(("rpc", method, args))
-        return [len(args[0]) if args and isinstance(args[0], list) else 1]
+            size, slots, payload = args[0]
+            assert len(payload) == size
+            self.calls.append(("rpc", method, [slot[0] for slot in slots]))
+            return [len(slots)]
+        self.calls.append(("rpc", method, tuple(args)))
+        return [1]
 
     def reset_prefix_cache(self):
         self.calls.append(("reset_prefix_cache",))
@@ -233,9 +256,12 @@ def test_colocated_engine_wakes_for_rollouts_and_sleeps_after(fake_vllm, tiny):
     llm = FakeLLM.instances[-1]
     assert llm.kwargs["enable_sleep_mode"] is True and llm.kwargs["dtype"] == "float32"
     assert os.path.isfile(os.path.join(llm.kwargs["model"], "config.json"))  # the tiny model was saved for vLLM
+    assert llm.calls == [("sleep", 1)]  # asleep at once: the trainer side starts after the engines
+    llm.calls.clear()
     batch = backend.generate(["n:1>", "c:23>"], seed=11)
     assert batch.batch_size == 6 and batch.response_mask.all()
-    assert [c[0] for c in llm.calls] == ["generate", "sleep"]  # fresh engine is awake
+    assert [c[0] for c in llm.calls] == ["wake_up", "generate", "sleep"]
+    assert llm.calls[0] == ("wake_up", ("weights", "kv_cache"))
     llm.calls.clear()
     backend.sync_weights(model.state_dict())
     assert llm.calls[0] == ("wake_up", ("weights",))  # only the weights come back for loading

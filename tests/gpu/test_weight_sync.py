@@ -12,8 +12,12 @@ from hypothesis import strategies as st
 
 from skyrl_fn.gpu.weight_sync import (
     EXTENSION_CLS,
+    BroadcastSender,
     WeightSyncExtension,
     broadcast_ranks,
+    bucket_from_wire,
+    bucket_to_wire,
+    indexed_device,
     free_port,
     pack_bucket,
     plan_buckets,
@@ -166,17 +170,84 @@ def test_extension_class_path_resolves():
     assert getattr(importlib.import_module(mod), cls) is WeightSyncExtension
 
 
-def test_in_process_load_through_the_extension():
+def test_colocated_load_through_the_extension_rebuilds_tensors_from_bytes():
     target, _ = tiny_state()
     source, sd = tiny_state()
     with torch.no_grad():
         for p in source.parameters():
             p.add_(1.0)
+    named = to_hf_names(source.state_dict())
     worker = _fake_worker(target)
-    n = WeightSyncExtension.skyrl_load_weights(worker, list(to_hf_names(source.state_dict()).items()))
-    assert n == len(source.state_dict())
+    plan = plan_buckets(specs_of(named), bucket_bytes=4096)
+    assert len(plan) > 1
+    n = sum(WeightSyncExtension.skyrl_load_weights(worker, bucket_to_wire(b, named)) for b in plan)
+    assert n == len(source.state_dict()) and worker.model_runner.model.calls == len(plan)
     for k, v in source.state_dict().items():
         assert torch.equal(target.state_dict()[k], v), k
+
+
+@given(specs=st.lists(st.tuples(st.lists(st.integers(0, 5), max_size=3), st.sampled_from(DTYPES)), min_size=1, max_size=6),
+       seed=st.integers(0, 2**16))
+def test_bucket_wire_round_trips_every_dtype_and_shape(specs, seed):
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {
+        f"t{i}": (torch.randn(shape, generator=gen) * 100).to(dtype) for i, (shape, dtype) in enumerate(specs)
+    }
+    (bucket,) = plan_buckets(specs_of(tensors), bucket_bytes=1 << 20)
+    wire = bucket_to_wire(bucket, tensors)
+    assert isinstance(wire[2], bytes) and len(wire[2]) == bucket.size
+    back, buf = bucket_from_wire(wire)
+    assert back == bucket and buf.dtype == torch.uint8
+    for name, t in unpack_bucket(back, buf):
+        assert t.dtype == tensors[name].dtype and torch.equal(t, tensors[name]), name
+
+
+def test_bucket_from_wire_rejects_malformed_data():
+    _, sd = tiny_state()
+    (bucket, *_) = plan_buckets(specs_of(sd), bucket_bytes=1 << 20)
+    size, slots, payload = bucket_to_wire(bucket, sd)
+    with pytest.raises(ValueError, match=rf"expected {size} bytes"):
+        bucket_from_wire([size, slots, payload[:-1]])
+    with pytest.raises(ValueError, match="expected bytes"):
+        bucket_from_wire([size, slots, list(payload[:4])])
+    with pytest.raises(ValueError, match=r"\[size, slots, payload\]"):
+        bucket_from_wire([size, slots])
+
+
+def test_nccl_sender_device_is_always_indexed():
+    assert indexed_device("cuda", current_index=3) == torch.device("cuda", 3)
+    assert indexed_device(torch.device("cuda"), current_index=0) == torch.device("cuda:0")
+    assert indexed_device("cuda:2", current_index=0) == torch.device("cuda:2")  # an explicit index is kept
+    # vLLM's PyNcclCommunicator asserts tensor.device == its device: a bare "cuda" never matches.
+    assert torch.device("cuda:0") != torch.device("cuda")
+    with pytest.raises(ValueError, match="expected a CUDA device"):
+        indexed_device("cpu")
+
+
+def test_broadcast_sender_binds_an_indexed_device(monkeypatch):
+    """The sender's communicator is built with cuda:<index> (fake vLLM modules, no GPU)."""
+    import sys
+
+    seen = {}
+
+    class FakeComm:
+        def __init__(self, group, device):
+            seen["device"] = device
+
+    class FakeGroup:
+        @staticmethod
+        def create(host, port, rank, world_size):
+            return (host, port, rank, world_size)
+
+    pynccl = types.ModuleType("vllm.distributed.device_communicators.pynccl")
+    pynccl.PyNcclCommunicator = FakeComm
+    utils = types.ModuleType("vllm.distributed.utils")
+    utils.StatelessProcessGroup = FakeGroup
+    monkeypatch.setitem(sys.modules, "vllm.distributed.device_communicators.pynccl", pynccl)
+    monkeypatch.setitem(sys.modules, "vllm.distributed.utils", utils)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    sender = BroadcastSender("127.0.0.1", 1, 2, device="cuda")
+    assert sender.device == seen["device"] == torch.device("cuda", 1)
 
 
 def test_broadcast_receive_unpacks_every_bucket_into_the_model():
