@@ -94,7 +94,18 @@ def _aggregation(table: AlgorithmTable, config: Any) -> tuple[str, dict[str, Any
     return name, _from_config(config, table.entry("aggregation", name).hyperparameters())
 
 
-class SkyRLPolicyLoss:
+class _TableLoss:
+    """A table's policy loss called the SkyRL way: holds the table and the name (so it pickles),
+    named and documented as the entry."""
+
+    def __init__(self, table: AlgorithmTable, name: str) -> None:
+        entry = table.entry("policy_loss", name)
+        self.table, self.name = table, name
+        self.__name__ = self.__qualname__ = name
+        self.__doc__ = entry.fn.__doc__
+
+
+class SkyRLPolicyLoss(_TableLoss):
     """A native policy loss of a table, called as SkyRL-Train calls its policy losses.
 
     ``fn(log_probs [B, T], old_log_probs [B, T], advantages [B, T], config, loss_mask [B, T] | None,
@@ -107,12 +118,6 @@ class SkyRLPolicyLoss:
     none (SkyRL-Train returns a Python float here, so this is the façade's one device sync).
     ``loss_mask=None`` trains on every token. Picklable (holds the table and the name).
     """
-
-    def __init__(self, table: AlgorithmTable, name: str) -> None:
-        entry = table.entry("policy_loss", name)
-        self.table, self.name = table, name
-        self.__name__ = self.__qualname__ = name
-        self.__doc__ = entry.fn.__doc__
 
     def __call__(
         self, log_probs, old_log_probs, advantages, config=None, loss_mask=None, rollout_logprobs=None, **kwargs: Any
@@ -148,7 +153,7 @@ class SkyRLPolicyLoss:
         return f"SkyRLPolicyLoss({self.name!r})"
 
 
-class SkyRLSumPolicyLoss:
+class SkyRLSumPolicyLoss(_TableLoss):
     """A native policy loss of a table, called as SkyRL 0.3.0 calls its policy losses.
 
     ``fn(log_probs [B, T], old_log_probs [B, T], advantages [B, T], config, loss_mask [B, T] | None,
@@ -158,12 +163,6 @@ class SkyRLSumPolicyLoss:
     masked sum (the reduction is in the advantages, as SkyRL 0.3.0). For the table's losses that
     SkyRL does not ship (e.g. ``reinforce``, ``gpg``, ``geo_mean``); picklable.
     """
-
-    def __init__(self, table: AlgorithmTable, name: str) -> None:
-        entry = table.entry("policy_loss", name)
-        self.table, self.name = table, name
-        self.__name__ = self.__qualname__ = name
-        self.__doc__ = entry.fn.__doc__
 
     def __call__(
         self, log_probs, old_log_probs, advantages, config=None, loss_mask=None, rollout_logprobs=None, **kwargs: Any
