@@ -14,7 +14,16 @@ advantage_estimator   ``fn(batch: AdvantageInput, **hyper)``      ``AdvantageOut
 policy_loss           ``fn(batch: PolicyLossInput, **hyper)``     ``PolicyLossOutput``
 kl_estimator          ``fn(log_probs, ref_log_probs, **hyper)``   ``[B, T]`` tensor
 aggregation           ``fn(token_loss, loss_mask, **hyper)``      ``[]`` scalar tensor
+task                  ``fn(data, **hyper)``                       a ``Task``
+reward                ``fn(response, example, **hyper)``          ``float``
+rollout_backend       ``fn(model, tokenizer, rollout, **opts)``   a ``RolloutBackend``
 ====================  ==========================================  =============================
+
+The first four are the algorithm pieces (``DEFAULT_TABLE`` holds their built-ins). The last three
+plug the training run: ``data`` is the run's data config group, ``example`` a task's example,
+``rollout`` the rollout config group; the training stack registers its built-in tasks, rewards and
+backends on top of ``DEFAULT_TABLE`` (``skyrl_fn.train.run_table``), and a plugin adds its own the
+same way, so ``--data.task mine`` works like ``--algorithm.advantage-estimator mine``.
 """
 
 from __future__ import annotations
@@ -46,6 +55,9 @@ KINDS: Mapping[str, int] = {
     "policy_loss": 1,
     "kl_estimator": 2,
     "aggregation": 2,
+    "task": 1,
+    "reward": 2,
+    "rollout_backend": 3,
 }
 _RECORD_KIND = {AdvantageInput: "advantage_estimator", PolicyLossInput: "policy_loss"}
 
@@ -142,6 +154,9 @@ _CALLS = {
     "policy_loss": "fn(batch: PolicyLossInput, **hyper) -> PolicyLossOutput",
     "kl_estimator": "fn(log_probs, ref_log_probs, **hyper) -> [B, T] tensor",
     "aggregation": "fn(token_loss, loss_mask, **hyper) -> scalar tensor",
+    "task": "fn(data: DataConfig, **hyper) -> Task",
+    "reward": "fn(response: str, example: Example, **hyper) -> float",
+    "rollout_backend": "fn(model, tokenizer, rollout: RolloutConfig, *, seed=0, colocated=True) -> RolloutBackend",
 }
 
 

@@ -40,6 +40,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from skyrl_fn.train.config import VLLM_TEMPERATURE_RANGE, RolloutConfig
+from skyrl_fn.train.rollout import BackendUnavailableError
 
 __all__ = [
     "VLLM_EXTRA_HINT",
@@ -49,6 +50,8 @@ __all__ = [
     "outputs_to_batch",
     "VLLMBackend",
     "make_vllm_backend",
+    "vllm_backend",
+    "check_vllm_available",
 ]
 
 #: How to get a working vLLM, for error messages and the README.
@@ -257,11 +260,7 @@ class VLLMBackend:
         self, cfg: RolloutConfig, model_path: str, tokenizer, *, dtype: str = "bfloat16", seed: int = 0,
         colocated: bool = True, tied_embeddings: bool = False, max_model_len: int | None = None,
     ) -> None:
-        reason = vllm_unavailable_reason()
-        if reason is not None:
-            from skyrl_fn.train.rollout import BackendUnavailableError
-
-            raise BackendUnavailableError(reason)
+        check_vllm_available(cfg)
         from vllm import LLM
 
         self.cfg = cfg
@@ -354,11 +353,7 @@ def make_vllm_backend(cfg: RolloutConfig, model: torch.nn.Module, tokenizer, *, 
     """A ``VLLMBackend`` for ``model``: its local directory if it was loaded from one, else a
     copy saved to a temporary directory (the embedded tiny model). Raises
     ``BackendUnavailableError`` with the install hint when vLLM or CUDA is missing."""
-    reason = vllm_unavailable_reason()
-    if reason is not None:
-        from skyrl_fn.train.rollout import BackendUnavailableError
-
-        raise BackendUnavailableError(reason)
+    check_vllm_available(cfg)
     path = getattr(getattr(model, "config", None), "_name_or_path", None)
     if not (path and os.path.isdir(path)):
         path = tempfile.mkdtemp(prefix="skyrl_fn_vllm_model_")
@@ -367,3 +362,21 @@ def make_vllm_backend(cfg: RolloutConfig, model: torch.nn.Module, tokenizer, *, 
     dtype = _DTYPES.get(next(model.parameters()).dtype, "bfloat16")
     tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
     return VLLMBackend(cfg, path, tokenizer, dtype=dtype, seed=seed, colocated=colocated, tied_embeddings=tied)
+
+
+def check_vllm_available(rollout: RolloutConfig) -> None:
+    """Raise ``BackendUnavailableError`` (what is missing, the install command, the hardware)
+    unless vLLM and a CUDA device are here; imports no vLLM."""
+    reason = vllm_unavailable_reason()
+    if reason is not None:
+        raise BackendUnavailableError(reason)
+
+
+def vllm_backend(model: torch.nn.Module, tokenizer, rollout: RolloutConfig, *, seed: int = 0, colocated: bool = True) -> VLLMBackend:
+    """The built-in rollout backend ``vllm`` (:func:`make_vllm_backend`); checked before any model
+    loads by :func:`check_vllm_available` (its ``check_available``)."""
+    return make_vllm_backend(rollout, model, tokenizer, seed=seed, colocated=colocated)
+
+
+vllm_backend.check_available = check_vllm_available
+vllm_backend.engine = True  # its own weights: pushed by weight sync, never the trainer's module

@@ -19,7 +19,7 @@ from skyrl_fn.launcher.devices import actor_device, to_device
 from skyrl_fn.launcher.weights import PackedWeights, pack, unpack
 from skyrl_fn.train import checkpoint as ckpt
 from skyrl_fn.train import workers as roles
-from skyrl_fn.train.config import ResolvedRun
+from skyrl_fn.train.run import ResolvedRun
 from skyrl_fn.train.loop import seed_everything
 
 __all__ = ["PolicyTrainer", "RolloutWorker", "ReferenceModel", "Critic", "hosts_rollout"]
@@ -37,13 +37,13 @@ def _start(run: ResolvedRun) -> str:
 
 def _shares_gpu(run: ResolvedRun) -> bool:
     """Colocated vLLM engines wake up after the trainer side's work: it gives cached memory back."""
-    return run.config.rollout.backend == "vllm" and run.config.gpu.colocate
+    return run.backend_is_engine and run.config.gpu.colocate
 
 
 def hosts_rollout(run: ResolvedRun) -> bool:
-    """True when the policy trainer samples itself (``ray.rollout_workers == 0`` on the hf path)."""
-    cfg = run.config
-    return cfg.ray.rollout_workers == 0 and cfg.rollout.backend == "hf"
+    """True when the policy trainer samples itself (``ray.rollout_workers == 0`` with a backend that
+    samples with the trainer's own module, as ``hf`` and any backend that is not an engine)."""
+    return run.config.ray.rollout_workers == 0 and not run.backend_is_engine
 
 
 class _Ping:

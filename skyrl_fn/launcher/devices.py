@@ -12,7 +12,8 @@ from typing import Any, Sequence
 import attrs
 import torch
 
-from skyrl_fn.train.config import ResolvedRun, TrainConfig
+from skyrl_fn.train.config import TrainConfig
+from skyrl_fn.train.run import ResolvedRun
 
 __all__ = ["uses_gpus", "gpu_plan", "select_device", "actor_device", "to_device"]
 

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import attrs
 import torch
 
-from skyrl_fn.train.config import ResolvedRun
+from skyrl_fn.train.run import ResolvedRun
 
 __all__ = ["concat_rollouts", "split_prompts", "with_rollout_workers"]
 

@@ -29,9 +29,8 @@ from skyrl_fn.launcher.actors import Critic, PolicyTrainer, ReferenceModel, Roll
 from skyrl_fn.launcher.devices import gpu_plan
 from skyrl_fn.launcher.layout import concat_rollouts, split_prompts, with_rollout_workers
 from skyrl_fn.train import checkpoint as ckpt
-from skyrl_fn.train.config import ResolvedRun
+from skyrl_fn.train.run import ResolvedRun
 from skyrl_fn.train.model import load_tokenizer
-from skyrl_fn.train.tasks import make_task
 from skyrl_fn.train.workers import Generated, RoleState, WorkersState
 
 __all__ = ["CPU_SHARES", "WorkerDiedError", "RayWorkers"]
@@ -238,7 +237,7 @@ class RayWorkers:
 
     def _pad_id(self) -> int:
         cfg = self.run.config
-        return int(load_tokenizer(cfg.model, alphabet=make_task(cfg.data, seed=cfg.trainer.seed).alphabet).pad_token_id)
+        return int(load_tokenizer(cfg.model, alphabet=self.run.make_task().alphabet).pad_token_id)
 
     def _init_broadcast(self) -> None:
         """Form the NCCL sync group: the policy is rank 0, engine ``e``'s TP workers follow

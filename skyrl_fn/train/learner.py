@@ -29,7 +29,7 @@ from torch import nn
 from skyrl_fn.losses.compile import compile_loss
 from skyrl_fn.losses.objective import SUMMED_METRICS
 from skyrl_fn.records import PolicyLossInput, ReducedLoss
-from skyrl_fn.train.config import ResolvedRun
+from skyrl_fn.train.run import ResolvedRun
 
 # Re-exported: the learner's public surface is one import away (forward passes and experience
 # live in their own modules).

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from skyrl_fn.train import checkpoint as ckpt
-from skyrl_fn.train.config import resolve
+from skyrl_fn.train.run import resolve
 from skyrl_fn.train.loop import train
 
 STEPS = 8
@@ -25,7 +25,7 @@ STEPS = 8
 _CHILD = """
 import importlib.util, sys
 from skyrl_fn import DEFAULT_TABLE
-from skyrl_fn.train.config import resolve
+from skyrl_fn.train.run import resolve
 from skyrl_fn.train.loop import train
 spec = importlib.util.spec_from_file_location("train_conftest", sys.argv[2])
 helpers = importlib.util.module_from_spec(spec)
