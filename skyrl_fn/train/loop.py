@@ -29,8 +29,9 @@ from skyrl_fn.train.evaluate import eval_due, heldout_examples
 from skyrl_fn.train.experience import kl_controller_of
 from skyrl_fn.train.nonfinite import SkipCounter
 from skyrl_fn.train.resume import check_resume
-from skyrl_fn.train.rollout import check_backend_available
-from skyrl_fn.train.tasks import DataState, make_task, next_prompts
+from skyrl_fn.train.backend_choice import check_backend_available
+from skyrl_fn.train.task_choice import make_task
+from skyrl_fn.train.tasks import DataState, next_prompts
 from skyrl_fn.train.workers import LocalWorkers, Workers, WorkersState, state_from_checkpoint
 
 __all__ = ["Summary", "seed_everything", "rollout_seed", "run_step", "step_timing", "check_checkpoint", "train"]

@@ -11,20 +11,47 @@ a dense learning signal from the first step::
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Literal, Protocol, Sequence, runtime_checkable
 
 import attrs
 
-from skyrl_fn.train.config import DataConfig
 from skyrl_fn.train.model import DIGITS_ALPHABET
-from skyrl_fn.train.nonfinite import reward_function_name
 
 __all__ = [
-    "Example", "Task", "DigitsTask", "DataState", "next_prompts", "make_task", "char_credit", "step_credit", "score",
-    "DataError", "RewardError", "check_data_path",
+    "DataConfig", "Example", "Task", "DigitsTask", "DataState", "next_prompts", "char_credit", "step_credit", "score",
+    "DataError", "RewardError", "check_data_path", "reward_function_name",
 ]
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """The task: prompts and the verifiable reward."""
+
+    task: Literal["digits", "arithmetic", "gsm8k"] = "digits"
+    """digits: embedded synthetic digit-string task (tiny model); arithmetic: seeded arithmetic and
+    word problems answered as '#### N' (pretrained models); gsm8k: prompt/answer jsonl at data.path."""
+    path: str | None = None
+    """gsm8k: jsonl of {"prompt", "answer"} rows (see launch/prep_gsm8k.py)."""
+    digits_op: Literal["count", "copy", "reverse", "sort", "increment"] = "count"
+    """digits: count = continue counting up from a digit for k digits ("n:74>" -> "7890");
+    copy/reverse/sort/increment transform a digit string."""
+    min_digits: int = 3
+    """digits: shortest input string."""
+    max_digits: int = 5
+    """digits: longest input string."""
+    shuffle: bool = True
+    """gsm8k: reshuffle the rows every epoch (seeded)."""
+    min_value: int = 2
+    """arithmetic: smallest operand."""
+    max_value: int = 60
+    """arithmetic: largest operand."""
+    arithmetic_kinds: tuple[Literal["add", "add_sub", "word"], ...] = ("add", "add_sub", "word")
+    """arithmetic: problem kinds, cycled (a + b; a + b - c; a word problem of a + b - c)."""
+    format_credit: float = 0.0
+    """arithmetic: reward of a well-formatted ('#### N') wrong answer, in [0, 1)."""
 
 
 class DataError(ValueError):
@@ -219,26 +246,10 @@ def check_data_path(path: str | None, *, field: str = "data.path") -> str:
     return path
 
 
-def make_task(cfg: DataConfig, *, seed: int = 0) -> Task:
-    """The task named by ``cfg.task``; gsm8k reads and checks every row of ``cfg.path``.
-
-    Raises:
-        DataError: a missing/unreadable path or a malformed row (``file:line`` named).
-    """
-    if cfg.task == "digits":
-        return DigitsTask(op=cfg.digits_op, min_digits=cfg.min_digits, max_digits=cfg.max_digits, seed=seed)
-    if cfg.task == "arithmetic":
-        from skyrl_fn.train.arithmetic import ArithmeticTask
-
-        return ArithmeticTask(
-            seed=seed, min_value=cfg.min_value, max_value=cfg.max_value, kinds=cfg.arithmetic_kinds,
-            format_credit=cfg.format_credit,
-        )
-    if cfg.task == "gsm8k":
-        from skyrl_fn.train.gsm8k import Gsm8kTask
-
-        return Gsm8kTask.from_jsonl(check_data_path(cfg.path))
-    raise DataError(f"data.task: expected 'digits', 'arithmetic' or 'gsm8k', got {cfg.task!r}")
+def reward_function_name(task: object) -> str:
+    """``Class.reward`` of a task (how errors and ``nonfinite.reward_rows`` name the reward)."""
+    fn = getattr(task, "reward", None)
+    return getattr(fn, "__qualname__", None) or f"{type(task).__name__}.reward"
 
 
 def _sample(b: int, example: Example, response: str) -> str:

@@ -14,9 +14,9 @@ import pytest
 
 import skyrl_fn.gpu.vllm_backend as vb
 from skyrl_fn.gpu.vllm_backend import engine_kwargs, outputs_to_batch, sampling_params_kwargs, vllm_unavailable_reason
-from skyrl_fn.train.config import ModelConfig, RolloutConfig
-from skyrl_fn.train.model import DIGITS_ALPHABET, build_tiny_model, build_tokenizer
-from skyrl_fn.train.rollout import BackendUnavailableError, make_backend
+from skyrl_fn.train.model import DIGITS_ALPHABET, ModelConfig, build_tiny_model, build_tokenizer
+from skyrl_fn.train.rollout import BackendUnavailableError, RolloutConfig
+from skyrl_fn.train.backend_choice import make_backend
 
 ROOT = Path(__file__).resolve().parents[2]
 NO_VLLM = vllm_unavailable_reason()
@@ -303,11 +303,12 @@ def test_broadcast_path_joins_the_group_and_receives_the_plan_as_plain_data(fake
 
 
 def test_make_backend_dispatches_to_vllm(fake_vllm, tiny, monkeypatch):
+    import skyrl_fn.train.backend_choice as choice
     import skyrl_fn.train.rollout as rollout
 
     model, tok = tiny
-    monkeypatch.setattr(rollout, "check_backend_available", lambda cfg: None)
-    backend = rollout.make_backend(RolloutConfig(backend="vllm", samples_per_prompt=2), model, tok)
+    monkeypatch.setattr(choice, "check_backend_available", lambda cfg: None)
+    backend = choice.make_backend(RolloutConfig(backend="vllm", samples_per_prompt=2), model, tok)
     assert isinstance(backend, vb.VLLMBackend) and isinstance(backend, rollout.RolloutBackend)
 
 

@@ -9,9 +9,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from skyrl_fn.train.arithmetic import INSTRUCTION, ArithmeticTask, final_answer, format_reward
-from skyrl_fn.train.config import DataConfig, EvalConfig, resolve
+from skyrl_fn.train.config import EvalConfig, resolve
+from skyrl_fn.train.tasks import DataConfig, DataState, next_prompts
 from skyrl_fn.train.evaluate import eval_due, heldout_examples, heldout_task
-from skyrl_fn.train.tasks import make_task, next_prompts, DataState
+from skyrl_fn.train.task_choice import make_task
 
 
 def _value(question: str) -> int:

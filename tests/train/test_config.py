@@ -14,7 +14,6 @@ from skyrl_fn import DEFAULT_TABLE, UnknownNameError
 from skyrl_fn.records import AdvantageInput, AdvantageOutput, PolicyLossInput, PolicyLossOutput
 from skyrl_fn.train.config import (
     AlgorithmConfig,
-    DataConfig,
     ResolvedRun,
     TrainConfig,
     TrainerConfig,
@@ -22,6 +21,7 @@ from skyrl_fn.train.config import (
     config_to_dict,
     resolve,
 )
+from skyrl_fn.train.tasks import DataConfig
 
 
 def _alg(**kw) -> TrainConfig:

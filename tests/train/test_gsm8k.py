@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from skyrl_fn.train.config import DataConfig
+from skyrl_fn.train.tasks import DataConfig
 from skyrl_fn.train.gsm8k import Gsm8kTask, extract_final_number, format_prompt, math_reward, normalize_number, prepare_gsm8k
-from skyrl_fn.train.tasks import make_task
+from skyrl_fn.train.task_choice import make_task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "gsm8k_tiny.jsonl")

@@ -5,14 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from skyrl_fn.train.config import ModelConfig, RolloutConfig
+from skyrl_fn.train.model import ModelConfig, build_tiny_model, build_tokenizer
+from skyrl_fn.train.rollout import BackendUnavailableError, HFBackend, RolloutBackend, RolloutBatch, RolloutConfig
 from skyrl_fn.train.learner import batched_log_probs
-from skyrl_fn.train.model import build_tiny_model, build_tokenizer
-from skyrl_fn.train.rollout import (
-    BackendUnavailableError,
-    HFBackend,
-    RolloutBackend,
-    RolloutBatch,
+from skyrl_fn.train.backend_choice import (
     check_backend_available,
     make_backend,
 )
@@ -138,7 +134,8 @@ def test_sampling_emits_no_deprecation_warning():
     ``past_key_values`` keyword, renamed ``cache``)."""
     import warnings
 
-    from skyrl_fn.train.config import ModelConfig, RolloutConfig
+    from skyrl_fn.train.model import ModelConfig
+    from skyrl_fn.train.rollout import RolloutConfig
     from skyrl_fn.train.model import build_tiny_model, build_tokenizer
     from skyrl_fn.train.rollout import HFBackend, cache_keyword
 

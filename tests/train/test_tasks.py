@@ -5,8 +5,8 @@ from __future__ import annotations
 import attrs
 import pytest
 
-from skyrl_fn.train.config import DataConfig
-from skyrl_fn.train.tasks import DataState, DigitsTask, char_credit, make_task, next_prompts, step_credit
+from skyrl_fn.train.tasks import DataConfig, DataState, DigitsTask, char_credit, next_prompts, step_credit
+from skyrl_fn.train.task_choice import make_task
 
 
 @pytest.mark.parametrize(
