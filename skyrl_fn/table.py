@@ -2,7 +2,8 @@
 
 ``AlgorithmTable`` is an immutable value. ``register`` and ``unregister`` return a *new* table;
 nothing is ever changed in place, so a table can be passed to Ray workers as an argument and every
-worker sees exactly what the driver resolved. ``DEFAULT_TABLE`` holds every built-in.
+worker sees exactly what the driver resolved. ``DEFAULT_TABLE`` (``skyrl_fn._builtins``, above the
+estimators and losses it registers) holds every built-in.
 
 Kinds and the call each kind's functions must accept (positional inputs, then keyword-only
 hyperparameters, every one with a default):
@@ -45,9 +46,12 @@ __all__ = [
     "Entry",
     "AlgorithmTable",
     "UnknownNameError",
-    "DEFAULT_TABLE",
     "infer_kind",
+    "HyperValue",
 ]
+
+#: A hyperparameter value as a command line can give it (``--algorithm.loss.x 1`` or KEY VALUE pairs).
+HyperValue = float | int | bool | str
 
 #: kind -> number of positional inputs the function takes.
 KINDS: Mapping[str, int] = {
@@ -346,16 +350,3 @@ class AlgorithmTable:
         if not isinstance(out, AdvantageOutput):
             raise TypeError(f"advantage estimator {name!r}: expected it to return an AdvantageOutput, got {type(out).__name__}")
         return out.check_against(batch, name=f"advantage estimator {name!r}")
-
-
-def _build_default() -> AlgorithmTable:
-    from skyrl_fn._builtins import BUILTINS
-
-    table = AlgorithmTable()
-    for kind, name, fn, promises in BUILTINS:
-        table = table.register(name, fn, kind=kind, promises=promises)
-    return table
-
-
-#: Every built-in, from the one explicit literal in ``skyrl_fn/_builtins.py``.
-DEFAULT_TABLE: AlgorithmTable = _build_default()

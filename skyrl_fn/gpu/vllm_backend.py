@@ -39,8 +39,16 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from skyrl_fn.train.config import VLLM_TEMPERATURE_RANGE, RolloutConfig
-from skyrl_fn.train.rollout import BackendUnavailableError
+from skyrl_fn.gpu.weight_sync import (
+    DEFAULT_BUCKET_BYTES,
+    EXTENSION_CLS,
+    bucket_to_wire,
+    plan_buckets,
+    plan_to_wire,
+    specs_of,
+    to_hf_names,
+)
+from skyrl_fn.train.rollout import VLLM_TEMPERATURE_RANGE, BackendUnavailableError, RolloutBatch, RolloutConfig
 
 __all__ = [
     "VLLM_EXTRA_HINT",
@@ -135,7 +143,6 @@ def engine_kwargs(
         raise ValueError(f"rollout.gpu_memory_utilization: expected in (0, 1], got {cfg.gpu_memory_utilization}")
     if cfg.tensor_parallel_size < 1:
         raise ValueError(f"rollout.tensor_parallel_size: expected >= 1, got {cfg.tensor_parallel_size}")
-    from skyrl_fn.gpu.weight_sync import EXTENSION_CLS
 
     out: dict[str, Any] = {
         "model": model_path,
@@ -189,7 +196,6 @@ def outputs_to_batch(
     Raises:
         ValueError: counts disagree, a completion is empty, or a log-prob is missing.
     """
-    from skyrl_fn.train.rollout import RolloutBatch
 
     p, g = len(prompts), int(samples_per_prompt)
     if len(prompt_token_ids) != p or len(outputs) != p:
@@ -324,7 +330,6 @@ class VLLMBackend:
         Raises:
             RuntimeError: a worker loaded a different number of tensors than were sent.
         """
-        from skyrl_fn.gpu.weight_sync import DEFAULT_BUCKET_BYTES, bucket_to_wire, plan_buckets, specs_of, to_hf_names
 
         named = to_hf_names(state_dict, tied_embeddings=self.tied_embeddings)
         self.wake_up(("weights",))
@@ -342,7 +347,6 @@ class VLLMBackend:
 
     def receive_broadcast(self, plan) -> None:
         """Receive and load the buckets of ``plan``; concurrently the trainer calls ``sender.send``."""
-        from skyrl_fn.gpu.weight_sync import plan_to_wire
 
         self.wake_up(("weights",))
         self.llm.collective_rpc("skyrl_receive_buckets", args=(plan_to_wire(plan),))

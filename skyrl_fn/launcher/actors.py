@@ -15,6 +15,7 @@ from typing import Any, Mapping
 import torch
 
 from skyrl_fn.gpu.memory import release_cached_memory
+from skyrl_fn.gpu.weight_sync import BroadcastSender, free_port, to_hf_names
 from skyrl_fn.launcher.devices import actor_device, to_device
 from skyrl_fn.launcher.weights import PackedWeights, pack, unpack
 from skyrl_fn.train import checkpoint as ckpt
@@ -110,13 +111,11 @@ class PolicyTrainer(roles.PolicyWorker, _Ping):
         """``(host, port)`` of this node for the NCCL sync group's rendezvous."""
         import ray
 
-        from skyrl_fn.gpu.weight_sync import free_port
 
         return ray.util.get_node_ip_address(), free_port()
 
     def init_broadcast(self, host: str, port: int, world_size: int):
         """Become rank 0 of the sync group (concurrently the engines join); returns the bucket plan."""
-        from skyrl_fn.gpu.weight_sync import BroadcastSender
 
         self.sender = BroadcastSender(host, port, world_size, device=self.device)
         self.plan = self.sender.plan(self._hf_weights())
@@ -127,8 +126,6 @@ class PolicyTrainer(roles.PolicyWorker, _Ping):
         self.sender.send(self._hf_weights(), self.plan)
 
     def _hf_weights(self):
-        from skyrl_fn.gpu.weight_sync import to_hf_names
-
         model = self.train_state.model
         tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
         return to_hf_names({k: v.detach() for k, v in model.state_dict().items()}, tied_embeddings=tied)

@@ -32,6 +32,7 @@ from typing import Annotated, Any, Mapping, NoReturn, Sequence
 import attrs
 import tyro
 
+from skyrl_fn._builtins import DEFAULT_TABLE
 from skyrl_fn.launcher.plugins import (
     NAME_FIELDS,
     PluginError,
@@ -42,24 +43,28 @@ from skyrl_fn.launcher.plugins import (
     register_import_names,
 )
 from skyrl_fn.launcher.hyper_flags import SECTIONS, check_group_flags, chosen_names, group_type, to_mapping
+from skyrl_fn.launcher.observe import RunObserver
 from skyrl_fn.launcher.preflight import Preflight, PreflightError, preflight
-from skyrl_fn.table import DEFAULT_TABLE, AlgorithmTable, UnknownNameError
+from skyrl_fn.launcher.ray_runner import train_on_ray
+from skyrl_fn.launcher.ray_workers import WorkerDiedError
+from skyrl_fn.table import AlgorithmTable, UnknownNameError
 from skyrl_fn.train.checkpoint import CheckpointError, CheckpointWarning
 from skyrl_fn.train.config import (
     DATA_HYPER_FIELDS,
     HYPER_FIELDS,
     AlgorithmConfig,
-    DataConfig,
     EvalConfig,
-    ModelConfig,
-    RolloutConfig,
     TrainConfig,
     TrainerConfig,
+    config_to_dict,
 )
 from skyrl_fn.train.run import ResolvedRun, resolve
+from skyrl_fn.train.model import ModelConfig, checkpoint_dir
+from skyrl_fn.train.rollout import RolloutConfig
+from skyrl_fn.train.tasks import DataConfig, DataError, RewardError
+from skyrl_fn.train.loop import train
 from skyrl_fn.train.nonfinite import NonFiniteStepError, SkippedStepWarning
 from skyrl_fn.train.run_table import RUN_KINDS, with_run_builtins
-from skyrl_fn.train.tasks import DataError, RewardError
 
 __all__ = [
     "PRESETS",
@@ -353,8 +358,7 @@ USER_ERRORS = (UsageError, PluginError, PreflightError, DataError, UnknownNameEr
 
 
 def _fault_errors() -> tuple[type[BaseException], ...]:
-    """Faults while training: one ``error:`` line, exit 1 (their classes import Ray lazily)."""
-    from skyrl_fn.launcher.ray_workers import WorkerDiedError
+    """Faults while training: one ``error:`` line, exit 1."""
 
     return (WorkerDiedError, CheckpointError, RewardError, NonFiniteStepError)
 
@@ -429,8 +433,6 @@ def _main(argv: list[str], table: AlgorithmTable | None):
     try:
         run.check_backend_available()
         if run.config.model.name_or_path is not None:
-            from skyrl_fn.train.model import checkpoint_dir
-
             checkpoint_dir(run.config.model)  # resolve (clear error) and dequantise a GGUF once, here, not per actor
     except (RuntimeError, ValueError) as err:
         if isinstance(err, USER_ERRORS):
@@ -454,8 +456,6 @@ def launch(run: ResolvedRun, *, out=None, checks: Preflight | None = None):
     ``checks``: the :func:`~skyrl_fn.launcher.preflight.preflight` of ``run`` (run here when
     None); a resume's config changes go into the metrics log as an ``event`` row.
     """
-    from skyrl_fn.launcher.observe import RunObserver
-    from skyrl_fn.train.config import config_to_dict
 
     checks = preflight(run) if checks is None else checks
     cfg = run.config
@@ -473,12 +473,8 @@ def launch(run: ResolvedRun, *, out=None, checks: Preflight | None = None):
                 {"field": c.field, "saved": c.saved, "current": c.current} for c in checks.resume_diff.compatible
             ])
         if cfg.ray.use_ray:
-            from skyrl_fn.launcher.ray_runner import train_on_ray
-
             summary = train_on_ray(run, on_step=observer.on_step)
         else:
-            from skyrl_fn.train.loop import train
-
             summary = train(run, on_step=observer.on_step)
         observer.finish({
             "backend": "ray" if cfg.ray.use_ray else "in-process", "last_checkpoint": summary.last_checkpoint,

@@ -27,7 +27,8 @@ import warnings
 import attrs
 
 from skyrl_fn.train import checkpoint as ckpt
-from skyrl_fn.train.config import ModelConfig, config_to_dict
+from skyrl_fn.train.config import config_to_dict
+from skyrl_fn.train.model import ModelConfig
 from skyrl_fn.train.run import ResolvedRun
 from skyrl_fn.train.degenerate import degenerate_settings, singleton_behaviour
 from skyrl_fn.train.resume import ConfigDiff, IncompatibleResumeError, check_resume

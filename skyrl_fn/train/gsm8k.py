@@ -17,8 +17,7 @@ from typing import Iterable, Iterator, Mapping
 import attrs
 
 from skyrl_fn.train.model import TEXT_ALPHABET
-from skyrl_fn.train.config import DataConfig
-from skyrl_fn.train.tasks import DataError, Example, check_data_path
+from skyrl_fn.train.tasks import DataConfig, DataError, Example, check_data_path
 
 __all__ = [
     "extract_final_number", "normalize_number", "math_reward", "format_prompt", "Gsm8kTask",

@@ -13,25 +13,52 @@ the same temperature and top-p, so rollout and learner log-probs agree (tested f
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Literal, Protocol, Sequence, runtime_checkable
 
 import attrs
 import torch
 from torch import nn
 
 from skyrl_fn._checks import as_mask, check_floating, check_shape, check_tensor
-from skyrl_fn.train.config import RolloutConfig
 from skyrl_fn.train.model import encode_prompts, eos_token_ids, position_ids
 from skyrl_fn.train.sampling import nucleus_log_mass, nucleus_probs
 
 __all__ = [
-    "RolloutBatch", "RolloutBackend", "HFBackend", "hf_backend", "check_available", "BackendUnavailableError",
+    "RolloutConfig", "VLLM_TEMPERATURE_RANGE", "RolloutBatch", "RolloutBackend", "HFBackend", "hf_backend",
+    "check_available", "BackendUnavailableError",
 ]
 
 
 class BackendUnavailableError(RuntimeError):
     """The requested rollout backend cannot run here (e.g. vllm without CUDA)."""
+
+
+#: Temperatures every vLLM of the ``[vllm]`` extra samples with as given: ``SamplingParams``
+#: raises < 0.01 to 0.01 (0.11 and 0.33) and rejects > 2 (0.33; 0.11 accepted them).
+VLLM_TEMPERATURE_RANGE: tuple[float, float] = (0.01, 2.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+    """Sampling responses."""
+
+    backend: str = "hf"
+    """Rollout backend registered in the table: hf = in-process transformers sampling (CPU or GPU);
+    vllm = needs vllm and CUDA; or a plugin's own (kind rollout_backend)."""
+    samples_per_prompt: int = 8
+    """G, responses sampled per prompt (the GRPO group size)."""
+    max_new_tokens: int = 6
+    """Longest response in tokens."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1.0 disables)."""
+    gpu_memory_utilization: float = 0.6
+    """vllm only: fraction of GPU memory for the engine."""
+    tensor_parallel_size: int = 1
+    """vllm only: tensor-parallel degree."""
 
 
 def _long(name: str):

@@ -16,8 +16,8 @@ import attrs
 from skyrl_fn.algorithm import SUPPLIED, Algorithm, bind_algorithm, entry_hyperparameters
 from skyrl_fn.losses.off_policy import off_policy_correction
 from skyrl_fn.table import AlgorithmTable, UnknownNameError, unknown_name_message
-from skyrl_fn.train.config import HYPER_FIELDS, VLLM_TEMPERATURE_RANGE, TrainConfig, config_to_dict
-from skyrl_fn.train.rollout import RolloutBackend, check_available
+from skyrl_fn.train.config import HYPER_FIELDS, TrainConfig, config_to_dict
+from skyrl_fn.train.rollout import VLLM_TEMPERATURE_RANGE, RolloutBackend, check_available
 from skyrl_fn.train.run_table import with_run_builtins
 from skyrl_fn.train.tasks import Example, Rewarded, Task
 

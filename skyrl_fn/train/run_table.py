@@ -18,7 +18,8 @@ from __future__ import annotations
 from typing import Callable
 
 from skyrl_fn.gpu.vllm_backend import vllm_backend
-from skyrl_fn.table import DEFAULT_TABLE, AlgorithmTable
+from skyrl_fn._builtins import DEFAULT_TABLE
+from skyrl_fn.table import AlgorithmTable
 from skyrl_fn.train.arithmetic import arithmetic_reward, arithmetic_task
 from skyrl_fn.train.gsm8k import gsm8k_task, math_answer_reward
 from skyrl_fn.train.rollout import hf_backend

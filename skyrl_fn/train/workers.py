@@ -36,10 +36,9 @@ from skyrl_fn.train.evaluate import evaluate, heldout_task
 from skyrl_fn.train.experience import Experience
 from skyrl_fn.train.forward import batched_log_probs, batched_values
 from skyrl_fn.train.learner import TrainState, critic_update, experience_and_update, loss_kernel, make_train_state, set_hyperparameters
-from skyrl_fn.train.nonfinite import reward_function_name
+from skyrl_fn.train.tasks import Task, reward_function_name, score
 from skyrl_fn.train.model import build_critic, load_model, load_tokenizer
 from skyrl_fn.train.rollout import RolloutBatch
-from skyrl_fn.train.tasks import Task, score
 
 __all__ = [
     "Generated",

@@ -15,10 +15,10 @@ import pytest
 import skyrl_fn.gpu.vllm_backend as vb
 from skyrl_fn.gpu.vllm_backend import engine_kwargs, outputs_to_batch, sampling_params_kwargs, vllm_unavailable_reason
 from skyrl_fn import DEFAULT_TABLE
-from skyrl_fn.train.config import ModelConfig, RolloutConfig, TrainConfig
+from skyrl_fn.train.config import TrainConfig
+from skyrl_fn.train.model import DIGITS_ALPHABET, ModelConfig, build_tiny_model, build_tokenizer
+from skyrl_fn.train.rollout import BackendUnavailableError, RolloutConfig
 from skyrl_fn.train.run import resolve
-from skyrl_fn.train.model import DIGITS_ALPHABET, build_tiny_model, build_tokenizer
-from skyrl_fn.train.rollout import BackendUnavailableError
 
 ROOT = Path(__file__).resolve().parents[2]
 NO_VLLM = vllm_unavailable_reason()
@@ -306,6 +306,7 @@ def test_broadcast_path_joins_the_group_and_receives_the_plan_as_plain_data(fake
 
 
 def test_make_backend_dispatches_to_vllm(fake_vllm, tiny, monkeypatch):
+    import skyrl_fn.train.backend_choice as choice
     import skyrl_fn.train.rollout as rollout
 
     model, tok = tiny

@@ -18,11 +18,11 @@ from skyrl_fn.launcher.devices import actor_device, gpu_plan, select_device, to_
 from skyrl_fn.train.config import (
     AlgorithmConfig,
     GPUPlacementConfig,
-    RolloutConfig,
     TrainConfig,
     config_from_dict,
     config_to_dict,
 )
+from skyrl_fn.train.rollout import RolloutConfig
 from skyrl_fn.train.run import resolve
 
 
@@ -143,11 +143,11 @@ def test_gpu_flags_parse_and_are_in_help(capsys):
 
 
 def test_loss_kernel_on_cuda_uses_the_gpu_compiler(monkeypatch):
-    import skyrl_fn.gpu.kernels as kernels
+    import skyrl_fn.train.learner as learner
     from skyrl_fn.train.learner import loss_kernel
 
     calls = []
-    monkeypatch.setattr(kernels, "compile_kernel", lambda k, *, mode, device_type: calls.append((mode, device_type)) or k)
+    monkeypatch.setattr(learner, "compile_kernel", lambda k, *, mode, device_type: calls.append((mode, device_type)) or k)
     run = resolve(TrainConfig(algorithm=AlgorithmConfig(compile=True, compile_mode="max-autotune")), DEFAULT_TABLE)
     loss_kernel(run, device_type="cuda")
     assert calls == [("max-autotune", "cuda")]

@@ -9,11 +9,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from skyrl_fn.train.arithmetic import INSTRUCTION, ArithmeticTask, final_answer, format_reward
-from skyrl_fn.train.config import DataConfig, EvalConfig
+from skyrl_fn.train.config import EvalConfig
 from skyrl_fn.train.run import resolve
 from skyrl_fn.train.evaluate import eval_due, heldout_examples, heldout_task
 from skyrl_fn.train.arithmetic import arithmetic_task
-from skyrl_fn.train.tasks import digits_task, next_prompts, DataState
+from skyrl_fn.train.tasks import DataConfig, DataState, digits_task, next_prompts
 
 
 def _value(question: str) -> int:

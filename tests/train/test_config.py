@@ -14,13 +14,13 @@ from skyrl_fn import DEFAULT_TABLE, UnknownNameError
 from skyrl_fn.records import AdvantageInput, AdvantageOutput, PolicyLossInput, PolicyLossOutput
 from skyrl_fn.train.config import (
     AlgorithmConfig,
-    DataConfig,
     TrainConfig,
     TrainerConfig,
     config_from_dict,
     config_to_dict,
 )
 from skyrl_fn.train.run import ResolvedRun, resolve
+from skyrl_fn.train.tasks import DataConfig
 
 
 def _alg(**kw) -> TrainConfig:

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from skyrl_fn.train.config import DataConfig
+from skyrl_fn.train.tasks import DataConfig
 from skyrl_fn.train.gsm8k import (
     Gsm8kTask, extract_final_number, format_prompt, gsm8k_task, math_reward, normalize_number, prepare_gsm8k,
 )

@@ -6,15 +6,16 @@ import pytest
 import torch
 
 from skyrl_fn import DEFAULT_TABLE
-from skyrl_fn.train.config import ModelConfig, RolloutConfig, TrainConfig
+from skyrl_fn.train.config import TrainConfig
 from skyrl_fn.train.run import resolve
 from skyrl_fn.train.learner import batched_log_probs
-from skyrl_fn.train.model import build_tiny_model, build_tokenizer
+from skyrl_fn.train.model import ModelConfig, build_tiny_model, build_tokenizer
 from skyrl_fn.train.rollout import (
     BackendUnavailableError,
     HFBackend,
     RolloutBackend,
     RolloutBatch,
+    RolloutConfig,
     hf_backend,
 )
 
@@ -140,7 +141,8 @@ def test_sampling_emits_no_deprecation_warning():
     ``past_key_values`` keyword, renamed ``cache``)."""
     import warnings
 
-    from skyrl_fn.train.config import ModelConfig, RolloutConfig
+    from skyrl_fn.train.model import ModelConfig
+    from skyrl_fn.train.rollout import RolloutConfig
     from skyrl_fn.train.model import build_tiny_model, build_tokenizer
     from skyrl_fn.train.rollout import HFBackend, cache_keyword
 

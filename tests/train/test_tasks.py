@@ -5,8 +5,7 @@ from __future__ import annotations
 import attrs
 import pytest
 
-from skyrl_fn.train.config import DataConfig
-from skyrl_fn.train.tasks import DataState, DigitsTask, char_credit, digits_task, next_prompts, step_credit
+from skyrl_fn.train.tasks import DataConfig, DataState, DigitsTask, char_credit, digits_task, next_prompts, step_credit
 from skyrl_fn.train.gsm8k import gsm8k_task
 
 
