@@ -306,7 +306,6 @@ def test_broadcast_path_joins_the_group_and_receives_the_plan_as_plain_data(fake
 
 
 def test_make_backend_dispatches_to_vllm(fake_vllm, tiny, monkeypatch):
-    import skyrl_fn.train.backend_choice as choice
     import skyrl_fn.train.rollout as rollout
 
     model, tok = tiny
