@@ -80,4 +80,17 @@ BUILTINS = (
     ("kl_estimator", "abs+", ls.kl_abs_plus, _KL_NON_NEGATIVE),
     ("kl_estimator", "k2+", ls.k2_plus, _KL_NON_NEGATIVE),
     ("kl_estimator", "k3+", ls.k3_plus, _KL_NON_NEGATIVE),
+    # -- issue 15 (estimators, aggregations, KL names; kept in one block) -------------------
+    # GDPO: per-component group normalisation (group-local), then whitened over the batch.
+    ("advantage_estimator", "gdpo_raw", est.gdpo_raw, _GROUP_NORM),
+    ("advantage_estimator", "gdpo", est.gdpo, _BATCH_WHITENED | {"shift_invariant", "scale_invariant"}),
+    # A per-position group baseline: group-local, but neither shift- nor scale-invariant.
+    ("advantage_estimator", "optimal_token_baseline", est.optimal_token_baseline, _PER_GROUP),
+    ("advantage_estimator", "tir_optimal_token_baseline", est.tir_optimal_token_baseline, _PER_GROUP),
+    # verl's kl_penalty names where its maths is an entry above (verl 0.9.1 core_algos.kl_penalty).
+    ("kl_estimator", "kl", ls.k1, frozenset()),
+    ("kl_estimator", "kl+", ls.k1_plus, frozenset()),
+    ("kl_estimator", "low_var_kl", ls.k3, _KL_NON_NEGATIVE),
+    ("kl_estimator", "low_var_kl+", ls.k3_plus, _KL_NON_NEGATIVE),
+    ("kl_estimator", "mse+", ls.k2_plus, _KL_NON_NEGATIVE),
 )

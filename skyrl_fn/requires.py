@@ -14,13 +14,15 @@ from __future__ import annotations
 import functools
 from typing import Callable, TypeVar
 
-__all__ = ["INPUTS", "check_inputs", "requires", "requirements"]
+__all__ = ["INPUTS", "EXTRAS_PREFIX", "check_inputs", "requires", "requirements", "extras_required", "missing_fields"]
 
 #: The optional inputs a piece can require: critic values (``AdvantageInput.values``, so a run
 #: builds a critic), baseline rewards (``AdvantageInput.reward_baselines``: ReMax's greedy sample),
 #: reference log-probs (``PolicyLossInput.ref_log_probs``, so a run builds a reference model) and
 #: rollout log-probs (``PolicyLossInput.rollout_log_probs``).
 INPUTS = frozenset({"values", "reward_baselines", "ref_log_probs", "rollout_log_probs"})
+#: How a per-sample field is named in a requirement: ``"extras.<key>"`` (the key of ``extras``).
+EXTRAS_PREFIX = "extras."
 
 F = TypeVar("F", bound=Callable)
 
@@ -30,14 +32,52 @@ def check_inputs(inputs) -> frozenset[str]:
     if isinstance(inputs, str):
         raise TypeError(f"requires: expected a collection of input names, got the string {inputs!r}")
     out = frozenset(inputs)
-    unknown = sorted(out - INPUTS)
+    for name in out:
+        if not isinstance(name, str):
+            raise TypeError(f"requires: expected input names (str), got {name!r}")
+    unknown = sorted(n for n in out if n not in INPUTS and not _is_field(n))
     if unknown:
-        raise ValueError(f"requires: expected inputs from {sorted(INPUTS)}, got {unknown}")
+        raise ValueError(
+            f"requires: expected inputs from {sorted(INPUTS)} or per-sample fields '{EXTRAS_PREFIX}<key>', got {unknown}"
+        )
     return out
 
 
+def _is_field(name: str) -> bool:
+    key = name[len(EXTRAS_PREFIX):]
+    return name.startswith(EXTRAS_PREFIX) and bool(key) and not any(c.isspace() for c in key)
+
+
+def extras_required(fn_or_requires) -> frozenset[str]:
+    """The ``extras`` keys a function (or a set of requirements, e.g. ``Entry.requires``) reads."""
+    needs = fn_or_requires if isinstance(fn_or_requires, (set, frozenset)) else requirements(fn_or_requires)
+    return frozenset(n[len(EXTRAS_PREFIX):] for n in needs if _is_field(n))
+
+
+def missing_fields(needs: dict[str, frozenset[str]], available, *, source: str) -> None:
+    """Raise if a piece needs a per-sample field that ``available`` does not hold.
+
+    Args:
+        needs: a label of each piece (e.g. ``"advantage estimator 'gdpo'"``) -> its requirements.
+        available: the per-sample field names the run produces.
+        source: what produces them, named in the error (e.g. ``"task 'digits' and its scorer"``).
+
+    Raises:
+        ValueError: naming the piece, the missing fields and the fields available.
+    """
+    have = set(available)
+    for label, required in needs.items():
+        missing = sorted(extras_required(frozenset(required)) - have)
+        if missing:
+            raise ValueError(
+                f"{label}: needs per-sample field(s) {missing}, which the {source} do not produce; "
+                f"available: {sorted(have) or 'none'}"
+            )
+
+
 def requires(*inputs: str) -> Callable[[F], F]:
-    """Decorator: ``fn`` reads the optional ``inputs`` (names from :data:`INPUTS`).
+    """Decorator: ``fn`` reads the optional ``inputs`` (names from :data:`INPUTS`, or per-sample
+    fields ``"extras.<key>"``).
 
     Example::
 
