@@ -82,8 +82,8 @@ BUILTINS = (
     ("kl_estimator", "k3+", ls.k3_plus, _KL_NON_NEGATIVE),
     # -- issue 15 (estimators, aggregations, KL names; kept in one block) -------------------
     # GDPO: per-component group normalisation (group-local), then whitened over the batch.
-    ("advantage_estimator", "gdpo_raw", est.gdpo_raw, _GROUP_NORM),
-    ("advantage_estimator", "gdpo", est.gdpo, _BATCH_WHITENED | {"shift_invariant", "scale_invariant"}),
+    ("advantage_estimator", "gdpo_raw", est.gdpo_raw, _GROUP_NORM | {"batch_shift_invariant", "batch_scale_invariant"}),
+    ("advantage_estimator", "gdpo", est.gdpo, _BATCH_WHITENED | {"shift_invariant", "scale_invariant", "batch_shift_invariant"}),
     # A per-position group baseline: group-local, but neither shift- nor scale-invariant.
     ("advantage_estimator", "optimal_token_baseline", est.optimal_token_baseline, _PER_GROUP),
     ("advantage_estimator", "tir_optimal_token_baseline", est.tir_optimal_token_baseline, _PER_GROUP),
