@@ -126,8 +126,9 @@ _UNIVERSAL_BY_KIND: Mapping[str, frozenset[str]] = {
     "advantage_estimator": UNIVERSAL | {"permutation_equivariant"},
     # Zero gradient at masked tokens is what the mask means for a loss: no opt-out.
     "policy_loss": UNIVERSAL | {"masked_grad_zero"},
-    # The aggregation kind exists to be exact under micro-batching (global_tokens/global_seqs).
-    "aggregation": UNIVERSAL | {"masked_grad_zero", "microbatch_invariant"},
+    # Micro-batch invariance is promised per aggregation: every built-in but token_mean_legacy
+    # (SkyRL's legacy mode, micro-batch dependent by definition) promises it.
+    "aggregation": UNIVERSAL | {"masked_grad_zero"},
     "kl_estimator": (UNIVERSAL - {"mask"}) | {"token_local", "zero_at_reference"},
 }
 _APPLICABLE_BY_KIND: Mapping[str, frozenset[str]] = {

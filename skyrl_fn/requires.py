@@ -70,8 +70,8 @@ def missing_fields(needs: dict[str, frozenset[str]], available, *, source: str) 
         missing = sorted(extras_required(frozenset(required)) - have)
         if missing:
             raise ValueError(
-                f"{label}: needs per-sample field(s) {missing}, which the {source} do not produce; "
-                f"available: {sorted(have) or 'none'}"
+                f"{label}: expected per-sample field(s) {missing} in the batch's extras, got only "
+                f"{sorted(have) or 'none'} (produced by {source})"
             )
 
 
