@@ -66,6 +66,6 @@ def test_per_sample_fields_are_declared_as_extras_keys():
     for bad in ("extras.", "extras.a b", "format_reward"):
         with pytest.raises(ValueError, match="per-sample fields 'extras.<key>'"):
             requires(bad)
-    missing_fields({"estimator 'x'": requirements(fn)}, ["format_reward"], source="task")  # produced: fine
+    missing_fields({"estimator 'x'": extras_required(fn)}, ["format_reward"], source="task")  # produced: fine
     with pytest.raises(ValueError, match=r"estimator 'x': expected per-sample field\(s\) \['format_reward'\] in the batch's extras, got only \['accuracy'\] \(produced by task\)"):
-        missing_fields({"estimator 'x'": requirements(fn)}, ["accuracy"], source="task")
+        missing_fields({"estimator 'x'": extras_required(fn)}, ["accuracy"], source="task")

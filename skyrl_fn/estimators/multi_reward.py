@@ -22,6 +22,7 @@ from skyrl_fn.estimators._groups import (
 )
 from skyrl_fn.estimators._whiten import whiten
 from skyrl_fn.records import AdvantageInput, AdvantageOutput
+from skyrl_fn.requires import requires
 
 __all__ = ["gdpo", "gdpo_raw", "component_scores"]
 
@@ -63,6 +64,7 @@ def _weights(reward_keys: Sequence[str], reward_weights: Sequence[float] | None)
     return weights
 
 
+@requires(fields_from=("reward_keys",))
 @torch.no_grad()
 def gdpo_raw(
     batch: AdvantageInput,

@@ -26,6 +26,7 @@ import attrs
 from skyrl_fn.algorithm import Algorithm, bind_algorithm
 from skyrl_fn.losses.off_policy import off_policy_correction
 from skyrl_fn.table import AlgorithmTable
+from skyrl_fn.requires import missing_fields
 
 __all__ = [
     "AlgorithmConfig",
@@ -349,6 +350,13 @@ def config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
     return TrainConfig(**kwargs)
 
 
+#: The per-sample fields every training step puts in ``AdvantageInput.extras`` (``[B, T]``): the
+#: sampling policy's log-probs of the sampled tokens (recomputed ones with
+#: ``algorithm.recompute_old_log_probs``, else the rollout engine's) and the rollout engine's. A
+#: piece that requires another field (``requires("extras.<key>")``) fails at :func:`resolve`.
+TRAINER_FIELDS = ("old_log_probs", "rollout_log_probs")
+
+
 @attrs.frozen(kw_only=True, eq=False)
 class ResolvedRun:
     """The one object the driver builds after name resolution and ships everywhere.
@@ -390,7 +398,8 @@ def resolve(config: TrainConfig, table: AlgorithmTable) -> ResolvedRun:
 
     Checked: the advantage estimator, policy loss, aggregation (``loss_reduction``) and KL
     estimator names (UnknownNameError listing the options and the closest one), each function's
-    hyperparameters against its signature (ValueError), and basic sizes.
+    hyperparameters against its signature (ValueError), the per-sample fields the pieces read
+    against :data:`TRAINER_FIELDS` (ValueError), and basic sizes.
 
     Args:
         config: the full training config.
@@ -420,6 +429,8 @@ def resolve(config: TrainConfig, table: AlgorithmTable) -> ResolvedRun:
         use_kl_loss=alg.use_kl_loss, kl_loss_coef=alg.kl_loss_coef, kl_in_reward=alg.use_kl_in_reward,
         correction=correction, entropy_coef=alg.entropy_coef,
     )
+    # Before any model loads: every per-sample field a piece reads must be one a step produces.
+    missing_fields(algorithm.fields, TRAINER_FIELDS, source=f"the trainer with task {config.data.task!r}")
     tr, ro = config.trainer, config.rollout
     for name, value in (
         ("trainer.steps", tr.steps), ("trainer.prompts_per_step", tr.prompts_per_step),
