@@ -69,8 +69,8 @@ def _weights(reward_keys: Sequence[str], reward_weights: Sequence[float] | None)
 def gdpo_raw(
     batch: AdvantageInput,
     *,
-    reward_keys: Sequence[str] = (),
-    reward_weights: Sequence[float] | None = None,
+    reward_keys: tuple[str, ...] = (),
+    reward_weights: tuple[float, ...] | None = None,
     epsilon: float = 1e-6,
     norm_by_std: bool = True,
 ) -> AdvantageOutput:
