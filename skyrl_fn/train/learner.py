@@ -30,7 +30,7 @@ from skyrl_fn.losses.aggregation import group_token_totals
 from skyrl_fn.losses.compile import compile_loss
 from skyrl_fn.losses.objective import SUMMED_METRICS
 from skyrl_fn.records import PolicyLossInput, ReducedLoss
-from skyrl_fn.train.config import ResolvedRun
+from skyrl_fn.train.config import TRAINER_FIELDS, ResolvedRun
 
 # Re-exported: the learner's public surface is one import away (forward passes and experience
 # live in their own modules).
@@ -216,6 +216,7 @@ def policy_update(
             batch = PolicyLossInput(
                 log_probs=lp, old_log_probs=old, advantages=mb.advantages, loss_mask=mb.response_mask,
                 ref_log_probs=mb.ref_log_probs, rollout_log_probs=mb.rollout_log_probs,
+                extras=dict(zip(TRAINER_FIELDS, (old, mb.rollout_log_probs))),  # the step's per-sample fields
             )
             out = kernel(batch, global_tokens=global_tokens, global_seqs=global_seqs, max_seq_len=max_len, entropy=ent, **prompts(s, s + mbs))
             if not bool(torch.isfinite(out.loss)):

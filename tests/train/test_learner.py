@@ -268,3 +268,24 @@ def test_estimators_receive_the_steps_per_sample_fields(make_config, table):
     run, _, _, rollout, exp, _ = _setup(make_config(algorithm={"advantage_estimator": "from_fields"}), table)
     torch.testing.assert_close(exp.advantages, torch.where(rollout.response_mask, -exp.old_log_probs, 0.0))
     assert torch.equal(exp.group_ids, rollout.group_ids)
+
+
+@requires("extras.rollout_log_probs")
+def _pg_reading_fields(batch: PolicyLossInput) -> PolicyLossOutput:
+    """Test-only: a plain policy gradient that checks it sees the micro-batch's rollout log-probs."""
+    assert batch.extras["rollout_log_probs"] is not None and batch.extras["rollout_log_probs"].shape == batch.log_probs.shape
+    return _native_pg(batch)
+
+
+@requires("extras.teacher_log_probs")
+def _pg_needing_a_teacher(batch: PolicyLossInput) -> PolicyLossOutput:
+    return _native_pg(batch)
+
+
+def test_losses_receive_the_steps_per_sample_fields_and_a_missing_one_fails_at_resolution(make_config, table):
+    table = table.register("pg_fields", _pg_reading_fields).register("pg_teacher", _pg_needing_a_teacher)
+    run, _, model, _, exp, _ = _setup(make_config(algorithm={"policy_loss": "pg_fields"}, trainer={"micro_batch_size": 5}), table)
+    out = policy_update(run, make_train_state(model, lr=1e-3), exp)
+    assert out["skipped"] == 0.0
+    with pytest.raises(ValueError, match=r"policy loss 'pg_teacher': expected per-sample field\(s\) \['teacher_log_probs'\]"):
+        resolve(make_config(algorithm={"policy_loss": "pg_teacher"}), table)
