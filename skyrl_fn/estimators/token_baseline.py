@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from skyrl_fn.estimators._groups import accum_dtype, group_count
+from skyrl_fn.estimators._groups import accum_dtype
 from skyrl_fn.records import AdvantageInput, AdvantageOutput
 from skyrl_fn.requires import requires
 
@@ -76,6 +76,31 @@ def _finish(batch: AdvantageInput, g: torch.Tensor, base: torch.Tensor) -> Advan
     return AdvantageOutput(advantages=adv, returns=returns)
 
 
+def _token_baseline(batch: AdvantageInput, *, epsilon: float, handle_zero_tail: bool, by_valid_token: bool) -> AdvantageOutput:
+    """Both estimators: the baseline of slot ``(group, j)``, where ``j`` is the position ``t`` or
+    (``by_valid_token``) the valid-token index ``k``; groups count every row, or only non-empty
+    rows. One ``index_add`` over the ``P * T`` slots (masked tokens add zeros)."""
+    acc = accum_dtype(batch.token_level_rewards.dtype)
+    g, cum = _path_variance(batch, acc)
+    m = batch.response_mask
+    ids, p = batch.group_ids, batch.num_groups
+    b, t = g.shape
+    lengths = m.sum(-1)
+    if by_valid_token:
+        index, members = (m.long().cumsum(-1) - 1).clamp(min=0), lengths > 0
+    else:
+        index, members = torch.arange(t, device=g.device).expand(b, t), torch.ones_like(lengths, dtype=torch.bool)
+    slot = (ids[:, None] * t + index).reshape(-1)
+    num = torch.zeros(p * t, dtype=acc, device=g.device).index_add_(0, slot, (g * cum).reshape(-1))
+    den = torch.zeros(p * t, dtype=acc, device=g.device).index_add_(0, slot, cum.reshape(-1)) + epsilon
+    n = torch.zeros(p, dtype=torch.long, device=g.device).index_add_(0, ids, members.long())
+    base = torch.where((n[ids] < 2)[:, None], 0.0, (num / den).reshape(p, t)[ids[:, None], index])
+    if handle_zero_tail:
+        tail, second = _zero_tail(lengths, ids, p, members)
+        base = torch.where(tail[:, None] & (index >= second[:, None]), 0.0, base)
+    return _finish(batch, g, base)
+
+
 @requires("extras.old_log_probs", "extras.sum_pi_squared")
 @torch.no_grad()
 def optimal_token_baseline(batch: AdvantageInput, *, epsilon: float = 1e-8, handle_zero_tail: bool = True) -> AdvantageOutput:
@@ -88,7 +113,9 @@ def optimal_token_baseline(batch: AdvantageInput, *, epsilon: float = 1e-8, hand
 
     the baseline that minimises the variance of the policy gradient when the per-token score norm
     is approximated by ``w`` (verl 0.9.1 ``compute_optimal_token_baseline_advantage``; the optimal
-    baseline of Greensmith et al. 2004, JMLR 5, made per-token). A size-1 group gets ``b = 0``
+    baseline of Greensmith, Bartlett and Baxter 2004, "Variance Reduction Techniques for Gradient
+    Estimates in Reinforcement Learning", https://www.jmlr.org/papers/v5/greensmith04a.html, made
+    per-token). A size-1 group gets ``b = 0``
     (``A = G``). ``handle_zero_tail``: a group's unique longest sample gets ``b = 0`` from the
     second-longest length on (no other sample reaches those positions to form a baseline).
 
@@ -111,20 +138,7 @@ def optimal_token_baseline(batch: AdvantageInput, *, epsilon: float = 1e-8, hand
     Raises:
         ValueError: a required field missing from ``batch.extras`` or not ``[B, T]``.
     """
-    acc = accum_dtype(batch.token_level_rewards.dtype)
-    g, cum = _path_variance(batch, acc)
-    ids, p = batch.group_ids, batch.num_groups
-    t = g.shape[1]
-    num = torch.zeros((p, t), dtype=acc, device=g.device).index_add_(0, ids, g * cum)
-    den = torch.zeros((p, t), dtype=acc, device=g.device).index_add_(0, ids, cum) + epsilon
-    lone = group_count(ids, p, acc) < 2
-    base = torch.where(lone[:, None], 0.0, num / den)[ids]
-    if handle_zero_tail:
-        lengths = batch.response_mask.sum(-1)
-        tail, second = _zero_tail(lengths, ids, p, torch.ones_like(lengths, dtype=torch.bool))
-        cols = torch.arange(t, device=g.device)
-        base = torch.where(tail[:, None] & (cols[None, :] >= second[:, None]), 0.0, base)
-    return _finish(batch, g, base)
+    return _token_baseline(batch, epsilon=epsilon, handle_zero_tail=handle_zero_tail, by_valid_token=False)
 
 
 @requires("extras.old_log_probs", "extras.sum_pi_squared")
@@ -144,7 +158,8 @@ def tir_optimal_token_baseline(batch: AdvantageInput, *, epsilon: float = 1e-8, 
     without a valid token belong to no group; a group of one non-empty sample gets ``b = 0``.
     ``handle_zero_tail`` as in :func:`optimal_token_baseline`, over valid-token counts. On
     right-padded masks without holes the two estimators agree except for empty rows (which count
-    as group members in the position-aligned form).
+    as group members in the position-aligned form). The optimal baseline: Greensmith et al. 2004,
+    https://www.jmlr.org/papers/v5/greensmith04a.html.
 
     Deviations: as :func:`optimal_token_baseline` (returns zeroed off the mask; ``w`` clamped to
     its valid range), and vectorised: one ``index_add`` over (group, k), no loop over samples.
@@ -160,21 +175,4 @@ def tir_optimal_token_baseline(batch: AdvantageInput, *, epsilon: float = 1e-8, 
     Raises:
         ValueError: a required field missing from ``batch.extras`` or not ``[B, T]``.
     """
-    acc = accum_dtype(batch.token_level_rewards.dtype)
-    g, cum = _path_variance(batch, acc)
-    m = batch.response_mask
-    ids, p = batch.group_ids, batch.num_groups
-    t = g.shape[1]
-    k = (m.long().cumsum(-1) - 1).clamp(min=0)
-    slot = (ids[:, None] * t + k).reshape(-1)  # (group, k) flattened; masked tokens add zeros
-    num = torch.zeros(p * t, dtype=acc, device=g.device).index_add_(0, slot, (g * cum).reshape(-1))
-    den = torch.zeros(p * t, dtype=acc, device=g.device).index_add_(0, slot, cum.reshape(-1)) + epsilon
-    lengths = m.sum(-1)
-    members = lengths > 0
-    n = torch.zeros(p, dtype=torch.long, device=g.device).index_add_(0, ids, members.long())
-    base = (num / den).reshape(p, t)[ids[:, None], k]
-    base = torch.where((n[ids] < 2)[:, None], 0.0, base)
-    if handle_zero_tail:
-        tail, second = _zero_tail(lengths, ids, p, members)
-        base = torch.where(tail[:, None] & (k >= second[:, None]), 0.0, base)
-    return _finish(batch, g, base)
+    return _token_baseline(batch, epsilon=epsilon, handle_zero_tail=handle_zero_tail, by_valid_token=True)
