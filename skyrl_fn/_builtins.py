@@ -27,6 +27,8 @@ _BATCH_COUPLED = frozenset({"permutation_equivariant"})
 # Whitened over the batch's tokens: invariant to one positive scale of every reward of the batch.
 _BATCH_WHITENED = frozenset({"permutation_equivariant", "batch_scale_invariant"})
 _BATCH_WHITENED_CENTRED = _BATCH_WHITENED | {"shift_invariant"}
+# Aggregations exact under micro-batching with the step's global normalisers.
+_AGG_EXACT = frozenset({"microbatch_invariant"})
 # KL estimates that are >= 0 for every input (k1 = log-ratio can be negative).
 _KL_NON_NEGATIVE = frozenset({"non_negative"})
 # Each row's output depends on that row alone (the raw forms of reinforce++ and gae).
@@ -67,12 +69,12 @@ BUILTINS = (
     ("policy_loss", "dppo", ls.dppo, _LOSS_LOCAL),
     ("policy_loss", "importance_sampling", ls.importance_sampling, _LOSS_LOCAL),
     # -- loss aggregation -----------------------------------------------------------------
-    ("aggregation", "token_mean", ls.token_mean, frozenset()),
-    ("aggregation", "token_sum", ls.token_sum, frozenset()),
-    ("aggregation", "seq_mean_token_sum", ls.seq_mean_token_sum, frozenset()),
-    ("aggregation", "seq_mean_token_mean", ls.seq_mean_token_mean, frozenset()),
-    ("aggregation", "seq_mean_token_sum_norm", ls.seq_mean_token_sum_norm, frozenset()),
-    ("aggregation", "sequence_mean", ls.seq_mean_token_mean, frozenset()),  # SkyRL's name
+    ("aggregation", "token_mean", ls.token_mean, _AGG_EXACT),
+    ("aggregation", "token_sum", ls.token_sum, _AGG_EXACT),
+    ("aggregation", "seq_mean_token_sum", ls.seq_mean_token_sum, _AGG_EXACT),
+    ("aggregation", "seq_mean_token_mean", ls.seq_mean_token_mean, _AGG_EXACT),
+    ("aggregation", "seq_mean_token_sum_norm", ls.seq_mean_token_sum_norm, _AGG_EXACT),
+    ("aggregation", "sequence_mean", ls.seq_mean_token_mean, _AGG_EXACT),  # SkyRL's name
     # -- KL estimators --------------------------------------------------------------------
     ("kl_estimator", "k1", ls.k1, frozenset()),
     ("kl_estimator", "abs", ls.kl_abs, _KL_NON_NEGATIVE),
@@ -83,6 +85,23 @@ BUILTINS = (
     ("kl_estimator", "abs+", ls.kl_abs_plus, _KL_NON_NEGATIVE),
     ("kl_estimator", "k2+", ls.k2_plus, _KL_NON_NEGATIVE),
     ("kl_estimator", "k3+", ls.k3_plus, _KL_NON_NEGATIVE),
+    # -- issue 15 (estimators, aggregations, KL names; kept in one block) -------------------
+    # GDPO: per-component group normalisation (group-local), then whitened over the batch.
+    ("advantage_estimator", "gdpo_raw", est.gdpo_raw, _GROUP_NORM | {"batch_shift_invariant", "batch_scale_invariant"}),
+    ("advantage_estimator", "gdpo", est.gdpo, _BATCH_WHITENED | {"shift_invariant", "scale_invariant", "batch_shift_invariant"}),
+    # A per-position group baseline: group-local, but neither shift- nor scale-invariant.
+    ("advantage_estimator", "optimal_token_baseline", est.optimal_token_baseline, _PER_GROUP),
+    ("advantage_estimator", "tir_optimal_token_baseline", est.tir_optimal_token_baseline, _PER_GROUP),
+    # SkyRL 0.3.0's loss_reduction modes: prompt_mean is exact with the step's prompt totals;
+    # token_mean_legacy depends on the micro-batch size by definition, so it promises nothing.
+    ("aggregation", "prompt_mean", ls.prompt_mean, _AGG_EXACT),
+    ("aggregation", "token_mean_legacy", ls.token_mean_legacy, frozenset()),
+    # verl's kl_penalty names where its maths is an entry above (verl 0.9.1 core_algos.kl_penalty).
+    ("kl_estimator", "kl", ls.k1, frozenset()),
+    ("kl_estimator", "kl+", ls.k1_plus, frozenset()),
+    ("kl_estimator", "low_var_kl", ls.k3, _KL_NON_NEGATIVE),
+    ("kl_estimator", "low_var_kl+", ls.k3_plus, _KL_NON_NEGATIVE),
+    ("kl_estimator", "mse+", ls.k2_plus, _KL_NON_NEGATIVE),
 )
 
 

@@ -28,6 +28,7 @@ from skyrl_fn.losses.compile import compile_loss
 from skyrl_fn.losses.objective import policy_objective
 from skyrl_fn.losses.off_policy import OffPolicyCorrection
 from skyrl_fn.records import AdvantageInput, AdvantageOutput, PolicyLossInput, ReducedLoss
+from skyrl_fn.requires import fields_needed
 from skyrl_fn.table import AlgorithmTable, Entry, unknown_name_message
 
 __all__ = [
@@ -42,7 +43,7 @@ __all__ = [
 
 #: Keywords a kind's functions receive from their caller (the objective, the trainer), not from the user.
 SUPPLIED: Mapping[str, frozenset[str]] = {
-    "aggregation": frozenset({"global_tokens", "global_seqs", "max_seq_len"}),
+    "aggregation": frozenset({"global_tokens", "global_seqs", "max_seq_len", "group_ids", "group_tokens", "global_groups"}),
     "task": frozenset({"seed"}),
     "rollout_backend": frozenset({"seed", "colocated"}),
 }
@@ -103,6 +104,13 @@ def _accepts_any(fn: Callable, names: frozenset[str]) -> bool:
     return any(n in params for n in names) or any(p.kind == p.VAR_KEYWORD for p in params.values())
 
 
+def _takes_kwargs(fn: Callable) -> bool:
+    try:
+        return any(p.kind == p.VAR_KEYWORD for p in inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return False
+
+
 def bind(table: AlgorithmTable, kind: str, name: str, hyper: Mapping[str, Any] | None = None) -> Callable:
     """The function registered as ``name`` with ``hyper`` bound (``functools.partial``).
 
@@ -150,6 +158,10 @@ class Algorithm:
         entropy_coef: weight of the entropy bonus (0: none, and no entropy is computed).
         needs_critic: the estimator reads critic values (an entry's ``requires``).
         needs_reference: a KL term is used or the policy loss reads ``ref_log_probs``.
+        fields: piece label -> the per-sample ``extras`` keys it reads as bound
+            (``skyrl_fn.requires.fields_needed``); the run checks them against what it produces.
+        aggregation_takes_groups: the aggregation takes each row's prompt (``group_ids``:
+            ``prompt_mean``), so the learner passes the step's prompt totals.
     """
 
     names: Mapping[str, str] = attrs.field(converter=FrozenDict)
@@ -166,6 +178,8 @@ class Algorithm:
     entropy_coef: float = 0.0
     needs_critic: bool = False
     needs_reference: bool = False
+    fields: Mapping[str, frozenset[str]] = attrs.field(factory=dict, converter=FrozenDict)
+    aggregation_takes_groups: bool = False
 
     def objective(self) -> Callable[..., ReducedLoss]:
         """``policy_objective`` with this algorithm's pieces bound: ``fn(batch, *, global_tokens,
@@ -227,6 +241,12 @@ def bind_algorithm(
         kl_in_reward=kl_in_reward, correction=correction, entropy_coef=float(entropy_coef),
         needs_critic="values" in entries["advantage_estimator"].requires,
         needs_reference=use_kl_loss or kl_in_reward or "ref_log_probs" in entries["policy_loss"].requires,
+        fields={
+            f"{k.replace('_', ' ')} {names[k]!r}": fields_needed(entries[k].fn, hyper.get(k))
+            for k in ("advantage_estimator", "policy_loss")
+        },
+        aggregation_takes_groups=_accepts_any(entries["aggregation"].fn, frozenset({"group_ids"}))
+        and not _takes_kwargs(entries["aggregation"].fn),
     )
 
 

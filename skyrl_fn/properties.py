@@ -2,7 +2,8 @@
 
 Every function is always checked for the universal properties of its kind (``universal(kind)``);
 the others are promised per function at ``register`` time (``promises=...``), and the testing kit
-checks exactly those. ``DESCRIPTIONS`` says what each name means; it is what a failing check
+fails a function that breaks one it promised. The optional properties it does not promise
+(``reportable(kind)``) are tried too and reported as satisfied or broken. ``DESCRIPTIONS`` says what each name means; it is what a failing check
 prints under the property name.
 """
 
@@ -22,6 +23,7 @@ __all__ = [
     "ROW_LOCAL_POLICY_LOSS",
     "universal",
     "applicable",
+    "reportable",
     "check_promises",
 ]
 
@@ -119,11 +121,14 @@ ORDER: tuple[str, ...] = (
 )
 
 _UNIVERSAL_BY_KIND: Mapping[str, frozenset[str]] = {
-    "advantage_estimator": UNIVERSAL,
+    # Row order carries no meaning in a batch: an estimator whose output depends on it is wrong
+    # whatever else it promises (e.g. a baseline taken from each group's first row).
+    "advantage_estimator": UNIVERSAL | {"permutation_equivariant"},
     # Zero gradient at masked tokens is what the mask means for a loss: no opt-out.
     "policy_loss": UNIVERSAL | {"masked_grad_zero"},
-    # The aggregation kind exists to be exact under micro-batching (global_tokens/global_seqs).
-    "aggregation": UNIVERSAL | {"masked_grad_zero", "microbatch_invariant"},
+    # Micro-batch invariance is promised per aggregation: every built-in but token_mean_legacy
+    # (SkyRL's legacy mode, micro-batch dependent by definition) promises it.
+    "aggregation": UNIVERSAL | {"masked_grad_zero"},
     "kl_estimator": (UNIVERSAL - {"mask"}) | {"token_local", "zero_at_reference"},
 }
 _APPLICABLE_BY_KIND: Mapping[str, frozenset[str]] = {
@@ -140,6 +145,21 @@ def universal(kind: str) -> frozenset[str]:
         return _UNIVERSAL_BY_KIND[kind]
     except KeyError:
         raise ValueError(f"kind: expected one of {sorted(_UNIVERSAL_BY_KIND)}, got {kind!r}") from None
+
+
+#: Properties the kit reports for a function that does not promise them (an estimator's character:
+#: group-local or batch-coupled, invariant to shifts or scales); ``rejects_singleton_groups`` is a
+#: contract on the input, not a character, so it is never guessed.
+_REPORTABLE_BY_KIND: Mapping[str, frozenset[str]] = {
+    "advantage_estimator": ESTIMATOR_PROPERTIES - {"permutation_equivariant", "rejects_singleton_groups"},
+}
+
+
+def reportable(kind: str) -> frozenset[str]:
+    """The optional properties of ``kind`` the kit tries on a function that does not promise them
+    and reports as satisfied or broken (empty for kinds whose properties are all universal)."""
+    universal(kind)  # the one error message for an unknown kind
+    return _REPORTABLE_BY_KIND.get(kind, frozenset())
 
 
 def applicable(kind: str) -> frozenset[str]:

@@ -69,6 +69,16 @@ def _take_mask(record: Any, name: str) -> tuple[torch.Tensor, torch.Tensor, torc
     return mask, original, flag
 
 
+def _check_extras(extras: Mapping[str, Any], b: int, t: int) -> None:
+    """Every per-sample field is a tensor of shape ``[B]`` or ``[B, T]`` (host-side, no sync)."""
+    for key, value in extras.items():
+        if not isinstance(key, str):
+            raise TypeError(f"extras: expected string keys, got {key!r}")
+        check_tensor(f"extras[{key!r}]", value)
+        if value.dim() not in (1, 2) or value.shape[0] != b or (value.dim() == 2 and value.shape[1] != t):
+            raise ValueError(f"extras[{key!r}]: expected shape [B] = ({b},) or [B, T] = ({b}, {t}), got {tuple(value.shape)}")
+
+
 @attrs.frozen(kw_only=True, eq=False)
 class AdvantageInput:
     """What every advantage estimator reads.
@@ -112,10 +122,7 @@ class AdvantageInput:
         if self.reward_baselines is not None:
             check_floating("reward_baselines", self.reward_baselines)
             check_shape("reward_baselines", self.reward_baselines, (b,), "[B]")
-        for key, value in self.extras.items():
-            check_tensor(f"extras[{key!r}]", value)
-            if value.dim() not in (1, 2) or value.shape[0] != b or (value.dim() == 2 and value.shape[1] != t):
-                raise ValueError(f"extras[{key!r}]: expected shape [B] = ({b},) or [B, T] = ({b}, {t}), got {tuple(value.shape)}")
+        _check_extras(self.extras, b, t)
         check_all(
             [("token_level_rewards", rewards, mask), ("values", self.values, mask), ("reward_baselines", self.reward_baselines, None)],
             [("response_mask", original_mask, mask_flag)],
@@ -214,6 +221,9 @@ class PolicyLossInput:
         ref_log_probs: optional ``[B, T]`` log-probs under a reference model (KL terms).
         rollout_log_probs: optional ``[B, T]`` log-probs reported by the rollout engine
             (off-policy corrections).
+        extras: optional mapping of further per-sample tensors, each ``[B]`` or ``[B, T]``: the
+            step's per-sample fields (a loss declares the ones it reads with
+            ``requires("extras.<key>")``). Read-only; sliced with the rows by :meth:`rows`.
     """
 
     log_probs: torch.Tensor = attrs.field()
@@ -222,6 +232,7 @@ class PolicyLossInput:
     loss_mask: torch.Tensor = attrs.field()  # converted to bool in __attrs_post_init__
     ref_log_probs: torch.Tensor | None = attrs.field(default=None)
     rollout_log_probs: torch.Tensor | None = attrs.field(default=None)
+    extras: Mapping[str, torch.Tensor] = attrs.field(factory=dict, converter=_frozen_mapping)
 
     def __attrs_post_init__(self) -> None:
         mask, original_mask, mask_flag = _take_mask(self, "loss_mask")
@@ -236,6 +247,7 @@ class PolicyLossInput:
                 continue
             check_floating(field, x)
             check_shape(field, x, shape, "[B, T]")
+        _check_extras(self.extras, *shape)
         check_all(
             [(f, getattr(self, f), mask) for f in ("log_probs", "old_log_probs", "advantages", "ref_log_probs", "rollout_log_probs")],
             [("loss_mask", original_mask, mask_flag)],
@@ -251,6 +263,7 @@ class PolicyLossInput:
         loss_mask: torch.Tensor,
         ref_log_probs: torch.Tensor | None = None,
         rollout_log_probs: torch.Tensor | None = None,
+        extras: Mapping[str, torch.Tensor] | None = None,
     ) -> "PolicyLossInput":
         """Build without any check or conversion: no host sync, no device read.
 
@@ -263,14 +276,15 @@ class PolicyLossInput:
             cls,
             dict(
                 log_probs=log_probs, old_log_probs=old_log_probs, advantages=advantages, loss_mask=loss_mask,
-                ref_log_probs=ref_log_probs, rollout_log_probs=rollout_log_probs,
+                ref_log_probs=ref_log_probs, rollout_log_probs=rollout_log_probs, extras=extras,
             ),
         )
 
     def rows(self, start: int, stop: int, *, log_probs: torch.Tensor | None = None) -> "PolicyLossInput":
         """Rows ``[start, stop)`` of this (checked) record as an unchecked ``PolicyLossInput``.
 
-        Micro-batching: every ``[B, T]`` field is sliced (views, no copy, no sync). ``log_probs``
+        Micro-batching: every ``[B, T]`` field and every per-sample field is sliced (views, no
+        copy, no sync). ``log_probs``
         replaces the sliced log-probs, e.g. the micro-batch's fresh forward pass ``[stop - start, T]``.
         """
         def cut(x: torch.Tensor | None) -> torch.Tensor | None:
@@ -283,6 +297,7 @@ class PolicyLossInput:
             loss_mask=cut(self.loss_mask),
             ref_log_probs=cut(self.ref_log_probs),
             rollout_log_probs=cut(self.rollout_log_probs),
+            extras={k: v[start:stop] for k, v in self.extras.items()},
         )
 
     @property

@@ -31,7 +31,9 @@ def make_batch(seed: int = 0, b: int = 8, t: int = 5, groups: int = 2) -> Advant
     rewards = 3 * torch.randn(b, t, generator=g)
     lengths = torch.randint(1, t + 1, (b,), generator=g)
     mask = torch.arange(t)[None, :] < lengths[:, None]
-    return AdvantageInput(token_level_rewards=rewards, response_mask=mask, group_ids=torch.arange(b) % groups)
+    # The per-sample fields the optimal token baselines read (any values: their weight is clamped).
+    fields = {"old_log_probs": -torch.rand(b, t, generator=g), "sum_pi_squared": torch.rand(b, t, generator=g)}
+    return AdvantageInput(token_level_rewards=rewards, response_mask=mask, group_ids=torch.arange(b) % groups, extras=fields)
 
 
 def test_outcome_estimator_group_mean_chain_equals_dr_grpo():

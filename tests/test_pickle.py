@@ -44,7 +44,7 @@ def make_batch(seed: int = 0) -> AdvantageInput:
         group_ids=["a", "a", "b", "b", "c", "c"],
         values=torch.randn(b, t, generator=g),
         reward_baselines=torch.randn(b, generator=g),
-        extras={"bonus": torch.randn(b, generator=g)},
+        extras={"bonus": torch.randn(b, generator=g), "old_log_probs": -torch.rand(b, t, generator=g), "sum_pi_squared": torch.rand(b, t, generator=g)},
     )
 
 

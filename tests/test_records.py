@@ -203,3 +203,11 @@ def test_unchecked_records_never_read_the_device_and_run_no_check():
 def test_unchecked_still_requires_every_field():
     with pytest.raises(TypeError, match="advantages"):
         PolicyLossInput.unchecked(log_probs=torch.zeros(1, 1), old_log_probs=torch.zeros(1, 1), loss_mask=torch.ones(1, 1))
+
+
+def test_policy_loss_input_extras_are_validated_and_sliced_with_the_rows():
+    lp = torch.zeros(3, 2)
+    rec = PolicyLossInput(log_probs=lp, old_log_probs=lp, advantages=lp, loss_mask=torch.ones(3, 2), extras={"w": torch.arange(3.0)})
+    assert torch.equal(rec.rows(1, 3).extras["w"], torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match=r"extras\['w'\]: expected shape \[B\] = \(3,\) or \[B, T\] = \(3, 2\), got \(2,\)"):
+        PolicyLossInput(log_probs=lp, old_log_probs=lp, advantages=lp, loss_mask=torch.ones(3, 2), extras={"w": torch.ones(2)})

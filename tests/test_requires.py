@@ -9,7 +9,7 @@ import pytest
 
 from skyrl_fn import DEFAULT_TABLE, AdvantageInput, AdvantageOutput, AdvantageTransform, chain, clip_advantages, requires
 from skyrl_fn.estimators import gae, grpo
-from skyrl_fn.requires import requirements
+from skyrl_fn.requires import extras_required, missing_fields, requirements
 
 
 def test_declared_on_the_function_and_seen_through_partials_and_chains():
@@ -40,7 +40,7 @@ def test_the_table_stores_it_on_the_entry_and_keeps_it_through_merge_and_pickle(
 
 
 def test_unknown_inputs_are_errors_naming_them():
-    with pytest.raises(ValueError, match=r"requires: expected inputs from \['ref_log_probs', 'reward_baselines', 'rollout_log_probs', 'values'\], got \['critic'\]"):
+    with pytest.raises(ValueError, match=r"requires: expected inputs from \['ref_log_probs', 'reward_baselines', 'rollout_log_probs', 'values'\] or per-sample fields 'extras.<key>', got \['critic'\]"):
         requires("critic")
     with pytest.raises(ValueError, match="critic"):
         DEFAULT_TABLE.register("x", grpo, replace=True, kind="advantage_estimator", requires=("critic",))
@@ -50,4 +50,22 @@ def test_unknown_inputs_are_errors_naming_them():
 
 def test_builtin_requirements():
     declared = {e.name: e.requires for e in DEFAULT_TABLE.entries() if e.requires}
-    assert declared == {"gae": {"values"}, "gae_raw": {"values"}, "remax": {"reward_baselines"}}
+    otb = {"extras.old_log_probs", "extras.sum_pi_squared"}
+    assert declared == {
+        "gae": {"values"}, "gae_raw": {"values"}, "remax": {"reward_baselines"},
+        "optimal_token_baseline": otb, "tir_optimal_token_baseline": otb,
+    }
+
+
+def test_per_sample_fields_are_declared_as_extras_keys():
+    @requires("extras.format_reward", "values")
+    def fn(batch: AdvantageInput) -> AdvantageOutput: ...
+
+    assert extras_required(fn) == {"format_reward"} and requirements(fn) == {"extras.format_reward", "values"}
+    assert extras_required(chain(fn, clip_advantages(1.0))) == {"format_reward"}
+    for bad in ("extras.", "extras.a b", "format_reward"):
+        with pytest.raises(ValueError, match="per-sample fields 'extras.<key>'"):
+            requires(bad)
+    missing_fields({"estimator 'x'": extras_required(fn)}, ["format_reward"], source="task")  # produced: fine
+    with pytest.raises(ValueError, match=r"estimator 'x': expected per-sample field\(s\) \['format_reward'\] in the batch's extras, got only \['accuracy'\] \(produced by task\)"):
+        missing_fields({"estimator 'x'": extras_required(fn)}, ["accuracy"], source="task")

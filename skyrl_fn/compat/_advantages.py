@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from skyrl_fn.compat._calls import call_accepting, caller_names, describe
+from skyrl_fn.compat._extras import EXTRAS_KEYWORDS, config_hyperparameters, keyword_extras
 from skyrl_fn.records import AdvantageInput, AdvantageOutput
 from skyrl_fn.table import AlgorithmTable
 
@@ -35,6 +36,8 @@ __all__ = [
 HYPER_ALIASES: Mapping[str, str] = {
     "grpo_norm_by_std": "norm_by_std",
     "norm_adv_by_std_in_grpo": "norm_by_std",
+    "gdpo_reward_keys": "reward_keys",  # verl's algorithm config names, also accepted as keywords
+    "gdpo_reward_weights": "reward_weights",
 }
 #: Keywords that fill the AdvantageInput record, never hyperparameters.
 RECORD_KEYWORDS = frozenset({"token_level_rewards", "response_mask", "index", "values", "reward_baselines", "extras"})
@@ -45,8 +48,12 @@ KNOWN_HYPERPARAMETERS = ("gamma", "lambd", "epsilon", "norm_by_std")
 SKYRL_DEFAULTS: Mapping[str, Any] = {"gamma": 1.0, "lambd": 1.0, "grpo_norm_by_std": True}
 
 
-def advantage_input(kwargs: Mapping[str, Any]) -> AdvantageInput:
-    """The record for SkyRL keywords (``index=None`` puts the whole batch in one group)."""
+def advantage_input(kwargs: Mapping[str, Any], claimed: frozenset[str] = frozenset()) -> AdvantageInput:
+    """The record for SkyRL keywords (``index=None`` puts the whole batch in one group).
+
+    Per-sample fields (``skyrl_fn.compat._extras``: ``reward_components``, verl's
+    ``non_tensor_batch``, any other ``[B, ...]`` tensor keyword not in ``claimed``) go to
+    ``extras`` under their own names."""
     rewards = kwargs.get("token_level_rewards")
     mask = kwargs.get("response_mask")
     for key, value in (("token_level_rewards", rewards), ("response_mask", mask)):
@@ -55,6 +62,8 @@ def advantage_input(kwargs: Mapping[str, Any]) -> AdvantageInput:
     index = kwargs.get("index")
     if index is None and isinstance(rewards, torch.Tensor) and rewards.dim() > 0:
         index = np.zeros(rewards.shape[0], dtype=np.int64)
+    b = rewards.shape[0] if isinstance(rewards, torch.Tensor) and rewards.dim() > 0 else 0
+    extras = keyword_extras(kwargs, b, RECORD_KEYWORDS | claimed) if b else dict(kwargs.get("extras") or {})
     with caller_names({"group_ids": "index"}):
         return AdvantageInput(
             token_level_rewards=rewards,
@@ -62,7 +71,7 @@ def advantage_input(kwargs: Mapping[str, Any]) -> AdvantageInput:
             group_ids=index,
             values=kwargs.get("values"),
             reward_baselines=kwargs.get("reward_baselines"),
-            extras=kwargs.get("extras") or {},
+            extras=extras,
         )
 
 
@@ -87,7 +96,7 @@ def native_hyperparameters(kwargs: Mapping[str, Any], accepted: Mapping[str, Any
     out: dict[str, Any] = {}
     origin: dict[str, str] = {}
     for key, value in kwargs.items():
-        if key in RECORD_KEYWORDS or value is None:
+        if key in RECORD_KEYWORDS or key in EXTRAS_KEYWORDS or value is None:
             continue
         native = HYPER_ALIASES.get(key, key)
         if native not in (KNOWN_HYPERPARAMETERS if accepted is None else accepted):
@@ -113,6 +122,12 @@ class SkyRLCallable:
     ``norm_by_std=False``) is part of the entry's identity: SkyRL-Train's trainer passes
     ``grpo_norm_by_std=True`` on every call, and that must not turn Dr. GRPO back into GRPO, so a
     keyword naming a fixed hyperparameter is ignored like any other extra.
+
+    Per-sample fields arrive under the peers' names and reach the estimator in ``extras``:
+    SkyRL's ``reward_components [B, K]`` + ``reward_component_names`` (GDPO's components, which
+    also become its ``reward_keys`` unless configured), verl's ``non_tensor_batch`` and
+    ``config.gdpo_reward_keys`` / ``gdpo_reward_weights``, and any ``[B, ...]`` tensor keyword
+    such as verl's ``old_log_probs`` / ``sum_pi_squared`` for the optimal token baseline.
     """
 
     def __init__(self, table: AlgorithmTable, name: str) -> None:
@@ -123,10 +138,12 @@ class SkyRLCallable:
 
     def __call__(self, token_level_rewards=None, response_mask=None, index=None, **kwargs: Any):
         kwargs.update(token_level_rewards=token_level_rewards, response_mask=response_mask, index=index)
-        batch = advantage_input(kwargs)
         entry = self.table.entry("advantage_estimator", self.name)
+        accepted = entry.hyperparameters()
         # Keywords fixed by a partial are not in entry.hyperparameters(), so they are ignored.
-        hyper = native_hyperparameters(kwargs, entry.hyperparameters())
+        hyper = {**config_hyperparameters(kwargs, accepted), **native_hyperparameters(kwargs, accepted)}
+        claimed = frozenset(HYPER_ALIASES) | frozenset(accepted or ()) | frozenset(KNOWN_HYPERPARAMETERS) | {"config"}
+        batch = advantage_input(kwargs, claimed)
         out = self.table.compute_advantages(self.name, batch, **hyper)
         return out.advantages, out.returns
 

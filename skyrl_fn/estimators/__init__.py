@@ -8,6 +8,7 @@ Where the maths is a chain the named estimator is one: ``gae = chain(gae_raw, wh
 from skyrl_fn.estimators.gae import gae, gae_raw
 from skyrl_fn.estimators.group_relative import gpg, grpo, grpo_passk, maxrl, opo
 from skyrl_fn.estimators.leave_one_out import rloo
+from skyrl_fn.estimators.multi_reward import gdpo, gdpo_raw
 from skyrl_fn.estimators.reinforce import (
     discounted_returns,
     reinforce_plus_plus,
@@ -15,6 +16,7 @@ from skyrl_fn.estimators.reinforce import (
     reinforce_plus_plus_raw,
     remax,
 )
+from skyrl_fn.estimators.token_baseline import optimal_token_baseline, tir_optimal_token_baseline
 
 __all__ = [
     "grpo",
@@ -30,4 +32,8 @@ __all__ = [
     "gae",
     "gae_raw",
     "discounted_returns",
+    "gdpo",
+    "gdpo_raw",
+    "optimal_token_baseline",
+    "tir_optimal_token_baseline",
 ]

@@ -73,12 +73,16 @@ def _target(fn: Callable) -> Callable:
 
 
 def _flag_type(annotation: Any) -> bool:
-    """True for the types a flag can carry: bool, int, float, str, Literal, and unions of them."""
+    """True for the types a flag can carry: bool, int, float, str, Literal, variable-length tuples
+    of those (``tuple[str, ...]``: ``--flag a b``), and unions of them."""
     if annotation in _SIMPLE:
         return True
     origin = typing.get_origin(annotation)
     if origin is Literal:
         return True
+    if origin is tuple:
+        args = typing.get_args(annotation)
+        return len(args) == 2 and args[1] is Ellipsis and args[0] in _SIMPLE[:-1]
     if origin in (typing.Union, types.UnionType):
         return all(_flag_type(a) for a in typing.get_args(annotation))
     return False

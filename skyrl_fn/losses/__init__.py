@@ -14,10 +14,13 @@ from skyrl_fn.losses.aggregation import (
     SKYRL_REDUCTIONS,
     aggregate,
     aggregation_name,
+    group_token_totals,
+    prompt_mean,
     seq_mean_token_mean,
     seq_mean_token_sum,
     seq_mean_token_sum_norm,
     token_mean,
+    token_mean_legacy,
     token_sum,
 )
 from skyrl_fn.losses.cov import clip_cov, kl_cov
@@ -60,6 +63,7 @@ __all__ = [
     "reinforce", "cross_entropy", "rollout_is", "dppo", "dppo_mask", "importance_sampling",
     # aggregation
     "token_mean", "token_sum", "seq_mean_token_sum", "seq_mean_token_mean", "seq_mean_token_sum_norm",
+    "prompt_mean", "token_mean_legacy", "group_token_totals",
     "AGGREGATIONS", "SKYRL_REDUCTIONS", "aggregation_name", "aggregate", "reduce",
     # the objective
     "policy_objective", "SUMMED_METRICS",

@@ -8,6 +8,10 @@ tokens of row ``i``. Every mode is a *sum over rows divided by a constant*::
     seq_mean_token_sum       sum_i (sum_t m l) / N_seq
     seq_mean_token_mean      sum_i (sum_t m l / max(n_i, 1)) / N_seq
     seq_mean_token_sum_norm  sum_i (sum_t m l) / (N_seq * max_seq_len)
+    prompt_mean              sum_i (sum_t m l) / (N_prm * N_tok(p(i)))   (token mean per prompt, then
+                             the mean over prompts; p(i) the prompt of row i)
+    token_mean_legacy        (sum_it m l / max(sum m, 1)) * B / N_seq     (the token mean of each
+                             micro-batch, averaged over micro-batches)
 
 ``N_tok = global_tokens`` and ``N_seq = global_seqs`` are the totals over **all micro-batches and
 data-parallel ranks** of one optimiser step. Pass them and the micro-batch losses add up exactly to
@@ -15,6 +19,12 @@ the full-batch loss, so the accumulated gradient does not depend on the micro-ba
 number of micro-batches or the data-parallel size (sum the per-rank gradients; do not average
 them). Left at None they default to the counts of the tensor passed in (``N_tok = sum m``,
 ``N_seq = B``), which is right only for a single, whole batch.
+
+``prompt_mean`` takes two more normalisers of the whole step: ``global_groups = N_prm`` (prompts)
+and ``group_tokens [B]`` (for each row, the valid tokens of its prompt, ``N_tok(p(i))``, over all
+micro-batches), plus ``group_ids [B]`` (each row's prompt); with them, micro-batches that split a
+prompt still add up exactly. ``token_mean_legacy`` is the one mode whose value depends on the
+micro-batch size by definition (SkyRL's legacy reduction).
 
 ``N_seq`` counts every row, also rows whose mask is all zero, as SkyRL-Train's ``.mean()`` over the
 batch (verl counts only rows with a valid token: pass ``global_seqs`` for that). ``max_seq_len``
@@ -37,6 +47,9 @@ __all__ = [
     "seq_mean_token_sum",
     "seq_mean_token_mean",
     "seq_mean_token_sum_norm",
+    "prompt_mean",
+    "token_mean_legacy",
+    "group_token_totals",
     "AGGREGATIONS",
     "SKYRL_REDUCTIONS",
     "aggregation_name",
@@ -179,6 +192,110 @@ def seq_mean_token_sum_norm(
     return _row_sums(token_loss, loss_mask).sum() / (n * max_seq_len)
 
 
+def group_token_totals(loss_mask: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(group_tokens [B], global_groups [])`` of ``prompt_mean`` for a whole step: each row's
+    prompt's valid tokens (``N_tok(p(i))``) and the number of distinct prompts.
+
+    Compute them once on the step's ``loss_mask [B, T]`` and ``group_ids [B]`` (any integer
+    labels), then pass ``group_tokens[start:stop]`` with each micro-batch.
+    """
+    check_tensor("group_ids", group_ids)
+    b = loss_mask.shape[0]
+    check_shape("group_ids", group_ids, (b,), "[B] (one prompt id per row)")
+    labels, dense = torch.unique(group_ids, return_inverse=True)
+    per_row = (loss_mask != 0).sum(dim=-1)
+    tokens = torch.zeros(labels.numel(), dtype=per_row.dtype, device=per_row.device).index_add_(0, dense.to(per_row.device), per_row)
+    return tokens[dense.to(per_row.device)], torch.tensor(labels.numel(), device=per_row.device)
+
+
+def prompt_mean(
+    token_loss: torch.Tensor,
+    loss_mask: torch.Tensor,
+    *,
+    group_ids: torch.Tensor | None = None,
+    group_tokens: torch.Tensor | None = None,
+    global_groups: Number | None = None,
+    global_tokens: Number | None = None,
+    global_seqs: Number | None = None,
+    max_seq_len: int | None = None,
+) -> torch.Tensor:
+    """The token mean within each prompt, then the mean over prompts (SkyRL 0.3.0's
+    ``prompt_mean`` loss reduction)::
+
+        L = sum_i (sum_t m_it l_it) / (global_groups * max(group_tokens_i, 1))
+
+    so each prompt weighs the same, whatever its number or length of responses. Defaults, right
+    for a single whole batch only: ``group_tokens`` and ``global_groups`` counted on the tensor
+    passed in (:func:`group_token_totals`). Under micro-batching pass the step's totals.
+    ``global_tokens``, ``global_seqs`` and ``max_seq_len`` are accepted and ignored.
+
+    Deviation: SkyRL 0.3.0 takes prompts as ``prompt_boundaries`` (contiguous row slices of a
+    mini-batch); here ``group_ids`` label each row, so a prompt's rows need not be contiguous and
+    a micro-batch may split a prompt.
+
+    Args:
+        token_loss: ``[B, T]`` floating.
+        loss_mask: ``[B, T]`` bool (0/1 numeric accepted).
+        group_ids: ``[B]`` integer prompt id of each row (required).
+        group_tokens: ``[B]`` valid tokens of each row's prompt over the whole step.
+        global_groups: prompts in the whole step.
+
+    Returns:
+        ``[]`` scalar.
+
+    Raises:
+        ValueError: ``group_ids`` missing or not ``[B]``; ``group_tokens`` not ``[B]``.
+    """
+    token_loss, loss_mask = _inputs(token_loss, loss_mask)
+    if group_ids is None:
+        raise ValueError("group_ids: expected the [B] prompt id of each row for prompt_mean, got None")
+    if group_tokens is None or global_groups is None:
+        tokens, groups = group_token_totals(loss_mask, group_ids)
+        group_tokens = tokens if group_tokens is None else group_tokens
+        global_groups = groups if global_groups is None else global_groups
+    check_tensor("group_tokens", group_tokens)
+    check_shape("group_tokens", group_tokens, (token_loss.shape[0],), "[B] (the tokens of each row's prompt)")
+    n = _total("global_groups", global_groups, torch.tensor(1.0), token_loss.dtype)
+    denom = group_tokens.to(device=token_loss.device, dtype=token_loss.dtype).clamp(min=1)
+    return (_row_sums(token_loss, loss_mask) / denom).sum() / n
+
+
+def token_mean_legacy(
+    token_loss: torch.Tensor,
+    loss_mask: torch.Tensor,
+    *,
+    global_tokens: Number | None = None,
+    global_seqs: Number | None = None,
+    max_seq_len: int | None = None,
+) -> torch.Tensor:
+    """SkyRL's legacy ``token_mean``: the token mean of each micro-batch, averaged over the
+    micro-batches (SkyRL 0.3.0's ``token_mean_legacy``)::
+
+        L_mb = (sum_it m_it l_it / max(sum_it m_it, 1)) * B_mb / global_seqs
+
+    Summed over the micro-batches of a step this is the mean of their token means when they have
+    the same number of rows ``B_mb`` (SkyRL's ``micro_batch_size``), and weighs a shorter last
+    micro-batch by its share of rows. Default ``global_seqs = B`` (then ``L = token_mean``).
+
+    This mode depends on the micro-batch size by definition (a micro-batch with few valid tokens
+    weighs as much as one with many): it is kept to reproduce runs made with it, and it does not
+    promise micro-batch invariance. ``global_tokens`` and ``max_seq_len`` are accepted and ignored.
+
+    Args:
+        token_loss: ``[B, T]`` floating.
+        loss_mask: ``[B, T]`` bool (0/1 numeric accepted).
+        global_seqs: rows over all micro-batches and ranks of the step.
+
+    Returns:
+        ``[]`` scalar.
+    """
+    token_loss, loss_mask = _inputs(token_loss, loss_mask)
+    b = token_loss.shape[0]
+    n = _total("global_seqs", global_seqs, torch.tensor(b, device=token_loss.device), token_loss.dtype)
+    mean = _row_sums(token_loss, loss_mask).sum() / loss_mask.sum().clamp(min=1).to(token_loss.dtype)
+    return mean * (b / n)
+
+
 #: Registered name -> aggregation function.
 AGGREGATIONS: Mapping[str, object] = {
     "token_mean": token_mean,
@@ -186,6 +303,8 @@ AGGREGATIONS: Mapping[str, object] = {
     "seq_mean_token_sum": seq_mean_token_sum,
     "seq_mean_token_mean": seq_mean_token_mean,
     "seq_mean_token_sum_norm": seq_mean_token_sum_norm,
+    "prompt_mean": prompt_mean,
+    "token_mean_legacy": token_mean_legacy,
 }
 
 #: SkyRL-Train's ``loss_reduction`` values -> our aggregation names.
@@ -193,6 +312,8 @@ SKYRL_REDUCTIONS: Mapping[str, str] = {
     "token_mean": "token_mean",
     "sequence_mean": "seq_mean_token_mean",
     "seq_mean_token_sum_norm": "seq_mean_token_sum_norm",
+    "prompt_mean": "prompt_mean",
+    "token_mean_legacy": "token_mean_legacy",
 }
 
 

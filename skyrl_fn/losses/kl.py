@@ -14,6 +14,11 @@ and the straight-through variants ``k1+``, ``abs+``, ``k2+``, ``k3+``: the forwa
 estimator with the gradient of ``k2`` (verl's ``+`` suffix): ``k2 - sg[k2] + sg[est]``. The clamps
 are SkyRL-Train's / verl's.
 
+verl's ``kl_penalty`` names are registered as aliases where its maths is one of these exactly
+(``verl.trainer.ppo.core_algos.kl_penalty``, 0.9.1): ``kl`` = ``k1``, ``low_var_kl`` = ``k3``,
+``kl+`` = ``k1+``, ``low_var_kl+`` = ``k3+`` (value of ``k3``, gradient of ``k2``) and ``mse+`` =
+``k2+`` = ``k2`` (the straight-through form of ``k2`` has ``k2``'s value and gradient).
+
 Estimator kind convention: ``fn(log_probs [B, T], ref_log_probs [B, T]) -> [B, T]``; masking and
 reduction happen outside (``kl_token_loss`` / an aggregation).
 """
@@ -114,6 +119,12 @@ KL_ESTIMATORS = {
     "abs+": kl_abs_plus,
     "k2+": k2_plus,
     "k3+": k3_plus,
+    # verl's kl_penalty names for the same maths
+    "kl": k1,
+    "kl+": k1_plus,
+    "low_var_kl": k3,
+    "low_var_kl+": k3_plus,
+    "mse+": k2_plus,
 }
 
 

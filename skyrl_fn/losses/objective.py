@@ -41,6 +41,9 @@ def policy_objective(
     kl_loss_coef: float = 0.0,
     entropy: torch.Tensor | None = None,
     entropy_coef: float = 0.0,
+    group_ids: torch.Tensor | None = None,
+    group_tokens: torch.Tensor | None = None,
+    global_groups: Number | None = None,
 ) -> ReducedLoss:
     """The policy objective of one (micro-)batch::
 
@@ -66,6 +69,9 @@ def policy_objective(
         kl_loss_coef: weight of the KL-to-reference term (0 disables it).
         entropy: ``[B, T]`` token entropy of the policy (from the forward pass), or None.
         entropy_coef: weight of the entropy bonus (0 disables it).
+        group_ids, group_tokens, global_groups: each row's prompt ``[B]``, its prompt's valid
+            tokens over the step ``[B]`` and the step's prompt count, for an aggregation that
+            takes them (``prompt_mean``); passed on only when ``group_ids`` is given.
 
     Returns:
         ``ReducedLoss``: ``loss []`` (ready for ``backward()``); metrics: the loss's and the
@@ -100,6 +106,8 @@ def policy_objective(
         token_loss = torch.where(mask, token_loss * c.weights.to(token_loss.dtype), torch.zeros_like(token_loss))
         metrics.update(c.metrics)
     norms = dict(global_tokens=global_tokens, global_seqs=global_seqs, max_seq_len=max_seq_len)
+    if group_ids is not None:
+        norms.update(group_ids=group_ids, group_tokens=group_tokens, global_groups=global_groups)
     pg = aggregation(token_loss, mask, **norms)
     metrics["pg_loss"] = pg.detach()
     total = pg

@@ -14,7 +14,9 @@ Each property (``skyrl_fn.properties``) is a hypothesis search over generated ba
 (``skyrl_fn.testing.strategies``); a failure raises ``PropertyViolation`` (an ``AssertionError``)
 whose message starts with the property name, then the function, the offending positions and the
 shrunk batch. By default the universal properties of the function's kind plus what its table
-entry promises are checked; pass ``properties=`` to choose by hand.
+entry promises are checked; pass ``properties=`` to choose by hand. ``check_estimator`` also tries
+the optional properties a function does not promise and returns a ``PropertyReport`` of what it
+satisfies and breaks (``strict=True`` fails on a broken one).
 
 Needs ``hypothesis`` (the ``dev`` extra). Example counts follow the loaded hypothesis profile
 (``DEFAULT_MAX_EXAMPLES`` per property under hypothesis's own default profile) or ``settings=``.
@@ -23,7 +25,7 @@ Needs ``hypothesis`` (the ``dev`` extra). Example counts follow the loaded hypot
 from skyrl_fn.testing._estimators import check_estimator
 from skyrl_fn.testing._kl import check_kl_estimator
 from skyrl_fn.testing._losses import check_aggregation, check_policy_loss, reference_token_mean
-from skyrl_fn.testing._report import PropertyViolation
+from skyrl_fn.testing._report import PropertyReport, PropertyReportWarning, PropertyViolation
 from skyrl_fn.testing._resolve import Target, is_skyrl_style, resolve
 from skyrl_fn.testing._run import DEFAULT_MAX_EXAMPLES, kit_settings
 from skyrl_fn.testing import strategies
@@ -34,6 +36,8 @@ __all__ = [
     "check_aggregation",
     "check_kl_estimator",
     "PropertyViolation",
+    "PropertyReport",
+    "PropertyReportWarning",
     "DEFAULT_MAX_EXAMPLES",
     "kit_settings",
     "resolve",

@@ -14,6 +14,7 @@ Every tolerance is relative to ``max(1, max|advantages|)``.
 from __future__ import annotations
 
 import functools
+import warnings
 
 from typing import Any, Callable, Mapping
 
@@ -22,9 +23,11 @@ import torch
 from hypothesis import settings as Settings
 from hypothesis import strategies as st
 
+from skyrl_fn.properties import ORDER, reportable
 from skyrl_fn.records import AdvantageInput, AdvantageOutput
+from skyrl_fn.requires import extras_required
 from skyrl_fn.table import AlgorithmTable
-from skyrl_fn.testing._report import PropertyViolation, fmt, positions
+from skyrl_fn.testing._report import PropertyReport, PropertyReportWarning, PropertyViolation, fmt, positions
 from skyrl_fn.testing._resolve import Target, resolve
 from skyrl_fn.testing._run import Case, kit_settings, run_property, select
 from skyrl_fn.testing.strategies import advantage_inputs, decode
@@ -43,6 +46,7 @@ class _Ctx:
     rtol: float
     atol: float
     min_group_size: int
+    extras: tuple[str, ...] = ()
 
     def call(self, prop: str, batch: AdvantageInput) -> AdvantageOutput:
         """Run the estimator; an exception or a wrong return type is a violation of ``prop``."""
@@ -65,8 +69,9 @@ def _fields(out: AdvantageOutput, advantages_only: bool = False):
     return [("advantages", out.advantages)] if advantages_only else [("advantages", out.advantages), ("returns", out.returns)]
 
 
-def _compare(ctx: _Ctx, prop: str, batch, expected: AdvantageOutput, got: AdvantageOutput, rows=None, *, rtol: float, atol: float, what: str, advantages_only=False, extra=()):
-    """Fail ``prop`` where ``got`` differs from ``expected`` (on ``rows`` [B] bool if given)."""
+def _compare(ctx: _Ctx, prop: str, batch, expected: AdvantageOutput, got: AdvantageOutput, rows=None, *, rtol: float, atol: float, what: str, advantages_only=False, extra=(), labels=("expected", "got")):
+    """Fail ``prop`` where ``got`` differs from ``expected`` (on ``rows`` [B] bool if given);
+    ``labels`` name the two values in the message."""
     __tracebackhide__ = True
     for field, e in _fields(expected, advantages_only):
         g = getattr(got, field)
@@ -78,7 +83,7 @@ def _compare(ctx: _Ctx, prop: str, batch, expected: AdvantageOutput, got: Advant
             bad &= rows[:, None]
         if bool(bad.any()):
             pos = positions(bad)
-            vals = [f"{p}: expected {fmt(float(e[p]))}, got {fmt(float(g[p]))}" for p in pos[:4]]
+            vals = [f"{p}: {labels[0]} {fmt(float(e[p]))}, {labels[1]} {fmt(float(g[p]))}" for p in pos[:4]]
             raise ctx.fail(prop, f"{field} {what}", batch, bad, extra=list(extra) + vals)
 
 
@@ -107,7 +112,10 @@ def _shapes(ctx: _Ctx, case: Case) -> None:
 def _with_padding(batch: AdvantageInput, value: float) -> AdvantageInput:
     m = batch.response_mask
     fill = lambda x: torch.where(m, x, torch.full_like(x, value))  # noqa: E731
-    return attrs.evolve(batch, token_level_rewards=fill(batch.token_level_rewards), values=None if batch.values is None else fill(batch.values))
+    extras = {k: fill(v) if v.dim() == 2 and v.dtype.is_floating_point else v for k, v in batch.extras.items()}
+    return attrs.evolve(
+        batch, token_level_rewards=fill(batch.token_level_rewards), values=None if batch.values is None else fill(batch.values), extras=extras,
+    )
 
 
 def _mask(ctx: _Ctx, case: Case) -> None:
@@ -121,7 +129,7 @@ def _mask(ctx: _Ctx, case: Case) -> None:
     zero, junk = _with_padding(batch, 0.0), _with_padding(batch, 512.0)
     _compare(
         ctx, "mask", zero, ctx.call("mask", zero), ctx.call("mask", junk), rtol=_EXACT_RTOL, atol=_EXACT_ATOL,
-        what="changed when only the rewards/values at masked positions changed (0 -> 512)",
+        what="changed when only the rewards/values/per-sample fields at masked positions changed (0 -> 512)",
     )
 
 
@@ -210,6 +218,7 @@ def _group_local(ctx: _Ctx, case: Case) -> None:
     out, out_c = ctx.call("group_local", batch), ctx.call("group_local", changed)
     _compare(ctx, "group_local", batch, out, out_c, ~in_g, rtol=_EXACT_RTOL, atol=_EXACT_ATOL, advantages_only=True,
              what=f"outside group {g} changed when only group {g}'s rewards changed",
+             labels=("before the change", "after"),
              extra=[f"group {g} rows got rewards: {[[fmt(v) for v in r] for r in changed.token_level_rewards[in_g].tolist()]}"])
 
 
@@ -232,7 +241,7 @@ def _invariance(prop: str, per_group: bool, shift: bool):
         verb = "adding" if shift else "multiplying by"
         what = f"changed after {verb} {'a per-group constant' if per_group else 'one constant'}"
         _compare(ctx, prop, batch, ctx.call(prop, batch), ctx.call(prop, changed), rtol=ctx.rtol, atol=ctx.atol, advantages_only=True,
-                 what=what, extra=[f"constants per row: {[fmt(v) for v in c.tolist()]}"])
+                 what=what, extra=[f"constants per row: {[fmt(v) for v in c.tolist()]}"], labels=("before the change", "after"))
 
     return check
 
@@ -253,11 +262,11 @@ _CHECKS: dict[str, Callable[[_Ctx, Case], None]] = {
 }
 
 
-def _strategy(prop: str, min_group_size: int) -> st.SearchStrategy[Case]:
-    general = advantage_inputs(min_group_size=min_group_size)
-    grid = lambda **kw: advantage_inputs(dtypes=(torch.float64,), values="grid", **{"min_group_size": min_group_size, **kw})  # noqa: E731
+def _strategy(prop: str, min_group_size: int, extras: tuple[str, ...] = ()) -> st.SearchStrategy[Case]:
+    general = advantage_inputs(min_group_size=min_group_size, extras=extras)
+    grid = lambda **kw: advantage_inputs(dtypes=(torch.float64,), values="grid", extras=extras, **{"min_group_size": min_group_size, **kw})  # noqa: E731
     if prop == "rejects_singleton_groups":
-        return advantage_inputs(singleton=True).map(Case)
+        return advantage_inputs(singleton=True, extras=extras).map(Case)
     if prop == "permutation_equivariant":
         swaps = st.binary(min_size=2, max_size=8).map(lambda xs: list(zip(xs[0::2], xs[1::2])))
         return st.tuples(grid(), swaps).map(lambda bs: Case(bs[0], perm=_permutation(bs[0].batch_size, bs[1])))
@@ -282,24 +291,47 @@ def check_estimator(
     settings: Settings | None = None,
     rtol: float = 1e-4,
     atol: float = 1e-6,
-) -> None:
-    """Check an advantage estimator against its property battery; raise on the first failure.
+    strict: bool = False,
+    report: bool | None = None,
+) -> PropertyReport:
+    """Check an advantage estimator against its property battery and report what it is.
 
     Each property is a hypothesis search over generated batches (``skyrl_fn.testing.strategies``):
     on failure hypothesis shrinks the batch, and a ``PropertyViolation`` names the property, the
     function, the offending ``(row, token)`` positions and prints the minimal batch.
+
+    Required (a failure raises): the universal properties (finite, shapes, mask, no mutation,
+    deterministic, permutation equivariance) and what the table entry promises. Reported: every
+    other optional property (``skyrl_fn.properties.reportable``: group-local, shift/scale
+    invariance per group or over the batch) is tried as well, and the returned
+    :class:`PropertyReport` says which hold and which break, so a bare call tells you what your
+    estimator is (an estimator that subtracts the batch mean instead of the group mean comes back
+    "breaks group_local"). A function that promises nothing and breaks an optional property also
+    emits a :class:`PropertyReportWarning` with the report. ``strict=True`` turns a broken optional
+    property into a failure.
+
+    Per-sample fields the estimator declares with ``requires("extras.<key>")`` are generated as
+    ``[B, T]`` tensors in every batch.
 
     Args:
         estimator: a registered name (looked up in ``table``), a native estimator
             ``fn(batch: AdvantageInput, **hyper) -> AdvantageOutput`` or a SkyRL-style keyword
             function ``fn(token_level_rewards, response_mask, index, **kw) -> (adv, returns)``.
         table: where names are looked up; ``DEFAULT_TABLE`` by default.
-        properties: property names to check (``skyrl_fn.properties``); None means the universal
-            ones plus what the table entry promises (a bare function promises nothing more).
+        properties: property names to check, all required (``skyrl_fn.properties``); None means
+            the universal ones plus what the table entry promises (a bare function promises
+            nothing more), with the other optional ones reported.
         hyperparameters: keyword hyperparameters passed on every call.
         settings: hypothesis settings per property (e.g. ``settings(max_examples=500)``); by
             default the loaded profile's, with ``DEFAULT_MAX_EXAMPLES`` under hypothesis's default.
         rtol / atol: tolerance of shift/scale invariance (see the module docstring).
+        strict: fail (raise the ``PropertyViolation``) on a broken optional property too.
+        report: try the optional properties not required; None means yes unless the target is a
+            table entry or name (its promises already say what it is) or ``properties`` is given.
+
+    Returns:
+        A :class:`PropertyReport`: the required properties (all held), the optional ones that
+        held, and each broken optional property with the violation that shows it.
 
     Raises:
         PropertyViolation: an ``AssertionError`` whose message starts with the property name.
@@ -311,7 +343,25 @@ def check_estimator(
     chosen = select("advantage_estimator", target.promises, properties)
     # An estimator that rejects size-1 groups is checked on groups of 2 or more otherwise.
     min_size = 2 if "rejects_singleton_groups" in chosen else 1
-    ctx = _Ctx(target=target, hyper=dict(hyperparameters or {}), rtol=rtol, atol=atol, min_group_size=min_size)
+    extras = tuple(sorted(extras_required(target.fn)))
+    ctx = _Ctx(target=target, hyper=dict(hyperparameters or {}), rtol=rtol, atol=atol, min_group_size=min_size, extras=extras)
     config = kit_settings(settings)
     for prop in chosen:
-        run_property(prop, _strategy(prop, min_size), functools.partial(_CHECKS[prop], ctx), config)
+        run_property(prop, _strategy(prop, min_size, extras), functools.partial(_CHECKS[prop], ctx), config)
+    if report is None:
+        report = properties is None and target.style != "table"
+    optional = [p for p in ORDER if p in reportable("advantage_estimator") and p not in chosen] if (report or strict) else []
+    held, broken = list(chosen), {}
+    for prop in optional:
+        try:
+            run_property(prop, _strategy(prop, min_size, extras), functools.partial(_CHECKS[prop], ctx), config)
+        except PropertyViolation as err:
+            if strict:
+                raise
+            broken[prop] = err
+        else:
+            held.append(prop)
+    result = PropertyReport(target.label, chosen, [p for p in ORDER if p in held], broken)
+    if broken and not target.promises:
+        warnings.warn(PropertyReportWarning(str(result)), stacklevel=2)
+    return result

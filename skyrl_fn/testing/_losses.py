@@ -15,6 +15,7 @@ the aggregate of ``|l|``): only summation order differs for a row-local loss.
 from __future__ import annotations
 
 import functools
+import inspect
 
 from typing import Any, Callable, Mapping, Sequence
 
@@ -23,6 +24,7 @@ import torch
 from hypothesis import settings as Settings
 from hypothesis import strategies as st
 
+from skyrl_fn.losses.aggregation import group_token_totals
 from skyrl_fn.records import PolicyLossOutput
 from skyrl_fn._builtins import DEFAULT_TABLE
 from skyrl_fn.table import AlgorithmTable
@@ -41,6 +43,34 @@ def reference_token_mean(token_loss, loss_mask, *, global_tokens=None, global_se
     for micro-batch invariance when the table has none. [B, T] -> []."""
     n = global_tokens if global_tokens is not None else max(int(loss_mask.sum()), 1)
     return torch.where(loss_mask, token_loss, torch.zeros((), dtype=token_loss.dtype)).sum() / n
+
+
+def _takes_groups(fn: Callable) -> bool:
+    """True if the aggregation takes ``group_ids`` (``prompt_mean``): the kit then supplies each
+    row's prompt and, under micro-batching, the whole batch's prompt totals."""
+    try:
+        return "group_ids" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _group_ids(b: int) -> torch.Tensor:
+    """``[B]`` prompt ids of the kit's aggregation batches: three interleaved prompts, so
+    micro-batches split prompts (the case a per-prompt normaliser must survive)."""
+    return torch.arange(b) % 3
+
+
+def _group_totals(fn: Callable, mask: torch.Tensor, cut: tuple[int, int] | None = None) -> dict[str, Any]:
+    """The prompt keywords for ``fn`` (none unless it takes ``group_ids``): the rows' ids, and with
+    ``cut`` the whole batch's ``group_tokens`` / ``global_groups`` sliced to that micro-batch."""
+    if not _takes_groups(fn):
+        return {}
+    ids = _group_ids(mask.shape[0])
+    if cut is None:
+        return {"group_ids": ids}
+    tokens, groups = group_token_totals(mask, ids)
+    a, z = cut
+    return {"group_ids": ids[a:z], "group_tokens": tokens[a:z], "global_groups": groups}
 
 
 def _tol(dtype: torch.dtype) -> float:
@@ -62,14 +92,16 @@ class _Ctx:
         """``(output, leaf)``: the output for ``batch`` with a fresh leaf tensor carrying the grad
         (``log_probs`` for a loss, ``token_loss`` for an aggregation)."""
         __tracebackhide__ = True
+        extra: dict[str, Any] = {}
         if self.target.kind == "aggregation":
             leaf = batch[0].detach().clone().requires_grad_(True)
             args, want = (leaf, batch[1]), "a scalar tensor"
+            extra = _group_totals(self.target.fn, batch[1])
         else:
             leaf = batch.log_probs.detach().clone().requires_grad_(True)
             args, want = (attrs.evolve(batch, log_probs=leaf),), "a PolicyLossOutput"
         try:
-            out = self.target.fn(*args, **self.hyper)
+            out = self.target.fn(*args, **{**self.hyper, **extra})
         except Exception as err:
             raise self.fail(prop, f"raised {type(err).__name__}: {err}", batch) from err
         ok = isinstance(out, PolicyLossOutput) if self.target.kind == "policy_loss" else isinstance(out, torch.Tensor)
@@ -178,7 +210,7 @@ def _no_mutation(ctx: _Ctx, case: Case) -> None:
     if isinstance(batch, tuple):  # the aggregation gets this very tensor (run() would copy it)
         before = {k: v.clone() for k, v in _tensors(batch).items()}
         try:
-            ctx.target.fn(batch[0], batch[1], **ctx.hyper)
+            ctx.target.fn(batch[0], batch[1], **ctx.hyper, **_group_totals(ctx.target.fn, batch[1]))
         except Exception as err:
             raise ctx.fail("no_mutation", f"raised {type(err).__name__}: {err}", batch) from err
         shown = (before["token_loss"], before["loss_mask"])
@@ -234,13 +266,15 @@ def _microbatch_invariant(ctx: _Ctx, case: Case) -> None:
     totals = {"global_tokens": max(int(m.sum()), 1), "global_seqs": m.shape[0], "max_seq_len": m.shape[1]}
     aggs = [("(the aggregation itself)", None)] if ctx.target.kind == "aggregation" else ctx.aggregations
 
-    def aggregate(agg, sub):
+    def aggregate(agg, sub, cut):
         out, leaf = ctx.run("microbatch_invariant", sub)
         if agg is None:  # checking an aggregation: its own call with the totals
-            call = lambda x: ctx.target.fn(x, _mask_of(sub), **{**ctx.hyper, **totals})  # noqa: E731
+            groups = _group_totals(ctx.target.fn, m, cut)
+            call = lambda x: ctx.target.fn(x, _mask_of(sub), **{**ctx.hyper, **totals, **groups})  # noqa: E731
             token_loss = leaf
         else:
-            call = lambda x: agg(x, _mask_of(sub), **totals)  # noqa: E731
+            groups = _group_totals(agg, m, cut)
+            call = lambda x: agg(x, _mask_of(sub), **totals, **groups)  # noqa: E731
             token_loss = out.token_loss
         value = call(token_loss)
         with torch.no_grad():  # the same reduction of |l|: the size of what is summed
@@ -248,8 +282,8 @@ def _microbatch_invariant(ctx: _Ctx, case: Case) -> None:
         return value, ctx.grad("microbatch_invariant", sub, out, leaf, value), size
 
     for name, agg in aggs:
-        full_value, full_grad, full_size = aggregate(agg, batch)
-        parts = [aggregate(agg, _slice(batch, a, z)) for a, z in cuts]
+        full_value, full_grad, full_size = aggregate(agg, batch, (0, m.shape[0]))
+        parts = [aggregate(agg, _slice(batch, a, z), (a, z)) for a, z in cuts]
         value = sum(float(v.detach()) for v, _, _ in parts)
         grad = torch.cat([g for _, g, _ in parts])
         tol = _tol(full_grad.dtype)
@@ -295,7 +329,9 @@ def _run(target: Target, properties: Any, hyper: Mapping[str, Any] | None, aggs,
 
 def _aggregations(table: AlgorithmTable, aggregations: Any) -> list[tuple[str, Callable]]:
     if aggregations is None:
-        names = table.names("aggregation")
+        # Every aggregation of the table that is itself exact under micro-batching (not
+        # token_mean_legacy, whose value depends on the micro-batch size by definition).
+        names = [n for n in table.names("aggregation") if "microbatch_invariant" in table.entry("aggregation", n).promises]
         if not names:
             return [("reference_token_mean", reference_token_mean)]
         return [(n, table.get("aggregation", n)) for n in names]
@@ -329,7 +365,8 @@ def check_policy_loss(
             (``skyrl_fn.properties.universal("policy_loss")``) plus what the entry promises.
         hyperparameters: keyword hyperparameters passed on every call.
         aggregations: for ``microbatch_invariant``: names or functions of kind ``aggregation``;
-            None means every aggregation in ``table`` (``reference_token_mean`` if it has none).
+            None means every aggregation in ``table`` that promises ``microbatch_invariant``
+            (``reference_token_mean`` if none does).
         settings: hypothesis settings per property (see ``check_estimator``).
 
     Raises:
@@ -352,7 +389,9 @@ def check_aggregation(
 ) -> None:
     """Check an aggregation ``fn(token_loss [B, T], loss_mask [B, T], *, global_tokens=None,
     global_seqs=None, max_seq_len=None) -> []`` (or a registered name): universal properties,
-    zero gradient at masked tokens, and exact micro-batching with the global totals.
+    zero gradient at masked tokens, and (when promised) exact micro-batching with the global
+    totals. An aggregation that takes ``group_ids`` (``prompt_mean``) gets three interleaved
+    prompts, and under micro-batching the whole batch's ``group_tokens`` / ``global_groups``.
 
     Raises:
         PropertyViolation: an ``AssertionError`` whose message starts with the property name.

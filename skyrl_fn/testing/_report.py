@@ -13,7 +13,7 @@ import torch
 from skyrl_fn.properties import DESCRIPTIONS
 from skyrl_fn.records import AdvantageInput, PolicyLossInput
 
-__all__ = ["PropertyViolation", "positions", "format_batch", "fmt"]
+__all__ = ["PropertyViolation", "PropertyReport", "PropertyReportWarning", "positions", "format_batch", "fmt"]
 
 _MAX_POSITIONS = 8
 
@@ -57,6 +57,54 @@ class PropertyViolation(AssertionError):
         if batch is not None:
             lines.extend(f"  {line}" for line in format_batch(batch))
         super().__init__("\n".join(lines))
+
+
+class PropertyReportWarning(UserWarning):
+    """Emitted by a check on a function that promises nothing when it breaks an optional property:
+    the message is the :class:`PropertyReport` (what the function is)."""
+
+    __module__ = "skyrl_fn.testing"
+
+
+class PropertyReport:
+    """What a check found: the properties a function holds and the optional ones it breaks.
+
+    Attributes:
+        function: a label of the function checked.
+        checked: the properties that had to hold (universal + promised, or chosen by hand); a
+            report exists only if all of them did.
+        satisfied: every property that held, in ``ORDER`` (``checked`` plus the optional ones
+            that held).
+        broken: optional property name -> the ``PropertyViolation`` that shows it is broken.
+    """
+
+    __module__ = "skyrl_fn.testing"
+
+    def __init__(self, function: str, checked: Sequence[str], satisfied: Sequence[str], broken: dict[str, PropertyViolation]) -> None:
+        self.function, self.checked = function, tuple(checked)
+        self.satisfied, self.broken = tuple(satisfied), dict(broken)
+
+    def __contains__(self, prop: str) -> bool:
+        """``prop in report``: the function satisfies ``prop``."""
+        return prop in self.satisfied
+
+    @property
+    def optional(self) -> tuple[str, ...]:
+        """The optional properties found to hold (satisfied but not required)."""
+        return tuple(p for p in self.satisfied if p not in self.checked)
+
+    def __str__(self) -> str:
+        lines = [f"{self.function}: passes {', '.join(self.checked) or 'nothing'}"]
+        if self.optional:
+            lines.append(f"  also satisfies: {', '.join(self.optional)}")
+        for prop, err in self.broken.items():
+            lines.append(f"  breaks {prop}: {err.detail}")
+        if self.broken:
+            lines.append("  (promise what it satisfies at register(promises=...); check_estimator(..., strict=True) fails on any broken one)")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"PropertyReport({self.function!r}, satisfied={list(self.satisfied)}, broken={sorted(self.broken)})"
 
 
 def positions(bad: torch.Tensor) -> list[tuple[int, ...]]:

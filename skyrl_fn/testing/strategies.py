@@ -99,6 +99,7 @@ def advantage_inputs(
     id_style: str | None = None,
     with_values: bool = True,
     with_baselines: bool = True,
+    extras: Sequence[str] = (),
 ) -> AdvantageInput:
     """A valid ``AdvantageInput``: groups of varied sizes (size 1 included unless
     ``min_group_size > 1``), rows of a group scattered over the batch, ragged masks (all-masked rows
@@ -115,6 +116,8 @@ def advantage_inputs(
         singleton: force the first group to have exactly one row.
         id_style: ``"int"``, ``"str"`` or None (either).
         with_values / with_baselines: include ``values`` / ``reward_baselines``.
+        extras: per-sample fields to include in ``extras``, each ``[B, T]`` in the rewards' dtype
+            with values drawn as the rewards' (``values``), garbage off the mask included.
     """
     if values not in ("wide", "grid"):
         raise ValueError(f"values: expected 'grid' or 'wide', got {values!r}")
@@ -160,6 +163,12 @@ def advantage_inputs(
         kw["values"] = level[:, None] + decode(extra[2 * b], "grid") * torch.arange(t, dtype=dtype)[None, :]
     if with_baselines:
         kw["reward_baselines"] = torch.tensor([decode(x, "grid") for x in extra[b: 2 * b]], dtype=dtype)
+    if extras:
+        fields = {}
+        for key in extras:
+            blob = draw(_blob(b * t))
+            fields[key] = torch.tensor([decode(x, values) for x in blob], dtype=dtype).reshape(b, t)
+        kw["extras"] = fields
     return AdvantageInput(
         token_level_rewards=torch.tensor(rewards, dtype=dtype),
         response_mask=torch.tensor(masks, dtype=torch.bool),

@@ -11,7 +11,7 @@ import torch
 
 from skyrl_fn.losses.kl import KLController, kl_controller
 from skyrl_fn.records import AdvantageInput, AdvantageOutput
-from skyrl_fn.train.run import ResolvedRun
+from skyrl_fn.train.run import TRAINER_FIELDS, ResolvedRun
 from skyrl_fn.train.rollout import RolloutBatch
 
 __all__ = ["KLController", "kl_controller_of", "Experience", "token_rewards", "compute_advantages", "make_experience"]
@@ -56,6 +56,7 @@ def compute_advantages(
     group_ids: torch.Tensor,
     *,
     values: torch.Tensor | None = None,
+    extras: dict[str, torch.Tensor] | None = None,
 ) -> AdvantageOutput:
     """Run the run's bound estimator (``run.algorithm.estimator``; its output is checked).
 
@@ -65,8 +66,11 @@ def compute_advantages(
         response_mask: ``[B, T]`` bool.
         group_ids: ``[B]`` prompt index of each sequence.
         values: ``[B, T]`` critic values (GAE).
+        extras: the per-sample fields (``AdvantageInput.extras``; :data:`TRAINER_FIELDS`).
     """
-    batch = AdvantageInput(token_level_rewards=rewards, response_mask=response_mask, group_ids=group_ids, values=values)
+    batch = AdvantageInput(
+        token_level_rewards=rewards, response_mask=response_mask, group_ids=group_ids, values=values, extras=extras or {},
+    )
     return run.algorithm.estimator(batch)
 
 
@@ -86,6 +90,7 @@ class Experience:
         returns: ``[B, T]``.
         ref_log_probs: ``[B, T]`` or None (no KL).
         values: ``[B, T]`` old critic values or None (no critic).
+        group_ids: ``[B]`` prompt index of each sequence (an aggregation over prompts reads it).
     """
 
     input_ids: torch.Tensor
@@ -97,6 +102,7 @@ class Experience:
     returns: torch.Tensor
     ref_log_probs: torch.Tensor | None = None
     values: torch.Tensor | None = None
+    group_ids: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -153,12 +159,16 @@ def make_experience(
         metrics["kl"] = float(kl.sum() / mask.sum().clamp(min=1))
     in_reward = alg.kl_in_reward
     rewards = token_rewards(scores, mask, kl=kl if in_reward else None, kl_coef=kl_coef if in_reward else 0.0)
-    adv = compute_advantages(run, rewards, mask, rollout.group_ids, values=values)
+    # The step's per-sample fields, under their own names (TRAINER_FIELDS): estimators that
+    # declare them (requires("extras.<key>")) read them; the trainer special-cases none.
+    behaviour = old_log_probs if old_log_probs is not None else rollout.rollout_log_probs
+    fields = dict(zip(TRAINER_FIELDS, (behaviour, rollout.rollout_log_probs)))
+    adv = compute_advantages(run, rewards, mask, rollout.group_ids, values=values, extras=fields)
     ids, am = rollout.sequences()
     exp = Experience(
         input_ids=ids, attention_mask=am, response_mask=mask, old_log_probs=old_log_probs,
         rollout_log_probs=rollout.rollout_log_probs, advantages=adv.advantages, returns=adv.returns,
-        ref_log_probs=ref_log_probs, values=values,
+        ref_log_probs=ref_log_probs, values=values, group_ids=rollout.group_ids,
     )
     lengths = mask.sum(-1).float()
     metrics.update(

@@ -27,12 +27,12 @@ import torch
 from torch import nn
 
 from skyrl_fn.gpu.kernels import compile_kernel
-from skyrl_fn.losses.aggregation import token_mean
+from skyrl_fn.losses.aggregation import group_token_totals, token_mean
 from skyrl_fn.losses.compile import compile_loss
 from skyrl_fn.losses.objective import SUMMED_METRICS
 from skyrl_fn.losses.value import value_loss as token_value_loss
 from skyrl_fn.records import PolicyLossInput, ReducedLoss
-from skyrl_fn.train.run import ResolvedRun
+from skyrl_fn.train.run import TRAINER_FIELDS, ResolvedRun
 
 # Re-exported: the learner's public surface is one import away (forward passes and experience
 # live in their own modules).
@@ -136,6 +136,19 @@ def loss_kernel(run: ResolvedRun, *, device_type: str = "cpu") -> Callable[..., 
     return kernel
 
 
+def _prompt_totals(run: ResolvedRun, exp: Experience) -> Callable[[int, int], dict[str, Any]]:
+    """``fn(start, stop)``: the prompt keywords of rows ``[start, stop)`` for an aggregation over
+    prompts (``prompt_mean``): each row's prompt, its prompt's valid tokens over the whole step and
+    the step's prompt count, so micro-batches that split a prompt add up exactly; ``{}`` for every
+    other aggregation."""
+    if not run.algorithm.aggregation_takes_groups:
+        return lambda start, stop: {}
+    if exp.group_ids is None:
+        raise ValueError(f"group_ids: expected the [B] prompt ids in the experience for aggregation {run.algorithm.names['aggregation']!r}, got None")
+    tokens, groups = group_token_totals(exp.response_mask, exp.group_ids)
+    return lambda start, stop: {"group_ids": exp.group_ids[start:stop], "group_tokens": tokens[start:stop], "global_groups": groups}
+
+
 def policy_update(
     run: ResolvedRun,
     state: TrainState,
@@ -186,6 +199,7 @@ def policy_update(
     max_len = run.config.rollout.max_new_tokens
     sums: dict[str, float] = {}
     mbs = tr.micro_batch_size
+    prompts = _prompt_totals(run, exp)
     first_pass: dict[int, torch.Tensor] = {}  # old log-probs taken from epoch 0 when not given
     stepped = 0
     for epoch in range(a.update_epochs):
@@ -202,8 +216,9 @@ def policy_update(
             batch = PolicyLossInput(
                 log_probs=lp, old_log_probs=old, advantages=mb.advantages, loss_mask=mb.response_mask,
                 ref_log_probs=mb.ref_log_probs, rollout_log_probs=mb.rollout_log_probs,
+                extras=dict(zip(TRAINER_FIELDS, (old, mb.rollout_log_probs))),  # the step's per-sample fields
             )
-            out = kernel(batch, global_tokens=global_tokens, global_seqs=global_seqs, max_seq_len=max_len, entropy=ent)
+            out = kernel(batch, global_tokens=global_tokens, global_seqs=global_seqs, max_seq_len=max_len, entropy=ent, **prompts(s, s + mbs))
             if not bool(torch.isfinite(out.loss)):
                 tensors = {"advantages": mb.advantages, "log_probs": lp, "old_log_probs": old, "ref_log_probs": mb.ref_log_probs, "rollout_log_probs": mb.rollout_log_probs}
                 bad = {s + r: names for r, names in nonfinite_rows(tensors, mb.response_mask).items()}

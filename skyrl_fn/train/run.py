@@ -15,13 +15,20 @@ import attrs
 
 from skyrl_fn.algorithm import SUPPLIED, Algorithm, bind_algorithm, entry_hyperparameters
 from skyrl_fn.losses.off_policy import off_policy_correction
+from skyrl_fn.requires import missing_fields
 from skyrl_fn.table import AlgorithmTable, UnknownNameError, unknown_name_message
 from skyrl_fn.train.config import HYPER_FIELDS, TrainConfig, config_to_dict
 from skyrl_fn.train.rollout import VLLM_TEMPERATURE_RANGE, RolloutBackend, check_available
 from skyrl_fn.train.run_table import with_run_builtins
 from skyrl_fn.train.tasks import Example, Rewarded, Task
 
-__all__ = ["ResolvedRun", "resolve"]
+__all__ = ["ResolvedRun", "resolve", "TRAINER_FIELDS"]
+
+#: The per-sample fields every training step puts in ``AdvantageInput.extras`` (``[B, T]``): the
+#: sampling policy's log-probs of the sampled tokens (recomputed ones with
+#: ``algorithm.recompute_old_log_probs``, else the rollout engine's) and the rollout engine's. A
+#: piece that requires another field (``requires("extras.<key>")``) fails at :func:`resolve`.
+TRAINER_FIELDS = ("old_log_probs", "rollout_log_probs")
 
 
 @attrs.frozen(kw_only=True, eq=False)
@@ -134,6 +141,8 @@ def resolve(config: TrainConfig, table: AlgorithmTable) -> ResolvedRun:
         use_kl_loss=alg.use_kl_loss, kl_loss_coef=alg.kl_loss_coef, kl_in_reward=alg.use_kl_in_reward,
         correction=correction, entropy_coef=alg.entropy_coef,
     )
+    # Before any model loads: every per-sample field a piece reads must be one a step produces.
+    missing_fields(algorithm.fields, TRAINER_FIELDS, source=f"the trainer with task {config.data.task!r}")
     tr, ro = config.trainer, config.rollout
     for name, value in (
         ("trainer.steps", tr.steps), ("trainer.prompts_per_step", tr.prompts_per_step),

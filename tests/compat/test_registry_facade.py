@@ -34,6 +34,7 @@ from skyrl_fn.compat import (
 from skyrl_fn.compat.advantage_estimators import AdvantageEstimator  # the seed's class-based base
 from skyrl_fn.compat.skyrl_train import PolicyLossRegistry as SeedPolicyLossRegistry
 from skyrl_fn.compat.skyrl_train import register_policy_loss as register_seed_policy_loss
+from skyrl_fn.requires import extras_required
 
 ESTIMATORS = DEFAULT_TABLE.names("advantage_estimator")
 
@@ -72,13 +73,14 @@ def skyrl_kwargs(dtype=torch.float32) -> dict:
     )
 
 
-def as_batch(kw: dict) -> AdvantageInput:
+def as_batch(kw: dict, extras=()) -> AdvantageInput:
     return AdvantageInput(
         token_level_rewards=kw["token_level_rewards"],
         response_mask=kw["response_mask"],
         group_ids=kw["index"],
         values=kw["values"],
         reward_baselines=kw["reward_baselines"],
+        extras={k: kw[k] for k in extras},
     )
 
 
@@ -197,11 +199,15 @@ def test_bad_registrations_are_rejected_at_register_time():
 def test_every_builtin_runs_with_skyrl_keywords_and_ignores_extras(name):
     kw = skyrl_kwargs()
     entry = DEFAULT_TABLE.entry("advantage_estimator", name)
+    # Per-sample fields an estimator requires arrive as keywords of their own name (verl's style).
+    fields = sorted(extras_required(entry.requires))
+    g = torch.Generator().manual_seed(1)
+    kw.update({k: -torch.rand(6, 4, generator=g) for k in fields})
     accepted = entry.hyperparameters() or {}
     fixed = entry.fn.keywords if isinstance(entry.fn, functools.partial) else {}
     native = {"gamma": 0.9, "lambd": 0.95, "epsilon": 1e-6, "norm_by_std": True}
     want = DEFAULT_TABLE.compute_advantages(
-        name, as_batch(kw), **{k: v for k, v in native.items() if k in accepted and k not in fixed}
+        name, as_batch(kw, fields), **{k: v for k, v in native.items() if k in accepted and k not in fixed}
     )
     before = {k: v.clone() for k, v in kw.items() if isinstance(v, torch.Tensor)}
     adv, ret = AdvantageEstimatorRegistry.get(name)(**kw)

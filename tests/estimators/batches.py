@@ -67,5 +67,19 @@ def random_batch(
         group_ids=index,
         values=values,
         reward_baselines=baselines,
+        extras=sampling_fields(seed, n, t, dtype),
     )
     return batch, rewards, mask.to(dtype), index
+
+
+def sampling_fields(seed: int, b: int, t: int, dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
+    """The per-sample fields the optimal token baselines read, valid ones: the sampled token's
+    log-prob and the sum of squared probabilities of a random distribution over 5 tokens per
+    step. Drawn from a generator of their own, so the rest of a batch does not depend on them."""
+    gen = torch.Generator().manual_seed(seed + 7_000_003)
+    probs = torch.softmax(2 * torch.randn(b, t, 5, generator=gen, dtype=torch.float64), dim=-1)
+    token = torch.randint(0, 5, (b, t), generator=gen)
+    return {
+        "old_log_probs": probs.gather(-1, token[..., None])[..., 0].log().to(dtype),
+        "sum_pi_squared": probs.square().sum(-1).to(dtype),
+    }

@@ -11,6 +11,7 @@ from skyrl_fn import DEFAULT_TABLE
 from skyrl_fn.algorithm import compute_policy_loss
 from skyrl_fn.losses import aggregate, aggregation_name
 from skyrl_fn.losses import aggregation as agg
+from skyrl_fn.losses import group_token_totals, prompt_mean, reduction_weights, token_mean, token_mean_legacy
 from loss_batches import AGGREGATIONS, LOCAL_LOSSES, make_batch, rows
 
 LOSS = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, 5.0, 6.0, 7.0], [8.0, 9.0, 10.0, 11.0]], dtype=torch.float64)
@@ -112,3 +113,58 @@ def test_bad_inputs_name_the_argument():
         agg.seq_mean_token_sum_norm(LOSS, MASK, max_seq_len=0)
     with pytest.raises(ValueError, match=r"unknown aggregation 'seq_mean'.*Available"):
         aggregate(LOSS, MASK, "seq_mean")
+
+
+# -- SkyRL 0.3.0's prompt_mean and token_mean_legacy -----------------------------------------------
+def _random_loss(seed: int, b: int = 9, t: int = 6):
+    gen = torch.Generator().manual_seed(seed)
+    loss = torch.randn(b, t, generator=gen, dtype=torch.float64)
+    mask = torch.rand(b, t, generator=gen) < 0.6
+    ids = torch.randint(0, 4, (b,), generator=gen) * 7 - 5  # arbitrary labels, prompts interleaved
+    return loss, mask, ids
+
+
+def test_prompt_mean_hand_values():
+    loss = torch.tensor([[1.0, 3.0], [5.0, 0.0], [2.0, 2.0]])
+    mask = torch.tensor([[1, 1], [1, 0], [1, 0]], dtype=torch.bool)
+    # prompt 0 = rows 0, 1: tokens 1, 3, 5 -> mean 3; prompt 1 = row 2: mean 2; over prompts: 2.5
+    assert float(prompt_mean(loss, mask, group_ids=torch.tensor([0, 0, 1]))) == pytest.approx(2.5)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_prompt_mean_equals_skyrl_reduction_weights_and_is_exact_under_micro_batching(seed):
+    loss, mask, ids = _random_loss(seed)
+    full = prompt_mean(loss, mask, group_ids=ids)
+    dense = torch.unique(ids, return_inverse=True)[1]
+    w = reduction_weights(mask, reduction="prompt_mean", group_ids=dense).to(loss.dtype)
+    torch.testing.assert_close(full, (torch.where(mask, loss, 0) * w).sum())
+    tokens, groups = group_token_totals(mask, ids)
+    for cuts in ([(0, 4), (4, 9)], [(0, 1), (1, 2), (2, 9)]):
+        parts = sum(prompt_mean(loss[a:z], mask[a:z], group_ids=ids[a:z], group_tokens=tokens[a:z], global_groups=groups) for a, z in cuts)
+        torch.testing.assert_close(parts, full)
+
+
+def test_prompt_mean_needs_the_rows_prompts():
+    with pytest.raises(ValueError, match="group_ids: expected the \\[B\\] prompt id"):
+        prompt_mean(torch.ones(2, 2), torch.ones(2, 2, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_token_mean_legacy_equals_skyrl_per_micro_batch_token_means(seed):
+    loss, mask, _ = _random_loss(seed, b=12)
+    for mbs in (1, 3, 4, 12):
+        w = reduction_weights(mask, reduction="token_mean_legacy", micro_batch_size=mbs).to(loss.dtype)
+        skyrl = (torch.where(mask, loss, 0) * w).sum()
+        ours = sum(token_mean_legacy(loss[a:a + mbs], mask[a:a + mbs], global_seqs=12) for a in range(0, 12, mbs))
+        torch.testing.assert_close(ours, skyrl)
+    torch.testing.assert_close(token_mean_legacy(loss, mask), token_mean(loss, mask))  # one whole batch
+
+
+def test_token_mean_legacy_is_micro_batch_dependent_and_does_not_promise_otherwise():
+    loss = torch.tensor([[1.0, 1.0, 1.0], [4.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]], dtype=torch.bool)
+    whole = token_mean_legacy(loss, mask)                                     # (3 + 4) / 4
+    split = token_mean_legacy(loss[:1], mask[:1], global_seqs=2) + token_mean_legacy(loss[1:], mask[1:], global_seqs=2)
+    assert float(whole) == pytest.approx(1.75) and float(split) == pytest.approx(2.5)  # (1 + 4) / 2
+    assert "microbatch_invariant" not in DEFAULT_TABLE.entry("aggregation", "token_mean_legacy").promises
+    assert "microbatch_invariant" in DEFAULT_TABLE.entry("aggregation", "prompt_mean").promises

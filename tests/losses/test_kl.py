@@ -22,7 +22,10 @@ NAMES = DEFAULT_TABLE.names("kl_estimator")
 
 
 def test_registered_names():
-    assert set(NAMES) == {"k1", "abs", "k2", "mse", "k3", "k1+", "abs+", "k2+", "k3+"}
+    verl = {"kl", "kl+", "low_var_kl", "low_var_kl+", "mse+"}  # verl's kl_penalty names: aliases
+    assert set(NAMES) == {"k1", "abs", "k2", "mse", "k3", "k1+", "abs+", "k2+", "k3+"} | verl
+    fn = lambda n: DEFAULT_TABLE.get("kl_estimator", n)  # noqa: E731
+    assert (fn("kl"), fn("kl+"), fn("low_var_kl"), fn("low_var_kl+"), fn("mse+")) == (fn("k1"), fn("k1+"), fn("k3"), fn("k3+"), fn("k2+"))
 
 
 def test_hand_values_and_clamps():

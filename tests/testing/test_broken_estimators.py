@@ -8,7 +8,7 @@ import torch
 from hypothesis import settings
 
 from skyrl_fn import AdvantageInput, AdvantageOutput, AlgorithmTable, UnknownNameError
-from skyrl_fn.testing import PropertyViolation, check_estimator
+from skyrl_fn.testing import PropertyReportWarning, PropertyViolation, check_estimator
 
 #: Derandomised, so a test that passes once passes every time; small, so the file stays fast.
 KIT = settings(max_examples=10, derandomize=True, deadline=None, database=None)
@@ -116,7 +116,9 @@ def test_violation_is_shrunk_and_names_positions():
 
 
 def test_promises_decide_what_is_checked_and_hand_selection_overrides():
-    check_estimator(leaks_across_groups, settings=KIT)  # promises nothing: only the universal properties
+    with pytest.warns(PropertyReportWarning):  # promises nothing: universal checks pass, the rest is reported
+        report = check_estimator(leaks_across_groups, settings=KIT)
+    assert "group_local" in report.broken and "group_local" not in report
     with pytest.raises(PropertyViolation, match="^group_local: "):
         check_estimator(leaks_across_groups, properties=["group_local"], settings=KIT)
     with pytest.raises(ValueError, match="do not apply"):
@@ -131,3 +133,56 @@ def test_shift_and_scale_invariance_are_checked_with_an_epsilon():
     check_estimator("grpo", properties=["scale_invariant", "batch_scale_invariant", "shift_invariant"], settings=KIT)
     with pytest.raises(PropertyViolation, match="^scale_invariant: "):
         check_estimator("grpo", properties=["scale_invariant"], hyperparameters={"epsilon": 0.5}, settings=KIT)
+
+
+# -- what a new user writes: SkyRL-style functions, nothing declared -------------------------------------
+def skyrl_batch_mean(token_level_rewards, response_mask, index, **kwargs):
+    """SkyRL style, with the bug: the baseline is the batch mean, not the group mean."""
+    scores = (token_level_rewards * response_mask).sum(-1)
+    adv = (scores - scores.mean())[:, None] * response_mask
+    return adv, adv
+
+
+def skyrl_first_row_baseline(token_level_rewards, response_mask, index, **kwargs):
+    """SkyRL style, with the bug: each group's baseline is its first row in batch order."""
+    scores = (token_level_rewards * response_mask).sum(-1)
+    first = {}
+    for i, g in enumerate(index.tolist()):
+        first.setdefault(g, i)
+    base = torch.stack([scores[first[g]] for g in index.tolist()])
+    adv = (scores - base)[:, None] * response_mask
+    return adv, adv
+
+
+def test_the_default_call_fails_a_row_order_dependence_with_nothing_declared():
+    with pytest.raises(PropertyViolation, match="^permutation_equivariant: "):
+        check_estimator(skyrl_first_row_baseline, settings=KIT)
+
+
+def test_the_default_call_reports_a_batch_mean_as_not_group_local_and_strict_fails_it():
+    with pytest.warns(PropertyReportWarning, match="breaks group_local"):
+        report = check_estimator(skyrl_batch_mean, settings=KIT)
+    assert "permutation_equivariant" in report.checked and "batch_shift_invariant" in report.optional
+    assert set(report.broken) >= {"group_local", "shift_invariant"}
+    assert "breaks group_local" in str(report) and "SkyRL style" in str(report)
+    with pytest.raises(PropertyViolation, match="^group_local: "):
+        check_estimator(skyrl_batch_mean, strict=True, settings=KIT)
+
+
+def test_a_correct_function_is_told_what_it_satisfies():
+    with pytest.warns(PropertyReportWarning, match="breaks scale_invariant"):
+        report = check_estimator(centred, settings=KIT, strict=False)
+    assert {"group_local", "shift_invariant"} <= set(report.optional)
+    assert set(report.broken) == {"scale_invariant", "batch_scale_invariant"}  # centring does not divide by the std
+    # Promising what it holds silences the report; a table entry's promises are its declaration.
+    table = AlgorithmTable().register("centred", centred, promises=_GROUP_CENTRED | {"batch_shift_invariant"})
+    assert check_estimator("centred", table=table, settings=KIT).broken == {}
+
+
+def test_group_locality_message_names_the_value_before_and_after_the_change():
+    with pytest.raises(PropertyViolation) as err:
+        check_estimator(leaks_across_groups, properties=["group_local"], settings=KIT)
+    v = err.value
+    row, tok = v.positions[0]
+    before = leaks_across_groups(v.batch).advantages[row, tok]
+    assert f"{(row, tok)}: before the change {float(before):.6g}, after " in str(v)

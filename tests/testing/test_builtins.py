@@ -8,6 +8,7 @@ from hypothesis import settings
 
 from skyrl_fn import DEFAULT_TABLE
 from skyrl_fn import KINDS
+from skyrl_fn.properties import reportable
 from skyrl_fn.testing import check_aggregation, check_estimator, check_kl_estimator, check_policy_loss
 
 #: The sweep over every built-in scales with the hypothesis profile (dev: 7 per property).
@@ -28,3 +29,15 @@ def test_the_kit_covers_every_kind():
 @pytest.mark.parametrize("entry", KIT_ENTRIES, ids=[f"{e.kind}:{e.name}" for e in KIT_ENTRIES])
 def test_every_builtin_passes_its_promises(entry):
     CHECKS[entry.kind](entry.name, settings=SWEEP)
+
+
+#: Built-ins whose promises are exactly what they satisfy (the kit's report finds nothing more).
+EXACT = ("gdpo", "gdpo_raw", "optimal_token_baseline", "tir_optimal_token_baseline")
+
+
+@pytest.mark.parametrize("name", EXACT)
+def test_new_estimators_promise_exactly_what_they_satisfy(name):
+    entry = DEFAULT_TABLE.entry("advantage_estimator", name)
+    report = check_estimator(name, report=True, settings=SWEEP)
+    assert report.optional == ()  # nothing held that was not promised
+    assert set(report.broken) == reportable("advantage_estimator") - entry.promises

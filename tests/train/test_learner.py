@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 
+from skyrl_fn import AdvantageInput, AdvantageOutput, requires
 from skyrl_fn.records import PolicyLossInput, PolicyLossOutput
 from skyrl_fn.train.run import resolve
 from skyrl_fn.train.learner import (
@@ -57,7 +58,7 @@ def _grads_after_update(run, model, exp):
     return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}, out
 
 
-@pytest.mark.parametrize("reduction", ["token_mean", "seq_mean_token_sum", "seq_mean_token_mean", "token_sum", "seq_mean_token_sum_norm"])
+@pytest.mark.parametrize("reduction", ["token_mean", "seq_mean_token_sum", "seq_mean_token_mean", "token_sum", "seq_mean_token_sum_norm", "prompt_mean"])
 def test_micro_batches_give_the_full_batch_gradient(make_config, table, reduction):
     cfg = make_config(algorithm={"loss_reduction": reduction}, rollout={"samples_per_prompt": 4}, trainer={"micro_batch_size": 12, "grad_clip": 0.0})
     run, _, model, _, exp, _ = _setup(cfg, table)
@@ -242,3 +243,49 @@ def test_reported_lr_is_the_rate_used(make_config, table):
     run, _, model, _, exp, _ = _setup(cfg, table)
     state = make_train_state(model, lr=1e-3, warmup_steps=2)
     assert [policy_update(run, state, exp)["lr"] for _ in range(3)] == pytest.approx([5e-4, 1e-3, 1e-3])
+
+
+# -- per-sample fields: declared by the pieces, produced by the trainer, checked at resolution -------
+def test_a_field_no_step_produces_is_an_error_at_resolution(make_config, table):
+    with pytest.raises(ValueError, match=r"advantage estimator 'optimal_token_baseline': expected per-sample field\(s\) \['sum_pi_squared'\]"):
+        resolve(make_config(algorithm={"advantage_estimator": "optimal_token_baseline"}), table)
+    with pytest.raises(ValueError, match=r"advantage estimator 'gdpo': expected per-sample field\(s\) \['format'\].*'old_log_probs', 'rollout_log_probs'"):
+        resolve(make_config(algorithm={"advantage_estimator": "gdpo", "estimator": {"reward_keys": ("format",)}}), table)
+    assert resolve(make_config(algorithm={"advantage_estimator": "gdpo"}), table).algorithm.fields == {
+        "advantage estimator 'gdpo'": frozenset(), "policy loss 'regular'": frozenset(),
+    }
+
+
+@requires("extras.old_log_probs", "extras.rollout_log_probs")
+def _baseline_from_fields(batch: AdvantageInput) -> AdvantageOutput:
+    """Test-only: the sampled tokens' surprisal as the advantage, read from the per-sample fields."""
+    adv = torch.where(batch.response_mask, -batch.extras["old_log_probs"] + 0 * batch.extras["rollout_log_probs"], 0.0)
+    return AdvantageOutput(advantages=adv, returns=adv)
+
+
+def test_estimators_receive_the_steps_per_sample_fields(make_config, table):
+    table = table.register("from_fields", _baseline_from_fields)
+    run, _, _, rollout, exp, _ = _setup(make_config(algorithm={"advantage_estimator": "from_fields"}), table)
+    torch.testing.assert_close(exp.advantages, torch.where(rollout.response_mask, -exp.old_log_probs, 0.0))
+    assert torch.equal(exp.group_ids, rollout.group_ids)
+
+
+@requires("extras.rollout_log_probs")
+def _pg_reading_fields(batch: PolicyLossInput) -> PolicyLossOutput:
+    """Test-only: a plain policy gradient that checks it sees the micro-batch's rollout log-probs."""
+    assert batch.extras["rollout_log_probs"] is not None and batch.extras["rollout_log_probs"].shape == batch.log_probs.shape
+    return _native_pg(batch)
+
+
+@requires("extras.teacher_log_probs")
+def _pg_needing_a_teacher(batch: PolicyLossInput) -> PolicyLossOutput:
+    return _native_pg(batch)
+
+
+def test_losses_receive_the_steps_per_sample_fields_and_a_missing_one_fails_at_resolution(make_config, table):
+    table = table.register("pg_fields", _pg_reading_fields).register("pg_teacher", _pg_needing_a_teacher)
+    run, _, model, _, exp, _ = _setup(make_config(algorithm={"policy_loss": "pg_fields"}, trainer={"micro_batch_size": 5}), table)
+    out = policy_update(run, make_train_state(model, lr=1e-3), exp)
+    assert out["skipped"] == 0.0
+    with pytest.raises(ValueError, match=r"policy loss 'pg_teacher': expected per-sample field\(s\) \['teacher_log_probs'\]"):
+        resolve(make_config(algorithm={"policy_loss": "pg_teacher"}), table)
