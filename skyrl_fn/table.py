@@ -14,7 +14,11 @@ advantage_estimator   ``fn(batch: AdvantageInput, **hyper)``      ``AdvantageOut
 policy_loss           ``fn(batch: PolicyLossInput, **hyper)``     ``PolicyLossOutput``
 kl_estimator          ``fn(log_probs, ref_log_probs, **hyper)``   ``[B, T]`` tensor
 aggregation           ``fn(token_loss, loss_mask, **hyper)``      ``[]`` scalar tensor
+off_policy_correction ``fn(batch: PolicyLossInput, **hyper)``     ``OffPolicyCorrection``
 ====================  ==========================================  =============================
+
+An ``off_policy_correction`` shares the policy loss's input record, so its kind is never inferred
+from the annotation: register it with ``kind="off_policy_correction"``.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ KINDS: Mapping[str, int] = {
     "policy_loss": 1,
     "kl_estimator": 2,
     "aggregation": 2,
+    "off_policy_correction": 1,
 }
 _RECORD_KIND = {AdvantageInput: "advantage_estimator", PolicyLossInput: "policy_loss"}
 
@@ -142,6 +147,7 @@ _CALLS = {
     "policy_loss": "fn(batch: PolicyLossInput, **hyper) -> PolicyLossOutput",
     "kl_estimator": "fn(log_probs, ref_log_probs, **hyper) -> [B, T] tensor",
     "aggregation": "fn(token_loss, loss_mask, **hyper) -> scalar tensor",
+    "off_policy_correction": "fn(batch: PolicyLossInput, **hyper) -> OffPolicyCorrection",
 }
 
 

@@ -41,7 +41,19 @@ from skyrl_fn.launcher.plugins import (
     load_plugins,
     register_import_names,
 )
-from skyrl_fn.launcher.hyper_flags import check_group_flags, chosen_names, group_type, to_mapping
+from skyrl_fn.launcher.hyper_flags import (
+    CORRECTION_FIELD,
+    CORRECTION_GROUP,
+    CORRECTION_KIND,
+    check_correction_flags,
+    check_group_flags,
+    chosen_corrections,
+    chosen_names,
+    correction_group_type,
+    correction_mapping,
+    group_type,
+    to_mapping,
+)
 from skyrl_fn.launcher.preflight import Preflight, PreflightError, preflight
 from skyrl_fn.table import DEFAULT_TABLE, AlgorithmTable, UnknownNameError
 from skyrl_fn.train.checkpoint import CheckpointError, CheckpointWarning
@@ -197,7 +209,9 @@ def _names_help(table: AlgorithmTable, field: str) -> str:
     return f"{_FIELD_HELP[field]}. Registered: {listed}. Or module:function / path/to/file.py:function."
 
 
-def _cli_types(table: AlgorithmTable, names: Mapping[str, str], base: AlgorithmConfig) -> tuple[type, type]:
+def _cli_types(
+    table: AlgorithmTable, names: Mapping[str, str], base: AlgorithmConfig, corrections: tuple[str, ...] = ()
+) -> tuple[type, type]:
     """Subclasses of AlgorithmConfig/TrainConfig for this command line: the name fields' help
     lists ``table``'s names, and each hyperparameter mapping is a group of typed flags of the
     function ``names`` chooses (``skyrl_fn.launcher.hyper_flags``).
@@ -218,6 +232,14 @@ def _cli_types(table: AlgorithmTable, names: Mapping[str, str], base: AlgorithmC
         if not dataclasses.is_dataclass(typ):
             doc = f"Hyperparameters of the {what} as KEY VALUE pairs (it takes **kwargs, so they are not typed)."
         fields.append((group, Annotated[typ, tyro.conf.arg(help=doc)], dataclasses.field(default_factory=lambda d=default: d)))
+    registered = ", ".join(table.names(CORRECTION_KIND)) or "(none registered yet)"
+    fields.append((CORRECTION_FIELD, Annotated[tuple[str, ...], tyro.conf.arg(help=(
+        f"Off-policy corrections, composed in the order given (skyrl_fn.losses.compose_corrections). "
+        f"Registered: {registered}."))], dataclasses.field(default=corrections)))
+    given = base.correction if corrections == tuple(base.off_policy_correction) else {}
+    typ, default = correction_group_type(table, corrections, given)
+    fields.append((CORRECTION_GROUP, Annotated[typ, tyro.conf.arg(help="Hyperparameters of each chosen off-policy correction.")],
+                   dataclasses.field(default_factory=lambda d=default: d)))
     alg = dataclasses.make_dataclass("AlgorithmConfig", fields, bases=(AlgorithmConfig,), frozen=True)
     alg.__doc__ = AlgorithmConfig.__doc__
     train = dataclasses.make_dataclass(
@@ -229,7 +251,7 @@ def _cli_types(table: AlgorithmTable, names: Mapping[str, str], base: AlgorithmC
 
 def _description(table: AlgorithmTable) -> str:
     presets = "\n".join(f"  {name:<8} {desc}" for name, (desc, _) in PRESETS.items())
-    kinds = "\n".join(f"  {kind}: {', '.join(table.names(kind)) or '-'}" for kind in sorted(set(NAME_FIELDS.values())))
+    kinds = "\n".join(f"  {kind}: {', '.join(table.names(kind)) or '-'}" for kind in sorted(set(NAME_FIELDS.values()) | {CORRECTION_KIND}))
     return (
         "Train a policy with any registered algorithm (skyrl_fn):\n"
         "  train.py [PRESET] [--group.field VALUE ...] [--plugin FILE_OR_MODULE ...]\n\n"
@@ -267,12 +289,14 @@ def parse_config(
         preview = register_import_names({NAME_FIELDS[f]: n for f, n in names.items()}, table, app_dir=app_dir)
     except (PluginError, ValueError, TypeError):
         preview = table  # untyped groups; resolve_names reports the name's problem
+    corrections = chosen_corrections(argv, base.algorithm.off_policy_correction)
     try:
         check_group_flags(argv, preview, names)
+        check_correction_flags(argv, preview, corrections)
     except ValueError as err:
         raise UsageError(str(err)) from err
-    alg_cls, train_cls = _cli_types(preview, names, base.algorithm)
-    hyper_groups = {group for group, _ in HYPER_FIELDS.values()}
+    alg_cls, train_cls = _cli_types(preview, names, base.algorithm, corrections)
+    hyper_groups = {group for group, _ in HYPER_FIELDS.values()} | {CORRECTION_FIELD, CORRECTION_GROUP}
     default = train_cls(
         **{f.name: getattr(base, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "algorithm"},
         algorithm=alg_cls(**{
@@ -284,6 +308,7 @@ def parse_config(
     values = {f.name: getattr(parsed.algorithm, f.name) for f in dataclasses.fields(AlgorithmConfig)}
     for field, (group, _) in HYPER_FIELDS.items():
         values[group] = to_mapping(values[group], preview, field, values[field])
+    values[CORRECTION_GROUP] = correction_mapping(values[CORRECTION_GROUP], preview, values[CORRECTION_FIELD])
     return TrainConfig(
         **{f.name: getattr(parsed, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "algorithm"},
         algorithm=AlgorithmConfig(**values),

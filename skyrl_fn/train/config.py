@@ -17,14 +17,15 @@ anything else. The command line gives each chosen function's hyperparameters typ
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 from typing import Any, Literal, Mapping
 
 import attrs
+import torch
 
-from skyrl_fn.algorithm import Algorithm, bind_algorithm
-from skyrl_fn.losses.off_policy import off_policy_correction
+from skyrl_fn.algorithm import Algorithm, bind, bind_algorithm
+from skyrl_fn.losses.corrections import compose_corrections
+from skyrl_fn.records import PolicyLossInput
 from skyrl_fn.table import AlgorithmTable
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "TrainConfig",
     "ResolvedRun",
     "resolve",
+    "resolve_correction",
     "config_to_dict",
     "config_from_dict",
     "HYPER_FIELDS",
@@ -95,11 +97,18 @@ class AlgorithmConfig:
     """Target KL of the adaptive controller."""
     kl_horizon: int = 10000
     """Horizon (in samples) of the adaptive controller."""
-    off_policy_correction: Literal["none", "tis", "tis_sequence"] = "none"
-    """Correct for rollout-vs-trainer mismatch: truncated importance sampling with weight
-    min(exp(old_log_probs - rollout_log_probs), tis_cap) per token (tis) or per sequence."""
-    tis_cap: float = 2.0
-    """Cap of the truncated importance-sampling weight."""
+    off_policy_correction: tuple[str, ...] = ()
+    """Off-policy corrections registered in the table (kind off_policy_correction), composed in the
+    order given (skyrl_fn.losses.compose_corrections): tis, tis_sequence, icepop, geo_mask,
+    product_mask, outlier_veto, opsm, unbiased_kl, or your own. Empty: none."""
+    correction: dict[str, dict[str, HyperValue]] = dataclasses.field(default_factory=dict)
+    """Hyperparameters of the chosen corrections, name -> {hyperparameter: value}, only those to
+    change (on the command line: --algorithm.correction.NAME.HYPER VALUE)."""
+    bypass_mode: bool = False
+    """Bypass mode (verl's algorithm.rollout_correction.bypass_mode): the old log-probs are the
+    rollout engine's, no trainer pass scores the rollout; the policy loss then measures its ratio
+    against the sampler (regular = verl's loss_type ppo_clip, reinforce + a tis correction with
+    against=current = its loss_type reinforce)."""
     entropy_coef: float = 0.0
     """Subtract entropy_coef * mean token entropy from the policy loss (0 disables)."""
     value_clip: float = 0.2
@@ -113,6 +122,14 @@ class AlgorithmConfig:
     """torch.compile the loss kernel (policy loss + aggregation)."""
     compile_mode: CompileMode = "max-autotune-no-cudagraphs"
     """With compile, on CUDA: the inductor mode (skyrl_fn.gpu.kernels); CPU always compiles as default."""
+
+    def __post_init__(self) -> None:
+        # A single name (and the former "none") reads as a one-piece / empty chain.
+        value = self.off_policy_correction
+        if isinstance(value, str):
+            object.__setattr__(self, "off_policy_correction", () if value == "none" else (value,))
+        elif isinstance(value, list):  # JSON has no tuples
+            object.__setattr__(self, "off_policy_correction", tuple(value))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -385,6 +402,44 @@ def _check_positive(name: str, value: float, *, allow_zero: bool = False) -> Non
         raise ValueError(f"{name}: expected {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
 
+def resolve_correction(alg: AlgorithmConfig, table: AlgorithmTable):
+    """The run's off-policy correction: the chosen names bound with their hyperparameters and
+    composed in order (``compose_corrections``), or None. Probed once on a two-token batch so a bad
+    hyperparameter value fails here, naming its flag, before any model loads.
+
+    Raises:
+        UnknownNameError: an unknown correction name (lists the options and the closest).
+        ValueError: a name chosen twice; hyperparameters for a correction not chosen; a bad
+            hyperparameter; ``unbiased_kl`` (KL weights) without ``use_kl_loss``.
+    """
+    names = tuple(alg.off_policy_correction)
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"algorithm.off_policy_correction: expected each correction once, got {twice} more than once")
+    stray = sorted(set(alg.correction) - set(names))
+    if stray:
+        raise ValueError(f"algorithm.correction: hyperparameters for {stray}, which algorithm.off_policy_correction "
+                         f"does not choose (it chooses {list(names)})")
+    if not names:
+        return None
+    pieces = [bind(table, "off_policy_correction", n, alg.correction.get(n)) for n in names]
+    chain = compose_corrections(*pieces)
+    probe = PolicyLossInput(
+        log_probs=torch.tensor([[-1.0, -2.0]]), old_log_probs=torch.tensor([[-1.1, -1.9]]),
+        advantages=torch.tensor([[1.0, 1.0]]), loss_mask=torch.ones(1, 2, dtype=torch.bool),
+        rollout_log_probs=torch.tensor([[-1.05, -2.1]]),
+    )
+    for name, piece in zip(names, pieces):
+        try:
+            out = piece(probe)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"algorithm.correction.{name}: {err}") from err
+        if out.kl_weights is not None and not alg.use_kl_loss:
+            raise ValueError(f"algorithm.off_policy_correction: {name!r} weights the KL loss term; expected "
+                             f"algorithm.use_kl_loss, got False")
+    return chain
+
+
 def resolve(config: TrainConfig, table: AlgorithmTable) -> ResolvedRun:
     """Check every name and hyperparameter of ``config`` against ``table``; build the run.
 
@@ -409,10 +464,12 @@ def resolve(config: TrainConfig, table: AlgorithmTable) -> ResolvedRun:
     if not isinstance(table, AlgorithmTable):
         raise TypeError(f"table: expected an AlgorithmTable, got {type(table).__name__}")
     alg = config.algorithm
-    correction = None
-    if alg.off_policy_correction != "none":
-        level = {"tis": "token", "tis_sequence": "sequence"}[alg.off_policy_correction]
-        correction = functools.partial(off_policy_correction, tis_ratio_type=level, tis_cap=alg.tis_cap)
+    correction = resolve_correction(alg, table)
+    if alg.bypass_mode and alg.recompute_old_log_probs:
+        raise ValueError(
+            "algorithm.bypass_mode, algorithm.recompute_old_log_probs: expected at most one (bypass mode takes the "
+            "old log-probs from the rollout engine instead of a trainer pass), got both"
+        )
     algorithm = bind_algorithm(
         table,
         names={kind: getattr(alg, field) for field, (_, kind) in HYPER_FIELDS.items()},
