@@ -203,13 +203,16 @@ def correction_group_type(table: AlgorithmTable, names: Sequence[str], base: Map
     chosen correction (``--algorithm.correction.NAME.HYPER VALUE``); an untyped
     ``name -> {key: value}`` mapping when a name is unknown, not an identifier, or takes ``**kwargs``."""
     fields = []
+    untyped = dict[str, dict[str, HyperValue]], {k: dict(v) for k, v in base.items()}
+    if len(set(names)) != len(names):  # resolution reports the repeated name
+        return untyped
     for name in names:
         try:
             cls = hyper_class(table.entry(CORRECTION_KIND, name), dict(base.get(name, {})))
         except UnknownNameError:  # resolution reports it, with the closest name
             cls = None
         if cls is None or _ident(name) is None:
-            return dict[str, dict[str, HyperValue]], {k: dict(v) for k, v in base.items()}
+            return untyped
         doc = f"Hyperparameters of the off-policy correction {name!r}."
         fields.append((name, Annotated[cls, tyro.conf.arg(help=doc)], dataclasses.field(default_factory=cls)))
     group = dataclasses.make_dataclass("correction", fields, frozen=True)
