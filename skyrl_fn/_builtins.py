@@ -33,6 +33,8 @@ _AGG_EXACT = frozenset({"microbatch_invariant"})
 _KL_NON_NEGATIVE = frozenset({"non_negative"})
 # Each row's output depends on that row alone (the raw forms of reinforce++ and gae).
 _PER_SAMPLE = frozenset({"permutation_equivariant", "group_local"})
+# Off-policy corrections that leave an on-policy batch alone and read each row alone.
+_CORRECTION = frozenset({"identity_on_policy", "row_local"})
 
 BUILTINS = (
     # -- advantage estimators -------------------------------------------------------------
@@ -68,6 +70,16 @@ BUILTINS = (
     ("policy_loss", "rollout_is", ls.rollout_is, _LOSS_LOCAL),
     ("policy_loss", "dppo", ls.dppo, _LOSS_LOCAL),
     ("policy_loss", "importance_sampling", ls.importance_sampling, _LOSS_LOCAL),
+    # -- issue 15, losses and off-policy corrections (skyrl_fn.losses.pg / .corrections) -----
+    ("policy_loss", "dro", ls.dro, _LOSS_LOCAL),
+    ("off_policy_correction", "tis", ls.tis, _CORRECTION),
+    ("off_policy_correction", "tis_sequence", ls.tis_sequence, _CORRECTION),
+    ("off_policy_correction", "icepop", ls.icepop, _CORRECTION),
+    ("off_policy_correction", "geo_mask", ls.geo_mask, _CORRECTION),
+    ("off_policy_correction", "product_mask", ls.product_mask, _CORRECTION),
+    ("off_policy_correction", "outlier_veto", ls.outlier_veto, _CORRECTION),
+    ("off_policy_correction", "opsm", ls.opsm, _CORRECTION),
+    ("off_policy_correction", "unbiased_kl", ls.unbiased_kl, _CORRECTION),
     # -- loss aggregation -----------------------------------------------------------------
     ("aggregation", "token_mean", ls.token_mean, _AGG_EXACT),
     ("aggregation", "token_sum", ls.token_sum, _AGG_EXACT),

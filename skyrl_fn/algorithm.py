@@ -154,7 +154,8 @@ class Algorithm:
         kl_estimator: ``fn(log_probs, ref_log_probs) -> [B, T]`` (KL loss, penalty and metric).
         kl_loss_coef: weight of the KL loss term; 0 when there is none.
         kl_in_reward: subtract ``kl_coef * KL`` from the token rewards.
-        correction: ``fn(old_log_probs, rollout_log_probs, mask) -> OffPolicyCorrection`` or None.
+        correction: ``fn(batch: PolicyLossInput) -> OffPolicyCorrection`` (bound, or a chain of
+            ``skyrl_fn.losses.compose_corrections``) or None.
         entropy_coef: weight of the entropy bonus (0: none, and no entropy is computed).
         needs_critic: the estimator reads critic values (an entry's ``requires``).
         needs_reference: a KL term is used or the policy loss reads ``ref_log_probs``.
@@ -250,7 +251,7 @@ def bind_algorithm(
     )
 
 
-def _given(correction: OffPolicyCorrection, old_log_probs, rollout_log_probs, loss_mask) -> OffPolicyCorrection:
+def _given(correction: OffPolicyCorrection, batch: PolicyLossInput) -> OffPolicyCorrection:
     return correction
 
 

@@ -17,6 +17,7 @@ __all__ = [
     "LOSS_PROPERTIES",
     "AGGREGATION_PROPERTIES",
     "KL_PROPERTIES",
+    "CORRECTION_PROPERTIES",
     "KNOWN",
     "DESCRIPTIONS",
     "ORDER",
@@ -65,7 +66,15 @@ KL_PROPERTIES = frozenset(
     }
 )
 
-KNOWN = UNIVERSAL | ESTIMATOR_PROPERTIES | LOSS_PROPERTIES | KL_PROPERTIES
+#: Off-policy corrections ``fn(batch: PolicyLossInput) -> OffPolicyCorrection`` (weights, mask).
+CORRECTION_PROPERTIES = frozenset(
+    {
+        "identity_on_policy",  # log_probs == old_log_probs == rollout_log_probs: weights 1, nothing masked
+        "row_local",  # each row's weights and mask depend on that row alone (micro-batching cannot change them)
+    }
+)
+
+KNOWN = UNIVERSAL | ESTIMATOR_PROPERTIES | LOSS_PROPERTIES | KL_PROPERTIES | CORRECTION_PROPERTIES
 
 #: What a row-local policy-gradient loss promises (every PPO-family loss): register it with
 #: ``promises=ROW_LOCAL_POLICY_LOSS``. Losses that select tokens from batch-wide statistics
@@ -94,6 +103,10 @@ DESCRIPTIONS: Mapping[str, str] = {
     "across tokens or rows, so micro-batching cannot change it)",
     "zero_at_reference": "with log_probs == ref_log_probs the estimate is 0 at every token",
     "non_negative": "the estimate is >= 0 at every token, for every input",
+    "identity_on_policy": "with log_probs == old_log_probs == rollout_log_probs the weights are 1 and the mask is "
+    "unchanged (an on-policy batch is left alone)",
+    "row_local": "the weights and mask of any block of rows equal that block of the full batch's (no coupling "
+    "across rows, so micro-batching cannot change them)",
 }
 
 #: The order the kit checks properties in: basic ones first, so a broken function is reported under
@@ -118,6 +131,8 @@ ORDER: tuple[str, ...] = (
     "batch_scale_invariant",
     "zero_grad_at_ratio_one_zero_adv",
     "microbatch_invariant",
+    "identity_on_policy",
+    "row_local",
 )
 
 _UNIVERSAL_BY_KIND: Mapping[str, frozenset[str]] = {
@@ -130,12 +145,15 @@ _UNIVERSAL_BY_KIND: Mapping[str, frozenset[str]] = {
     # (SkyRL's legacy mode, micro-batch dependent by definition) promises it.
     "aggregation": UNIVERSAL | {"masked_grad_zero"},
     "kl_estimator": (UNIVERSAL - {"mask"}) | {"token_local", "zero_at_reference"},
+    # mask: weights 0 and the new mask False off the input mask, neither depending on padding values.
+    "off_policy_correction": UNIVERSAL,
 }
 _APPLICABLE_BY_KIND: Mapping[str, frozenset[str]] = {
     "advantage_estimator": UNIVERSAL | ESTIMATOR_PROPERTIES,
     "policy_loss": UNIVERSAL | LOSS_PROPERTIES,
     "aggregation": UNIVERSAL | AGGREGATION_PROPERTIES,
     "kl_estimator": (UNIVERSAL - {"mask"}) | KL_PROPERTIES,
+    "off_policy_correction": UNIVERSAL | CORRECTION_PROPERTIES,
 }
 
 

@@ -18,13 +18,17 @@ aggregation           ``fn(token_loss, loss_mask, **hyper)``      ``[]`` scalar 
 task                  ``fn(data, **hyper)``                       a ``Task``
 reward                ``fn(response, example, **hyper)``          ``float``
 rollout_backend       ``fn(model, tokenizer, rollout, **opts)``   a ``RolloutBackend``
+off_policy_correction ``fn(batch: PolicyLossInput, **hyper)``     ``OffPolicyCorrection``
 ====================  ==========================================  =============================
 
-The first four are the algorithm pieces (``DEFAULT_TABLE`` holds their built-ins). The last three
-plug the training run: ``data`` is the run's data config group, ``example`` a task's example,
-``rollout`` the rollout config group; the training stack registers its built-in tasks, rewards and
-backends on top of ``DEFAULT_TABLE`` (``skyrl_fn.train.run_table``), and a plugin adds its own the
-same way, so ``--data.task mine`` works like ``--algorithm.advantage-estimator mine``.
+The first four are the algorithm pieces (``DEFAULT_TABLE`` holds their built-ins); an
+``off_policy_correction`` shares the policy loss's input record, so its kind is never inferred
+from the annotation: register it with ``kind="off_policy_correction"``. The task, reward and
+rollout backend kinds plug the training run: ``data`` is the run's data config group, ``example``
+a task's example, ``rollout`` the rollout config group; the training stack registers its built-in
+tasks, rewards and backends on top of ``DEFAULT_TABLE`` (``skyrl_fn.train.run_table``), and a
+plugin adds its own the same way, so ``--data.task mine`` works like
+``--algorithm.advantage-estimator mine``.
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ KINDS: Mapping[str, int] = {
     "task": 1,
     "reward": 2,
     "rollout_backend": 3,
+    "off_policy_correction": 1,
 }
 _RECORD_KIND = {AdvantageInput: "advantage_estimator", PolicyLossInput: "policy_loss"}
 
@@ -161,6 +166,7 @@ _CALLS = {
     "task": "fn(data: DataConfig, **hyper) -> Task",
     "reward": "fn(response: str, example: Example, **hyper) -> float",
     "rollout_backend": "fn(model, tokenizer, rollout: RolloutConfig, *, seed=0, colocated=True) -> RolloutBackend",
+    "off_policy_correction": "fn(batch: PolicyLossInput, **hyper) -> OffPolicyCorrection",
 }
 
 

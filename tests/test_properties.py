@@ -9,7 +9,9 @@ from skyrl_fn.properties import DESCRIPTIONS, KNOWN, ORDER, applicable, check_pr
 
 
 def test_vocabulary():
-    assert set(ORDER) == set(applicable("advantage_estimator") | applicable("policy_loss") | applicable("kl_estimator"))
+    assert set(ORDER) == set(
+        applicable("advantage_estimator") | applicable("policy_loss") | applicable("kl_estimator") | applicable("off_policy_correction")
+    )
     assert set(ORDER) == KNOWN  # every property has a place in the order
     assert "mask" not in applicable("kl_estimator") and {"token_local", "zero_at_reference"} <= universal("kl_estimator")
     assert "masked_grad_zero" in universal("policy_loss") and "microbatch_invariant" in applicable("aggregation")
@@ -21,5 +23,5 @@ def test_vocabulary():
     with pytest.raises(TypeError):
         check_promises("x", "group_local")
     assert set(DESCRIPTIONS) == KNOWN
-    for kind in ("advantage_estimator", "policy_loss", "aggregation", "kl_estimator"):
+    for kind in ("advantage_estimator", "policy_loss", "aggregation", "kl_estimator", "off_policy_correction"):
         assert universal(kind) <= applicable(kind)

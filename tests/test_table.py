@@ -193,9 +193,10 @@ def test_dr_grpo_cannot_be_turned_back_into_grpo():
     assert "norm_by_std" not in DEFAULT_TABLE.entry("advantage_estimator", "dr_grpo").hyperparameters()
 
 
-def test_kinds_are_the_documented_seven():
+def test_kinds_are_the_documented_eight():
     assert set(KINDS) == {
-        "advantage_estimator", "policy_loss", "kl_estimator", "aggregation", "task", "reward", "rollout_backend",
+        "advantage_estimator", "policy_loss", "kl_estimator", "aggregation", "off_policy_correction",
+        "task", "reward", "rollout_backend",
     }
 
 

@@ -42,7 +42,20 @@ from skyrl_fn.launcher.plugins import (
     load_plugins,
     register_import_names,
 )
-from skyrl_fn.launcher.hyper_flags import SECTIONS, check_group_flags, chosen_names, group_type, to_mapping
+from skyrl_fn.launcher.hyper_flags import (
+    CORRECTION_FIELD,
+    CORRECTION_GROUP,
+    CORRECTION_KIND,
+    SECTIONS,
+    check_correction_flags,
+    check_group_flags,
+    chosen_corrections,
+    chosen_names,
+    correction_group_type,
+    correction_mapping,
+    group_type,
+    to_mapping,
+)
 from skyrl_fn.launcher.observe import RunObserver
 from skyrl_fn.launcher.preflight import Preflight, PreflightError, preflight
 from skyrl_fn.launcher.ray_runner import train_on_ray
@@ -220,7 +233,10 @@ def _group_fields(table: AlgorithmTable, section: str, names: Mapping[str, str],
     return fields
 
 
-def _cli_types(table: AlgorithmTable, names: Mapping[str, str], data_names: Mapping[str, str], base: TrainConfig) -> tuple[type, type, type]:
+def _cli_types(
+    table: AlgorithmTable, names: Mapping[str, str], data_names: Mapping[str, str], base: TrainConfig,
+    corrections: tuple[str, ...] = (),
+) -> tuple[type, type, type]:
     """Subclasses of AlgorithmConfig/DataConfig/TrainConfig for this command line: the algorithm
     name fields' help lists ``table``'s names, and each hyperparameter mapping (the algorithm's
     pieces, the task's and the reward's arguments) is a group of typed flags of the function the
@@ -234,6 +250,14 @@ def _cli_types(table: AlgorithmTable, names: Mapping[str, str], data_names: Mapp
         for f in dataclasses.fields(AlgorithmConfig) if f.name in NAME_FIELDS
     ]
     fields += _group_fields(table, "algorithm", names, base.algorithm)
+    registered = ", ".join(table.names(CORRECTION_KIND)) or "(none registered yet)"
+    fields.append((CORRECTION_FIELD, Annotated[tuple[str, ...], tyro.conf.arg(help=(
+        f"Off-policy corrections, composed in the order given (skyrl_fn.losses.compose_corrections). "
+        f"Registered: {registered}."))], dataclasses.field(default=corrections)))
+    given = base.algorithm.correction if corrections == tuple(base.algorithm.off_policy_correction) else {}
+    typ, default = correction_group_type(table, corrections, given)
+    fields.append((CORRECTION_GROUP, Annotated[typ, tyro.conf.arg(help="Hyperparameters of each chosen off-policy correction.")],
+                   dataclasses.field(default_factory=lambda d=default: d)))
     alg = dataclasses.make_dataclass("AlgorithmConfig", fields, bases=(AlgorithmConfig,), frozen=True)
     alg.__doc__ = AlgorithmConfig.__doc__
     data = dataclasses.make_dataclass(
@@ -252,7 +276,8 @@ def _cli_types(table: AlgorithmTable, names: Mapping[str, str], data_names: Mapp
 def _description(table: AlgorithmTable) -> str:
     presets = "\n".join(f"  {name:<8} {desc}" for name, (desc, _) in PRESETS.items())
     kinds = "\n".join(
-        f"  {kind}: {', '.join(table.names(kind)) or '-'}" for kind in sorted(set(NAME_FIELDS.values())) + list(RUN_KINDS)
+        f"  {kind}: {', '.join(table.names(kind)) or '-'}"
+        for kind in sorted(set(NAME_FIELDS.values()) | {CORRECTION_KIND}) + list(RUN_KINDS)
     )
     return (
         "Train a policy with any registered algorithm (skyrl_fn):\n"
@@ -292,13 +317,15 @@ def parse_config(
         preview = register_import_names(_kind_names(names, data_names), table, app_dir=app_dir)
     except (PluginError, ValueError, TypeError):
         preview = table  # untyped groups; resolve_names reports the name's problem
+    corrections = chosen_corrections(argv, base.algorithm.off_policy_correction)
     try:
         check_group_flags(argv, preview, names)
         check_group_flags(argv, preview, data_names, "data")
+        check_correction_flags(argv, preview, corrections)
     except ValueError as err:
         raise UsageError(str(err)) from err
-    alg_cls, data_cls, train_cls = _cli_types(preview, names, data_names, base)
-    hyper_groups = {group for group, _ in HYPER_FIELDS.values()}
+    alg_cls, data_cls, train_cls = _cli_types(preview, names, data_names, base, corrections)
+    hyper_groups = {group for group, _ in HYPER_FIELDS.values()} | {CORRECTION_FIELD, CORRECTION_GROUP}
     data_groups = {group for group, _ in DATA_HYPER_FIELDS.values()}
     default = train_cls(
         **{f.name: getattr(base, f.name) for f in dataclasses.fields(TrainConfig) if f.name not in ("algorithm", "data")},
@@ -312,6 +339,7 @@ def parse_config(
     values = {f.name: getattr(parsed.algorithm, f.name) for f in dataclasses.fields(AlgorithmConfig)}
     for field, (group, _) in HYPER_FIELDS.items():
         values[group] = to_mapping(values[group], preview, field, values[field])
+    values[CORRECTION_GROUP] = correction_mapping(values[CORRECTION_GROUP], preview, values[CORRECTION_FIELD])
     data = {f.name: getattr(parsed.data, f.name) for f in dataclasses.fields(DataConfig)}
     for field, (group, _) in DATA_HYPER_FIELDS.items():
         data[group] = to_mapping(data[group], preview, field, data[field], "data")

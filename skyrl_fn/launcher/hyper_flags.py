@@ -12,6 +12,8 @@ The data group works the same way for the task and the reward a run chooses
 (``--data.task parity`` gives ``--data.task-args.length INT`` from the task factory's signature;
 ``skyrl_fn.train.config.DATA_HYPER_FIELDS``): every function takes a ``section`` argument,
 ``"algorithm"`` or ``"data"`` (:data:`SECTIONS`).
+The off-policy corrections are a chain of names (``--algorithm.off-policy-correction tis geo_mask``)
+with one typed group per chosen name (``--algorithm.correction.geo-mask.low 0.98``).
 
 A function that takes ``**kwargs`` (or whose name is not registered yet) keeps the untyped form
 ``--algorithm.loss KEY VALUE ...``; resolution checks it. A flag of the group that the chosen
@@ -35,7 +37,10 @@ from skyrl_fn.compose import Chain
 from skyrl_fn.table import AlgorithmTable, Entry, UnknownNameError
 from skyrl_fn.train.config import DATA_HYPER_FIELDS, HYPER_FIELDS, HyperValue
 
-__all__ = ["SECTIONS", "chosen_names", "hyper_class", "to_mapping", "check_group_flags", "flag"]
+__all__ = [
+    "SECTIONS", "chosen_names", "hyper_class", "to_mapping", "check_group_flags", "flag",
+    "chosen_corrections", "correction_group_type", "correction_mapping", "check_correction_flags",
+]
 
 #: Config section -> its name fields (name field -> (hyperparameter field, table kind)).
 SECTIONS: Mapping[str, Mapping[str, tuple[str, str]]] = {"algorithm": HYPER_FIELDS, "data": DATA_HYPER_FIELDS}
@@ -178,3 +183,93 @@ def check_group_flags(
                     f"{arg.split('=', 1)[0]}: {kind.replace('_', ' ')} {names[field]!r} takes no hyperparameter "
                     f"{key!r} (it takes: {takes})"
                 )
+
+
+# -- off-policy corrections: a chain of names, one typed group per chosen name -----------------
+
+#: The ``AlgorithmConfig`` field naming the chain, its hyperparameter field, and the kind.
+CORRECTION_FIELD, CORRECTION_GROUP, CORRECTION_KIND = "off_policy_correction", "correction", "off_policy_correction"
+
+
+def chosen_corrections(argv: Sequence[str], default: Sequence[str]) -> tuple[str, ...]:
+    """The correction names ``argv`` chooses (``--algorithm.off-policy-correction A B ...``, the
+    last occurrence wins), else ``default``."""
+    out = tuple(default)
+    spellings = (flag(CORRECTION_FIELD), "--algorithm." + CORRECTION_FIELD)
+    for i, arg in enumerate(argv):
+        if arg in spellings:
+            names = []
+            for nxt in argv[i + 1:]:
+                if nxt.startswith("--"):
+                    break
+                names.append(nxt)
+            out = tuple(names)
+        elif arg.startswith(tuple(s + "=" for s in spellings)):
+            out = (arg.split("=", 1)[1],)
+    return out
+
+
+def _ident(name: str) -> str | None:
+    return name if name.isidentifier() else None
+
+
+def correction_group_type(table: AlgorithmTable, names: Sequence[str], base: Mapping[str, Mapping[str, Any]]) -> tuple[Any, Any]:
+    """``(type, default)`` of ``--algorithm.correction``: a dataclass with one typed group per
+    chosen correction (``--algorithm.correction.NAME.HYPER VALUE``); an untyped
+    ``name -> {key: value}`` mapping when a name is unknown, not an identifier, or takes ``**kwargs``."""
+    fields = []
+    untyped = dict[str, dict[str, HyperValue]], {k: dict(v) for k, v in base.items()}
+    if len(set(names)) != len(names):  # resolution reports the repeated name
+        return untyped
+    for name in names:
+        try:
+            cls = hyper_class(table.entry(CORRECTION_KIND, name), dict(base.get(name, {})))
+        except UnknownNameError:  # resolution reports it, with the closest name
+            cls = None
+        if cls is None or _ident(name) is None:
+            return untyped
+        doc = f"Hyperparameters of the off-policy correction {name!r}."
+        fields.append((name, Annotated[cls, tyro.conf.arg(help=doc)], dataclasses.field(default_factory=cls)))
+    group = dataclasses.make_dataclass("correction", fields, frozen=True)
+    group.__doc__ = "Hyperparameters of the chosen off-policy corrections (defaults: each function's own)."
+    return group, group()
+
+
+def correction_mapping(value: Any, table: AlgorithmTable, names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The parsed correction group as ``name -> {hyperparameter: value}``, only values that differ
+    from each function's own defaults (a correction left at its defaults has no entry)."""
+    if not dataclasses.is_dataclass(value):
+        return {k: dict(v) for k, v in dict(value).items()}
+    out = {}
+    for name in names:
+        defaults = entry_hyperparameters(table.entry(CORRECTION_KIND, name)) or {}
+        sub = getattr(value, name)
+        changed = {f.name: getattr(sub, f.name) for f in dataclasses.fields(sub)
+                   if getattr(sub, f.name) != defaults.get(f.name) or type(getattr(sub, f.name)) is not type(defaults.get(f.name))}
+        if changed:
+            out[name] = changed
+    return out
+
+
+def check_correction_flags(argv: Sequence[str], table: AlgorithmTable, names: Sequence[str]) -> None:
+    """Raise ValueError for ``--algorithm.correction.NAME.KEY`` naming a correction the chain does
+    not choose, or a hyperparameter that correction does not take."""
+    prefix = flag(CORRECTION_GROUP) + "."
+    for arg in argv:
+        if not arg.startswith(prefix):
+            continue
+        name, _, key = arg[len(prefix):].split("=", 1)[0].partition(".")
+        match = [n for n in names if n.replace("_", "-") == name.replace("_", "-")]
+        if not match:
+            raise ValueError(f"{arg.split('=', 1)[0]}: {name!r} is not a chosen off-policy correction "
+                             f"(--algorithm.off-policy-correction chooses {list(names)})")
+        try:
+            cls = hyper_class(table.entry(CORRECTION_KIND, match[0]), {})
+        except UnknownNameError:
+            continue
+        if cls is None:
+            continue
+        known = {f.name for f in dataclasses.fields(cls)}
+        if key.replace("-", "_") not in known:
+            raise ValueError(f"{arg.split('=', 1)[0]}: off-policy correction {match[0]!r} takes no hyperparameter "
+                             f"{key.replace('-', '_')!r} (it takes: {', '.join(sorted(known)) or 'none'})")

@@ -2,7 +2,8 @@
 
 Policy losses: ``fn(batch: PolicyLossInput, **hyper) -> PolicyLossOutput`` (per-token loss [B, T]).
 Aggregations: ``fn(token_loss [B, T], loss_mask [B, T], *, global_tokens, global_seqs, max_seq_len)
--> []``. KL estimators: ``fn(log_probs [B, T], ref_log_probs [B, T]) -> [B, T]``. The built-ins are
+-> []``. Off-policy corrections: ``fn(batch: PolicyLossInput, **hyper) -> OffPolicyCorrection``,
+chained with ``compose_corrections``. KL estimators: ``fn(log_probs [B, T], ref_log_probs [B, T]) -> [B, T]``. The built-ins are
 registered in ``skyrl_fn.DEFAULT_TABLE`` (nothing here reads it); ``policy_objective`` runs a bound
 loss + correction + aggregation (+ KL and entropy terms) as one pure function. (``compile_loss``
 and the memory-light log-probs of an LM head are ops, a layer above: ``skyrl_fn.losses.compile``,
@@ -22,6 +23,18 @@ from skyrl_fn.losses.aggregation import (
     token_mean,
     token_mean_legacy,
     token_sum,
+)
+from skyrl_fn.losses.corrections import (
+    CorrectionChain,
+    compose_corrections,
+    geo_mask,
+    icepop,
+    opsm,
+    outlier_veto,
+    product_mask,
+    tis,
+    tis_sequence,
+    unbiased_kl,
 )
 from skyrl_fn.losses.cov import clip_cov, kl_cov
 from skyrl_fn.losses.kl import (
@@ -50,7 +63,7 @@ from skyrl_fn.losses.off_policy import (
     tis_weights,
 )
 from skyrl_fn.losses.reduction_weights import REDUCTIONS, reduction_weights
-from skyrl_fn.losses.pg import cispo, cross_entropy, gpg, importance_sampling, reinforce, rollout_is
+from skyrl_fn.losses.pg import cispo, cross_entropy, dro, gpg, importance_sampling, reinforce, rollout_is
 from skyrl_fn.losses.ppo import dppo, dppo_mask, dual_clip, geo_mean, gspo, regular, sapo
 from skyrl_fn.losses.value import entropy_from_logits, value_loss
 
@@ -60,7 +73,7 @@ reduce = aggregate
 __all__ = [
     # policy losses
     "regular", "dual_clip", "gspo", "cispo", "sapo", "clip_cov", "kl_cov", "gpg", "geo_mean",
-    "reinforce", "cross_entropy", "rollout_is", "dppo", "dppo_mask", "importance_sampling",
+    "reinforce", "cross_entropy", "rollout_is", "dppo", "dppo_mask", "importance_sampling", "dro",
     # aggregation
     "token_mean", "token_sum", "seq_mean_token_sum", "seq_mean_token_mean", "seq_mean_token_sum_norm",
     "prompt_mean", "token_mean_legacy", "group_token_totals",
@@ -75,6 +88,9 @@ __all__ = [
     # off-policy
     "OffPolicyCorrection", "tis_weights", "icepop_mask", "sequence_keep", "sequence_mask", "mismatch_metrics",
     "off_policy_correction",
+    # composable off-policy corrections (kind off_policy_correction)
+    "compose_corrections", "CorrectionChain", "tis", "tis_sequence", "icepop", "geo_mask", "product_mask",
+    "outlier_veto", "opsm", "unbiased_kl",
     # reduction weights (SkyRL 0.3.0: the reduction applied to the advantages)
     "REDUCTIONS", "reduction_weights",
 ]

@@ -36,7 +36,7 @@ def policy_objective(
     global_tokens: Number | None = None,
     global_seqs: Number | None = None,
     max_seq_len: int | None = None,
-    correction: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], OffPolicyCorrection] | None = None,
+    correction: Callable[[PolicyLossInput], OffPolicyCorrection] | None = None,
     kl_estimator: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     kl_loss_coef: float = 0.0,
     entropy: torch.Tensor | None = None,
@@ -48,13 +48,17 @@ def policy_objective(
     """The policy objective of one (micro-)batch::
 
         l, metrics = loss(batch)                                          l: [B, T]
-        c = correction(old_log_probs, rollout_log_probs, m)               (if given)
-        l = where(c.loss_mask, l * c.weights, 0);  m = c.loss_mask
-        pg = agg(l, m)
-        J = pg + kl_loss_coef * agg(KL(log_probs, ref_log_probs), m) - entropy_coef * agg(H, m)
+        c = correction(batch)                                             (if given)
+        l = where(c.loss_mask, l * c.weights, 0)
+        pg = agg(l, c.loss_mask)
+        kl = KL(log_probs, ref_log_probs) * c.kl_weights                  (kl_weights if set)
+        J = pg + kl_loss_coef * agg(kl, m) - entropy_coef * agg(H, m)
 
     where ``agg(x, m) = aggregation(x, m, global_tokens=, global_seqs=, max_seq_len=)``. The KL
-    estimator sees its inputs masked (``kl_token_loss``), so padding never reaches it.
+    estimator sees its inputs masked (``kl_token_loss``), so padding never reaches it. The
+    correction's mask applies to the policy-gradient term only: the KL and entropy terms keep the
+    batch's mask ``m``, as SkyRL-Train (its KL and entropy use ``loss_mask``, not the corrected one)
+    and TRL (the off-policy mask multiplies the policy loss before the KL is added).
 
     Args:
         batch: ``PolicyLossInput`` (``log_probs`` carries the gradient).
@@ -63,8 +67,9 @@ def policy_objective(
             max_seq_len) -> []``.
         global_tokens, global_seqs, max_seq_len: the normalisers of the whole optimiser step
             (``skyrl_fn.losses.aggregation``); None: those of ``batch`` alone.
-        correction: ``fn(old_log_probs, rollout_log_probs, loss_mask) -> OffPolicyCorrection``
-            (e.g. a partial of ``off_policy_correction``), or None.
+        correction: ``fn(batch: PolicyLossInput) -> OffPolicyCorrection`` (a registered
+            ``off_policy_correction`` with its hyperparameters bound, or a
+            ``skyrl_fn.losses.compose_corrections`` chain), or None.
         kl_estimator: ``fn(log_probs, ref_log_probs) -> [B, T]``; used when ``kl_loss_coef != 0``.
         kl_loss_coef: weight of the KL-to-reference term (0 disables it).
         entropy: ``[B, T]`` token entropy of the policy (from the forward pass), or None.
@@ -94,21 +99,25 @@ def policy_objective(
         raise ValueError(f"policy loss: token_loss expected shape [B, T] = {shape}, got {tuple(out.token_loss.shape)}")
     token_loss, mask = out.token_loss, batch.loss_mask
     metrics = dict(out.metrics)
+    kl_weights = None
+    pg_mask = mask
     if correction is not None:
-        c = correction(batch.old_log_probs, batch.rollout_log_probs, mask)
+        c = correction(batch)
         if not isinstance(c, OffPolicyCorrection):
             raise TypeError(f"correction: expected it to return an OffPolicyCorrection, got {type(c).__name__}")
-        for field in ("weights", "loss_mask"):
-            got = tuple(getattr(c, field).shape)
-            if got != shape:
-                raise ValueError(f"correction.{field}: expected shape [B, T] = {shape}, got {got}")
-        mask = c.loss_mask
-        token_loss = torch.where(mask, token_loss * c.weights.to(token_loss.dtype), torch.zeros_like(token_loss))
+        for field in ("weights", "loss_mask", "kl_weights"):
+            value = getattr(c, field)
+            if value is not None and tuple(value.shape) != shape:
+                raise ValueError(f"correction.{field}: expected shape [B, T] = {shape}, got {tuple(value.shape)}")
+        if c.kl_weights is not None and kl_loss_coef == 0:
+            raise ValueError("correction: its kl_weights weight the KL loss term, which is off (kl_loss_coef 0); expected a KL loss")
+        pg_mask, kl_weights = c.loss_mask, c.kl_weights
+        token_loss = torch.where(pg_mask, token_loss * c.weights.to(token_loss.dtype), torch.zeros_like(token_loss))
         metrics.update(c.metrics)
     norms = dict(global_tokens=global_tokens, global_seqs=global_seqs, max_seq_len=max_seq_len)
     if group_ids is not None:
         norms.update(group_ids=group_ids, group_tokens=group_tokens, global_groups=global_groups)
-    pg = aggregation(token_loss, mask, **norms)
+    pg = aggregation(token_loss, pg_mask, **norms)
     metrics["pg_loss"] = pg.detach()
     total = pg
     if kl_loss_coef != 0:
@@ -116,7 +125,10 @@ def policy_objective(
             raise ValueError("ref_log_probs: expected a [B, T] tensor when kl_loss_coef != 0, got None")
         if kl_estimator is None:
             raise ValueError("kl_estimator: expected a KL estimator when kl_loss_coef != 0, got None")
-        kl = aggregation(kl_token_loss(batch.log_probs, batch.ref_log_probs, mask, estimator=kl_estimator), mask, **norms)
+        kl_tokens = kl_token_loss(batch.log_probs, batch.ref_log_probs, mask, estimator=kl_estimator)
+        if kl_weights is not None:
+            kl_tokens = torch.where(mask, kl_tokens * kl_weights.to(kl_tokens.dtype), torch.zeros_like(kl_tokens))
+        kl = aggregation(kl_tokens, mask, **norms)
         metrics["kl_loss"] = kl.detach()
         total = total + kl_loss_coef * kl
     if entropy_coef != 0:

@@ -228,13 +228,17 @@ class OffPolicyCorrection:
     Attributes:
         weights: ``[B, T]`` detached per-token weights to multiply the per-token loss by (1 where
             no TIS is configured; 0 off the new mask).
-        loss_mask: ``[B, T]`` bool, the mask to aggregate with (the input mask minus rejected tokens).
+        loss_mask: ``[B, T]`` bool, the mask to aggregate the policy loss with (the input mask
+            minus rejected tokens).
         metrics: detached 0-dim tensors.
+        kl_weights: optional ``[B, T]`` weights of the per-token KL-to-reference term (they may
+            carry a gradient: ``skyrl_fn.losses.corrections.unbiased_kl``); None leaves it as is.
     """
 
     weights: torch.Tensor
     loss_mask: torch.Tensor
     metrics: Mapping[str, torch.Tensor] = attrs.field(factory=dict, converter=FrozenDict)
+    kl_weights: torch.Tensor | None = None
 
 
 def off_policy_correction(

@@ -1,5 +1,5 @@
-"""Log-probability policy gradients: REINFORCE, GPG, CISPO, rollout-IS, importance sampling, and the
-supervised cross-entropy term.
+"""Log-probability policy gradients: REINFORCE, GPG, CISPO, DRO, rollout-IS, importance sampling, and
+the supervised cross-entropy term.
 
 Notation: ``B`` sequences, ``T`` response tokens, ``lp = log_probs`` (carries the gradient), ``A``
 the advantages, ``m`` the loss mask, ``sg[.]`` stop-gradient. These losses weight ``-A * lp`` by a
@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from skyrl_fn.losses._common import check_batch, check_nonnegative, clean, ratio_metrics, run, safe_ratio
+from skyrl_fn.losses._common import check_batch, check_nonnegative, check_positive, clean, ratio_metrics, run, safe_ratio
 from skyrl_fn.records import PolicyLossInput, PolicyLossOutput
 
-__all__ = ["reinforce", "gpg", "cispo", "rollout_is", "importance_sampling", "cross_entropy"]
+__all__ = ["reinforce", "gpg", "cispo", "dro", "rollout_is", "importance_sampling", "cross_entropy"]
 
 
 def _vanilla(lp, old, adv, m):
@@ -79,6 +79,46 @@ def _cispo(lp, old, adv, m, lo: float, hi: float):
         weight = torch.clamp(ratio, lo, hi)
     metrics = ratio_metrics(log_ratio, m, clipped_low=ratio < lo, clipped_high=ratio > hi)
     return clean(-adv * weight * lp, m), metrics
+
+
+def dro(batch: PolicyLossInput, *, dro_beta: float = 0.05) -> PolicyLossOutput:
+    """DRO, direct reward optimisation (Richemond et al. 2024, arXiv:2405.19107; as used in Kimi
+    k1.5, arXiv:2501.12599), as verl's ``dro`` (verl PR #7245) and Tinker's ``dro``: the policy
+    gradient with a quadratic penalty on the log-ratio instead of a clip::
+
+        d_t = log_probs_t - old_log_probs_t
+        loss_t = -(A_t * log_probs_t - 0.5 * dro_beta * d_t^2) * m_t
+        d loss_t / d log_probs_t = -(A_t - dro_beta * d_t)
+
+    At ``d = 0`` the gradient is REINFORCE's ``-A``; as the policy moves the penalty pulls each
+    token back toward the old (sampling) policy with strength ``dro_beta``, and no token ever
+    loses its gradient. The log-ratio is not clamped (verl does not clamp it either; the penalty is
+    polynomial, not exponential). With bypass mode (``algorithm.bypass_mode``) the old policy is
+    the rollout's, which is Tinker's form (``d = target - sampling`` log-probs).
+
+    Deviation: verl has no default (``policy_loss.dro_beta`` must be set, > 0); here the default
+    is 0.05, the value of verl's PR example and Tinker's docs. SkyRL has no ``dro``.
+
+    Args:
+        batch: ``log_probs``, ``old_log_probs``, ``advantages``, ``loss_mask``, all ``[B, T]``.
+        dro_beta: weight of the quadratic log-ratio penalty, > 0 (verl's ``policy_loss.dro_beta``).
+
+    Returns:
+        ``token_loss [B, T]``; ratio metrics (``approx_kl`` is verl's ``actor/ppo_kl``; clip
+        fractions are 0: nothing is clipped).
+
+    Raises:
+        ValueError: ``dro_beta`` not a finite number > 0.
+    """
+    check_batch(batch)
+    check_positive("dro_beta", dro_beta)
+    return run(_dro, batch, float(dro_beta))
+
+
+def _dro(lp, old, adv, m, dro_beta: float):
+    lp, old, adv = clean(lp, m), clean(old, m), clean(adv, m)
+    d = lp - old
+    return clean(-(adv * lp - 0.5 * dro_beta * d * d), m), ratio_metrics(d, m)
 
 
 def rollout_is(batch: PolicyLossInput, *, eps_clip_low: float = 0.2, eps_clip_high: float = 0.2) -> PolicyLossOutput:

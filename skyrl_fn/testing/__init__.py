@@ -9,6 +9,7 @@ estimator in one line.
         check_estimator(my_estimator)              # a native function, a SkyRL-style function
         check_estimator("grpo", table=my_table)    # or a registered name
         check_kl_estimator(my_kl)                  # fn(log_probs, ref_log_probs) -> [B, T]
+        check_correction("geo_mask")               # fn(batch: PolicyLossInput) -> OffPolicyCorrection
 
 Each property (``skyrl_fn.properties``) is a hypothesis search over generated batches
 (``skyrl_fn.testing.strategies``); a failure raises ``PropertyViolation`` (an ``AssertionError``)
@@ -22,6 +23,7 @@ Needs ``hypothesis`` (the ``dev`` extra). Example counts follow the loaded hypot
 (``DEFAULT_MAX_EXAMPLES`` per property under hypothesis's own default profile) or ``settings=``.
 """
 
+from skyrl_fn.testing._corrections import check_correction
 from skyrl_fn.testing._estimators import check_estimator
 from skyrl_fn.testing._kl import check_kl_estimator
 from skyrl_fn.testing._losses import check_aggregation, check_policy_loss, reference_token_mean
@@ -35,6 +37,7 @@ __all__ = [
     "check_policy_loss",
     "check_aggregation",
     "check_kl_estimator",
+    "check_correction",
     "PropertyViolation",
     "PropertyReport",
     "PropertyReportWarning",

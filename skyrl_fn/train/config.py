@@ -98,11 +98,18 @@ class AlgorithmConfig:
     """Target KL of the adaptive controller."""
     kl_horizon: int = 10000
     """Horizon (in samples) of the adaptive controller."""
-    off_policy_correction: Literal["none", "tis", "tis_sequence"] = "none"
-    """Correct for rollout-vs-trainer mismatch: truncated importance sampling with weight
-    min(exp(old_log_probs - rollout_log_probs), tis_cap) per token (tis) or per sequence."""
-    tis_cap: float = 2.0
-    """Cap of the truncated importance-sampling weight."""
+    off_policy_correction: tuple[str, ...] = ()
+    """Off-policy corrections registered in the table (kind off_policy_correction), composed in the
+    order given (skyrl_fn.losses.compose_corrections): tis, tis_sequence, icepop, geo_mask,
+    product_mask, outlier_veto, opsm, unbiased_kl, or your own. Empty: none."""
+    correction: dict[str, dict[str, HyperValue]] = dataclasses.field(default_factory=dict)
+    """Hyperparameters of the chosen corrections, name -> {hyperparameter: value}, only those to
+    change (on the command line: --algorithm.correction.NAME.HYPER VALUE)."""
+    bypass_mode: bool = False
+    """Bypass mode (verl's algorithm.rollout_correction.bypass_mode): the old log-probs are the
+    rollout engine's, no trainer pass scores the rollout; the policy loss then measures its ratio
+    against the sampler (regular = verl's loss_type ppo_clip, reinforce + a tis correction with
+    against=current = its loss_type reinforce)."""
     entropy_coef: float = 0.0
     """Subtract entropy_coef * mean token entropy from the policy loss (0 disables)."""
     value_clip: float = 0.2
@@ -116,6 +123,14 @@ class AlgorithmConfig:
     """torch.compile the loss kernel (policy loss + aggregation)."""
     compile_mode: CompileMode = "max-autotune-no-cudagraphs"
     """With compile, on CUDA: the inductor mode (skyrl_fn.gpu.kernels); CPU always compiles as default."""
+
+    def __post_init__(self) -> None:
+        # A single name (and the former "none") reads as a one-piece / empty chain.
+        value = self.off_policy_correction
+        if isinstance(value, str):
+            object.__setattr__(self, "off_policy_correction", () if value == "none" else (value,))
+        elif isinstance(value, list):  # JSON has no tuples
+            object.__setattr__(self, "off_policy_correction", tuple(value))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,7 +11,6 @@ Refused (the run would learn nothing, or fail at its first step):
   dr_grpo, opo follow SkyRL's size-1 rule, mean 0 and std 1: REINFORCE without a baseline, not
   the algorithm asked for);
 * an estimator that ``rejects_singleton_groups`` (or raises on a probe with groups of 1);
-* ``algorithm.tis_cap`` <= 0 with an off-policy correction (every weight would be <= 0);
 * the adaptive KL controller with ``kl_target`` or ``kl_horizon`` <= 0.
 
 Warned (the run goes on):
@@ -22,8 +21,8 @@ Warned (the run goes on):
   ``use_kl_loss``, ``kl_coef``/``kl_ctrl``/``kl_target``/``kl_horizon`` without
   ``use_kl_in_reward``): no reference model is built and the value is unused;
 * a KL that is on with a coefficient of 0 (a reference model built for nothing);
-* ``tis_cap`` changed while ``off_policy_correction`` is none; an off-policy correction with the
-  ``hf`` backend (it samples with the trainer's own weights, so every weight is 1);
+* an off-policy correction with the ``hf`` backend outside bypass mode (it samples with the
+  trainer's own weights, so every weight is 1);
 * ``entropy_coef`` < 0 (rewards lower entropy);
 * ``trainer.warmup_steps`` >= ``trainer.steps`` (the learning rate never reaches ``trainer.lr``);
 * ``trainer.keep_checkpoints`` 1 (no older checkpoint to fall back to if the latest is damaged);
@@ -130,9 +129,7 @@ def degenerate_settings(
         why = _SINGLETON_WHY[singleton or "other"]
         add("rollout.samples_per_prompt", f"expected >= 2 with algorithm.advantage_estimator {est!r} (a group "
             f"baseline), got 1 ({why})", True)
-    correction = getattr(alg, "off_policy_correction", "none")
-    if correction != "none" and alg.tis_cap <= 0:
-        add("algorithm.tis_cap", f"expected > 0 with off_policy_correction {correction!r}, got {alg.tis_cap} (every importance weight would be <= 0)", True)
+    correction = tuple(alg.off_policy_correction)
     if alg.use_kl_in_reward and alg.kl_ctrl == "adaptive":
         for name in ("kl_target", "kl_horizon"):
             if getattr(alg, name) <= 0:
@@ -152,10 +149,8 @@ def degenerate_settings(
         add("algorithm.kl_loss_coef", "0 with algorithm.use_kl_loss: a reference model is built and its KL computed for nothing", False)
     if alg.use_kl_in_reward and alg.kl_coef == 0 and alg.kl_ctrl == "fixed":
         add("algorithm.kl_coef", "0 with algorithm.use_kl_in_reward and a fixed controller: a reference model is built for nothing", False)
-    if correction == "none" and alg.tis_cap != default.tis_cap:
-        add("algorithm.tis_cap", f"{alg.tis_cap} has no effect with algorithm.off_policy_correction 'none'", False)
-    if correction != "none" and ro.backend == "hf":
-        add("algorithm.off_policy_correction", f"{correction!r} has no effect with rollout.backend 'hf' "
+    if correction and ro.backend == "hf" and not alg.bypass_mode:
+        add("algorithm.off_policy_correction", f"{list(correction)} has no effect with rollout.backend 'hf' "
             "(it samples with the trainer's own weights, so every importance weight is 1)", False)
     if alg.entropy_coef < 0:
         add("algorithm.entropy_coef", f"{alg.entropy_coef} < 0 rewards lower entropy (pushes toward collapse); expected >= 0", False)

@@ -137,7 +137,9 @@ def make_experience(
         scores: ``[B]`` outcome rewards.
         old_log_probs: ``[B, T]`` from :func:`batched_log_probs` with the sampling policy, or
             None to let ``policy_update`` take them from its first forward pass (the KL to the
-            reference is then measured with the rollout's log-probs).
+            reference is then measured with the rollout's log-probs). In bypass mode
+            (``algorithm.bypass_mode``, verl's ``rollout_correction.bypass_mode``) they are the
+            rollout engine's log-probs and must not be given: no trainer pass scores the rollout.
         ref_log_probs: ``[B, T]`` reference log-probs (needed when a KL is used).
         values: ``[B, T]`` critic values (needed by GAE).
         kl_coef: the KL-in-reward coefficient (from a ``KLController``).
@@ -147,6 +149,10 @@ def make_experience(
     """
     alg = run.algorithm
     mask = rollout.response_mask
+    if run.config.algorithm.bypass_mode:
+        if old_log_probs is not None:
+            raise ValueError("old_log_probs: expected None in bypass mode (the rollout's log-probs are the old ones), got a tensor")
+        old_log_probs = rollout.rollout_log_probs
     if alg.needs_reference and ref_log_probs is None:
         raise ValueError("ref_log_probs: expected [B, T] reference log-probs when a KL is used, got None")
     if alg.needs_critic and values is None:

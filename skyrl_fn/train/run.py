@@ -13,16 +13,19 @@ from typing import Any, Callable, Mapping
 
 import attrs
 
-from skyrl_fn.algorithm import SUPPLIED, Algorithm, bind_algorithm, entry_hyperparameters
-from skyrl_fn.losses.off_policy import off_policy_correction
+import torch
+
+from skyrl_fn.algorithm import SUPPLIED, Algorithm, bind, bind_algorithm, entry_hyperparameters
+from skyrl_fn.losses.corrections import compose_corrections
+from skyrl_fn.records import PolicyLossInput
 from skyrl_fn.requires import missing_fields
 from skyrl_fn.table import AlgorithmTable, UnknownNameError, unknown_name_message
-from skyrl_fn.train.config import HYPER_FIELDS, TrainConfig, config_to_dict
+from skyrl_fn.train.config import HYPER_FIELDS, AlgorithmConfig, TrainConfig, config_to_dict
 from skyrl_fn.train.rollout import VLLM_TEMPERATURE_RANGE, RolloutBackend, check_available
 from skyrl_fn.train.run_table import with_run_builtins
 from skyrl_fn.train.tasks import Example, Rewarded, Task
 
-__all__ = ["ResolvedRun", "resolve", "TRAINER_FIELDS"]
+__all__ = ["ResolvedRun", "resolve", "resolve_correction", "TRAINER_FIELDS"]
 
 #: The per-sample fields every training step puts in ``AdvantageInput.extras`` (``[B, T]``): the
 #: sampling policy's log-probs of the sampled tokens (recomputed ones with
@@ -102,6 +105,44 @@ def _check_positive(name: str, value: float, *, allow_zero: bool = False) -> Non
         raise ValueError(f"{name}: expected {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
 
+def resolve_correction(alg: AlgorithmConfig, table: AlgorithmTable):
+    """The run's off-policy correction: the chosen names bound with their hyperparameters and
+    composed in order (``compose_corrections``), or None. Probed once on a two-token batch so a bad
+    hyperparameter value fails here, naming its flag, before any model loads.
+
+    Raises:
+        UnknownNameError: an unknown correction name (lists the options and the closest).
+        ValueError: a name chosen twice; hyperparameters for a correction not chosen; a bad
+            hyperparameter; ``unbiased_kl`` (KL weights) without ``use_kl_loss``.
+    """
+    names = tuple(alg.off_policy_correction)
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"algorithm.off_policy_correction: expected each correction once, got {twice} more than once")
+    stray = sorted(set(alg.correction) - set(names))
+    if stray:
+        raise ValueError(f"algorithm.correction: hyperparameters for {stray}, which algorithm.off_policy_correction "
+                         f"does not choose (it chooses {list(names)})")
+    if not names:
+        return None
+    pieces = [bind(table, "off_policy_correction", n, alg.correction.get(n)) for n in names]
+    chain = compose_corrections(*pieces)
+    probe = PolicyLossInput(
+        log_probs=torch.tensor([[-1.0, -2.0]]), old_log_probs=torch.tensor([[-1.1, -1.9]]),
+        advantages=torch.tensor([[1.0, 1.0]]), loss_mask=torch.ones(1, 2, dtype=torch.bool),
+        rollout_log_probs=torch.tensor([[-1.05, -2.1]]),
+    )
+    for name, piece in zip(names, pieces):
+        try:
+            out = piece(probe)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"algorithm.correction.{name}: {err}") from err
+        if out.kl_weights is not None and not alg.use_kl_loss:
+            raise ValueError(f"algorithm.off_policy_correction: {name!r} weights the KL loss term; expected "
+                             f"algorithm.use_kl_loss, got False")
+    return chain
+
+
 def resolve(config: TrainConfig, table: AlgorithmTable) -> ResolvedRun:
     """Check every name and hyperparameter of ``config`` against ``table``; build the run.
 
@@ -130,10 +171,12 @@ def resolve(config: TrainConfig, table: AlgorithmTable) -> ResolvedRun:
         raise TypeError(f"table: expected an AlgorithmTable, got {type(table).__name__}")
     table = with_run_builtins(table)
     alg = config.algorithm
-    correction = None
-    if alg.off_policy_correction != "none":
-        level = {"tis": "token", "tis_sequence": "sequence"}[alg.off_policy_correction]
-        correction = functools.partial(off_policy_correction, tis_ratio_type=level, tis_cap=alg.tis_cap)
+    correction = resolve_correction(alg, table)
+    if alg.bypass_mode and alg.recompute_old_log_probs:
+        raise ValueError(
+            "algorithm.bypass_mode, algorithm.recompute_old_log_probs: expected at most one (bypass mode takes the "
+            "old log-probs from the rollout engine instead of a trainer pass), got both"
+        )
     algorithm = bind_algorithm(
         table,
         names={kind: getattr(alg, field) for field, (_, kind) in HYPER_FIELDS.items()},

@@ -10,7 +10,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from skyrl_fn.losses import k3, off_policy_correction, policy_objective, regular, seq_mean_token_mean, token_mean
+from skyrl_fn.losses import compose_corrections, k3, policy_objective, regular, seq_mean_token_mean, tis_sequence, token_mean
+from skyrl_fn.losses import tis as token_tis
 from skyrl_fn.records import PolicyLossInput
 
 from loss_batches import make_batch
@@ -25,12 +26,12 @@ def test_every_term_is_the_hand_written_sum():
     b = make_batch(4, 6, seed=2)
     m = b.loss_mask
     ent = torch.rand(4, 6, dtype=b.log_probs.dtype)
-    tis = functools.partial(off_policy_correction, tis_ratio_type="token", tis_cap=2.0)
+    tis = compose_corrections(functools.partial(token_tis, cap=2.0))
     out = policy_objective(
         b, loss=regular, aggregation=token_mean, correction=tis, kl_estimator=k3, kl_loss_coef=0.1,
         entropy=ent, entropy_coef=0.01,
     )
-    c = tis(b.old_log_probs, b.rollout_log_probs, m)
+    c = tis(b)
     pg = token_mean(regular(b).token_loss * c.weights, m)
     kl = token_mean(torch.where(m, k3(torch.where(m, b.log_probs, 0), torch.where(m, b.ref_log_probs, 0)), 0), m)
     ent_term = token_mean(torch.where(m, ent, 0), m)
@@ -57,7 +58,7 @@ def test_off_terms_are_not_computed_and_missing_inputs_are_named():
 def test_micro_batches_sum_to_the_full_batch_with_every_term(seed, cut):
     b = make_batch(6, 5, seed=seed)
     ent = torch.rand(6, 5, dtype=b.log_probs.dtype)
-    tis = functools.partial(off_policy_correction, tis_ratio_type="sequence", tis_cap=3.0)
+    tis = functools.partial(tis_sequence, cap=3.0)
     norms = dict(global_tokens=float(b.loss_mask.sum()), global_seqs=6.0, max_seq_len=5)
     objective = functools.partial(
         policy_objective, loss=regular, aggregation=seq_mean_token_mean, correction=tis, kl_estimator=k3, kl_loss_coef=0.2,

@@ -9,7 +9,7 @@ from hypothesis import settings
 from skyrl_fn import DEFAULT_TABLE
 from skyrl_fn import KINDS
 from skyrl_fn.properties import reportable
-from skyrl_fn.testing import check_aggregation, check_estimator, check_kl_estimator, check_policy_loss
+from skyrl_fn.testing import check_aggregation, check_correction, check_estimator, check_kl_estimator, check_policy_loss
 
 #: The sweep over every built-in scales with the hypothesis profile (dev: 7 per property).
 SWEEP = settings(deadline=None, database=None, max_examples=max(5, settings.default.max_examples // 4))
@@ -18,6 +18,7 @@ CHECKS = {
     "policy_loss": check_policy_loss,
     "aggregation": check_aggregation,
     "kl_estimator": check_kl_estimator,
+    "off_policy_correction": check_correction,
 }
 KIT_ENTRIES = DEFAULT_TABLE.entries()
 

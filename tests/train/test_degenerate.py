@@ -57,14 +57,12 @@ def test_refusal_names_the_field_and_the_reason():
 
 
 @pytest.mark.parametrize("groups, field, refuse", [
-    ({"algorithm": {"off_policy_correction": "tis", "tis_cap": 0.0}}, "algorithm.tis_cap", True),
     ({"algorithm": {"use_kl_in_reward": True, "kl_ctrl": "adaptive", "kl_target": 0.0}}, "algorithm.kl_target", True),
     ({"trainer": {"micro_batch_size": 256}}, "trainer.micro_batch_size", False),
     ({"algorithm": {"kl_loss_coef": 0.1}}, "algorithm.kl_loss_coef", False),
     ({"algorithm": {"kl_coef": 0.1}}, "algorithm.kl_coef", False),
     ({"algorithm": {"use_kl_loss": True, "kl_loss_coef": 0.0}}, "algorithm.kl_loss_coef", False),
     ({"algorithm": {"use_kl_in_reward": True, "kl_coef": 0.0}}, "algorithm.kl_coef", False),
-    ({"algorithm": {"tis_cap": 5.0}}, "algorithm.tis_cap", False),
     ({"algorithm": {"off_policy_correction": "tis"}}, "algorithm.off_policy_correction", False),
     ({"algorithm": {"entropy_coef": -0.01}}, "algorithm.entropy_coef", False),
     ({"trainer": {"steps": 3, "warmup_steps": 3}}, "trainer.warmup_steps", False),

@@ -203,20 +203,21 @@ def _without_old(exp):
 
 @pytest.mark.parametrize("level", ["tis", "tis_sequence"])
 def test_truncated_importance_sampling(make_config, table, level):
-    cfg = make_config(algorithm={"off_policy_correction": level, "tis_cap": 1.5}, trainer={"grad_clip": 0.0})
+    cfg = make_config(algorithm={"off_policy_correction": (level,), "correction": {level: {"cap": 1.5}}}, trainer={"grad_clip": 0.0})
     run, _, model, _, exp, _ = _setup(cfg, table)
-    plain_run = resolve(dataclasses.replace(cfg, algorithm=dataclasses.replace(cfg.algorithm, off_policy_correction="none")), table)
+    plain_run = resolve(dataclasses.replace(cfg, algorithm=dataclasses.replace(cfg.algorithm, off_policy_correction=(), correction={})), table)
     # Rollout log-probs equal to the trainer's: every weight is 1, the update is unchanged.
     same = type(exp)(**{**_fields(exp), "rollout_log_probs": exp.old_log_probs})
     g_tis, m_tis = _grads_after_update(run, model, same)
     g_plain, _ = _grads_after_update(plain_run, model, same)
     for k in g_plain:
         torch.testing.assert_close(g_tis[k], g_plain[k], atol=1e-6, rtol=1e-5)
-    assert m_tis["tis_capped_frac"] == 0.0
+    capped = "tis_capped_frac" if level == "tis" else "tis_seq_capped_frac"
+    assert m_tis[capped] == 0.0
     # A rollout engine that under-estimated the probabilities: weights > 1, capped at 1.5.
     drift = type(exp)(**{**_fields(exp), "rollout_log_probs": exp.old_log_probs - 1.0})
     g_drift, m_drift = _grads_after_update(run, model, drift)
-    assert m_drift["tis_capped_frac"] == 1.0
+    assert m_drift[capped] == 1.0
     k = next(iter(g_plain))
     torch.testing.assert_close(g_drift[k], 1.5 * g_plain[k], atol=1e-6, rtol=1e-4)
 

@@ -53,11 +53,11 @@ def test_missing_models_and_absent_fields():
     diff = compare_configs(_cfg(), _cfg(), saved_models=["policy"], needed_models=["policy", "critic"])
     assert [c.field for c in diff.incompatible] == ["models.critic"] and "critic" in diff.incompatible[0].reason
     old = _cfg()
-    del old["algorithm"]["tis_cap"]  # a checkpoint from a version without the field
+    del old["algorithm"]["bypass_mode"]  # a checkpoint from a version without the field
     old["algorithm"]["retired_field"] = 1
     diff = compare_configs(old, _cfg())
     assert {(c.field, c.saved, c.current) for c in diff.compatible} == {
-        ("algorithm.tis_cap", "<absent>", 2.0), ("algorithm.retired_field", 1, "<absent>"),
+        ("algorithm.bypass_mode", "<absent>", False), ("algorithm.retired_field", 1, "<absent>"),
     }
 
 
