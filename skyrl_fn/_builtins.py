@@ -11,6 +11,7 @@ import functools
 
 from skyrl_fn import estimators as est
 from skyrl_fn import losses as ls
+from skyrl_fn import transforms as tf
 
 _GROUP_NORM = frozenset({"permutation_equivariant", "group_local", "shift_invariant", "scale_invariant"})
 _GROUP_CENTRED = frozenset({"permutation_equivariant", "group_local", "shift_invariant"})
@@ -80,4 +81,9 @@ BUILTINS = (
     ("kl_estimator", "abs+", ls.kl_abs_plus, _KL_NON_NEGATIVE),
     ("kl_estimator", "k2+", ls.k2_plus, _KL_NON_NEGATIVE),
     ("kl_estimator", "k3+", ls.k3_plus, _KL_NON_NEGATIVE),
+    # -- batch transforms (the training loop, between sampling and the update) --------------
+    ("batch_transform", "overlong_filter", tf.overlong_filter, frozenset()),
+    ("batch_transform", "overlong_penalty", tf.overlong_penalty, frozenset()),
+    ("batch_transform", "zero_variance_filter", tf.zero_variance_filter, frozenset()),
+    ("batch_transform", "dynamic_sampling", tf.dynamic_sampling, frozenset()),
 )

@@ -14,6 +14,7 @@ advantage_estimator   ``fn(batch: AdvantageInput, **hyper)``      ``AdvantageOut
 policy_loss           ``fn(batch: PolicyLossInput, **hyper)``     ``PolicyLossOutput``
 kl_estimator          ``fn(log_probs, ref_log_probs, **hyper)``   ``[B, T]`` tensor
 aggregation           ``fn(token_loss, loss_mask, **hyper)``      ``[]`` scalar tensor
+batch_transform       ``fn(batch: SampleBatch, **hyper)``         ``SampleBatch``
 ====================  ==========================================  =============================
 """
 
@@ -46,6 +47,7 @@ KINDS: Mapping[str, int] = {
     "policy_loss": 1,
     "kl_estimator": 2,
     "aggregation": 2,
+    "batch_transform": 1,
 }
 _RECORD_KIND = {AdvantageInput: "advantage_estimator", PolicyLossInput: "policy_loss"}
 
@@ -142,6 +144,7 @@ _CALLS = {
     "policy_loss": "fn(batch: PolicyLossInput, **hyper) -> PolicyLossOutput",
     "kl_estimator": "fn(log_probs, ref_log_probs, **hyper) -> [B, T] tensor",
     "aggregation": "fn(token_loss, loss_mask, **hyper) -> scalar tensor",
+    "batch_transform": "fn(batch: SampleBatch, **hyper) -> SampleBatch",
 }
 
 

@@ -194,7 +194,7 @@ def test_dr_grpo_cannot_be_turned_back_into_grpo():
 
 
 def test_kinds_are_the_documented_four():
-    assert set(KINDS) == {"advantage_estimator", "policy_loss", "kl_estimator", "aggregation"}
+    assert set(KINDS) == {"advantage_estimator", "policy_loss", "kl_estimator", "aggregation", "batch_transform"}
 
 
 def test_table_round_trips_through_cloudpickle_and_pickle():

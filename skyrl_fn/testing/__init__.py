@@ -20,6 +20,7 @@ Needs ``hypothesis`` (the ``dev`` extra). Example counts follow the loaded hypot
 (``DEFAULT_MAX_EXAMPLES`` per property under hypothesis's own default profile) or ``settings=``.
 """
 
+from skyrl_fn.testing._batch import check_batch_transform
 from skyrl_fn.testing._estimators import check_estimator
 from skyrl_fn.testing._kl import check_kl_estimator
 from skyrl_fn.testing._losses import check_aggregation, check_policy_loss, reference_token_mean
@@ -33,6 +34,7 @@ __all__ = [
     "check_policy_loss",
     "check_aggregation",
     "check_kl_estimator",
+    "check_batch_transform",
     "PropertyViolation",
     "DEFAULT_MAX_EXAMPLES",
     "kit_settings",

@@ -77,7 +77,9 @@ class Experience:
     Attributes:
         input_ids: ``[B, L]`` prompt + response ids.
         attention_mask: ``[B, L]`` bool.
-        response_mask: ``[B, T]`` bool.
+        response_mask: ``[B, T]`` bool, the tokens the losses count: the rollout's loss mask
+            (``RolloutBatch.effective_loss_mask``; its response mask unless a batch transform
+            such as ``overlong_filter`` removed tokens).
         old_log_probs: ``[B, T]`` log-probs under the policy that sampled (trainer's forward),
             or None: ``policy_update`` then takes them from its first forward pass, before any
             optimiser step (the same values, one forward pass fewer).
@@ -155,8 +157,8 @@ def make_experience(
     rewards = token_rewards(scores, mask, kl=kl if in_reward else None, kl_coef=kl_coef if in_reward else 0.0)
     adv = compute_advantages(run, rewards, mask, rollout.group_ids, values=values)
     ids, am = rollout.sequences()
-    exp = Experience(
-        input_ids=ids, attention_mask=am, response_mask=mask, old_log_probs=old_log_probs,
+    exp = Experience(  # the loss counts the loss mask's tokens (a batch transform may have removed some)
+        input_ids=ids, attention_mask=am, response_mask=rollout.effective_loss_mask(), old_log_probs=old_log_probs,
         rollout_log_probs=rollout.rollout_log_probs, advantages=adv.advantages, returns=adv.returns,
         ref_log_probs=ref_log_probs, values=values,
     )
