@@ -73,6 +73,13 @@ class PolicyTrainer(roles.PolicyWorker, _Ping):
         _, seconds = self.generate_here(examples, seed)
         return self.update_here(None, None, None, kl_coef)[0], seconds
 
+    def transform_here(self, fn, *generated: roles.Generated):
+        """``PolicyWorker.transform`` (the batch transforms) on ``generated``; the result becomes the
+        batch the next :meth:`update_here` trains on. Returns ``(batch or None, metrics, sampling seconds)``."""
+        out, metrics = self.transform(fn, *generated)
+        self.kept = out
+        return out, metrics, float(sum(g.seconds for g in generated))
+
     def update_here(self, generated, ref_log_probs, values, kl_coef: float):
         """``PolicyWorker.update`` on ``generated`` (None: the batch kept by the last
         :meth:`generate_here`). Returns ``(metrics, experience or None, weights or None)``: the

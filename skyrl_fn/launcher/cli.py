@@ -42,6 +42,7 @@ from skyrl_fn.launcher.plugins import (
     register_import_names,
 )
 from skyrl_fn.launcher.hyper_flags import check_group_flags, chosen_names, group_type, to_mapping
+from skyrl_fn.launcher.transform_flags import check_transform_flags, chosen_transforms, transforms_mapping, transforms_type
 from skyrl_fn.launcher.preflight import Preflight, PreflightError, preflight
 from skyrl_fn.table import DEFAULT_TABLE, AlgorithmTable, UnknownNameError
 from skyrl_fn.train.checkpoint import CheckpointError, CheckpointWarning
@@ -197,7 +198,9 @@ def _names_help(table: AlgorithmTable, field: str) -> str:
     return f"{_FIELD_HELP[field]}. Registered: {listed}. Or module:function / path/to/file.py:function."
 
 
-def _cli_types(table: AlgorithmTable, names: Mapping[str, str], base: AlgorithmConfig) -> tuple[type, type]:
+def _cli_types(
+    table: AlgorithmTable, names: Mapping[str, str], base: AlgorithmConfig, transforms: Sequence[str] = ()
+) -> tuple[type, type]:
     """Subclasses of AlgorithmConfig/TrainConfig for this command line: the name fields' help
     lists ``table``'s names, and each hyperparameter mapping is a group of typed flags of the
     function ``names`` chooses (``skyrl_fn.launcher.hyper_flags``).
@@ -218,6 +221,14 @@ def _cli_types(table: AlgorithmTable, names: Mapping[str, str], base: AlgorithmC
         if not dataclasses.is_dataclass(typ):
             doc = f"Hyperparameters of the {what} as KEY VALUE pairs (it takes **kwargs, so they are not typed)."
         fields.append((group, Annotated[typ, tyro.conf.arg(help=doc)], dataclasses.field(default_factory=lambda d=default: d)))
+    listed = ", ".join(table.names("batch_transform")) or "(none registered yet)"
+    fields.append((
+        "batch_transforms", Annotated[tuple[str, ...], tyro.conf.arg(help=f"Batch transforms applied in order to each step's sampled batch. Registered: {listed}.")],
+        dataclasses.field(default=tuple(transforms)),
+    ))
+    given = {n: base.transform.get(n, {}) for n in transforms}
+    typ, default = transforms_type(table, transforms, given)
+    fields.append(("transform", Annotated[typ, tyro.conf.arg(help="Hyperparameters of the chosen batch transforms.")], dataclasses.field(default_factory=lambda d=default: d)))
     alg = dataclasses.make_dataclass("AlgorithmConfig", fields, bases=(AlgorithmConfig,), frozen=True)
     alg.__doc__ = AlgorithmConfig.__doc__
     train = dataclasses.make_dataclass(
@@ -229,7 +240,7 @@ def _cli_types(table: AlgorithmTable, names: Mapping[str, str], base: AlgorithmC
 
 def _description(table: AlgorithmTable) -> str:
     presets = "\n".join(f"  {name:<8} {desc}" for name, (desc, _) in PRESETS.items())
-    kinds = "\n".join(f"  {kind}: {', '.join(table.names(kind)) or '-'}" for kind in sorted(set(NAME_FIELDS.values())))
+    kinds = "\n".join(f"  {kind}: {', '.join(table.names(kind)) or '-'}" for kind in sorted(set(NAME_FIELDS.values()) | {"batch_transform"}))
     return (
         "Train a policy with any registered algorithm (skyrl_fn):\n"
         "  train.py [PRESET] [--group.field VALUE ...] [--plugin FILE_OR_MODULE ...]\n\n"
@@ -267,12 +278,14 @@ def parse_config(
         preview = register_import_names({NAME_FIELDS[f]: n for f, n in names.items()}, table, app_dir=app_dir)
     except (PluginError, ValueError, TypeError):
         preview = table  # untyped groups; resolve_names reports the name's problem
+    transforms = chosen_transforms(argv, base.algorithm.batch_transforms)
     try:
         check_group_flags(argv, preview, names)
+        check_transform_flags(argv, preview, transforms)
     except ValueError as err:
         raise UsageError(str(err)) from err
-    alg_cls, train_cls = _cli_types(preview, names, base.algorithm)
-    hyper_groups = {group for group, _ in HYPER_FIELDS.values()}
+    alg_cls, train_cls = _cli_types(preview, names, base.algorithm, transforms)
+    hyper_groups = {group for group, _ in HYPER_FIELDS.values()} | {"transform", "batch_transforms"}
     default = train_cls(
         **{f.name: getattr(base, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "algorithm"},
         algorithm=alg_cls(**{
@@ -284,6 +297,7 @@ def parse_config(
     values = {f.name: getattr(parsed.algorithm, f.name) for f in dataclasses.fields(AlgorithmConfig)}
     for field, (group, _) in HYPER_FIELDS.items():
         values[group] = to_mapping(values[group], preview, field, values[field])
+    values["transform"] = transforms_mapping(values["transform"], preview)
     return TrainConfig(
         **{f.name: getattr(parsed, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "algorithm"},
         algorithm=AlgorithmConfig(**values),
@@ -446,9 +460,12 @@ def launch(run: ResolvedRun, *, out=None, checks: Preflight | None = None):
             from skyrl_fn.train.loop import train
 
             summary = train(run, on_step=observer.on_step)
+        from skyrl_fn.train.batch_transforms import batch_totals
+
+        totals = batch_totals(summary.history)  # kept/dropped counts of the batch transforms, whole run
         observer.finish({
             "backend": "ray" if cfg.ray.use_ray else "in-process", "last_checkpoint": summary.last_checkpoint,
-            "resumed_from": summary.resumed_from,
+            "resumed_from": summary.resumed_from, **({"batch_transforms": totals} if totals else {}),
         })
     return summary
 

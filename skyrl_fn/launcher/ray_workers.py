@@ -108,7 +108,8 @@ class RayWorkers:
         self.step_index = -1  # -1: still starting (constructors running)
         self.saved = bool(cfg.trainer.resume)  # a checkpoint of this run may exist on disk
         self.hybrid = self.plan is None and hosts_rollout(run)
-        self.share = run.uses_reference or run.uses_critic  # someone besides the policy reads the batch
+        # Someone besides the policy's update reads the batch (or batch transforms take it first).
+        self.share = run.uses_reference or run.uses_critic or run.batch_transforms is not None
         self.policy = None
         self.rollout = [
             start(RolloutWorker, "rollout", i, CPU_SHARES["rollout"] / max(1, n_rollout), f"rollout worker {i} (RolloutWorker)")
@@ -152,6 +153,12 @@ class RayWorkers:
         rollout = concat_rollouts([p.rollout for p in parts], pad_id=self._pad_id())
         joined = Generated(rollout=rollout, scores=torch.cat([p.scores for p in parts]), seconds=max(p.seconds for p in parts))
         return _Sampled(ray.put(joined), outs[0][1])
+
+    def transform(self, fn, *generated: _Sampled):
+        # In the policy actor: the batches are there already in the hybrid layout, and go there next
+        # in the separate one. Only the metrics come to the driver; the batch stays a reference.
+        out, metrics, seconds = self.policy.transform_here.options(num_returns=3).remote(fn, *[g.generated for g in generated])
+        return _Sampled(out, seconds), self.get(metrics)
 
     def reference_log_probs(self, generated: _Sampled):
         return self.reference.log_probs_of.remote(generated.generated)

@@ -23,9 +23,10 @@ from typing import Any, Literal, Mapping
 
 import attrs
 
-from skyrl_fn.algorithm import Algorithm, bind_algorithm
+from skyrl_fn.algorithm import Algorithm, bind, bind_algorithm, entry_hyperparameters
 from skyrl_fn.losses.off_policy import off_policy_correction
 from skyrl_fn.table import AlgorithmTable
+from skyrl_fn.transforms import BatchPipeline, overlong_penalty
 
 __all__ = [
     "AlgorithmConfig",
@@ -113,6 +114,11 @@ class AlgorithmConfig:
     """torch.compile the loss kernel (policy loss + aggregation)."""
     compile_mode: CompileMode = "max-autotune-no-cudagraphs"
     """With compile, on CUDA: the inductor mode (skyrl_fn.gpu.kernels); CPU always compiles as default."""
+    batch_transforms: tuple[str, ...] = ()
+    """Batch transforms registered in the table, applied in order to each step's sampled batch
+    before advantages (overlong_filter, overlong_penalty, zero_variance_filter, dynamic_sampling)."""
+    transform: dict[str, dict[str, HyperValue]] = dataclasses.field(default_factory=dict)
+    """Hyperparameters of the batch transforms: name -> only those to change."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -359,11 +365,14 @@ class ResolvedRun:
             registrations); workers look functions up in it, never in a global.
         algorithm: every piece bound once (``skyrl_fn.algorithm.Algorithm``): workers call these
             callables and never look a name up.
+        batch_transforms: ``algorithm.batch_transforms`` bound in order (``skyrl_fn.transforms.BatchPipeline``),
+            None when there are none.
     """
 
     config: TrainConfig
     table: AlgorithmTable
     algorithm: Algorithm
+    batch_transforms: BatchPipeline | None = None
 
     @property
     def uses_critic(self) -> bool:
@@ -421,6 +430,7 @@ def resolve(config: TrainConfig, table: AlgorithmTable) -> ResolvedRun:
         correction=correction, entropy_coef=alg.entropy_coef,
     )
     tr, ro = config.trainer, config.rollout
+    pipeline = bind_batch_transforms(table, alg.batch_transforms, alg.transform, max_new_tokens=ro.max_new_tokens)
     for name, value in (
         ("trainer.steps", tr.steps), ("trainer.prompts_per_step", tr.prompts_per_step),
         ("trainer.micro_batch_size", tr.micro_batch_size), ("trainer.lr", tr.lr),
@@ -461,4 +471,32 @@ def resolve(config: TrainConfig, table: AlgorithmTable) -> ResolvedRun:
         )
     if config.data.task == "arithmetic" and not 0.0 <= config.data.format_credit < 1.0:
         raise ValueError(f"data.format_credit: expected in [0, 1) (below a correct answer), got {config.data.format_credit!r}")
-    return ResolvedRun(config=config, table=table, algorithm=algorithm)
+    return ResolvedRun(config=config, table=table, algorithm=algorithm, batch_transforms=pipeline)
+
+
+def bind_batch_transforms(
+    table: AlgorithmTable, names: tuple[str, ...], hyper: Mapping[str, Mapping[str, Any]], *, max_new_tokens: int
+) -> BatchPipeline | None:
+    """``algorithm.batch_transforms`` bound in order with ``algorithm.transform``'s hyperparameters;
+    None when there are none.
+
+    Raises:
+        UnknownNameError: an unknown transform name (with the closest one).
+        ValueError: a name given twice, hyperparameters for a transform not chosen or one the
+            function does not take, an overlong buffer longer than ``rollout.max_new_tokens``.
+    """
+    names = tuple(names)
+    if len(set(names)) != len(names):
+        raise ValueError(f"algorithm.batch_transforms: expected each name once, got {list(names)}")
+    extra = sorted(set(hyper) - set(names))
+    if extra:
+        raise ValueError(f"algorithm.transform: hyperparameters for {extra}, which algorithm.batch_transforms does not choose ({list(names)})")
+    fns = tuple(bind(table, "batch_transform", n, hyper.get(n)) for n in names)
+    buf = None  # the built-in overlong penalty's buffer must fit in the generation budget
+    if "overlong_penalty" in names and table.get("batch_transform", "overlong_penalty") is overlong_penalty:
+        buf = (hyper.get("overlong_penalty") or {}).get("overlong_buffer_len", entry_hyperparameters(table.entry("batch_transform", "overlong_penalty"))["overlong_buffer_len"])
+    if "overlong_penalty" in names and buf is not None and buf > max_new_tokens:
+        raise ValueError(
+            f"algorithm.transform.overlong_penalty.overlong_buffer_len: expected <= rollout.max_new_tokens ({max_new_tokens}), got {buf}"
+        )
+    return BatchPipeline(names, fns) if names else None

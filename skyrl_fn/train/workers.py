@@ -25,7 +25,7 @@ Notation: ``P`` prompts, ``G`` samples per prompt, ``B = P * G``, ``T`` response
 from __future__ import annotations
 
 import time
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import attrs
 import torch
@@ -163,6 +163,11 @@ class PolicyWorker:
         metrics["update_seconds"] = time.perf_counter() - t0
         return metrics, exp
 
+    def transform(self, fn: Callable[..., tuple[Generated | None, dict[str, float]]], *generated: Generated) -> tuple[Generated | None, dict[str, float]]:
+        """``fn(generated, pad_id=...)``: a pure function over sampled batches (the batch
+        transforms' ``skyrl_fn.train.batch_transforms.collect``), given this policy's pad id."""
+        return fn(generated, pad_id=int(self.tokenizer.pad_token_id))
+
     def evaluate(self, examples: Sequence[Any]) -> dict[str, float]:
         """Greedy pass@1 of the current policy on held-out ``examples`` (``P`` of them), scored by
         the held-out task (:func:`skyrl_fn.train.evaluate.evaluate`; its ``eval_*`` metrics)."""
@@ -277,6 +282,11 @@ class Workers(Protocol):
     def generate(self, examples: Sequence[Any], *, step: int, seed: int) -> Any:
         """Sample and score ``examples`` for step ``step`` (0-based) with sampling seed ``seed``."""
 
+    def transform(self, fn: Callable[..., Any], *generated: Any) -> tuple[Any, dict[str, float]]:
+        """Run ``fn(batches, pad_id=...) -> (batch or None, metrics)`` where the batches live (the
+        batch transforms, ``skyrl_fn.train.batch_transforms``); returns the handle of its batch
+        and its metrics (waits for those)."""
+
     def reference_log_probs(self, generated: Any) -> Any:
         """Reference log-probs ``[B, T]`` of the generated batch (runs that use a KL)."""
 
@@ -325,6 +335,9 @@ class LocalWorkers:
 
     def generate(self, examples: Sequence[Any], *, step: int, seed: int) -> Generated:
         return self.policy.generate(examples, seed)
+
+    def transform(self, fn, *generated: Generated):
+        return self.policy.transform(fn, *generated)
 
     def reference_log_probs(self, generated: Generated) -> torch.Tensor:
         return self.reference.log_probs(generated.rollout)
