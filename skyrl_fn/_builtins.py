@@ -49,6 +49,8 @@ BUILTINS = (
     ("advantage_estimator", "remax", est.remax, _PER_GROUP),
     ("advantage_estimator", "gae", est.gae, _BATCH_COUPLED),
     ("advantage_estimator", "gae_raw", est.gae_raw, _PER_SAMPLE),
+    # on-policy distillation alone: no outcome term (the trainer adds the teacher's reverse KL)
+    ("advantage_estimator", "distill", est.distill, _GROUP_NORM),
     # -- policy losses (skyrl_fn.losses) ---------------------------------------------------
     ("policy_loss", "regular", ls.regular, _LOSS_LOCAL),
     ("policy_loss", "dual_clip", ls.dual_clip, _LOSS_LOCAL),

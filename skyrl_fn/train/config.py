@@ -31,6 +31,7 @@ from skyrl_fn.transforms import BatchPipeline, overlong_penalty
 __all__ = [
     "AlgorithmConfig",
     "ModelConfig",
+    "TeacherConfig",
     "DataConfig",
     "RolloutConfig",
     "TrainerConfig",
@@ -146,6 +147,31 @@ class ModelConfig:
     """Tiny model: MLP width."""
     max_position_embeddings: int = 128
     """Tiny model: longest prompt + response."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherConfig:
+    """On-policy distillation: a frozen teacher scores the student's own samples and its log-probs
+    feed a reverse-KL term of the advantages (skyrl_fn.train.teacher)."""
+
+    model: str | None = None
+    """None: no teacher. 'tiny': the embedded tiny Llama with the sizes below (seeded with
+    teacher.seed); else a local HF directory, .gguf file or packaged model, as --model.name-or-path.
+    It must have the policy's tokenizer (checked before training)."""
+    coef: float = 1.0
+    """Weight of the reverse-KL term: A_t += coef * (log pi_teacher(y_t) - log pi_student(y_t))."""
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    """Parameter dtype of the teacher."""
+    seed: int = 1
+    """tiny only: initialisation seed."""
+    hidden_size: int = 64
+    """tiny only: hidden size."""
+    num_layers: int = 2
+    """tiny only: transformer layers."""
+    num_heads: int = 4
+    """tiny only: attention heads."""
+    intermediate_size: int = 256
+    """tiny only: MLP width."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -318,6 +344,7 @@ class TrainConfig:
     logging: LoggingConfig = LoggingConfig()
     gpu: GPUPlacementConfig = GPUPlacementConfig()
     eval: EvalConfig = EvalConfig()
+    teacher: TeacherConfig = TeacherConfig()
 
     @property
     def ckpt_dir(self) -> str:
@@ -340,7 +367,7 @@ def config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
     classes = {
         "algorithm": AlgorithmConfig, "model": ModelConfig, "data": DataConfig,
         "rollout": RolloutConfig, "trainer": TrainerConfig, "ray": RayConfig, "logging": LoggingConfig,
-        "gpu": GPUPlacementConfig, "eval": EvalConfig,
+        "gpu": GPUPlacementConfig, "eval": EvalConfig, "teacher": TeacherConfig,
     }
     for key, value in data.items():
         if key not in groups:
@@ -378,6 +405,11 @@ class ResolvedRun:
     def uses_critic(self) -> bool:
         """True when the advantage estimator reads critic values (its entry ``requires`` them)."""
         return self.algorithm.needs_critic
+
+    @property
+    def uses_teacher(self) -> bool:
+        """True when a teacher model scores the samples (``teacher.model``; on-policy distillation)."""
+        return self.config.teacher.model is not None
 
     @property
     def uses_reference(self) -> bool:
@@ -452,6 +484,7 @@ def resolve(config: TrainConfig, table: AlgorithmTable) -> ResolvedRun:
             f"know), got {ro.temperature!r}; use --rollout.backend hf for other temperatures"
         )
     _check_positive("gpu.sync_timeout_s", config.gpu.sync_timeout_s)
+    _check_teacher(config, table)
     if config.data.task == "gsm8k" and not config.data.path:
         raise ValueError("data.path: expected a jsonl path for task gsm8k (see launch/prep_gsm8k.py), got None")
     if config.data.min_digits < 1 or config.data.max_digits < config.data.min_digits:
@@ -472,6 +505,24 @@ def resolve(config: TrainConfig, table: AlgorithmTable) -> ResolvedRun:
     if config.data.task == "arithmetic" and not 0.0 <= config.data.format_credit < 1.0:
         raise ValueError(f"data.format_credit: expected in [0, 1) (below a correct answer), got {config.data.format_credit!r}")
     return ResolvedRun(config=config, table=table, algorithm=algorithm, batch_transforms=pipeline)
+
+
+def _check_teacher(config: TrainConfig, table: AlgorithmTable) -> None:
+    te, name = config.teacher, config.algorithm.advantage_estimator
+    if "teacher_log_probs" in table.entry("advantage_estimator", name).requires and te.model is None:
+        raise ValueError(f"teacher.model: advantage estimator {name!r} distils from a teacher (it requires teacher_log_probs), got None")
+    if te.model is None:
+        return
+    if te.model == "":
+        raise ValueError("teacher.model: expected 'tiny' or a model path, got ''")
+    if config.rollout.backend == "vllm":
+        raise ValueError("teacher.model: the GPU placement has no teacher slot yet; expected --rollout.backend hf with a teacher, got vllm")
+    _check_positive("teacher.coef", te.coef)
+    if te.model == "tiny":
+        for field in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
+            _check_positive(f"teacher.{field}", getattr(te, field))
+        if te.hidden_size % te.num_heads:
+            raise ValueError(f"teacher.hidden_size: expected a multiple of teacher.num_heads ({te.num_heads}), got {te.hidden_size}")
 
 
 def bind_batch_transforms(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import attrs
 import torch
 
+from skyrl_fn.estimators.distill import distill_term
 from skyrl_fn.losses.kl import KLController, kl_controller
 from skyrl_fn.records import AdvantageInput, AdvantageOutput
 from skyrl_fn.train.config import ResolvedRun
@@ -156,15 +157,21 @@ def make_experience(
     in_reward = alg.kl_in_reward
     rewards = token_rewards(scores, mask, kl=kl if in_reward else None, kl_coef=kl_coef if in_reward else 0.0)
     adv = compute_advantages(run, rewards, mask, rollout.group_ids, values=values)
+    advantages = adv.advantages
+    if rollout.teacher_log_probs is not None:  # on-policy distillation (skyrl_fn.train.teacher)
+        behaviour = old_log_probs if old_log_probs is not None else rollout.rollout_log_probs
+        term = distill_term(behaviour, rollout.teacher_log_probs, mask, coef=run.config.teacher.coef)
+        advantages = advantages + term.to(advantages.dtype)
+        metrics["teacher_kl"] = float(-term.sum() / run.config.teacher.coef / mask.sum().clamp(min=1))
     ids, am = rollout.sequences()
     exp = Experience(  # the loss counts the loss mask's tokens (a batch transform may have removed some)
         input_ids=ids, attention_mask=am, response_mask=rollout.effective_loss_mask(), old_log_probs=old_log_probs,
-        rollout_log_probs=rollout.rollout_log_probs, advantages=adv.advantages, returns=adv.returns,
+        rollout_log_probs=rollout.rollout_log_probs, advantages=advantages, returns=adv.returns,
         ref_log_probs=ref_log_probs, values=values,
     )
     lengths = mask.sum(-1).float()
     metrics.update(
         reward=float(scores.float().mean()), reward_std=float(scores.float().std()) if scores.numel() > 1 else 0.0,
-        response_length=float(lengths.mean()), advantage_abs=float((adv.advantages.abs().sum() / mask.sum().clamp(min=1))),
+        response_length=float(lengths.mean()), advantage_abs=float((advantages.abs().sum() / mask.sum().clamp(min=1))),
     )
     return exp, metrics

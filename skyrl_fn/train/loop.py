@@ -25,6 +25,7 @@ import torch
 from skyrl_fn.losses.kl import KLController
 from skyrl_fn.train import checkpoint as ckpt
 from skyrl_fn.train.batch_transforms import transform_step
+from skyrl_fn.train.teacher import with_teacher_log_probs
 from skyrl_fn.train.config import ResolvedRun, config_to_dict
 from skyrl_fn.train.evaluate import eval_due, heldout_examples
 from skyrl_fn.train.experience import kl_controller_of
@@ -112,6 +113,8 @@ def run_step(
         if generated is None:
             reason = f"batch transforms {list(run.batch_transforms.names)} kept no prompt group of {batch['batch_sampled_batches']:g} sampled batch(es)"
             return {**batch, "skipped": 1.0, "skip_reason": reason, "reward": batch["batch_sampled_reward"], **step_timing(step, time.perf_counter() - t0, 0.0, 0)}, kl_ctrl
+    if run.uses_teacher:  # on-policy distillation: the teacher scores the batch trained on
+        generated, _ = workers.transform(with_teacher_log_probs, generated, workers.teacher_log_probs(generated))
     ref_lp = workers.reference_log_probs(generated) if run.uses_reference else None
     values = workers.values(generated) if run.uses_critic else None
     updated = workers.update_policy(generated, ref_lp, values, kl_ctrl.coef)

@@ -64,6 +64,8 @@ class RolloutBatch:
             transforms).
         loss_mask: ``[B, T]`` bool within ``response_mask``: the tokens the policy loss counts
             (None: all of ``response_mask``). Set by batch transforms (``overlong_filter``).
+        teacher_log_probs: ``[B, T]`` float log-probs of the sampled tokens under a teacher (on-policy
+            distillation, ``skyrl_fn.train.teacher``; 0 where the mask is 0), or None.
     """
 
     prompt_ids: torch.Tensor = _long("prompt_ids")
@@ -76,6 +78,7 @@ class RolloutBatch:
     responses: tuple[str, ...] = attrs.field(converter=tuple)
     truncated: torch.Tensor | None = attrs.field(default=None, converter=lambda x: None if x is None else as_mask("truncated", x))
     loss_mask: torch.Tensor | None = attrs.field(default=None, converter=lambda x: None if x is None else as_mask("loss_mask", x))
+    teacher_log_probs: torch.Tensor | None = attrs.field(default=None)
 
     def __attrs_post_init__(self) -> None:
         if self.response_ids.dim() != 2 or self.prompt_ids.dim() != 2:
@@ -103,6 +106,9 @@ class RolloutBatch:
             check_shape("loss_mask", self.loss_mask, (b, t), "[B, T]")
             if bool((self.loss_mask & ~self.response_mask).any()):
                 raise ValueError("loss_mask: expected 1 only where response_mask is 1, got 1 on a padding position")
+        if self.teacher_log_probs is not None:
+            check_floating("teacher_log_probs", self.teacher_log_probs)
+            check_shape("teacher_log_probs", self.teacher_log_probs, (b, t), "[B, T]")
 
     @property
     def batch_size(self) -> int:
@@ -145,14 +151,15 @@ class RolloutBatch:
             prompt_ids=self.prompt_ids[rows], prompt_mask=self.prompt_mask[rows], response_ids=self.response_ids[rows],
             response_mask=self.response_mask[rows], rollout_log_probs=self.rollout_log_probs[rows], group_ids=new_ids,
             prompts=[self.prompts[g] for g in order], responses=[self.responses[i] for i in rows.tolist()],
-            truncated=pick(self.truncated), loss_mask=pick(self.loss_mask),
+            truncated=pick(self.truncated), loss_mask=pick(self.loss_mask), teacher_log_probs=pick(self.teacher_log_probs),
         )
 
 
 def concat_rollouts(parts: Sequence[RolloutBatch], pad_id: int) -> RolloutBatch:
     """One ``RolloutBatch`` from several (prompts left-padded, responses right-padded to the
     longest with ``pad_id``; group ids offset so prompt ``p`` of part ``k`` keeps its rows).
-    ``truncated`` and ``loss_mask`` are joined when every part has them."""
+    ``truncated`` and ``teacher_log_probs`` are joined when every part has them, ``loss_mask``
+    when any has one."""
     if len(parts) == 1:
         return parts[0]
     lp = max(p.prompt_ids.shape[1] for p in parts)
@@ -169,6 +176,7 @@ def concat_rollouts(parts: Sequence[RolloutBatch], pad_id: int) -> RolloutBatch:
         offsets.append(total)
         total += p.num_prompts
     truncated = None if any(p.truncated is None for p in parts) else torch.cat([p.truncated for p in parts])
+    teacher = None if any(p.teacher_log_probs is None for p in parts) else torch.cat([right(p.teacher_log_probs, t, 0.0) for p in parts])
     loss_mask = None
     if any(p.loss_mask is not None for p in parts):
         loss_mask = torch.cat([right(p.effective_loss_mask(), t, False) for p in parts])
@@ -181,7 +189,7 @@ def concat_rollouts(parts: Sequence[RolloutBatch], pad_id: int) -> RolloutBatch:
         group_ids=torch.cat([p.group_ids + o for p, o in zip(parts, offsets)]),
         prompts=[s for p in parts for s in p.prompts],
         responses=[s for p in parts for s in p.responses],
-        truncated=truncated, loss_mask=loss_mask,
+        truncated=truncated, loss_mask=loss_mask, teacher_log_probs=teacher,
     )
 
 

@@ -13,6 +13,7 @@ role                  does
 :class:`RolloutWorker`    sampling + task reward with its own copy of the policy
 :class:`ReferenceWorker`  reference log-probs (the frozen initial policy)
 :class:`CriticWorker`     values and the critic update
+``TeacherWorker``         teacher log-probs (on-policy distillation; ``skyrl_fn.train.teacher``)
 ====================  ==============================================================
 
 The loop (``skyrl_fn.train.loop``) sees only :class:`Workers`. Each method returns a *handle*:
@@ -40,6 +41,7 @@ from skyrl_fn.train.nonfinite import reward_function_name
 from skyrl_fn.train.model import build_critic, load_model, load_tokenizer
 from skyrl_fn.train.rollout import RolloutBatch, make_backend
 from skyrl_fn.train.tasks import Task, make_task, score
+from skyrl_fn.train.teacher import TeacherWorker
 
 __all__ = [
     "Generated",
@@ -293,6 +295,9 @@ class Workers(Protocol):
     def values(self, generated: Any) -> Any:
         """Critic values ``[B, T]`` of the generated batch (runs with a critic)."""
 
+    def teacher_log_probs(self, generated: Any) -> Any:
+        """Teacher log-probs ``[B, T]`` of the generated batch (runs with ``teacher.model``)."""
+
     def update_policy(self, generated: Any, ref_log_probs: Any, values: Any, kl_coef: float) -> Any:
         """Experience and the policy update; a handle of ``(metrics, experience)``."""
 
@@ -332,6 +337,7 @@ class LocalWorkers:
         self.policy = PolicyWorker(run, samples=True)
         self.reference = ReferenceWorker(run) if run.uses_reference else None
         self.critic = CriticWorker(run) if run.uses_critic else None
+        self.teacher = TeacherWorker(run) if run.uses_teacher else None
 
     def generate(self, examples: Sequence[Any], *, step: int, seed: int) -> Generated:
         return self.policy.generate(examples, seed)
@@ -344,6 +350,9 @@ class LocalWorkers:
 
     def values(self, generated: Generated) -> torch.Tensor:
         return self.critic.values(generated.rollout)
+
+    def teacher_log_probs(self, generated: Generated) -> torch.Tensor:
+        return self.teacher.log_probs(generated.rollout)
 
     def update_policy(self, generated: Generated, ref_log_probs, values, kl_coef: float):
         return self.policy.update(generated.rollout, generated.scores, ref_log_probs, values, kl_coef)
