@@ -4,6 +4,7 @@ vocabulary, or ``distill`` without a teacher, is refused before training."""
 
 from __future__ import annotations
 
+import attrs
 import pytest
 import torch
 
@@ -13,22 +14,10 @@ from skyrl_fn.launcher.preflight import PreflightError, preflight
 from skyrl_fn.train import checkpoint as ckpt
 from skyrl_fn.train.config import ModelConfig, resolve
 from skyrl_fn.train.loop import train
-from skyrl_fn.train.model import build_tiny_model, build_tokenizer, encode_prompts, load_model, load_tokenizer
-from skyrl_fn.train.tasks import make_task, next_prompts, DataState
+from skyrl_fn.train.model import encode_prompts, load_model, load_tokenizer
+from skyrl_fn.train.tasks import DataState, make_task, next_prompts
 
-TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}
-
-
-def save_teacher(path, *, alphabet: str | None = None, sharpen: float = 6.0, seed: int = 5) -> str:
-    """A tiny causal LM with a peaked next-token distribution (its output layer scaled), saved as a
-    local HF directory with the character tokenizer over ``alphabet`` (default: the digits task's)."""
-    tok = build_tokenizer() if alphabet is None else build_tokenizer(alphabet)
-    model = build_tiny_model(ModelConfig(**TINY), tok, seed=seed)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(sharpen)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+from train.teachers import TINY, save_teacher
 
 
 def test_the_term_is_minus_the_reverse_kl_in_expectation():
@@ -106,7 +95,7 @@ def test_distillation_added_to_grpo_changes_the_advantages_by_the_term(make_conf
     task = make_task(run.config.data, seed=0)
     gen = worker.generate(next_prompts(task, DataState(seed=0), 2, shuffle=True)[0], seed=1)
     teacher_lp = torch.where(gen.rollout.response_mask, -1.0, 0.0)
-    with_teacher = gen.rollout.__class__(**{**{a: getattr(gen.rollout, a) for a in ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "rollout_log_probs", "group_ids", "prompts", "responses", "truncated")}, "teacher_log_probs": teacher_lp})
+    with_teacher = attrs.evolve(gen.rollout, teacher_log_probs=teacher_lp)
     plain, _ = make_experience(run, gen.rollout, gen.scores)
     distilled, metrics = make_experience(run, with_teacher, gen.scores)
     term = distill_term(gen.rollout.rollout_log_probs, teacher_lp, gen.rollout.response_mask, coef=0.5)
