@@ -9,10 +9,13 @@ import shlex
 
 import pytest
 
+from train.teachers import save_teacher
+
 from skyrl_fn.launcher import build_table, main, parse_config, resolve_names
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-PAGES = [ROOT / "docs" / "batch-transforms.md"]
+PAGES = [ROOT / "docs" / "batch-transforms.md", ROOT / "docs" / "distillation.md"]
+TEACHER = "path/to/teacher"  # stands for a saved model in the docs; a saved tiny teacher here
 FENCE = re.compile(r"^```bash\n(?P<body>.*?)^```[ \t]*$", re.M | re.S)
 
 # Appended to each documented command: a tiny model and budget (later flags win).
@@ -39,20 +42,31 @@ COMMANDS = commands()
 
 
 def test_the_pages_show_commands():
-    assert len(COMMANDS) >= 3
+    assert len(COMMANDS) >= 5
+
+
+def _argv(argv, tmp_path) -> list[str]:
+    teacher = save_teacher(tmp_path / "teacher") if TEACHER in argv else None
+    return [teacher if a == TEACHER else a for a in argv] + [*TINY, "--logging.run-dir", str(tmp_path / "run")]
 
 
 @pytest.mark.parametrize("argv", [a for _, a in COMMANDS], ids=[i for i, _ in COMMANDS])
 def test_documented_command_parses_and_resolves(argv, tmp_path):
     table = build_table()
-    run = resolve_names(parse_config([*argv, *TINY, "--logging.run-dir", str(tmp_path)], table), table)
-    assert run.batch_transforms is not None
-    assert list(run.batch_transforms.names) == argv[argv.index("--algorithm.batch-transforms") + 1:][: len(run.batch_transforms.names)]
+    run = resolve_names(parse_config(_argv(argv, tmp_path), table), table)
+    if "--algorithm.batch-transforms" in argv:
+        chosen = argv[argv.index("--algorithm.batch-transforms") + 1:]
+        assert list(run.batch_transforms.names) == chosen[: len(run.batch_transforms.names)]
+    assert run.uses_teacher == ("--teacher.model" in argv)
 
 
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.parametrize("argv", [a for _, a in COMMANDS], ids=[i for i, _ in COMMANDS])
 def test_documented_command_trains_on_ray(ray_session, argv, tmp_path):
-    summary = main([*argv, *TINY, "--logging.run-dir", str(tmp_path)])
-    assert summary.steps == 2 and all("batch_sampled_batches" in h for h in summary.history)
+    summary = main(_argv(argv, tmp_path))
+    assert summary.steps == 2
+    if "--algorithm.batch-transforms" in argv:
+        assert all("batch_sampled_batches" in h for h in summary.history)
+    if "--teacher.model" in argv:
+        assert all("teacher_kl" in h for h in summary.history)
