@@ -120,3 +120,20 @@ def test_exhausted_budget_trains_on_what_is_kept_and_skips_an_empty_step(make_co
 def test_bad_transform_settings_fail_at_resolve(make_config, algorithm, error, message):
     with pytest.raises(error, match=message):
         resolve(make_config(algorithm=algorithm, rollout={"max_new_tokens": 3}), DEFAULT_TABLE)
+
+
+def test_the_hf_backend_marks_responses_cut_at_max_new_tokens(make_config):
+    from skyrl_fn.train.model import eos_token_ids
+    from skyrl_fn.train.tasks import DataState, make_task, next_prompts
+    from skyrl_fn.train.workers import PolicyWorker
+
+    run = resolve(make_config(rollout={"max_new_tokens": 2, "samples_per_prompt": 8}), DEFAULT_TABLE)
+    worker = PolicyWorker(run, samples=True)
+    examples, _ = next_prompts(make_task(run.config.data, seed=0), DataState(seed=0), 4, shuffle=True)
+    rollout = worker.generate(examples, seed=3).rollout
+    eos = torch.tensor(eos_token_ids(worker.tokenizer, worker.train_state.model))
+    lengths = rollout.response_lengths()
+    last = rollout.response_ids.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)
+    expected = (lengths == 2) & ~torch.isin(last, eos)
+    assert torch.equal(rollout.truncated, expected)
+    assert expected.any() and (~expected).any(), "the tiny untrained policy ends some responses early and runs out on others"
