@@ -10,7 +10,6 @@ import dataclasses
 from typing import Any, Sequence
 
 import attrs
-import torch
 
 from skyrl_fn.train.config import ResolvedRun
 from skyrl_fn.train.rollout import concat_rollouts  # re-exported: the join lives with the record
