@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from skyrl_fn.launcher import main
-from skyrl_fn.launcher.plugins import ship_by_value
-
 from train.teachers import save_teacher
 
-ship_by_value(sys.modules[__name__])
+from skyrl_fn.launcher import main
 
 TINY = [
     "--model.hidden-size", "32", "--model.num-layers", "1", "--model.intermediate-size", "64",
