@@ -25,6 +25,9 @@ def distill(batch: AdvantageInput) -> AdvantageOutput:
     """No outcome term: ``A_{i,t} = 0`` and returns 0, ``[B, T]``; the run's teacher term
     ``coef * (log pi_teacher - log pi_student)`` (added by the trainer) is the whole advantage.
 
+    On-policy distillation as Agarwal et al. 2024 (arXiv:2306.13649) with the reverse KL as a
+    per-token reward (Thinking Machines 2025); ``distill_term`` is the term.
+
     Requires ``teacher_log_probs``: a run naming this estimator must name ``teacher.model``.
 
     Args:
