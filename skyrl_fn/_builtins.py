@@ -11,6 +11,7 @@ import functools
 
 from skyrl_fn import estimators as est
 from skyrl_fn import losses as ls
+from skyrl_fn import transforms as tf
 from skyrl_fn.table import AlgorithmTable
 
 __all__ = ["BUILTINS", "DEFAULT_TABLE"]
@@ -55,6 +56,8 @@ BUILTINS = (
     ("advantage_estimator", "remax", est.remax, _PER_GROUP),
     ("advantage_estimator", "gae", est.gae, _BATCH_COUPLED),
     ("advantage_estimator", "gae_raw", est.gae_raw, _PER_SAMPLE),
+    # on-policy distillation alone: no outcome term (the trainer adds the teacher's reverse KL)
+    ("advantage_estimator", "distill", est.distill, _GROUP_NORM),
     # -- policy losses (skyrl_fn.losses) ---------------------------------------------------
     ("policy_loss", "regular", ls.regular, _LOSS_LOCAL),
     ("policy_loss", "dual_clip", ls.dual_clip, _LOSS_LOCAL),
@@ -114,6 +117,11 @@ BUILTINS = (
     ("kl_estimator", "low_var_kl", ls.k3, _KL_NON_NEGATIVE),
     ("kl_estimator", "low_var_kl+", ls.k3_plus, _KL_NON_NEGATIVE),
     ("kl_estimator", "mse+", ls.k2_plus, _KL_NON_NEGATIVE),
+    # -- batch transforms (the training loop, between sampling and the update) --------------
+    ("batch_transform", "overlong_filter", tf.overlong_filter, frozenset()),
+    ("batch_transform", "overlong_penalty", tf.overlong_penalty, frozenset()),
+    ("batch_transform", "zero_variance_filter", tf.zero_variance_filter, frozenset()),
+    ("batch_transform", "dynamic_sampling", tf.dynamic_sampling, frozenset()),
 )
 
 

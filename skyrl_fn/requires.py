@@ -21,8 +21,9 @@ __all__ = [
 #: The optional inputs a piece can require: critic values (``AdvantageInput.values``, so a run
 #: builds a critic), baseline rewards (``AdvantageInput.reward_baselines``: ReMax's greedy sample),
 #: reference log-probs (``PolicyLossInput.ref_log_probs``, so a run builds a reference model) and
-#: rollout log-probs (``PolicyLossInput.rollout_log_probs``).
-INPUTS = frozenset({"values", "reward_baselines", "ref_log_probs", "rollout_log_probs"})
+#: rollout log-probs (``PolicyLossInput.rollout_log_probs``) and a teacher's log-probs of the
+#: sampled tokens (on-policy distillation, so a run must name ``teacher.model``).
+INPUTS = frozenset({"values", "reward_baselines", "ref_log_probs", "rollout_log_probs", "teacher_log_probs"})
 #: How a per-sample field is named in a requirement: ``"extras.<key>"`` (the key of ``extras``).
 EXTRAS_PREFIX = "extras."
 

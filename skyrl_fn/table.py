@@ -19,6 +19,7 @@ task                  ``fn(data, **hyper)``                       a ``Task``
 reward                ``fn(response, example, **hyper)``          ``float``
 rollout_backend       ``fn(model, tokenizer, rollout, **opts)``   a ``RolloutBackend``
 off_policy_correction ``fn(batch: PolicyLossInput, **hyper)``     ``OffPolicyCorrection``
+batch_transform       ``fn(batch: SampleBatch, **hyper)``         ``SampleBatch``
 ====================  ==========================================  =============================
 
 The first four are the algorithm pieces (``DEFAULT_TABLE`` holds their built-ins); an
@@ -67,6 +68,7 @@ KINDS: Mapping[str, int] = {
     "reward": 2,
     "rollout_backend": 3,
     "off_policy_correction": 1,
+    "batch_transform": 1,
 }
 _RECORD_KIND = {AdvantageInput: "advantage_estimator", PolicyLossInput: "policy_loss"}
 
@@ -167,6 +169,7 @@ _CALLS = {
     "reward": "fn(response: str, example: Example, **hyper) -> float",
     "rollout_backend": "fn(model, tokenizer, rollout: RolloutConfig, *, seed=0, colocated=True) -> RolloutBackend",
     "off_policy_correction": "fn(batch: PolicyLossInput, **hyper) -> OffPolicyCorrection",
+    "batch_transform": "fn(batch: SampleBatch, **hyper) -> SampleBatch",
 }
 
 

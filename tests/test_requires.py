@@ -40,7 +40,7 @@ def test_the_table_stores_it_on_the_entry_and_keeps_it_through_merge_and_pickle(
 
 
 def test_unknown_inputs_are_errors_naming_them():
-    with pytest.raises(ValueError, match=r"requires: expected inputs from \['ref_log_probs', 'reward_baselines', 'rollout_log_probs', 'values'\] or per-sample fields 'extras.<key>', got \['critic'\]"):
+    with pytest.raises(ValueError, match=r"requires: expected inputs from \['ref_log_probs', 'reward_baselines', 'rollout_log_probs', 'teacher_log_probs', 'values'\] or per-sample fields 'extras.<key>', got \['critic'\]"):
         requires("critic")
     with pytest.raises(ValueError, match="critic"):
         DEFAULT_TABLE.register("x", grpo, replace=True, kind="advantage_estimator", requires=("critic",))
@@ -53,7 +53,7 @@ def test_builtin_requirements():
     otb = {"extras.old_log_probs", "extras.sum_pi_squared"}
     assert declared == {
         "gae": {"values"}, "gae_raw": {"values"}, "remax": {"reward_baselines"},
-        "optimal_token_baseline": otb, "tir_optimal_token_baseline": otb,
+        "optimal_token_baseline": otb, "tir_optimal_token_baseline": otb, "distill": {"teacher_log_probs"},
     }
 
 

@@ -193,10 +193,10 @@ def test_dr_grpo_cannot_be_turned_back_into_grpo():
     assert "norm_by_std" not in DEFAULT_TABLE.entry("advantage_estimator", "dr_grpo").hyperparameters()
 
 
-def test_kinds_are_the_documented_eight():
+def test_kinds_are_the_documented_nine():
     assert set(KINDS) == {
         "advantage_estimator", "policy_loss", "kl_estimator", "aggregation", "off_policy_correction",
-        "task", "reward", "rollout_backend",
+        "batch_transform", "task", "reward", "rollout_backend",
     }
 
 

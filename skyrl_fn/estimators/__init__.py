@@ -5,6 +5,7 @@ Where the maths is a chain the named estimator is one: ``gae = chain(gae_raw, wh
 ``reinforce_plus_plus = chain(reinforce_plus_plus_raw, whiten())`` (``skyrl_fn.compose``).
 """
 
+from skyrl_fn.estimators.distill import distill, distill_term
 from skyrl_fn.estimators.gae import gae, gae_raw
 from skyrl_fn.estimators.group_relative import gpg, grpo, grpo_passk, maxrl, opo
 from skyrl_fn.estimators.leave_one_out import rloo
@@ -36,4 +37,6 @@ __all__ = [
     "gdpo_raw",
     "optimal_token_baseline",
     "tir_optimal_token_baseline",
+    "distill",
+    "distill_term",
 ]

@@ -202,6 +202,7 @@ def outputs_to_batch(
         raise ValueError(f"outputs: expected {p} prompt id lists and request outputs (P), got {len(prompt_token_ids)} and {len(outputs)}")
     rows_ids: list[list[int]] = []
     rows_lp: list[list[float]] = []
+    rows_cut: list[bool] = []
     texts: list[str] = []
     for i, req in enumerate(outputs):
         comps = list(req.outputs)
@@ -220,6 +221,7 @@ def outputs_to_batch(
                     f"got {None if lps is None else len(lps)}"
                 )
             rows_ids.append(ids)
+            rows_cut.append(getattr(c, "finish_reason", None) == "length")  # max_tokens reached, no stop token
             rows_lp.append([_sampled_logprob(e, t) for e, t in zip(lps, ids)])
             texts.append(decode(ids) if decode is not None else str(c.text))
     b = p * g
@@ -242,7 +244,7 @@ def outputs_to_batch(
     return RolloutBatch(
         prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids, response_mask=response_mask,
         rollout_log_probs=log_probs, group_ids=torch.arange(p).repeat_interleave(g), prompts=tuple(prompts),
-        responses=tuple(texts),
+        responses=tuple(texts), truncated=torch.tensor(rows_cut, dtype=torch.bool),
     )
 
 

@@ -22,8 +22,9 @@ from skyrl_fn.train import checkpoint as ckpt
 from skyrl_fn.train import workers as roles
 from skyrl_fn.train.run import ResolvedRun
 from skyrl_fn.train.loop import seed_everything
+from skyrl_fn.train.teacher import TeacherWorker
 
-__all__ = ["PolicyTrainer", "RolloutWorker", "ReferenceModel", "Critic", "hosts_rollout"]
+__all__ = ["PolicyTrainer", "RolloutWorker", "ReferenceModel", "TeacherModel", "Critic", "hosts_rollout"]
 
 
 def _start(run: ResolvedRun) -> str:
@@ -73,6 +74,13 @@ class PolicyTrainer(roles.PolicyWorker, _Ping):
         waiting for the batch). Returns ``(metrics, sampling seconds)``."""
         _, seconds = self.generate_here(examples, seed)
         return self.update_here(None, None, None, kl_coef)[0], seconds
+
+    def transform_here(self, fn, *generated: roles.Generated):
+        """``PolicyWorker.transform`` (the batch transforms) on ``generated``; the result becomes the
+        batch the next :meth:`update_here` trains on. Returns ``(batch or None, metrics, sampling seconds)``."""
+        out, metrics = self.transform(fn, *generated)
+        self.kept = out
+        return out, metrics, float(sum(g.seconds for g in generated if isinstance(g, roles.Generated)))
 
     def update_here(self, generated, ref_log_probs, values, kl_coef: float):
         """``PolicyWorker.update`` on ``generated`` (None: the batch kept by the last
@@ -157,6 +165,18 @@ class RolloutWorker(roles.RolloutWorker, _Ping):
 
 class ReferenceModel(roles.ReferenceWorker, _Ping):
     """The reference role as an actor."""
+
+    def __init__(self, run: ResolvedRun) -> None:
+        super().__init__(run, device=_start(run))
+
+    def log_probs_of(self, generated: roles.Generated) -> torch.Tensor:
+        lp = self.log_probs(to_device(generated.rollout, self.device)).cpu()
+        release_cached_memory(self.device, colocated=_shares_gpu(self.run))
+        return lp
+
+
+class TeacherModel(TeacherWorker, _Ping):
+    """The teacher role as an actor (on-policy distillation)."""
 
     def __init__(self, run: ResolvedRun) -> None:
         super().__init__(run, device=_start(run))

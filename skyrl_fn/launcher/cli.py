@@ -57,6 +57,7 @@ from skyrl_fn.launcher.hyper_flags import (
     to_mapping,
 )
 from skyrl_fn.launcher.observe import RunObserver
+from skyrl_fn.launcher.transform_flags import check_transform_flags, chosen_transforms, transforms_mapping, transforms_type
 from skyrl_fn.launcher.preflight import Preflight, PreflightError, preflight
 from skyrl_fn.launcher.ray_runner import train_on_ray
 from skyrl_fn.launcher.ray_workers import WorkerDiedError
@@ -235,7 +236,7 @@ def _group_fields(table: AlgorithmTable, section: str, names: Mapping[str, str],
 
 def _cli_types(
     table: AlgorithmTable, names: Mapping[str, str], data_names: Mapping[str, str], base: TrainConfig,
-    corrections: tuple[str, ...] = (),
+    corrections: tuple[str, ...] = (), transforms: Sequence[str] = (),
 ) -> tuple[type, type, type]:
     """Subclasses of AlgorithmConfig/DataConfig/TrainConfig for this command line: the algorithm
     name fields' help lists ``table``'s names, and each hyperparameter mapping (the algorithm's
@@ -258,6 +259,14 @@ def _cli_types(
     typ, default = correction_group_type(table, corrections, given)
     fields.append((CORRECTION_GROUP, Annotated[typ, tyro.conf.arg(help="Hyperparameters of each chosen off-policy correction.")],
                    dataclasses.field(default_factory=lambda d=default: d)))
+    listed = ", ".join(table.names("batch_transform")) or "(none registered yet)"
+    fields.append((
+        "batch_transforms", Annotated[tuple[str, ...], tyro.conf.arg(help=f"Batch transforms applied in order to each step's sampled batch. Registered: {listed}.")],
+        dataclasses.field(default=tuple(transforms)),
+    ))
+    given = {n: base.algorithm.transform.get(n, {}) for n in transforms}
+    typ, default = transforms_type(table, transforms, given)
+    fields.append(("transform", Annotated[typ, tyro.conf.arg(help="Hyperparameters of the chosen batch transforms.")], dataclasses.field(default_factory=lambda d=default: d)))
     alg = dataclasses.make_dataclass("AlgorithmConfig", fields, bases=(AlgorithmConfig,), frozen=True)
     alg.__doc__ = AlgorithmConfig.__doc__
     data = dataclasses.make_dataclass(
@@ -277,7 +286,7 @@ def _description(table: AlgorithmTable) -> str:
     presets = "\n".join(f"  {name:<8} {desc}" for name, (desc, _) in PRESETS.items())
     kinds = "\n".join(
         f"  {kind}: {', '.join(table.names(kind)) or '-'}"
-        for kind in sorted(set(NAME_FIELDS.values()) | {CORRECTION_KIND}) + list(RUN_KINDS)
+        for kind in sorted(set(NAME_FIELDS.values()) | {CORRECTION_KIND, "batch_transform"}) + list(RUN_KINDS)
     )
     return (
         "Train a policy with any registered algorithm (skyrl_fn):\n"
@@ -318,14 +327,16 @@ def parse_config(
     except (PluginError, ValueError, TypeError):
         preview = table  # untyped groups; resolve_names reports the name's problem
     corrections = chosen_corrections(argv, base.algorithm.off_policy_correction)
+    transforms = chosen_transforms(argv, base.algorithm.batch_transforms)
     try:
         check_group_flags(argv, preview, names)
         check_group_flags(argv, preview, data_names, "data")
         check_correction_flags(argv, preview, corrections)
+        check_transform_flags(argv, preview, transforms)
     except ValueError as err:
         raise UsageError(str(err)) from err
-    alg_cls, data_cls, train_cls = _cli_types(preview, names, data_names, base, corrections)
-    hyper_groups = {group for group, _ in HYPER_FIELDS.values()} | {CORRECTION_FIELD, CORRECTION_GROUP}
+    alg_cls, data_cls, train_cls = _cli_types(preview, names, data_names, base, corrections, transforms)
+    hyper_groups = {group for group, _ in HYPER_FIELDS.values()} | {CORRECTION_FIELD, CORRECTION_GROUP, "transform", "batch_transforms"}
     data_groups = {group for group, _ in DATA_HYPER_FIELDS.values()}
     default = train_cls(
         **{f.name: getattr(base, f.name) for f in dataclasses.fields(TrainConfig) if f.name not in ("algorithm", "data")},
@@ -343,6 +354,7 @@ def parse_config(
     data = {f.name: getattr(parsed.data, f.name) for f in dataclasses.fields(DataConfig)}
     for field, (group, _) in DATA_HYPER_FIELDS.items():
         data[group] = to_mapping(data[group], preview, field, data[field], "data")
+    values["transform"] = transforms_mapping(values["transform"], preview)
     return TrainConfig(
         **{f.name: getattr(parsed, f.name) for f in dataclasses.fields(TrainConfig) if f.name not in ("algorithm", "data")},
         algorithm=AlgorithmConfig(**values),
@@ -504,9 +516,12 @@ def launch(run: ResolvedRun, *, out=None, checks: Preflight | None = None):
             summary = train_on_ray(run, on_step=observer.on_step)
         else:
             summary = train(run, on_step=observer.on_step)
+        from skyrl_fn.train.batch_transforms import batch_totals
+
+        totals = batch_totals(summary.history)  # kept/dropped counts of the batch transforms, whole run
         observer.finish({
             "backend": "ray" if cfg.ray.use_ray else "in-process", "last_checkpoint": summary.last_checkpoint,
-            "resumed_from": summary.resumed_from,
+            "resumed_from": summary.resumed_from, **({"batch_transforms": totals} if totals else {}),
         })
     return summary
 

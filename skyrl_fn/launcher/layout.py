@@ -10,9 +10,8 @@ import dataclasses
 from typing import Any, Sequence
 
 import attrs
-import torch
 
-from skyrl_fn.train.rollout import RolloutBatch
+from skyrl_fn.train.rollout import concat_rollouts  # re-exported: the join lives with the record
 from skyrl_fn.train.run import ResolvedRun
 
 __all__ = ["concat_rollouts", "split_prompts", "with_rollout_workers"]
@@ -26,37 +25,6 @@ def with_rollout_workers(run: ResolvedRun, n: int | None) -> ResolvedRun:
         raise ValueError(f"num_rollout_workers: expected >= 0, got {n!r}")
     cfg = run.config
     return attrs.evolve(run, config=dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, rollout_workers=n)))
-
-
-def concat_rollouts(parts: Sequence[Any], pad_id: int):
-    """One ``RolloutBatch`` from per-worker batches (prompts left-padded, responses right-padded
-    to the longest; group ids offset so prompt ``p`` of part ``k`` keeps its rows)."""
-
-    if len(parts) == 1:
-        return parts[0]
-    lp = max(p.prompt_ids.shape[1] for p in parts)
-    t = max(p.response_ids.shape[1] for p in parts)
-
-    def left(x, width, value):
-        return torch.nn.functional.pad(x, (width - x.shape[1], 0), value=value)
-
-    def right(x, width, value):
-        return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
-
-    offsets, total = [], 0
-    for p in parts:
-        offsets.append(total)
-        total += p.num_prompts
-    return RolloutBatch(
-        prompt_ids=torch.cat([left(p.prompt_ids, lp, pad_id) for p in parts]),
-        prompt_mask=torch.cat([left(p.prompt_mask, lp, False) for p in parts]),
-        response_ids=torch.cat([right(p.response_ids, t, pad_id) for p in parts]),
-        response_mask=torch.cat([right(p.response_mask, t, False) for p in parts]),
-        rollout_log_probs=torch.cat([right(p.rollout_log_probs, t, 0.0) for p in parts]),
-        group_ids=torch.cat([p.group_ids + o for p, o in zip(parts, offsets)]),
-        prompts=[s for p in parts for s in p.prompts],
-        responses=[s for p in parts for s in p.responses],
-    )
 
 
 def split_prompts(items: Sequence[Any], n: int) -> list[list[Any]]:

@@ -34,6 +34,7 @@ from skyrl_fn.train.degenerate import degenerate_settings, singleton_behaviour
 from skyrl_fn.train.resume import ConfigDiff, IncompatibleResumeError, check_resume
 from skyrl_fn.train.evaluate import heldout_task
 from skyrl_fn.train.tasks import DataError
+from skyrl_fn.train.teacher import check_teacher_vocabulary
 
 __all__ = ["PreflightError", "Preflight", "preflight", "check_writable", "check_model", "check_resume_target"]
 
@@ -112,6 +113,16 @@ def check_model(cfg: ModelConfig) -> None:
         raise PreflightError(f"model.name_or_path: expected a tokenizer ({', '.join(tokenizer_files)}) in {path!r}, found none")
 
 
+def check_teacher(cfg, alphabet: str) -> None:
+    """The teacher (``teacher.model``) loads its tokenizer and it is the policy's
+    (``skyrl_fn.train.teacher.check_teacher_vocabulary``; no weights are read)."""
+    try:
+        check_teacher_vocabulary(cfg, alphabet)
+    except (OSError, ValueError) as err:
+        text = str(err).strip().splitlines()[0]
+        raise PreflightError(text if text.startswith("teacher.model") else f"teacher.model {cfg.teacher.model!r}: {text}") from None
+
+
 def needed_models(run: ResolvedRun) -> tuple[str, ...]:
     """Model names a resumed run loads from its checkpoint."""
     return ("policy", "critic") if run.uses_critic else ("policy",)
@@ -170,6 +181,8 @@ def preflight(run: ResolvedRun) -> Preflight:
     if refused:
         raise PreflightError("; ".join(refused))
     check_model(cfg.model)
+    if run.uses_teacher:
+        check_teacher(cfg, task.alphabet)
     check_writable(cfg.logging.run_dir, "logging.run_dir")
     check_writable(cfg.ckpt_dir, "trainer.ckpt_dir" if cfg.trainer.ckpt_dir else "trainer.ckpt_dir (<logging.run_dir>/checkpoints)")
     resumed = check_resume_target(run)

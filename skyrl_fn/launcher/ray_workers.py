@@ -27,7 +27,7 @@ import torch
 from skyrl_fn.gpu.placement import actor_options, create_placement_group
 from skyrl_fn.gpu.sync_check import SyncTracker
 from skyrl_fn.gpu.weight_sync import broadcast_ranks
-from skyrl_fn.launcher.actors import Critic, PolicyTrainer, ReferenceModel, RolloutWorker, hosts_rollout
+from skyrl_fn.launcher.actors import Critic, PolicyTrainer, ReferenceModel, RolloutWorker, TeacherModel, hosts_rollout
 from skyrl_fn.launcher.devices import gpu_plan
 from skyrl_fn.launcher.layout import concat_rollouts, split_prompts, with_rollout_workers
 from skyrl_fn.train import checkpoint as ckpt
@@ -39,7 +39,7 @@ __all__ = ["CPU_SHARES", "WorkerDiedError", "RayWorkers"]
 
 #: Fractional CPUs each actor asks for. The step is sequential on-policy RL, so actors mostly
 #: take turns; the fractions only need to fit (1.5 CPUs in total with GAE and KL).
-CPU_SHARES: Mapping[str, float] = {"policy": 0.5, "rollout": 0.5, "reference": 0.25, "critic": 0.25}
+CPU_SHARES: Mapping[str, float] = {"policy": 0.5, "rollout": 0.5, "reference": 0.25, "critic": 0.25, "teacher": 0.25}
 
 
 class WorkerDiedError(RuntimeError):
@@ -105,7 +105,8 @@ class RayWorkers:
         self.step_index = -1  # -1: still starting (constructors running)
         self.saved = bool(cfg.trainer.resume)  # a checkpoint of this run may exist on disk
         self.hybrid = self.plan is None and hosts_rollout(run)
-        self.share = run.uses_reference or run.uses_critic  # someone besides the policy reads the batch
+        # Someone besides the policy's update reads the batch (or batch transforms take it first).
+        self.share = run.uses_reference or run.uses_critic or run.uses_teacher or run.batch_transforms is not None
         self.policy = None
         self.rollout = [
             start(RolloutWorker, "rollout", i, CPU_SHARES["rollout"] / max(1, n_rollout), f"rollout worker {i} (RolloutWorker)")
@@ -119,6 +120,7 @@ class RayWorkers:
         self.policy = start(PolicyTrainer, "policy", 0, policy_share, "policy trainer (PolicyTrainer)")
         self.reference = start(ReferenceModel, "reference", 0, CPU_SHARES["reference"], "reference model (ReferenceModel)") if run.uses_reference else None
         self.critic = start(Critic, "critic", 0, CPU_SHARES["critic"], "critic (Critic)") if run.uses_critic else None
+        self.teacher = start(TeacherModel, "teacher", 0, CPU_SHARES["teacher"], "teacher model (TeacherModel)") if run.uses_teacher else None
         self.sync_timeout_s = cfg.gpu.sync_timeout_s
         self.get([a.ping.remote() for a in self.actors()])  # constructors done, or a clear error
         if self.plan is not None and not self.plan.colocate:
@@ -150,11 +152,21 @@ class RayWorkers:
         joined = Generated(rollout=rollout, scores=torch.cat([p.scores for p in parts]), seconds=max(p.seconds for p in parts))
         return _Sampled(ray.put(joined), outs[0][1])
 
+    def transform(self, fn, *generated: _Sampled):
+        # In the policy actor: the batches are there already in the hybrid layout, and go there next
+        # in the separate one. Only the metrics come to the driver; the batch stays a reference.
+        args = [g.generated if isinstance(g, _Sampled) else g for g in generated]  # batches, or other handles (teacher log-probs)
+        out, metrics, seconds = self.policy.transform_here.options(num_returns=3).remote(fn, *args)
+        return _Sampled(out, seconds), self.get(metrics)
+
     def reference_log_probs(self, generated: _Sampled):
         return self.reference.log_probs_of.remote(generated.generated)
 
     def values(self, generated: _Sampled):
         return self.critic.values_of.remote(generated.generated)
+
+    def teacher_log_probs(self, generated: _Sampled):
+        return self.teacher.log_probs_of.remote(generated.generated)
 
     def update_policy(self, generated, ref_log_probs, values, kl_coef: float) -> _Updated:
         if isinstance(generated, _Deferred):
@@ -227,7 +239,7 @@ class RayWorkers:
 
     # -- helpers -----------------------------------------------------------------------------
     def actors(self) -> list[Any]:
-        return [a for a in [self.policy, *self.rollout, self.reference, self.critic] if a is not None]
+        return [a for a in [self.policy, *self.rollout, self.reference, self.critic, getattr(self, "teacher", None)] if a is not None]
 
     def _flush(self) -> None:
         """Wait for the last weight push (raises if it failed or a rollout worker died meanwhile)."""

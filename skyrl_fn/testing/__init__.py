@@ -24,6 +24,7 @@ Needs ``hypothesis`` (the ``dev`` extra). Example counts follow the loaded hypot
 """
 
 from skyrl_fn.testing._corrections import check_correction
+from skyrl_fn.testing._batch import check_batch_transform
 from skyrl_fn.testing._estimators import check_estimator
 from skyrl_fn.testing._kl import check_kl_estimator
 from skyrl_fn.testing._losses import check_aggregation, check_policy_loss, reference_token_mean
@@ -38,6 +39,7 @@ __all__ = [
     "check_aggregation",
     "check_kl_estimator",
     "check_correction",
+    "check_batch_transform",
     "PropertyViolation",
     "PropertyReport",
     "PropertyReportWarning",

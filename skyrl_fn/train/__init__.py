@@ -8,6 +8,7 @@ from skyrl_fn.train.config import (
     AlgorithmConfig,
     LoggingConfig,
     RayConfig,
+    TeacherConfig,
     TrainConfig,
     TrainerConfig,
     config_from_dict,
@@ -44,6 +45,8 @@ from skyrl_fn.train.learner import (
     sequence_log_probs,
     token_rewards,
 )
+from skyrl_fn.train.batch_transforms import batch_totals, collect, transform_step
+from skyrl_fn.train.teacher import TeacherWorker, check_teacher_vocabulary, teacher_model_config
 from skyrl_fn.train.loop import Summary, rollout_seed, run_step, seed_everything, train
 from skyrl_fn.train.workers import (
     CriticWorker,
@@ -60,7 +63,8 @@ from skyrl_fn.train.run_table import RUN_TABLE, with_run_builtins
 
 __all__ = [
     "AlgorithmConfig", "DataConfig", "LoggingConfig", "ModelConfig", "RayConfig", "ResolvedRun",
-    "RolloutConfig", "TrainConfig", "TrainerConfig", "config_from_dict", "config_to_dict", "resolve",
+    "RolloutConfig", "TeacherConfig", "TrainConfig", "TrainerConfig", "config_from_dict", "config_to_dict", "resolve",
+    "batch_totals", "collect", "transform_step", "TeacherWorker", "check_teacher_vocabulary", "teacher_model_config",
     "Checkpoint", "latest_checkpoint", "load", "save",
     "Experience", "KLController", "TrainState", "kl_controller_of", "batched_log_probs", "batched_values",
     "compute_advantages", "critic_update", "loss_kernel", "make_experience", "make_optimizer",

@@ -31,6 +31,7 @@ from skyrl_fn.train.tasks import DataConfig
 
 __all__ = [
     "AlgorithmConfig",
+    "TeacherConfig",
     "TrainerConfig",
     "RayConfig",
     "LoggingConfig",
@@ -123,6 +124,11 @@ class AlgorithmConfig:
     """torch.compile the loss kernel (policy loss + aggregation)."""
     compile_mode: CompileMode = "max-autotune-no-cudagraphs"
     """With compile, on CUDA: the inductor mode (skyrl_fn.gpu.kernels); CPU always compiles as default."""
+    batch_transforms: tuple[str, ...] = ()
+    """Batch transforms registered in the table, applied in order to each step's sampled batch
+    before advantages (overlong_filter, overlong_penalty, zero_variance_filter, dynamic_sampling)."""
+    transform: dict[str, dict[str, HyperValue]] = dataclasses.field(default_factory=dict)
+    """Hyperparameters of the batch transforms: name -> only those to change."""
 
     def __post_init__(self) -> None:
         # A single name (and the former "none") reads as a one-piece / empty chain.
@@ -131,6 +137,31 @@ class AlgorithmConfig:
             object.__setattr__(self, "off_policy_correction", () if value == "none" else (value,))
         elif isinstance(value, list):  # JSON has no tuples
             object.__setattr__(self, "off_policy_correction", tuple(value))
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherConfig:
+    """On-policy distillation: a frozen teacher scores the student's own samples and its log-probs
+    feed a reverse-KL term of the advantages (skyrl_fn.train.teacher)."""
+
+    model: str | None = None
+    """None: no teacher. 'tiny': the embedded tiny Llama with the sizes below (seeded with
+    teacher.seed); else a local HF directory, .gguf file or packaged model, as --model.name-or-path.
+    It must have the policy's tokenizer (checked before training)."""
+    coef: float = 1.0
+    """Weight of the reverse-KL term: A_t += coef * (log pi_teacher(y_t) - log pi_student(y_t))."""
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    """Parameter dtype of the teacher."""
+    seed: int = 1
+    """tiny only: initialisation seed."""
+    hidden_size: int = 64
+    """tiny only: hidden size."""
+    num_layers: int = 2
+    """tiny only: transformer layers."""
+    num_heads: int = 4
+    """tiny only: attention heads."""
+    intermediate_size: int = 256
+    """tiny only: MLP width."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,6 +281,7 @@ class TrainConfig:
     logging: LoggingConfig = LoggingConfig()
     gpu: GPUPlacementConfig = GPUPlacementConfig()
     eval: EvalConfig = EvalConfig()
+    teacher: TeacherConfig = TeacherConfig()
 
     @property
     def ckpt_dir(self) -> str:
@@ -272,7 +304,7 @@ def config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
     classes = {
         "algorithm": AlgorithmConfig, "model": ModelConfig, "data": DataConfig,
         "rollout": RolloutConfig, "trainer": TrainerConfig, "ray": RayConfig, "logging": LoggingConfig,
-        "gpu": GPUPlacementConfig, "eval": EvalConfig,
+        "gpu": GPUPlacementConfig, "eval": EvalConfig, "teacher": TeacherConfig,
     }
     for key, value in data.items():
         if key not in groups:

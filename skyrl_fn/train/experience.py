@@ -9,6 +9,7 @@ from __future__ import annotations
 import attrs
 import torch
 
+from skyrl_fn.estimators.distill import distill_term
 from skyrl_fn.losses.kl import KLController, kl_controller
 from skyrl_fn.records import AdvantageInput, AdvantageOutput
 from skyrl_fn.train.run import TRAINER_FIELDS, ResolvedRun
@@ -81,7 +82,9 @@ class Experience:
     Attributes:
         input_ids: ``[B, L]`` prompt + response ids.
         attention_mask: ``[B, L]`` bool.
-        response_mask: ``[B, T]`` bool.
+        response_mask: ``[B, T]`` bool, the tokens the losses count: the rollout's loss mask
+            (``RolloutBatch.effective_loss_mask``; its response mask unless a batch transform
+            such as ``overlong_filter`` removed tokens).
         old_log_probs: ``[B, T]`` log-probs under the policy that sampled (trainer's forward),
             or None: ``policy_update`` then takes them from its first forward pass, before any
             optimiser step (the same values, one forward pass fewer).
@@ -170,15 +173,20 @@ def make_experience(
     behaviour = old_log_probs if old_log_probs is not None else rollout.rollout_log_probs
     fields = dict(zip(TRAINER_FIELDS, (behaviour, rollout.rollout_log_probs)))
     adv = compute_advantages(run, rewards, mask, rollout.group_ids, values=values, extras=fields)
+    advantages = adv.advantages
+    if rollout.teacher_log_probs is not None:  # on-policy distillation (skyrl_fn.train.teacher)
+        term = distill_term(behaviour, rollout.teacher_log_probs, mask, coef=run.config.teacher.coef)
+        advantages = advantages + term.to(advantages.dtype)
+        metrics["teacher_kl"] = float(-term.sum() / run.config.teacher.coef / mask.sum().clamp(min=1))
     ids, am = rollout.sequences()
-    exp = Experience(
-        input_ids=ids, attention_mask=am, response_mask=mask, old_log_probs=old_log_probs,
-        rollout_log_probs=rollout.rollout_log_probs, advantages=adv.advantages, returns=adv.returns,
+    exp = Experience(  # the loss counts the loss mask's tokens (a batch transform may have removed some)
+        input_ids=ids, attention_mask=am, response_mask=rollout.effective_loss_mask(), old_log_probs=old_log_probs,
+        rollout_log_probs=rollout.rollout_log_probs, advantages=advantages, returns=adv.returns,
         ref_log_probs=ref_log_probs, values=values, group_ids=rollout.group_ids,
     )
     lengths = mask.sum(-1).float()
     metrics.update(
         reward=float(scores.float().mean()), reward_std=float(scores.float().std()) if scores.numel() > 1 else 0.0,
-        response_length=float(lengths.mean()), advantage_abs=float((adv.advantages.abs().sum() / mask.sum().clamp(min=1))),
+        response_length=float(lengths.mean()), advantage_abs=float((advantages.abs().sum() / mask.sum().clamp(min=1))),
     )
     return exp, metrics

@@ -24,6 +24,8 @@ import torch
 
 from skyrl_fn.losses.kl import KLController
 from skyrl_fn.train import checkpoint as ckpt
+from skyrl_fn.train.batch_transforms import transform_step
+from skyrl_fn.train.teacher import with_teacher_log_probs
 from skyrl_fn.train.config import config_to_dict
 from skyrl_fn.train.run import ResolvedRun
 from skyrl_fn.train.evaluate import eval_due, heldout_examples
@@ -87,22 +89,41 @@ def step_timing(step: int, step_seconds: float, rollout_seconds: float, n_tokens
     )
 
 
-def run_step(run: ResolvedRun, workers: Workers, step: int, examples: Sequence[Any], kl_ctrl: KLController) -> tuple[dict[str, float], KLController]:
+def run_step(
+    run: ResolvedRun, workers: Workers, step: int, examples: Sequence[Any], kl_ctrl: KLController,
+    *, refill: Callable[[int], Sequence[Any]] | None = None,
+) -> tuple[dict[str, float], KLController]:
     """One RL step on ``examples``. Returns the step's metrics and the next KL controller.
 
     The calls are submitted in order and waited for once (:meth:`Workers.wait`), so on Ray the
-    reference model and the critic work concurrently and nothing goes through the driver.
+    reference model and the critic work concurrently and nothing goes through the driver. With
+    batch transforms (``run.batch_transforms``) the sampled batch goes through them first
+    (``skyrl_fn.train.batch_transforms.transform_step``), drawing more prompts with ``refill(n)``
+    when a transform asks for more groups; a step left with no group is skipped.
     """
     cfg = run.config
     t0 = time.perf_counter()
-    generated = workers.generate(examples, step=step, seed=rollout_seed(cfg.trainer.seed, step))
+    seed = rollout_seed(cfg.trainer.seed, step)
+    generated = workers.generate(examples, step=step, seed=seed)
+    batch: dict[str, float] = {}
+    if run.batch_transforms is not None:
+        if refill is None:
+            raise ValueError("refill: expected a callable giving more prompts when batch transforms are used, got None")
+        generated, batch = transform_step(run, workers, generated, step=step, seed=seed, refill=refill)
+        if generated is None:
+            reason = f"batch transforms {list(run.batch_transforms.names)} kept no prompt group of {batch['batch_sampled_batches']:g} sampled batch(es)"
+            return {**batch, "skipped": 1.0, "skip_reason": reason, "reward": batch["batch_sampled_reward"], **step_timing(step, time.perf_counter() - t0, 0.0, 0)}, kl_ctrl
+    if run.uses_teacher:  # on-policy distillation: the teacher scores the batch trained on
+        generated, _ = workers.transform(with_teacher_log_probs, generated, workers.teacher_log_probs(generated))
     ref_lp = workers.reference_log_probs(generated) if run.uses_reference else None
     values = workers.values(generated) if run.uses_critic else None
     updated = workers.update_policy(generated, ref_lp, values, kl_ctrl.coef)
     critic = workers.update_critic(updated) if run.uses_critic else None
     metrics, rollout_seconds = workers.wait(generated, updated, critic)
-    # response_length is the mean over the B = P * G sequences, so this is the token count.
-    n_tokens = round(metrics.get("response_length", 0.0) * len(examples) * cfg.rollout.samples_per_prompt)
+    metrics.update(batch)
+    # response_length is the mean over the B sequences trained on, so this is the token count.
+    rows = batch.get("batch_sequences", len(examples) * cfg.rollout.samples_per_prompt)
+    n_tokens = round(metrics.get("response_length", 0.0) * rows)
     metrics.update(step_timing(step, time.perf_counter() - t0, rollout_seconds, n_tokens))
     if run.algorithm.kl_in_reward and not metrics.get("skipped"):  # a skipped step measured no KL
         metrics["kl_coef"] = kl_ctrl.coef
@@ -188,9 +209,15 @@ def train(
         if start == 0 and eval_due(cfg, 0) and on_step is not None:
             on_step({"step": 0.0, **pool.evaluate(held)})  # the baseline, before any update
         skips = SkipCounter(limit=cfg.trainer.max_consecutive_skips)
+
+        def refill(n: int) -> Sequence[Any]:  # the data stream's next prompts (dynamic sampling)
+            nonlocal data_state
+            more, data_state = next_prompts(task, data_state, n, shuffle=cfg.data.shuffle)
+            return more
+
         for step in range(start, cfg.trainer.steps):
             examples, data_state = next_prompts(task, data_state, cfg.trainer.prompts_per_step, shuffle=cfg.data.shuffle)
-            metrics, kl_ctrl = run_step(run, pool, step, examples, kl_ctrl)
+            metrics, kl_ctrl = run_step(run, pool, step, examples, kl_ctrl, refill=refill)
             skips = skips.record(metrics, step=step + 1)
             metrics["skipped_steps"] = float(skips.total)
             history.append(metrics)

@@ -27,7 +27,7 @@ from skyrl_fn.train.sampling import nucleus_log_mass, nucleus_probs
 
 __all__ = [
     "RolloutConfig", "VLLM_TEMPERATURE_RANGE", "RolloutBatch", "RolloutBackend", "HFBackend", "hf_backend",
-    "check_available", "BackendUnavailableError",
+    "check_available", "BackendUnavailableError", "concat_rollouts",
 ]
 
 
@@ -85,6 +85,13 @@ class RolloutBatch:
         group_ids: ``[B]`` int64 prompt index ``p`` of each sequence.
         prompts: ``P`` prompt texts.
         responses: ``B`` decoded response texts (special tokens removed).
+        truncated: ``[B]`` bool, True where the response reached ``max_new_tokens`` without an
+            EOS (set by the backends; None: unknown, treated as "length == T" by the batch
+            transforms).
+        loss_mask: ``[B, T]`` bool within ``response_mask``: the tokens the policy loss counts
+            (None: all of ``response_mask``). Set by batch transforms (``overlong_filter``).
+        teacher_log_probs: ``[B, T]`` float log-probs of the sampled tokens under a teacher (on-policy
+            distillation, ``skyrl_fn.train.teacher``; 0 where the mask is 0), or None.
     """
 
     prompt_ids: torch.Tensor = _long("prompt_ids")
@@ -95,6 +102,9 @@ class RolloutBatch:
     group_ids: torch.Tensor = _long("group_ids")
     prompts: tuple[str, ...] = attrs.field(converter=tuple)
     responses: tuple[str, ...] = attrs.field(converter=tuple)
+    truncated: torch.Tensor | None = attrs.field(default=None, converter=lambda x: None if x is None else as_mask("truncated", x))
+    loss_mask: torch.Tensor | None = attrs.field(default=None, converter=lambda x: None if x is None else as_mask("loss_mask", x))
+    teacher_log_probs: torch.Tensor | None = attrs.field(default=None)
 
     def __attrs_post_init__(self) -> None:
         if self.response_ids.dim() != 2 or self.prompt_ids.dim() != 2:
@@ -116,6 +126,15 @@ class RolloutBatch:
         # A response mask must be a prefix: no generated token after padding.
         if t > 1 and bool((self.response_mask[:, 1:] & ~self.response_mask[:, :-1]).any()):
             raise ValueError("response_mask: expected each row to be 1s then 0s (right padding)")
+        if self.truncated is not None:
+            check_shape("truncated", self.truncated, (b,), "[B]")
+        if self.loss_mask is not None:
+            check_shape("loss_mask", self.loss_mask, (b, t), "[B, T]")
+            if bool((self.loss_mask & ~self.response_mask).any()):
+                raise ValueError("loss_mask: expected 1 only where response_mask is 1, got 1 on a padding position")
+        if self.teacher_log_probs is not None:
+            check_floating("teacher_log_probs", self.teacher_log_probs)
+            check_shape("teacher_log_probs", self.teacher_log_probs, (b, t), "[B, T]")
 
     @property
     def batch_size(self) -> int:
@@ -136,6 +155,68 @@ class RolloutBatch:
     def response_lengths(self) -> torch.Tensor:
         """``[B]`` int64 number of generated tokens."""
         return self.response_mask.sum(-1)
+
+    def effective_loss_mask(self) -> torch.Tensor:
+        """``[B, T]`` bool: ``loss_mask``, or ``response_mask`` when none was set."""
+        return self.response_mask if self.loss_mask is None else self.loss_mask
+
+    def select(self, rows: torch.Tensor) -> "RolloutBatch":
+        """Rows ``rows`` (``[B']`` int64, repeats allowed) with every per-row field; prompts that
+        keep no row are dropped and the group ids renumbered ``0..P'-1`` in order of appearance."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        old = self.group_ids[rows]
+        order: dict[int, int] = {}
+        for g in old.tolist():
+            order.setdefault(g, len(order))
+        new_ids = torch.tensor([order[g] for g in old.tolist()], dtype=torch.long)
+
+        def pick(x):
+            return None if x is None else x[rows]
+
+        return RolloutBatch(
+            prompt_ids=self.prompt_ids[rows], prompt_mask=self.prompt_mask[rows], response_ids=self.response_ids[rows],
+            response_mask=self.response_mask[rows], rollout_log_probs=self.rollout_log_probs[rows], group_ids=new_ids,
+            prompts=[self.prompts[g] for g in order], responses=[self.responses[i] for i in rows.tolist()],
+            truncated=pick(self.truncated), loss_mask=pick(self.loss_mask), teacher_log_probs=pick(self.teacher_log_probs),
+        )
+
+
+def concat_rollouts(parts: Sequence[RolloutBatch], pad_id: int) -> RolloutBatch:
+    """One ``RolloutBatch`` from several (prompts left-padded, responses right-padded to the
+    longest with ``pad_id``; group ids offset so prompt ``p`` of part ``k`` keeps its rows).
+    ``truncated`` and ``teacher_log_probs`` are joined when every part has them, ``loss_mask``
+    when any has one."""
+    if len(parts) == 1:
+        return parts[0]
+    lp = max(p.prompt_ids.shape[1] for p in parts)
+    t = max(p.response_ids.shape[1] for p in parts)
+
+    def left(x, width, value):
+        return torch.nn.functional.pad(x, (width - x.shape[1], 0), value=value)
+
+    def right(x, width, value):
+        return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
+
+    offsets, total = [], 0
+    for p in parts:
+        offsets.append(total)
+        total += p.num_prompts
+    truncated = None if any(p.truncated is None for p in parts) else torch.cat([p.truncated for p in parts])
+    teacher = None if any(p.teacher_log_probs is None for p in parts) else torch.cat([right(p.teacher_log_probs, t, 0.0) for p in parts])
+    loss_mask = None
+    if any(p.loss_mask is not None for p in parts):
+        loss_mask = torch.cat([right(p.effective_loss_mask(), t, False) for p in parts])
+    return RolloutBatch(
+        prompt_ids=torch.cat([left(p.prompt_ids, lp, pad_id) for p in parts]),
+        prompt_mask=torch.cat([left(p.prompt_mask, lp, False) for p in parts]),
+        response_ids=torch.cat([right(p.response_ids, t, pad_id) for p in parts]),
+        response_mask=torch.cat([right(p.response_mask, t, False) for p in parts]),
+        rollout_log_probs=torch.cat([right(p.rollout_log_probs, t, 0.0) for p in parts]),
+        group_ids=torch.cat([p.group_ids + o for p, o in zip(parts, offsets)]),
+        prompts=[s for p in parts for s in p.prompts],
+        responses=[s for p in parts for s in p.responses],
+        truncated=truncated, loss_mask=loss_mask, teacher_log_probs=teacher,
+    )
 
 
 @runtime_checkable
@@ -214,6 +295,7 @@ class HFBackend:
             out_lp.append(torch.where(alive, tok_lp, 0.0))
             out_mask.append(alive)
             finished = finished | (alive & torch.isin(nxt, eos_t))
+            truncated = alive & ~finished  # still going after this token: cut off if the budget ends here
             if bool(finished.all()) or t == cfg.max_new_tokens - 1:
                 break
             attn = torch.cat([attn, alive[:, None].long()], dim=1)
@@ -231,6 +313,7 @@ class HFBackend:
             prompt_ids=ids.cpu(), prompt_mask=attn[:, : ids.shape[1]].cpu().bool(), response_ids=response_ids,
             response_mask=response_mask, rollout_log_probs=torch.stack(out_lp, 1).cpu(),
             group_ids=torch.arange(len(prompts)).repeat_interleave(g_per), prompts=tuple(prompts), responses=texts,
+            truncated=truncated.cpu() if len(out_ids) == cfg.max_new_tokens else torch.zeros(b, dtype=torch.bool),
         )
 
 

@@ -24,6 +24,7 @@ from skyrl_fn.train.config import HYPER_FIELDS, AlgorithmConfig, TrainConfig, co
 from skyrl_fn.train.rollout import VLLM_TEMPERATURE_RANGE, RolloutBackend, check_available
 from skyrl_fn.train.run_table import with_run_builtins
 from skyrl_fn.train.tasks import Example, Rewarded, Task
+from skyrl_fn.transforms import BatchPipeline, overlong_penalty
 
 __all__ = ["ResolvedRun", "resolve", "resolve_correction", "TRAINER_FIELDS"]
 
@@ -48,6 +49,8 @@ class ResolvedRun:
         reward: the ``reward`` entry chosen by ``data.reward`` with ``data.reward_args`` bound, or
             None for the task's own reward.
         backend_factory: the ``rollout_backend`` entry chosen by ``rollout.backend``.
+        batch_transforms: ``algorithm.batch_transforms`` bound in order
+            (``skyrl_fn.transforms.BatchPipeline``), None when there are none.
     """
 
     config: TrainConfig
@@ -56,6 +59,7 @@ class ResolvedRun:
     task_factory: Callable[..., Task] = attrs.field(default=None, repr=False)
     reward: Callable[[str, Example], float] | None = attrs.field(default=None, repr=False)
     backend_factory: Callable[..., RolloutBackend] = attrs.field(default=None, repr=False)
+    batch_transforms: BatchPipeline | None = None
 
     def make_task(self) -> Task:
         """The run's task (``--data.task``, seeded by ``trainer.seed``), scored by ``--data.reward``
@@ -89,6 +93,11 @@ class ResolvedRun:
     def uses_critic(self) -> bool:
         """True when the advantage estimator reads critic values (its entry ``requires`` them)."""
         return self.algorithm.needs_critic
+
+    @property
+    def uses_teacher(self) -> bool:
+        """True when a teacher model scores the samples (``teacher.model``; on-policy distillation)."""
+        return self.config.teacher.model is not None
 
     @property
     def uses_reference(self) -> bool:
@@ -187,6 +196,7 @@ def resolve(config: TrainConfig, table: AlgorithmTable) -> ResolvedRun:
     # Before any model loads: every per-sample field a piece reads must be one a step produces.
     missing_fields(algorithm.fields, TRAINER_FIELDS, source=f"the trainer with task {config.data.task!r}")
     tr, ro = config.trainer, config.rollout
+    pipeline = bind_batch_transforms(table, alg.batch_transforms, alg.transform, max_new_tokens=ro.max_new_tokens)
     for name, value in (
         ("trainer.steps", tr.steps), ("trainer.prompts_per_step", tr.prompts_per_step),
         ("trainer.micro_batch_size", tr.micro_batch_size), ("trainer.lr", tr.lr),
@@ -208,6 +218,7 @@ def resolve(config: TrainConfig, table: AlgorithmTable) -> ResolvedRun:
             f"know), got {ro.temperature!r}; use --rollout.backend hf for other temperatures"
         )
     _check_positive("gpu.sync_timeout_s", config.gpu.sync_timeout_s)
+    _check_teacher(config, table)
     if config.data.min_digits < 1 or config.data.max_digits < config.data.min_digits:
         raise ValueError(
             f"data.min_digits/max_digits: expected 1 <= min <= max, got {config.data.min_digits}, {config.data.max_digits}"
@@ -230,7 +241,7 @@ def resolve(config: TrainConfig, table: AlgorithmTable) -> ResolvedRun:
     backend_factory = _bind_run_piece(table, "rollout_backend", ro.backend, {}, "rollout.backend", None)
     return ResolvedRun(
         config=config, table=table, algorithm=algorithm, task_factory=task_factory, reward=reward,
-        backend_factory=backend_factory,
+        backend_factory=backend_factory, batch_transforms=pipeline,
     )
 
 
@@ -250,3 +261,49 @@ def _bind_run_piece(
             if key not in accepted:
                 raise ValueError(f"{args_field}: {kind} {name!r} {unknown_name_message('argument', key, accepted)}")
     return functools.partial(entry.fn, **args) if args else entry.fn
+
+
+def _check_teacher(config: TrainConfig, table: AlgorithmTable) -> None:
+    te, name = config.teacher, config.algorithm.advantage_estimator
+    if "teacher_log_probs" in table.entry("advantage_estimator", name).requires and te.model is None:
+        raise ValueError(f"teacher.model: advantage estimator {name!r} distils from a teacher (it requires teacher_log_probs), got None")
+    if te.model is None:
+        return
+    if te.model == "":
+        raise ValueError("teacher.model: expected 'tiny' or a model path, got ''")
+    if config.rollout.backend == "vllm":
+        raise ValueError("teacher.model: the GPU placement has no teacher slot yet; expected --rollout.backend hf with a teacher, got vllm")
+    _check_positive("teacher.coef", te.coef)
+    if te.model == "tiny":
+        for field in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
+            _check_positive(f"teacher.{field}", getattr(te, field))
+        if te.hidden_size % te.num_heads:
+            raise ValueError(f"teacher.hidden_size: expected a multiple of teacher.num_heads ({te.num_heads}), got {te.hidden_size}")
+
+
+def bind_batch_transforms(
+    table: AlgorithmTable, names: tuple[str, ...], hyper: Mapping[str, Mapping[str, Any]], *, max_new_tokens: int
+) -> BatchPipeline | None:
+    """``algorithm.batch_transforms`` bound in order with ``algorithm.transform``'s hyperparameters;
+    None when there are none.
+
+    Raises:
+        UnknownNameError: an unknown transform name (with the closest one).
+        ValueError: a name given twice, hyperparameters for a transform not chosen or one the
+            function does not take, an overlong buffer longer than ``rollout.max_new_tokens``.
+    """
+    names = tuple(names)
+    if len(set(names)) != len(names):
+        raise ValueError(f"algorithm.batch_transforms: expected each name once, got {list(names)}")
+    extra = sorted(set(hyper) - set(names))
+    if extra:
+        raise ValueError(f"algorithm.transform: hyperparameters for {extra}, which algorithm.batch_transforms does not choose ({list(names)})")
+    fns = tuple(bind(table, "batch_transform", n, hyper.get(n)) for n in names)
+    buf = None  # the built-in overlong penalty's buffer must fit in the generation budget
+    if "overlong_penalty" in names and table.get("batch_transform", "overlong_penalty") is overlong_penalty:
+        buf = (hyper.get("overlong_penalty") or {}).get("overlong_buffer_len", entry_hyperparameters(table.entry("batch_transform", "overlong_penalty"))["overlong_buffer_len"])
+    if "overlong_penalty" in names and buf is not None and buf > max_new_tokens:
+        raise ValueError(
+            f"algorithm.transform.overlong_penalty.overlong_buffer_len: expected <= rollout.max_new_tokens ({max_new_tokens}), got {buf}"
+        )
+    return BatchPipeline(names, fns) if names else None

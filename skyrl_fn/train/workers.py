@@ -13,6 +13,7 @@ role                  does
 :class:`RolloutWorker`    sampling + task reward with its own copy of the policy
 :class:`ReferenceWorker`  reference log-probs (the frozen initial policy)
 :class:`CriticWorker`     values and the critic update
+``TeacherWorker``         teacher log-probs (on-policy distillation; ``skyrl_fn.train.teacher``)
 ====================  ==============================================================
 
 The loop (``skyrl_fn.train.loop``) sees only :class:`Workers`. Each method returns a *handle*:
@@ -25,7 +26,7 @@ Notation: ``P`` prompts, ``G`` samples per prompt, ``B = P * G``, ``T`` response
 from __future__ import annotations
 
 import time
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import attrs
 import torch
@@ -39,6 +40,7 @@ from skyrl_fn.train.learner import TrainState, critic_update, experience_and_upd
 from skyrl_fn.train.tasks import Task, reward_function_name, score
 from skyrl_fn.train.model import build_critic, load_model, load_tokenizer
 from skyrl_fn.train.rollout import RolloutBatch
+from skyrl_fn.train.teacher import TeacherWorker
 
 __all__ = [
     "Generated",
@@ -162,6 +164,11 @@ class PolicyWorker:
         metrics["update_seconds"] = time.perf_counter() - t0
         return metrics, exp
 
+    def transform(self, fn: Callable[..., tuple[Generated | None, dict[str, float]]], *generated: Generated) -> tuple[Generated | None, dict[str, float]]:
+        """``fn(generated, pad_id=...)``: a pure function over sampled batches (the batch
+        transforms' ``skyrl_fn.train.batch_transforms.collect``), given this policy's pad id."""
+        return fn(generated, pad_id=int(self.tokenizer.pad_token_id))
+
     def evaluate(self, examples: Sequence[Any]) -> dict[str, float]:
         """Greedy pass@1 of the current policy on held-out ``examples`` (``P`` of them), scored by
         the held-out task (:func:`skyrl_fn.train.evaluate.evaluate`; its ``eval_*`` metrics)."""
@@ -276,11 +283,19 @@ class Workers(Protocol):
     def generate(self, examples: Sequence[Any], *, step: int, seed: int) -> Any:
         """Sample and score ``examples`` for step ``step`` (0-based) with sampling seed ``seed``."""
 
+    def transform(self, fn: Callable[..., Any], *generated: Any) -> tuple[Any, dict[str, float]]:
+        """Run ``fn(batches, pad_id=...) -> (batch or None, metrics)`` where the batches live (the
+        batch transforms, ``skyrl_fn.train.batch_transforms``); returns the handle of its batch
+        and its metrics (waits for those)."""
+
     def reference_log_probs(self, generated: Any) -> Any:
         """Reference log-probs ``[B, T]`` of the generated batch (runs that use a KL)."""
 
     def values(self, generated: Any) -> Any:
         """Critic values ``[B, T]`` of the generated batch (runs with a critic)."""
+
+    def teacher_log_probs(self, generated: Any) -> Any:
+        """Teacher log-probs ``[B, T]`` of the generated batch (runs with ``teacher.model``)."""
 
     def update_policy(self, generated: Any, ref_log_probs: Any, values: Any, kl_coef: float) -> Any:
         """Experience and the policy update; a handle of ``(metrics, experience)``."""
@@ -321,15 +336,22 @@ class LocalWorkers:
         self.policy = PolicyWorker(run, samples=True)
         self.reference = ReferenceWorker(run) if run.uses_reference else None
         self.critic = CriticWorker(run) if run.uses_critic else None
+        self.teacher = TeacherWorker(run) if run.uses_teacher else None
 
     def generate(self, examples: Sequence[Any], *, step: int, seed: int) -> Generated:
         return self.policy.generate(examples, seed)
+
+    def transform(self, fn, *generated: Generated):
+        return self.policy.transform(fn, *generated)
 
     def reference_log_probs(self, generated: Generated) -> torch.Tensor:
         return self.reference.log_probs(generated.rollout)
 
     def values(self, generated: Generated) -> torch.Tensor:
         return self.critic.values(generated.rollout)
+
+    def teacher_log_probs(self, generated: Generated) -> torch.Tensor:
+        return self.teacher.log_probs(generated.rollout)
 
     def update_policy(self, generated: Generated, ref_log_probs, values, kl_coef: float):
         return self.policy.update(generated.rollout, generated.scores, ref_log_probs, values, kl_coef)

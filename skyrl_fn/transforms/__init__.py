@@ -5,10 +5,22 @@
 * baselines ``(scores [B], group_ids [B], num_groups) -> [B]``: ``group_mean``, ``leave_one_out``,
   ``batch_mean``, ``group_median``, turned into an estimator by ``outcome_estimator(baseline=...)``;
 * advantage transforms (after the estimator): ``whiten``, ``clip_advantages``,
-  ``normalize_by_length``, ``group_normalize_std``.
+  ``normalize_by_length``, ``group_normalize_std``;
+* batch transforms (in the training loop, ``SampleBatch -> SampleBatch``; table kind
+  ``batch_transform``): ``overlong_filter``, ``overlong_penalty``, ``zero_variance_filter``,
+  ``dynamic_sampling``.
 """
 
 from skyrl_fn.transforms._advantages import clip_advantages, group_normalize_std, normalize_by_length, whiten
+from skyrl_fn.transforms._batch import (
+    BatchPipeline,
+    SampleBatch,
+    dynamic_sampling,
+    group_spread,
+    overlong_filter,
+    overlong_penalty,
+    zero_variance_filter,
+)
 from skyrl_fn.transforms._baselines import (
     OutcomeEstimator,
     batch_mean,
@@ -35,4 +47,11 @@ __all__ = [
     "clip_advantages",
     "normalize_by_length",
     "group_normalize_std",
+    "SampleBatch",
+    "BatchPipeline",
+    "group_spread",
+    "overlong_filter",
+    "overlong_penalty",
+    "zero_variance_filter",
+    "dynamic_sampling",
 ]

@@ -19,7 +19,7 @@ from skyrl_fn import DEFAULT_TABLE, AdvantageInput, Chain
 NAMES = DEFAULT_TABLE.names("advantage_estimator")
 EXPECTED = {
     "grpo", "dr_grpo", "rloo", "maxrl", "gpg", "grpo_passk", "opo",
-    "reinforce++", "reinforce_plus_plus_baseline", "remax", "gae", "reinforce++_raw", "gae_raw",
+    "reinforce++", "reinforce_plus_plus_baseline", "remax", "gae", "reinforce++_raw", "gae_raw", "distill",
     "gdpo", "gdpo_raw", "optimal_token_baseline", "tir_optimal_token_baseline",
 }
 # 17 estimators x 5 properties: fewer examples per test keep the file fast; the "thorough"

@@ -332,3 +332,10 @@ def test_vllm_extra_is_bounded_and_compatible_with_the_base_pins():
     # vLLM 0.33.0's own pins (from its wheel metadata): torch==2.14.0, transformers>=5.16.1,<5.21.
     assert Version("2.14.0") in base["torch"]
     assert any(Version(v) in base["transformers"] for v in ("5.16.1", "5.20.0"))
+
+
+def test_outputs_to_batch_marks_responses_cut_at_max_tokens():
+    outs = [types.SimpleNamespace(outputs=[_completion(0, [5, 6], [-1.0, -1.0]), _completion(1, [5, 2], [-1.0, -1.0])])]
+    outs[0].outputs[0].finish_reason, outs[0].outputs[1].finish_reason = "length", "stop"
+    batch = outputs_to_batch(("p",), [[4]], outs, samples_per_prompt=2, pad_token_id=0)
+    assert batch.truncated.tolist() == [True, False]  # read by overlong_filter / overlong_penalty

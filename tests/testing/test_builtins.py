@@ -1,4 +1,4 @@
-"""Every built-in of DEFAULT_TABLE (estimators, policy losses, aggregations, KL estimators) passes
+"""Every built-in of DEFAULT_TABLE (estimators, policy losses, aggregations, KL estimators, batch transforms) passes
 the kit: the universal properties of its kind plus what its entry promises."""
 
 from __future__ import annotations
@@ -9,7 +9,9 @@ from hypothesis import settings
 from skyrl_fn import DEFAULT_TABLE
 from skyrl_fn import KINDS
 from skyrl_fn.properties import reportable
-from skyrl_fn.testing import check_aggregation, check_correction, check_estimator, check_kl_estimator, check_policy_loss
+from skyrl_fn.testing import (
+    check_aggregation, check_batch_transform, check_correction, check_estimator, check_kl_estimator, check_policy_loss,
+)
 
 #: The sweep over every built-in scales with the hypothesis profile (dev: 7 per property).
 SWEEP = settings(deadline=None, database=None, max_examples=max(5, settings.default.max_examples // 4))
@@ -19,6 +21,7 @@ CHECKS = {
     "aggregation": check_aggregation,
     "kl_estimator": check_kl_estimator,
     "off_policy_correction": check_correction,
+    "batch_transform": check_batch_transform,
 }
 KIT_ENTRIES = DEFAULT_TABLE.entries()
 
