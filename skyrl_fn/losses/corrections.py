@@ -89,7 +89,8 @@ def tis(batch: PolicyLossInput, *, cap: float = 2.0, against: Against = "old") -
     Args:
         batch: ``[B, T]`` log-probs (``rollout_log_probs`` required), mask.
         cap: the truncation, > 0.
-        against: the proximal policy (module docstring).
+        against: "old" measures the sampler against old_log_probs (SkyRL, verl's decoupled mode);
+            "current" against sg[log_probs] (verl's bypass mode, TRL's sequence mask).
 
     Returns:
         ``OffPolicyCorrection``: weights ``[B, T]``, the mask unchanged; ``tis_capped_frac``
@@ -110,6 +111,12 @@ def tis_sequence(batch: PolicyLossInput, *, cap: float = 5.0, against: Against =
     mask this piece receives: after a token mask (SkyRL's order) or before any (verl's, which
     computes IS and rejection independently on the response mask).
 
+    Args:
+        batch: ``[B, T]`` log-probs (``rollout_log_probs`` required), mask.
+        cap: the truncation of the sequence weight, > 0.
+        against: "old" measures the sampler against old_log_probs (SkyRL, verl's decoupled mode);
+            "current" against sg[log_probs] (verl's bypass mode, TRL's sequence mask).
+
     Returns:
         ``OffPolicyCorrection``; ``tis_seq_capped_frac`` (rows at the cap, of all ``B``).
     """
@@ -123,6 +130,13 @@ def icepop(batch: PolicyLossInput, *, low: float = 0.5, high: float = 5.0, again
     """IcePop token mask (Ring-1T, arXiv:2510.18855): keep token ``t`` only if
     ``low <= rho_t <= high``. SkyRL's ``token_mask_is_threshold_low/high``; verl's IcePop form of
     ``rollout_is_threshold: "low_high"`` (there as zero weights, here as a smaller mask).
+
+    Args:
+        batch: ``[B, T]`` log-probs (``rollout_log_probs`` required), mask.
+        low: smallest kept token ratio, > 0.
+        high: largest kept token ratio, > 0.
+        against: "old" measures the sampler against old_log_probs (SkyRL, verl's decoupled mode);
+            "current" against sg[log_probs] (verl's bypass mode, TRL's sequence mask).
 
     Returns:
         ``OffPolicyCorrection`` (weights 1 on the new mask); ``icepop_masked_frac``.
@@ -150,6 +164,13 @@ def geo_mask(batch: PolicyLossInput, *, low: float = 0.99, high: float = 1.01, a
     ``-mean d`` with ``[log lower, log upper]``, so its asymmetric bounds act mirrored; they agree
     when ``low = 1 / high``).
 
+    Args:
+        batch: ``[B, T]`` log-probs (``rollout_log_probs`` required), mask.
+        low: smallest kept geometric-mean ratio of a row, > 0.
+        high: largest kept geometric-mean ratio of a row, > 0.
+        against: "old" measures the sampler against old_log_probs (SkyRL, verl's decoupled mode);
+            "current" against sg[log_probs] (verl's bypass mode, TRL's sequence mask).
+
     Returns:
         ``OffPolicyCorrection``; ``geo_mask_masked_frac``, ``geo_mask_over_high_frac``,
         ``geo_mask_under_low_frac`` (of all ``B`` rows).
@@ -162,6 +183,13 @@ def geo_mask(batch: PolicyLossInput, *, low: float = 0.99, high: float = 1.01, a
 def product_mask(batch: PolicyLossInput, *, low: float = 0.5, high: float = 2.0, against: Against = "old") -> OffPolicyCorrection:
     """Product sequence masking: drop row ``i`` unless ``low <= exp(clamp(sum_t m d, -20, 20)) <=
     high``. SkyRL's ``sequence_mask_metric: product`` (``product_mask_low/high``, 0.5 / 2.0).
+
+    Args:
+        batch: ``[B, T]`` log-probs (``rollout_log_probs`` required), mask.
+        low: smallest kept product ratio of a row, > 0.
+        high: largest kept product ratio of a row, > 0.
+        against: "old" measures the sampler against old_log_probs (SkyRL, verl's decoupled mode);
+            "current" against sg[log_probs] (verl's bypass mode, TRL's sequence mask).
 
     Returns:
         ``OffPolicyCorrection``; ``product_mask_masked_frac``, ``..._over_high_frac``,
@@ -180,6 +208,13 @@ def outlier_veto(
 
     SkyRL's ``outlier_token_is_threshold_low/high`` (suggested 1e-4 / 100; SkyRL applies it first,
     before every other correction); verl's earlier ``rollout_token_veto_threshold``.
+
+    Args:
+        batch: ``[B, T]`` log-probs (``rollout_log_probs`` required), mask.
+        low: a token ratio below it vetoes its row, > 0; None: no lower bound.
+        high: a token ratio above it vetoes its row, > 0; None: no upper bound.
+        against: "old" measures the sampler against old_log_probs (SkyRL, verl's decoupled mode);
+            "current" against sg[log_probs] (verl's bypass mode, TRL's sequence mask).
 
     Returns:
         ``OffPolicyCorrection``; ``outlier_masked_frac``, ``outlier_over_high_frac``,
@@ -208,6 +243,13 @@ def opsm(batch: PolicyLossInput, *, delta: float = 0.5, against: Against = "curr
     (TRL's ``per_token_logps.detach()``), ``q`` the sampler's (TRL's ``sampling_per_token_logps``).
     TRL has no default; ``delta = 0.5`` is its documented example. Deviation: a non-finite
     log-prob on a valid token is not read as 0 (TRL's ``nan_to_num``); records reject it.
+
+    Args:
+        batch: ``[B, T]`` log-probs (``rollout_log_probs`` required), advantages, mask.
+        delta: the largest mean log-ratio (sampler over policy) a negative-advantage row may
+            have, > 0 (TRL's ``off_policy_mask_threshold``, the paper's delta).
+        against: "old" measures the sampler against old_log_probs (SkyRL, verl's decoupled mode);
+            "current" against sg[log_probs] (verl's bypass mode, TRL's sequence mask).
 
     Returns:
         ``OffPolicyCorrection`` (weights 1 on the new mask); ``opsm_masked_frac`` (valid tokens
