@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
 from typing import Any, Sequence
 
 import numpy as np
@@ -22,6 +23,7 @@ __all__ = [
     "as_mask",
     "check_zero_off_mask",
     "check_finite_and_zero_off_mask",
+    "certify_masked_rows",
     "as_group_ids",
     "first_bad_row",
     "check_number",
@@ -157,10 +159,67 @@ def as_mask(name: str, x: Any, shape: Sequence[int] | None = None) -> torch.Tens
     return x != 0
 
 
+# The attribute a certified output carries (see certify_masked_rows); private to this module.
+_CERTIFICATE = "_skyrl_fn_masked_rows"
+
+
+class _Certificate:
+    """What :func:`certify_masked_rows` attaches: weak references to the output and the mask, their
+    version counters then, and the 0-dim finiteness flag. Pickles and copies as None (a copy of
+    the output is another tensor, with no certificate)."""
+
+    __slots__ = ("out", "mask", "out_version", "mask_version", "finite")
+
+    def __init__(self, out: torch.Tensor, mask: torch.Tensor, finite: torch.Tensor) -> None:
+        self.out, self.mask = weakref.ref(out), weakref.ref(mask)
+        self.out_version, self.mask_version, self.finite = out._version, mask._version, finite
+
+    def __reduce__(self):
+        return (_no_certificate, ())
+
+    def holds_for(self, x: torch.Tensor, mask: torch.Tensor) -> bool:
+        return (
+            self.out() is x
+            and self.mask() is mask
+            and x._version == self.out_version
+            and mask._version == self.mask_version
+            and bool(self.finite)
+        )
+
+
+def _no_certificate() -> None:
+    return None
+
+
+def certify_masked_rows(out: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Record on ``out`` that it was just written as ``torch.where(mask, values, 0)``; returns ``out``.
+
+    ``values`` is ``[B, 1]`` (one value per row, already in ``out``'s dtype) and ``mask`` the bool
+    ``[B, T]`` mask. The certificate holds weak references to ``out`` and the mask, both tensors'
+    version counters, and a 0-dim flag, True when every value is finite (``[B]`` elements read, no
+    host sync here). :func:`check_finite_and_zero_off_mask` then decides "finite and zero off the
+    mask" by reading the flag instead of the ``[B, T]`` output, as long as the very same two tensor
+    objects are checked and neither was written in place since (every in-place write through
+    torch, views included, bumps the version counter). Writes that bypass the counter (through
+    ``.data`` or a numpy view of the storage) are not seen; copies and unpickled tensors carry no
+    certificate. Only the library's own writers call this.
+    """
+    setattr(out, _CERTIFICATE, _Certificate(out, mask, torch.isfinite(values).all()))
+    return out
+
+
+def _certified(x: torch.Tensor, mask: torch.Tensor) -> bool:
+    """True when ``x`` carries a still-valid certificate for ``mask`` whose values are all finite
+    (then ``x`` is finite and zero off ``mask``); False means "not proven", never "bad"."""
+    cert = getattr(x, _CERTIFICATE, None)
+    return isinstance(cert, _Certificate) and cert.holds_for(x, mask)
+
+
 def check_finite_and_zero_off_mask(name: str, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """:func:`check_finite` then :func:`check_zero_off_mask` (the same errors, in that order),
-    reading ``x`` once when both pass."""
-    if zero_off_mask(x, mask, finite=True):
+    reading ``x`` once when both pass, and not at all when ``x`` carries a valid certificate from
+    :func:`certify_masked_rows` (written from finite per-row values under this very mask)."""
+    if _certified(x, mask) or zero_off_mask(x, mask, finite=True):
         return x
     check_finite(name, x)
     return check_zero_off_mask(name, x, mask)

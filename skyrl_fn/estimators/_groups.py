@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from skyrl_fn import _alloc
+from skyrl_fn._checks import certify_masked_rows
 
 __all__ = [
     "accum_dtype",
@@ -162,6 +163,8 @@ def broadcast_to_tokens(per_sample: torch.Tensor, response_mask: torch.Tensor, d
 
     The same values as ``torch.where(response_mask, per_sample[:, None], 0)``, bit for bit (see
     :func:`mask_rows`), written in blocks of about 4 MiB into a fresh huge-page-backed output.
+    The output is certified (:func:`skyrl_fn._checks.certify_masked_rows`), so the table's output
+    check reads the ``[B]`` values' finiteness instead of the ``[B, T]`` output.
     """
     m = response_mask
     values = per_sample.to(dtype)[:, None]
@@ -170,4 +173,4 @@ def broadcast_to_tokens(per_sample: torch.Tensor, response_mask: torch.Tensor, d
     for start in blocks:
         stop = start + blocks.step
         mask_rows(values[start:stop], m[start:stop], out=out[start:stop])
-    return out
+    return certify_masked_rows(out, values, m)
