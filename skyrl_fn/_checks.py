@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import math
 import numbers
-import weakref
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from skyrl_fn._blocked import zero_off_mask, zero_one_to_bool
+from skyrl_fn._facts import recall, remember
 
 __all__ = [
     "check_tensor",
@@ -159,60 +159,25 @@ def as_mask(name: str, x: Any, shape: Sequence[int] | None = None) -> torch.Tens
     return x != 0
 
 
-# The attribute a certified output carries (see certify_masked_rows); private to this module.
-_CERTIFICATE = "_skyrl_fn_masked_rows"
-
-
-class _Certificate:
-    """What :func:`certify_masked_rows` attaches: weak references to the output and the mask, their
-    version counters then, and the 0-dim finiteness flag. Pickles and copies as None (a copy of
-    the output is another tensor, with no certificate)."""
-
-    __slots__ = ("out", "mask", "out_version", "mask_version", "finite")
-
-    def __init__(self, out: torch.Tensor, mask: torch.Tensor, finite: torch.Tensor) -> None:
-        self.out, self.mask = weakref.ref(out), weakref.ref(mask)
-        self.out_version, self.mask_version, self.finite = out._version, mask._version, finite
-
-    def __reduce__(self):
-        return (_no_certificate, ())
-
-    def holds_for(self, x: torch.Tensor, mask: torch.Tensor) -> bool:
-        return (
-            self.out() is x
-            and self.mask() is mask
-            and x._version == self.out_version
-            and mask._version == self.mask_version
-            and bool(self.finite)
-        )
-
-
-def _no_certificate() -> None:
-    return None
-
-
 def certify_masked_rows(out: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Record on ``out`` that it was just written as ``torch.where(mask, values, 0)``; returns ``out``.
+    """Remember that ``out`` was just written as ``torch.where(mask, values, 0)``; returns ``out``.
 
     ``values`` is ``[B, 1]`` (one value per row, already in ``out``'s dtype) and ``mask`` the bool
-    ``[B, T]`` mask. The certificate holds weak references to ``out`` and the mask, both tensors'
-    version counters, and a 0-dim flag, True when every value is finite (``[B]`` elements read, no
-    host sync here). :func:`check_finite_and_zero_off_mask` then decides "finite and zero off the
-    mask" by reading the flag instead of the ``[B, T]`` output, as long as the very same two tensor
-    objects are checked and neither was written in place since (every in-place write through
-    torch, views included, bumps the version counter). Writes that bypass the counter (through
-    ``.data`` or a numpy view of the storage) are not seen; copies and unpickled tensors carry no
-    certificate. Only the library's own writers call this.
+    ``[B, T]`` mask. The fact (:mod:`skyrl_fn._facts`) is a 0-dim flag, True when every value is
+    finite (``[B]`` elements read, no host sync here). :func:`check_finite_and_zero_off_mask` then
+    decides "finite and zero off the mask" by reading the flag instead of the ``[B, T]`` output,
+    as long as the very same two tensor objects are checked and neither was written in place since.
+    Copies and views are other tensors, with no certificate. Only the library's own writers call this.
     """
-    setattr(out, _CERTIFICATE, _Certificate(out, mask, torch.isfinite(values).all()))
+    remember("masked_rows", out, mask, torch.isfinite(values).all())
     return out
 
 
 def _certified(x: torch.Tensor, mask: torch.Tensor) -> bool:
     """True when ``x`` carries a still-valid certificate for ``mask`` whose values are all finite
     (then ``x`` is finite and zero off ``mask``); False means "not proven", never "bad"."""
-    cert = getattr(x, _CERTIFICATE, None)
-    return isinstance(cert, _Certificate) and cert.holds_for(x, mask)
+    flag = recall("masked_rows", x, mask)
+    return flag is not None and bool(flag)
 
 
 def check_finite_and_zero_off_mask(name: str, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

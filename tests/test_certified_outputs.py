@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import copy
 import functools
+import gc
+import io
 import pickle
 
 import pytest
@@ -19,7 +21,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from skyrl_fn import DEFAULT_TABLE, AdvantageInput, AdvantageOutput, AlgorithmTable
-from skyrl_fn import _checks
+from skyrl_fn import _checks, _facts
 from skyrl_fn import estimators as est
 from skyrl_fn._checks import check_finite_and_zero_off_mask
 from skyrl_fn.estimators._groups import broadcast_to_tokens
@@ -176,3 +178,19 @@ def test_the_certified_check_decides_as_the_plain_check(b, t, values, edits, rnd
         with pytest.raises(ValueError) as err:
             check_finite_and_zero_off_mask("x", out, mask)
         assert str(err.value) == want
+
+
+def test_certified_outputs_save_and_load_as_plain_tensors_and_are_forgotten_when_freed():
+    """The certificate lives beside the tensor, not on it: ``torch.load(weights_only=True)`` of a
+    saved output works, and the entry goes with the tensor."""
+    batch = _batch()
+    adv = est.grpo(batch).advantages
+    buf = io.BytesIO()
+    torch.save(adv, buf)
+    buf.seek(0)
+    assert torch.equal(torch.load(buf, weights_only=True), adv)
+    key = ("masked_rows", id(adv))
+    assert key in _facts._facts
+    del adv
+    gc.collect()
+    assert key not in _facts._facts
