@@ -88,13 +88,15 @@ def _finite_flag(x: torch.Tensor) -> torch.Tensor:
 
 
 def check_all(
-    finite: Sequence[tuple[str, torch.Tensor | None, torch.Tensor | None]],
+    finite: Sequence[tuple],
     masks: Sequence[tuple[str, torch.Tensor, torch.Tensor | None]] = (),
 ) -> None:
     """Every finiteness and mask check of a record with one host sync (per device).
 
     ``finite`` holds ``(name, x, mask)``: ``x`` must be finite where ``mask`` is True (everywhere
-    when ``mask`` is None; ``x`` None is skipped). ``masks`` holds ``(name, original, flag)`` from
+    when ``mask`` is None; ``x`` None is skipped), or ``(name, x, mask, proof)`` with a 0-dim flag
+    that is True only if ``x`` is finite where ``mask`` is True (e.g. the finiteness of ``x``'s
+    sums over the mask), read instead of ``x``'s own sum. ``masks`` holds ``(name, original, flag)`` from
     :func:`mask_or_flag` (``flag`` None: nothing to check). The fast path reduces each tensor to
     one 0-dim flag on its device (a finite sum proves every element finite) and reads them all
     at once; only when a flag is False do the per-field checks run (:func:`as_mask`, then
@@ -108,15 +110,15 @@ def check_all(
     for _name, _original, flag in masks:
         if flag is not None:
             flags.setdefault(flag.device, []).append(flag)
-    for _name, x, _mask in finite:
+    for name, x, mask, *proof in finite:
         if x is not None and x.numel():
-            flags.setdefault(x.device, []).append(_finite_flag(x))
+            flags.setdefault(x.device, []).append(proof[0] if proof else _finite_flag(x))
     if all(bool(torch.stack(fs).all()) for fs in flags.values()):
         return
     for name, original, flag in masks:
         if flag is not None:
             as_mask(name, original)
-    for name, x, mask in finite:
+    for name, x, mask, *_proof in finite:
         if x is not None:
             check_finite(name, x.detach(), mask)
 
