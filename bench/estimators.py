@@ -27,7 +27,11 @@ and ``raw`` the native function on a prebuilt ``AdvantageInput``; verl is
 interleaved rounds (each a median of ``--repeats`` calls); a ratio is the median over rounds of
 the per-round ratios. verl is imported as installed (``pip install --no-deps verl==0.9.1`` plus
 the modules its ``core_algos`` imports: omegaconf, tensordict, pyvers, codetiming, orjson); nothing
-of it is stubbed, and when it does not import the bench says why and stops.
+of it is stubbed, and when it does not import the bench says why and stops. ``table`` and ``raw``
+run on one prebuilt record, so both reuse the outcome scores it summed when it checked the rewards
+(``skyrl_fn._rowsums``), and ``table`` differs from ``raw`` by its checks alone; ``compat`` builds
+its record on every call (float mask checked and converted, uids numbered, rewards summed once)
+and so pays for all of it. On a loaded machine, ``--threads 1`` gives the steadiest ratios.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ import torch
 
 from skyrl_fn import _alloc
 
-__all__ = ["numpy_view", "zero_one_to_bool", "zero_off_mask"]
+__all__ = ["numpy_view", "zero_one_to_bool", "zero_off_mask", "executor"]
 
 # 256 KiB blocks measured fastest on the 2-core dev machine (64 KiB - 1 MiB tried).
 _NUMPY_BLOCK_BYTES = 256 << 10
@@ -45,6 +45,12 @@ def numpy_view(x: torch.Tensor) -> np.ndarray | None:
 
 _pool_lock = threading.Lock()
 _pool: dict = {"pid": None, "workers": 0, "executor": None}
+
+
+def executor(workers: int) -> ThreadPoolExecutor:
+    """The process's pool of ``workers`` threads for blocked passes (made again after a fork or
+    when another size is asked for)."""
+    return _executor(workers)
 
 
 def _executor(workers: int) -> ThreadPoolExecutor:

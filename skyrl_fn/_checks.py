@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from skyrl_fn._blocked import zero_off_mask, zero_one_to_bool
+from skyrl_fn._facts import recall, remember
 
 __all__ = [
     "check_tensor",
@@ -22,6 +23,7 @@ __all__ = [
     "as_mask",
     "check_zero_off_mask",
     "check_finite_and_zero_off_mask",
+    "certify_masked_rows",
     "as_group_ids",
     "first_bad_row",
     "check_number",
@@ -86,13 +88,15 @@ def _finite_flag(x: torch.Tensor) -> torch.Tensor:
 
 
 def check_all(
-    finite: Sequence[tuple[str, torch.Tensor | None, torch.Tensor | None]],
+    finite: Sequence[tuple],
     masks: Sequence[tuple[str, torch.Tensor, torch.Tensor | None]] = (),
 ) -> None:
     """Every finiteness and mask check of a record with one host sync (per device).
 
     ``finite`` holds ``(name, x, mask)``: ``x`` must be finite where ``mask`` is True (everywhere
-    when ``mask`` is None; ``x`` None is skipped). ``masks`` holds ``(name, original, flag)`` from
+    when ``mask`` is None; ``x`` None is skipped), or ``(name, x, mask, proof)`` with a 0-dim flag
+    that is True only if ``x`` is finite where ``mask`` is True (e.g. the finiteness of ``x``'s
+    sums over the mask), read instead of ``x``'s own sum. ``masks`` holds ``(name, original, flag)`` from
     :func:`mask_or_flag` (``flag`` None: nothing to check). The fast path reduces each tensor to
     one 0-dim flag on its device (a finite sum proves every element finite) and reads them all
     at once; only when a flag is False do the per-field checks run (:func:`as_mask`, then
@@ -106,15 +110,15 @@ def check_all(
     for _name, _original, flag in masks:
         if flag is not None:
             flags.setdefault(flag.device, []).append(flag)
-    for _name, x, _mask in finite:
+    for name, x, mask, *proof in finite:
         if x is not None and x.numel():
-            flags.setdefault(x.device, []).append(_finite_flag(x))
+            flags.setdefault(x.device, []).append(proof[0] if proof else _finite_flag(x))
     if all(bool(torch.stack(fs).all()) for fs in flags.values()):
         return
     for name, original, flag in masks:
         if flag is not None:
             as_mask(name, original)
-    for name, x, mask in finite:
+    for name, x, mask, *_proof in finite:
         if x is not None:
             check_finite(name, x.detach(), mask)
 
@@ -157,10 +161,32 @@ def as_mask(name: str, x: Any, shape: Sequence[int] | None = None) -> torch.Tens
     return x != 0
 
 
+def certify_masked_rows(out: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Remember that ``out`` was just written as ``torch.where(mask, values, 0)``; returns ``out``.
+
+    ``values`` is ``[B, 1]`` (one value per row, already in ``out``'s dtype) and ``mask`` the bool
+    ``[B, T]`` mask. The fact (:mod:`skyrl_fn._facts`) is a 0-dim flag, True when every value is
+    finite (``[B]`` elements read, no host sync here). :func:`check_finite_and_zero_off_mask` then
+    decides "finite and zero off the mask" by reading the flag instead of the ``[B, T]`` output,
+    as long as the very same two tensor objects are checked and neither was written in place since.
+    Copies and views are other tensors, with no certificate. Only the library's own writers call this.
+    """
+    remember("masked_rows", out, mask, torch.isfinite(values).all())
+    return out
+
+
+def _certified(x: torch.Tensor, mask: torch.Tensor) -> bool:
+    """True when ``x`` carries a still-valid certificate for ``mask`` whose values are all finite
+    (then ``x`` is finite and zero off ``mask``); False means "not proven", never "bad"."""
+    flag = recall("masked_rows", x, mask)
+    return flag is not None and bool(flag)
+
+
 def check_finite_and_zero_off_mask(name: str, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """:func:`check_finite` then :func:`check_zero_off_mask` (the same errors, in that order),
-    reading ``x`` once when both pass."""
-    if zero_off_mask(x, mask, finite=True):
+    reading ``x`` once when both pass, and not at all when ``x`` carries a valid certificate from
+    :func:`certify_masked_rows` (written from finite per-row values under this very mask)."""
+    if _certified(x, mask) or zero_off_mask(x, mask, finite=True):
         return x
     check_finite(name, x)
     return check_zero_off_mask(name, x, mask)

@@ -23,6 +23,7 @@ import attrs
 import torch
 
 from skyrl_fn._frozen import FrozenDict
+from skyrl_fn._rowsums import remembered_outcome_scores
 from skyrl_fn._checks import (
     as_group_ids,
     check_all,
@@ -123,8 +124,15 @@ class AdvantageInput:
             check_floating("reward_baselines", self.reward_baselines)
             check_shape("reward_baselines", self.reward_baselines, (b,), "[B]")
         _check_extras(self.extras, b, t)
+        # The rewards' sums over the mask prove them finite there, and are the estimators' outcome
+        # scores: computed once here, remembered for these tensors (skyrl_fn._rowsums).
+        scores = remembered_outcome_scores(rewards, mask)
         check_all(
-            [("token_level_rewards", rewards, mask), ("values", self.values, mask), ("reward_baselines", self.reward_baselines, None)],
+            [
+                ("token_level_rewards", rewards, mask, torch.isfinite(scores).all()),
+                ("values", self.values, mask),
+                ("reward_baselines", self.reward_baselines, None),
+            ],
             [("response_mask", original_mask, mask_flag)],
         )
 
