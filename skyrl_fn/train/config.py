@@ -246,6 +246,12 @@ class TrainerConfig:
     max_consecutive_skips: int = 3
     """Stop the run after more than this many consecutive steps skipped for a non-finite reward,
     loss or gradient (each skipped step is counted and logged; 0 stops at the first)."""
+    workers: int = 1
+    """W, data-parallel policy ranks (Ray actors, one torch.distributed group, FSDP2-sharded; see docs/distributed.md); 1 is the single policy actor."""
+    dist_timeout_s: float = 300.0
+    """Seconds a collective of the W ranks may wait (a dead or stuck rank fails the run after this at the latest)."""
+    bf16_mixed_precision: bool = False
+    """W > 1: bf16 parameters for compute, fp32 gradient reduction and master weights (FSDP2 MixedPrecisionPolicy; meant for CUDA)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -442,6 +448,7 @@ def resolve(config: TrainConfig, table: AlgorithmTable) -> ResolvedRun:
             f"know), got {ro.temperature!r}; use --rollout.backend hf for other temperatures"
         )
     _check_positive("gpu.sync_timeout_s", config.gpu.sync_timeout_s)
+    _check_data_parallel(config)
     if config.data.task == "gsm8k" and not config.data.path:
         raise ValueError("data.path: expected a jsonl path for task gsm8k (see launch/prep_gsm8k.py), got None")
     if config.data.min_digits < 1 or config.data.max_digits < config.data.min_digits:
@@ -462,3 +469,23 @@ def resolve(config: TrainConfig, table: AlgorithmTable) -> ResolvedRun:
     if config.data.task == "arithmetic" and not 0.0 <= config.data.format_credit < 1.0:
         raise ValueError(f"data.format_credit: expected in [0, 1) (below a correct answer), got {config.data.format_credit!r}")
     return ResolvedRun(config=config, table=table, algorithm=algorithm)
+
+
+def _check_data_parallel(config: TrainConfig) -> None:
+    """``trainer.workers``: W >= 1; W > 1 needs Ray, the hf backend, the hybrid layout and a
+    whole prompt group per rank."""
+    tr = config.trainer
+    if isinstance(tr.workers, bool) or not isinstance(tr.workers, int) or tr.workers < 1:
+        raise ValueError(f"trainer.workers: expected an int >= 1, got {tr.workers!r}")
+    _check_positive("trainer.dist_timeout_s", tr.dist_timeout_s)
+    if tr.workers == 1:
+        return
+    if tr.workers > tr.prompts_per_step:
+        raise ValueError(f"trainer.workers: expected <= trainer.prompts_per_step = {tr.prompts_per_step} (each rank trains whole prompt groups), got {tr.workers}")
+    for bad, what in (
+        (not config.ray.use_ray, "ray.use_ray (the ranks are Ray actors; drop --ray.no-use-ray)"),
+        (config.rollout.backend != "hf", f"rollout.backend 'hf' (got {config.rollout.backend!r}; each rank samples with its own model)"),
+        (config.ray.rollout_workers != 0, f"ray.rollout_workers 0 (got {config.ray.rollout_workers}; each rank samples its share itself)"),
+    ):
+        if bad:
+            raise ValueError(f"trainer.workers: {tr.workers} data-parallel ranks need {what}")
