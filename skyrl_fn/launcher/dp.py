@@ -250,7 +250,8 @@ class DPWorkers:
         host, port = self.get(self.ranks[0].address.remote())
         pids = self.get([a.join.remote(host, port) for a in self.ranks] + [a.ping.remote() for a in self.actors()[w:]])
         for a, pid in zip(self.actors(), pids):
-            self.names[a._actor_id.hex()] += f", pid {pid}"
+            name = self.names[a._actor_id.hex()].rstrip(")")
+            self.names[a._actor_id.hex()] = f"{name}, pid {pid})"
         self.step_index = 0
 
     # -- the protocol ------------------------------------------------------------------------
