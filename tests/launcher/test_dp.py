@@ -125,3 +125,53 @@ def test_a_dead_rank_fails_the_run_fast_and_is_named(ray_session, tmp_path):
     with pytest.raises(WorkerDiedError, match=r"policy rank 1 of 2 \(PolicyRank, pid \d+\) died during step 1"):
         train(run, workers=_KillRank1)
     assert time.monotonic() - t0 < 90  # well before the collective's timeout
+
+
+CLUSTER_SCRIPT = r'''
+import functools, json, os, sys
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+import ray
+from ray.cluster_utils import Cluster
+from skyrl_fn import DEFAULT_TABLE
+from skyrl_fn.launcher import parse_config, resolve_names
+from skyrl_fn.launcher.dp import DPWorkers
+from skyrl_fn.train.loop import train
+
+argv, out = json.loads(sys.argv[1]), sys.argv[2]
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+cluster.add_node(num_cpus=1)
+ray.init(address=cluster.address, log_to_driver=False)
+cluster.wait_for_nodes()
+nodes = []
+
+class Recording(DPWorkers):
+    def __init__(self, run):
+        super().__init__(run, strategy="STRICT_SPREAD")  # one rank per node
+        nodes.extend(ray.get([a.node_id.remote() for a in self.ranks]))
+
+run = resolve_names(parse_config(argv, DEFAULT_TABLE), DEFAULT_TABLE)
+history = train(run, workers=Recording).history
+json.dump({"nodes": nodes, "history": [dict(h) for h in history]}, open(out, "w"))
+ray.shutdown()
+cluster.shutdown()
+'''
+
+
+@pytest.mark.slow
+def test_two_nodes_one_rank_each_match_one_worker(tmp_path):
+    """A 2-node local cluster (``ray.cluster_utils.Cluster``, its own Ray in a subprocess), one
+    rank per node (STRICT_SPREAD placement group), 3 steps: the single-worker metrics."""
+    import json
+    import subprocess
+
+    argv = [*TINY, "--trainer.steps", "3", "--trainer.workers", "2", "--logging.run-dir", str(tmp_path / "cluster")]
+    out = tmp_path / "out.json"
+    script = tmp_path / "cluster.py"
+    script.write_text(CLUSTER_SCRIPT)
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "PYTHONPATH": repo}
+    subprocess.run([sys.executable, str(script), json.dumps(argv), str(out)], check=True, env=env, timeout=900)
+    got = json.loads(out.read_text())
+    assert len(set(got["nodes"])) == 2
+    one = train(_run(tmp_path / "w1", "--trainer.steps", "3", "--ray.no-use-ray"))
+    _assert_same(got["history"], one.history)
