@@ -4,9 +4,10 @@ policy sharded with FSDP2, and :class:`DPWorkers`, the ``Workers`` protocol over
 
 One step (hybrid layout: every rank samples; no weights travel between actors):
 
-1. every rank gathers the full weights into an unsharded copy of the model (one all-gather),
-   samples its contiguous share of the step's prompts with the per-prompt seeds of
-   ``skyrl_fn.train.sampling.prompt_seed`` and frees the copy again;
+1. every rank gathers its model's full parameters (``skyrl_fn.train.sharding.gathered``: one
+   all-gather per FSDP module, then no collective while sampling), samples its contiguous share
+   of the step's prompts with the per-prompt seeds of ``skyrl_fn.train.sampling.prompt_seed``
+   and reshards;
 2. the shares are all-gathered, so every rank holds the whole batch, in prompt order;
 3. every rank makes the experience of the whole batch (identical everywhere), takes its share of
    whole prompt groups balanced by token count (``skyrl_fn.train.sharding.partition_groups``)
@@ -28,7 +29,6 @@ import time
 from typing import Any, NoReturn, Sequence
 
 import torch
-from torch import nn
 
 from skyrl_fn.launcher.actors import Critic, ReferenceModel, _Ping, _start
 from skyrl_fn.launcher.devices import to_device
@@ -43,22 +43,13 @@ from skyrl_fn.train.model import load_model, load_tokenizer
 from skyrl_fn.train.nonfinite import reward_function_name
 from skyrl_fn.train.rollout import HFBackend
 from skyrl_fn.train.sharding import (
-    Collectives, full_optimizer_state, full_state_dict, init_process_group, load_full_state, partition_groups, shard_model,
+    Collectives, full_optimizer_state, full_state_dict, gathered, init_process_group, load_full_state, partition_groups,
+    shard_model,
 )
 from skyrl_fn.train.tasks import make_task, score
 from skyrl_fn.train.workers import Generated, RoleState, WorkersState
 
-__all__ = ["PolicyRank", "DPWorkers", "share_rows", "params_to_meta"]
-
-
-def params_to_meta(module: nn.Module) -> nn.Module:
-    """Drop the storage of ``module``'s parameters (they become meta tensors of the same shape;
-    buffers stay), so ``load_state_dict(..., assign=True)`` can fill it again. Returns it."""
-    for m in module.modules():
-        for name, p in list(m._parameters.items()):
-            if p is not None:
-                m._parameters[name] = nn.Parameter(p.detach().to("meta"), requires_grad=False)
-    return module
+__all__ = ["PolicyRank", "DPWorkers", "share_rows"]
 
 
 def share_rows(rollout, world_size: int, rank: int) -> torch.Tensor:
@@ -98,25 +89,19 @@ class PolicyRank(_Ping):
         return ray.get_runtime_context().get_node_id()
 
     def join(self, host: str, port: int) -> int:
-        """Join the process group, build the policy (same seed on every rank), keep an unsharded
-        parameterless copy for sampling, shard it with FSDP2, build the optimiser over the
-        shards. Returns this process's pid."""
+        """Join the process group, build the policy (same seed on every rank), shard it with
+        FSDP2, build the optimiser over the shards. Returns this process's pid."""
         cfg, tr = self.run.config, self.run.config.trainer
         init_process_group(rank=self.rank, world_size=self.world_size, host=host, port=port, device=self.device, timeout_s=tr.dist_timeout_s)
         model = load_model(cfg.model, self.tokenizer, seed=tr.seed).to(self.device)
-        self.sampler = params_to_meta(_copy(model)).eval()
-        self.backend = HFBackend(self.sampler, self.tokenizer, cfg.rollout)
         model = shard_model(model, device=self.device, mixed_precision=tr.bf16_mixed_precision)
+        self.backend = HFBackend(model, self.tokenizer, cfg.rollout)
         self.train_state = make_train_state(model, lr=tr.lr, weight_decay=tr.weight_decay, warmup_steps=tr.warmup_steps)
         self.kernel = loss_kernel(self.run, device_type=torch.device(self.device).type)
         self.dp = Collectives(self.device)
         return os.getpid()
 
     # -- the step --------------------------------------------------------------------------
-    def _gather_weights(self) -> None:
-        """Fill the sampling copy with the current full weights (a collective)."""
-        self.sampler.load_state_dict(full_state_dict(self.train_state.model), assign=True)
-
     def generate_share(self, examples: Sequence[Any], seed: int, share: bool):
         """Sample this rank's share of ``examples``, then all-gather the whole batch (kept here
         for :meth:`update_share`). Returns ``(whole batch if share and rank 0 else None, seconds)``."""
@@ -124,9 +109,9 @@ class PolicyRank(_Ping):
         chunks = split_prompts(list(examples), self.world_size)
         first = sum(len(c) for c in chunks[: self.rank])
         mine = chunks[self.rank]
-        self._gather_weights()
-        rollout = self.backend.generate([e.prompt for e in mine], seed=seed, first_prompt=first)
-        params_to_meta(self.sampler)
+        model = self.train_state.model.eval()
+        with gathered(model):
+            rollout = self.backend.generate([e.prompt for e in mine], seed=seed, first_prompt=first)
         scores = torch.tensor(score(self.task, rollout.responses, mine, rollout.group_ids.tolist()), dtype=torch.float32)
         parts = self.dp.all_gather_object((rollout, scores, time.perf_counter() - t0))
         whole = concat_rollouts([p[0] for p in parts], pad_id=int(self.tokenizer.pad_token_id))
@@ -141,10 +126,9 @@ class PolicyRank(_Ping):
         cfg = self.run.config
         rollout, scores, ref_log_probs, values = to_device((generated.rollout, generated.scores, ref_log_probs, values), self.device)
         old_lp = None
-        if cfg.algorithm.recompute_old_log_probs:  # on the unsharded copy: no collective per micro-batch
-            self._gather_weights()
-            old_lp = batched_log_probs(self.sampler, rollout, micro_batch_size=cfg.trainer.micro_batch_size, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
-            params_to_meta(self.sampler)
+        if cfg.algorithm.recompute_old_log_probs:  # of the whole batch, with the full parameters
+            with gathered(self.train_state.model.eval()) as model:
+                old_lp = batched_log_probs(model, rollout, micro_batch_size=cfg.trainer.micro_batch_size, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
         t0 = time.perf_counter()
         metrics, exp = experience_and_update(
             self.run, self.train_state, rollout, scores, reward_function=reward_function_name(self.task), old_log_probs=old_lp,
@@ -159,18 +143,15 @@ class PolicyRank(_Ping):
         """Greedy pass@1 on held-out ``examples`` with the full weights (rank 0 scores; the
         others return ``{}``)."""
         cfg = self.run.config
-        self._gather_weights()
-        try:
+        with gathered(self.train_state.model.eval()) as model:
             if self.rank != 0:
                 return {}
             if self._heldout is None:
                 self._heldout = heldout_task(self.task, cfg.eval)
             return evaluate(
-                self.sampler, self.tokenizer, self._heldout, examples,
+                model, self.tokenizer, self._heldout, examples,
                 max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens, batch_size=cfg.eval.batch_size,
             )
-        finally:
-            params_to_meta(self.sampler)
 
     # -- state -----------------------------------------------------------------------------
     def get_state(self) -> tuple[RoleState, Any] | None:
@@ -204,12 +185,6 @@ class PolicyRank(_Ping):
                     v = getattr(v, "_local_tensor", v)
                     optim += v.numel() * v.element_size()
         return {"params": params, "optim": optim}
-
-
-def _copy(model: nn.Module) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(model)
 
 
 class DPWorkers:

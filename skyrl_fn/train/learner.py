@@ -183,25 +183,27 @@ def policy_update(
     model.train()
     b, t = exp.batch_size, exp.response_len
     mask = exp.response_mask
+    mbs = tr.micro_batch_size
+    n_mb = -(-b // mbs)
+    # With dp: the whole batch's tokens and sequences, and the most micro-batches of any rank.
+    tokens, seqs, n_all = dp.batch_counts(mask.sum(), b, n_mb) if dp else (mask.sum(), b, n_mb)
     if global_tokens is None:
-        global_tokens = (dp.sum(mask.sum()) if dp else mask.sum()).clamp(min=1).to(torch.float32)
+        global_tokens = torch.as_tensor(tokens).clamp(min=1).to(torch.float32)
     if global_seqs is None:
-        global_seqs = dp.sum(float(b)) if dp else torch.tensor(float(b))
+        global_seqs = torch.tensor(float(seqs))
     batch_seqs = float(global_seqs) if dp else float(b)  # B of the whole batch (the metrics' weights)
     with_entropy = run.algorithm.entropy_coef != 0
     # The aggregation's max length is the configured generation budget, one constant for every
     # step (Dr. GRPO's normaliser), never the longest response of this batch.
     max_len = run.config.rollout.max_new_tokens
     sums: dict[str, float] = {}
-    mbs = tr.micro_batch_size
-    n_mb = -(-b // mbs)
-    starts = list(range(0, b, mbs)) + [b] * ((dp.max_int(n_mb) if dp else n_mb) - n_mb)  # b: a masked filler
+    starts = list(range(0, b, mbs)) + [b] * (n_all - n_mb)  # b: a masked filler (dp)
     first_pass: dict[int, torch.Tensor] = {}  # old log-probs taken from epoch 0 when not given
     stepped = 0
     for epoch in range(a.update_epochs):
         opt.zero_grad(set_to_none=True)
         bad: dict[int, list[str]] | None = None  # rows of a non-finite loss, once one is seen
-        for s in starts:
+        for i, s in enumerate(starts):
             mb = exp.slice(s, s + mbs) if s < b else _masked_row(exp)
             lp, ent = sequence_log_probs(model, mb.input_ids, mb.attention_mask, t, temperature=run.config.rollout.temperature, top_p=run.config.rollout.top_p, with_entropy=with_entropy)
             old = mb.old_log_probs
@@ -215,14 +217,15 @@ def policy_update(
             )
             out = kernel(batch, global_tokens=global_tokens, global_seqs=global_seqs, max_seq_len=max_len, entropy=ent)
             finite = bool(torch.isfinite(out.loss))
-            if not (dp.all_true(finite) if dp else finite):  # with dp, every rank stops here
-                bad = {}  # a non-finite loss on another rank: no row of this share to name
+            if not finite and bad is None:
                 tensors = {"advantages": mb.advantages, "log_probs": lp, "old_log_probs": old, "ref_log_probs": mb.ref_log_probs, "rollout_log_probs": mb.rollout_log_probs}
-                if not finite:
-                    bad = {s + r: names for r, names in nonfinite_rows(tensors, mb.response_mask).items()}
+                bad = {s + r: names for r, names in nonfinite_rows(tensors, mb.response_mask).items()}
+            if not finite and not dp:
                 break
+            if dp:  # every rank makes the same calls, so it backpropagates even a non-finite loss
+                dp.accumulate(model, last=i == len(starts) - 1)
             out.loss.backward()
-            if s >= b:  # the filler: no rows, nothing to report
+            if s >= b or not finite:  # the filler (no rows), or a step about to be skipped
                 continue
             share = mb.batch_size / batch_seqs
             _acc(sums, "loss", out.loss.detach(), 1.0)
@@ -230,6 +233,8 @@ def policy_update(
                 # The objective's terms are globally normalised (they sum over micro-batches);
                 # the loss's own metrics are means of each micro-batch.
                 _acc(sums, k, v, 1.0 if k in SUMMED_METRICS else share)
+        if dp and not dp.all_true(bad is None) and bad is None:
+            bad = {}  # a non-finite loss on another rank: no row of this share to name
         grad_norm, ok = step_if_finite(model, opt, max_norm=tr.grad_clip, loss_finite=bad is None)
         if not ok:
             what = "loss" if bad is not None else f"gradient (norm {float(grad_norm)})"

@@ -16,8 +16,9 @@ to 1) gradients are the whole batch's gradient.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -27,6 +28,7 @@ __all__ = [
     "init_process_group",
     "transformer_blocks",
     "shard_model",
+    "gathered",
     "full_state_dict",
     "full_optimizer_state",
     "load_full_state",
@@ -80,14 +82,33 @@ def shard_model(model: nn.Module, *, device: str, mixed_precision: bool = False)
     kwargs: dict[str, Any] = {"mesh": mesh}
     if mixed_precision:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    # reshard_after_forward=False: the parameters gathered for a forward stay until its backward
+    # has run (no second all-gather; sampling inside gathered() makes no collective at all).
     for block in transformer_blocks(model):
-        fully_shard(block, **kwargs)
-    fully_shard(model, **kwargs)
+        fully_shard(block, reshard_after_forward=False, **kwargs)
+    fully_shard(model, reshard_after_forward=False, **kwargs)
     for m in model.modules():
         if hasattr(m, "set_gradient_divide_factor") and hasattr(m, "reshard"):  # every FSDPModule
             m.set_gradient_divide_factor(1.0)
             m.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
     return model
+
+
+@contextlib.contextmanager
+def gathered(model: nn.Module) -> Iterator[nn.Module]:
+    """The FSDP2-sharded ``model`` with its full parameters on every rank for the duration (one
+    all-gather per FSDP module on entry, reshard on exit): forward passes inside make no
+    collective, so ranks may run different numbers of them (sampling, evaluation)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in modules:
+        m.unshard()
+    try:
+        yield model
+    finally:
+        for m in modules:
+            m.reshard()
 
 
 def full_state_dict(model: nn.Module, *, rank0_only: bool = False) -> dict[str, torch.Tensor]:
@@ -176,13 +197,22 @@ class Collectives:
         dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
         return t.tolist()
 
-    def sum(self, value: torch.Tensor | float) -> torch.Tensor:
-        """The sum over ranks of a scalar, as a float32 0-dim tensor."""
-        return torch.tensor(self._reduce([float(value)], "sum")[0], dtype=torch.float32)
+    def batch_counts(self, tokens: torch.Tensor | int, seqs: int, micro_batches: int) -> tuple[torch.Tensor, int, int]:
+        """One all-gather: ``(sum of tokens [float32 0-dim], sum of seqs, max of micro_batches)``."""
+        import torch.distributed as dist
 
-    def max_int(self, value: int) -> int:
-        """The maximum over ranks."""
-        return int(self._reduce([value], "max")[0])
+        mine = torch.tensor([float(tokens), float(seqs), float(micro_batches)], dtype=torch.float64, device=self.device)
+        every = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(every, mine)
+        t = torch.stack(every).cpu()
+        return t[:, 0].sum().to(torch.float32), int(t[:, 1].sum()), int(t[:, 2].max())
+
+    def accumulate(self, model: nn.Module, *, last: bool) -> None:
+        """Before a micro-batch's backward: reduce-scatter the gradients and reshard the
+        parameters only after the step's last one (earlier ones accumulate locally), so an
+        update costs one all-gather and one reduce-scatter per FSDP module, not one per micro-batch."""
+        model.set_requires_gradient_sync(last)
+        model.set_reshard_after_backward(last)
 
     def all_true(self, flag: bool) -> bool:
         """True when ``flag`` holds on every rank."""
