@@ -198,9 +198,7 @@ class DPWorkers:
     """
 
     def __init__(self, run: ResolvedRun, *, strategy: str = "SPREAD") -> None:
-        import ray
         from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         self.run, cfg = run, run.config
         w = cfg.trainer.workers
@@ -210,7 +208,19 @@ class DPWorkers:
         share_cpu = CPU_SHARES["policy"]
         self.pg = placement_group([{"CPU": share_cpu}] * w, strategy=strategy)
         self.ranks, self.reference, self.critic = [], None, None
-        self.get(self.pg.ready(), what="the placement group of the policy ranks (enough CPUs/nodes?)", timeout=cfg.trainer.dist_timeout_s)
+        try:
+            self._start(run, w, share_cpu)
+        except BaseException:
+            self.close()  # the loop closes only workers that started
+            raise
+        self.step_index = 0
+
+    def _start(self, run: ResolvedRun, w: int, share_cpu: float) -> None:
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        what = f"the placement group of the {w} policy ranks ({share_cpu:g} CPU each; enough CPUs and nodes?)"
+        self.get(self.pg.ready(), what=what, timeout=run.config.trainer.dist_timeout_s)
         for r in range(w):
             opts = dict(num_cpus=share_cpu, max_restarts=0, scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r))
             handle = ray.remote(PolicyRank).options(**opts).remote(run, r, w)
@@ -227,7 +237,6 @@ class DPWorkers:
         for a, pid in zip(self.actors(), pids):
             name = self.names[a._actor_id.hex()].rstrip(")")
             self.names[a._actor_id.hex()] = f"{name}, pid {pid})"
-        self.step_index = 0
 
     # -- the protocol ------------------------------------------------------------------------
     def generate(self, examples: Sequence[Any], *, step: int, seed: int):
