@@ -87,10 +87,12 @@ def part_engine(checks: Checks, steps: int) -> None:
     from skyrl_fn.launcher.devices import to_device
     from skyrl_fn.train.forward import batched_log_probs
     from skyrl_fn.train.model import load_model, load_tokenizer
-    from skyrl_fn.train.tasks import DataState, make_task, next_prompts
+    from skyrl_fn import DEFAULT_TABLE
+    from skyrl_fn.train.run import resolve
+    from skyrl_fn.train.tasks import DataState, next_prompts
 
     cfg = smoke_config(colocate=True, num_gpus=1, steps=steps)
-    task = make_task(cfg.data, seed=0)
+    task = resolve(cfg, DEFAULT_TABLE).make_task()
     tok = load_tokenizer(cfg.model, alphabet=task.alphabet)
     model = load_model(cfg.model, tok, seed=0).cuda().eval()
     initial = copy.deepcopy(model)
@@ -157,10 +159,10 @@ def part_ray(checks: Checks, steps: int, *, colocate: bool, backend: str = "vllm
     from skyrl_fn.launcher.ray_workers import RayWorkers
     from skyrl_fn.train.experience import kl_controller_of
     from skyrl_fn.train.loop import run_step
-    from skyrl_fn.train.config import resolve
+    from skyrl_fn.train.run import resolve
     from skyrl_fn.train.forward import batched_log_probs
     from skyrl_fn.train.model import load_model, load_tokenizer
-    from skyrl_fn.train.tasks import DataState, make_task, next_prompts
+    from skyrl_fn.train.tasks import DataState, next_prompts
 
     n_gpus = 1 if colocate else 2
     cfg = smoke_config(colocate=colocate, num_gpus=n_gpus, steps=steps, run_dir=tempfile.mkdtemp(prefix="gpu_smoke_"), backend=backend)
@@ -173,7 +175,7 @@ def part_ray(checks: Checks, steps: int, *, colocate: bool, backend: str = "vllm
         ray.shutdown()
         return
     try:
-        task = make_task(cfg.data, seed=0)
+        task = run.make_task()
         fixed = next_prompts(task, DataState(seed=123), 4)[0]
         tok = load_tokenizer(cfg.model, alphabet=task.alphabet)
         initial = load_model(cfg.model, tok, seed=cfg.trainer.seed).float().eval()

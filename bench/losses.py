@@ -67,7 +67,8 @@ def main() -> None:
     from torch._dynamo import config as dynamo_config
     from torch._dynamo.utils import counters
 
-    from skyrl_fn.losses import compile_loss, compile_unavailable_reason, regular
+    from skyrl_fn.losses import regular
+    from skyrl_fn.losses.compile import compile_loss, compile_unavailable_reason
 
     reason = compile_unavailable_reason()
     if reason:

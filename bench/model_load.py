@@ -15,7 +15,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from skyrl_fn.train.config import ModelConfig  # noqa: E402
+from skyrl_fn.train.model import ModelConfig
 from skyrl_fn.train.model import load_model, load_tokenizer  # noqa: E402
 
 

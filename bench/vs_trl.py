@@ -84,11 +84,11 @@ def trl(steps: int, warmup: int) -> tuple[float, float] | None:
     from trl import GRPOConfig, GRPOTrainer
 
     from skyrl_fn.train.model import load_model, load_tokenizer
-    from skyrl_fn.train.tasks import Example, make_task
+    from skyrl_fn.train.tasks import Example
 
     run = _run(steps, tempfile.mkdtemp(prefix="skyrl_fn_vs_trl_"))
     cfg = run.config
-    task = make_task(cfg.data, seed=cfg.trainer.seed)
+    task = run.make_task()
     tokenizer = load_tokenizer(cfg.model, alphabet=task.alphabet)
     model = load_model(cfg.model, tokenizer, seed=cfg.trainer.seed)
     rows = [task.example(i) for i in range(PROMPTS * (steps + 2))]

@@ -11,7 +11,8 @@ from skyrl_fn.records import (
     PolicyLossOutput,
     ReducedLoss,
 )
-from skyrl_fn.table import DEFAULT_TABLE, KINDS, AlgorithmTable, Entry, UnknownNameError
+from skyrl_fn._builtins import DEFAULT_TABLE
+from skyrl_fn.table import KINDS, AlgorithmTable, Entry, UnknownNameError
 from skyrl_fn.compose import AdvantageTransform, Chain, RewardTransform, chain
 from skyrl_fn.algorithm import Algorithm, bind, bind_algorithm, compute_policy_loss
 from skyrl_fn.requires import requires

@@ -1,8 +1,8 @@
-"""The one explicit literal of built-ins that ``DEFAULT_TABLE`` is built from.
+"""``DEFAULT_TABLE``: every built-in, from the one explicit literal ``BUILTINS`` below.
 
 Each row: ``(kind, name, function, promises)``. ``promises`` are the invariants (see
 ``skyrl_fn.properties``) the testing kit checks for that entry on top of the universal ones.
-Importing this module has no side effects beyond importing the functions.
+Importing this module builds the table once (no registration anywhere else).
 """
 
 from __future__ import annotations
@@ -11,6 +11,9 @@ import functools
 
 from skyrl_fn import estimators as est
 from skyrl_fn import losses as ls
+from skyrl_fn.table import AlgorithmTable
+
+__all__ = ["BUILTINS", "DEFAULT_TABLE"]
 
 _GROUP_NORM = frozenset({"permutation_equivariant", "group_local", "shift_invariant", "scale_invariant"})
 _GROUP_CENTRED = frozenset({"permutation_equivariant", "group_local", "shift_invariant"})
@@ -81,3 +84,15 @@ BUILTINS = (
     ("kl_estimator", "k2+", ls.k2_plus, _KL_NON_NEGATIVE),
     ("kl_estimator", "k3+", ls.k3_plus, _KL_NON_NEGATIVE),
 )
+
+
+def _build_default() -> AlgorithmTable:
+    table = AlgorithmTable()
+    for kind, name, fn, promises in BUILTINS:
+        table = table.register(name, fn, kind=kind, promises=promises)
+    return table
+
+
+#: Every built-in, registered from ``BUILTINS``. Defined here, above the estimators and losses,
+#: so the table module (below them) never imports them.
+DEFAULT_TABLE: AlgorithmTable = _build_default()

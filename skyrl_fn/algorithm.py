@@ -40,8 +40,12 @@ __all__ = [
     "compute_policy_loss",
 ]
 
-#: Keywords a kind's functions receive from the objective, not from the user.
-SUPPLIED: Mapping[str, frozenset[str]] = {"aggregation": frozenset({"global_tokens", "global_seqs", "max_seq_len"})}
+#: Keywords a kind's functions receive from their caller (the objective, the trainer), not from the user.
+SUPPLIED: Mapping[str, frozenset[str]] = {
+    "aggregation": frozenset({"global_tokens", "global_seqs", "max_seq_len"}),
+    "task": frozenset({"seed"}),
+    "rollout_backend": frozenset({"seed", "colocated"}),
+}
 
 
 def entry_hyperparameters(entry: Entry) -> Mapping[str, Any] | None:

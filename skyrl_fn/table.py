@@ -2,7 +2,8 @@
 
 ``AlgorithmTable`` is an immutable value. ``register`` and ``unregister`` return a *new* table;
 nothing is ever changed in place, so a table can be passed to Ray workers as an argument and every
-worker sees exactly what the driver resolved. ``DEFAULT_TABLE`` holds every built-in.
+worker sees exactly what the driver resolved. ``DEFAULT_TABLE`` (``skyrl_fn._builtins``, above the
+estimators and losses it registers) holds every built-in.
 
 Kinds and the call each kind's functions must accept (positional inputs, then keyword-only
 hyperparameters, every one with a default):
@@ -14,7 +15,16 @@ advantage_estimator   ``fn(batch: AdvantageInput, **hyper)``      ``AdvantageOut
 policy_loss           ``fn(batch: PolicyLossInput, **hyper)``     ``PolicyLossOutput``
 kl_estimator          ``fn(log_probs, ref_log_probs, **hyper)``   ``[B, T]`` tensor
 aggregation           ``fn(token_loss, loss_mask, **hyper)``      ``[]`` scalar tensor
+task                  ``fn(data, **hyper)``                       a ``Task``
+reward                ``fn(response, example, **hyper)``          ``float``
+rollout_backend       ``fn(model, tokenizer, rollout, **opts)``   a ``RolloutBackend``
 ====================  ==========================================  =============================
+
+The first four are the algorithm pieces (``DEFAULT_TABLE`` holds their built-ins). The last three
+plug the training run: ``data`` is the run's data config group, ``example`` a task's example,
+``rollout`` the rollout config group; the training stack registers its built-in tasks, rewards and
+backends on top of ``DEFAULT_TABLE`` (``skyrl_fn.train.run_table``), and a plugin adds its own the
+same way, so ``--data.task mine`` works like ``--algorithm.advantage-estimator mine``.
 """
 
 from __future__ import annotations
@@ -36,9 +46,12 @@ __all__ = [
     "Entry",
     "AlgorithmTable",
     "UnknownNameError",
-    "DEFAULT_TABLE",
     "infer_kind",
+    "HyperValue",
 ]
+
+#: A hyperparameter value as a command line can give it (``--algorithm.loss.x 1`` or KEY VALUE pairs).
+HyperValue = float | int | bool | str
 
 #: kind -> number of positional inputs the function takes.
 KINDS: Mapping[str, int] = {
@@ -46,6 +59,9 @@ KINDS: Mapping[str, int] = {
     "policy_loss": 1,
     "kl_estimator": 2,
     "aggregation": 2,
+    "task": 1,
+    "reward": 2,
+    "rollout_backend": 3,
 }
 _RECORD_KIND = {AdvantageInput: "advantage_estimator", PolicyLossInput: "policy_loss"}
 
@@ -142,6 +158,9 @@ _CALLS = {
     "policy_loss": "fn(batch: PolicyLossInput, **hyper) -> PolicyLossOutput",
     "kl_estimator": "fn(log_probs, ref_log_probs, **hyper) -> [B, T] tensor",
     "aggregation": "fn(token_loss, loss_mask, **hyper) -> scalar tensor",
+    "task": "fn(data: DataConfig, **hyper) -> Task",
+    "reward": "fn(response: str, example: Example, **hyper) -> float",
+    "rollout_backend": "fn(model, tokenizer, rollout: RolloutConfig, *, seed=0, colocated=True) -> RolloutBackend",
 }
 
 
@@ -331,16 +350,3 @@ class AlgorithmTable:
         if not isinstance(out, AdvantageOutput):
             raise TypeError(f"advantage estimator {name!r}: expected it to return an AdvantageOutput, got {type(out).__name__}")
         return out.check_against(batch, name=f"advantage estimator {name!r}")
-
-
-def _build_default() -> AlgorithmTable:
-    from skyrl_fn._builtins import BUILTINS
-
-    table = AlgorithmTable()
-    for kind, name, fn, promises in BUILTINS:
-        table = table.register(name, fn, kind=kind, promises=promises)
-    return table
-
-
-#: Every built-in, from the one explicit literal in ``skyrl_fn/_builtins.py``.
-DEFAULT_TABLE: AlgorithmTable = _build_default()

@@ -193,8 +193,10 @@ def test_dr_grpo_cannot_be_turned_back_into_grpo():
     assert "norm_by_std" not in DEFAULT_TABLE.entry("advantage_estimator", "dr_grpo").hyperparameters()
 
 
-def test_kinds_are_the_documented_four():
-    assert set(KINDS) == {"advantage_estimator", "policy_loss", "kl_estimator", "aggregation"}
+def test_kinds_are_the_documented_seven():
+    assert set(KINDS) == {
+        "advantage_estimator", "policy_loss", "kl_estimator", "aggregation", "task", "reward", "rollout_backend",
+    }
 
 
 def test_table_round_trips_through_cloudpickle_and_pickle():

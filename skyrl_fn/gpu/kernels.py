@@ -18,7 +18,7 @@ per log-prob chunk.
 * :func:`fp32_accumulation` — context manager forbidding reduced-precision reductions in bf16/fp16
   cuBLAS matmuls (the ``[C, H] x [H, V]`` products of the chunked log-prob path).
 * :func:`logprob_chunk_rows` / :func:`token_logprobs_on_device` — rows per chunk so the ``[C, V]``
-  float32 working set of ``skyrl_fn.losses.token_logprobs_from_hidden`` fits a share of the free
+  float32 working set of ``skyrl_fn.losses.logprobs.token_logprobs_from_hidden`` fits a share of the free
   GPU memory.
 
 Nothing here needs CUDA to import; the CPU tests check the math and the option plumbing.
@@ -31,6 +31,8 @@ import functools
 from typing import Callable, Literal
 
 import torch
+
+from skyrl_fn.losses.logprobs import token_logprobs_from_hidden
 
 __all__ = [
     "COMPILE_MODES",
@@ -97,7 +99,7 @@ def compile_kernel(kernel: Callable, *, mode: str | None = None, device_type: st
     """``torch.compile`` of :func:`upcast_kernel` ``(kernel)`` with :func:`compile_kwargs`; cached.
 
     Compilation is lazy (first call); a platform without inductor support raises there, and
-    ``skyrl_fn.losses.compile_loss`` is the wrapper with the eager fallback.
+    ``skyrl_fn.losses.compile.compile_loss`` is the wrapper with the eager fallback.
     """
     return torch.compile(upcast_kernel(kernel), **compile_kwargs(mode=mode, device_type=device_type))
 
@@ -141,14 +143,13 @@ def logprob_chunk_rows(vocab: int, *, free_bytes: int, fraction: float = 0.25, w
 def token_logprobs_on_device(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                              temperature: float = 1.0, with_entropy: bool = False, fraction: float = 0.25,
                              mask: torch.Tensor | None = None):
-    """``skyrl_fn.losses.token_logprobs_from_hidden`` with a chunk size from the free device memory.
+    """``skyrl_fn.losses.logprobs.token_logprobs_from_hidden`` with a chunk size from the free device memory.
 
     On CUDA the chunk is sized by :func:`logprob_chunk_rows` from ``torch.cuda.mem_get_info`` and
     the matmuls run under :func:`fp32_accumulation`; elsewhere the library default chunk is used.
     ``hidden [B, T, H]`` or ``[N, H]`` (bf16 allowed), ``weight [V, H]``, ``targets [B, T]``/``[N]``;
     returns float32 log-probs (and entropy) shaped like ``targets``.
     """
-    from skyrl_fn.losses import token_logprobs_from_hidden
 
     chunk = None
     if hidden.device.type == "cuda":

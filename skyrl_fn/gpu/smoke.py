@@ -20,12 +20,12 @@ from skyrl_fn.train.config import (
     AlgorithmConfig,
     GPUPlacementConfig,
     LoggingConfig,
-    ModelConfig,
     RayConfig,
-    RolloutConfig,
     TrainConfig,
     TrainerConfig,
 )
+from skyrl_fn.train.model import ModelConfig
+from skyrl_fn.train.rollout import RolloutConfig
 
 __all__ = [
     "SMOKE_MODEL", "ATTENTION_BACKENDS", "head_dim", "attention_backends", "smoke_config", "compare_log_probs",

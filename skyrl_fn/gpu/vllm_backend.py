@@ -39,7 +39,16 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from skyrl_fn.train.config import VLLM_TEMPERATURE_RANGE, RolloutConfig
+from skyrl_fn.gpu.weight_sync import (
+    DEFAULT_BUCKET_BYTES,
+    EXTENSION_CLS,
+    bucket_to_wire,
+    plan_buckets,
+    plan_to_wire,
+    specs_of,
+    to_hf_names,
+)
+from skyrl_fn.train.rollout import VLLM_TEMPERATURE_RANGE, BackendUnavailableError, RolloutBatch, RolloutConfig
 
 __all__ = [
     "VLLM_EXTRA_HINT",
@@ -49,6 +58,8 @@ __all__ = [
     "outputs_to_batch",
     "VLLMBackend",
     "make_vllm_backend",
+    "vllm_backend",
+    "check_vllm_available",
 ]
 
 #: How to get a working vLLM, for error messages and the README.
@@ -132,7 +143,6 @@ def engine_kwargs(
         raise ValueError(f"rollout.gpu_memory_utilization: expected in (0, 1], got {cfg.gpu_memory_utilization}")
     if cfg.tensor_parallel_size < 1:
         raise ValueError(f"rollout.tensor_parallel_size: expected >= 1, got {cfg.tensor_parallel_size}")
-    from skyrl_fn.gpu.weight_sync import EXTENSION_CLS
 
     out: dict[str, Any] = {
         "model": model_path,
@@ -186,7 +196,6 @@ def outputs_to_batch(
     Raises:
         ValueError: counts disagree, a completion is empty, or a log-prob is missing.
     """
-    from skyrl_fn.train.rollout import RolloutBatch
 
     p, g = len(prompts), int(samples_per_prompt)
     if len(prompt_token_ids) != p or len(outputs) != p:
@@ -257,11 +266,7 @@ class VLLMBackend:
         self, cfg: RolloutConfig, model_path: str, tokenizer, *, dtype: str = "bfloat16", seed: int = 0,
         colocated: bool = True, tied_embeddings: bool = False, max_model_len: int | None = None,
     ) -> None:
-        reason = vllm_unavailable_reason()
-        if reason is not None:
-            from skyrl_fn.train.rollout import BackendUnavailableError
-
-            raise BackendUnavailableError(reason)
+        check_vllm_available(cfg)
         from vllm import LLM
 
         self.cfg = cfg
@@ -325,7 +330,6 @@ class VLLMBackend:
         Raises:
             RuntimeError: a worker loaded a different number of tensors than were sent.
         """
-        from skyrl_fn.gpu.weight_sync import DEFAULT_BUCKET_BYTES, bucket_to_wire, plan_buckets, specs_of, to_hf_names
 
         named = to_hf_names(state_dict, tied_embeddings=self.tied_embeddings)
         self.wake_up(("weights",))
@@ -343,7 +347,6 @@ class VLLMBackend:
 
     def receive_broadcast(self, plan) -> None:
         """Receive and load the buckets of ``plan``; concurrently the trainer calls ``sender.send``."""
-        from skyrl_fn.gpu.weight_sync import plan_to_wire
 
         self.wake_up(("weights",))
         self.llm.collective_rpc("skyrl_receive_buckets", args=(plan_to_wire(plan),))
@@ -354,11 +357,7 @@ def make_vllm_backend(cfg: RolloutConfig, model: torch.nn.Module, tokenizer, *, 
     """A ``VLLMBackend`` for ``model``: its local directory if it was loaded from one, else a
     copy saved to a temporary directory (the embedded tiny model). Raises
     ``BackendUnavailableError`` with the install hint when vLLM or CUDA is missing."""
-    reason = vllm_unavailable_reason()
-    if reason is not None:
-        from skyrl_fn.train.rollout import BackendUnavailableError
-
-        raise BackendUnavailableError(reason)
+    check_vllm_available(cfg)
     path = getattr(getattr(model, "config", None), "_name_or_path", None)
     if not (path and os.path.isdir(path)):
         path = tempfile.mkdtemp(prefix="skyrl_fn_vllm_model_")
@@ -367,3 +366,21 @@ def make_vllm_backend(cfg: RolloutConfig, model: torch.nn.Module, tokenizer, *, 
     dtype = _DTYPES.get(next(model.parameters()).dtype, "bfloat16")
     tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
     return VLLMBackend(cfg, path, tokenizer, dtype=dtype, seed=seed, colocated=colocated, tied_embeddings=tied)
+
+
+def check_vllm_available(rollout: RolloutConfig) -> None:
+    """Raise ``BackendUnavailableError`` (what is missing, the install command, the hardware)
+    unless vLLM and a CUDA device are here; imports no vLLM."""
+    reason = vllm_unavailable_reason()
+    if reason is not None:
+        raise BackendUnavailableError(reason)
+
+
+def vllm_backend(model: torch.nn.Module, tokenizer, rollout: RolloutConfig, *, seed: int = 0, colocated: bool = True) -> VLLMBackend:
+    """The built-in rollout backend ``vllm`` (:func:`make_vllm_backend`); checked before any model
+    loads by :func:`check_vllm_available` (its ``check_available``)."""
+    return make_vllm_backend(rollout, model, tokenizer, seed=seed, colocated=colocated)
+
+
+vllm_backend.check_available = check_vllm_available
+vllm_backend.engine = True  # its own weights: pushed by weight sync, never the trainer's module

@@ -15,11 +15,12 @@ from typing import Any, Mapping
 import torch
 
 from skyrl_fn.gpu.memory import release_cached_memory
+from skyrl_fn.gpu.weight_sync import BroadcastSender, free_port, to_hf_names
 from skyrl_fn.launcher.devices import actor_device, to_device
 from skyrl_fn.launcher.weights import PackedWeights, pack, unpack
 from skyrl_fn.train import checkpoint as ckpt
 from skyrl_fn.train import workers as roles
-from skyrl_fn.train.config import ResolvedRun
+from skyrl_fn.train.run import ResolvedRun
 from skyrl_fn.train.loop import seed_everything
 
 __all__ = ["PolicyTrainer", "RolloutWorker", "ReferenceModel", "Critic", "hosts_rollout"]
@@ -37,13 +38,13 @@ def _start(run: ResolvedRun) -> str:
 
 def _shares_gpu(run: ResolvedRun) -> bool:
     """Colocated vLLM engines wake up after the trainer side's work: it gives cached memory back."""
-    return run.config.rollout.backend == "vllm" and run.config.gpu.colocate
+    return run.backend_is_engine and run.config.gpu.colocate
 
 
 def hosts_rollout(run: ResolvedRun) -> bool:
-    """True when the policy trainer samples itself (``ray.rollout_workers == 0`` on the hf path)."""
-    cfg = run.config
-    return cfg.ray.rollout_workers == 0 and cfg.rollout.backend == "hf"
+    """True when the policy trainer samples itself (``ray.rollout_workers == 0`` with a backend that
+    samples with the trainer's own module, as ``hf`` and any backend that is not an engine)."""
+    return run.config.ray.rollout_workers == 0 and not run.backend_is_engine
 
 
 class _Ping:
@@ -110,13 +111,11 @@ class PolicyTrainer(roles.PolicyWorker, _Ping):
         """``(host, port)`` of this node for the NCCL sync group's rendezvous."""
         import ray
 
-        from skyrl_fn.gpu.weight_sync import free_port
 
         return ray.util.get_node_ip_address(), free_port()
 
     def init_broadcast(self, host: str, port: int, world_size: int):
         """Become rank 0 of the sync group (concurrently the engines join); returns the bucket plan."""
-        from skyrl_fn.gpu.weight_sync import BroadcastSender
 
         self.sender = BroadcastSender(host, port, world_size, device=self.device)
         self.plan = self.sender.plan(self._hf_weights())
@@ -127,8 +126,6 @@ class PolicyTrainer(roles.PolicyWorker, _Ping):
         self.sender.send(self._hf_weights(), self.plan)
 
     def _hf_weights(self):
-        from skyrl_fn.gpu.weight_sync import to_hf_names
-
         model = self.train_state.model
         tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
         return to_hf_names({k: v.detach() for k, v in model.state_dict().items()}, tied_embeddings=tied)

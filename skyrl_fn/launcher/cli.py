@@ -32,6 +32,7 @@ from typing import Annotated, Any, Mapping, NoReturn, Sequence
 import attrs
 import tyro
 
+from skyrl_fn._builtins import DEFAULT_TABLE
 from skyrl_fn.launcher.plugins import (
     NAME_FIELDS,
     PluginError,
@@ -41,24 +42,29 @@ from skyrl_fn.launcher.plugins import (
     load_plugins,
     register_import_names,
 )
-from skyrl_fn.launcher.hyper_flags import check_group_flags, chosen_names, group_type, to_mapping
+from skyrl_fn.launcher.hyper_flags import SECTIONS, check_group_flags, chosen_names, group_type, to_mapping
+from skyrl_fn.launcher.observe import RunObserver
 from skyrl_fn.launcher.preflight import Preflight, PreflightError, preflight
-from skyrl_fn.table import DEFAULT_TABLE, AlgorithmTable, UnknownNameError
+from skyrl_fn.launcher.ray_runner import train_on_ray
+from skyrl_fn.launcher.ray_workers import WorkerDiedError
+from skyrl_fn.table import AlgorithmTable, UnknownNameError
 from skyrl_fn.train.checkpoint import CheckpointError, CheckpointWarning
 from skyrl_fn.train.config import (
+    DATA_HYPER_FIELDS,
     HYPER_FIELDS,
     AlgorithmConfig,
-    DataConfig,
     EvalConfig,
-    ModelConfig,
-    ResolvedRun,
-    RolloutConfig,
     TrainConfig,
     TrainerConfig,
-    resolve,
+    config_to_dict,
 )
+from skyrl_fn.train.run import ResolvedRun, resolve
+from skyrl_fn.train.model import ModelConfig, checkpoint_dir
+from skyrl_fn.train.rollout import RolloutConfig
+from skyrl_fn.train.tasks import DataConfig, DataError, RewardError
+from skyrl_fn.train.loop import train
 from skyrl_fn.train.nonfinite import NonFiniteStepError, SkippedStepWarning
-from skyrl_fn.train.tasks import DataError, RewardError
+from skyrl_fn.train.run_table import RUN_KINDS, with_run_builtins
 
 __all__ = [
     "PRESETS",
@@ -172,10 +178,12 @@ def split_launcher_args(argv: Sequence[str]) -> LauncherArgs:
 def build_table(
     table: AlgorithmTable | None = None, plugins: Sequence[str] = (), *, app_dir: str | None = None
 ) -> AlgorithmTable:
-    """``table`` (default ``DEFAULT_TABLE``) + entry points + plugins + compat registrations."""
+    """``table`` (default ``DEFAULT_TABLE``) + the built-in tasks, rewards and rollout backends it
+    lacks + entry points + plugins + compat registrations."""
     table = DEFAULT_TABLE if table is None else table
     if not isinstance(table, AlgorithmTable):
         raise TypeError(f"table: expected an AlgorithmTable, got {type(table).__name__}")
+    table = with_run_builtins(table)
     table = load_entry_points(table)
     table = load_plugins(plugins, table, app_dir=app_dir)
     return freeze_compat(table)
@@ -197,10 +205,26 @@ def _names_help(table: AlgorithmTable, field: str) -> str:
     return f"{_FIELD_HELP[field]}. Registered: {listed}. Or module:function / path/to/file.py:function."
 
 
-def _cli_types(table: AlgorithmTable, names: Mapping[str, str], base: AlgorithmConfig) -> tuple[type, type]:
-    """Subclasses of AlgorithmConfig/TrainConfig for this command line: the name fields' help
-    lists ``table``'s names, and each hyperparameter mapping is a group of typed flags of the
-    function ``names`` chooses (``skyrl_fn.launcher.hyper_flags``).
+def _group_fields(table: AlgorithmTable, section: str, names: Mapping[str, str], base: Any) -> list[tuple]:
+    """One typed field per hyperparameter group of ``section``, for the function ``names`` chooses."""
+    fields = []
+    for field, (group, kind) in SECTIONS[section].items():
+        # The base config's values belong to the function it names; another name starts clean.
+        given = getattr(base, group) if names[field] == getattr(base, field) else {}
+        typ, default = group_type(table, field, names[field], given, section)
+        what = f"{kind.replace('_', ' ')} {names[field]!r}"
+        doc = f"Hyperparameters of the {what} (set only those to change; the rest keep the function's own defaults)."
+        if not dataclasses.is_dataclass(typ):
+            doc = f"Hyperparameters of the {what} as KEY VALUE pairs (untyped: it takes **kwargs or is not chosen)."
+        fields.append((group, Annotated[typ, tyro.conf.arg(help=doc)], dataclasses.field(default_factory=lambda d=default: d)))
+    return fields
+
+
+def _cli_types(table: AlgorithmTable, names: Mapping[str, str], data_names: Mapping[str, str], base: TrainConfig) -> tuple[type, type, type]:
+    """Subclasses of AlgorithmConfig/DataConfig/TrainConfig for this command line: the algorithm
+    name fields' help lists ``table``'s names, and each hyperparameter mapping (the algorithm's
+    pieces, the task's and the reward's arguments) is a group of typed flags of the function the
+    names choose (``skyrl_fn.launcher.hyper_flags``).
 
     Built at start-up because names and signatures depend on the plugins loaded; parsing converts
     back to the plain classes, so nothing dynamic ever leaves this module.
@@ -209,27 +233,27 @@ def _cli_types(table: AlgorithmTable, names: Mapping[str, str], base: AlgorithmC
         (f.name, Annotated[str, tyro.conf.arg(help=_names_help(table, f.name))], dataclasses.field(default=names[f.name]))
         for f in dataclasses.fields(AlgorithmConfig) if f.name in NAME_FIELDS
     ]
-    for field, (group, _) in HYPER_FIELDS.items():
-        # The base config's values belong to the function it names; another name starts clean.
-        given = getattr(base, group) if names[field] == getattr(base, field) else {}
-        typ, default = group_type(table, field, names[field], given)
-        what = f"{HYPER_FIELDS[field][1].replace('_', ' ')} {names[field]!r}"
-        doc = f"Hyperparameters of the {what} (set only those to change; the rest keep the function's own defaults)."
-        if not dataclasses.is_dataclass(typ):
-            doc = f"Hyperparameters of the {what} as KEY VALUE pairs (it takes **kwargs, so they are not typed)."
-        fields.append((group, Annotated[typ, tyro.conf.arg(help=doc)], dataclasses.field(default_factory=lambda d=default: d)))
+    fields += _group_fields(table, "algorithm", names, base.algorithm)
     alg = dataclasses.make_dataclass("AlgorithmConfig", fields, bases=(AlgorithmConfig,), frozen=True)
     alg.__doc__ = AlgorithmConfig.__doc__
+    data = dataclasses.make_dataclass(
+        "DataConfig", _group_fields(table, "data", data_names, base.data), bases=(DataConfig,), frozen=True
+    )
+    data.__doc__ = DataConfig.__doc__
     train = dataclasses.make_dataclass(
-        "TrainConfig", [("algorithm", alg, dataclasses.field(default_factory=alg))], bases=(TrainConfig,), frozen=True
+        "TrainConfig",
+        [("algorithm", alg, dataclasses.field(default_factory=alg)), ("data", data, dataclasses.field(default_factory=data))],
+        bases=(TrainConfig,), frozen=True,
     )
     train.__doc__ = TrainConfig.__doc__
-    return alg, train
+    return alg, data, train
 
 
 def _description(table: AlgorithmTable) -> str:
     presets = "\n".join(f"  {name:<8} {desc}" for name, (desc, _) in PRESETS.items())
-    kinds = "\n".join(f"  {kind}: {', '.join(table.names(kind)) or '-'}" for kind in sorted(set(NAME_FIELDS.values())))
+    kinds = "\n".join(
+        f"  {kind}: {', '.join(table.names(kind)) or '-'}" for kind in sorted(set(NAME_FIELDS.values())) + list(RUN_KINDS)
+    )
     return (
         "Train a policy with any registered algorithm (skyrl_fn):\n"
         "  train.py [PRESET] [--group.field VALUE ...] [--plugin FILE_OR_MODULE ...]\n\n"
@@ -263,31 +287,46 @@ def parse_config(
         preset = argv.pop(0)
     base = PRESETS[preset][1]
     names = chosen_names(argv, {f: getattr(base.algorithm, f) for f in NAME_FIELDS})
+    data_names = chosen_names(argv, {f: getattr(base.data, f) for f in DATA_HYPER_FIELDS}, "data")
     try:  # module:function names are registered here only to read their signatures
-        preview = register_import_names({NAME_FIELDS[f]: n for f, n in names.items()}, table, app_dir=app_dir)
+        preview = register_import_names(_kind_names(names, data_names), table, app_dir=app_dir)
     except (PluginError, ValueError, TypeError):
         preview = table  # untyped groups; resolve_names reports the name's problem
     try:
         check_group_flags(argv, preview, names)
+        check_group_flags(argv, preview, data_names, "data")
     except ValueError as err:
         raise UsageError(str(err)) from err
-    alg_cls, train_cls = _cli_types(preview, names, base.algorithm)
+    alg_cls, data_cls, train_cls = _cli_types(preview, names, data_names, base)
     hyper_groups = {group for group, _ in HYPER_FIELDS.values()}
+    data_groups = {group for group, _ in DATA_HYPER_FIELDS.values()}
     default = train_cls(
-        **{f.name: getattr(base, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "algorithm"},
+        **{f.name: getattr(base, f.name) for f in dataclasses.fields(TrainConfig) if f.name not in ("algorithm", "data")},
         algorithm=alg_cls(**{
             f.name: getattr(base.algorithm, f.name) for f in dataclasses.fields(AlgorithmConfig)
             if f.name not in hyper_groups and f.name not in NAME_FIELDS
         }),
+        data=data_cls(**{f.name: getattr(base.data, f.name) for f in dataclasses.fields(DataConfig) if f.name not in data_groups}),
     )
     parsed = tyro.cli(train_cls, default=default, args=argv, prog=prog, description=_description(table))
     values = {f.name: getattr(parsed.algorithm, f.name) for f in dataclasses.fields(AlgorithmConfig)}
     for field, (group, _) in HYPER_FIELDS.items():
         values[group] = to_mapping(values[group], preview, field, values[field])
+    data = {f.name: getattr(parsed.data, f.name) for f in dataclasses.fields(DataConfig)}
+    for field, (group, _) in DATA_HYPER_FIELDS.items():
+        data[group] = to_mapping(data[group], preview, field, data[field], "data")
     return TrainConfig(
-        **{f.name: getattr(parsed, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "algorithm"},
+        **{f.name: getattr(parsed, f.name) for f in dataclasses.fields(TrainConfig) if f.name not in ("algorithm", "data")},
         algorithm=AlgorithmConfig(**values),
+        data=DataConfig(**data),
     )
+
+
+def _kind_names(names: Mapping[str, str], data_names: Mapping[str, str]) -> dict[str, str]:
+    """Table kind -> chosen name, for registering ``module:function`` names (an unset reward skipped)."""
+    out = {NAME_FIELDS[f]: n for f, n in names.items()}
+    out.update({kind: data_names[f] for f, (_, kind) in DATA_HYPER_FIELDS.items() if data_names[f]})
+    return out
 
 
 # -- 3. names ----------------------------------------------------------------------------------
@@ -301,7 +340,9 @@ def resolve_names(config: TrainConfig, table: AlgorithmTable, *, app_dir: str | 
         UsageError: any unknown name, plugin problem or bad hyperparameter, with the message of
             the underlying error (which lists the options and the closest name).
     """
-    names = {kind: getattr(config.algorithm, field) for field, kind in NAME_FIELDS.items()}
+    names = _kind_names(
+        {f: getattr(config.algorithm, f) for f in NAME_FIELDS}, {f: getattr(config.data, f) for f in DATA_HYPER_FIELDS}
+    )
     try:
         table = register_import_names(names, table, app_dir=app_dir)
         return resolve(config, table)
@@ -317,8 +358,7 @@ USER_ERRORS = (UsageError, PluginError, PreflightError, DataError, UnknownNameEr
 
 
 def _fault_errors() -> tuple[type[BaseException], ...]:
-    """Faults while training: one ``error:`` line, exit 1 (their classes import Ray lazily)."""
-    from skyrl_fn.launcher.ray_workers import WorkerDiedError
+    """Faults while training: one ``error:`` line, exit 1."""
 
     return (WorkerDiedError, CheckpointError, RewardError, NonFiniteStepError)
 
@@ -390,13 +430,9 @@ def _main(argv: list[str], table: AlgorithmTable | None):
         raise UsageError(str(err)) from err
     config = parse_config(args.rest, table, app_dir=args.app_dir)
     run = resolve_names(config, table, app_dir=args.app_dir)
-    from skyrl_fn.train.rollout import check_backend_available
-
     try:
-        check_backend_available(run.config.rollout)
+        run.check_backend_available()
         if run.config.model.name_or_path is not None:
-            from skyrl_fn.train.model import checkpoint_dir
-
             checkpoint_dir(run.config.model)  # resolve (clear error) and dequantise a GGUF once, here, not per actor
     except (RuntimeError, ValueError) as err:
         if isinstance(err, USER_ERRORS):
@@ -420,8 +456,6 @@ def launch(run: ResolvedRun, *, out=None, checks: Preflight | None = None):
     ``checks``: the :func:`~skyrl_fn.launcher.preflight.preflight` of ``run`` (run here when
     None); a resume's config changes go into the metrics log as an ``event`` row.
     """
-    from skyrl_fn.launcher.observe import RunObserver
-    from skyrl_fn.train.config import config_to_dict
 
     checks = preflight(run) if checks is None else checks
     cfg = run.config
@@ -439,12 +473,8 @@ def launch(run: ResolvedRun, *, out=None, checks: Preflight | None = None):
                 {"field": c.field, "saved": c.saved, "current": c.current} for c in checks.resume_diff.compatible
             ])
         if cfg.ray.use_ray:
-            from skyrl_fn.launcher.ray_runner import train_on_ray
-
             summary = train_on_ray(run, on_step=observer.on_step)
         else:
-            from skyrl_fn.train.loop import train
-
             summary = train(run, on_step=observer.on_step)
         observer.finish({
             "backend": "ray" if cfg.ray.use_ray else "in-process", "last_checkpoint": summary.last_checkpoint,

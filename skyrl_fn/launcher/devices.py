@@ -12,7 +12,9 @@ from typing import Any, Sequence
 import attrs
 import torch
 
-from skyrl_fn.train.config import ResolvedRun, TrainConfig
+from skyrl_fn.gpu.placement import plan_placement
+from skyrl_fn.train.config import TrainConfig
+from skyrl_fn.train.run import ResolvedRun
 
 __all__ = ["uses_gpus", "gpu_plan", "select_device", "actor_device", "to_device"]
 
@@ -24,7 +26,7 @@ def uses_gpus(config: TrainConfig) -> bool:
 
 
 def gpu_plan(run: ResolvedRun):
-    """The ``PlacementPlan`` of ``run`` (``skyrl_fn.gpu.plan_placement`` over ``config.gpu``,
+    """The ``PlacementPlan`` of ``run`` (``skyrl_fn.gpu.placement.plan_placement`` over ``config.gpu``,
     the engines' tensor-parallel size and the models the run needs), or None on the CPU path.
 
     Raises:
@@ -33,7 +35,6 @@ def gpu_plan(run: ResolvedRun):
     config = run.config
     if not uses_gpus(config):
         return None
-    from skyrl_fn.gpu.placement import plan_placement
 
     return plan_placement(
         config.gpu, tensor_parallel_size=config.rollout.tensor_parallel_size,

@@ -35,18 +35,17 @@ from skyrl_fn.launcher.devices import to_device
 from skyrl_fn.launcher.layout import concat_rollouts, split_prompts
 from skyrl_fn.launcher.ray_workers import CPU_SHARES, WorkerDiedError
 from skyrl_fn.train import checkpoint as ckpt
-from skyrl_fn.train.config import ResolvedRun
+from skyrl_fn.train.run import ResolvedRun
 from skyrl_fn.train.evaluate import evaluate, heldout_task
 from skyrl_fn.train.forward import batched_log_probs
 from skyrl_fn.train.learner import experience_and_update, loss_kernel, make_train_state, set_hyperparameters
 from skyrl_fn.train.model import load_model, load_tokenizer
-from skyrl_fn.train.nonfinite import reward_function_name
 from skyrl_fn.train.rollout import HFBackend
 from skyrl_fn.train.sharding import (
     Collectives, full_optimizer_state, full_state_dict, gathered, init_process_group, load_full_state, partition_groups,
     shard_model,
 )
-from skyrl_fn.train.tasks import make_task, score
+from skyrl_fn.train.tasks import reward_function_name, score
 from skyrl_fn.train.workers import Generated, RoleState, WorkersState
 
 __all__ = ["PolicyRank", "DPWorkers", "share_rows"]
@@ -69,7 +68,7 @@ class PolicyRank(_Ping):
         self.device = _start(run)
         self.run, self.rank, self.world_size = run, rank, world_size
         cfg = run.config
-        self.task = make_task(cfg.data, seed=cfg.trainer.seed)
+        self.task = run.make_task()
         self.tokenizer = load_tokenizer(cfg.model, alphabet=self.task.alphabet)
         self.kept: Generated | None = None
         self._heldout = None

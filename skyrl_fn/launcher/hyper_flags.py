@@ -8,6 +8,11 @@ FLOAT`` and ``--algorithm.loss.tau-neg FLOAT`` with the function's defaults and 
 docstring's ``Args:`` entries. Which function is chosen is read from the arguments before parsing
 (:func:`chosen_names`), so ``--help`` lists exactly the chosen functions' hyperparameters.
 
+The data group works the same way for the task and the reward a run chooses
+(``--data.task parity`` gives ``--data.task-args.length INT`` from the task factory's signature;
+``skyrl_fn.train.config.DATA_HYPER_FIELDS``): every function takes a ``section`` argument,
+``"algorithm"`` or ``"data"`` (:data:`SECTIONS`).
+
 A function that takes ``**kwargs`` (or whose name is not registered yet) keeps the untyped form
 ``--algorithm.loss KEY VALUE ...``; resolution checks it. A flag of the group that the chosen
 function does not take is an error naming it (:func:`check_group_flags`).
@@ -28,24 +33,27 @@ import tyro
 from skyrl_fn.algorithm import entry_hyperparameters
 from skyrl_fn.compose import Chain
 from skyrl_fn.table import AlgorithmTable, Entry, UnknownNameError
-from skyrl_fn.train.config import HYPER_FIELDS, HyperValue
+from skyrl_fn.train.config import DATA_HYPER_FIELDS, HYPER_FIELDS, HyperValue
 
-__all__ = ["chosen_names", "hyper_class", "to_mapping", "check_group_flags", "flag"]
+__all__ = ["SECTIONS", "chosen_names", "hyper_class", "to_mapping", "check_group_flags", "flag"]
+
+#: Config section -> its name fields (name field -> (hyperparameter field, table kind)).
+SECTIONS: Mapping[str, Mapping[str, tuple[str, str]]] = {"algorithm": HYPER_FIELDS, "data": DATA_HYPER_FIELDS}
 
 _SIMPLE = (bool, int, float, str, type(None))
 
 
-def flag(field: str) -> str:
-    """``--algorithm.<field>`` as tyro spells it (hyphens)."""
-    return "--algorithm." + field.replace("_", "-")
+def flag(field: str, section: str = "algorithm") -> str:
+    """``--<section>.<field>`` as tyro spells it (hyphens)."""
+    return f"--{section}." + field.replace("_", "-")
 
 
-def chosen_names(argv: Sequence[str], defaults: Mapping[str, str]) -> dict[str, str]:
+def chosen_names(argv: Sequence[str], defaults: Mapping[str, str], section: str = "algorithm") -> dict[str, str]:
     """Name field -> the name ``argv`` chooses (the last one given), else ``defaults``'s."""
     out = dict(defaults)
     for i, arg in enumerate(argv):
-        for field in HYPER_FIELDS:
-            for spelling in (flag(field), "--algorithm." + field):
+        for field in SECTIONS[section]:
+            for spelling in (flag(field, section), f"--{section}." + field):
                 if arg == spelling and i + 1 < len(argv):
                     out[field] = argv[i + 1]
                 elif arg.startswith(spelling + "="):
@@ -114,9 +122,11 @@ def hyper_class(entry: Entry, base: Mapping[str, Any]) -> type | None:
     return cls
 
 
-def group_type(table: AlgorithmTable, field: str, name: str, base: Mapping[str, Any]) -> tuple[Any, Any]:
+def group_type(
+    table: AlgorithmTable, field: str, name: str, base: Mapping[str, Any], section: str = "algorithm"
+) -> tuple[Any, Any]:
     """``(type, default)`` of the hyperparameter group of name field ``field`` choosing ``name``."""
-    _, kind = HYPER_FIELDS[field]
+    _, kind = SECTIONS[section][field]
     try:
         cls = hyper_class(table.entry(kind, name), base)
     except UnknownNameError:  # resolution reports it, with the closest name
@@ -126,12 +136,12 @@ def group_type(table: AlgorithmTable, field: str, name: str, base: Mapping[str, 
     return cls, cls()
 
 
-def to_mapping(value: Any, table: AlgorithmTable, field: str, name: str) -> dict[str, Any]:
+def to_mapping(value: Any, table: AlgorithmTable, field: str, name: str, section: str = "algorithm") -> dict[str, Any]:
     """The parsed group as the config's mapping: only values that differ from the function's own
     defaults (so a later change of a function's default is not hidden by a copy of the old one)."""
     if not dataclasses.is_dataclass(value):
         return dict(value)
-    defaults = entry_hyperparameters(table.entry(HYPER_FIELDS[field][1], name)) or {}
+    defaults = entry_hyperparameters(table.entry(SECTIONS[section][field][1], name)) or {}
     out = {}
     for f in dataclasses.fields(value):
         v = getattr(value, f.name)
@@ -140,11 +150,13 @@ def to_mapping(value: Any, table: AlgorithmTable, field: str, name: str) -> dict
     return out
 
 
-def check_group_flags(argv: Sequence[str], table: AlgorithmTable, names: Mapping[str, str]) -> None:
-    """Raise ValueError for a ``--algorithm.<group>.<x>`` flag the chosen function does not take,
+def check_group_flags(
+    argv: Sequence[str], table: AlgorithmTable, names: Mapping[str, str], section: str = "algorithm"
+) -> None:
+    """Raise ValueError for a ``--<section>.<group>.<x>`` flag the chosen function does not take,
     naming the flag, the function and what it takes."""
-    for field, (group, kind) in HYPER_FIELDS.items():
-        prefix = flag(group) + "."
+    for field, (group, kind) in SECTIONS[section].items():
+        prefix = flag(group, section) + "."
         try:
             cls = hyper_class(table.entry(kind, names[field]), {})
         except UnknownNameError:

@@ -12,7 +12,8 @@ from typing import Any, Sequence
 import attrs
 import torch
 
-from skyrl_fn.train.config import ResolvedRun
+from skyrl_fn.train.rollout import RolloutBatch
+from skyrl_fn.train.run import ResolvedRun
 
 __all__ = ["concat_rollouts", "split_prompts", "with_rollout_workers"]
 
@@ -30,7 +31,6 @@ def with_rollout_workers(run: ResolvedRun, n: int | None) -> ResolvedRun:
 def concat_rollouts(parts: Sequence[Any], pad_id: int):
     """One ``RolloutBatch`` from per-worker batches (prompts left-padded, responses right-padded
     to the longest; group ids offset so prompt ``p`` of part ``k`` keeps its rows)."""
-    from skyrl_fn.train.rollout import RolloutBatch
 
     if len(parts) == 1:
         return parts[0]

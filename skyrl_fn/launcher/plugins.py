@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib
+import inspect
 import importlib.metadata
 import importlib.util
 import io
@@ -44,6 +45,9 @@ from typing import Callable, Iterable, Mapping
 import cloudpickle
 import ray.cloudpickle
 
+import skyrl_fn
+from skyrl_fn import compat
+from skyrl_fn.compat import advantage_estimators  # noqa: F401  (binds compat.advantage_estimators)
 from skyrl_fn.table import AlgorithmTable
 
 __all__ = [
@@ -79,7 +83,6 @@ class PluginError(ValueError):
 def _installed_roots() -> tuple[str, ...]:
     """Directories whose modules every worker on this machine imports by itself."""
     roots = {sysconfig.get_paths()[k] for k in ("purelib", "platlib", "stdlib", "platstdlib")}
-    import skyrl_fn
 
     roots.add(os.path.dirname(os.path.abspath(skyrl_fn.__file__)))
     return tuple(os.path.realpath(r) + os.sep for r in roots if r)
@@ -319,12 +322,8 @@ def load_entry_points(table: AlgorithmTable, *, group: str = ENTRY_POINT_GROUP) 
 
 
 def freeze_compat(table: AlgorithmTable) -> AlgorithmTable:
-    """``table`` plus everything registered through the SkyRL-compat façade (if it is present)."""
-    try:
-        from skyrl_fn.compat import freeze
-    except ImportError:
-        return table
-    return freeze(base=table)
+    """``table`` plus everything registered through the SkyRL-compat façade."""
+    return compat.freeze(base=table)
 
 
 def register_import_names(
@@ -362,13 +361,6 @@ def _native(kind: str, name: str, fn: Callable) -> Callable:
     """``fn`` itself, or wrapped by the compat façade when it is written in SkyRL's keyword style
     (an estimator taking ``token_level_rewards`` or an ``AdvantageEstimator`` subclass; a loss
     taking ``config``)."""
-    import inspect
-
-    try:
-        from skyrl_fn import compat
-        from skyrl_fn.compat import advantage_estimators  # noqa: F401  (binds compat.advantage_estimators)
-    except ImportError:
-        return fn
     if kind == "advantage_estimator":
         class_based = compat.advantage_estimators.AdvantageEstimator  # the seed's base class
         if inspect.isclass(fn) and issubclass(fn, class_based):

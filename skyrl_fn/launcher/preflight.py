@@ -4,7 +4,7 @@ Each finds a user mistake that would otherwise surface minutes later as a traceb
 worker, and raises :class:`PreflightError` with one line ``<field or file>: <expected, found>``:
 
 * data: ``data.path`` exists and is a readable file, and every row parses
-  (``skyrl_fn.train.tasks.make_task``, naming ``file:line``);
+  (``ResolvedRun.make_task``, naming ``file:line``);
 * places: ``logging.run_dir`` and the checkpoint directory can be created and written;
 * the model: the embedded model's sizes agree (``hidden_size`` a multiple of ``num_heads``);
   a local ``model.name_or_path`` is a directory with a causal-LM ``config.json``, weights and a
@@ -27,10 +27,13 @@ import warnings
 import attrs
 
 from skyrl_fn.train import checkpoint as ckpt
-from skyrl_fn.train.config import ModelConfig, ResolvedRun, config_to_dict
+from skyrl_fn.train.config import config_to_dict
+from skyrl_fn.train.model import ModelConfig
+from skyrl_fn.train.run import ResolvedRun
 from skyrl_fn.train.degenerate import degenerate_settings, singleton_behaviour
 from skyrl_fn.train.resume import ConfigDiff, IncompatibleResumeError, check_resume
-from skyrl_fn.train.tasks import DataError, make_task
+from skyrl_fn.train.evaluate import heldout_task
+from skyrl_fn.train.tasks import DataError
 
 __all__ = ["PreflightError", "Preflight", "preflight", "check_writable", "check_model", "check_resume_target"]
 
@@ -153,8 +156,10 @@ def preflight(run: ResolvedRun) -> Preflight:
     """
     cfg = run.config
     try:
-        task = make_task(cfg.data, seed=cfg.trainer.seed)
-    except DataError as err:
+        task = run.make_task()
+        if cfg.eval.every > 0:
+            heldout_task(task, cfg.eval)
+    except (DataError, ValueError) as err:
         raise PreflightError(str(err)) from None
     promises = run.table.entry("advantage_estimator", cfg.algorithm.advantage_estimator).promises
     singleton = None

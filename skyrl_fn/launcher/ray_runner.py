@@ -40,7 +40,7 @@ from typing import Callable
 from skyrl_fn.launcher.dp import DPWorkers
 from skyrl_fn.launcher.layout import concat_rollouts, with_rollout_workers
 from skyrl_fn.launcher.ray_workers import CPU_SHARES, RayWorkers, WorkerDiedError
-from skyrl_fn.train.config import ResolvedRun
+from skyrl_fn.train.run import ResolvedRun
 from skyrl_fn.train.loop import Summary, train
 
 __all__ = [

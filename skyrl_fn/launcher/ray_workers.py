@@ -13,7 +13,7 @@ Layouts (chosen by ``ray.rollout_workers`` and ``rollout.backend``):
   worker sampling equals the hybrid layout's); after each update the policy's packed weights are
   queued to every worker (each runs it before its next ``generate``).
 - GPU (``--rollout.backend vllm``): the actors go into one placement group planned by
-  ``skyrl_fn.gpu.plan_placement`` (``skyrl_fn.launcher.devices.gpu_plan``), one rollout worker per
+  ``skyrl_fn.gpu.placement.plan_placement`` (``skyrl_fn.launcher.devices.gpu_plan``), one rollout worker per
   vLLM engine; with ``--gpu.no-colocate`` the weight push is an NCCL broadcast.
 """
 
@@ -24,14 +24,15 @@ from typing import Any, Mapping, NoReturn, Sequence
 import attrs
 import torch
 
+from skyrl_fn.gpu.placement import actor_options, create_placement_group
 from skyrl_fn.gpu.sync_check import SyncTracker
+from skyrl_fn.gpu.weight_sync import broadcast_ranks
 from skyrl_fn.launcher.actors import Critic, PolicyTrainer, ReferenceModel, RolloutWorker, hosts_rollout
 from skyrl_fn.launcher.devices import gpu_plan
 from skyrl_fn.launcher.layout import concat_rollouts, split_prompts, with_rollout_workers
 from skyrl_fn.train import checkpoint as ckpt
-from skyrl_fn.train.config import ResolvedRun
+from skyrl_fn.train.run import ResolvedRun
 from skyrl_fn.train.model import load_tokenizer
-from skyrl_fn.train.tasks import make_task
 from skyrl_fn.train.workers import Generated, RoleState, WorkersState
 
 __all__ = ["CPU_SHARES", "WorkerDiedError", "RayWorkers"]
@@ -88,8 +89,6 @@ class RayWorkers:
         self.pg = None
         self.broadcast_plan = None  # bucket plan of the NCCL weight sync (separate GPU layout)
         if self.plan is not None:
-            from skyrl_fn.gpu.placement import create_placement_group
-
             self.pg = create_placement_group(self.plan)
             n_rollout = self.plan.num_engines
 
@@ -97,8 +96,6 @@ class RayWorkers:
             if self.plan is None:
                 handle = ray.remote(num_cpus=share, max_restarts=0)(cls).remote(run)
             else:
-                from skyrl_fn.gpu.placement import actor_options
-
                 opts = actor_options(self.plan.of(role)[index], self.pg)
                 handle = ray.remote(max_restarts=0)(cls).options(**opts).remote(run)
             self.names[handle._actor_id.hex()] = name
@@ -238,12 +235,11 @@ class RayWorkers:
 
     def _pad_id(self) -> int:
         cfg = self.run.config
-        return int(load_tokenizer(cfg.model, alphabet=make_task(cfg.data, seed=cfg.trainer.seed).alphabet).pad_token_id)
+        return int(load_tokenizer(cfg.model, alphabet=self.run.make_task().alphabet).pad_token_id)
 
     def _init_broadcast(self) -> None:
         """Form the NCCL sync group: the policy is rank 0, engine ``e``'s TP workers follow
         (``skyrl_fn.gpu.weight_sync.broadcast_ranks``); both sides start together."""
-        from skyrl_fn.gpu.weight_sync import broadcast_ranks
 
         host, port = self.get(self.policy.sync_address.remote())
         world, offsets = broadcast_ranks(len(self.rollout), self.run.config.rollout.tensor_parallel_size)

@@ -4,7 +4,9 @@ Policy losses: ``fn(batch: PolicyLossInput, **hyper) -> PolicyLossOutput`` (per-
 Aggregations: ``fn(token_loss [B, T], loss_mask [B, T], *, global_tokens, global_seqs, max_seq_len)
 -> []``. KL estimators: ``fn(log_probs [B, T], ref_log_probs [B, T]) -> [B, T]``. The built-ins are
 registered in ``skyrl_fn.DEFAULT_TABLE`` (nothing here reads it); ``policy_objective`` runs a bound
-loss + correction + aggregation (+ KL and entropy terms) as one pure function.
+loss + correction + aggregation (+ KL and entropy terms) as one pure function. (``compile_loss``
+and the memory-light log-probs of an LM head are ops, a layer above: ``skyrl_fn.losses.compile``,
+``skyrl_fn.losses.logprobs``.)
 """
 
 from skyrl_fn.losses.aggregation import (
@@ -18,9 +20,7 @@ from skyrl_fn.losses.aggregation import (
     token_mean,
     token_sum,
 )
-from skyrl_fn.losses.compile import compile_loss, compile_unavailable_reason
 from skyrl_fn.losses.cov import clip_cov, kl_cov
-from skyrl_fn.losses.logprobs import *  # noqa: F401,F403  (memory-light log-probs; its own __all__)
 from skyrl_fn.losses.kl import (
     KL_ESTIMATORS,
     KLController,
@@ -73,10 +73,4 @@ __all__ = [
     "off_policy_correction",
     # reduction weights (SkyRL 0.3.0: the reduction applied to the advantages)
     "REDUCTIONS", "reduction_weights",
-    # compile
-    "compile_loss", "compile_unavailable_reason",
 ]
-
-from skyrl_fn.losses import logprobs as _logprobs  # noqa: E402
-
-__all__ += list(_logprobs.__all__)

@@ -4,7 +4,7 @@ Every piece is passed in as a callable with its hyperparameters already bound (t
 run binds them once, ``skyrl_fn.algorithm``); the normalisers are the *global* counts of the whole
 optimiser step, so the micro-batch objectives sum exactly to the full-batch objective. The
 learner's kernel is ``functools.partial(policy_objective, loss=..., aggregation=..., ...)`` and
-``compile_loss`` / ``skyrl_fn.gpu.compile_kernel`` wrap that partial.
+``compile_loss`` / ``skyrl_fn.gpu.kernels.compile_kernel`` wrap that partial.
 
 Notation: ``B`` sequences, ``T`` response tokens, ``m`` the loss mask.
 """

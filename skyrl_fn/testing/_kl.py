@@ -20,7 +20,8 @@ import torch
 from hypothesis import settings as Settings
 from hypothesis import strategies as st
 
-from skyrl_fn.table import DEFAULT_TABLE, AlgorithmTable
+from skyrl_fn._builtins import DEFAULT_TABLE
+from skyrl_fn.table import AlgorithmTable
 from skyrl_fn.testing._report import PropertyViolation, fmt, positions
 from skyrl_fn.testing._resolve import Target, resolve
 from skyrl_fn.testing._run import Case, kit_settings, run_property, select

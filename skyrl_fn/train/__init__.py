@@ -6,17 +6,25 @@ here also runs without Ray.
 
 from skyrl_fn.train.config import (
     AlgorithmConfig,
-    DataConfig,
     LoggingConfig,
-    ModelConfig,
     RayConfig,
-    ResolvedRun,
-    RolloutConfig,
     TrainConfig,
     TrainerConfig,
     config_from_dict,
     config_to_dict,
-    resolve,
+)
+from skyrl_fn.train.run import ResolvedRun, resolve
+from skyrl_fn.train.model import ModelConfig, build_critic, build_tiny_model, build_tokenizer, load_model, load_tokenizer
+from skyrl_fn.train.rollout import BackendUnavailableError, HFBackend, RolloutBackend, RolloutBatch, RolloutConfig, hf_backend
+from skyrl_fn.train.tasks import (
+    DataConfig,
+    DataState,
+    DigitsTask,
+    Example,
+    Rewarded,
+    Task,
+    next_prompts,
+    score,
 )
 from skyrl_fn.train.checkpoint import Checkpoint, latest_checkpoint, load, save
 from skyrl_fn.train.learner import (
@@ -47,17 +55,8 @@ from skyrl_fn.train.workers import (
     Workers,
     WorkersState,
 )
-from skyrl_fn.train.model import build_critic, build_tiny_model, build_tokenizer, load_model, load_tokenizer
-from skyrl_fn.train.rollout import (
-    BackendUnavailableError,
-    HFBackend,
-    RolloutBackend,
-    RolloutBatch,
-    check_backend_available,
-    make_backend,
-)
 from skyrl_fn.train.sampling import nucleus_log_mass, nucleus_mask, nucleus_probs, sampling_log_probs
-from skyrl_fn.train.tasks import DataState, DigitsTask, Example, Task, make_task, next_prompts, score
+from skyrl_fn.train.run_table import RUN_TABLE, with_run_builtins
 
 __all__ = [
     "AlgorithmConfig", "DataConfig", "LoggingConfig", "ModelConfig", "RayConfig", "ResolvedRun",
@@ -70,8 +69,8 @@ __all__ = [
     "Workers", "LocalWorkers", "WorkersState", "Generated", "PolicyWorker", "RolloutWorker", "ReferenceWorker",
     "CriticWorker",
     "build_critic", "build_tiny_model", "build_tokenizer", "load_model", "load_tokenizer",
-    "BackendUnavailableError", "HFBackend", "RolloutBackend", "RolloutBatch", "check_backend_available",
-    "make_backend",
+    "BackendUnavailableError", "HFBackend", "RolloutBackend", "RolloutBatch", "hf_backend",
     "nucleus_log_mass", "nucleus_mask", "nucleus_probs", "sampling_log_probs",
-    "DataState", "DigitsTask", "Example", "Task", "make_task", "next_prompts", "score",
+    "DataState", "DigitsTask", "Example", "Task", "Rewarded", "next_prompts", "score",
+    "RUN_TABLE", "with_run_builtins",
 ]

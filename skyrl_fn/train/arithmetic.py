@@ -38,9 +38,9 @@ import re
 import attrs
 
 from skyrl_fn.train.model import TEXT_ALPHABET
-from skyrl_fn.train.tasks import Example
+from skyrl_fn.train.tasks import DataConfig, Example
 
-__all__ = ["ArithmeticTask", "KINDS", "INSTRUCTION", "final_answer", "format_reward"]
+__all__ = ["ArithmeticTask", "KINDS", "INSTRUCTION", "final_answer", "format_reward", "arithmetic_task", "arithmetic_reward"]
 
 #: Problem kinds, cycled by example index.
 KINDS: tuple[str, ...] = ("add", "add_sub", "word")
@@ -164,3 +164,23 @@ class ArithmeticTask:
     def reward(self, response: str, example: Example) -> float:
         """:func:`format_reward` with this task's ``format_credit``."""
         return format_reward(response, int(example.answer), format_credit=self.format_credit)
+
+
+def arithmetic_task(data: DataConfig, *, seed: int = 0) -> ArithmeticTask:
+    """The built-in task ``arithmetic``: :class:`ArithmeticTask` from ``data.min_value``,
+    ``data.max_value``, ``data.arithmetic_kinds`` and ``data.format_credit``."""
+    return ArithmeticTask(
+        seed=seed, min_value=data.min_value, max_value=data.max_value, kinds=data.arithmetic_kinds,
+        format_credit=data.format_credit,
+    )
+
+
+def arithmetic_reward(response: str, example: Example, *, format_credit: float = 0.0) -> float:
+    """The built-in reward ``arithmetic``: :func:`format_reward` against the example's answer.
+
+    Args:
+        format_credit: reward of a well-formatted ('#### N') wrong answer, in ``[0, 1)``.
+    """
+    if not 0.0 <= format_credit < 1.0:
+        raise ValueError(f"format_credit: expected in [0, 1) (below a correct answer), got {format_credit!r}")
+    return format_reward(response, int(example.answer), format_credit=format_credit)

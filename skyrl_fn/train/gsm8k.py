@@ -17,11 +17,11 @@ from typing import Iterable, Iterator, Mapping
 import attrs
 
 from skyrl_fn.train.model import TEXT_ALPHABET
-from skyrl_fn.train.tasks import DataError, Example
+from skyrl_fn.train.tasks import DataConfig, DataError, Example, check_data_path
 
 __all__ = [
     "extract_final_number", "normalize_number", "math_reward", "format_prompt", "Gsm8kTask",
-    "prepare_gsm8k", "read_raw_rows", "PROMPT_TEMPLATE",
+    "prepare_gsm8k", "read_raw_rows", "PROMPT_TEMPLATE", "gsm8k_task", "math_answer_reward",
 ]
 
 PROMPT_TEMPLATE = "Question: {question}\nAnswer step by step, then give the final number after '####'.\n"
@@ -201,3 +201,21 @@ def prepare_gsm8k(out_path: str, *, source: str | None = None, split: str = "tra
             f.write(json.dumps(r) + "\n")
     os.replace(tmp, out_path)
     return len(rows)
+
+
+def gsm8k_task(data: DataConfig, *, seed: int = 0) -> Gsm8kTask:
+    """The built-in task ``gsm8k``: every row of ``data.path`` read and checked (``file:line`` named).
+
+    ``seed`` is not used: the rows are the examples (``data.shuffle`` orders them per epoch).
+
+    Raises:
+        DataError: ``data.path`` unset, missing or unreadable, or a malformed row.
+    """
+    if not data.path:
+        raise DataError("data.path: expected a jsonl path for task gsm8k (see launch/prep_gsm8k.py), got None")
+    return Gsm8kTask.from_jsonl(check_data_path(data.path))
+
+
+def math_answer_reward(response: str, example: Example) -> float:
+    """The built-in reward ``math``: :func:`math_reward` against the example's answer."""
+    return math_reward(response, example.answer)

@@ -26,10 +26,13 @@ import attrs
 import torch
 from torch import nn
 
+from skyrl_fn.gpu.kernels import compile_kernel
+from skyrl_fn.losses.aggregation import token_mean
 from skyrl_fn.losses.compile import compile_loss
 from skyrl_fn.losses.objective import SUMMED_METRICS
+from skyrl_fn.losses.value import value_loss as token_value_loss
 from skyrl_fn.records import PolicyLossInput, ReducedLoss
-from skyrl_fn.train.config import ResolvedRun
+from skyrl_fn.train.run import ResolvedRun
 
 # Re-exported: the learner's public surface is one import away (forward passes and experience
 # live in their own modules).
@@ -116,7 +119,7 @@ def set_hyperparameters(state: TrainState, *, lr: float, weight_decay: float) ->
 def loss_kernel(run: ResolvedRun, *, device_type: str = "cpu") -> Callable[..., ReducedLoss]:
     """The run's policy objective with every piece bound: ``run.algorithm.objective()``, a
     ``functools.partial`` of ``skyrl_fn.losses.policy_objective``, compiled when
-    ``algorithm.compile`` (on ``device_type="cuda"`` with ``skyrl_fn.gpu.compile_kernel`` in
+    ``algorithm.compile`` (on ``device_type="cuda"`` with ``skyrl_fn.gpu.kernels.compile_kernel`` in
     ``algorithm.compile_mode``, half-precision inputs upcast to float32 inside the graph)::
 
         kernel(PolicyLossInput, *, global_tokens, global_seqs, max_seq_len, entropy=None) -> ReducedLoss
@@ -128,8 +131,6 @@ def loss_kernel(run: ResolvedRun, *, device_type: str = "cpu") -> Callable[..., 
     a = run.config.algorithm
     kernel = run.algorithm.objective()
     if a.compile and device_type == "cuda":
-        from skyrl_fn.gpu.kernels import compile_kernel
-
         return compile_kernel(kernel, mode=a.compile_mode, device_type="cuda")
     if a.compile:
         return compile_loss(kernel)
@@ -279,7 +280,7 @@ def experience_and_update(
 
     Args:
         rollout: the ``RolloutBatch``; scores ``[B]``; the log-probs and values ``[B, T]``.
-        reward_function: the reward's name for the report (``nonfinite.reward_function_name``).
+        reward_function: the reward's name for the report (``tasks.reward_function_name``).
         rank_rows, dp: data-parallel update: the experience is made of the whole batch (identical
             on every rank) and this rank updates on its share ``rank_rows`` (``[B']`` int64) with
             :func:`policy_update`'s ``dp``.
@@ -318,10 +319,8 @@ def value_loss(
         clip: ``c`` (<= 0 disables clipping).
         global_tokens: ``N``, the token count of the whole batch.
     """
-    from skyrl_fn.losses import value_loss as per_token
-    from skyrl_fn.losses.aggregation import token_mean
 
-    out = per_token(values, old_values, returns, mask, value_clip=clip if clip > 0 else None)
+    out = token_value_loss(values, old_values, returns, mask, value_clip=clip if clip > 0 else None)
     return token_mean(out.token_loss, mask, global_tokens=global_tokens)
 
 

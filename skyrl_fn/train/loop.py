@@ -24,13 +24,13 @@ import torch
 
 from skyrl_fn.losses.kl import KLController
 from skyrl_fn.train import checkpoint as ckpt
-from skyrl_fn.train.config import ResolvedRun, config_to_dict
+from skyrl_fn.train.config import config_to_dict
+from skyrl_fn.train.run import ResolvedRun
 from skyrl_fn.train.evaluate import eval_due, heldout_examples
 from skyrl_fn.train.experience import kl_controller_of
 from skyrl_fn.train.nonfinite import SkipCounter
 from skyrl_fn.train.resume import check_resume
-from skyrl_fn.train.rollout import check_backend_available
-from skyrl_fn.train.tasks import DataState, make_task, next_prompts
+from skyrl_fn.train.tasks import DataState, next_prompts
 from skyrl_fn.train.workers import LocalWorkers, Workers, WorkersState, state_from_checkpoint
 
 __all__ = ["Summary", "seed_everything", "rollout_seed", "run_step", "step_timing", "check_checkpoint", "train"]
@@ -161,11 +161,12 @@ def train(
         ``run.config.ckpt_dir`` (fresh when there is none).
     """
     cfg = run.config
-    check_backend_available(cfg.rollout)  # vllm without vllm/CUDA fails before any model loads
+    run.check_backend_available()  # vllm without vllm/CUDA fails before any model loads
     if cfg.trainer.torch_threads > 0:
         torch.set_num_threads(cfg.trainer.torch_threads)
     seed_everything(cfg.trainer.seed)
-    task = make_task(cfg.data, seed=cfg.trainer.seed)
+    task = run.make_task()
+    held = heldout_examples(task, cfg.eval)[1] if cfg.eval.every > 0 else None  # before any model loads
     pool = workers(run)
     try:
         data_state = DataState(seed=cfg.trainer.seed)
@@ -184,7 +185,6 @@ def train(
         history: list[dict[str, float]] = []
         t0 = time.perf_counter()
         interval = cfg.trainer.ckpt_interval
-        held = heldout_examples(task, cfg.eval)[1] if cfg.eval.every > 0 else None
         if start == 0 and eval_due(cfg, 0) and on_step is not None:
             on_step({"step": 0.0, **pool.evaluate(held)})  # the baseline, before any update
         skips = SkipCounter(limit=cfg.trainer.max_consecutive_skips)

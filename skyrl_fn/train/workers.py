@@ -31,15 +31,14 @@ import attrs
 import torch
 
 from skyrl_fn.train import checkpoint as ckpt
-from skyrl_fn.train.config import ResolvedRun
+from skyrl_fn.train.run import ResolvedRun
 from skyrl_fn.train.evaluate import evaluate, heldout_task
 from skyrl_fn.train.experience import Experience
 from skyrl_fn.train.forward import batched_log_probs, batched_values
 from skyrl_fn.train.learner import TrainState, critic_update, experience_and_update, loss_kernel, make_train_state, set_hyperparameters
-from skyrl_fn.train.nonfinite import reward_function_name
+from skyrl_fn.train.tasks import Task, reward_function_name, score
 from skyrl_fn.train.model import build_critic, load_model, load_tokenizer
-from skyrl_fn.train.rollout import RolloutBatch, make_backend
-from skyrl_fn.train.tasks import Task, make_task, score
+from skyrl_fn.train.rollout import RolloutBatch
 
 __all__ = [
     "Generated",
@@ -91,7 +90,7 @@ class WorkersState:
 
 def _task_and_tokenizer(run: ResolvedRun) -> tuple[Task, Any]:
     cfg = run.config
-    task = make_task(cfg.data, seed=cfg.trainer.seed)
+    task = run.make_task()
     return task, load_tokenizer(cfg.model, alphabet=task.alphabet)
 
 
@@ -131,7 +130,7 @@ class PolicyWorker:
         tr = cfg.trainer
         self.train_state = make_train_state(model, lr=tr.lr, weight_decay=tr.weight_decay, warmup_steps=tr.warmup_steps)
         self.kernel = loss_kernel(run, device_type=torch.device(device).type)
-        self.backend = make_backend(cfg.rollout, model, self.tokenizer) if samples else None
+        self.backend = run.make_backend(model, self.tokenizer) if samples else None
         self._heldout: Task | None = None  # the held-out task, built on the first evaluate
 
     def generate(self, examples: Sequence[Any], seed: int) -> Generated:
@@ -198,9 +197,9 @@ class RolloutWorker:
         self.device = device
         self.task, self.tokenizer = _task_and_tokenizer(run)
         self.model = load_model(cfg.model, self.tokenizer, seed=cfg.trainer.seed).eval()
-        if device != "cpu" and cfg.rollout.backend == "hf":  # vLLM loads its own copy
+        if device != "cpu" and not run.backend_is_engine:  # an engine (vLLM) loads its own copy
             self.model = self.model.to(device)
-        self.backend = make_backend(cfg.rollout, self.model, self.tokenizer, seed=cfg.trainer.seed, colocated=cfg.gpu.colocate)
+        self.backend = run.make_backend(self.model, self.tokenizer, seed=cfg.trainer.seed, colocated=cfg.gpu.colocate)
 
     def generate(self, examples: Sequence[Any], seed: int) -> Generated:
         """Sample and score ``examples``."""

@@ -23,10 +23,9 @@ import pytest
 import torch
 
 from skyrl_fn.gpu.vllm_backend import make_vllm_backend, vllm_unavailable_reason
-from skyrl_fn.train.config import ModelConfig, RolloutConfig
+from skyrl_fn.train.model import DIGITS_ALPHABET, ModelConfig, build_tiny_model, build_tokenizer
+from skyrl_fn.train.rollout import HFBackend, RolloutBatch, RolloutConfig
 from skyrl_fn.train.learner import batched_log_probs
-from skyrl_fn.train.model import DIGITS_ALPHABET, build_tiny_model, build_tokenizer
-from skyrl_fn.train.rollout import HFBackend, RolloutBatch
 
 BACKENDS = ("hf", "vllm")
 PROMPTS = ("n:12>", "c:3456>", "r:9>")

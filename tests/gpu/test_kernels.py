@@ -104,7 +104,7 @@ def test_token_logprobs_on_device_matches_the_naive_path_on_cpu():
 
 @pytest.mark.slow
 def test_compiled_kernel_matches_eager_on_cpu():
-    from skyrl_fn.losses import compile_unavailable_reason
+    from skyrl_fn.losses.compile import compile_unavailable_reason
 
     reason = compile_unavailable_reason()
     if reason is not None:

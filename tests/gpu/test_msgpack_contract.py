@@ -22,8 +22,8 @@ import torch
 
 import skyrl_fn.gpu.vllm_backend as vb
 from skyrl_fn.gpu.weight_sync import WeightSyncExtension, pack_bucket, plan_buckets, specs_of, to_hf_names
-from skyrl_fn.train.config import ModelConfig, RolloutConfig
-from skyrl_fn.train.model import DIGITS_ALPHABET, build_tiny_model, build_tokenizer
+from skyrl_fn.train.model import DIGITS_ALPHABET, ModelConfig, build_tiny_model, build_tokenizer
+from skyrl_fn.train.rollout import RolloutConfig
 
 
 def over_the_wire(obj):
@@ -112,7 +112,7 @@ def _trained(policy, scale):
 
 def test_colocated_sync_survives_msgpack_and_loads_every_weight(engine, monkeypatch):
     policy, tok = engine
-    monkeypatch.setattr("skyrl_fn.gpu.weight_sync.DEFAULT_BUCKET_BYTES", 4096)  # several buckets
+    monkeypatch.setattr(vb, "DEFAULT_BUCKET_BYTES", 4096)  # several buckets
     backend = vb.make_vllm_backend(RolloutConfig(samples_per_prompt=2), policy, tok, seed=0, colocated=True)
     llm = MsgpackEngineLLM.instances[-1]
     _trained(policy, -1.5)

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
+from hypothesis import given, strategies as st
 
 from skyrl_fn.gpu.placement import GPUPlacementConfig, actor_options, plan_placement
 
@@ -67,7 +66,7 @@ def test_more_trainer_workers_than_gpus_is_an_error():
 def test_there_is_no_trainer_workers_flag():
     # A flag that did nothing was removed; data-parallel ranks come with their real flag.
     from skyrl_fn.launcher import parse_config
-    from skyrl_fn.table import DEFAULT_TABLE
+    from skyrl_fn._builtins import DEFAULT_TABLE
 
     with pytest.raises(SystemExit):
         parse_config(["--gpu.trainer-workers", "2"], DEFAULT_TABLE)

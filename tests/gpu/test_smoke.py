@@ -14,7 +14,8 @@ from skyrl_fn import DEFAULT_TABLE
 from skyrl_fn.gpu.smoke import SMOKE_MODEL, attention_backends, compare_log_probs, followed_the_policy, head_dim, smoke_config
 from skyrl_fn.gpu.vllm_backend import vllm_unavailable_reason
 from skyrl_fn.launcher.devices import gpu_plan
-from skyrl_fn.train.config import ModelConfig, resolve
+from skyrl_fn.train.model import ModelConfig
+from skyrl_fn.train.run import resolve
 
 ROOT = Path(__file__).resolve().parents[2]
 

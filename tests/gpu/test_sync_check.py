@@ -124,7 +124,7 @@ def test_ray_workers_stop_at_the_generate_after_a_failed_sync(ray_session, tmp_p
     from skyrl_fn.launcher.ray_workers import RayWorkers
     from skyrl_fn.train.experience import kl_controller_of
     from skyrl_fn.train.loop import run_step
-    from skyrl_fn.train.tasks import DataState, make_task, next_prompts
+    from skyrl_fn.train.tasks import DataState, next_prompts
 
     argv = [
         "--model.hidden-size", "16", "--model.num-layers", "1", "--model.num-heads", "2", "--model.intermediate-size", "32",
@@ -135,7 +135,7 @@ def test_ray_workers_stop_at_the_generate_after_a_failed_sync(ray_session, tmp_p
     kl_ctrl = kl_controller_of(run)
     workers = RayWorkers(run)
     try:
-        task = make_task(run.config.data, seed=0)
+        task = run.make_task()
         examples, state = next_prompts(task, DataState(seed=0), 2)
         run_step(run, workers, 0, examples, kl_ctrl)
         assert workers.syncs.pending_step == 0

@@ -14,9 +14,11 @@ import pytest
 
 import skyrl_fn.gpu.vllm_backend as vb
 from skyrl_fn.gpu.vllm_backend import engine_kwargs, outputs_to_batch, sampling_params_kwargs, vllm_unavailable_reason
-from skyrl_fn.train.config import ModelConfig, RolloutConfig
-from skyrl_fn.train.model import DIGITS_ALPHABET, build_tiny_model, build_tokenizer
-from skyrl_fn.train.rollout import BackendUnavailableError, make_backend
+from skyrl_fn import DEFAULT_TABLE
+from skyrl_fn.train.config import TrainConfig
+from skyrl_fn.train.model import DIGITS_ALPHABET, ModelConfig, build_tiny_model, build_tokenizer
+from skyrl_fn.train.rollout import BackendUnavailableError, RolloutConfig
+from skyrl_fn.train.run import resolve
 
 ROOT = Path(__file__).resolve().parents[2]
 NO_VLLM = vllm_unavailable_reason()
@@ -37,7 +39,7 @@ def test_reason_says_what_is_missing_how_to_install_and_what_hardware():
 def test_make_backend_vllm_raises_before_building_an_engine():
     tok = build_tokenizer(DIGITS_ALPHABET)
     with pytest.raises(BackendUnavailableError, match=r"skyrl_fn\[vllm\]|\[vllm\]"):
-        make_backend(RolloutConfig(backend="vllm"), None, tok)
+        vb.vllm_backend(None, tok, RolloutConfig(backend="vllm"))
 
 
 @needs_no_vllm
@@ -121,7 +123,8 @@ def test_sampling_params_come_from_the_config():
 
 def test_config_rejects_temperatures_vllm_would_change_or_refuse():
     from skyrl_fn import DEFAULT_TABLE
-    from skyrl_fn.train.config import GPUPlacementConfig, TrainConfig, resolve
+    from skyrl_fn.train.config import GPUPlacementConfig, TrainConfig
+    from skyrl_fn.train.run import resolve
 
     def cfg(backend, temperature, **gpu):
         return TrainConfig(rollout=RolloutConfig(backend=backend, temperature=temperature), gpu=GPUPlacementConfig(**gpu))
@@ -306,8 +309,8 @@ def test_make_backend_dispatches_to_vllm(fake_vllm, tiny, monkeypatch):
     import skyrl_fn.train.rollout as rollout
 
     model, tok = tiny
-    monkeypatch.setattr(rollout, "check_backend_available", lambda cfg: None)
-    backend = rollout.make_backend(RolloutConfig(backend="vllm", samples_per_prompt=2), model, tok)
+    run = resolve(TrainConfig(rollout=RolloutConfig(backend="vllm", samples_per_prompt=2)), DEFAULT_TABLE)
+    backend = run.make_backend(model, tok)
     assert isinstance(backend, vb.VLLMBackend) and isinstance(backend, rollout.RolloutBackend)
 
 

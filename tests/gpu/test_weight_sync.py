@@ -27,8 +27,7 @@ from skyrl_fn.gpu.weight_sync import (
     to_hf_names,
     unpack_bucket,
 )
-from skyrl_fn.train.config import ModelConfig
-from skyrl_fn.train.model import DIGITS_ALPHABET, build_tiny_model, build_tokenizer
+from skyrl_fn.train.model import DIGITS_ALPHABET, ModelConfig, build_tiny_model, build_tokenizer
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.uint8]
 

@@ -18,12 +18,12 @@ from skyrl_fn.launcher.devices import actor_device, gpu_plan, select_device, to_
 from skyrl_fn.train.config import (
     AlgorithmConfig,
     GPUPlacementConfig,
-    RolloutConfig,
     TrainConfig,
     config_from_dict,
     config_to_dict,
-    resolve,
 )
+from skyrl_fn.train.rollout import RolloutConfig
+from skyrl_fn.train.run import resolve
 
 
 def _vllm(**kw) -> TrainConfig:
@@ -143,11 +143,11 @@ def test_gpu_flags_parse_and_are_in_help(capsys):
 
 
 def test_loss_kernel_on_cuda_uses_the_gpu_compiler(monkeypatch):
-    import skyrl_fn.gpu.kernels as kernels
+    import skyrl_fn.train.learner as learner
     from skyrl_fn.train.learner import loss_kernel
 
     calls = []
-    monkeypatch.setattr(kernels, "compile_kernel", lambda k, *, mode, device_type: calls.append((mode, device_type)) or k)
+    monkeypatch.setattr(learner, "compile_kernel", lambda k, *, mode, device_type: calls.append((mode, device_type)) or k)
     run = resolve(TrainConfig(algorithm=AlgorithmConfig(compile=True, compile_mode="max-autotune")), DEFAULT_TABLE)
     loss_kernel(run, device_type="cuda")
     assert calls == [("max-autotune", "cuda")]
@@ -156,20 +156,19 @@ def test_loss_kernel_on_cuda_uses_the_gpu_compiler(monkeypatch):
 
 
 def test_vllm_unavailable_message_names_the_hardware(monkeypatch):
-    from skyrl_fn.train.rollout import BackendUnavailableError, check_backend_available
+    from skyrl_fn.train.rollout import BackendUnavailableError
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(BackendUnavailableError, match="compute capability") as exc:
-        check_backend_available(RolloutConfig(backend="vllm"))
+        resolve(TrainConfig(rollout=RolloutConfig(backend="vllm")), DEFAULT_TABLE).check_backend_available()
     assert "pip install -e '.[vllm]'" in str(exc.value) and "--rollout.backend hf" in str(exc.value)
 
 
 def test_make_backend_forwards_seed_and_layout_to_vllm(monkeypatch):
     import skyrl_fn.gpu.vllm_backend as vb
-    import skyrl_fn.train.rollout as rollout
 
     seen = {}
-    monkeypatch.setattr(rollout, "check_backend_available", lambda cfg: None)
     monkeypatch.setattr(vb, "make_vllm_backend", lambda cfg, model, tok, *, seed, colocated: seen.update(seed=seed, colocated=colocated) or "engine")
-    assert rollout.make_backend(RolloutConfig(backend="vllm"), None, None, seed=7, colocated=False) == "engine"
+    run = resolve(TrainConfig(rollout=RolloutConfig(backend="vllm")), DEFAULT_TABLE)
+    assert run.make_backend(None, None, seed=7, colocated=False) == "engine"
     assert seen == {"seed": 7, "colocated": False}

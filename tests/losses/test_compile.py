@@ -14,7 +14,7 @@ import torch
 from skyrl_fn import DEFAULT_TABLE
 from skyrl_fn.losses import compile as compile_mod
 from skyrl_fn.algorithm import compute_policy_loss
-from skyrl_fn.losses import compile_loss
+from skyrl_fn.losses.compile import compile_loss
 from loss_batches import make_batch
 
 

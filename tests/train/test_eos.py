@@ -7,10 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from skyrl_fn.train.config import ModelConfig, RolloutConfig
+from skyrl_fn.train.model import ModelConfig, eos_token_ids, load_model, load_tokenizer
+from skyrl_fn.train.rollout import HFBackend, RolloutConfig
 from skyrl_fn.train.evaluate import evaluate, greedy_responses
-from skyrl_fn.train.model import eos_token_ids, load_model, load_tokenizer
-from skyrl_fn.train.rollout import HFBackend
 
 from .tiny_gguf import write_tiny_gguf
 

@@ -9,9 +9,10 @@ import sys
 
 import pytest
 
-from skyrl_fn.train.config import DataConfig
-from skyrl_fn.train.gsm8k import Gsm8kTask, extract_final_number, format_prompt, math_reward, normalize_number, prepare_gsm8k
-from skyrl_fn.train.tasks import make_task
+from skyrl_fn.train.tasks import DataConfig
+from skyrl_fn.train.gsm8k import (
+    Gsm8kTask, extract_final_number, format_prompt, gsm8k_task, math_reward, normalize_number, prepare_gsm8k,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "gsm8k_tiny.jsonl")
@@ -61,7 +62,7 @@ def test_prepare_from_local_jsonl(tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["answer"] for r in rows] == EXPECTED[:5]
     assert rows[0]["prompt"] == format_prompt(rows[0]["question"])
-    task = make_task(DataConfig(task="gsm8k", path=str(out)))
+    task = gsm8k_task(DataConfig(task="gsm8k", path=str(out)))
     assert task.size() == 5 and task.example(4).answer == "7"
 
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from skyrl_fn.train import checkpoint as ckpt
-from skyrl_fn.train.config import resolve
+from skyrl_fn.train.run import resolve
 from skyrl_fn.train.loop import train
 
 STEPS = 8
@@ -25,9 +25,9 @@ STEPS = 8
 _CHILD = """
 import importlib.util, sys
 from skyrl_fn import DEFAULT_TABLE
-from skyrl_fn.train.config import resolve
+from skyrl_fn.train.run import resolve
 from skyrl_fn.train.loop import train
-spec = importlib.util.spec_from_file_location("train_conftest", sys.argv[2])
+spec = importlib.util.spec_from_file_location("tests_conftest", sys.argv[2])
 helpers = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(helpers)
 cfg = helpers.tiny_config(sys.argv[1], trainer={"steps": int(sys.argv[3]), "ckpt_interval": 1, "resume": True})
@@ -44,7 +44,7 @@ def kill_resume_trials(tmp_path, tiny_config, table, trials: int, seed: int) -> 
     resumed to the end; figures as in docs/faults.md."""
     script = tmp_path / "child.py"
     script.write_text(_CHILD)
-    conftest = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conftest.py")
+    conftest = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conftest.py")
     reference = train(resolve(_config(tiny_config, tmp_path / "reference", keep_checkpoints=STEPS), table))
     at = {ckpt.load(p).step: ckpt.load(p).weights["policy"] for p in ckpt.list_checkpoints(str(tmp_path / "reference" / "checkpoints"))}
     want = at[STEPS]

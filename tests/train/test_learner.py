@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from skyrl_fn.records import PolicyLossInput, PolicyLossOutput
-from skyrl_fn.train.config import resolve
+from skyrl_fn.train.run import resolve
 from skyrl_fn.train.learner import (
     KLController,
     batched_log_probs,

@@ -9,7 +9,8 @@ import time
 import pytest
 
 from skyrl_fn.train import checkpoint as ckpt
-from skyrl_fn.train.config import TrainConfig, resolve
+from skyrl_fn.train.config import TrainConfig
+from skyrl_fn.train.run import resolve
 from skyrl_fn.train.loop import train
 
 # Timing-dependent metrics differ between runs; everything else must match exactly.
@@ -78,7 +79,8 @@ def test_the_embedded_default_learns(tmp_path, table):
 _KILLED = """
 import importlib.util, sys
 from skyrl_fn import DEFAULT_TABLE
-from skyrl_fn.train.config import TrainConfig, resolve
+from skyrl_fn.train.config import TrainConfig
+from skyrl_fn.train.run import resolve
 from skyrl_fn.train.loop import train
 spec = importlib.util.spec_from_file_location("train_conftest", sys.argv[2])
 helpers = importlib.util.module_from_spec(spec)

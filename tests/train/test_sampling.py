@@ -15,10 +15,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from skyrl_fn.train.config import ModelConfig, RolloutConfig
+from skyrl_fn.train.model import ModelConfig, build_tiny_model, build_tokenizer
+from skyrl_fn.train.rollout import HFBackend, RolloutConfig
 from skyrl_fn.train.forward import batched_log_probs, sequence_log_probs
-from skyrl_fn.train.model import build_tiny_model, build_tokenizer
-from skyrl_fn.train.rollout import HFBackend
 from skyrl_fn.train.sampling import nucleus_log_mass, nucleus_mask, nucleus_probs, sampling_log_probs
 
 PROMPTS = ["n:74>", "n:3>", "c:12345>", "r:901>"]

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from skyrl_fn.train import checkpoint as ckpt
-from skyrl_fn.train.config import resolve
+from skyrl_fn.train.run import resolve
 from skyrl_fn.train.loop import train
 from skyrl_fn.train.nonfinite import NonFiniteStepError, SkippedStepWarning
 from skyrl_fn.train.resume import IncompatibleResumeError

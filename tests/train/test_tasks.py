@@ -5,8 +5,8 @@ from __future__ import annotations
 import attrs
 import pytest
 
-from skyrl_fn.train.config import DataConfig
-from skyrl_fn.train.tasks import DataState, DigitsTask, char_credit, make_task, next_prompts, step_credit
+from skyrl_fn.train.tasks import DataConfig, DataState, DigitsTask, char_credit, digits_task, next_prompts, step_credit
+from skyrl_fn.train.gsm8k import gsm8k_task
 
 
 @pytest.mark.parametrize(
@@ -103,10 +103,11 @@ def test_finite_task_walks_seeded_epochs():
     assert [e.index for e in plain] == list(range(5))
 
 
-def test_make_task():
-    assert make_task(DataConfig()).name == "digits"
+def test_builtin_task_factories_read_their_config_fields():
+    task = digits_task(DataConfig(digits_op="reverse", min_digits=2, max_digits=2), seed=4)
+    assert (task.name, task.op, task.min_digits, task.seed) == ("digits", "reverse", 2, 4)
     with pytest.raises(ValueError, match="data.path"):
-        make_task(DataConfig(task="gsm8k"))
+        gsm8k_task(DataConfig(task="gsm8k"))
 
 
 class _Broken(DigitsTask):

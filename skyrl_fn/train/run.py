@@ -1,0 +1,221 @@
+"""Name resolution: a ``TrainConfig`` checked against a table once, bound into a ``ResolvedRun``.
+
+``resolve`` is the one place names become callables: the algorithm pieces
+(``skyrl_fn.algorithm.bind_algorithm``), the task and its reward, and the rollout backend. The
+result travels into every Ray task and actor; workers call what it holds and never look a name up.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import Any, Callable, Mapping
+
+import attrs
+
+from skyrl_fn.algorithm import SUPPLIED, Algorithm, bind_algorithm, entry_hyperparameters
+from skyrl_fn.losses.off_policy import off_policy_correction
+from skyrl_fn.table import AlgorithmTable, UnknownNameError, unknown_name_message
+from skyrl_fn.train.config import HYPER_FIELDS, TrainConfig, config_to_dict
+from skyrl_fn.train.rollout import VLLM_TEMPERATURE_RANGE, RolloutBackend, check_available
+from skyrl_fn.train.run_table import with_run_builtins
+from skyrl_fn.train.tasks import Example, Rewarded, Task
+
+__all__ = ["ResolvedRun", "resolve"]
+
+
+@attrs.frozen(kw_only=True, eq=False)
+class ResolvedRun:
+    """The one object the driver builds after name resolution and ships everywhere.
+
+    Attributes:
+        config: the full ``TrainConfig``.
+        table: the ``AlgorithmTable`` every name was checked against (with the user's
+            registrations); workers look functions up in it, never in a global.
+        algorithm: every piece bound once (``skyrl_fn.algorithm.Algorithm``): workers call these
+            callables and never look a name up.
+        task_factory: the ``task`` entry chosen by ``data.task`` with ``data.task_args`` bound.
+        reward: the ``reward`` entry chosen by ``data.reward`` with ``data.reward_args`` bound, or
+            None for the task's own reward.
+        backend_factory: the ``rollout_backend`` entry chosen by ``rollout.backend``.
+    """
+
+    config: TrainConfig
+    table: AlgorithmTable
+    algorithm: Algorithm
+    task_factory: Callable[..., Task] = attrs.field(default=None, repr=False)
+    reward: Callable[[str, Example], float] | None = attrs.field(default=None, repr=False)
+    backend_factory: Callable[..., RolloutBackend] = attrs.field(default=None, repr=False)
+
+    def make_task(self) -> Task:
+        """The run's task (``--data.task``, seeded by ``trainer.seed``), scored by ``--data.reward``
+        when one is chosen.
+
+        Raises:
+            DataError: the task's data cannot be used (``file:line`` named).
+        """
+        task = self.task_factory(self.config.data, seed=self.config.trainer.seed)
+        if self.reward is not None:
+            task = Rewarded(task=task, fn=self.reward, reward_name=self.config.data.reward)
+        return task
+
+    def make_backend(self, model, tokenizer, *, seed: int = 0, colocated: bool = True) -> RolloutBackend:
+        """The run's rollout backend (``--rollout.backend``) around ``model``."""
+        return self.backend_factory(model, tokenizer, self.config.rollout, seed=seed, colocated=colocated)
+
+    @property
+    def backend_is_engine(self) -> bool:
+        """True when the rollout backend runs its own engine with its own copy of the weights (its
+        factory's ``engine`` attribute, as ``vllm``); False when it samples with the module it is
+        given (``hf``, and a plugin's backend unless it says otherwise)."""
+        return bool(getattr(self.backend_factory, "engine", False))
+
+    def check_backend_available(self) -> None:
+        """Raise ``BackendUnavailableError`` now (before any model loads) if the chosen backend
+        cannot run here (vllm without vLLM or CUDA)."""
+        check_available(self.backend_factory, self.config.rollout)
+
+    @property
+    def uses_critic(self) -> bool:
+        """True when the advantage estimator reads critic values (its entry ``requires`` them)."""
+        return self.algorithm.needs_critic
+
+    @property
+    def uses_reference(self) -> bool:
+        """True when a reference model is needed (a KL term, or a loss reading ``ref_log_probs``)."""
+        return self.algorithm.needs_reference
+
+    def to_json(self) -> str:
+        """The config as JSON (the table holds functions and is not serialised)."""
+        return json.dumps(config_to_dict(self.config), indent=2, sort_keys=True)
+
+
+def _check_positive(name: str, value: float, *, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name}: expected {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def resolve(config: TrainConfig, table: AlgorithmTable) -> ResolvedRun:
+    """Check every name and hyperparameter of ``config`` against ``table``; build the run.
+
+    Checked: the advantage estimator, policy loss, aggregation (``loss_reduction``) and KL
+    estimator names, the task, reward and rollout backend names (UnknownNameError listing the
+    options and the closest one), each function's hyperparameters and each task/reward's
+    arguments against its signature (ValueError), and basic sizes. The task's data is read later,
+    by the launcher's preflight (or the loop's start), still before any model loads.
+
+    Args:
+        config: the full training config.
+        table: the algorithm table (``DEFAULT_TABLE`` plus registrations); the built-in tasks,
+            rewards and rollout backends it lacks are added (``skyrl_fn.train.run_table``).
+
+    Returns:
+        ``ResolvedRun`` with every function bound (``run.algorithm``).
+
+    Raises:
+        UnknownNameError: an unknown estimator, loss, aggregation or KL estimator name.
+        ValueError: an unknown hyperparameter key, or an out-of-range size.
+        TypeError: ``config``/``table`` of the wrong type.
+    """
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config: expected a TrainConfig, got {type(config).__name__}")
+    if not isinstance(table, AlgorithmTable):
+        raise TypeError(f"table: expected an AlgorithmTable, got {type(table).__name__}")
+    table = with_run_builtins(table)
+    alg = config.algorithm
+    correction = None
+    if alg.off_policy_correction != "none":
+        level = {"tis": "token", "tis_sequence": "sequence"}[alg.off_policy_correction]
+        correction = functools.partial(off_policy_correction, tis_ratio_type=level, tis_cap=alg.tis_cap)
+    algorithm = bind_algorithm(
+        table,
+        names={kind: getattr(alg, field) for field, (_, kind) in HYPER_FIELDS.items()},
+        hyper={kind: getattr(alg, hyper) for hyper, kind in HYPER_FIELDS.values()},
+        use_kl_loss=alg.use_kl_loss, kl_loss_coef=alg.kl_loss_coef, kl_in_reward=alg.use_kl_in_reward,
+        correction=correction, entropy_coef=alg.entropy_coef,
+    )
+    tr, ro = config.trainer, config.rollout
+    for name, value in (
+        ("trainer.steps", tr.steps), ("trainer.prompts_per_step", tr.prompts_per_step),
+        ("trainer.micro_batch_size", tr.micro_batch_size), ("trainer.lr", tr.lr),
+        ("rollout.samples_per_prompt", ro.samples_per_prompt), ("rollout.max_new_tokens", ro.max_new_tokens),
+        ("rollout.temperature", ro.temperature), ("algorithm.update_epochs", alg.update_epochs),
+        ("trainer.keep_checkpoints", tr.keep_checkpoints),
+    ):
+        _check_positive(name, value)
+    _check_positive("trainer.warmup_steps", tr.warmup_steps, allow_zero=True)
+    _check_positive("trainer.max_consecutive_skips", tr.max_consecutive_skips, allow_zero=True)
+    _check_positive("ray.rollout_workers", config.ray.rollout_workers, allow_zero=True)
+    if not 0 < ro.top_p <= 1:
+        raise ValueError(f"rollout.top_p: expected in (0, 1], got {ro.top_p!r}")
+    if ro.backend == "vllm" and not VLLM_TEMPERATURE_RANGE[0] <= ro.temperature <= VLLM_TEMPERATURE_RANGE[1]:
+        lo, hi = VLLM_TEMPERATURE_RANGE
+        raise ValueError(
+            f"rollout.temperature: expected in [{lo}, {hi}] with rollout.backend 'vllm' (vLLM's SamplingParams "
+            f"rejects temperatures above {hi} and raises those below {lo} to {lo}, which the learner would not "
+            f"know), got {ro.temperature!r}; use --rollout.backend hf for other temperatures"
+        )
+    _check_positive("gpu.sync_timeout_s", config.gpu.sync_timeout_s)
+    _check_data_parallel(config)
+    if config.data.min_digits < 1 or config.data.max_digits < config.data.min_digits:
+        raise ValueError(
+            f"data.min_digits/max_digits: expected 1 <= min <= max, got {config.data.min_digits}, {config.data.max_digits}"
+        )
+    ev = config.eval
+    _check_positive("eval.every", ev.every, allow_zero=True)
+    _check_positive("eval.size", ev.size)
+    _check_positive("eval.batch_size", ev.batch_size)
+    if ev.max_new_tokens is not None:
+        _check_positive("eval.max_new_tokens", ev.max_new_tokens)
+    if not 0.0 <= config.data.format_credit < 1.0:
+        raise ValueError(f"data.format_credit: expected in [0, 1) (below a correct answer), got {config.data.format_credit!r}")
+    data = config.data
+    task_factory = _bind_run_piece(table, "task", data.task, data.task_args, "data.task", "data.task_args")
+    reward = None
+    if data.reward:
+        reward = _bind_run_piece(table, "reward", data.reward, data.reward_args, "data.reward", "data.reward_args")
+    elif data.reward_args:
+        raise ValueError(f"data.reward_args: expected none without --data.reward, got {sorted(data.reward_args)}")
+    backend_factory = _bind_run_piece(table, "rollout_backend", ro.backend, {}, "rollout.backend", None)
+    return ResolvedRun(
+        config=config, table=table, algorithm=algorithm, task_factory=task_factory, reward=reward,
+        backend_factory=backend_factory,
+    )
+
+
+def _check_data_parallel(config: TrainConfig) -> None:
+    """``trainer.workers``: W >= 1; W > 1 needs Ray, the hf backend, the hybrid layout and a
+    whole prompt group per rank."""
+    tr = config.trainer
+    if isinstance(tr.workers, bool) or not isinstance(tr.workers, int) or tr.workers < 1:
+        raise ValueError(f"trainer.workers: expected an int >= 1, got {tr.workers!r}")
+    _check_positive("trainer.dist_timeout_s", tr.dist_timeout_s)
+    if tr.workers == 1:
+        return
+    if tr.workers > tr.prompts_per_step:
+        raise ValueError(f"trainer.workers: expected <= trainer.prompts_per_step = {tr.prompts_per_step} (each rank trains whole prompt groups), got {tr.workers}")
+    for bad, what in (
+        (not config.ray.use_ray, "ray.use_ray (the ranks are Ray actors; drop --ray.no-use-ray)"),
+        (config.rollout.backend != "hf", f"rollout.backend 'hf' (got {config.rollout.backend!r}; each rank samples with its own model)"),
+        (config.ray.rollout_workers != 0, f"ray.rollout_workers 0 (got {config.ray.rollout_workers}; each rank samples its share itself)"),
+    ):
+        if bad:
+            raise ValueError(f"trainer.workers: {tr.workers} data-parallel ranks need {what}")
+
+
+def _bind_run_piece(
+    table: AlgorithmTable, kind: str, name: str, args: Mapping[str, Any], field: str, args_field: str | None
+) -> Callable:
+    """The ``kind`` entry ``name`` with ``args`` bound; errors name the config field."""
+    try:
+        entry = table.entry(kind, name)
+    except UnknownNameError as err:
+        raise UnknownNameError(f"{field}: {err}") from None
+    accepted = entry_hyperparameters(entry)
+    if accepted is not None:
+        for key in args:
+            if key in SUPPLIED.get(kind, ()):
+                raise ValueError(f"{args_field}: {key!r} is set by the trainer (trainer.{key}), not by {kind} arguments")
+            if key not in accepted:
+                raise ValueError(f"{args_field}: {kind} {name!r} {unknown_name_message('argument', key, accepted)}")
+    return functools.partial(entry.fn, **args) if args else entry.fn
