@@ -37,6 +37,7 @@ import os
 import tempfile
 from typing import Callable
 
+from skyrl_fn.launcher.dp import DPWorkers
 from skyrl_fn.launcher.layout import concat_rollouts, with_rollout_workers
 from skyrl_fn.launcher.ray_workers import CPU_SHARES, RayWorkers, WorkerDiedError
 from skyrl_fn.train.run import ResolvedRun
@@ -46,6 +47,7 @@ __all__ = [
     "WorkerDiedError",
     "CPU_SHARES",
     "RayWorkers",
+    "DPWorkers",
     "init_ray",
     "train_on_ray",
     "concat_rollouts",
@@ -92,6 +94,8 @@ def train_on_ray(
 
     started = init_ray(run)
     try:
+        if run.config.trainer.workers > 1:  # W data-parallel policy ranks (docs/distributed.md)
+            return train(run, on_step=on_step, workers=DPWorkers)
         return train(run, on_step=on_step, workers=functools.partial(RayWorkers, num_rollout_workers=num_rollout_workers))
     finally:
         if started:

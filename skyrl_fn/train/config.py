@@ -215,6 +215,12 @@ class TrainerConfig:
     max_consecutive_skips: int = 3
     """Stop the run after more than this many consecutive steps skipped for a non-finite reward,
     loss or gradient (each skipped step is counted and logged; 0 stops at the first)."""
+    workers: int = 1
+    """W, data-parallel policy ranks (Ray actors, one torch.distributed group, FSDP2-sharded; see docs/distributed.md); 1 is the single policy actor."""
+    dist_timeout_s: float = 300.0
+    """Seconds a collective of the W ranks may wait (a dead or stuck rank fails the run after this at the latest)."""
+    bf16_mixed_precision: bool = False
+    """W > 1: bf16 parameters for compute, fp32 gradient reduction and master weights (FSDP2 MixedPrecisionPolicy; meant for CUDA)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -121,6 +121,10 @@ class Experience:
         """Rows ``start:stop`` (a micro-batch)."""
         return Experience(**{k: (None if v is None else v[start:stop]) for k, v in attrs.asdict(self, recurse=False).items()})
 
+    def rows(self, index: torch.Tensor) -> "Experience":
+        """The rows ``index`` (``[B']`` int64), in that order (a data-parallel rank's share)."""
+        return Experience(**{k: (None if v is None else v[index]) for k, v in attrs.asdict(self, recurse=False).items()})
+
 
 def make_experience(
     run: ResolvedRun,

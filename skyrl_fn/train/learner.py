@@ -45,6 +45,7 @@ from skyrl_fn.train.experience import (
     token_rewards,
 )
 from skyrl_fn.train.forward import batched_log_probs, batched_values, response_values, sequence_log_probs
+from skyrl_fn.train.sharding import Collectives
 from skyrl_fn.train.nonfinite import describe_rows, nonfinite_rows, reward_rows, skipped_metrics, step_if_finite
 
 __all__ = [
@@ -158,6 +159,7 @@ def policy_update(
     global_tokens: torch.Tensor | None = None,
     global_seqs: torch.Tensor | None = None,
     scores: torch.Tensor | None = None,
+    dp: Collectives | None = None,
 ) -> dict[str, float]:
     """``algorithm.update_epochs`` optimiser steps on ``exp`` with gradient accumulation.
 
@@ -175,6 +177,12 @@ def policy_update(
         global_tokens, global_seqs: the normalisers of the whole optimiser step when ``exp`` is
             a share of it (data-parallel); None: counted on ``exp``.
         scores: ``[B]`` rewards, named in the report of a skipped step.
+        dp: the ranks of a data-parallel (FSDP2) update, ``exp`` being this rank's share
+            (``skyrl_fn.train.sharding``). The token and sequence counts are all-reduced (the
+            whole batch's normalisers); every rank runs as many micro-batches as the rank with
+            the most (the extra ones fully masked: zero loss and gradient, but the same
+            collectives); a non-finite loss on any rank skips the step on all; the metrics are
+            summed over ranks with the whole batch's weights, so they are the whole batch's.
 
     Returns:
         metrics (python floats): loss, pg_loss, the loss's metrics, grad_norm, lr, kl_loss,
@@ -189,24 +197,29 @@ def policy_update(
     model.train()
     b, t = exp.batch_size, exp.response_len
     mask = exp.response_mask
+    mbs = tr.micro_batch_size
+    n_mb = -(-b // mbs)
+    # With dp: the whole batch's tokens and sequences, and the most micro-batches of any rank.
+    tokens, seqs, n_all = dp.batch_counts(mask.sum(), b, n_mb) if dp else (mask.sum(), b, n_mb)
     if global_tokens is None:
-        global_tokens = mask.sum().clamp(min=1).to(torch.float32)
+        global_tokens = torch.as_tensor(tokens).clamp(min=1).to(torch.float32)
     if global_seqs is None:
-        global_seqs = torch.tensor(float(b))
+        global_seqs = torch.tensor(float(seqs))
+    batch_seqs = float(global_seqs) if dp else float(b)  # B of the whole batch (the metrics' weights)
     with_entropy = run.algorithm.entropy_coef != 0
     # The aggregation's max length is the configured generation budget, one constant for every
     # step (Dr. GRPO's normaliser), never the longest response of this batch.
     max_len = run.config.rollout.max_new_tokens
     sums: dict[str, float] = {}
-    mbs = tr.micro_batch_size
+    starts = list(range(0, b, mbs)) + [b] * (n_all - n_mb)  # b: a masked filler (dp)
     prompts = _prompt_totals(run, exp)
     first_pass: dict[int, torch.Tensor] = {}  # old log-probs taken from epoch 0 when not given
     stepped = 0
     for epoch in range(a.update_epochs):
         opt.zero_grad(set_to_none=True)
         bad: dict[int, list[str]] | None = None  # rows of a non-finite loss, once one is seen
-        for s in range(0, b, mbs):
-            mb = exp.slice(s, s + mbs)
+        for i, s in enumerate(starts):
+            mb = exp.slice(s, s + mbs) if s < b else _masked_row(exp)
             lp, ent = sequence_log_probs(model, mb.input_ids, mb.attention_mask, t, temperature=run.config.rollout.temperature, top_p=run.config.rollout.top_p, with_entropy=with_entropy)
             old = mb.old_log_probs
             if old is None:
@@ -218,18 +231,27 @@ def policy_update(
                 ref_log_probs=mb.ref_log_probs, rollout_log_probs=mb.rollout_log_probs,
                 extras=dict(zip(TRAINER_FIELDS, (old, mb.rollout_log_probs))),  # the step's per-sample fields
             )
-            out = kernel(batch, global_tokens=global_tokens, global_seqs=global_seqs, max_seq_len=max_len, entropy=ent, **prompts(s, s + mbs))
-            if not bool(torch.isfinite(out.loss)):
+            rows = prompts(s, s + mbs) if s < b else prompts(0, 1)  # the filler: row 0, fully masked
+            out = kernel(batch, global_tokens=global_tokens, global_seqs=global_seqs, max_seq_len=max_len, entropy=ent, **rows)
+            finite = bool(torch.isfinite(out.loss))
+            if not finite and bad is None:
                 tensors = {"advantages": mb.advantages, "log_probs": lp, "old_log_probs": old, "ref_log_probs": mb.ref_log_probs, "rollout_log_probs": mb.rollout_log_probs}
                 bad = {s + r: names for r, names in nonfinite_rows(tensors, mb.response_mask).items()}
+            if not finite and not dp:
                 break
+            if dp:  # every rank makes the same calls, so it backpropagates even a non-finite loss
+                dp.accumulate(model, last=i == len(starts) - 1)
             out.loss.backward()
-            share = mb.batch_size / b
+            if s >= b or not finite:  # the filler (no rows), or a step about to be skipped
+                continue
+            share = mb.batch_size / batch_seqs
             _acc(sums, "loss", out.loss.detach(), 1.0)
             for k, v in out.metrics.items():
                 # The objective's terms are globally normalised (they sum over micro-batches);
                 # the loss's own metrics are means of each micro-batch.
                 _acc(sums, k, v, 1.0 if k in SUMMED_METRICS else share)
+        if dp and not dp.all_true(bad is None) and bad is None:
+            bad = {}  # a non-finite loss on another rank: no row of this share to name
         grad_norm, ok = step_if_finite(model, opt, max_norm=tr.grad_clip, loss_finite=bad is None)
         if not ok:
             what = "loss" if bad is not None else f"gradient (norm {float(grad_norm)})"
@@ -240,7 +262,9 @@ def policy_update(
                 state.scheduler.step()
             return skipped
         stepped += 1
-        _acc(sums, "grad_norm", grad_norm, 1.0)
+        _acc(sums, "grad_norm", grad_norm / (dp.world_size if dp else 1), 1.0)  # the same on every rank
+    if dp:
+        sums = dp.sum_metrics(sums)
     out_metrics = {k: v / a.update_epochs for k, v in sums.items()}
     out_metrics["lr"] = float(opt.param_groups[0]["lr"])  # the rate this step used
     out_metrics["skipped"] = 0.0
@@ -260,6 +284,8 @@ def experience_and_update(
     values: torch.Tensor | None = None,
     kl_coef: float = 0.0,
     kernel: Callable | None = None,
+    rank_rows: torch.Tensor | None = None,
+    dp: Collectives | None = None,
 ) -> tuple[dict[str, Any], Experience | None]:
     """:func:`make_experience` then :func:`policy_update`, unless something is not finite.
 
@@ -271,9 +297,12 @@ def experience_and_update(
     Args:
         rollout: the ``RolloutBatch``; scores ``[B]``; the log-probs and values ``[B, T]``.
         reward_function: the reward's name for the report (``tasks.reward_function_name``).
+        rank_rows, dp: data-parallel update: the experience is made of the whole batch (identical
+            on every rank) and this rank updates on its share ``rank_rows`` (``[B']`` int64) with
+            :func:`policy_update`'s ``dp``.
 
     Returns:
-        ``(metrics, experience or None)``; the experience feeds the critic update.
+        ``(metrics, experience or None)``; the experience (of the whole batch) feeds the critic update.
     """
     mask = rollout.response_mask
     bad = reward_rows(scores, prompts=rollout.prompts, responses=rollout.responses, group_ids=rollout.group_ids.tolist(), function=reward_function)
@@ -285,7 +314,8 @@ def experience_and_update(
         reason = "non-finite inputs: " + describe_rows(rows, rewards=scores, lengths=mask.sum(-1))
         return skipped_metrics(reason, scores=scores, response_mask=mask), None
     exp, metrics = make_experience(run, rollout, scores, old_log_probs=old_log_probs, ref_log_probs=ref_log_probs, values=values, kl_coef=kl_coef)
-    metrics.update(policy_update(run, state, exp, kernel=kernel, scores=scores))
+    share = exp if rank_rows is None else exp.rows(rank_rows)
+    metrics.update(policy_update(run, state, share, kernel=kernel, scores=scores if rank_rows is None else scores[rank_rows], dp=dp))
     return metrics, (None if metrics["skipped"] else exp)
 
 
@@ -342,6 +372,12 @@ def critic_update(run: ResolvedRun, state: TrainState, exp: Experience) -> dict[
     out["critic_lr"] = float(opt.param_groups[0]["lr"])
     state.scheduler.step()
     return out
+
+
+def _masked_row(exp: Experience) -> Experience:
+    """Row 0 of ``exp`` with an all-zero response mask: its loss and gradient are exactly 0."""
+    one = exp.slice(0, 1)
+    return attrs.evolve(one, response_mask=torch.zeros_like(one.response_mask))
 
 
 def _acc(sums: dict[str, float], key: str, value: Any, weight: float) -> None:

@@ -100,10 +100,11 @@ def step_if_finite(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, 
         ``(grad_norm, stepped)``.
     """
     params = [p for p in model.parameters() if p.grad is not None]
-    if max_norm > 0:
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm).detach()
-    elif params:
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+    if params:
+        # max_norm <= 0: the norm only (an infinite bound scales the gradients by exactly 1).
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf")).detach()
+        if hasattr(norm, "full_tensor"):  # FSDP2 (DTensor) gradients: the norm over all shards
+            norm = norm.full_tensor()
     else:
         norm = torch.zeros(())
     if not loss_finite or not bool(torch.isfinite(norm)):

@@ -23,7 +23,7 @@ from torch import nn
 
 from skyrl_fn._checks import as_mask, check_floating, check_shape, check_tensor
 from skyrl_fn.train.model import encode_prompts, eos_token_ids, position_ids
-from skyrl_fn.train.sampling import nucleus_log_mass, nucleus_probs
+from skyrl_fn.train.sampling import inverse_cdf_sample, nucleus_log_mass, nucleus_probs, prompt_seed
 
 __all__ = [
     "RolloutConfig", "VLLM_TEMPERATURE_RANGE", "RolloutBatch", "RolloutBackend", "HFBackend", "hf_backend",
@@ -251,14 +251,20 @@ class HFBackend:
         self.model.load_state_dict(state_dict)
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[str], *, seed: int) -> RolloutBatch:
+    def generate(self, prompts: Sequence[str], *, seed: int, first_prompt: int = 0) -> RolloutBatch:
         """Sample ``G = cfg.samples_per_prompt`` responses per prompt (KV-cached loop).
 
         Prompts go through the tokenizer's chat template when it has one (``encode_prompts``).
         Each row stops at an EOS id (``eos_token_ids``: the tokenizer's and the model's
         generation config's; kept, masked 1) or after ``max_new_tokens``; later positions hold
-        the pad id with mask 0. Sampling uses a generator seeded with ``seed`` only, so the same
-        weights, prompts and seed give the same batch.
+        the pad id with mask 0.
+
+        Seeds: prompt ``p`` of this call is prompt ``first_prompt + p`` of the step, and its ``G``
+        rows draw from their own generator seeded with ``prompt_seed(seed, first_prompt + p)``
+        (``skyrl_fn.train.sampling``; one uniform per row and token, inverse-CDF sampling). So a
+        prompt's responses depend on the weights, the step's seed and its index only, not on
+        which other prompts share the batch: data-parallel ranks that each sample a share of the
+        step's prompts (``first_prompt`` = the share's offset) draw what one worker would.
         """
         from transformers import DynamicCache
 
@@ -273,8 +279,7 @@ class HFBackend:
         b = ids.shape[0]
         eos, pad = eos_token_ids(tok, model), tok.pad_token_id
         eos_t = torch.tensor(eos, device=device)
-        gen = torch.Generator(device=device)
-        gen.manual_seed(int(seed) % (2**63 - 1))
+        gens = [torch.Generator(device=device).manual_seed(prompt_seed(seed, first_prompt + p)) for p in range(len(prompts))]
         pos = position_ids(attn)
         cache = {cache_keyword(model): DynamicCache()}
         logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, **cache).logits[:, -1]
@@ -284,7 +289,8 @@ class HFBackend:
         for t in range(cfg.max_new_tokens):
             logp = torch.log_softmax(logits.float() / cfg.temperature, dim=-1)
             probs = nucleus_probs(logp.exp(), cfg.top_p) if cfg.top_p < 1.0 else logp.exp()
-            nxt = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+            u = torch.cat([torch.rand(g_per, generator=g, device=device) for g in gens])
+            nxt = inverse_cdf_sample(probs, u)
             # The log-prob under the distribution sampled from (skyrl_fn.train.sampling), as the learner's.
             tok_lp = logp.gather(-1, nxt[:, None]).squeeze(-1)
             if cfg.top_p < 1.0:

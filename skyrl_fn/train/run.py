@@ -219,6 +219,7 @@ def resolve(config: TrainConfig, table: AlgorithmTable) -> ResolvedRun:
         )
     _check_positive("gpu.sync_timeout_s", config.gpu.sync_timeout_s)
     _check_teacher(config, table)
+    _check_data_parallel(config)
     if config.data.min_digits < 1 or config.data.max_digits < config.data.min_digits:
         raise ValueError(
             f"data.min_digits/max_digits: expected 1 <= min <= max, got {config.data.min_digits}, {config.data.max_digits}"
@@ -243,6 +244,31 @@ def resolve(config: TrainConfig, table: AlgorithmTable) -> ResolvedRun:
         config=config, table=table, algorithm=algorithm, task_factory=task_factory, reward=reward,
         backend_factory=backend_factory, batch_transforms=pipeline,
     )
+
+
+def _check_data_parallel(config: TrainConfig) -> None:
+    """``trainer.workers``: W >= 1; W > 1 needs Ray, the hf backend, the hybrid layout and a
+    whole prompt group per rank."""
+    tr = config.trainer
+    if isinstance(tr.workers, bool) or not isinstance(tr.workers, int) or tr.workers < 1:
+        raise ValueError(f"trainer.workers: expected an int >= 1, got {tr.workers!r}")
+    _check_positive("trainer.dist_timeout_s", tr.dist_timeout_s)
+    if tr.workers == 1:
+        return
+    if tr.workers > tr.prompts_per_step:
+        raise ValueError(f"trainer.workers: expected <= trainer.prompts_per_step = {tr.prompts_per_step} (each rank trains whole prompt groups), got {tr.workers}")
+    for bad, what in (
+        (not config.ray.use_ray, "ray.use_ray (the ranks are Ray actors; drop --ray.no-use-ray)"),
+        (config.rollout.backend != "hf", f"rollout.backend 'hf' (got {config.rollout.backend!r}; each rank samples with its own model)"),
+        (config.ray.rollout_workers != 0, f"ray.rollout_workers 0 (got {config.ray.rollout_workers}; each rank samples its share itself)"),
+        (bool(config.algorithm.batch_transforms), f"no algorithm.batch_transforms yet (got {list(config.algorithm.batch_transforms)}; "
+         "the ranks do not run them)"),
+        (config.teacher.model is not None, "no teacher.model yet (the ranks have no teacher; distil with --trainer.workers 1)"),
+        (config.algorithm.loss_reduction in ("prompt_mean",), f"an aggregation over tokens or sequences (got "
+         f"algorithm.loss_reduction {config.algorithm.loss_reduction!r}, whose prompt count is not all-reduced yet)"),
+    ):
+        if bad:
+            raise ValueError(f"trainer.workers: {tr.workers} data-parallel ranks need {what}")
 
 
 def _bind_run_piece(

@@ -35,7 +35,10 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["nucleus_mask", "nucleus_log_mass", "sampling_log_probs", "nucleus_probs", "NUCLEUS_CHUNK_ELEMENTS"]
+__all__ = [
+    "nucleus_mask", "nucleus_log_mass", "sampling_log_probs", "nucleus_probs", "NUCLEUS_CHUNK_ELEMENTS",
+    "prompt_seed", "inverse_cdf_sample",
+]
 
 #: Rows are processed in chunks of about this many logits (a sort holds values and int64 indices).
 NUCLEUS_CHUNK_ELEMENTS = 1 << 23
@@ -134,3 +137,29 @@ def sampling_log_probs(logits: torch.Tensor, targets: torch.Tensor, *, temperatu
     if _check_top_p(top_p) >= 1.0:
         return logp
     return logp - nucleus_log_mass(logits, targets, temperature=tau, top_p=top_p)
+
+
+def prompt_seed(seed: int, index: int) -> int:
+    """The sampling seed of prompt ``index`` (0-based, within the step's batch) of a step whose
+    sampling seed is ``seed``: a pure function of both, so a prompt draws the same responses
+    whichever batch, worker or rank samples it (W-invariant data parallelism, resume)."""
+    return (int(seed) * 6_364_136_223_846_793_005 + (int(index) + 1) * 1_442_695_040_888_963_407) % (2**63 - 1)
+
+
+def inverse_cdf_sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """``[N]`` int64: for each row the first token whose cumulative probability exceeds
+    ``u * total`` (inverse-CDF sampling), so row ``n``'s draw depends on its own ``probs[n]`` and
+    ``uniforms[n]`` only (``torch.multinomial`` shares one generator across the rows).
+
+    Args:
+        probs: ``[N, V]`` non-negative, rows with a positive sum (need not be normalised).
+        uniforms: ``[N]`` in ``[0, 1)``.
+
+    Returns:
+        ``[N]`` token ids; a zero-probability token is never drawn.
+    """
+    cdf = probs.float().cumsum(-1)
+    total = cdf[:, -1:]
+    # Strictly below the total, so the last token with positive mass is the largest possible draw.
+    u = torch.minimum(uniforms[:, None].float() * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)

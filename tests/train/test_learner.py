@@ -68,7 +68,8 @@ def test_micro_batches_give_the_full_batch_gradient(make_config, table, reductio
     assert full.keys() == parts.keys()
     for k in full:
         torch.testing.assert_close(parts[k], full[k], atol=1e-6, rtol=1e-5)
-    assert m_full["loss"] == pytest.approx(m_parts["loss"], abs=1e-6)
+    # token_sum is not normalised (a loss of ~5): float32 rounding is relative.
+    assert m_full["loss"] == pytest.approx(m_parts["loss"], rel=1e-6, abs=1e-6)
 
 
 def test_a_native_loss_runs_through_the_table_by_name(make_config, table):
