@@ -25,6 +25,7 @@ from hypothesis import settings as Settings
 from hypothesis import strategies as st
 
 from skyrl_fn.losses.aggregation import group_token_totals
+from skyrl_fn.properties import universal
 from skyrl_fn.records import PolicyLossOutput
 from skyrl_fn.table import DEFAULT_TABLE, AlgorithmTable
 from skyrl_fn.testing._report import PropertyViolation, fmt, positions
@@ -389,7 +390,8 @@ def check_aggregation(
     """Check an aggregation ``fn(token_loss [B, T], loss_mask [B, T], *, global_tokens=None,
     global_seqs=None, max_seq_len=None) -> []`` (or a registered name): universal properties,
     zero gradient at masked tokens, and (when promised) exact micro-batching with the global
-    totals. An aggregation that takes ``group_ids`` (``prompt_mean``) gets three interleaved
+    totals (always for a bare function, which promises nothing; for a registered name when its
+    entry promises ``microbatch_invariant``). An aggregation that takes ``group_ids`` (``prompt_mean``) gets three interleaved
     prompts, and under micro-batching the whole batch's ``group_tokens`` / ``global_groups``.
 
     Raises:
@@ -397,4 +399,8 @@ def check_aggregation(
     """
     __tracebackhide__ = True
     target = resolve(aggregation, "aggregation", table)
+    if properties is None and target.style != "table":
+        # A bare function declares nothing: check the contract the kind exists for. A table entry's
+        # promises decide (token_mean_legacy is micro-batch dependent by definition).
+        properties = universal("aggregation") | {"microbatch_invariant"}
     _run(target, properties, hyperparameters, (), settings, token_losses())
