@@ -123,6 +123,9 @@ class RayWorkers:
         self.reference = start(ReferenceModel, "reference", 0, CPU_SHARES["reference"], "reference model (ReferenceModel)") if run.uses_reference else None
         self.critic = start(Critic, "critic", 0, CPU_SHARES["critic"], "critic (Critic)") if run.uses_critic else None
         self.sync_timeout_s = cfg.gpu.sync_timeout_s
+        # Asynchronous training (trainer.max_staleness K): K - 1 weight pushes may stay queued
+        # behind rollouts in flight; waiting for them would serialise sampling and training.
+        self.lag = max(0, cfg.trainer.max_staleness - 1)
         self.get([a.ping.remote() for a in self.actors()])  # constructors done, or a clear error
         if self.plan is not None and not self.plan.colocate:
             self._init_broadcast()
@@ -135,13 +138,14 @@ class RayWorkers:
 
     # -- the protocol ------------------------------------------------------------------------
     def generate(self, examples: Sequence[Any], *, step: int, seed: int):
-        self.step_index = step
+        # Asynchronous training samples step + K while step trains: errors name the step training.
+        self.step_index = max(0, step - self.run.config.trainer.max_staleness)
         if self.hybrid:
             if not self.share:
                 return _Deferred(list(examples), seed)
             generated, seconds = self.policy.generate_here.options(num_returns=2).remote(examples, seed, True)
             return _Sampled(generated, seconds)
-        self.syncs.check()  # the last step's weights reached every worker, or stop here
+        self.syncs.check(keep=self.lag)  # the last step's weights reached every worker, or stop here
         chunks = split_prompts(examples, len(self.rollout))
         outs = [w.generate_split.options(num_returns=2).remote(c, seed + i) for i, (w, c) in enumerate(zip(self.rollout, chunks))]
         if len(outs) == 1:
@@ -169,7 +173,7 @@ class RayWorkers:
             if self.broadcast_plan is None:
                 # Queued now, run by each worker before its next generate (an actor runs one
                 # caller's calls in order); checked before the next generate and in state().
-                self.syncs.record(self.step_index, [w.sync_packed.remote(weights) for w in self.rollout])
+                self.syncs.record(self.step_index, [w.sync_packed.remote(weights) for w in self.rollout], keep=self.lag)
             else:  # engines on their own GPUs: NCCL broadcast, both sides started together
                 self._broadcast()
         return _Updated(metrics, exp)
@@ -184,6 +188,16 @@ class RayWorkers:
         if critic is not None:
             metrics.update(got[2])
         return metrics, float(got[1])
+
+    def fetch_generated(self, generated: _Sampled) -> Generated:
+        if not isinstance(generated, _Sampled):  # hybrid without a shared batch: it never left the policy trainer
+            raise RuntimeError("RayWorkers.fetch_generated: the hybrid layout keeps its batch in the policy trainer")
+        return self.get(generated.generated)
+
+    def put_generated(self, batch: Generated) -> _Sampled:
+        import ray
+
+        return _Sampled(ray.put(batch), ray.put(batch.seconds))
 
     def evaluate(self, examples: Sequence[Any]) -> dict[str, float]:
         # The policy actor runs its calls in order: this one sees every update already queued.

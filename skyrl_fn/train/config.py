@@ -100,6 +100,14 @@ class AlgorithmConfig:
     min(exp(old_log_probs - rollout_log_probs), tis_cap) per token (tis) or per sequence."""
     tis_cap: float = 2.0
     """Cap of the truncated importance-sampling weight."""
+    sequence_mask: Literal["none", "geometric", "product", "token"] = "none"
+    """Drop whole sequences whose rollout-vs-trainer ratio leaves [sequence_mask_low,
+    sequence_mask_high]: by the geometric mean (defaults 0.99, 1.01), the product (0.5, 2.0) of the
+    token ratios exp(old_log_probs - rollout_log_probs), or any outlier token (token)."""
+    sequence_mask_low: float | None = None
+    """Lower bound of sequence_mask (None: the metric's default; token: no lower bound)."""
+    sequence_mask_high: float | None = None
+    """Upper bound of sequence_mask (None: the metric's default; token: no upper bound)."""
     entropy_coef: float = 0.0
     """Subtract entropy_coef * mean token entropy from the policy loss (0 disables)."""
     value_clip: float = 0.2
@@ -246,6 +254,14 @@ class TrainerConfig:
     max_consecutive_skips: int = 3
     """Stop the run after more than this many consecutive steps skipped for a non-finite reward,
     loss or gradient (each skipped step is counted and logged; 0 stops at the first)."""
+    max_staleness: int = 0
+    """K, asynchronous training: rollouts of the next K steps run while the policy trains, and no
+    update uses a sample produced more than K policy versions ago (docs/async.md). 0: synchronous
+    (sample, then update). K >= 1 needs separate rollout workers (--ray.rollout-workers >= 1)."""
+    stale_samples: Literal["regenerate", "drop"] = "regenerate"
+    """With max_staleness >= 1, a batch older than K versions (e.g. restored from a checkpoint written
+    with a larger K): regenerate its prompts with the current policy, or drop them and sample the
+    next prompts. Counted in the metrics (stale_regenerated, stale_dropped)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -385,6 +401,30 @@ def _check_positive(name: str, value: float, *, allow_zero: bool = False) -> Non
         raise ValueError(f"{name}: expected {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
 
+def _check_async(config: TrainConfig) -> None:
+    """``trainer.max_staleness`` >= 1 needs rollout workers that sample while the trainer trains."""
+    k = config.trainer.max_staleness
+    _check_positive("trainer.max_staleness", k, allow_zero=True)
+    if k == 0:
+        return
+    fix = "set --trainer.max-staleness 0 (synchronous)"
+    if not config.ray.use_ray:
+        raise ValueError(
+            f"trainer.max_staleness: expected 0 in-process (--ray.no-use-ray: one process samples and trains in turn, "
+            f"so nothing overlaps), got {k}; run on Ray with --ray.rollout-workers 1 (or more), or {fix}"
+        )
+    if config.rollout.backend == "hf" and config.ray.rollout_workers == 0:
+        raise ValueError(
+            f"trainer.max_staleness: expected 0 with the hybrid layout (--ray.rollout-workers 0: the policy trainer "
+            f"samples itself, so sampling cannot overlap its updates), got {k}; set --ray.rollout-workers 1 (or more), or {fix}"
+        )
+    if config.rollout.backend == "vllm" and config.gpu.colocate:
+        raise ValueError(
+            f"trainer.max_staleness: expected 0 with colocated vLLM engines (--gpu.colocate: the engines sleep while the "
+            f"trainer uses their GPUs), got {k}; set --gpu.no-colocate to give the engines their own GPUs, or {fix}"
+        )
+
+
 def resolve(config: TrainConfig, table: AlgorithmTable) -> ResolvedRun:
     """Check every name and hyperparameter of ``config`` against ``table``; build the run.
 
@@ -410,9 +450,18 @@ def resolve(config: TrainConfig, table: AlgorithmTable) -> ResolvedRun:
         raise TypeError(f"table: expected an AlgorithmTable, got {type(table).__name__}")
     alg = config.algorithm
     correction = None
-    if alg.off_policy_correction != "none":
-        level = {"tis": "token", "tis_sequence": "sequence"}[alg.off_policy_correction]
-        correction = functools.partial(off_policy_correction, tis_ratio_type=level, tis_cap=alg.tis_cap)
+    bounds = (alg.sequence_mask_low, alg.sequence_mask_high)
+    if alg.sequence_mask == "none" and bounds != (None, None):
+        raise ValueError("algorithm.sequence_mask_low/high: expected --algorithm.sequence-mask geometric, product or token with them, got none")
+    if any(b is not None and not b >= 0 for b in bounds) or (None not in bounds and bounds[0] > bounds[1]):
+        raise ValueError(f"algorithm.sequence_mask_low/high: expected 0 <= low <= high, got {bounds[0]!r}, {bounds[1]!r}")
+    if alg.off_policy_correction != "none" or alg.sequence_mask != "none":
+        level = {"none": None, "tis": "token", "tis_sequence": "sequence"}[alg.off_policy_correction]
+        mask = None if alg.sequence_mask == "none" else alg.sequence_mask
+        correction = functools.partial(
+            off_policy_correction, tis_ratio_type=level, tis_cap=alg.tis_cap if level else None,
+            sequence_mask_metric=mask, sequence_mask_low=alg.sequence_mask_low, sequence_mask_high=alg.sequence_mask_high,
+        )
     algorithm = bind_algorithm(
         table,
         names={kind: getattr(alg, field) for field, (_, kind) in HYPER_FIELDS.items()},
@@ -432,6 +481,7 @@ def resolve(config: TrainConfig, table: AlgorithmTable) -> ResolvedRun:
     _check_positive("trainer.warmup_steps", tr.warmup_steps, allow_zero=True)
     _check_positive("trainer.max_consecutive_skips", tr.max_consecutive_skips, allow_zero=True)
     _check_positive("ray.rollout_workers", config.ray.rollout_workers, allow_zero=True)
+    _check_async(config)
     if not 0 < ro.top_p <= 1:
         raise ValueError(f"rollout.top_p: expected in (0, 1], got {ro.top_p!r}")
     if ro.backend == "vllm" and not VLLM_TEMPERATURE_RANGE[0] <= ro.temperature <= VLLM_TEMPERATURE_RANGE[1]:

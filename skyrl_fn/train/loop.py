@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from skyrl_fn.losses.kl import KLController
+from skyrl_fn.train.async_loop import AsyncRollouts
 from skyrl_fn.train import checkpoint as ckpt
 from skyrl_fn.train.config import ResolvedRun, config_to_dict
 from skyrl_fn.train.evaluate import eval_due, heldout_examples
@@ -87,15 +88,20 @@ def step_timing(step: int, step_seconds: float, rollout_seconds: float, n_tokens
     )
 
 
-def run_step(run: ResolvedRun, workers: Workers, step: int, examples: Sequence[Any], kl_ctrl: KLController) -> tuple[dict[str, float], KLController]:
+def run_step(
+    run: ResolvedRun, workers: Workers, step: int, examples: Sequence[Any], kl_ctrl: KLController, *, generated: Any = None
+) -> tuple[dict[str, float], KLController]:
     """One RL step on ``examples``. Returns the step's metrics and the next KL controller.
 
     The calls are submitted in order and waited for once (:meth:`Workers.wait`), so on Ray the
     reference model and the critic work concurrently and nothing goes through the driver.
+    ``generated``: a handle of ``examples`` sampled earlier (asynchronous training,
+    ``skyrl_fn.train.async_loop``); None samples them now.
     """
     cfg = run.config
     t0 = time.perf_counter()
-    generated = workers.generate(examples, step=step, seed=rollout_seed(cfg.trainer.seed, step))
+    if generated is None:
+        generated = workers.generate(examples, step=step, seed=rollout_seed(cfg.trainer.seed, step))
     ref_lp = workers.reference_log_probs(generated) if run.uses_reference else None
     values = workers.values(generated) if run.uses_critic else None
     updated = workers.update_policy(generated, ref_lp, values, kl_ctrl.coef)
@@ -110,7 +116,7 @@ def run_step(run: ResolvedRun, workers: Workers, step: int, examples: Sequence[A
     return metrics, kl_ctrl
 
 
-def _save(run: ResolvedRun, state: WorkersState, step: int, data_state: DataState, kl_ctrl: KLController) -> str:
+def _save(run: ResolvedRun, state: WorkersState, step: int, data_state: DataState, kl_ctrl: KLController, in_flight: Any = None) -> str:
     weights = {role: s.weights for role, s in state.roles.items()}
     optim: dict[str, Any] = {}
     for role, s in state.roles.items():
@@ -119,6 +125,7 @@ def _save(run: ResolvedRun, state: WorkersState, step: int, data_state: DataStat
     return ckpt.save(
         cfg.ckpt_dir, step=step, weights=weights, optim=optim, data_state=attrs.asdict(data_state),
         config=config_to_dict(cfg), rng=state.rng, extra={"kl_coef": kl_ctrl.coef}, keep=cfg.trainer.keep_checkpoints,
+        in_flight=in_flight,
     )
 
 
@@ -170,7 +177,7 @@ def train(
     try:
         data_state = DataState(seed=cfg.trainer.seed)
         kl_ctrl = kl_controller_of(run)
-        start, resumed_from, last_ckpt = 0, None, None
+        start, resumed_from, last_ckpt, saved_in_flight = 0, None, None, None
         # The newest checkpoint that verifies; damaged ones are skipped with a warning.
         c = ckpt.load_latest(cfg.ckpt_dir) if cfg.trainer.resume else None
         if c is not None:
@@ -180,7 +187,7 @@ def train(
             data_state = DataState(**c.data_state)
             kl_ctrl = attrs.evolve(kl_ctrl, coef=float(c.extra.get("kl_coef", kl_ctrl.coef)))
             start = resumed_from = c.step
-            last_ckpt = path
+            last_ckpt, saved_in_flight = path, c.in_flight
         history: list[dict[str, float]] = []
         t0 = time.perf_counter()
         interval = cfg.trainer.ckpt_interval
@@ -188,9 +195,17 @@ def train(
         if start == 0 and eval_due(cfg, 0) and on_step is not None:
             on_step({"step": 0.0, **pool.evaluate(held)})  # the baseline, before any update
         skips = SkipCounter(limit=cfg.trainer.max_consecutive_skips)
+        # trainer.max_staleness >= 1: the next K steps' rollouts are in flight while a step trains.
+        ahead = AsyncRollouts(run, pool, task, data_state, start=start, seed_of=rollout_seed, saved=saved_in_flight) if cfg.trainer.max_staleness else None
         for step in range(start, cfg.trainer.steps):
-            examples, data_state = next_prompts(task, data_state, cfg.trainer.prompts_per_step, shuffle=cfg.data.shuffle)
-            metrics, kl_ctrl = run_step(run, pool, step, examples, kl_ctrl)
+            if ahead is None:
+                examples, data_state = next_prompts(task, data_state, cfg.trainer.prompts_per_step, shuffle=cfg.data.shuffle)
+                metrics, kl_ctrl = run_step(run, pool, step, examples, kl_ctrl)
+            else:
+                batch = ahead.take(step)
+                metrics, kl_ctrl = run_step(run, pool, step, batch.examples, kl_ctrl, generated=batch.handle)
+                metrics.update(ahead.consumed(batch, step))
+                data_state = ahead.data_state
             skips = skips.record(metrics, step=step + 1)
             metrics["skipped_steps"] = float(skips.total)
             history.append(metrics)
@@ -198,7 +213,8 @@ def train(
             if eval_due(cfg, done):
                 metrics.update(pool.evaluate(held))
             if (interval > 0 and done % interval == 0) or done == cfg.trainer.steps:
-                last_ckpt = _save(run, pool.state(), done, data_state, kl_ctrl)
+                in_flight = ahead.in_flight() if ahead is not None else None
+                last_ckpt = _save(run, pool.state(), done, data_state, kl_ctrl, in_flight)
             if on_step is not None:
                 on_step(metrics)
     finally:
