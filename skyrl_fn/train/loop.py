@@ -174,10 +174,11 @@ def train(
     seed_everything(cfg.trainer.seed)
     task = make_task(cfg.data, seed=cfg.trainer.seed)
     pool = workers(run)
+    last_ckpt, step = None, 0
     try:
         data_state = DataState(seed=cfg.trainer.seed)
         kl_ctrl = kl_controller_of(run)
-        start, resumed_from, last_ckpt, saved_in_flight = 0, None, None, None
+        start, resumed_from, saved_in_flight = 0, None, None
         # The newest checkpoint that verifies; damaged ones are skipped with a warning.
         c = ckpt.load_latest(cfg.ckpt_dir) if cfg.trainer.resume else None
         if c is not None:
@@ -195,6 +196,7 @@ def train(
         if start == 0 and eval_due(cfg, 0) and on_step is not None:
             on_step({"step": 0.0, **pool.evaluate(held)})  # the baseline, before any update
         skips = SkipCounter(limit=cfg.trainer.max_consecutive_skips)
+        step = start
         # trainer.max_staleness >= 1: the next K steps' rollouts are in flight while a step trains.
         ahead = AsyncRollouts(run, pool, task, data_state, start=start, seed_of=rollout_seed, saved=saved_in_flight) if cfg.trainer.max_staleness else None
         for step in range(start, cfg.trainer.steps):
@@ -217,6 +219,10 @@ def train(
                 last_ckpt = _save(run, pool.state(), done, data_state, kl_ctrl, in_flight)
             if on_step is not None:
                 on_step(metrics)
+    except KeyboardInterrupt:
+        # Ctrl-C: the finally below stops every worker (and whatever rollouts were in flight).
+        where = f"the last checkpoint is {last_ckpt} (rerun with --trainer.resume to continue)" if last_ckpt else "no checkpoint was written"
+        raise KeyboardInterrupt(f"interrupted (Ctrl-C) during step {step + 1}; every worker was stopped; {where}") from None
     finally:
         pool.close()
     return Summary(

@@ -117,15 +117,16 @@ def test_dead_rollout_worker_stops_the_run_naming_it_and_no_actor_survives(ray_s
     assert not _alive(pools[0])
 
 
-def test_ctrl_c_during_an_async_run_leaves_no_actor(ray_session, tmp_path):
-    run = _run(tmp_path, "--trainer.max-staleness", "1", "--trainer.steps", "6")
+@pytest.mark.slow
+def test_ctrl_c_during_an_async_run_names_the_step_and_leaves_no_actor(ray_session, tmp_path):
+    run = _run(tmp_path, "--trainer.max-staleness", "1", "--trainer.steps", "6", "--trainer.ckpt-interval", "1")
 
     def interrupt(m):
         if m["step"] == 2:
             raise KeyboardInterrupt
 
     pools: list = []
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match=r"interrupted \(Ctrl-C\) during step 2; every worker was stopped; the last checkpoint is .*step_00000002"):
         train(run, on_step=interrupt, workers=_kept(pools))
     assert not _alive(pools[0])
 

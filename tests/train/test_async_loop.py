@@ -173,3 +173,26 @@ def test_sequence_mask_reaches_the_loss_and_logs_its_fraction(make_config):
     cfg = make_config(algorithm={"off_policy_correction": "tis", "sequence_mask": "geometric", "sequence_mask_low": 0.0, "sequence_mask_high": 1e9})
     (h,) = train(resolve(_trainer(cfg, steps=1, ckpt_interval=0), DEFAULT_TABLE)).history
     assert h["seq_masked_frac"] == 0.0 and 0.0 <= h["tis_capped_frac"] <= 1.0
+
+
+def test_ctrl_c_names_the_step_and_the_last_checkpoint(make_config):
+    def interrupt(m):
+        if m["step"] == 2:
+            raise KeyboardInterrupt
+
+    cfg = make_config()
+    with pytest.raises(KeyboardInterrupt, match=r"during step 2; every worker was stopped; the last checkpoint is .*step_00000002 \(rerun with --trainer.resume"):
+        train(resolve(_trainer(cfg, steps=4, ckpt_interval=1), DEFAULT_TABLE), on_step=interrupt)
+
+
+def test_the_launcher_exits_130_with_one_line_on_ctrl_c(monkeypatch, capsys):
+    from skyrl_fn.launcher import cli
+
+    def interrupted(run, checks=None):
+        raise KeyboardInterrupt("interrupted (Ctrl-C) during step 3; every worker was stopped; no checkpoint was written")
+
+    monkeypatch.setattr(cli, "launch", interrupted)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--ray.no-use-ray", "--trainer.steps", "1", "--logging.no-progress"])
+    assert exit_.value.code == cli.EXIT_INTERRUPTED == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "error: interrupted (Ctrl-C) during step 3; every worker was stopped; no checkpoint was written"
