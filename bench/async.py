@@ -28,8 +28,8 @@ from skyrl_fn.launcher import parse_config, resolve_names  # noqa: E402
 
 #: Sampling and training of similar length on 2 CPU cores (tiny Llama, digits task, GRPO).
 BALANCED = [
-    "--trainer.prompts-per-step", "16", "--rollout.samples-per-prompt", "8", "--rollout.max-new-tokens", "8",
-    "--algorithm.update-epochs", "2", "--trainer.micro-batch-size", "64", "--trainer.torch-threads", "1",
+    "--trainer.prompts-per-step", "16", "--rollout.samples-per-prompt", "8", "--rollout.max-new-tokens", "12",
+    "--trainer.micro-batch-size", "64", "--trainer.torch-threads", "1",
     "--ray.rollout-workers", "1", "--trainer.ckpt-interval", "0", "--logging.no-progress",
     "--logging.no-tensorboard", "--logging.no-plot",
 ]
