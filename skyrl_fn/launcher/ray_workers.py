@@ -12,6 +12,10 @@ Layouts (chosen by ``ray.rollout_workers`` and ``rollout.backend``):
 - separate (``--ray.rollout-workers N``): N rollout actors, prompts split between them (with one
   worker sampling equals the hybrid layout's); after each update the policy's packed weights are
   queued to every worker (each runs it before its next ``generate``).
+- asynchronous (``--trainer.max-staleness K`` with separate workers; ``skyrl_fn.train.async_loop``):
+  the loop calls ``generate`` for step ``s + K`` before ``update_policy`` of step ``s``, so the
+  rollout workers sample while the trainer updates; K - 1 weight pushes may stay queued behind
+  rollouts in flight (``SyncTracker`` with ``keep``).
 - GPU (``--rollout.backend vllm``): the actors go into one placement group planned by
   ``skyrl_fn.gpu.plan_placement`` (``skyrl_fn.launcher.devices.gpu_plan``), one rollout worker per
   vLLM engine; with ``--gpu.no-colocate`` the weight push is an NCCL broadcast.
