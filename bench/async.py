@@ -11,7 +11,10 @@ One set of actors runs both modes, alternating blocks of ``--block`` steps (sync
 ``skyrl_fn.train.async_loop.AsyncRollouts``, exactly as ``train`` does), so load drift on a shared
 machine hits both alike and no actor start-up is timed. A step's time is the wall time from one
 step's end to the next's; the first step of each block (the switch) is dropped. Reported: the
-median step time of each mode and their ratio.
+median step time of each mode and their ratio, and the machine's own headroom measured in the same
+run: the time of two CPU-bound single-thread processes in parallel over the same work done one
+after the other (0.5 on two idle cores; near 1.0 when other load leaves no second core to
+overlap on, and then no asynchrony can show).
 
     .venv/bin/python bench/async.py [--blocks 8] [--block 5] [launcher flags...]
 """
@@ -38,6 +41,32 @@ BALANCED = [
 ]
 
 
+def _matmuls(n: int) -> float:
+    import torch
+
+    torch.set_num_threads(1)
+    a = torch.randn(256, 256)
+    t = time.perf_counter()
+    for _ in range(n):
+        a @ a
+    return time.perf_counter() - t
+
+
+def parallel_headroom(n: int = 300) -> float:
+    """Wall time of two single-thread matmul loops in parallel / the same two one after the other."""
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(2) as pool:
+        pool.map(_matmuls, [1, 1])  # workers started and warm
+        t = time.perf_counter()
+        pool.apply(_matmuls, (n,))
+        pool.apply(_matmuls, (n,))
+        one_after_other = time.perf_counter() - t
+        t = time.perf_counter()
+        pool.map(_matmuls, [n, n])
+        return (time.perf_counter() - t) / one_after_other
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--blocks", type=int, default=8, help="blocks per mode")
@@ -60,6 +89,7 @@ def main() -> None:
     seed_everything(cfg.trainer.seed)
     task = make_task(cfg.data, seed=cfg.trainer.seed)
     pool = RayWorkers(run)
+    headroom = [parallel_headroom()]
     times: dict[int, list[float]] = {0: [], 1: []}
     rollout, update = [], []
     try:
@@ -84,12 +114,15 @@ def main() -> None:
                     times[k].append(now - last)
                 last, step = now, step + 1
             # The batch left in flight by an asynchronous block is dropped; its prompts come again.
+            if k:
+                headroom.append(parallel_headroom())
     finally:
         pool.close()
         ray.shutdown()
     sync, one = statistics.median(times[0]), statistics.median(times[1])
     print(f"synchronous steps: rollout {statistics.median(rollout):.3f} s, update {statistics.median(update):.3f} s (medians)")
     print(f"K=0 {sync:.3f} s/step, K=1 {one:.3f} s/step ({len(times[0])} steps each); step time K=1 / K=0 = {one / sync:.3f} (goal <= 0.65, ideal 0.5)")
+    print(f"machine headroom (two processes in parallel / one after the other, median of {len(headroom)}): {statistics.median(headroom):.2f} (0.5 on two idle cores)")
 
 
 if __name__ == "__main__":
