@@ -19,7 +19,7 @@ import torch
 
 from skyrl_fn import DEFAULT_TABLE
 from skyrl_fn.launcher import parse_config, resolve_names
-from skyrl_fn.launcher.ray_runner import RayWorkers, WorkerDiedError
+from skyrl_fn.launcher.ray_runner import RayWorkers, WorkerDiedError, train_on_ray
 from skyrl_fn.train import checkpoint as ckpt
 from skyrl_fn.train.async_loop import generated_from_plain
 from skyrl_fn.train.forward import batched_log_probs
@@ -150,15 +150,19 @@ def test_sigkill_during_an_async_run_resumes_with_its_batches_in_flight(ray_sess
     script = tmp_path / "child.py"
     script.write_text(_CHILD)
     argv = [*TINY, "--logging.run-dir", str(tmp_path / "cut"), *steps]
-    proc = subprocess.Popen([sys.executable, str(script), *argv], stdout=subprocess.PIPE, text=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    tmp = tmp_path / "tmp"  # the child's Ray session lives here, so its processes can be found
+    tmp.mkdir()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "TMPDIR": str(tmp)}
+    proc = subprocess.Popen([sys.executable, str(script), *argv], stdout=subprocess.PIPE, text=True, env=env)
     try:
         for line in proc.stdout:
-            if int(line.split()[1]) >= 3:
+            if line.startswith("step ") and int(line.split()[1]) >= 3:
                 time.sleep(0.2)  # somewhere in step 4, its rollout of step 5 in flight
                 break
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        _kill_session(str(tmp))
     run = _run(tmp_path / "cut", *steps, "--trainer.resume")
     c = ckpt.load_latest(run.config.ckpt_dir)
     assert 3 <= c.step < 6 and c.data_state["position"] == 2 * c.step  # P = 2 prompts per consumed step
@@ -170,6 +174,26 @@ def test_sigkill_during_an_async_run_resumes_with_its_batches_in_flight(ray_sess
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
     got, want = ckpt.load(resumed.last_checkpoint).weights["policy"], ckpt.load(full.last_checkpoint).weights["policy"]
     assert all(torch.allclose(got[k], want[k], atol=1e-5) for k in want)
+
+
+def _kill_session(tmp: str) -> None:
+    """SIGKILL what is left of the Ray session a killed driver started under ``tmp`` (its raylet,
+    GCS and actors: a SIGKILLed driver cannot shut them down)."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().decode(errors="replace")
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read().decode(errors="replace")
+        except OSError:
+            continue
+        if tmp in cmd or f"TMPDIR={tmp}" in env:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except OSError:
+                pass
 
 
 def _steps_to(rewards, level: float, window: int = 10) -> int:
