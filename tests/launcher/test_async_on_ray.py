@@ -8,9 +8,11 @@ as K = 0."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -133,6 +135,7 @@ def test_ctrl_c_during_an_async_run_names_the_step_and_leaves_no_actor(ray_sessi
 
 _CHILD = """
 import sys
+import tempfile
 from skyrl_fn import DEFAULT_TABLE
 from skyrl_fn.launcher import parse_config, resolve_names
 from skyrl_fn.launcher.ray_runner import train_on_ray
@@ -150,8 +153,7 @@ def test_sigkill_during_an_async_run_resumes_with_its_batches_in_flight(ray_sess
     script = tmp_path / "child.py"
     script.write_text(_CHILD)
     argv = [*TINY, "--logging.run-dir", str(tmp_path / "cut"), *steps]
-    tmp = tmp_path / "tmp"  # the child's Ray session lives here, so its processes can be found
-    tmp.mkdir()
+    tmp = tempfile.mkdtemp(prefix="skr", dir="/tmp")  # the child's Ray session (short: its socket paths have a limit)
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "TMPDIR": str(tmp)}
     proc = subprocess.Popen([sys.executable, str(script), *argv], stdout=subprocess.PIPE, text=True, env=env)
     try:
@@ -162,7 +164,8 @@ def test_sigkill_during_an_async_run_resumes_with_its_batches_in_flight(ray_sess
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        _kill_session(str(tmp))
+        _kill_session(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
     run = _run(tmp_path / "cut", *steps, "--trainer.resume")
     c = ckpt.load_latest(run.config.ckpt_dir)
     assert 3 <= c.step < 6 and c.data_state["position"] == 2 * c.step  # P = 2 prompts per consumed step
