@@ -9,6 +9,8 @@ and score -> reference log-probs and values -> advantages and the policy update 
 checkpoint. On CPU with a fixed seed it is deterministic, and a resumed run reproduces the metrics
 of an uninterrupted one (the sampling seed of each step is a pure function of ``(seed, step)``;
 the data position, weights, optimiser and RNG states and the KL coefficient are checkpointed).
+With ``trainer.max_staleness`` K >= 1 each step's batch was sampled up to K steps earlier, while
+earlier steps trained (``skyrl_fn.train.async_loop``); K = 0 is the loop above, unchanged.
 """
 
 from __future__ import annotations
