@@ -104,6 +104,7 @@ def test_k2_on_ray_bounds_staleness_and_each_batch_comes_from_the_version_it_rec
     assert checked == 4
 
 
+@pytest.mark.slow
 def test_dead_rollout_worker_stops_the_run_naming_it_and_no_actor_survives(ray_session, tmp_path):
     import ray
 
