@@ -49,39 +49,41 @@ class SyncTracker:
         self._passthrough = tuple(passthrough)
         self.timeout_s = float(timeout_s)
         self._names = tuple(names) if names is not None else None
-        self._step: int | None = None
-        self._handles: tuple[Any, ...] = ()
+        self._pending: list[tuple[int, tuple[Any, ...]]] = []  # oldest first
         self.checked_steps: list[int] = []  # steps whose syncs were confirmed, in order
 
     @property
     def pending_step(self) -> int | None:
-        """The step whose sync is recorded but not yet checked (None when nothing is pending)."""
-        return self._step
+        """The newest step whose sync is recorded but not yet checked (None when nothing is pending)."""
+        return self._pending[-1][0] if self._pending else None
 
-    def record(self, step: int, handles: Sequence[Any]) -> None:
+    def record(self, step: int, handles: Sequence[Any], *, keep: int = 0) -> None:
         """Hold ``handles`` (one per rollout worker) as the sync of ``step``.
 
-        A sync still pending from an earlier step is checked first, so none is ever dropped.
+        Syncs still pending from earlier steps are checked first down to ``keep`` of them, so
+        none is ever dropped (asynchronous training, ``trainer.max_staleness`` K, keeps K - 1
+        pending: each is queued behind a rollout already in flight).
 
         Raises:
-            WeightSyncError: that earlier sync failed or timed out.
+            WeightSyncError: one of those earlier syncs failed or timed out.
         """
-        self.check()
-        self._step, self._handles = int(step), tuple(handles)
+        self.check(keep=keep)
+        self._pending.append((int(step), tuple(handles)))
 
-    def check(self) -> None:
-        """Wait for the pending sync (if any); call it before the next ``generate``.
+    def check(self, *, keep: int = 0) -> None:
+        """Wait for the pending syncs, oldest first, until at most ``keep`` remain; call it
+        before the next ``generate``.
 
-        The pending sync is cleared before waiting, so a failure is reported once.
+        Each sync is cleared before waiting, so a failure is reported once.
 
         Raises:
             WeightSyncError: a worker's sync raised (the cause is chained) or did not finish
                 within ``timeout_s``.
         """
-        if self._step is None:
-            return
-        step, handles = self._step, self._handles
-        self._step, self._handles = None, ()
+        while len(self._pending) > max(0, keep):
+            self._check_one(*self._pending.pop(0))
+
+    def _check_one(self, step: int, handles: tuple[Any, ...]) -> None:
         for i, handle in enumerate(handles):
             who = self._names[i] if self._names is not None and i < len(self._names) else f"rollout worker {i}"
             try:

@@ -99,6 +99,8 @@ __all__ = [
 EXIT_USAGE = 2
 #: Exit status of a fault while training (a worker died, a checkpoint write failed, ...).
 EXIT_FAULT = 1
+#: Exit status after Ctrl-C (128 + SIGINT, as a shell reports it).
+EXIT_INTERRUPTED = 130
 #: Set to 1 to see tracebacks of user errors (as ``--debug``).
 DEBUG_ENV = "SKYRL_FN_DEBUG"
 
@@ -454,6 +456,11 @@ def main(argv: Sequence[str] | None = None, table: AlgorithmTable | None = None)
         if debug:
             raise
         _fail(err, EXIT_USAGE)
+    except KeyboardInterrupt as err:  # the loop names the step and the last checkpoint
+        if debug:
+            raise
+        print(f"error: {err or 'interrupted (Ctrl-C)'}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_INTERRUPTED) from None
     except Exception as err:
         if debug or not isinstance(err, _fault_errors()):
             raise

@@ -12,6 +12,10 @@ Layouts (chosen by ``ray.rollout_workers`` and ``rollout.backend``):
 - separate (``--ray.rollout-workers N``): N rollout actors, prompts split between them (with one
   worker sampling equals the hybrid layout's); after each update the policy's packed weights are
   queued to every worker (each runs it before its next ``generate``).
+- asynchronous (``--trainer.max-staleness K`` with separate workers; ``skyrl_fn.train.async_loop``):
+  the loop calls ``generate`` for step ``s + K`` before ``update_policy`` of step ``s``, so the
+  rollout workers sample while the trainer updates; K - 1 weight pushes may stay queued behind
+  rollouts in flight (``SyncTracker`` with ``keep``).
 - GPU (``--rollout.backend vllm``): the actors go into one placement group planned by
   ``skyrl_fn.gpu.placement.plan_placement`` (``skyrl_fn.launcher.devices.gpu_plan``), one rollout worker per
   vLLM engine; with ``--gpu.no-colocate`` the weight push is an NCCL broadcast.
@@ -122,6 +126,9 @@ class RayWorkers:
         self.critic = start(Critic, "critic", 0, CPU_SHARES["critic"], "critic (Critic)") if run.uses_critic else None
         self.teacher = start(TeacherModel, "teacher", 0, CPU_SHARES["teacher"], "teacher model (TeacherModel)") if run.uses_teacher else None
         self.sync_timeout_s = cfg.gpu.sync_timeout_s
+        # Asynchronous training (trainer.max_staleness K): K - 1 weight pushes may stay queued
+        # behind rollouts in flight; waiting for them would serialise sampling and training.
+        self.lag = max(0, cfg.trainer.max_staleness - 1)
         self.get([a.ping.remote() for a in self.actors()])  # constructors done, or a clear error
         if self.plan is not None and not self.plan.colocate:
             self._init_broadcast()
@@ -134,13 +141,14 @@ class RayWorkers:
 
     # -- the protocol ------------------------------------------------------------------------
     def generate(self, examples: Sequence[Any], *, step: int, seed: int):
-        self.step_index = step
+        # Asynchronous training samples step + K while step trains: errors name the step training.
+        self.step_index = max(0, step - self.run.config.trainer.max_staleness)
         if self.hybrid:
             if not self.share:
                 return _Deferred(list(examples), seed)
             generated, seconds = self.policy.generate_here.options(num_returns=2).remote(examples, seed, True)
             return _Sampled(generated, seconds)
-        self.syncs.check()  # the last step's weights reached every worker, or stop here
+        self.syncs.check(keep=self.lag)  # the last step's weights reached every worker, or stop here
         chunks = split_prompts(examples, len(self.rollout))
         outs = [w.generate_split.options(num_returns=2).remote(c, seed + i) for i, (w, c) in enumerate(zip(self.rollout, chunks))]
         if len(outs) == 1:
@@ -178,7 +186,7 @@ class RayWorkers:
             if self.broadcast_plan is None:
                 # Queued now, run by each worker before its next generate (an actor runs one
                 # caller's calls in order); checked before the next generate and in state().
-                self.syncs.record(self.step_index, [w.sync_packed.remote(weights) for w in self.rollout])
+                self.syncs.record(self.step_index, [w.sync_packed.remote(weights) for w in self.rollout], keep=self.lag)
             else:  # engines on their own GPUs: NCCL broadcast, both sides started together
                 self._broadcast()
         return _Updated(metrics, exp)
@@ -193,6 +201,16 @@ class RayWorkers:
         if critic is not None:
             metrics.update(got[2])
         return metrics, float(got[1])
+
+    def fetch_generated(self, generated: _Sampled) -> Generated:
+        if not isinstance(generated, _Sampled):  # hybrid without a shared batch: it never left the policy trainer
+            raise RuntimeError("RayWorkers.fetch_generated: the hybrid layout keeps its batch in the policy trainer")
+        return self.get(generated.generated)
+
+    def put_generated(self, batch: Generated) -> _Sampled:
+        import ray
+
+        return _Sampled(ray.put(batch), ray.put(batch.seconds))
 
     def evaluate(self, examples: Sequence[Any]) -> dict[str, float]:
         # The policy actor runs its calls in order: this one sees every update already queued.

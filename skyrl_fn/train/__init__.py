@@ -27,6 +27,7 @@ from skyrl_fn.train.tasks import (
     next_prompts,
     score,
 )
+from skyrl_fn.train.async_loop import AsyncRollouts, InFlight, staleness_metrics
 from skyrl_fn.train.checkpoint import Checkpoint, latest_checkpoint, load, save
 from skyrl_fn.train.learner import (
     Experience,
@@ -70,6 +71,7 @@ __all__ = [
     "compute_advantages", "critic_update", "loss_kernel", "make_experience", "make_optimizer",
     "make_train_state", "policy_update", "sequence_log_probs", "token_rewards",
     "Summary", "rollout_seed", "run_step", "seed_everything", "train",
+    "AsyncRollouts", "InFlight", "staleness_metrics",
     "Workers", "LocalWorkers", "WorkersState", "Generated", "PolicyWorker", "RolloutWorker", "ReferenceWorker",
     "CriticWorker",
     "build_critic", "build_tiny_model", "build_tokenizer", "load_model", "load_tokenizer",

@@ -20,6 +20,8 @@ Layout of one checkpoint::
         <name>.safetensors   weights of each model ("policy", "critic", ...)
         optim.pt             optimiser and scheduler states (torch.save, loaded weights_only)
         rng.pt               torch / numpy / python RNG states
+        in_flight.pt         asynchronous training only: the batches sampled ahead (tensors,
+                             lists and plain values; skyrl_fn.train.async_loop)
         state.json           step, data state, extra (e.g. the KL coefficient), model names
         manifest.json        format, step, library versions, the run's config, and the size and
                              sha256 of every file above; its own sha256 over the rest
@@ -91,6 +93,7 @@ class Checkpoint:
         config: the run's config as a dict.
         extra: further JSON state (e.g. the KL controller's coefficient).
         versions: library versions that wrote it (``skyrl_fn``, ``torch``).
+        in_flight: the samples in flight of an asynchronous run (``in_flight.pt``), or None.
     """
 
     path: str
@@ -102,6 +105,7 @@ class Checkpoint:
     config: Mapping[str, Any]
     extra: Mapping[str, Any]
     versions: Mapping[str, str] = attrs.field(factory=dict)
+    in_flight: Any = None
 
 
 def capture_rng() -> dict[str, Any]:
@@ -213,6 +217,7 @@ def save(
     rng: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
     keep: int = 2,
+    in_flight: Any = None,
 ) -> str:
     """Write a checkpoint atomically with its manifest; keep the newest ``keep``; return its directory.
 
@@ -225,6 +230,8 @@ def save(
         config: the run config (JSON-able dict), stored in the manifest.
         rng: RNG states; captured now (:func:`capture_rng`) when None.
         extra: further JSON-able state.
+        in_flight: samples in flight (asynchronous training), written to ``in_flight.pt`` when
+            not None; only tensors, containers and plain values (it is loaded weights_only).
         keep: number of newest checkpoints to keep (>= 1); older ones are pruned only after the
             new one has been read back and verified (:func:`verify`).
 
@@ -254,6 +261,8 @@ def save(
             contents = {f"{name}.safetensors": _safetensors_bytes(sd, step) for name, sd in weights.items()}
             contents["optim.pt"] = _torch_bytes(dict(optim or {}))
             contents["rng.pt"] = _torch_bytes(dict(rng if rng is not None else capture_rng()))
+            if in_flight is not None:
+                contents["in_flight.pt"] = _torch_bytes(in_flight)
             contents["state.json"] = _json_bytes(
                 {"step": step, "data_state": dict(data_state or {}), "extra": dict(extra or {}), "models": sorted(weights)}
             )
@@ -380,10 +389,11 @@ def load(path: str) -> Checkpoint:
     weights = {name: parse(f"{name}.safetensors", load_safetensors) for name in state["models"]}
     optim = parse("optim.pt", lambda b: torch.load(io.BytesIO(b), weights_only=True))
     rng = parse("rng.pt", lambda b: torch.load(io.BytesIO(b), weights_only=True))
+    in_flight = parse("in_flight.pt", lambda b: torch.load(io.BytesIO(b), weights_only=True)) if "in_flight.pt" in manifest["files"] else None
     return Checkpoint(
         path=path, step=int(state["step"]), weights=weights, optim=optim, rng=rng,
         data_state=state["data_state"], config=manifest["config"], extra=state["extra"],
-        versions=manifest.get("versions", {}),
+        versions=manifest.get("versions", {}), in_flight=in_flight,
     )
 
 

@@ -221,6 +221,14 @@ class TrainerConfig:
     """Seconds a collective of the W ranks may wait (a dead or stuck rank fails the run after this at the latest)."""
     bf16_mixed_precision: bool = False
     """W > 1: bf16 parameters for compute, fp32 gradient reduction and master weights (FSDP2 MixedPrecisionPolicy; meant for CUDA)."""
+    max_staleness: int = 0
+    """K, asynchronous training: rollouts of the next K steps run while the policy trains, and no
+    update uses a sample produced more than K policy versions ago (docs/async.md). 0: synchronous
+    (sample, then update). K >= 1 needs separate rollout workers (--ray.rollout-workers >= 1)."""
+    stale_samples: Literal["regenerate", "drop"] = "regenerate"
+    """With max_staleness >= 1, a batch older than K versions (e.g. restored from a checkpoint written
+    with a larger K): regenerate its prompts with the current policy, or drop them and sample the
+    next prompts. Counted in the metrics (stale_regenerated, stale_dropped)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,8 @@ and score -> reference log-probs and values -> advantages and the policy update 
 checkpoint. On CPU with a fixed seed it is deterministic, and a resumed run reproduces the metrics
 of an uninterrupted one (the sampling seed of each step is a pure function of ``(seed, step)``;
 the data position, weights, optimiser and RNG states and the KL coefficient are checkpointed).
+With ``trainer.max_staleness`` K >= 1 each step's batch was sampled up to K steps earlier, while
+earlier steps trained (``skyrl_fn.train.async_loop``); K = 0 is the loop above, unchanged.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 import torch
 
 from skyrl_fn.losses.kl import KLController
+from skyrl_fn.train.async_loop import AsyncRollouts
 from skyrl_fn.train import checkpoint as ckpt
 from skyrl_fn.train.batch_transforms import transform_step
 from skyrl_fn.train.teacher import with_teacher_log_probs
@@ -91,7 +94,7 @@ def step_timing(step: int, step_seconds: float, rollout_seconds: float, n_tokens
 
 def run_step(
     run: ResolvedRun, workers: Workers, step: int, examples: Sequence[Any], kl_ctrl: KLController,
-    *, refill: Callable[[int], Sequence[Any]] | None = None,
+    *, refill: Callable[[int], Sequence[Any]] | None = None, generated: Any = None,
 ) -> tuple[dict[str, float], KLController]:
     """One RL step on ``examples``. Returns the step's metrics and the next KL controller.
 
@@ -100,11 +103,14 @@ def run_step(
     batch transforms (``run.batch_transforms``) the sampled batch goes through them first
     (``skyrl_fn.train.batch_transforms.transform_step``), drawing more prompts with ``refill(n)``
     when a transform asks for more groups; a step left with no group is skipped.
+    ``generated``: a handle of ``examples`` sampled earlier (asynchronous training,
+    ``skyrl_fn.train.async_loop``); None samples them now.
     """
     cfg = run.config
     t0 = time.perf_counter()
     seed = rollout_seed(cfg.trainer.seed, step)
-    generated = workers.generate(examples, step=step, seed=seed)
+    if generated is None:
+        generated = workers.generate(examples, step=step, seed=seed)
     batch: dict[str, float] = {}
     if run.batch_transforms is not None:
         if refill is None:
@@ -131,7 +137,7 @@ def run_step(
     return metrics, kl_ctrl
 
 
-def _save(run: ResolvedRun, state: WorkersState, step: int, data_state: DataState, kl_ctrl: KLController) -> str:
+def _save(run: ResolvedRun, state: WorkersState, step: int, data_state: DataState, kl_ctrl: KLController, in_flight: Any = None) -> str:
     weights = {role: s.weights for role, s in state.roles.items()}
     optim: dict[str, Any] = {}
     for role, s in state.roles.items():
@@ -140,6 +146,7 @@ def _save(run: ResolvedRun, state: WorkersState, step: int, data_state: DataStat
     return ckpt.save(
         cfg.ckpt_dir, step=step, weights=weights, optim=optim, data_state=attrs.asdict(data_state),
         config=config_to_dict(cfg), rng=state.rng, extra={"kl_coef": kl_ctrl.coef}, keep=cfg.trainer.keep_checkpoints,
+        in_flight=in_flight,
     )
 
 
@@ -189,10 +196,11 @@ def train(
     task = run.make_task()
     held = heldout_examples(task, cfg.eval)[1] if cfg.eval.every > 0 else None  # before any model loads
     pool = workers(run)
+    last_ckpt, step = None, 0
     try:
         data_state = DataState(seed=cfg.trainer.seed)
         kl_ctrl = kl_controller_of(run)
-        start, resumed_from, last_ckpt = 0, None, None
+        start, resumed_from, saved_in_flight = 0, None, None
         # The newest checkpoint that verifies; damaged ones are skipped with a warning.
         c = ckpt.load_latest(cfg.ckpt_dir) if cfg.trainer.resume else None
         if c is not None:
@@ -202,7 +210,7 @@ def train(
             data_state = DataState(**c.data_state)
             kl_ctrl = attrs.evolve(kl_ctrl, coef=float(c.extra.get("kl_coef", kl_ctrl.coef)))
             start = resumed_from = c.step
-            last_ckpt = path
+            last_ckpt, saved_in_flight = path, c.in_flight
         history: list[dict[str, float]] = []
         t0 = time.perf_counter()
         interval = cfg.trainer.ckpt_interval
@@ -215,9 +223,18 @@ def train(
             more, data_state = next_prompts(task, data_state, n, shuffle=cfg.data.shuffle)
             return more
 
+        step = start
+        # trainer.max_staleness >= 1: the next K steps' rollouts are in flight while a step trains.
+        ahead = AsyncRollouts(run, pool, task, data_state, start=start, seed_of=rollout_seed, saved=saved_in_flight) if cfg.trainer.max_staleness else None
         for step in range(start, cfg.trainer.steps):
-            examples, data_state = next_prompts(task, data_state, cfg.trainer.prompts_per_step, shuffle=cfg.data.shuffle)
-            metrics, kl_ctrl = run_step(run, pool, step, examples, kl_ctrl, refill=refill)
+            if ahead is None:
+                examples, data_state = next_prompts(task, data_state, cfg.trainer.prompts_per_step, shuffle=cfg.data.shuffle)
+                metrics, kl_ctrl = run_step(run, pool, step, examples, kl_ctrl, refill=refill)
+            else:
+                batch = ahead.take(step)
+                metrics, kl_ctrl = run_step(run, pool, step, batch.examples, kl_ctrl, generated=batch.handle)
+                metrics.update(ahead.consumed(batch, step))
+                data_state = ahead.data_state
             skips = skips.record(metrics, step=step + 1)
             metrics["skipped_steps"] = float(skips.total)
             history.append(metrics)
@@ -225,9 +242,14 @@ def train(
             if eval_due(cfg, done):
                 metrics.update(pool.evaluate(held))
             if (interval > 0 and done % interval == 0) or done == cfg.trainer.steps:
-                last_ckpt = _save(run, pool.state(), done, data_state, kl_ctrl)
+                in_flight = ahead.in_flight() if ahead is not None else None
+                last_ckpt = _save(run, pool.state(), done, data_state, kl_ctrl, in_flight)
             if on_step is not None:
                 on_step(metrics)
+    except KeyboardInterrupt:
+        # Ctrl-C: the finally below stops every worker (and whatever rollouts were in flight).
+        where = f"the last checkpoint is {last_ckpt} (rerun with --trainer.resume to continue)" if last_ckpt else "no checkpoint was written"
+        raise KeyboardInterrupt(f"interrupted (Ctrl-C) during step {step + 1}; every worker was stopped; {where}") from None
     finally:
         pool.close()
     return Summary(

@@ -152,6 +152,35 @@ def resolve_correction(alg: AlgorithmConfig, table: AlgorithmTable):
     return chain
 
 
+def _check_async(config: TrainConfig) -> None:
+    """``trainer.max_staleness`` >= 1 needs rollout workers that sample while the trainer trains."""
+    k = config.trainer.max_staleness
+    _check_positive("trainer.max_staleness", k, allow_zero=True)
+    if k == 0:
+        return
+    if config.algorithm.batch_transforms:
+        raise ValueError(
+            f"trainer.max_staleness: expected 0 with algorithm.batch_transforms (a transform may draw more prompts "
+            f"for the step it filters, which the K steps sampled ahead cannot), got {k}"
+        )
+    fix = "set --trainer.max-staleness 0 (synchronous)"
+    if not config.ray.use_ray:
+        raise ValueError(
+            f"trainer.max_staleness: expected 0 in-process (--ray.no-use-ray: one process samples and trains in turn, "
+            f"so nothing overlaps), got {k}; run on Ray with --ray.rollout-workers 1 (or more), or {fix}"
+        )
+    if config.rollout.backend == "hf" and config.ray.rollout_workers == 0:
+        raise ValueError(
+            f"trainer.max_staleness: expected 0 with the hybrid layout (--ray.rollout-workers 0: the policy trainer "
+            f"samples itself, so sampling cannot overlap its updates), got {k}; set --ray.rollout-workers 1 (or more), or {fix}"
+        )
+    if config.rollout.backend == "vllm" and config.gpu.colocate:
+        raise ValueError(
+            f"trainer.max_staleness: expected 0 with colocated vLLM engines (--gpu.colocate: the engines sleep while the "
+            f"trainer uses their GPUs), got {k}; set --gpu.no-colocate to give the engines their own GPUs, or {fix}"
+        )
+
+
 def resolve(config: TrainConfig, table: AlgorithmTable) -> ResolvedRun:
     """Check every name and hyperparameter of ``config`` against ``table``; build the run.
 
@@ -220,6 +249,7 @@ def resolve(config: TrainConfig, table: AlgorithmTable) -> ResolvedRun:
     _check_positive("gpu.sync_timeout_s", config.gpu.sync_timeout_s)
     _check_teacher(config, table)
     _check_data_parallel(config)
+    _check_async(config)
     if config.data.min_digits < 1 or config.data.max_digits < config.data.min_digits:
         raise ValueError(
             f"data.min_digits/max_digits: expected 1 <= min <= max, got {config.data.min_digits}, {config.data.max_digits}"

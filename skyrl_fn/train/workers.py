@@ -276,8 +276,10 @@ class Workers(Protocol):
     ``skyrl_fn.launcher.ray_workers.RayWorkers``.
 
     A data-parallel implementation splits the batch inside ``update_policy`` (each rank updates
-    on its share with the whole batch's normalisers); an asynchronous one may return handles of
-    work already in flight from ``generate``. The loop does not change for either.
+    on its share with the whole batch's normalisers). Calls take effect in the order they are
+    made: ``generate`` samples with the policy after every ``update_policy`` called before it,
+    even when its handle is waited for later, which is what asynchronous training
+    (``skyrl_fn.train.async_loop``) relies on to know the policy version of every batch.
     """
 
     def generate(self, examples: Sequence[Any], *, step: int, seed: int) -> Any:
@@ -305,6 +307,13 @@ class Workers(Protocol):
 
     def wait(self, generated: Any, updated: Any, critic: Any) -> tuple[dict[str, float], float]:
         """Wait for the step: ``(policy metrics merged with the critic's, sampling seconds)``."""
+
+    def fetch_generated(self, generated: Any) -> Generated:
+        """The :class:`Generated` batch behind a handle of :meth:`generate` (blocks until it is
+        sampled); asynchronous training saves the batches in flight with a checkpoint."""
+
+    def put_generated(self, batch: Generated) -> Any:
+        """A handle of :meth:`generate`'s kind holding ``batch`` (a batch restored on resume)."""
 
     def evaluate(self, examples: Sequence[Any]) -> dict[str, float]:
         """Greedy pass@1 of the current policy (after every update so far) on held-out
@@ -364,6 +373,12 @@ class LocalWorkers:
         if critic is not None:
             metrics.update(critic)
         return metrics, generated.seconds
+
+    def fetch_generated(self, generated: Generated) -> Generated:
+        return generated
+
+    def put_generated(self, batch: Generated) -> Generated:
+        return batch
 
     def evaluate(self, examples: Sequence[Any]) -> dict[str, float]:
         return self.policy.evaluate(examples)

@@ -150,3 +150,21 @@ def test_ray_workers_stop_at_the_generate_after_a_failed_sync(ray_session, tmp_p
             run_step(run, workers, 2, examples, kl_ctrl)
     finally:
         workers.close()
+
+
+def test_keep_leaves_the_newest_syncs_pending_and_checks_the_oldest_first():
+    """Asynchronous training (``trainer.max_staleness`` K) keeps K - 1 syncs queued behind rollouts in flight."""
+    hung: Future = Future()  # a sync queued behind a rollout that is still running
+    done = [Future() for _ in range(2)]
+    for i, f in enumerate(done):
+        f.set_result(i)
+    tracker = SyncTracker(_wait, timeout_s=0.05)
+    tracker.record(0, [done[0]], keep=1)
+    tracker.record(1, [done[1]], keep=1)  # keeps step 0 pending, adds step 1
+    assert tracker.checked_steps == [] and tracker.pending_step == 1
+    tracker.record(2, [hung], keep=1)  # checks step 0 (the oldest), keeps step 1, adds step 2
+    assert tracker.checked_steps == [0]
+    tracker.check(keep=1)  # step 1 checked; step 2 (hung) may stay pending
+    assert tracker.checked_steps == [0, 1] and tracker.pending_step == 2
+    with pytest.raises(WeightSyncError, match="step 3 to rollout worker 0: did not finish"):
+        tracker.check()
