@@ -78,14 +78,17 @@ def _kept(pools: list):
 
 
 def test_k2_on_ray_bounds_staleness_and_each_batch_comes_from_the_version_it_records(ray_session, tmp_path):
-    run = _run(tmp_path, "--trainer.max-staleness", "2", "--trainer.steps", "4", "--trainer.ckpt-interval", "1", "--trainer.keep-checkpoints", "4")
+    # No warm-up and a large step, so every update moves the policy measurably (the check below
+    # tells versions apart by their log-probs).
+    run = _run(tmp_path, "--trainer.max-staleness", "2", "--trainer.steps", "4", "--trainer.ckpt-interval", "1", "--trainer.keep-checkpoints", "4",
+               "--trainer.warmup-steps", "0", "--trainer.lr", "1e-2")
     pools: list = []
     hist = train(run, workers=_kept(pools)).history
     assert [h["version_gap"] for h in hist] == [0.0, 1.0, 2.0, 2.0]
     assert all(h["staleness_2"] + h["staleness_1"] + h["staleness_0"] == 8 for h in hist)
     assert not _alive(pools[0])
     cfg = run.config
-    checked = 0
+    checked = distinct = 0
     for step in (1, 2):  # in flight at step s: the batches of steps s .. s + 1 (versions s - 2 .. s - 1, clipped at 0)
         c = ckpt.load(os.path.join(cfg.ckpt_dir, f"step_{step:08d}"))
         for b in c.in_flight["batches"]:
@@ -98,9 +101,11 @@ def test_k2_on_ray_bounds_staleness_and_each_batch_comes_from_the_version_it_rec
                 return float((lp - rollout.rollout_log_probs)[mask].abs().max())
 
             assert gap(b["version"]) < 1e-4, (step, b["step"], b["version"])
-            assert gap(step) > 1e-3  # the newer policy would have sampled other log-probs: the check can fail
+            # Another version would have sampled other log-probs (the check can fail), unless no
+            # update happened in between (a batch whose rewards are all equal moves nothing).
+            distinct += gap(4) > 1e-3
             checked += 1
-    assert checked == 4
+    assert checked == 4 and distinct >= 1
 
 
 @pytest.mark.slow
