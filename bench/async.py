@@ -7,8 +7,8 @@ median ``rollout_seconds`` and ``update_seconds`` of the synchronous steps), whi
 helps most: the ideal ratio is 0.5, the goal of issue 16 is <= 0.65.
 
 One set of actors runs both modes, alternating blocks of ``--block`` steps (synchronous steps are
-``skyrl_fn.train.loop.run_step``; asynchronous ones take their batch from
-``skyrl_fn.train.async_loop.AsyncRollouts``, exactly as ``train`` does), so load drift on a shared
+``skyrl_fn.trainer.loop.run_step``; asynchronous ones take their batch from
+``skyrl_fn.trainer.async_loop.AsyncRollouts``, exactly as ``train`` does), so load drift on a shared
 machine hits both alike and no actor start-up is timed. A step's time is the wall time from one
 step's end to the next's; the first step of each block (the switch) is dropped. Reported: the
 median step time of each mode and their ratio, and the machine's own headroom measured in the same
@@ -31,7 +31,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from skyrl_fn import DEFAULT_TABLE  # noqa: E402
-from skyrl_fn.launcher import parse_config, resolve_names  # noqa: E402
+from skyrl_fn.cli import parse_config, resolve_names  # noqa: E402
 
 #: Sampling and training of similar length on 2 CPU cores (tiny Llama, digits task, GRPO).
 BALANCED = [
@@ -75,11 +75,11 @@ def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
-    from skyrl_fn.launcher.ray_workers import RayWorkers
-    from skyrl_fn.train.async_loop import AsyncRollouts
-    from skyrl_fn.train.experience import kl_controller_of
-    from skyrl_fn.train.loop import rollout_seed, run_step, seed_everything
-    from skyrl_fn.train.tasks import DataState, next_prompts
+    from skyrl_fn.distributed.ray_workers import RayWorkers
+    from skyrl_fn.trainer.async_loop import AsyncRollouts
+    from skyrl_fn.trainer.experience import kl_controller_of
+    from skyrl_fn.trainer.loop import rollout_seed, run_step, seed_everything
+    from skyrl_fn.tasks.base import DataState, next_prompts
 
     steps = 2 * args.blocks * args.block
     argv = [*BALANCED, *rest, "--trainer.max-staleness", "1", "--trainer.steps", str(steps + 1), "--logging.run-dir", tempfile.mkdtemp(prefix="bench_async_")]

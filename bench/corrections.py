@@ -29,7 +29,7 @@ from skyrl_fn.losses import (
     tis_sequence,
     token_mean,
 )
-from skyrl_fn.records import PolicyLossInput
+from skyrl_fn.core.records import PolicyLossInput
 
 
 def _fused(batch: PolicyLossInput):

@@ -12,7 +12,7 @@ the loop runs on the whole batch (or on a slice, ``--loop-samples``, its time sc
 ``B``), in rounds interleaved with fresh timings of the estimator; the ratio is the median over
 the rounds. A fresh-allocation
 yardstick (``torch.zeros(B, T)``, and the same on fresh and on reused huge-page mappings as the
-estimators' outputs are, see ``skyrl_fn._alloc``) measured in the same run puts the times in context on a shared machine; on a busy machine pass
+estimators' outputs are, see ``skyrl_fn.core._alloc``) measured in the same run puts the times in context on a shared machine; on a busy machine pass
 ``--threads 1`` (OpenMP threads oversubscribe). The first few calls in a fresh process touch
 memory the kernel has not handed out before and run several times slower: every timing follows
 three warm-up calls.
@@ -29,7 +29,7 @@ the per-round ratios. verl is imported as installed (``pip install --no-deps ver
 the modules its ``core_algos`` imports: omegaconf, tensordict, pyvers, codetiming, orjson); nothing
 of it is stubbed, and when it does not import the bench says why and stops. ``table`` and ``raw``
 run on one prebuilt record, so both reuse the outcome scores it summed when it checked the rewards
-(``skyrl_fn._rowsums``), and ``table`` differs from ``raw`` by its checks alone; ``compat`` builds
+(``skyrl_fn.core._rowsums``), and ``table`` differs from ``raw`` by its checks alone; ``compat`` builds
 its record on every call (float mask checked and converted, uids numbered, rewards summed once)
 and so pays for all of it. On a loaded machine, ``--threads 1`` gives the steadiest ratios.
 """
@@ -50,9 +50,10 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from skyrl_fn import DEFAULT_TABLE, AdvantageInput, _alloc
+from skyrl_fn import DEFAULT_TABLE, AdvantageInput
+from skyrl_fn.core import _alloc
 from skyrl_fn import estimators as est
-from skyrl_fn._checks import as_group_ids
+from skyrl_fn.core._checks import as_group_ids
 from skyrl_fn.compat import AdvantageEstimatorRegistry
 
 # -- SkyRL-Train-style loops (the baseline) --------------------------------------------------
@@ -168,7 +169,7 @@ def median_time(fn, *, repeats: int, warmup: int = 3) -> float:
 
 def _full_pass(batch: AdvantageInput) -> AdvantageInput:
     """The same record, but with nothing remembered: a record keeps the rewards' masked sums it
-    computed when it checked them, and outcome estimators reuse them (``skyrl_fn._rowsums``); the
+    computed when it checked them, and outcome estimators reuse them (``skyrl_fn.core._rowsums``); the
     estimator table times each estimator's whole pass over ``[B, T]``, so its rewards are a clone."""
     return AdvantageInput.unchecked(
         token_level_rewards=batch.token_level_rewards.clone(),

@@ -31,7 +31,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from skyrl_fn import DEFAULT_TABLE  # noqa: E402
-from skyrl_fn.launcher import parse_config, resolve_names  # noqa: E402
+from skyrl_fn.cli import parse_config, resolve_names  # noqa: E402
 
 MODEL = [
     "--model.hidden-size", "256", "--model.num-layers", "4", "--model.num-heads", "4", "--model.intermediate-size", "512",
@@ -42,7 +42,7 @@ MODEL = [
 
 
 def measure(run, workers, warmup: int) -> dict[str, float]:
-    from skyrl_fn.train.loop import train
+    from skyrl_fn.trainer.loop import train
 
     memory: list = []
 
@@ -72,8 +72,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
-    from skyrl_fn.launcher.dp import DPWorkers
-    from skyrl_fn.launcher.ray_workers import RayWorkers
+    from skyrl_fn.distributed.dp import DPWorkers
+    from skyrl_fn.distributed.ray_workers import RayWorkers
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, _temp_dir=tempfile.mkdtemp(prefix="skyrl_fn_ray_"))
     tmp = tempfile.mkdtemp(prefix="bench_scale_")

@@ -1,7 +1,7 @@
 """The table's output check trusts a certificate only while it is true.
 
 ``broadcast_to_tokens`` (every outcome estimator's ``[B, T]`` writer) certifies its output
-(``skyrl_fn._checks.certify_masked_rows``): the table's check then reads a ``[B]`` finiteness flag
+(``skyrl_fn.core._checks.certify_masked_rows``): the table's check then reads a ``[B]`` finiteness flag
 instead of the ``[B, T]`` output. These tests show that the certified check decides exactly what
 the plain check decides, and that every way of making the certificate untrue (an in-place write,
 another mask, a copy) sends the output back to the plain check, which still names the estimator.
@@ -21,9 +21,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from skyrl_fn import DEFAULT_TABLE, AdvantageInput, AdvantageOutput, AlgorithmTable
-from skyrl_fn import _checks, _facts
+from skyrl_fn.core import _checks
+from skyrl_fn.core import _facts
 from skyrl_fn import estimators as est
-from skyrl_fn._checks import check_finite_and_zero_off_mask
+from skyrl_fn.core._checks import check_finite_and_zero_off_mask
 from skyrl_fn.estimators._groups import broadcast_to_tokens
 
 

@@ -5,20 +5,20 @@ Notation: ``B`` samples, ``P`` groups, dense group ids ``ids [B]`` in ``0..P-1``
 (mean first, then centred squares), never as E[x^2] - E[x]^2, which loses low-variance groups to
 cancellation.
 
-Row sums over ``[B, T]`` are :func:`skyrl_fn._rowsums.masked_row_sums` (blocked, cache-sized);
+Row sums over ``[B, T]`` are :func:`skyrl_fn.core._rowsums.masked_row_sums` (blocked, cache-sized);
 an ``AdvantageInput`` computes the outcome scores once when it checks the rewards, and
 :func:`outcome_scores` reuses them while the rewards and mask are unchanged
-(:mod:`skyrl_fn._facts`). The ``[B, T]`` broadcast writes into a huge-page-backed output
-(:mod:`skyrl_fn._alloc`) in blocks of about 4 MiB, masked with :func:`mask_rows`.
+(:mod:`skyrl_fn.core._facts`). The ``[B, T]`` broadcast writes into a huge-page-backed output
+(:mod:`skyrl_fn.core._alloc`) in blocks of about 4 MiB, masked with :func:`mask_rows`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from skyrl_fn import _alloc
-from skyrl_fn._checks import certify_masked_rows
-from skyrl_fn._rowsums import (
+from skyrl_fn.core import _alloc
+from skyrl_fn.core._checks import certify_masked_rows
+from skyrl_fn.core._rowsums import (
     accum_dtype,
     inline_rows,
     known_outcome_scores,
@@ -45,7 +45,7 @@ __all__ = [
 def outcome_scores(token_level_rewards: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """``[B]`` masked sum of token rewards, in the accumulation dtype (rewards off the mask never reach it).
 
-    :func:`skyrl_fn._rowsums.masked_row_sums`; the sums an ``AdvantageInput`` computed for these
+    :func:`skyrl_fn.core._rowsums.masked_row_sums`; the sums an ``AdvantageInput`` computed for these
     very tensors when it checked them are reused (bit for bit the same values) while neither
     tensor, nor the sums, was written in place since. Off the mask, rewards may hold anything.
 
@@ -103,8 +103,8 @@ def broadcast_to_tokens(per_sample: torch.Tensor, response_mask: torch.Tensor, d
 
     The same values as ``torch.where(response_mask, per_sample[:, None], 0)``, bit for bit (see
     :func:`mask_rows`), written into a fresh huge-page-backed output in blocks small enough to run
-    in the calling thread, in chunks over Python threads (:func:`skyrl_fn._rowsums.run_row_chunks`).
-    The output is certified (:func:`skyrl_fn._checks.certify_masked_rows`), so the table's output
+    in the calling thread, in chunks over Python threads (:func:`skyrl_fn.core._rowsums.run_row_chunks`).
+    The output is certified (:func:`skyrl_fn.core._checks.certify_masked_rows`), so the table's output
     check reads the ``[B]`` values' finiteness instead of the ``[B, T]`` output.
     """
     m = response_mask

@@ -4,7 +4,7 @@ On-policy distillation (Agarwal et al. 2024, https://arxiv.org/abs/2306.13649; T
 "On-Policy Distillation", 2025; verl's, prime-rl's and NeMo-RL's recipes) trains the student on its
 own samples against a teacher's per-token log-probs: the advantage of token ``y_t`` is the
 negative per-token reverse KL ``-(log pi_student(y_t) - log pi_teacher(y_t))`` times a coefficient.
-The trainer adds that term to every run with a teacher (``skyrl_fn.train.teacher``), on top of
+The trainer adds that term to every run with a teacher (``skyrl_fn.trainer.teacher``), on top of
 whichever estimator the run names; ``distill`` is the estimator with no outcome term at all, so the
 teacher's term is the whole advantage.
 """
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from skyrl_fn.records import AdvantageInput, AdvantageOutput
-from skyrl_fn.requires import requires
+from skyrl_fn.core.records import AdvantageInput, AdvantageOutput
+from skyrl_fn.core.requires import requires
 
 __all__ = ["distill", "distill_term"]
 

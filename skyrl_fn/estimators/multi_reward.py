@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from skyrl_fn.compose import Chain, chain
+from skyrl_fn.core.compose import Chain, chain
 from skyrl_fn.estimators._groups import (
     accum_dtype,
     broadcast_to_tokens,
@@ -21,8 +21,8 @@ from skyrl_fn.estimators._groups import (
     outcome_scores,
 )
 from skyrl_fn.estimators._whiten import whiten
-from skyrl_fn.records import AdvantageInput, AdvantageOutput
-from skyrl_fn.requires import requires
+from skyrl_fn.core.records import AdvantageInput, AdvantageOutput
+from skyrl_fn.core.requires import requires
 
 __all__ = ["gdpo", "gdpo_raw", "component_scores"]
 

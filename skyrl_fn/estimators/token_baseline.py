@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 
 from skyrl_fn.estimators._groups import accum_dtype
-from skyrl_fn.records import AdvantageInput, AdvantageOutput
-from skyrl_fn.requires import requires
+from skyrl_fn.core.records import AdvantageInput, AdvantageOutput
+from skyrl_fn.core.requires import requires
 
 __all__ = ["optimal_token_baseline", "tir_optimal_token_baseline"]
 

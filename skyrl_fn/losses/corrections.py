@@ -35,7 +35,7 @@ import torch
 
 from skyrl_fn.losses._common import check_positive, masked_mean, masked_sum, safe_ratio
 from skyrl_fn.losses.off_policy import OffPolicyCorrection, icepop_mask, mismatch_metrics, sequence_keep, tis_weights
-from skyrl_fn.records import PolicyLossInput
+from skyrl_fn.core.records import PolicyLossInput
 
 __all__ = [
     "Against",

@@ -19,8 +19,8 @@ import torch
 from hypothesis import strategies as st
 from hypothesis import settings as Settings
 
-from skyrl_fn._builtins import DEFAULT_TABLE
-from skyrl_fn.table import AlgorithmTable
+from skyrl_fn.algorithm.builtins import DEFAULT_TABLE
+from skyrl_fn.core.table import AlgorithmTable
 from skyrl_fn.testing._report import PropertyViolation
 from skyrl_fn.testing._run import kit_settings, run_property
 from skyrl_fn.transforms import SampleBatch

@@ -20,8 +20,8 @@ from hypothesis import settings as Settings
 from hypothesis import strategies as st
 
 from skyrl_fn.losses.off_policy import OffPolicyCorrection
-from skyrl_fn.records import PolicyLossInput
-from skyrl_fn.table import AlgorithmTable
+from skyrl_fn.core.records import PolicyLossInput
+from skyrl_fn.core.table import AlgorithmTable
 from skyrl_fn.testing._report import PropertyViolation, positions
 from skyrl_fn.testing._resolve import Target, resolve
 from skyrl_fn.testing._run import Case, kit_settings, run_property, select

@@ -23,10 +23,10 @@ import torch
 from hypothesis import settings as Settings
 from hypothesis import strategies as st
 
-from skyrl_fn.properties import ORDER, reportable
-from skyrl_fn.records import AdvantageInput, AdvantageOutput
-from skyrl_fn.requires import extras_required
-from skyrl_fn.table import AlgorithmTable
+from skyrl_fn.core.properties import ORDER, reportable
+from skyrl_fn.core.records import AdvantageInput, AdvantageOutput
+from skyrl_fn.core.requires import extras_required
+from skyrl_fn.core.table import AlgorithmTable
 from skyrl_fn.testing._report import PropertyReport, PropertyReportWarning, PropertyViolation, fmt, positions
 from skyrl_fn.testing._resolve import Target, resolve
 from skyrl_fn.testing._run import Case, kit_settings, run_property, select
@@ -302,7 +302,7 @@ def check_estimator(
 
     Required (a failure raises): the universal properties (finite, shapes, mask, no mutation,
     deterministic, permutation equivariance) and what the table entry promises. Reported: every
-    other optional property (``skyrl_fn.properties.reportable``: group-local, shift/scale
+    other optional property (``skyrl_fn.core.properties.reportable``: group-local, shift/scale
     invariance per group or over the batch) is tried as well, and the returned
     :class:`PropertyReport` says which hold and which break, so a bare call tells you what your
     estimator is (an estimator that subtracts the batch mean instead of the group mean comes back
@@ -318,7 +318,7 @@ def check_estimator(
             ``fn(batch: AdvantageInput, **hyper) -> AdvantageOutput`` or a SkyRL-style keyword
             function ``fn(token_level_rewards, response_mask, index, **kw) -> (adv, returns)``.
         table: where names are looked up; ``DEFAULT_TABLE`` by default.
-        properties: property names to check, all required (``skyrl_fn.properties``); None means
+        properties: property names to check, all required (``skyrl_fn.core.properties``); None means
             the universal ones plus what the table entry promises (a bare function promises
             nothing more), with the other optional ones reported.
         hyperparameters: keyword hyperparameters passed on every call.

@@ -1,6 +1,6 @@
 """Batch transforms: pure functions over one step's sampled batch, ``SampleBatch -> SampleBatch``.
 
-They run in the training loop between sampling and the update (``skyrl_fn.train.batch_transforms``),
+They run in the training loop between sampling and the update (``skyrl_fn.trainer.batch_transforms``),
 before rewards become token rewards and advantages, and may drop or repeat rows (whole prompt
 groups), change the outcome scores, or take tokens out of the loss. Registered in the table under
 the kind ``batch_transform`` and chosen by name (``--algorithm.batch-transforms``).
@@ -26,7 +26,7 @@ from typing import Callable, Literal
 import attrs
 import torch
 
-from skyrl_fn._checks import as_mask, check_finite, check_floating, check_number, check_shape, check_tensor
+from skyrl_fn.core._checks import as_mask, check_finite, check_floating, check_number, check_shape, check_tensor
 
 __all__ = [
     "SampleBatch",
@@ -245,7 +245,7 @@ def dynamic_sampling(
     ``max_sample_batches``.
 
     When the budget runs out with fewer than ``P`` groups the loop trains on what it collected
-    (the peers raise instead; ``skyrl_fn.train.batch_transforms``).
+    (the peers raise instead; ``skyrl_fn.trainer.batch_transforms``).
 
     Args:
         batch: the ``SampleBatch``.

@@ -34,7 +34,7 @@ from skyrl_fn.compat import (
 from skyrl_fn.compat.advantage_estimators import AdvantageEstimator  # the seed's class-based base
 from skyrl_fn.compat.skyrl_train import PolicyLossRegistry as SeedPolicyLossRegistry
 from skyrl_fn.compat.skyrl_train import register_policy_loss as register_seed_policy_loss
-from skyrl_fn.requires import extras_required
+from skyrl_fn.core.requires import extras_required
 
 ESTIMATORS = DEFAULT_TABLE.names("advantage_estimator")
 

@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from skyrl_fn import DEFAULT_TABLE, AdvantageInput
-from skyrl_fn._rowsums import known_outcome_scores, masked_row_sums
+from skyrl_fn.core._rowsums import known_outcome_scores, masked_row_sums
 from skyrl_fn.estimators._groups import outcome_scores
 
 BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}

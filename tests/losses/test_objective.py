@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from skyrl_fn.losses import compose_corrections, k3, policy_objective, regular, seq_mean_token_mean, tis_sequence, token_mean
 from skyrl_fn.losses import tis as token_tis
-from skyrl_fn.records import PolicyLossInput
+from skyrl_fn.core.records import PolicyLossInput
 
 from loss_batches import make_batch
 

@@ -8,7 +8,7 @@ from hypothesis import settings
 
 from skyrl_fn import DEFAULT_TABLE
 from skyrl_fn import KINDS
-from skyrl_fn.properties import reportable
+from skyrl_fn.core.properties import reportable
 from skyrl_fn.testing import (
     check_aggregation, check_batch_transform, check_correction, check_estimator, check_kl_estimator, check_policy_loss,
 )
@@ -28,8 +28,8 @@ KIT_ENTRIES = DEFAULT_TABLE.entries()
 
 def test_the_kit_covers_every_algorithm_kind():
     # Tasks, rewards and rollout backends are pieces of a training run, not of the algorithm: the
-    # run table adds them (skyrl_fn.train.run_table) and no invariant kit applies to them.
-    from skyrl_fn.train.run_table import RUN_KINDS
+    # run table adds them (skyrl_fn.trainer.run_table) and no invariant kit applies to them.
+    from skyrl_fn.trainer.run_table import RUN_KINDS
 
     assert set(CHECKS) == set(KINDS) - set(RUN_KINDS)
 
