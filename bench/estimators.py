@@ -12,7 +12,7 @@ the loop runs on the whole batch (or on a slice, ``--loop-samples``, its time sc
 ``B``), in rounds interleaved with fresh timings of the estimator; the ratio is the median over
 the rounds. A fresh-allocation
 yardstick (``torch.zeros(B, T)``, and the same on fresh and on reused huge-page mappings as the
-estimators' outputs are, see ``skyrl_fn._alloc``) measured in the same run puts the times in context on a shared machine; on a busy machine pass
+estimators' outputs are, see ``skyrl_fn.core._alloc``) measured in the same run puts the times in context on a shared machine; on a busy machine pass
 ``--threads 1`` (OpenMP threads oversubscribe). The first few calls in a fresh process touch
 memory the kernel has not handed out before and run several times slower: every timing follows
 three warm-up calls.
@@ -46,9 +46,10 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from skyrl_fn import DEFAULT_TABLE, AdvantageInput, _alloc
+from skyrl_fn import DEFAULT_TABLE, AdvantageInput
+from skyrl_fn.core import _alloc
 from skyrl_fn import estimators as est
-from skyrl_fn._checks import as_group_ids
+from skyrl_fn.core._checks import as_group_ids
 from skyrl_fn.compat import AdvantageEstimatorRegistry
 
 # -- SkyRL-Train-style loops (the baseline) --------------------------------------------------

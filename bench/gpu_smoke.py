@@ -8,7 +8,7 @@
 
 Parts (each in its own subprocess, so one part's GPU memory never leaks into the next):
 
-* ``engine`` — no Ray: a vLLM engine on ``skyrl_fn.gpu.smoke.SMOKE_MODEL`` (bf16, head dim 128)
+* ``engine`` — no Ray: a vLLM engine on ``skyrl_fn.distributed.smoke.SMOKE_MODEL`` (bf16, head dim 128)
   starts and sleeps; its rollout log-probs equal the learner's (``batched_log_probs`` on the GPU)
   at top_p 1.0 and 0.9; sleeping frees the GPU; after ``sync_weights`` of perturbed weights the
   engine samples with the new weights (its log-probs agree with the new model, not the old).
@@ -39,8 +39,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from skyrl_fn.gpu.smoke import SMOKE_MODEL, attention_backends, compare_log_probs, followed_the_policy, head_dim, smoke_config  # noqa: E402
-from skyrl_fn.gpu.vllm_backend import vllm_unavailable_reason  # noqa: E402
+from skyrl_fn.distributed.smoke import SMOKE_MODEL, attention_backends, compare_log_probs, followed_the_policy, head_dim, smoke_config  # noqa: E402
+from skyrl_fn.rollout.vllm_backend import vllm_unavailable_reason  # noqa: E402
 
 PARTS = ("engine", "colocated", "separate")
 #: bf16 engine vs bf16 learner on different kernels: mean |d log p| well below this.
@@ -83,12 +83,12 @@ def _fmt(d) -> str:
 def part_engine(checks: Checks, steps: int) -> None:
     import dataclasses
 
-    from skyrl_fn.gpu.vllm_backend import make_vllm_backend
-    from skyrl_fn.launcher.devices import to_device
-    from skyrl_fn.train.forward import batched_log_probs
-    from skyrl_fn.train.model import load_model, load_tokenizer
-    from skyrl_fn.train.task_choice import make_task
-    from skyrl_fn.train.tasks import DataState, next_prompts
+    from skyrl_fn.rollout.vllm_backend import make_vllm_backend
+    from skyrl_fn.distributed.devices import to_device
+    from skyrl_fn.trainer.forward import batched_log_probs
+    from skyrl_fn.models.model import load_model, load_tokenizer
+    from skyrl_fn.tasks.choice import make_task
+    from skyrl_fn.tasks.base import DataState, next_prompts
 
     cfg = smoke_config(colocate=True, num_gpus=1, steps=steps)
     task = make_task(cfg.data, seed=0)
@@ -154,15 +154,15 @@ def part_ray(checks: Checks, steps: int, *, colocate: bool, backend: str = "vllm
     import ray
 
     from skyrl_fn import DEFAULT_TABLE
-    from skyrl_fn.launcher.ray_runner import init_ray
-    from skyrl_fn.launcher.ray_workers import RayWorkers
-    from skyrl_fn.train.experience import kl_controller_of
-    from skyrl_fn.train.loop import run_step
-    from skyrl_fn.train.config import resolve
-    from skyrl_fn.train.forward import batched_log_probs
-    from skyrl_fn.train.model import load_model, load_tokenizer
-    from skyrl_fn.train.task_choice import make_task
-    from skyrl_fn.train.tasks import DataState, next_prompts
+    from skyrl_fn.distributed.ray_runner import init_ray
+    from skyrl_fn.distributed.ray_workers import RayWorkers
+    from skyrl_fn.trainer.experience import kl_controller_of
+    from skyrl_fn.trainer.loop import run_step
+    from skyrl_fn.trainer.config import resolve
+    from skyrl_fn.trainer.forward import batched_log_probs
+    from skyrl_fn.models.model import load_model, load_tokenizer
+    from skyrl_fn.tasks.choice import make_task
+    from skyrl_fn.tasks.base import DataState, next_prompts
 
     n_gpus = 1 if colocate else 2
     cfg = smoke_config(colocate=colocate, num_gpus=n_gpus, steps=steps, run_dir=tempfile.mkdtemp(prefix="gpu_smoke_"), backend=backend)

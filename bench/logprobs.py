@@ -6,7 +6,7 @@ One measured call is forward + backward of ``sum_i a_i log p_i`` (random upstrea
 as a policy-gradient loss) with respect to ``hidden [N, H]`` and ``weight [V, H]``, float32 on CPU:
 
 - naive: ``log_softmax(hidden @ weight.T, -1).gather(-1, targets[:, None])``
-- fused: ``skyrl_fn.losses.logprobs.token_logprobs_from_hidden`` (default ``chunk_size`` and
+- fused: ``skyrl_fn.ops.logprobs.token_logprobs_from_hidden`` (default ``chunk_size`` and
   ``keep_bytes`` unless given)
 
 Every path runs in its own fresh subprocess (``--worker``), so one path's freed memory can never
@@ -61,7 +61,7 @@ def _reset_peak() -> bool:
 def _worker(args: argparse.Namespace) -> None:
     import torch
 
-    from skyrl_fn.losses.logprobs import token_logprobs_from_hidden
+    from skyrl_fn.ops.logprobs import token_logprobs_from_hidden
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -147,7 +147,7 @@ def main() -> None:
 
     import torch
 
-    from skyrl_fn.losses.logprobs import DEFAULT_CHUNK_ELEMENTS, DEFAULT_KEEP_BYTES
+    from skyrl_fn.ops.logprobs import DEFAULT_CHUNK_ELEMENTS, DEFAULT_KEEP_BYTES
 
     chunk = args.chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // args.vocab)
     keep = DEFAULT_KEEP_BYTES if args.keep_bytes is None else args.keep_bytes

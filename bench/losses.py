@@ -68,7 +68,7 @@ def main() -> None:
     from torch._dynamo.utils import counters
 
     from skyrl_fn.losses import regular
-    from skyrl_fn.losses.compile import compile_loss, compile_unavailable_reason
+    from skyrl_fn.ops.compile import compile_loss, compile_unavailable_reason
 
     reason = compile_unavailable_reason()
     if reason:

@@ -15,8 +15,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from skyrl_fn.train.model import ModelConfig
-from skyrl_fn.train.model import load_model, load_tokenizer  # noqa: E402
+from skyrl_fn.models.model import ModelConfig
+from skyrl_fn.models.model import load_model, load_tokenizer  # noqa: E402
 
 
 def _start(cfg: ModelConfig) -> float:

@@ -21,11 +21,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from skyrl_fn.train.arithmetic import ArithmeticTask  # noqa: E402
-from skyrl_fn.train.model import ModelConfig
-from skyrl_fn.train.rollout import RolloutConfig
-from skyrl_fn.train.model import encode_prompts, eos_token_ids, load_model, load_tokenizer  # noqa: E402
-from skyrl_fn.train.rollout import HFBackend  # noqa: E402
+from skyrl_fn.tasks.arithmetic import ArithmeticTask  # noqa: E402
+from skyrl_fn.models.model import ModelConfig
+from skyrl_fn.rollout.base import RolloutConfig
+from skyrl_fn.models.model import encode_prompts, eos_token_ids, load_model, load_tokenizer  # noqa: E402
+from skyrl_fn.rollout.base import HFBackend  # noqa: E402
 
 
 def main() -> None:

@@ -26,12 +26,12 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from skyrl_fn import DEFAULT_TABLE  # noqa: E402
-from skyrl_fn.launcher import parse_config, resolve_names  # noqa: E402
+from skyrl_fn.cli import parse_config, resolve_names  # noqa: E402
 
 
 def measure(run, *, use_ray: bool, warmup: int, rollout_workers: int = 0) -> dict[str, float]:
-    from skyrl_fn.launcher.ray_runner import train_on_ray
-    from skyrl_fn.train.loop import train
+    from skyrl_fn.distributed.ray_runner import train_on_ray
+    from skyrl_fn.trainer.loop import train
 
     stamps, rows = [], []
 

@@ -32,7 +32,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from skyrl_fn import DEFAULT_TABLE  # noqa: E402
-from skyrl_fn.launcher import parse_config, resolve_names  # noqa: E402
+from skyrl_fn.cli import parse_config, resolve_names  # noqa: E402
 
 PROMPTS, SAMPLES, NEW_TOKENS = 8, 8, 16
 MODEL = ["--model.hidden-size", "128", "--model.num-layers", "4", "--model.num-heads", "4", "--model.intermediate-size", "512"]
@@ -65,7 +65,7 @@ def _steady(stamps: list[float], warmup: int) -> float:
 
 def ours(steps: int, warmup: int) -> tuple[float, float]:
     """(median s/step, last reward) of skyrl_fn on Ray."""
-    from skyrl_fn.launcher.ray_runner import train_on_ray
+    from skyrl_fn.distributed.ray_runner import train_on_ray
 
     stamps, rewards = [], []
     run = _run(steps, tempfile.mkdtemp(prefix="skyrl_fn_vs_trl_"))
@@ -83,9 +83,9 @@ def trl(steps: int, warmup: int) -> tuple[float, float] | None:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from skyrl_fn.train.model import load_model, load_tokenizer
-    from skyrl_fn.train.task_choice import make_task
-    from skyrl_fn.train.tasks import Example
+    from skyrl_fn.models.model import load_model, load_tokenizer
+    from skyrl_fn.tasks.choice import make_task
+    from skyrl_fn.tasks.base import Example
 
     run = _run(steps, tempfile.mkdtemp(prefix="skyrl_fn_vs_trl_"))
     cfg = run.config

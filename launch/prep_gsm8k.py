@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from skyrl_fn.train.gsm8k import prepare_gsm8k
+from skyrl_fn.tasks.gsm8k import prepare_gsm8k
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,21 +1,21 @@
 """skyrl_fn: functional RL-for-LLM algorithm pieces on PyTorch.
 
-The core: frozen records (``skyrl_fn.records``), pure estimators and losses, and an immutable
+The core: frozen records (``skyrl_fn.core.records``), pure estimators and losses, and an immutable
 ``AlgorithmTable`` naming them (``DEFAULT_TABLE`` holds every built-in).
 """
 
-from skyrl_fn.records import (
+from skyrl_fn.core.records import (
     AdvantageInput,
     AdvantageOutput,
     PolicyLossInput,
     PolicyLossOutput,
     ReducedLoss,
 )
-from skyrl_fn._builtins import DEFAULT_TABLE
-from skyrl_fn.table import KINDS, AlgorithmTable, Entry, UnknownNameError
-from skyrl_fn.compose import AdvantageTransform, Chain, RewardTransform, chain
+from skyrl_fn.algorithm.builtins import DEFAULT_TABLE
+from skyrl_fn.core.table import KINDS, AlgorithmTable, Entry, UnknownNameError
+from skyrl_fn.core.compose import AdvantageTransform, Chain, RewardTransform, chain
 from skyrl_fn.algorithm import Algorithm, bind, bind_algorithm, compute_policy_loss
-from skyrl_fn.requires import requires
+from skyrl_fn.core.requires import requires
 from skyrl_fn.transforms import (
     OutcomeEstimator,
     batch_mean,
@@ -46,13 +46,13 @@ __all__ = [
     "DEFAULT_TABLE",
     "KINDS",
     "UnknownNameError",
-    # names bound once (skyrl_fn.algorithm, skyrl_fn.requires)
+    # names bound once (skyrl_fn.algorithm, skyrl_fn.core.requires)
     "Algorithm",
     "bind",
     "bind_algorithm",
     "compute_policy_loss",
     "requires",
-    # composition (skyrl_fn.compose, skyrl_fn.transforms)
+    # composition (skyrl_fn.core.compose, skyrl_fn.transforms)
     "chain",
     "Chain",
     "RewardTransform",

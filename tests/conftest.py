@@ -12,10 +12,10 @@ import torch
 from hypothesis import HealthCheck, settings
 
 from skyrl_fn import DEFAULT_TABLE
-from skyrl_fn.train.config import LoggingConfig, TrainConfig, TrainerConfig
-from skyrl_fn.train.model import ModelConfig
-from skyrl_fn.train.rollout import RolloutConfig
-from skyrl_fn.train.tasks import DataConfig
+from skyrl_fn.trainer.config import LoggingConfig, TrainConfig, TrainerConfig
+from skyrl_fn.models.model import ModelConfig
+from skyrl_fn.rollout.base import RolloutConfig
+from skyrl_fn.tasks.base import DataConfig
 
 # Ray writes an auth token under ~/.ray unless this is set; tests never need auth.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")

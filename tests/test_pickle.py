@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from skyrl_fn import DEFAULT_TABLE, AdvantageInput, AdvantageOutput
-from skyrl_fn.compose import chain
+from skyrl_fn.core.compose import chain
 from skyrl_fn.estimators import grpo
 from skyrl_fn.transforms import (
     clip_advantages,

@@ -110,7 +110,7 @@ from skyrl_fn.compat.off_policy_correction_utils import (
     compute_token_mask,
     off_policy_correction_enabled,
 )
-from skyrl_fn.table import UnknownNameError
+from skyrl_fn.core.table import UnknownNameError
 
 __all__ = [
     # registries (ppo_utils)

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from skyrl_fn.compat._calls import call_accepting, caller_names, describe
-from skyrl_fn.records import AdvantageInput, AdvantageOutput
-from skyrl_fn.table import AlgorithmTable
+from skyrl_fn.core.records import AdvantageInput, AdvantageOutput
+from skyrl_fn.core.table import AlgorithmTable
 
 __all__ = [
     "HYPER_ALIASES",

@@ -28,7 +28,7 @@ import torch
 from skyrl_fn.compat._calls import caller_names
 from skyrl_fn.estimators import gae, grpo, maxrl, reinforce_plus_plus, rloo
 from skyrl_fn.estimators._whiten import whiten_stats
-from skyrl_fn.records import AdvantageInput
+from skyrl_fn.core.records import AdvantageInput
 
 __all__ = [
     "AdvantageEstimator",

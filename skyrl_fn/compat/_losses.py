@@ -20,8 +20,8 @@ from skyrl_fn.compat._config import AlgorithmConfig
 from skyrl_fn.compat.off_policy_correction_utils import apply_off_policy_correction, off_policy_correction_enabled
 from skyrl_fn.losses.aggregation import SKYRL_REDUCTIONS
 from skyrl_fn.losses.reduction_weights import reduction_weights
-from skyrl_fn.records import PolicyLossInput, PolicyLossOutput
-from skyrl_fn.table import AlgorithmTable, UnknownNameError, unknown_name_message
+from skyrl_fn.core.records import PolicyLossInput, PolicyLossOutput
+from skyrl_fn.core.table import AlgorithmTable, UnknownNameError, unknown_name_message
 
 __all__ = [
     "CONFIG_FIELDS",

@@ -29,7 +29,7 @@ from skyrl_fn.compat._calls import caller_names, config_value
 from skyrl_fn.compat._functional import masked_mean, reduce_loss
 from skyrl_fn.compat.off_policy_correction_utils import apply_off_policy_correction, off_policy_correction_enabled
 from skyrl_fn.losses._common import safe_ratio
-from skyrl_fn.records import PolicyLossInput
+from skyrl_fn.core.records import PolicyLossInput
 
 __all__ = [
     "PolicyLossType",

@@ -26,8 +26,8 @@ from skyrl_fn.compat._losses import NativeFromSkyRLLoss, SkyRLPolicyLoss, SkyRLS
 from skyrl_fn.compat._policy_losses import SKYRL_LOSSES, PolicyLossType
 from skyrl_fn.compat._seed_losses import SEED_LOSS_NAMES, SEED_LOSSES
 from skyrl_fn.compat._snapshot import RegistrySnapshot, latest, publish, published_in_this_session, ray_role
-from skyrl_fn._builtins import DEFAULT_TABLE
-from skyrl_fn.table import KINDS, AlgorithmTable, UnknownNameError, infer_kind, unknown_name_message
+from skyrl_fn.algorithm.builtins import DEFAULT_TABLE
+from skyrl_fn.core.table import KINDS, AlgorithmTable, UnknownNameError, infer_kind, unknown_name_message
 
 __all__ = [
     "AdvantageEstimatorRegistry",

@@ -41,8 +41,8 @@ from typing import Any, Literal, Mapping
 import attrs
 import cloudpickle
 
-from skyrl_fn._frozen import FrozenDict
-from skyrl_fn.table import AlgorithmTable
+from skyrl_fn.core._frozen import FrozenDict
+from skyrl_fn.core.table import AlgorithmTable
 
 __all__ = ["ACTOR_NAME", "RegistrySnapshot", "ray_role", "publish", "latest", "published_in_this_session"]
 

@@ -2,7 +2,7 @@
 
 One module per family; every estimator runs under ``torch.no_grad`` and never changes its inputs.
 Where the maths is a chain the named estimator is one: ``gae = chain(gae_raw, whiten())`` and
-``reinforce_plus_plus = chain(reinforce_plus_plus_raw, whiten())`` (``skyrl_fn.compose``).
+``reinforce_plus_plus = chain(reinforce_plus_plus_raw, whiten())`` (``skyrl_fn.core.compose``).
 """
 
 from skyrl_fn.estimators.gae import gae, gae_raw

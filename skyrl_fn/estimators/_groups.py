@@ -10,14 +10,14 @@ stays in cache and its memory is reused, where one full ``[B, T]`` temporary cos
 allocation whose page faults dominate (5x slower at ``B = 65536, T = 256``). This is a loop over
 fixed-size blocks of memory, not over samples or groups. Masking is an integer product of bit
 patterns with the mask (:func:`mask_rows`), and the ``[B, T]`` broadcast writes into a
-huge-page-backed output (:mod:`skyrl_fn._alloc`) in blocks of about 4 MiB.
+huge-page-backed output (:mod:`skyrl_fn.core._alloc`) in blocks of about 4 MiB.
 """
 
 from __future__ import annotations
 
 import torch
 
-from skyrl_fn import _alloc
+from skyrl_fn.core import _alloc
 
 __all__ = [
     "accum_dtype",

@@ -15,10 +15,10 @@ import functools
 import attrs
 import torch
 
-from skyrl_fn._checks import check_number
-from skyrl_fn.compose import AdvantageTransform
+from skyrl_fn.core._checks import check_number
+from skyrl_fn.core.compose import AdvantageTransform
 from skyrl_fn.estimators._groups import accum_dtype, outcome_scores_and_lengths, row_blocks
-from skyrl_fn.records import AdvantageInput, AdvantageOutput
+from skyrl_fn.core.records import AdvantageInput, AdvantageOutput
 
 __all__ = ["masked_whiten", "masked_whiten_rows", "whiten_stats", "whiten", "with_advantages"]
 
@@ -133,7 +133,7 @@ def whiten(*, eps: float = 1e-8) -> AdvantageTransform:
         eps: ``> 0``, added to the variance.
 
     Returns:
-        An :class:`~skyrl_fn.compose.AdvantageTransform` (picklable) for :func:`~skyrl_fn.compose.chain`.
+        An :class:`~skyrl_fn.core.compose.AdvantageTransform` (picklable) for :func:`~skyrl_fn.core.compose.chain`.
 
     Raises:
         TypeError / ValueError: ``eps`` is not a finite number ``> 0``.

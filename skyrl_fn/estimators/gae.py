@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import torch
 
-from skyrl_fn.compose import Chain, chain
+from skyrl_fn.core.compose import Chain, chain
 from skyrl_fn.estimators._groups import accum_dtype
 from skyrl_fn.estimators._whiten import whiten
-from skyrl_fn.records import AdvantageInput, AdvantageOutput
-from skyrl_fn.requires import requires
+from skyrl_fn.core.records import AdvantageInput, AdvantageOutput
+from skyrl_fn.core.requires import requires
 
 __all__ = ["gae", "gae_raw"]
 

@@ -20,7 +20,7 @@ from skyrl_fn.estimators._groups import (
     outcome_scores,
     outcome_scores_and_lengths,
 )
-from skyrl_fn.records import AdvantageInput, AdvantageOutput
+from skyrl_fn.core.records import AdvantageInput, AdvantageOutput
 
 __all__ = ["grpo", "maxrl", "gpg", "grpo_passk", "opo"]
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from skyrl_fn.estimators._groups import broadcast_to_tokens, group_count, group_mean, outcome_scores
-from skyrl_fn.records import AdvantageInput, AdvantageOutput
+from skyrl_fn.core.records import AdvantageInput, AdvantageOutput
 
 __all__ = ["rloo"]
 

@@ -11,8 +11,8 @@ import math
 
 import torch
 
-from skyrl_fn import _alloc
-from skyrl_fn.compose import Chain, chain
+from skyrl_fn.core import _alloc
+from skyrl_fn.core.compose import Chain, chain
 from skyrl_fn.estimators._groups import (
     accum_dtype,
     broadcast_to_tokens,
@@ -22,8 +22,8 @@ from skyrl_fn.estimators._groups import (
     row_blocks,
 )
 from skyrl_fn.estimators._whiten import masked_whiten_rows, whiten
-from skyrl_fn.records import AdvantageInput, AdvantageOutput
-from skyrl_fn.requires import requires
+from skyrl_fn.core.records import AdvantageInput, AdvantageOutput
+from skyrl_fn.core.requires import requires
 
 __all__ = ["discounted_returns", "reinforce_plus_plus", "reinforce_plus_plus_raw", "reinforce_plus_plus_baseline", "remax"]
 

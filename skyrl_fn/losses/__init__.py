@@ -5,8 +5,8 @@ Aggregations: ``fn(token_loss [B, T], loss_mask [B, T], *, global_tokens, global
 -> []``. KL estimators: ``fn(log_probs [B, T], ref_log_probs [B, T]) -> [B, T]``. The built-ins are
 registered in ``skyrl_fn.DEFAULT_TABLE`` (nothing here reads it); ``policy_objective`` runs a bound
 loss + correction + aggregation (+ KL and entropy terms) as one pure function. (``compile_loss``
-and the memory-light log-probs of an LM head are ops, a layer above: ``skyrl_fn.losses.compile``,
-``skyrl_fn.losses.logprobs``.)
+and the memory-light log-probs of an LM head are ops, a layer above: ``skyrl_fn.ops.compile``,
+``skyrl_fn.ops.logprobs``.)
 """
 
 from skyrl_fn.losses.aggregation import (

@@ -13,7 +13,7 @@ from typing import Callable, Mapping
 
 import torch
 
-from skyrl_fn.records import PolicyLossInput, PolicyLossOutput
+from skyrl_fn.core.records import PolicyLossInput, PolicyLossOutput
 
 __all__ = [
     "LOG_RATIO_CLAMP",

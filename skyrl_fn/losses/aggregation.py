@@ -29,7 +29,7 @@ from typing import Mapping
 
 import torch
 
-from skyrl_fn._checks import check_floating, check_shape, check_tensor
+from skyrl_fn.core._checks import check_floating, check_shape, check_tensor
 
 __all__ = [
     "token_mean",

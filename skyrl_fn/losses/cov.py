@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from skyrl_fn.losses._common import check_batch, check_nonnegative, clean, masked_mean, ratio_metrics, run, safe_ratio
-from skyrl_fn.records import PolicyLossInput, PolicyLossOutput
+from skyrl_fn.core.records import PolicyLossInput, PolicyLossOutput
 
 __all__ = ["clip_cov", "kl_cov"]
 

@@ -26,7 +26,7 @@ import attrs
 import numpy as np
 import torch
 
-from skyrl_fn._checks import check_finite, check_floating, check_shape
+from skyrl_fn.core._checks import check_finite, check_floating, check_shape
 
 __all__ = [
     "k1",

@@ -4,7 +4,7 @@ Every piece is passed in as a callable with its hyperparameters already bound (t
 run binds them once, ``skyrl_fn.algorithm``); the normalisers are the *global* counts of the whole
 optimiser step, so the micro-batch objectives sum exactly to the full-batch objective. The
 learner's kernel is ``functools.partial(policy_objective, loss=..., aggregation=..., ...)`` and
-``compile_loss`` / ``skyrl_fn.gpu.kernels.compile_kernel`` wrap that partial.
+``compile_loss`` / ``skyrl_fn.ops.kernels.compile_kernel`` wrap that partial.
 
 Notation: ``B`` sequences, ``T`` response tokens, ``m`` the loss mask.
 """
@@ -17,7 +17,7 @@ import torch
 
 from skyrl_fn.losses.kl import kl_token_loss
 from skyrl_fn.losses.off_policy import OffPolicyCorrection
-from skyrl_fn.records import PolicyLossInput, PolicyLossOutput, ReducedLoss
+from skyrl_fn.core.records import PolicyLossInput, PolicyLossOutput, ReducedLoss
 
 __all__ = ["policy_objective", "SUMMED_METRICS"]
 

@@ -27,8 +27,8 @@ from typing import Mapping
 import attrs
 import torch
 
-from skyrl_fn._checks import as_mask, check_floating, check_shape
-from skyrl_fn._frozen import FrozenDict
+from skyrl_fn.core._checks import as_mask, check_floating, check_shape
+from skyrl_fn.core._frozen import FrozenDict
 from skyrl_fn.losses._common import masked_mean, masked_sum, safe_ratio
 
 __all__ = [

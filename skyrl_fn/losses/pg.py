@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from skyrl_fn.losses._common import check_batch, check_nonnegative, clean, ratio_metrics, run, safe_ratio
-from skyrl_fn.records import PolicyLossInput, PolicyLossOutput
+from skyrl_fn.core.records import PolicyLossInput, PolicyLossOutput
 
 __all__ = ["reinforce", "gpg", "cispo", "rollout_is", "importance_sampling", "cross_entropy"]
 

@@ -27,7 +27,7 @@ from skyrl_fn.losses._common import (
     run,
     safe_ratio,
 )
-from skyrl_fn.records import PolicyLossInput, PolicyLossOutput
+from skyrl_fn.core.records import PolicyLossInput, PolicyLossOutput
 
 __all__ = ["regular", "dual_clip", "gspo", "sapo", "geo_mean", "dppo", "dppo_mask"]
 

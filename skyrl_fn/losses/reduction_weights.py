@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from skyrl_fn._checks import check_shape, check_tensor
+from skyrl_fn.core._checks import check_shape, check_tensor
 
 __all__ = ["REDUCTIONS", "reduction_weights"]
 

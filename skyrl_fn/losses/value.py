@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from skyrl_fn._checks import as_mask, check_finite, check_floating, check_shape
+from skyrl_fn.core._checks import as_mask, check_finite, check_floating, check_shape
 from skyrl_fn.losses._common import clean, masked_mean
-from skyrl_fn.records import PolicyLossOutput
+from skyrl_fn.core.records import PolicyLossOutput
 
 __all__ = ["value_loss", "entropy_from_logits"]
 
@@ -81,7 +81,7 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
 
     Computed in the logits' dtype (pass float32 logits for bf16 models); differentiable (entropy
     bonus: subtract ``coef * aggregate(H, mask)`` from the loss, SkyRL's ``entropy_loss_coef``).
-    For memory-light entropy from hidden states see ``skyrl_fn.losses.logprobs``.
+    For memory-light entropy from hidden states see ``skyrl_fn.ops.logprobs``.
 
     Args:
         logits: ``[..., V]`` floating, e.g. ``[B, T, V]``.

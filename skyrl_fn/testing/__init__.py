@@ -10,7 +10,7 @@ estimator in one line.
         check_estimator("grpo", table=my_table)    # or a registered name
         check_kl_estimator(my_kl)                  # fn(log_probs, ref_log_probs) -> [B, T]
 
-Each property (``skyrl_fn.properties``) is a hypothesis search over generated batches
+Each property (``skyrl_fn.core.properties``) is a hypothesis search over generated batches
 (``skyrl_fn.testing.strategies``); a failure raises ``PropertyViolation`` (an ``AssertionError``)
 whose message starts with the property name, then the function, the offending positions and the
 shrunk batch. By default the universal properties of the function's kind plus what its table

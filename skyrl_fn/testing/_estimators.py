@@ -22,8 +22,8 @@ import torch
 from hypothesis import settings as Settings
 from hypothesis import strategies as st
 
-from skyrl_fn.records import AdvantageInput, AdvantageOutput
-from skyrl_fn.table import AlgorithmTable
+from skyrl_fn.core.records import AdvantageInput, AdvantageOutput
+from skyrl_fn.core.table import AlgorithmTable
 from skyrl_fn.testing._report import PropertyViolation, fmt, positions
 from skyrl_fn.testing._resolve import Target, resolve
 from skyrl_fn.testing._run import Case, kit_settings, run_property, select
@@ -294,7 +294,7 @@ def check_estimator(
             ``fn(batch: AdvantageInput, **hyper) -> AdvantageOutput`` or a SkyRL-style keyword
             function ``fn(token_level_rewards, response_mask, index, **kw) -> (adv, returns)``.
         table: where names are looked up; ``DEFAULT_TABLE`` by default.
-        properties: property names to check (``skyrl_fn.properties``); None means the universal
+        properties: property names to check (``skyrl_fn.core.properties``); None means the universal
             ones plus what the table entry promises (a bare function promises nothing more).
         hyperparameters: keyword hyperparameters passed on every call.
         settings: hypothesis settings per property (e.g. ``settings(max_examples=500)``); by

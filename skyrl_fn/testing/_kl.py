@@ -20,8 +20,8 @@ import torch
 from hypothesis import settings as Settings
 from hypothesis import strategies as st
 
-from skyrl_fn._builtins import DEFAULT_TABLE
-from skyrl_fn.table import AlgorithmTable
+from skyrl_fn.algorithm.builtins import DEFAULT_TABLE
+from skyrl_fn.core.table import AlgorithmTable
 from skyrl_fn.testing._report import PropertyViolation, fmt, positions
 from skyrl_fn.testing._resolve import Target, resolve
 from skyrl_fn.testing._run import Case, kit_settings, run_property, select
@@ -189,7 +189,7 @@ def check_kl_estimator(
     """Check a KL estimator ``fn(log_probs [B, T], ref_log_probs [B, T], **hyper) -> [B, T]`` (or a
     registered name) against its battery; raise on the first failure.
 
-    Universal for the kind (``skyrl_fn.properties.universal("kl_estimator")``): shape and dtype,
+    Universal for the kind (``skyrl_fn.core.properties.universal("kl_estimator")``): shape and dtype,
     finite values and gradients (log-ratios up to +-20), no input changed in place, deterministic,
     token-local, 0 at the reference; plus what the entry promises (``non_negative``).
 

@@ -23,9 +23,9 @@ import torch
 from hypothesis import settings as Settings
 from hypothesis import strategies as st
 
-from skyrl_fn.records import PolicyLossOutput
-from skyrl_fn._builtins import DEFAULT_TABLE
-from skyrl_fn.table import AlgorithmTable
+from skyrl_fn.core.records import PolicyLossOutput
+from skyrl_fn.algorithm.builtins import DEFAULT_TABLE
+from skyrl_fn.core.table import AlgorithmTable
 from skyrl_fn.testing._report import PropertyViolation, fmt, positions
 from skyrl_fn.testing._resolve import Target, resolve
 from skyrl_fn.testing._run import Case, kit_settings, run_property, select
@@ -326,7 +326,7 @@ def check_policy_loss(
             SkyRL's defaults updated with ``hyperparameters``).
         table: where names (of the loss and the aggregations) are looked up; ``DEFAULT_TABLE``.
         properties: property names to check; None means the universal ones for a policy loss
-            (``skyrl_fn.properties.universal("policy_loss")``) plus what the entry promises.
+            (``skyrl_fn.core.properties.universal("policy_loss")``) plus what the entry promises.
         hyperparameters: keyword hyperparameters passed on every call.
         aggregations: for ``microbatch_invariant``: names or functions of kind ``aggregation``;
             None means every aggregation in ``table`` (``reference_token_mean`` if it has none).

@@ -10,8 +10,8 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from skyrl_fn.properties import DESCRIPTIONS
-from skyrl_fn.records import AdvantageInput, PolicyLossInput
+from skyrl_fn.core.properties import DESCRIPTIONS
+from skyrl_fn.core.records import AdvantageInput, PolicyLossInput
 
 __all__ = ["PropertyViolation", "positions", "format_batch", "fmt"]
 
@@ -22,7 +22,7 @@ class PropertyViolation(AssertionError):
     """A function broke a property. ``str(err)`` starts with the property name.
 
     Attributes:
-        property: the property name (``skyrl_fn.properties``).
+        property: the property name (``skyrl_fn.core.properties``).
         function: a label of the function checked.
         batch: the (shrunk) input record that shows it, or None.
         positions: offending ``(row, token)`` or ``(row,)`` positions (at most a few).

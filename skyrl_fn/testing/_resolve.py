@@ -24,9 +24,9 @@ import attrs
 import torch
 
 from skyrl_fn.compat._calls import call_accepting
-from skyrl_fn.records import AdvantageInput, AdvantageOutput, PolicyLossInput, PolicyLossOutput
-from skyrl_fn._builtins import DEFAULT_TABLE
-from skyrl_fn.table import AlgorithmTable, Entry, infer_kind
+from skyrl_fn.core.records import AdvantageInput, AdvantageOutput, PolicyLossInput, PolicyLossOutput
+from skyrl_fn.algorithm.builtins import DEFAULT_TABLE
+from skyrl_fn.core.table import AlgorithmTable, Entry, infer_kind
 
 __all__ = ["Target", "resolve", "SKYRL_ESTIMATOR_DEFAULTS", "SKYRL_LOSS_CONFIG"]
 

@@ -13,7 +13,7 @@ from hypothesis import settings as Settings
 from hypothesis import strategies as st
 from hypothesis.errors import Flaky
 
-from skyrl_fn.properties import ORDER, applicable, universal
+from skyrl_fn.core.properties import ORDER, applicable, universal
 from skyrl_fn.testing._report import PropertyViolation
 
 __all__ = ["DEFAULT_MAX_EXAMPLES", "kit_settings", "run_property", "select", "Case"]

@@ -28,7 +28,7 @@ import attrs
 import torch
 from hypothesis import strategies as st
 
-from skyrl_fn.records import AdvantageInput, PolicyLossInput
+from skyrl_fn.core.records import AdvantageInput, PolicyLossInput
 
 __all__ = [
     "DTYPES",

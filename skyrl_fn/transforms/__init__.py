@@ -1,4 +1,4 @@
-"""Pieces for :func:`skyrl_fn.compose.chain`.
+"""Pieces for :func:`skyrl_fn.core.compose.chain`.
 
 * reward transforms (before the estimator): ``scale_rewards``, ``shape_rewards``,
   ``weighted_sum``, ``length_penalty``;

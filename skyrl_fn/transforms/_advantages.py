@@ -19,12 +19,12 @@ import functools
 
 import torch
 
-from skyrl_fn._checks import check_number
-from skyrl_fn.compose import AdvantageTransform
+from skyrl_fn.core._checks import check_number
+from skyrl_fn.core.compose import AdvantageTransform
 from skyrl_fn.estimators import _groups
 from skyrl_fn.estimators._whiten import whiten
 from skyrl_fn.estimators._whiten import with_advantages as _with_advantages
-from skyrl_fn.records import AdvantageInput, AdvantageOutput
+from skyrl_fn.core.records import AdvantageInput, AdvantageOutput
 
 __all__ = ["whiten", "clip_advantages", "normalize_by_length", "group_normalize_std"]
 

@@ -15,10 +15,10 @@ from typing import Callable
 import attrs
 import torch
 
-from skyrl_fn._checks import check_finite
-from skyrl_fn.compose import piece_name
+from skyrl_fn.core._checks import check_finite
+from skyrl_fn.core.compose import piece_name
 from skyrl_fn.estimators import _groups
-from skyrl_fn.records import AdvantageInput, AdvantageOutput
+from skyrl_fn.core.records import AdvantageInput, AdvantageOutput
 
 __all__ = ["group_mean", "leave_one_out", "batch_mean", "group_median", "OutcomeEstimator", "outcome_estimator"]
 

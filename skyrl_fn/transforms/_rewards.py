@@ -17,11 +17,11 @@ from typing import Callable, Mapping
 import attrs
 import torch
 
-from skyrl_fn._checks import check_number
-from skyrl_fn.compose import RewardTransform, piece_name
+from skyrl_fn.core._checks import check_number
+from skyrl_fn.core.compose import RewardTransform, piece_name
 from skyrl_fn.estimators._groups import accum_dtype
-from skyrl_fn.records import AdvantageInput
-from skyrl_fn.table import unknown_name_message
+from skyrl_fn.core.records import AdvantageInput
+from skyrl_fn.core.table import unknown_name_message
 
 __all__ = ["scale_rewards", "shape_rewards", "weighted_sum", "length_penalty", "last_token"]
 

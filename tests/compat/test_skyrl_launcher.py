@@ -22,9 +22,9 @@ import torch
 from skyrl_fn import DEFAULT_TABLE, PolicyLossInput
 from skyrl_fn.compat import AdvantageEstimatorRegistry, PolicyLossRegistry, freeze, register_policy_loss
 from skyrl_fn.compat import skyrl_train
-from skyrl_fn.launcher import parse_config, resolve_names
-from skyrl_fn.launcher.plugins import ship_by_value
-from skyrl_fn.launcher.ray_runner import train_on_ray
+from skyrl_fn.cli import parse_config, resolve_names
+from skyrl_fn.cli.plugins import ship_by_value
+from skyrl_fn.distributed.ray_runner import train_on_ray
 from skyrl_fn.losses.reduction_weights import reduction_weights
 
 ship_by_value(sys.modules[__name__])  # workers cannot import tests/: ship this module by value
@@ -126,7 +126,7 @@ def _run(tmp_path, table, *extra):
 
 @pytest.mark.ray
 def test_user_losses_of_both_eras_train_on_ray_exactly_like_native_reinforce(ray_session, tmp_path):
-    from skyrl_fn.train.loop import train
+    from skyrl_fn.trainer.loop import train
 
     register_policy_loss("reinforce_030", reinforce_030)  # (loss, dict)
     skyrl_train.register_policy_loss("reinforce_seed", reinforce_seed)  # (loss, float)
@@ -141,7 +141,7 @@ def test_user_losses_of_both_eras_train_on_ray_exactly_like_native_reinforce(ray
 
 
 def test_user_losses_follow_the_launchers_loss_reduction(tmp_path):
-    from skyrl_fn.train.loop import train
+    from skyrl_fn.trainer.loop import train
 
     register_policy_loss("reinforce_030", reinforce_030)
     skyrl_train.register_policy_loss("reinforce_seed", reinforce_seed)
@@ -165,7 +165,7 @@ ENTRY_POINT = textwrap.dedent(
 
     import torch
     from skyrl_fn.compat import AdvantageEstimatorRegistry, PolicyLossRegistry  # the rewritten import
-    from skyrl_fn.launcher import main
+    from skyrl_fn.cli import main
 
 
     def batch_mean_baseline(token_level_rewards, response_mask, index, **kwargs):

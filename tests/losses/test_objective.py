@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from skyrl_fn.losses import k3, off_policy_correction, policy_objective, regular, seq_mean_token_mean, token_mean
-from skyrl_fn.records import PolicyLossInput
+from skyrl_fn.core.records import PolicyLossInput
 
 from loss_batches import make_batch
 

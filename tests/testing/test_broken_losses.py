@@ -8,7 +8,7 @@ import torch
 from hypothesis import settings
 
 from skyrl_fn import DEFAULT_TABLE, PolicyLossInput, PolicyLossOutput
-from skyrl_fn.properties import ROW_LOCAL_POLICY_LOSS
+from skyrl_fn.core.properties import ROW_LOCAL_POLICY_LOSS
 from skyrl_fn.testing import PropertyViolation, check_aggregation, check_policy_loss
 
 #: Derandomised, so a test that passes once passes every time; small, so the file stays fast.

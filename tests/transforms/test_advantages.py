@@ -7,7 +7,7 @@ import torch
 
 from transform_batches import make_batch
 from skyrl_fn import AdvantageInput, AdvantageOutput, DEFAULT_TABLE
-from skyrl_fn.compose import AdvantageTransform, RewardTransform, chain
+from skyrl_fn.core.compose import AdvantageTransform, RewardTransform, chain
 from skyrl_fn.estimators import grpo
 from skyrl_fn.estimators._whiten import masked_whiten
 from skyrl_fn.transforms import (

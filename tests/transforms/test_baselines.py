@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from transform_batches import make_batch
 from skyrl_fn import DEFAULT_TABLE
-from skyrl_fn.compose import chain
+from skyrl_fn.core.compose import chain
 from skyrl_fn.estimators import grpo, rloo
 from skyrl_fn.transforms import (
     batch_mean,

@@ -1,0 +1,2 @@
+"""Distributed training on Ray: actors, ``RayWorkers``, GPU placement, weight pushes.
+"""

@@ -1,0 +1,191 @@
+"""The Ray actors of a training run: the role workers of ``skyrl_fn.trainer.workers`` with what a
+Ray actor adds (its device, batches moved onto it, the weight push, the NCCL broadcast).
+
+Each actor receives the one ``ResolvedRun`` (config + bound ``Algorithm``) in its constructor
+and builds only its own role, with the same seeds as the in-process workers, so every copy of the
+policy starts with the same weights. The step's work is the role workers' own methods: the
+actors call exactly what :class:`~skyrl_fn.trainer.workers.LocalWorkers` calls.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import torch
+
+from skyrl_fn.ops.memory import release_cached_memory
+from skyrl_fn.rollout.weight_sync import BroadcastSender, free_port, to_hf_names
+from skyrl_fn.distributed.devices import actor_device, to_device
+from skyrl_fn.distributed.weights import PackedWeights, pack, unpack
+from skyrl_fn.trainer import checkpoint as ckpt
+from skyrl_fn.trainer import workers as roles
+from skyrl_fn.trainer.config import ResolvedRun
+from skyrl_fn.trainer.loop import seed_everything
+
+__all__ = ["PolicyTrainer", "RolloutWorker", "ReferenceModel", "Critic", "hosts_rollout"]
+
+
+def _start(run: ResolvedRun) -> str:
+    """Threads and seeds of this actor process; returns its device."""
+    n = int(run.config.trainer.torch_threads)
+    # 0 means every core of the node (Ray itself would set OMP_NUM_THREADS=1 for a fractional actor).
+    torch.set_num_threads(n if n > 0 else (os.cpu_count() or 1))
+    seed_everything(run.config.trainer.seed)
+    # "cuda" only when Ray gave this actor a GPU (skyrl_fn.distributed placement); else "cpu".
+    return actor_device()
+
+
+def _shares_gpu(run: ResolvedRun) -> bool:
+    """Colocated vLLM engines wake up after the trainer side's work: it gives cached memory back."""
+    return run.config.rollout.backend == "vllm" and run.config.gpu.colocate
+
+
+def hosts_rollout(run: ResolvedRun) -> bool:
+    """True when the policy trainer samples itself (``ray.rollout_workers == 0`` on the hf path)."""
+    cfg = run.config
+    return cfg.ray.rollout_workers == 0 and cfg.rollout.backend == "hf"
+
+
+class _Ping:
+    def ping(self) -> int:
+        return os.getpid()
+
+
+class PolicyTrainer(roles.PolicyWorker, _Ping):
+    """The policy role as an actor. With :func:`hosts_rollout` it also samples: the generated
+    batch stays in this actor for the ``update`` that follows, and no weights travel anywhere."""
+
+    def __init__(self, run: ResolvedRun) -> None:
+        super().__init__(run, samples=hosts_rollout(run), device=_start(run))
+        self.sender = None  # BroadcastSender when the engines have their own GPUs
+        self.kept: roles.Generated | None = None  # the batch of the last local generate
+
+    def generate_here(self, examples, seed: int, share: bool = False):
+        """Sample here (hybrid layout) and keep the batch for :meth:`update_here`. Returns
+        ``(generated or None, seconds)``: the batch only when ``share`` (the reference model or the
+        critic needs it), so nothing is serialised otherwise."""
+        self.kept = self.generate(examples, seed)
+        return (self.kept if share else None), self.kept.seconds
+
+    def generate_and_update(self, examples, seed: int, kl_coef: float):
+        """:meth:`generate_here` then :meth:`update_here` in one call (hybrid layout, nobody else
+        waiting for the batch). Returns ``(metrics, sampling seconds)``."""
+        _, seconds = self.generate_here(examples, seed)
+        return self.update_here(None, None, None, kl_coef)[0], seconds
+
+    def update_here(self, generated, ref_log_probs, values, kl_coef: float):
+        """``PolicyWorker.update`` on ``generated`` (None: the batch kept by the last
+        :meth:`generate_here`). Returns ``(metrics, experience or None, weights or None)``: the
+        experience feeds the critic (None without one); the packed weights go straight to
+        separate rollout workers (None when there are none or the broadcast carries them)."""
+        if generated is None:
+            if self.kept is None:
+                raise RuntimeError("PolicyTrainer.update_here: no batch given and none generated here")
+            generated, self.kept = self.kept, None
+        # to_device moves nothing (and copies nothing) on the CPU path.
+        rollout, scores, ref_log_probs, values = to_device((generated.rollout, generated.scores, ref_log_probs, values), self.device)
+        metrics, exp = self.update(rollout, scores, ref_log_probs, values, kl_coef)
+        if values is not None:
+            exp = to_device(exp, "cpu")
+        push = self.sender is None and self.backend is None
+        release_cached_memory(self.device, colocated=_shares_gpu(self.run))
+        return metrics, (exp if values is not None else None), (self.packed_weights() if push else None)
+
+    def packed_weights(self) -> PackedWeights:
+        """The current weights in one byte buffer (:mod:`skyrl_fn.distributed.weights`): Ray copies
+        it into its object store once and the workers read it zero-copy."""
+        return pack(self.weights())
+
+    def get_state(self) -> tuple[roles.RoleState, Mapping[str, Any]]:
+        """``(state, RNG states of this process)``, on the CPU."""
+        return to_device(self.state(), "cpu"), ckpt.capture_rng()
+
+    def set_state(self, saved: roles.RoleState, rng: Mapping[str, Any] | None = None) -> None:
+        self.load_state(saved)
+        if rng is not None:
+            ckpt.restore_rng(rng)
+
+    # -- broadcast weight sync (engines on their own GPUs; needs CUDA and vLLM) -------------
+    def sync_address(self) -> tuple[str, int]:
+        """``(host, port)`` of this node for the NCCL sync group's rendezvous."""
+        import ray
+
+
+        return ray.util.get_node_ip_address(), free_port()
+
+    def init_broadcast(self, host: str, port: int, world_size: int):
+        """Become rank 0 of the sync group (concurrently the engines join); returns the bucket plan."""
+
+        self.sender = BroadcastSender(host, port, world_size, device=self.device)
+        self.plan = self.sender.plan(self._hf_weights())
+        return self.plan
+
+    def broadcast(self) -> None:
+        """Send the current weights to every engine (they call ``receive_broadcast`` concurrently)."""
+        self.sender.send(self._hf_weights(), self.plan)
+
+    def _hf_weights(self):
+        model = self.train_state.model
+        tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+        return to_hf_names({k: v.detach() for k, v in model.state_dict().items()}, tied_embeddings=tied)
+
+
+class RolloutWorker(roles.RolloutWorker, _Ping):
+    """The rollout role as an actor: samples with its own copy of the policy."""
+
+    def __init__(self, run: ResolvedRun) -> None:
+        super().__init__(run, device=_start(run))
+
+    def generate_split(self, examples, seed: int):
+        """``(generated, seconds)``: two results, so the driver reads the time without the batch."""
+        generated = self.generate(examples, seed)
+        return generated, generated.seconds
+
+    def sync_packed(self, weights: PackedWeights | Mapping[str, torch.Tensor]) -> None:
+        """Load the policy's weights (``PolicyTrainer.packed_weights()``, or a state dict)."""
+        self.sync(unpack(weights) if isinstance(weights, PackedWeights) else dict(weights))
+
+    def init_broadcast(self, host: str, port: int, rank_offset: int, world_size: int):
+        """Join the policy's NCCL sync group (vLLM backend; ``weight_sync.broadcast_ranks``)."""
+        return self.backend.init_broadcast(host, port, rank_offset, world_size)
+
+    def receive_broadcast(self, plan) -> None:
+        """Receive the policy's weights (run concurrently with ``PolicyTrainer.broadcast``)."""
+        self.backend.receive_broadcast(plan)
+
+
+class ReferenceModel(roles.ReferenceWorker, _Ping):
+    """The reference role as an actor."""
+
+    def __init__(self, run: ResolvedRun) -> None:
+        super().__init__(run, device=_start(run))
+
+    def log_probs_of(self, generated: roles.Generated) -> torch.Tensor:
+        lp = self.log_probs(to_device(generated.rollout, self.device)).cpu()
+        release_cached_memory(self.device, colocated=_shares_gpu(self.run))
+        return lp
+
+
+class Critic(roles.CriticWorker, _Ping):
+    """The critic role as an actor."""
+
+    def __init__(self, run: ResolvedRun) -> None:
+        super().__init__(run, device=_start(run))
+
+    def values_of(self, generated: roles.Generated) -> torch.Tensor:
+        values = self.values(to_device(generated.rollout, self.device)).cpu()
+        release_cached_memory(self.device, colocated=_shares_gpu(self.run))
+        return values
+
+    def update_on(self, exp) -> dict[str, float]:
+        """The critic update on the experience ``PolicyTrainer.update_here`` returned."""
+        metrics = self.update(None if exp is None else to_device(exp, self.device))  # None: skipped step
+        release_cached_memory(self.device, colocated=_shares_gpu(self.run))
+        return metrics
+
+    def get_state(self) -> roles.RoleState:
+        return to_device(self.state(), "cpu")
+
+    def set_state(self, saved: roles.RoleState) -> None:
+        self.load_state(saved)

@@ -1,0 +1,2 @@
+"""Models: the embedded tiny Llama, tokenizers, pretrained (HF directory, GGUF, packaged) loading.
+"""

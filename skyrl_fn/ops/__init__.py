@@ -1,0 +1,2 @@
+"""Ops: memory-light fused LM-head log-probs, ``compile_loss``, CUDA kernels and memory helpers.
+"""

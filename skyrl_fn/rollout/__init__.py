@@ -1,0 +1,2 @@
+"""Rollouts: the ``RolloutBatch`` record, the ``hf`` and ``vllm`` backends, sampling log-probs.
+"""

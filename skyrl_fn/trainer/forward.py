@@ -1,0 +1,119 @@
+"""Forward passes of the learner: response log-probs (temperature and top-p, as sampled) and critic values.
+
+Notation: ``B`` sequences, ``Lp`` prompt tokens, ``T`` response tokens, ``L = Lp + T``, ``V``
+vocabulary. Sequences are prompt (left-padded) + response (right-padded); positions count only
+attended tokens (``skyrl_fn.models.model.position_ids``), exactly as during sampling.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+from skyrl_fn.ops.logprobs import token_logprobs_from_logits
+from skyrl_fn.models.model import position_ids
+from skyrl_fn.rollout.base import RolloutBatch
+from skyrl_fn.rollout.sampling import nucleus_log_mass
+
+__all__ = ["sequence_log_probs", "batched_log_probs", "batched_values", "response_values"]
+
+#: Above this vocabulary size log-probs go through ``skyrl_fn.ops.logprobs.token_logprobs_from_logits``.
+_CHUNKED_VOCAB = 4096
+
+
+def _keeps_logits(model: nn.Module) -> bool:
+    """True when the model's forward takes ``logits_to_keep`` (recent transformers causal LMs)."""
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def sequence_log_probs(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_len: int,
+    *,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs of the last ``T = response_len`` tokens of each sequence under the sampling
+    distribution: ``log softmax(z / tau)``, renormalised over the top-p nucleus when ``top_p < 1``
+    (``skyrl_fn.rollout.sampling``, the definition the rollout backends use).
+
+    Args:
+        model: a causal LM returning ``logits [B, L, V]``.
+        input_ids: ``[B, L]`` prompt (left-padded) + response (right-padded).
+        attention_mask: ``[B, L]`` bool or 0/1.
+        response_len: ``T``.
+        temperature: ``tau``; the sampling temperature, so scores match the rollout's.
+        top_p: the sampling nucleus mass ``p`` (1 = the whole vocabulary, no extra work).
+        with_entropy: also return the per-token entropy of ``softmax(z / tau)`` (the full
+            distribution, whatever ``top_p``).
+
+    Returns:
+        ``log_probs [B, T]`` float32 (with grad if enabled) and ``entropy [B, T]`` or None.
+    """
+    t = int(response_len)
+    if t < 1 or t >= input_ids.shape[1]:
+        raise ValueError(f"response_len: expected 1 <= T < L = {input_ids.shape[1]}, got {t}")
+    am = attention_mask.long()
+    kwargs = {"logits_to_keep": t + 1} if _keeps_logits(model) else {}  # skip the prompt's logits
+    logits = model(input_ids=input_ids, attention_mask=am, position_ids=position_ids(am), use_cache=False, **kwargs).logits
+    # The token at position j is predicted by the logits at j - 1.
+    logits = logits[:, -t - 1 : -1, :]
+    targets = input_ids[:, -t:]
+    # top_p < 1: minus log of the nucleus mass (0 and never computed at top_p = 1).
+    log_mass = nucleus_log_mass(logits, targets, temperature=temperature, top_p=top_p) if top_p < 1.0 else None
+    if logits.shape[-1] > _CHUNKED_VOCAB:
+        # Large vocabularies: the memory-light helper avoids the [B, T, V] log-softmax.
+
+        out = token_logprobs_from_logits(logits, targets, temperature=temperature, with_entropy=with_entropy, ignore_index=None)
+        lp, ent = (out.log_probs.float(), out.entropy.float()) if with_entropy else (out.float(), None)
+        return (lp if log_mass is None else lp - log_mass), ent
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    logp_all = torch.log_softmax(logits, dim=-1)
+    log_probs = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    if log_mass is not None:
+        log_probs = log_probs - log_mass
+    entropy = None
+    if with_entropy:
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return log_probs, entropy
+
+
+@torch.no_grad()
+def batched_log_probs(
+    model: nn.Module, rollout: RolloutBatch, *, micro_batch_size: int, temperature: float = 1.0, top_p: float = 1.0
+) -> torch.Tensor:
+    """``[B, T]`` float32 log-probs of ``rollout``'s responses under ``model`` (no grad) at the
+    sampling ``temperature`` and ``top_p`` (:func:`sequence_log_probs`), in micro-batches of
+    ``micro_batch_size`` sequences; 0 where the response mask is 0."""
+    ids, mask = rollout.sequences()
+    t = rollout.response_ids.shape[1]
+    out = []
+    for s in range(0, ids.shape[0], micro_batch_size):
+        lp, _ = sequence_log_probs(model, ids[s : s + micro_batch_size], mask[s : s + micro_batch_size], t, temperature=temperature, top_p=top_p)
+        out.append(lp)
+    return torch.where(rollout.response_mask, torch.cat(out), 0.0)
+
+
+def response_values(critic: nn.Module, ids: torch.Tensor, mask: torch.Tensor, t: int) -> torch.Tensor:
+    """``[B, T]`` values ``V(s_t)`` read at the position *before* each response token (the state
+    that emits it), with gradient."""
+    return critic(ids, mask.long())[:, -t - 1 : -1]
+
+
+@torch.no_grad()
+def batched_values(critic: nn.Module, rollout: RolloutBatch, *, micro_batch_size: int) -> torch.Tensor:
+    """``[B, T]`` float32 critic values ``V(s_t)`` before each response token; 0 off the mask."""
+    ids, mask = rollout.sequences()
+    t = rollout.response_ids.shape[1]
+    out = [response_values(critic, ids[s : s + micro_batch_size], mask[s : s + micro_batch_size], t) for s in range(0, ids.shape[0], micro_batch_size)]
+    return torch.where(rollout.response_mask, torch.cat(out).float(), 0.0)

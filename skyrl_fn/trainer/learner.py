@@ -1,0 +1,334 @@
+"""The training step as composable pieces, usable in-process and inside Ray actors.
+
+Every function takes its models, optimisers and the ``ResolvedRun`` explicitly; nothing reads a
+global. The algorithm pieces are the callables bound once in ``run.algorithm``; no name is
+looked up here.
+
+Notation: ``P`` prompts, ``G`` samples per prompt, ``B = P * G`` sequences, ``Lp`` prompt tokens,
+``T`` response tokens, ``L = Lp + T``, ``V`` vocabulary.
+
+One step (see ``skyrl_fn.trainer.loop``)::
+
+    rollout  = backend.generate(prompts, seed=...)                  # RolloutBatch
+    scores   = task rewards                                         # [B]
+    old_lp   = batched_log_probs(policy, rollout)   (or None: from the update's first pass)
+    ref_lp   = batched_log_probs(reference, rollout)   (KL only)    # [B, T]
+    values   = batched_values(critic, rollout)   (critic only)    # [B, T]
+    exp, m   = make_experience(run, rollout, scores, old_log_probs=old_lp, ...)
+    policy_update(run, policy_state, exp); critic_update(run, critic_state, exp)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import attrs
+import torch
+from torch import nn
+
+from skyrl_fn.ops.kernels import compile_kernel
+from skyrl_fn.losses.aggregation import token_mean
+from skyrl_fn.ops.compile import compile_loss
+from skyrl_fn.losses.objective import SUMMED_METRICS
+from skyrl_fn.losses.value import value_loss as token_value_loss
+from skyrl_fn.core.records import PolicyLossInput, ReducedLoss
+from skyrl_fn.trainer.config import ResolvedRun
+
+# Re-exported: the learner's public surface is one import away (forward passes and experience
+# live in their own modules).
+from skyrl_fn.trainer.experience import (
+    Experience,
+    KLController,
+    compute_advantages,
+    kl_controller_of,
+    make_experience,
+    token_rewards,
+)
+from skyrl_fn.trainer.forward import batched_log_probs, batched_values, response_values, sequence_log_probs
+from skyrl_fn.trainer.nonfinite import describe_rows, nonfinite_rows, reward_rows, skipped_metrics, step_if_finite
+
+__all__ = [
+    "TrainState", "Experience", "KLController", "kl_controller_of",
+    "make_optimizer", "make_train_state", "sequence_log_probs", "batched_log_probs", "batched_values",
+    "token_rewards", "compute_advantages", "make_experience", "loss_kernel", "policy_update",
+    "critic_update", "value_loss", "response_values", "experience_and_update", "set_hyperparameters",
+]
+
+
+@attrs.frozen(kw_only=True, eq=False)
+class TrainState:
+    """A trainable module with its optimiser and LR schedule (the objects themselves mutate in
+    ``policy_update``/``critic_update``; the holder does not).
+
+    Attributes:
+        model: the module (policy or critic).
+        optimizer: ``torch.optim.AdamW`` over its parameters.
+        scheduler: linear warm-up ``LambdaLR``, stepped once per training step.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+
+
+def make_optimizer(
+    model: nn.Module, *, lr: float, weight_decay: float = 0.0, warmup_steps: int = 0
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW and a linear warm-up ``lr * min(1, (k + 1) / warmup_steps)`` at optimiser step ``k``.
+
+    Args:
+        model: whose trainable parameters are optimised.
+        lr: peak learning rate (> 0).
+        weight_decay: AdamW decoupled weight decay.
+        warmup_steps: steps of linear warm-up (0 = constant lr).
+    """
+    if lr <= 0:
+        raise ValueError(f"lr: expected > 0, got {lr!r}")
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps: expected >= 0, got {warmup_steps!r}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999), eps=1e-8)
+    w = max(int(warmup_steps), 0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 if w == 0 else min(1.0, (k + 1) / w))
+    return opt, sched
+
+
+def make_train_state(model: nn.Module, *, lr: float, weight_decay: float = 0.0, warmup_steps: int = 0) -> TrainState:
+    """``TrainState`` of ``model`` with :func:`make_optimizer`."""
+    opt, sched = make_optimizer(model, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps)
+    return TrainState(model=model, optimizer=opt, scheduler=sched)
+
+
+def set_hyperparameters(state: TrainState, *, lr: float, weight_decay: float) -> None:
+    """Make ``state`` use ``lr`` and ``weight_decay`` from now on, keeping its schedule position
+    and AdamW moments (after loading a checkpoint's optimiser and schedule, which carry the old
+    values: a resume with a changed ``trainer.lr`` must not keep training at the old rate)."""
+    sched = state.scheduler
+    sched.base_lrs = [lr for _ in sched.base_lrs]
+    for group, factor in zip(state.optimizer.param_groups, sched.lr_lambdas):
+        group["initial_lr"] = lr
+        group["weight_decay"] = weight_decay
+        group["lr"] = lr * factor(sched.last_epoch)
+    sched._last_lr = [g["lr"] for g in state.optimizer.param_groups]
+
+
+# -- losses and updates ----------------------------------------------------------------------
+
+
+def loss_kernel(run: ResolvedRun, *, device_type: str = "cpu") -> Callable[..., ReducedLoss]:
+    """The run's policy objective with every piece bound: ``run.algorithm.objective()``, a
+    ``functools.partial`` of ``skyrl_fn.losses.policy_objective``, compiled when
+    ``algorithm.compile`` (on ``device_type="cuda"`` with ``skyrl_fn.ops.kernels.compile_kernel`` in
+    ``algorithm.compile_mode``, half-precision inputs upcast to float32 inside the graph)::
+
+        kernel(PolicyLossInput, *, global_tokens, global_seqs, max_seq_len, entropy=None) -> ReducedLoss
+
+    The objective receives the GLOBAL token and sequence counts of the whole batch, so the sum of
+    the micro-batch losses is exactly the full-batch loss (and gradient accumulation gives the
+    full-batch gradient).
+    """
+    a = run.config.algorithm
+    kernel = run.algorithm.objective()
+    if a.compile and device_type == "cuda":
+        return compile_kernel(kernel, mode=a.compile_mode, device_type="cuda")
+    if a.compile:
+        return compile_loss(kernel)
+    return kernel
+
+
+def policy_update(
+    run: ResolvedRun,
+    state: TrainState,
+    exp: Experience,
+    *,
+    kernel: Callable | None = None,
+    global_tokens: torch.Tensor | None = None,
+    global_seqs: torch.Tensor | None = None,
+    scores: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """``algorithm.update_epochs`` optimiser steps on ``exp`` with gradient accumulation.
+
+    Per micro-batch: the run's policy objective (``skyrl_fn.losses.policy_objective``: policy
+    loss, off-policy correction, KL loss and entropy bonus, each aggregated with the global
+    counts) is backpropagated; then the global gradient norm is clipped to ``trainer.grad_clip``
+    and AdamW steps. The LR schedule steps once.
+
+    Args:
+        run: the resolved run.
+        state: the policy's ``TrainState`` (mutated: parameters, optimiser and schedule).
+        exp: the experience (the whole batch, or this worker's share of it).
+        kernel: a prebuilt :func:`loss_kernel` (built per call when None; pass one to reuse a
+            compiled kernel).
+        global_tokens, global_seqs: the normalisers of the whole optimiser step when ``exp`` is
+            a share of it (data-parallel); None: counted on ``exp``.
+        scores: ``[B]`` rewards, named in the report of a skipped step.
+
+    Returns:
+        metrics (python floats): loss, pg_loss, the loss's metrics, grad_norm, lr, kl_loss,
+        entropy, ``skipped`` (0.0). A non-finite loss or gradient norm skips the step
+        (``skyrl_fn.trainer.nonfinite``): the gradients are dropped, neither the optimiser nor the
+        LR schedule steps, and the metrics are ``skipped = 1.0``, ``grad_norm``, ``lr`` and
+        ``skip_reason`` naming the rows with a non-finite input or log-prob (reward, length).
+    """
+    a, tr = run.config.algorithm, run.config.trainer
+    kernel = kernel or loss_kernel(run)
+    model, opt = state.model, state.optimizer
+    model.train()
+    b, t = exp.batch_size, exp.response_len
+    mask = exp.response_mask
+    if global_tokens is None:
+        global_tokens = mask.sum().clamp(min=1).to(torch.float32)
+    if global_seqs is None:
+        global_seqs = torch.tensor(float(b))
+    with_entropy = run.algorithm.entropy_coef != 0
+    # The aggregation's max length is the configured generation budget, one constant for every
+    # step (Dr. GRPO's normaliser), never the longest response of this batch.
+    max_len = run.config.rollout.max_new_tokens
+    sums: dict[str, float] = {}
+    mbs = tr.micro_batch_size
+    first_pass: dict[int, torch.Tensor] = {}  # old log-probs taken from epoch 0 when not given
+    stepped = 0
+    for epoch in range(a.update_epochs):
+        opt.zero_grad(set_to_none=True)
+        bad: dict[int, list[str]] | None = None  # rows of a non-finite loss, once one is seen
+        for s in range(0, b, mbs):
+            mb = exp.slice(s, s + mbs)
+            lp, ent = sequence_log_probs(model, mb.input_ids, mb.attention_mask, t, temperature=run.config.rollout.temperature, top_p=run.config.rollout.top_p, with_entropy=with_entropy)
+            old = mb.old_log_probs
+            if old is None:
+                # No optimiser step has happened before the first epoch ends, so this forward
+                # pass is the sampling policy's.
+                old = first_pass.setdefault(s, torch.where(mb.response_mask, lp.detach(), 0.0))
+            batch = PolicyLossInput(
+                log_probs=lp, old_log_probs=old, advantages=mb.advantages, loss_mask=mb.response_mask,
+                ref_log_probs=mb.ref_log_probs, rollout_log_probs=mb.rollout_log_probs,
+            )
+            out = kernel(batch, global_tokens=global_tokens, global_seqs=global_seqs, max_seq_len=max_len, entropy=ent)
+            if not bool(torch.isfinite(out.loss)):
+                tensors = {"advantages": mb.advantages, "log_probs": lp, "old_log_probs": old, "ref_log_probs": mb.ref_log_probs, "rollout_log_probs": mb.rollout_log_probs}
+                bad = {s + r: names for r, names in nonfinite_rows(tensors, mb.response_mask).items()}
+                break
+            out.loss.backward()
+            share = mb.batch_size / b
+            _acc(sums, "loss", out.loss.detach(), 1.0)
+            for k, v in out.metrics.items():
+                # The objective's terms are globally normalised (they sum over micro-batches);
+                # the loss's own metrics are means of each micro-batch.
+                _acc(sums, k, v, 1.0 if k in SUMMED_METRICS else share)
+        grad_norm, ok = step_if_finite(model, opt, max_norm=tr.grad_clip, loss_finite=bad is None)
+        if not ok:
+            what = "loss" if bad is not None else f"gradient (norm {float(grad_norm)})"
+            rewards = scores if scores is not None else torch.full((b,), float("nan"))
+            reason = f"a non-finite {what} in update epoch {epoch + 1}: " + describe_rows(bad or {}, rewards=rewards, lengths=mask.sum(-1))
+            skipped = {"skipped": 1.0, "skip_reason": reason, "grad_norm": float(grad_norm), "lr": float(opt.param_groups[0]["lr"])}
+            if stepped:
+                state.scheduler.step()
+            return skipped
+        stepped += 1
+        _acc(sums, "grad_norm", grad_norm, 1.0)
+    out_metrics = {k: v / a.update_epochs for k, v in sums.items()}
+    out_metrics["lr"] = float(opt.param_groups[0]["lr"])  # the rate this step used
+    out_metrics["skipped"] = 0.0
+    state.scheduler.step()
+    return out_metrics
+
+
+def experience_and_update(
+    run: ResolvedRun,
+    state: TrainState,
+    rollout,
+    scores: torch.Tensor,
+    *,
+    reward_function: str,
+    old_log_probs: torch.Tensor | None = None,
+    ref_log_probs: torch.Tensor | None = None,
+    values: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    kernel: Callable | None = None,
+) -> tuple[dict[str, Any], Experience | None]:
+    """:func:`make_experience` then :func:`policy_update`, unless something is not finite.
+
+    Skipped (``skyrl_fn.trainer.nonfinite``; metrics ``skipped = 1.0`` and ``skip_reason``, no
+    experience returned, nothing updated): a non-finite reward (each sample named with
+    ``reward_function``), a non-finite reference/rollout/old log-prob or critic value (the rows
+    named), or a non-finite loss or gradient in :func:`policy_update`.
+
+    Args:
+        rollout: the ``RolloutBatch``; scores ``[B]``; the log-probs and values ``[B, T]``.
+        reward_function: the reward's name for the report (``tasks.reward_function_name``).
+
+    Returns:
+        ``(metrics, experience or None)``; the experience feeds the critic update.
+    """
+    mask = rollout.response_mask
+    bad = reward_rows(scores, prompts=rollout.prompts, responses=rollout.responses, group_ids=rollout.group_ids.tolist(), function=reward_function)
+    if bad:
+        return skipped_metrics("a non-finite reward: " + "; ".join(bad), scores=scores, response_mask=mask), None
+    inputs = {"ref_log_probs": ref_log_probs, "values": values, "rollout_log_probs": rollout.rollout_log_probs, "old_log_probs": old_log_probs}
+    rows = nonfinite_rows(inputs, mask)
+    if rows:
+        reason = "non-finite inputs: " + describe_rows(rows, rewards=scores, lengths=mask.sum(-1))
+        return skipped_metrics(reason, scores=scores, response_mask=mask), None
+    exp, metrics = make_experience(run, rollout, scores, old_log_probs=old_log_probs, ref_log_probs=ref_log_probs, values=values, kl_coef=kl_coef)
+    metrics.update(policy_update(run, state, exp, kernel=kernel, scores=scores))
+    return metrics, (None if metrics["skipped"] else exp)
+
+
+def value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, *, clip: float, global_tokens: torch.Tensor
+) -> torch.Tensor:
+    """PPO clipped value loss, summed over tokens and divided by the global token count::
+
+        v_c = old + clip(v - old, -c, c);   L = 0.5 * sum_t max((v - R)^2, (v_c - R)^2) m_t / N
+
+    (the per-token loss is ``skyrl_fn.losses.value_loss``; the sum over micro-batches is the
+    full-batch loss).
+
+    Args:
+        values, old_values, returns: ``[B, T]``.
+        mask: ``[B, T]`` bool.
+        clip: ``c`` (<= 0 disables clipping).
+        global_tokens: ``N``, the token count of the whole batch.
+    """
+
+    out = token_value_loss(values, old_values, returns, mask, value_clip=clip if clip > 0 else None)
+    return token_mean(out.token_loss, mask, global_tokens=global_tokens)
+
+
+def critic_update(run: ResolvedRun, state: TrainState, exp: Experience) -> dict[str, float]:
+    """One optimiser step of the critic per update epoch on the clipped value loss (accumulated
+    over micro-batches with the global token count), grad-norm clipped. Returns
+    ``value_loss``, ``critic_grad_norm``, ``critic_lr``."""
+    if exp.values is None:
+        raise ValueError("exp.values: expected [B, T] old critic values for the critic update, got None")
+    a, tr = run.config.algorithm, run.config.trainer
+    model, opt = state.model, state.optimizer
+    model.train()
+    b, t = exp.batch_size, exp.response_len
+    global_tokens = exp.response_mask.sum().clamp(min=1).float()
+    sums: dict[str, float] = {}
+    for epoch in range(a.update_epochs):
+        opt.zero_grad(set_to_none=True)
+        finite = True
+        for s in range(0, b, tr.micro_batch_size):
+            mb = exp.slice(s, s + tr.micro_batch_size)
+            v = response_values(model, mb.input_ids, mb.attention_mask, t).float()
+            loss = value_loss(v, mb.values, mb.returns, mb.response_mask, clip=a.value_clip, global_tokens=global_tokens)
+            finite = bool(torch.isfinite(loss))
+            if not finite:
+                break
+            loss.backward()
+            _acc(sums, "value_loss", loss.detach(), 1.0)
+        grad_norm, ok = step_if_finite(model, opt, max_norm=tr.grad_clip, loss_finite=finite)
+        if not ok:  # the critic keeps its weights; the policy step is reported on its own
+            return {"critic_skipped": 1.0, "critic_grad_norm": float(grad_norm)}
+        _acc(sums, "critic_grad_norm", grad_norm, 1.0)
+    out = {k: v / a.update_epochs for k, v in sums.items()}
+    out["critic_lr"] = float(opt.param_groups[0]["lr"])
+    state.scheduler.step()
+    return out
+
+
+def _acc(sums: dict[str, float], key: str, value: Any, weight: float) -> None:
+    # One sync per metric per micro-batch, outside the loss itself.
+    sums[key] = sums.get(key, 0.0) + float(value) * weight

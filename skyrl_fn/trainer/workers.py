@@ -1,0 +1,364 @@
+"""The workers of a training run: one class per role, and the ``Workers`` protocol the loop drives.
+
+Each role builds its own piece from the ``ResolvedRun`` (same seeds everywhere, so every copy of
+the policy starts with the same weights) and holds its state; the in-process
+:class:`LocalWorkers` and the Ray actors (``skyrl_fn.distributed.actors`` subclass these classes)
+call exactly the same methods:
+
+====================  ==============================================================
+role                  does
+====================  ==============================================================
+:class:`PolicyWorker`     old log-probs, advantages, the policy update; sampling too
+                          when it hosts the rollout (hybrid layout)
+:class:`RolloutWorker`    sampling + task reward with its own copy of the policy
+:class:`ReferenceWorker`  reference log-probs (the frozen initial policy)
+:class:`CriticWorker`     values and the critic update
+====================  ==============================================================
+
+The loop (``skyrl_fn.trainer.loop``) sees only :class:`Workers`. Each method returns a *handle*:
+the value itself in-process, a Ray object reference on Ray; the loop passes handles on
+without looking inside and waits once per step (:meth:`Workers.wait`).
+
+Notation: ``P`` prompts, ``G`` samples per prompt, ``B = P * G``, ``T`` response tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Mapping, Protocol, Sequence
+
+import attrs
+import torch
+
+from skyrl_fn.trainer import checkpoint as ckpt
+from skyrl_fn.trainer.config import ResolvedRun
+from skyrl_fn.trainer.evaluate import evaluate, heldout_task
+from skyrl_fn.trainer.experience import Experience
+from skyrl_fn.trainer.forward import batched_log_probs, batched_values
+from skyrl_fn.trainer.learner import TrainState, critic_update, experience_and_update, loss_kernel, make_train_state, set_hyperparameters
+from skyrl_fn.tasks.base import Task, reward_function_name, score
+from skyrl_fn.models.model import build_critic, load_model, load_tokenizer
+from skyrl_fn.rollout.choice import make_backend
+from skyrl_fn.rollout.base import RolloutBatch
+from skyrl_fn.tasks.choice import make_task
+
+__all__ = [
+    "Generated",
+    "RoleState",
+    "WorkersState",
+    "PolicyWorker",
+    "RolloutWorker",
+    "ReferenceWorker",
+    "CriticWorker",
+    "Workers",
+    "LocalWorkers",
+    "generate_and_score",
+    "state_from_checkpoint",
+]
+
+
+@attrs.frozen(kw_only=True, eq=False)
+class Generated:
+    """One step's samples.
+
+    Attributes:
+        rollout: the ``RolloutBatch`` of ``B`` sequences.
+        scores: ``[B]`` task rewards.
+        seconds: wall time of sampling and scoring.
+    """
+
+    rollout: RolloutBatch
+    scores: torch.Tensor
+    seconds: float
+
+
+@attrs.frozen(kw_only=True, eq=False)
+class RoleState:
+    """A trainable role's state: model weights, optimiser and LR schedule state dicts."""
+
+    weights: Mapping[str, torch.Tensor]
+    optim: Mapping[str, Any]
+    sched: Mapping[str, Any]
+
+
+@attrs.frozen(kw_only=True, eq=False)
+class WorkersState:
+    """Everything a checkpoint holds of the workers: state per role, and the RNG states of the
+    process that samples and trains the policy."""
+
+    roles: Mapping[str, RoleState]
+    rng: Mapping[str, Any]
+
+
+def _task_and_tokenizer(run: ResolvedRun) -> tuple[Task, Any]:
+    cfg = run.config
+    task = make_task(cfg.data, seed=cfg.trainer.seed)
+    return task, load_tokenizer(cfg.model, alphabet=task.alphabet)
+
+
+def generate_and_score(backend, task: Task, examples: Sequence[Any], seed: int) -> Generated:
+    """Sample ``examples`` (``P`` prompts, ``G`` responses each) with ``backend``; score with ``task``."""
+    t0 = time.perf_counter()
+    rollout = backend.generate([e.prompt for e in examples], seed=seed)
+    scores = torch.tensor(score(task, rollout.responses, examples, rollout.group_ids.tolist()), dtype=torch.float32)
+    return Generated(rollout=rollout, scores=scores, seconds=time.perf_counter() - t0)
+
+
+def _role_state(state: TrainState) -> RoleState:
+    weights = {k: v.detach().clone() for k, v in state.model.state_dict().items()}
+    return RoleState(weights=weights, optim=state.optimizer.state_dict(), sched=state.scheduler.state_dict())
+
+
+def _load_role_state(state: TrainState, saved: RoleState, *, lr: float, weight_decay: float) -> None:
+    state.model.load_state_dict(saved.weights)
+    state.optimizer.load_state_dict(saved.optim)
+    state.scheduler.load_state_dict(saved.sched)
+    # The saved optimiser carries the old rate and decay: a resume uses this run's.
+    set_hyperparameters(state, lr=lr, weight_decay=weight_decay)
+
+
+class PolicyWorker:
+    """The policy and its optimiser; with ``samples`` it also samples with its own model (the
+    hybrid layout: the rollout stays where the update happens and no weights travel)."""
+
+    def __init__(self, run: ResolvedRun, *, samples: bool, device: str = "cpu") -> None:
+        cfg = run.config
+        self.run = run
+        self.device = device
+        self.task, self.tokenizer = _task_and_tokenizer(run)
+        model = load_model(cfg.model, self.tokenizer, seed=cfg.trainer.seed)
+        if device != "cpu":
+            model = model.to(device)
+        tr = cfg.trainer
+        self.train_state = make_train_state(model, lr=tr.lr, weight_decay=tr.weight_decay, warmup_steps=tr.warmup_steps)
+        self.kernel = loss_kernel(run, device_type=torch.device(device).type)
+        self.backend = make_backend(cfg.rollout, model, self.tokenizer) if samples else None
+        self._heldout: Task | None = None  # the held-out task, built on the first evaluate
+
+    def generate(self, examples: Sequence[Any], seed: int) -> Generated:
+        """Sample and score with the policy's own model (hybrid layout)."""
+        if self.backend is None:
+            raise RuntimeError("PolicyWorker.generate: this run samples in separate rollout workers")
+        self.train_state.model.eval()
+        return generate_and_score(self.backend, self.task, examples, seed)
+
+    def update(
+        self, rollout: RolloutBatch, scores: torch.Tensor, ref_log_probs: torch.Tensor | None,
+        values: torch.Tensor | None, kl_coef: float,
+    ) -> tuple[dict[str, float], Experience | None]:
+        """Old log-probs (a separate pass only with ``recompute_old_log_probs``), token rewards
+        and advantages (``make_experience``), then the policy update (``experience_and_update``).
+        Returns its metrics and the experience (the critic trains on it), None when the step was
+        skipped for something non-finite (``skyrl_fn.trainer.nonfinite``)."""
+        t0 = time.perf_counter()
+        cfg = self.run.config
+        model = self.train_state.model
+        model.eval()
+        old_lp = None  # taken from policy_update's first forward pass
+        if cfg.algorithm.recompute_old_log_probs:
+            old_lp = batched_log_probs(model, rollout, micro_batch_size=cfg.trainer.micro_batch_size, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
+        metrics, exp = experience_and_update(
+            self.run, self.train_state, rollout, scores, reward_function=reward_function_name(self.task), old_log_probs=old_lp,
+            ref_log_probs=ref_log_probs, values=values, kl_coef=kl_coef, kernel=self.kernel,
+        )
+        metrics["update_seconds"] = time.perf_counter() - t0
+        return metrics, exp
+
+    def evaluate(self, examples: Sequence[Any]) -> dict[str, float]:
+        """Greedy pass@1 of the current policy on held-out ``examples`` (``P`` of them), scored by
+        the held-out task (:func:`skyrl_fn.trainer.evaluate.evaluate`; its ``eval_*`` metrics)."""
+        cfg = self.run.config
+        if self._heldout is None:
+            self._heldout = heldout_task(self.task, cfg.eval)
+        return evaluate(
+            self.train_state.model, self.tokenizer, self._heldout, examples,
+            max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens, batch_size=cfg.eval.batch_size,
+        )
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The current state dict (for separate rollout workers)."""
+        return self.train_state.model.state_dict()
+
+    def state(self) -> RoleState:
+        """Weights, optimiser and schedule (copies)."""
+        return _role_state(self.train_state)
+
+    def load_state(self, saved: RoleState) -> None:
+        """Load what :meth:`state` returned (e.g. from a checkpoint); this run's ``trainer.lr``
+        and ``trainer.weight_decay`` apply from now on."""
+        tr = self.run.config.trainer
+        _load_role_state(self.train_state, saved, lr=tr.lr, weight_decay=tr.weight_decay)
+
+
+class RolloutWorker:
+    """Samples and scores with its own copy of the policy; receives the policy's weights."""
+
+    def __init__(self, run: ResolvedRun, *, device: str = "cpu") -> None:
+        cfg = run.config
+        self.run = run
+        self.device = device
+        self.task, self.tokenizer = _task_and_tokenizer(run)
+        self.model = load_model(cfg.model, self.tokenizer, seed=cfg.trainer.seed).eval()
+        if device != "cpu" and cfg.rollout.backend == "hf":  # vLLM loads its own copy
+            self.model = self.model.to(device)
+        self.backend = make_backend(cfg.rollout, self.model, self.tokenizer, seed=cfg.trainer.seed, colocated=cfg.gpu.colocate)
+
+    def generate(self, examples: Sequence[Any], seed: int) -> Generated:
+        """Sample and score ``examples``."""
+        return generate_and_score(self.backend, self.task, examples, seed)
+
+    def sync(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Load the policy's weights (a state dict)."""
+        self.backend.sync_weights(dict(weights))
+
+
+class ReferenceWorker:
+    """The frozen initial policy: reference log-probs for the KL terms."""
+
+    def __init__(self, run: ResolvedRun, *, device: str = "cpu") -> None:
+        cfg = run.config
+        self.run = run
+        self.device = device
+        _, tokenizer = _task_and_tokenizer(run)
+        self.model = load_model(cfg.model, tokenizer, seed=cfg.trainer.seed).eval()
+        self.model.requires_grad_(False)
+        if device != "cpu":
+            self.model = self.model.to(device)
+
+    def log_probs(self, rollout: RolloutBatch) -> torch.Tensor:
+        """``[B, T]`` reference log-probs of the sampled tokens."""
+        cfg = self.run.config
+        return batched_log_probs(self.model, rollout, micro_batch_size=cfg.trainer.micro_batch_size, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
+
+
+class CriticWorker:
+    """The value model and its optimiser."""
+
+    def __init__(self, run: ResolvedRun, *, device: str = "cpu") -> None:
+        cfg = run.config
+        tr = cfg.trainer
+        self.run = run
+        self.device = device
+        _, tokenizer = _task_and_tokenizer(run)
+        critic = build_critic(cfg.model, tokenizer, seed=tr.seed)
+        if device != "cpu":
+            critic = critic.to(device)
+        self.train_state = make_train_state(critic, lr=tr.critic_lr, weight_decay=tr.weight_decay, warmup_steps=tr.warmup_steps)
+
+    def values(self, rollout: RolloutBatch) -> torch.Tensor:
+        """``[B, T]`` values of the response tokens."""
+        self.train_state.model.eval()
+        return batched_values(self.train_state.model, rollout, micro_batch_size=self.run.config.trainer.micro_batch_size)
+
+    def update(self, exp: Experience | None) -> dict[str, float]:
+        """The critic update on ``exp`` (``critic_update``); nothing (``{}``) when the policy step
+        was skipped (``exp`` None)."""
+        if exp is None:
+            return {}
+        return critic_update(self.run, self.train_state, exp)
+
+    def state(self) -> RoleState:
+        return _role_state(self.train_state)
+
+    def load_state(self, saved: RoleState) -> None:
+        tr = self.run.config.trainer
+        _load_role_state(self.train_state, saved, lr=tr.critic_lr, weight_decay=tr.weight_decay)
+
+
+class Workers(Protocol):
+    """What the training loop asks of the workers; every return value is a handle (see the
+    module docstring). Implementations: :class:`LocalWorkers` (in-process) and
+    ``skyrl_fn.distributed.ray_workers.RayWorkers``.
+
+    A data-parallel implementation splits the batch inside ``update_policy`` (each rank updates
+    on its share with the whole batch's normalisers); an asynchronous one may return handles of
+    work already in flight from ``generate``. The loop does not change for either.
+    """
+
+    def generate(self, examples: Sequence[Any], *, step: int, seed: int) -> Any:
+        """Sample and score ``examples`` for step ``step`` (0-based) with sampling seed ``seed``."""
+
+    def reference_log_probs(self, generated: Any) -> Any:
+        """Reference log-probs ``[B, T]`` of the generated batch (runs that use a KL)."""
+
+    def values(self, generated: Any) -> Any:
+        """Critic values ``[B, T]`` of the generated batch (runs with a critic)."""
+
+    def update_policy(self, generated: Any, ref_log_probs: Any, values: Any, kl_coef: float) -> Any:
+        """Experience and the policy update; a handle of ``(metrics, experience)``."""
+
+    def update_critic(self, updated: Any) -> Any:
+        """The critic update on the experience of ``updated``; a handle of its metrics."""
+
+    def wait(self, generated: Any, updated: Any, critic: Any) -> tuple[dict[str, float], float]:
+        """Wait for the step: ``(policy metrics merged with the critic's, sampling seconds)``."""
+
+    def evaluate(self, examples: Sequence[Any]) -> dict[str, float]:
+        """Greedy pass@1 of the current policy (after every update so far) on held-out
+        ``examples``: the ``eval_*`` metrics of ``skyrl_fn.trainer.evaluate.evaluate``. Blocks."""
+
+    def state(self) -> WorkersState:
+        """The state of every role (for a checkpoint)."""
+
+    def load_state(self, saved: WorkersState) -> None:
+        """Load what :meth:`state` returned (``state_from_checkpoint`` of a checkpoint)."""
+
+    def close(self) -> None:
+        """Release the workers (wait for anything still in flight)."""
+
+
+def state_from_checkpoint(c: Any) -> WorkersState:
+    """A :class:`WorkersState` from a ``skyrl_fn.trainer.checkpoint.Checkpoint``."""
+    roles = {
+        role: RoleState(weights=c.weights[role], optim=c.optim[role], sched=c.optim[f"{role}_sched"])
+        for role in ("policy", "critic") if role in c.weights
+    }
+    return WorkersState(roles=roles, rng=c.rng)
+
+
+class LocalWorkers:
+    """Every role in this process; the policy samples itself (the hybrid layout)."""
+
+    def __init__(self, run: ResolvedRun) -> None:
+        self.policy = PolicyWorker(run, samples=True)
+        self.reference = ReferenceWorker(run) if run.uses_reference else None
+        self.critic = CriticWorker(run) if run.uses_critic else None
+
+    def generate(self, examples: Sequence[Any], *, step: int, seed: int) -> Generated:
+        return self.policy.generate(examples, seed)
+
+    def reference_log_probs(self, generated: Generated) -> torch.Tensor:
+        return self.reference.log_probs(generated.rollout)
+
+    def values(self, generated: Generated) -> torch.Tensor:
+        return self.critic.values(generated.rollout)
+
+    def update_policy(self, generated: Generated, ref_log_probs, values, kl_coef: float):
+        return self.policy.update(generated.rollout, generated.scores, ref_log_probs, values, kl_coef)
+
+    def update_critic(self, updated) -> dict[str, float]:
+        return self.critic.update(updated[1])
+
+    def wait(self, generated: Generated, updated, critic) -> tuple[dict[str, float], float]:
+        metrics = dict(updated[0])
+        if critic is not None:
+            metrics.update(critic)
+        return metrics, generated.seconds
+
+    def evaluate(self, examples: Sequence[Any]) -> dict[str, float]:
+        return self.policy.evaluate(examples)
+
+    def state(self) -> WorkersState:
+        roles = {"policy": self.policy.state()}
+        if self.critic is not None:
+            roles["critic"] = self.critic.state()
+        return WorkersState(roles=roles, rng=ckpt.capture_rng())
+
+    def load_state(self, saved: WorkersState) -> None:
+        self.policy.load_state(saved.roles["policy"])
+        if self.critic is not None:
+            self.critic.load_state(saved.roles["critic"])
+        ckpt.restore_rng(saved.rng)
+
+    def close(self) -> None:
+        pass

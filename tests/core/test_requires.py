@@ -1,0 +1,54 @@
+"""What a function reads is declared on it and carried by partials, chains and the table."""
+
+from __future__ import annotations
+
+import functools
+import pickle
+
+import pytest
+
+from skyrl_fn import DEFAULT_TABLE, AdvantageInput, AdvantageOutput, AdvantageTransform, chain, clip_advantages
+from skyrl_fn.core import requires
+from skyrl_fn.estimators import gae, grpo
+from skyrl_fn.core.requires import requirements
+
+
+def test_declared_on_the_function_and_seen_through_partials_and_chains():
+    assert requirements(gae) == {"values"} and requirements(grpo) == set()
+    assert requirements(functools.partial(gae, lambd=0.9)) == {"values"}
+    assert requirements(chain(functools.partial(gae, gamma=0.99), clip_advantages(1.0))) == {"values"}
+    assert requirements(chain(grpo, clip_advantages(1.0))) == set()
+
+    @requires("values")
+    def baseline_from_values(out: AdvantageOutput, batch: AdvantageInput) -> AdvantageOutput:
+        return out
+
+    # A transform that reads values makes the whole chain need a critic.
+    assert requirements(chain(grpo, AdvantageTransform(baseline_from_values))) == {"values"}
+
+
+def test_the_table_stores_it_on_the_entry_and_keeps_it_through_merge_and_pickle():
+    table = DEFAULT_TABLE.register("gae_clipped", chain(gae, clip_advantages(1.0)))
+    assert table.entry("advantage_estimator", "gae_clipped").requires == {"values"}
+    assert DEFAULT_TABLE.entry("advantage_estimator", "gae").requires == {"values"}
+    assert DEFAULT_TABLE.entry("advantage_estimator", "grpo").requires == set()
+    # A wrapped function that cannot declare it itself: say it at registration.
+    extra = DEFAULT_TABLE.register("wrapped", lambda batch: grpo(batch), kind="advantage_estimator", requires=("values",))
+    assert extra.entry("advantage_estimator", "wrapped").requires == {"values"}
+    merged = DEFAULT_TABLE.unregister("advantage_estimator", "gae").merge(table.unregister("advantage_estimator", "grpo"), replace=True)
+    assert merged.entry("advantage_estimator", "gae_clipped").requires == {"values"}
+    assert pickle.loads(pickle.dumps(table)).entry("advantage_estimator", "gae_clipped").requires == {"values"}
+
+
+def test_unknown_inputs_are_errors_naming_them():
+    with pytest.raises(ValueError, match=r"requires: expected inputs from \['ref_log_probs', 'reward_baselines', 'rollout_log_probs', 'values'\], got \['critic'\]"):
+        requires("critic")
+    with pytest.raises(ValueError, match="critic"):
+        DEFAULT_TABLE.register("x", grpo, replace=True, kind="advantage_estimator", requires=("critic",))
+    with pytest.raises(TypeError, match="string"):
+        DEFAULT_TABLE.register("x", grpo, kind="advantage_estimator", requires="values")
+
+
+def test_builtin_requirements():
+    declared = {e.name: e.requires for e in DEFAULT_TABLE.entries() if e.requires}
+    assert declared == {"gae": {"values"}, "gae_raw": {"values"}, "remax": {"reward_baselines"}}

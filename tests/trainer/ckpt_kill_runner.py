@@ -1,0 +1,136 @@
+"""SIGKILL trials of checkpoint saves, run as a script (never imported by pytest).
+
+Usage: ``python ckpt_kill_runner.py CHECKPOINT_PY WORKDIR TRIALS SEED``; prints one JSON line of
+figures. ``skyrl_fn/trainer/checkpoint.py`` is loaded alone (the package import is slow). Each trial
+forks a child that saves steps 1..4 (keep=2) with a line tracer on the checkpoint module that
+SIGKILLs the child at a seeded random line event (every line of ``save`` and ``load`` is a
+possible kill point, including between the renames and in the middle of pruning). The parent
+then checks what a resume would see: the newest checkpoint that verifies must exist once a save
+completed, hold exactly the weights of its step, and be at most one save behind the last one
+completed; a further save must succeed and clean up.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+import shutil
+import signal
+import sys
+import warnings
+
+import torch
+
+torch.set_num_threads(1)
+STEPS = 4
+
+
+def load_module(path: str):
+    spec = importlib.util.spec_from_file_location("ckpt_alone", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def weights(step: int) -> dict:
+    w = torch.arange(4096, dtype=torch.float32).reshape(64, 64) + step
+    return {"policy": {"w": w, "tied": w, "step": torch.tensor([float(step)])}}
+
+
+def saver(ckpt, d: str, kill_at: int | None, out_fd: int) -> None:
+    """Child: save steps 1..STEPS, reporting each completed step; SIGKILL at line event kill_at."""
+    count = 0
+    target = ckpt.__file__
+
+    def local(frame, event, arg):
+        nonlocal count
+        if event == "line":
+            count += 1
+            if kill_at is not None and count == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return local
+
+    def tracer(frame, event, arg):
+        return local if frame.f_code.co_filename == target else None
+
+    sys.settrace(tracer)
+    for step in range(1, STEPS + 1):
+        ckpt.save(d, step=step, weights=weights(step), optim={"policy": {"lr": 0.1}}, config={"step": step}, keep=2)
+        os.write(out_fd, f"{step}\n".encode())
+    sys.settrace(None)
+    os.write(out_fd, f"lines {count}\n".encode())
+
+
+def run_child(ckpt, d: str, kill_at: int | None) -> tuple[list[int], int | None, bool]:
+    """Fork a saver; return (completed steps, its line count if it finished, killed?)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            saver(ckpt, d, kill_at, w)
+        finally:
+            os._exit(0)
+    os.close(w)
+    data = b""
+    while chunk := os.read(r, 4096):
+        data += chunk
+    os.close(r)
+    _, status = os.waitpid(pid, 0)
+    killed = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    done, lines = [], None
+    for line in data.decode().splitlines():
+        if line.startswith("lines "):
+            lines = int(line.split()[1])
+        elif line:
+            done.append(int(line))
+    return done, lines, killed
+
+
+def main() -> None:
+    ckpt = load_module(sys.argv[1])
+    work, trials, seed = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    os.makedirs(work, exist_ok=True)
+    # One full run without a kill counts the line events of the whole save sequence.
+    probe = os.path.join(work, "probe")
+    _, total, _ = run_child(ckpt, probe, None)
+    shutil.rmtree(probe)
+    rng = random.Random(seed)
+    fig = {"trials": 0, "killed": 0, "kill_points": total, "unreadable_latest": 0, "corrupt_loaded": 0,
+           "lost_more_than_one_step": 0, "resave_failed": 0, "fallbacks": 0}
+    for trial in range(trials):
+        d = os.path.join(work, f"t{trial}")
+        done, _, killed = run_child(ckpt, d, rng.randint(1, total))
+        fig["trials"] += 1
+        fig["killed"] += killed
+        last_done = done[-1] if done else 0
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                c = ckpt.load_latest(d)
+            except ckpt.NoValidCheckpointError:
+                c = None
+        fig["fallbacks"] += any("skipping" in str(x.message) for x in caught)
+        if c is None:
+            fig["unreadable_latest"] += last_done > 0
+        else:
+            ok = float(c.weights["policy"]["step"][0]) == c.step and torch.equal(c.weights["policy"]["w"], weights(c.step)["policy"]["w"])
+            fig["corrupt_loaded"] += not ok or c.config != {"step": c.step}
+        got = c.step if c is not None else 0
+        fig["lost_more_than_one_step"] += got < last_done
+        # Saving again recovers: leftovers removed, the new checkpoint verifies.
+        try:
+            path = ckpt.save(d, step=last_done + 1, weights=weights(last_done + 1), config={"step": last_done + 1}, keep=2)
+            ckpt.load(path)
+            leftovers = [n for n in os.listdir(d) if n.startswith(".")]
+            fig["resave_failed"] += bool(leftovers)
+        except Exception:
+            fig["resave_failed"] += 1
+        shutil.rmtree(d, ignore_errors=True)
+    print(json.dumps(fig), flush=True)
+
+
+if __name__ == "__main__":
+    main()
