@@ -46,7 +46,7 @@ def test_memory_is_released_with_the_tensor():
     # 100 x 16 MiB touched and dropped: if mappings leaked, peak RSS would grow by ~1.6 GB.
     code = (
         "import resource, torch\n"
-        "from skyrl_fn import _alloc\n"
+        "from skyrl_fn.core import _alloc\n"
         "for _ in range(100):\n"
         "    x = _alloc.empty((4096, 1024), torch.float32); x.fill_(1.0); v = x[:, :3]; del x, v\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"

@@ -7,8 +7,7 @@ import pickle
 
 import pytest
 
-from skyrl_fn import DEFAULT_TABLE, AdvantageInput, AdvantageOutput, AdvantageTransform, chain, clip_advantages
-from skyrl_fn.core import requires
+from skyrl_fn import DEFAULT_TABLE, AdvantageInput, AdvantageOutput, AdvantageTransform, chain, clip_advantages, requires
 from skyrl_fn.estimators import gae, grpo
 from skyrl_fn.core.requires import requirements
 
