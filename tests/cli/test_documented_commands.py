@@ -9,7 +9,7 @@ import shlex
 
 import pytest
 
-from train.teachers import save_teacher
+from trainer.teachers import save_teacher
 
 from skyrl_fn.cli import build_table, main, parse_config, resolve_names
 

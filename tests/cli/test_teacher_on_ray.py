@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from train.teachers import save_teacher
+from trainer.teachers import save_teacher
 
 from skyrl_fn.cli import main
 

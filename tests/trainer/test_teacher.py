@@ -17,7 +17,7 @@ from skyrl_fn.trainer.run import resolve
 from skyrl_fn.trainer.loop import train
 from skyrl_fn.tasks.base import DataState, next_prompts
 
-from train.teachers import TINY, save_teacher
+from trainer.teachers import TINY, save_teacher
 
 
 def test_the_term_is_minus_the_reverse_kl_in_expectation():
