@@ -179,11 +179,13 @@ ROUTES = [
 
 
 def _cases():
-    """Every (route, style) in both layouts; ``make test`` runs each (route, style) once, the
-    layouts alternating so that every route meets both, and ``make test-all`` the full product."""
-    for i, (route, style) in enumerate(ROUTES):
-        for j, layout in enumerate(sorted(LAYOUTS)):
-            marks = () if (i + j) % 2 == 0 or route == "entry-point" and j == 1 else (pytest.mark.slow,)
+    """Every (route, style) in both layouts; ``make test`` runs a SkyRL-style plugin file in the
+    hybrid layout and a native ``module:function`` with a rollout worker (the fast suite's time
+    budget), ``make test-all`` the full product."""
+    fast = {("plugin-file", "skyrl", "hybrid"), ("module-colon", "native", "rollout-worker")}
+    for route, style in ROUTES:
+        for layout in sorted(LAYOUTS):
+            marks = () if (route, style, layout) in fast else (pytest.mark.slow,)
             yield pytest.param(route, style, layout, marks=marks, id=f"{route}-{style}-{layout}")
 
 
@@ -219,6 +221,7 @@ if __name__ == "__main__":
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", [pytest.param("hybrid", marks=pytest.mark.slow), "rollout-worker"])
 def test_custom_entry_point_calling_main_trains_on_ray(tmp_path, layout):
     marker = tmp_path / "calls.txt"
@@ -257,6 +260,7 @@ finally:
 '''
 
 
+@pytest.mark.slow
 def test_plugin_reaches_actors_on_another_node_of_a_cluster(tmp_path):
     marker = tmp_path / "calls.txt"
     plugin = _module(tmp_path / "my_est.py", marker, "cluster", NATIVE, REGISTER_NATIVE, SKYRL_DECORATED)

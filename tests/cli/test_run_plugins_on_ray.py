@@ -75,7 +75,9 @@ os.remove(__file__)
 '''
 
 
-@pytest.mark.parametrize("layout", [[], ["--ray.rollout-workers", "1"]], ids=["hybrid", "rollout-worker"])
+@pytest.mark.parametrize(
+    "layout", [[], pytest.param(["--ray.rollout-workers", "1"], marks=pytest.mark.slow)], ids=["hybrid", "rollout-worker"]
+)
 def test_plugin_task_reward_and_backend_train_on_ray(ray_session, tmp_path, layout):
     marker = tmp_path / "calls.txt"
     plugin = tmp_path / "my_task.py"

@@ -19,6 +19,7 @@ TINY = [
 _TIMING = {"step_seconds", "rollout_seconds", "rollout_tokens_per_s", "tokens_per_s", "update_seconds"}
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_distillation_on_ray_matches_in_process(ray_session, tmp_path):
     path = save_teacher(tmp_path / "teacher")

@@ -124,6 +124,7 @@ def _run(tmp_path, table, *extra):
     return resolve_names(parse_config(argv, table), table)
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_user_losses_of_both_eras_train_on_ray_exactly_like_native_reinforce(ray_session, tmp_path):
     from skyrl_fn.trainer.loop import train

@@ -19,7 +19,7 @@ TINY = [
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("where", [[], ["--ray.no-use-ray"]], ids=["ray", "in-process"])
+@pytest.mark.parametrize("where", [pytest.param([], marks=pytest.mark.slow), ["--ray.no-use-ray"]], ids=["ray", "in-process"])
 def test_eval_rows_at_step_0_every_n_and_the_end(tmp_path, where):
     run_dir = tmp_path / "run"
     env = dict(os.environ, RAY_AUTH_MODE="disabled", COLUMNS="200")

@@ -85,7 +85,7 @@ SLOW = pytest.mark.slow
 @pytest.mark.parametrize(
     "algorithm, layout",
     [
-        ("grpo", "one-rollout-worker"),
+        pytest.param("grpo", "one-rollout-worker", marks=SLOW),
         ("gae_clipped+kl", "hybrid"),
         pytest.param("grpo", "hybrid", marks=SLOW),  # also the recorded-estimator test below
         pytest.param("ppo_gae+kl", "hybrid", marks=SLOW),
@@ -138,6 +138,7 @@ def test_driver_registered_estimator_runs_in_the_policy_actor_and_matches_in_pro
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
 
 
+@pytest.mark.slow
 def test_dead_worker_is_named_and_last_checkpoint_stays_intact(ray_session, tmp_path):
     marker = str(tmp_path / "calls.txt")
     table = DEFAULT_TABLE.register("dies", _recording_estimator(marker, die_on_call=3))
@@ -213,6 +214,7 @@ MAIN_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_estimator_from_driver_main_registered_after_ray_init_runs_in_a_worker(tmp_path):
     script = tmp_path / "main_custom_adv_est.py"
     script.write_text(MAIN_SCRIPT)

@@ -53,6 +53,7 @@ def test_followed_the_policy_needs_agreement_and_movement():
         compare_log_probs(cur, cur, torch.zeros_like(mask))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(vllm_unavailable_reason() is None, reason="vLLM and CUDA are available here")
 def test_script_without_a_gpu_skips_with_the_install_hint_or_fails_when_strict():
     def run(*flags):

@@ -117,6 +117,7 @@ def test_passthrough_errors_are_not_wrapped_and_bad_timeouts_are_rejected():
 # -- on Ray: the runner checks each step's sync before it generates --------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_ray_workers_stop_at_the_generate_after_a_failed_sync(ray_session, tmp_path):
     from skyrl_fn import DEFAULT_TABLE

@@ -158,7 +158,7 @@ def test_separate_rollout_workers_on_ray_accept_k(tmp_path, tiny_config):
 
 
 def test_tis_and_a_sequence_mask_reach_the_loss_and_log_their_fractions(make_config):
-    cfg = make_config(algorithm={"off_policy_correction": ("tis", "geo_mask"), "correction": {"geo_mask": {"low": 0.0, "high": 1e9}}})
+    cfg = make_config(algorithm={"off_policy_correction": ("tis", "geo_mask"), "correction": {"geo_mask": {"low": 1e-9, "high": 1e9}}})
     (h,) = train(resolve(_trainer(cfg, steps=1, ckpt_interval=0), DEFAULT_TABLE)).history
     assert h["geo_mask_masked_frac"] == 0.0 and 0.0 <= h["tis_capped_frac"] <= 1.0
 
