@@ -10,7 +10,7 @@ actors call exactly what :class:`~skyrl_fn.trainer.workers.LocalWorkers` calls.
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -24,7 +24,7 @@ from skyrl_fn.trainer.run import ResolvedRun
 from skyrl_fn.trainer.loop import seed_everything
 from skyrl_fn.trainer.teacher import TeacherWorker
 
-__all__ = ["PolicyTrainer", "RolloutWorker", "ReferenceModel", "TeacherModel", "Critic", "hosts_rollout"]
+__all__ = ["PolicyTrainer", "RolloutWorker", "ReferenceModel", "TeacherModel", "Critic", "hosts_rollout", "release"]
 
 
 def _start(run: ResolvedRun) -> str:
@@ -209,3 +209,17 @@ class Critic(roles.CriticWorker, _Ping):
 
     def set_state(self, saved: roles.RoleState) -> None:
         self.load_state(saved)
+
+
+def release(actors: Sequence[Any], pg: Any = None) -> None:
+    """Kill ``actors`` (already dead ones are skipped) and remove the placement group ``pg``."""
+    import ray
+    from ray.util.placement_group import remove_placement_group
+
+    for a in actors:
+        try:
+            ray.kill(a)
+        except Exception:  # already dead: nothing left to release
+            pass
+    if pg is not None:
+        remove_placement_group(pg)

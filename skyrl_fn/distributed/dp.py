@@ -30,7 +30,7 @@ from typing import Any, NoReturn, Sequence
 
 import torch
 
-from skyrl_fn.distributed.actors import Critic, ReferenceModel, _Ping, _start
+from skyrl_fn.distributed.actors import Critic, ReferenceModel, _Ping, _start, release
 from skyrl_fn.distributed.devices import to_device
 from skyrl_fn.distributed.layout import concat_rollouts, split_prompts
 from skyrl_fn.distributed.ray_workers import CPU_SHARES, WorkerDiedError
@@ -290,17 +290,8 @@ class DPWorkers:
         return self.get([a.resident_bytes.remote() for a in self.ranks])
 
     def close(self) -> None:
-        import ray
-        from ray.util.placement_group import remove_placement_group
-
-        for a in self.actors():
-            try:
-                ray.kill(a)
-            except Exception:  # already dead: nothing left to release
-                pass
-        if self.pg is not None:
-            remove_placement_group(self.pg)
-            self.pg = None
+        release(self.actors(), self.pg)
+        self.pg = None
 
     # -- failures --------------------------------------------------------------------------
     def actors(self) -> list[Any]:

@@ -31,7 +31,15 @@ import torch
 from skyrl_fn.distributed.placement import actor_options, create_placement_group
 from skyrl_fn.distributed.sync_check import SyncTracker
 from skyrl_fn.rollout.weight_sync import broadcast_ranks
-from skyrl_fn.distributed.actors import Critic, PolicyTrainer, ReferenceModel, RolloutWorker, TeacherModel, hosts_rollout
+from skyrl_fn.distributed.actors import (
+    Critic,
+    PolicyTrainer,
+    ReferenceModel,
+    RolloutWorker,
+    TeacherModel,
+    hosts_rollout,
+    release,
+)
 from skyrl_fn.distributed.devices import gpu_plan
 from skyrl_fn.distributed.layout import concat_rollouts, split_prompts, with_rollout_workers
 from skyrl_fn.trainer import checkpoint as ckpt
@@ -242,18 +250,8 @@ class RayWorkers:
             self._broadcast()
 
     def close(self) -> None:
-        import ray
-
-        for a in self.actors():
-            try:
-                ray.kill(a)
-            except Exception:  # already dead: nothing left to release
-                pass
-        if self.pg is not None:
-            from ray.util.placement_group import remove_placement_group
-
-            remove_placement_group(self.pg)
-            self.pg = None
+        release(self.actors(), self.pg)
+        self.pg = None
 
     # -- helpers -----------------------------------------------------------------------------
     def actors(self) -> list[Any]:

@@ -13,11 +13,12 @@ import torch
 from torch import nn
 
 from skyrl_fn.ops.logprobs import token_logprobs_from_logits
-from skyrl_fn.models.model import position_ids
+from skyrl_fn.models.model import ModelConfig, load_model, load_tokenizer, position_ids
 from skyrl_fn.rollout.base import RolloutBatch
 from skyrl_fn.rollout.sampling import nucleus_log_mass
+from skyrl_fn.trainer.run import ResolvedRun
 
-__all__ = ["sequence_log_probs", "batched_log_probs", "batched_values", "response_values"]
+__all__ = ["sequence_log_probs", "batched_log_probs", "batched_values", "response_values", "FrozenScorer"]
 
 #: Above this vocabulary size log-probs go through ``skyrl_fn.ops.logprobs.token_logprobs_from_logits``.
 _CHUNKED_VOCAB = 4096
@@ -117,3 +118,29 @@ def batched_values(critic: nn.Module, rollout: RolloutBatch, *, micro_batch_size
     t = rollout.response_ids.shape[1]
     out = [response_values(critic, ids[s : s + micro_batch_size], mask[s : s + micro_batch_size], t) for s in range(0, ids.shape[0], micro_batch_size)]
     return torch.where(rollout.response_mask, torch.cat(out).float(), 0.0)
+
+
+class FrozenScorer:
+    """A frozen model that scores the sampled tokens (the reference model, a distillation teacher).
+
+    Args:
+        run: the resolved run (its task's alphabet builds the embedded tokenizer; its temperature
+            and top-p define the log-probs).
+        model_cfg: the model to load.
+        seed: its initialisation seed (the embedded tiny model).
+        device: where it runs.
+    """
+
+    def __init__(self, run: ResolvedRun, model_cfg: ModelConfig, *, seed: int, device: str = "cpu") -> None:
+        self.run = run
+        self.device = device
+        tokenizer = load_tokenizer(model_cfg, alphabet=run.make_task().alphabet)
+        self.model = load_model(model_cfg, tokenizer, seed=seed).eval()
+        self.model.requires_grad_(False)
+        if device != "cpu":
+            self.model = self.model.to(device)
+
+    def log_probs(self, rollout: RolloutBatch) -> torch.Tensor:
+        """``[B, T]`` log-probs of the sampled tokens (the policy's temperature and top-p)."""
+        cfg = self.run.config
+        return batched_log_probs(self.model, rollout, micro_batch_size=cfg.trainer.micro_batch_size, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)

@@ -28,14 +28,12 @@ import dataclasses
 from typing import Any, Sequence
 
 import attrs
-import torch
 
 from skyrl_fn.trainer.config import TrainConfig
 from skyrl_fn.models.model import ModelConfig
 from skyrl_fn.trainer.run import ResolvedRun
-from skyrl_fn.trainer.forward import batched_log_probs
-from skyrl_fn.models.model import load_model, load_tokenizer
-from skyrl_fn.rollout.base import RolloutBatch
+from skyrl_fn.trainer.forward import FrozenScorer
+from skyrl_fn.models.model import load_tokenizer
 
 __all__ = ["teacher_model_config", "check_teacher_vocabulary", "with_teacher_log_probs", "TeacherWorker"]
 
@@ -85,21 +83,9 @@ def with_teacher_log_probs(parts: Sequence[Any], *, pad_id: int) -> tuple[Any, d
     return attrs.evolve(generated, rollout=rollout), {}
 
 
-class TeacherWorker:
-    """The frozen teacher: log-probs of the sampled tokens (``teacher.model``)."""
+class TeacherWorker(FrozenScorer):
+    """The frozen teacher: log-probs of the sampled tokens (``teacher.model``; :meth:`log_probs`)."""
 
     def __init__(self, run: ResolvedRun, *, device: str = "cpu") -> None:
-        cfg = run.config
-        self.run = run
-        self.device = device
-        model_cfg = teacher_model_config(cfg)
-        tokenizer = load_tokenizer(model_cfg, alphabet=run.make_task().alphabet)
-        self.model = load_model(model_cfg, tokenizer, seed=cfg.teacher.seed).eval()
-        self.model.requires_grad_(False)
-        if device != "cpu":
-            self.model = self.model.to(device)
+        super().__init__(run, teacher_model_config(run.config), seed=run.config.teacher.seed, device=device)
 
-    def log_probs(self, rollout: RolloutBatch) -> torch.Tensor:
-        """``[B, T]`` teacher log-probs of the sampled tokens (the policy's temperature and top-p)."""
-        cfg = self.run.config
-        return batched_log_probs(self.model, rollout, micro_batch_size=cfg.trainer.micro_batch_size, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)

@@ -35,7 +35,7 @@ from skyrl_fn.trainer import checkpoint as ckpt
 from skyrl_fn.trainer.run import ResolvedRun
 from skyrl_fn.trainer.evaluate import evaluate, heldout_task
 from skyrl_fn.trainer.experience import Experience
-from skyrl_fn.trainer.forward import batched_log_probs, batched_values
+from skyrl_fn.trainer.forward import FrozenScorer, batched_log_probs, batched_values
 from skyrl_fn.trainer.learner import TrainState, critic_update, experience_and_update, loss_kernel, make_train_state, set_hyperparameters
 from skyrl_fn.tasks.base import Task, reward_function_name, score
 from skyrl_fn.models.model import build_critic, load_model, load_tokenizer
@@ -217,23 +217,11 @@ class RolloutWorker:
         self.backend.sync_weights(dict(weights))
 
 
-class ReferenceWorker:
-    """The frozen initial policy: reference log-probs for the KL terms."""
+class ReferenceWorker(FrozenScorer):
+    """The frozen initial policy: reference log-probs for the KL terms (:meth:`log_probs`)."""
 
     def __init__(self, run: ResolvedRun, *, device: str = "cpu") -> None:
-        cfg = run.config
-        self.run = run
-        self.device = device
-        _, tokenizer = _task_and_tokenizer(run)
-        self.model = load_model(cfg.model, tokenizer, seed=cfg.trainer.seed).eval()
-        self.model.requires_grad_(False)
-        if device != "cpu":
-            self.model = self.model.to(device)
-
-    def log_probs(self, rollout: RolloutBatch) -> torch.Tensor:
-        """``[B, T]`` reference log-probs of the sampled tokens."""
-        cfg = self.run.config
-        return batched_log_probs(self.model, rollout, micro_batch_size=cfg.trainer.micro_batch_size, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
+        super().__init__(run, run.config.model, seed=run.config.trainer.seed, device=device)
 
 
 class CriticWorker:
