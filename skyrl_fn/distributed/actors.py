@@ -163,28 +163,24 @@ class RolloutWorker(roles.RolloutWorker, _Ping):
         self.backend.receive_broadcast(plan)
 
 
-class ReferenceModel(roles.ReferenceWorker, _Ping):
+class _ScorerActor(_Ping):
+    """A frozen scorer (``skyrl_fn.trainer.forward.FrozenScorer``) as an actor."""
+
+    def __init__(self, run: ResolvedRun) -> None:
+        super().__init__(run, device=_start(run))
+
+    def log_probs_of(self, generated: roles.Generated) -> torch.Tensor:
+        lp = self.log_probs(to_device(generated.rollout, self.device)).cpu()
+        release_cached_memory(self.device, colocated=_shares_gpu(self.run))
+        return lp
+
+
+class ReferenceModel(_ScorerActor, roles.ReferenceWorker):
     """The reference role as an actor."""
 
-    def __init__(self, run: ResolvedRun) -> None:
-        super().__init__(run, device=_start(run))
 
-    def log_probs_of(self, generated: roles.Generated) -> torch.Tensor:
-        lp = self.log_probs(to_device(generated.rollout, self.device)).cpu()
-        release_cached_memory(self.device, colocated=_shares_gpu(self.run))
-        return lp
-
-
-class TeacherModel(TeacherWorker, _Ping):
+class TeacherModel(_ScorerActor, TeacherWorker):
     """The teacher role as an actor (on-policy distillation)."""
-
-    def __init__(self, run: ResolvedRun) -> None:
-        super().__init__(run, device=_start(run))
-
-    def log_probs_of(self, generated: roles.Generated) -> torch.Tensor:
-        lp = self.log_probs(to_device(generated.rollout, self.device)).cpu()
-        release_cached_memory(self.device, colocated=_shares_gpu(self.run))
-        return lp
 
 
 class Critic(roles.CriticWorker, _Ping):
