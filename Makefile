@@ -8,6 +8,9 @@ PIP_FLAGS ?= -q
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.skyrl_fn-installed
 PYTEST_ARGS ?=
+# pytest-xdist processes: the tests run on one torch thread each, so two keep both cores busy
+# while one waits on Ray or a subprocess (PYTEST_WORKERS=0 runs in one process).
+PYTEST_WORKERS ?= 2
 
 .PHONY: setup setup-real train test test-all bench clean
 
@@ -35,11 +38,11 @@ train: setup
 test: setup
 	$(BIN)/lint-imports
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir $(VENV)/site
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow" -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 test-all: setup
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 bench: setup
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
