@@ -42,7 +42,7 @@ test: setup
 
 test-all: setup
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
+	HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-deep} $(BIN)/python -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 bench: setup
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
