@@ -1,10 +1,20 @@
-"""The peers' own code for numerical comparisons, when it is installed: verl 0.9.1 (``pip install
---no-deps --target DIR verl==0.9.1 omegaconf antlr4-python3-runtime==4.9.3 tensordict pyvers
-codetiming orjson jaxtyping wadler_lindig``), TRL (``pip install --no-deps --target DIR trl``) and
-SkyRL 0.3.0's ``skyrl/`` source tree (from a checkout of NovaSky-AI/SkyRL at its 0.3.0 release,
-commit f5bc3b78, copied into DIR). Point ``SKYRL_FN_PEERS`` at DIR; tests that need a peer skip
-without it (so CI, which has none, skips them). Nothing of the peers is copied into this repository:
-the tests run the peers' own files."""
+"""The peers' own code for numerical comparisons, when it is installed in a scratch directory DIR
+(never in the project's environment, never in this repository):
+
+* verl 0.9.1 and TRL: ``pip install --no-deps --target DIR verl==0.9.1 omegaconf
+  antlr4-python3-runtime==4.9.3 tensordict pyvers codetiming orjson jaxtyping wadler_lindig trl``
+  (then delete ``DIR/tests``: verl's wheel ships a top-level ``tests`` package that would shadow
+  this one);
+* SkyRL 0.3.0: the ``skyrl/`` tree of a NovaSky-AI/SkyRL checkout at its 0.3.0 release (commit
+  f5bc3b78) copied to ``DIR/skyrl``, with its package ``__init__`` files down to
+  ``skyrl/backends/skyrl_train/utils/`` emptied (they import SkyRL's whole stack, which needs
+  Python 3.12). Modules whose imports go further (the trainer utilities) are loaded from their
+  files by :func:`peer_modules` / :func:`peer_function`, with the unused imports left absent.
+
+Point ``SKYRL_FN_PEERS`` at DIR (modules that are imported by name, e.g. ``verl``, are then found
+there; ``tests/estimators/test_verl_peer.py`` also wants DIR on ``PYTHONPATH``). Tests that need a
+peer skip without it, so CI, which has none, skips them. The tests run the peers' files as they
+are; nothing of them is copied here."""
 
 from __future__ import annotations
 
