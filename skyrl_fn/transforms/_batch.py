@@ -149,11 +149,11 @@ class BatchPipeline:
 def group_spread(batch: SampleBatch) -> torch.Tensor:
     """``[B]`` bool: True where the row's group has scores that are not all equal (max > min).
 
-    Exact comparison, as SkyRL 0.3.0's ``zero_variance_filter`` with ``tol=0``. Deviation: SkyRL's
-    ``handle_dynamic_sampling`` and verl's ``filter_groups`` test ``np.std(scores) > 0``, which
-    rounding makes true for some equal scores (three of 0.1); such a group counts as all equal here
-    (its group-relative advantages are 0 up to that rounding). For integer or dyadic scores (0/1
-    accuracy) the two agree (tested against SkyRL's own code).
+    Exact comparison, as SkyRL 0.3.0's ``zero_variance_filter`` with ``tol=0`` and verl 0.9.1's
+    ``filter_groups`` on its float32 rewards. Deviation: SkyRL's ``handle_dynamic_sampling`` tests
+    ``np.std(scores) > 0`` on Python floats, which rounding makes true for some equal scores (three
+    of 0.1); such a group counts as all equal here (its group-relative advantages are 0 up to that
+    rounding). For integer or dyadic scores (0/1 accuracy) all agree (tested against the peers' code).
     """
     ids = batch.group_ids
     n = int(ids.max()) + 1 if ids.numel() else 0
@@ -226,8 +226,8 @@ def zero_variance_filter(batch: SampleBatch) -> SampleBatch:
     only dilutes the loss normaliser (DAPO §3.2). A group of one row is kept (SkyRL keeps groups
     when ``n_samples_per_prompt == 1``: its std is 0 by definition, not by agreement).
 
-    Keeps the rows SkyRL 0.3.0's ``zero_variance_filter(rewards, uids, tol=0.0)`` keeps (tested
-    against its own code). Deviations from SkyRL's trainer option ``zero_variance_filter``: its
+    Keeps the rows SkyRL 0.3.0's ``zero_variance_filter(rewards, uids, tol=0.0)`` keeps and drops
+    the groups verl 0.9.1's ``filter_groups`` evicts (tested against their own code). Deviations from SkyRL's trainer option ``zero_variance_filter``: its
     default ``zero_variance_filter_tol`` is 1e-6 (equality here is exact, SkyRL's ``tol=0``); it
     judges a group by its live rows only (loss mask not all 0), where here every row counts, as
     in verl's ``filter_groups`` (a row ``overlong_filter`` masked still has its score in the

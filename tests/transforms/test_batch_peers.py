@@ -6,6 +6,8 @@ deliberate deviation has a test of its own that pins it."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -14,7 +16,7 @@ from hypothesis import strategies as st
 
 from skyrl_fn.testing._batch import sample_batches
 from skyrl_fn.transforms import SampleBatch, dynamic_sampling, overlong_filter, overlong_penalty, zero_variance_filter
-from tests.peers import peer, skyrl_batch_utils
+from tests.peers import peer, peer_modules, skyrl_batch_utils
 
 EOS = 2
 PEER_SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -85,6 +87,59 @@ def test_zero_variance_filter_deviations_from_skyrl(skyrl):
         max_response_length=1,
     )
     assert zero_variance_filter(near).source.tolist() == [0, 1]
+
+
+@pytest.fixture(scope="module")
+def verl_replay_buffer():
+    omegaconf = peer("omegaconf")
+    peer("verl.utils.skip")  # verl itself imports without transfer_queue; only the buffer module needs it
+    with peer_modules({"verl.trainer.ppo.v1.replay_buffer": "verl/trainer/ppo/v1/replay_buffer.py"}, absent=("transfer_queue",)) as mods:
+        yield mods["verl.trainer.ppo.v1.replay_buffer"], omegaconf.OmegaConf
+
+
+def verl_filtered_groups(verl_replay_buffer, monkeypatch, batch: SampleBatch) -> set[int]:
+    """The prompt groups verl 0.9.1's DAPO ``filter_groups`` (``metric: reward``) evicts: its
+    ``ReplayBuffer._dapo_filtered_keys`` on finished groups whose ``rm_scores`` carry the scores."""
+    rb, omegaconf = verl_replay_buffer
+    buffer = rb.ReplayBuffer(
+        trainer_mode="sync", trainer_config=omegaconf.create({}), max_off_policy_threshold=None, max_off_policy_strategy="drop",
+        sampler_kwargs=omegaconf.create({}), refill_fn=lambda n: None, filter_groups_metric="reward",
+        train_batch_size=batch.num_groups(), gen_batch_size=batch.num_groups(),
+    )
+    rm_scores = {}
+    for i, (g, length) in enumerate(zip(batch.group_ids.tolist(), batch.lengths().tolist())):
+        tokens = torch.zeros(length, dtype=torch.float32)  # verl's reward tensor: the score on the last token
+        tokens[-1] = batch.scores[i]
+        rm_scores[f"p{g}_{i}"] = tokens
+    buffer.partitions["train"] = {key: {} for key in rm_scores}
+    buffer.finished_keys["train"] = {key.split("_")[0] for key in rm_scores}
+
+    def kv_batch_get(keys, partition_id, select_fields):
+        return {"rm_scores": [rm_scores[k] for k in keys]}
+
+    monkeypatch.setattr(rb, "tq", SimpleNamespace(kv_batch_get=kv_batch_get))
+    filtered, _ = buffer._dapo_filtered_keys("train")
+    return {int(u[1:]) for u in filtered}
+
+
+@PEER_SETTINGS
+@given(batch=sample_batches())
+def test_zero_variance_filter_drops_the_groups_verls_filter_groups_evicts(verl_replay_buffer, monkeypatch, batch):
+    dropped = set(batch.group_ids.tolist()) - set(zero_variance_filter(batch).group_ids.tolist())
+    assert dropped == verl_filtered_groups(verl_replay_buffer, monkeypatch, batch)
+
+
+def test_equal_scores_of_point_one_are_all_equal_for_verl_too(verl_replay_buffer, monkeypatch):
+    # verl's metric "reward" sums float32 rm_scores: three scores of 0.1 have std 0 there, so it
+    # evicts the group as we drop it (SkyRL's np.std on Python floats keeps it:
+    # tests/trainer/test_batch_transforms_peers.py pins that deviation).
+    batch = SampleBatch(
+        scores=torch.tensor([0.1, 0.1, 0.1, 0.0, 1.0, 1.0]), response_mask=torch.ones(6, 2), loss_mask=torch.ones(6, 2),
+        group_ids=torch.tensor([0, 0, 0, 1, 1, 1]), truncated=torch.zeros(6, dtype=torch.bool), source=torch.arange(6),
+        max_response_length=2,
+    )
+    assert verl_filtered_groups(verl_replay_buffer, monkeypatch, batch) == {0}
+    assert zero_variance_filter(batch).group_ids.tolist() == [1, 1, 1]
 
 
 # -- dynamic_sampling(type="replace"): SkyRL 0.3.0's handle_replace_sampling -----------------------
