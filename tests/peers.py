@@ -6,7 +6,8 @@
   (then delete ``DIR/tests``: verl's wheel ships a top-level ``tests`` package that would shadow
   this one);
 * SkyRL 0.3.0: the ``skyrl/`` tree of a NovaSky-AI/SkyRL checkout at its 0.3.0 release (commit
-  f5bc3b78) copied to ``DIR/skyrl``, with its package ``__init__`` files down to
+  f5bc3b78) copied to ``DIR/skyrl`` (and its ``examples/train/algorithms/dapo/main_dapo.py`` to
+  the same path under DIR), with its package ``__init__`` files down to
   ``skyrl/backends/skyrl_train/utils/`` emptied (they import SkyRL's whole stack, which needs
   Python 3.12). Modules whose imports go further (the trainer utilities) are loaded from their
   files by :func:`peer_modules` / :func:`peer_function`, with the unused imports left absent.
@@ -104,19 +105,21 @@ def peer_modules(files: Mapping[str, str], *, absent: Iterable[str] = ()) -> Ite
 
 
 def peer_function(relpath: str, qualname: str, namespace: Mapping[str, object]) -> Callable:
-    """One function of a peer's source file (``name`` or ``Class.name`` for a static method), run
-    from that file's own text with the globals in ``namespace`` (for peers whose module imports far
-    more than the function needs, e.g. TRL's trainer). Skips when the file is missing."""
+    """One function or class of a peer's source file (``name``, or ``Class.name`` for a static
+    method), run from that file's own text with the globals in ``namespace`` (for peers whose
+    module imports far more than it needs, e.g. TRL's trainer, or an example script's trainer
+    subclass: ``namespace`` then supplies its base class). Skips when the file is missing."""
     path = peer_file(relpath)
     tree = ast.parse(path.read_text(), filename=str(path))
     *outer, name = qualname.split(".")
     body = tree.body
     for cls in outer:
         body = next(n.body for n in body if isinstance(n, ast.ClassDef) and n.name == cls)
-    node = next((n for n in body if isinstance(n, ast.FunctionDef) and n.name == name), None)
+    node = next((n for n in body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == name), None)
     if node is None:
         pytest.skip(f"peer function {qualname} not in {relpath}")
-    node.decorator_list = []  # @staticmethod and the like: the plain function is what is compared
+    if isinstance(node, ast.FunctionDef):
+        node.decorator_list = []  # @staticmethod and the like: the plain function is what is compared
     scope = dict(namespace)
     exec(compile(ast.Module(body=[node], type_ignores=[]), str(path), "exec"), scope)  # noqa: S102 - the peer's own text
     return scope[name]

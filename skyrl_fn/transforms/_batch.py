@@ -195,8 +195,8 @@ def overlong_penalty(batch: SampleBatch, *, overlong_buffer_len: int = 4, penalt
     with ``L_buf = overlong_buffer_len``, ``f = penalty_factor`` (the paper's ``f = 1``). The
     penalty reaches ``-f`` at ``L = L_max``. verl's names: ``reward.overlong_buffer.len`` and
     ``.penalty_factor`` (its ``max_resp_len`` is ``rollout.max_new_tokens`` here). Tested equal to
-    verl 0.9.1's ``DAPORewardManager`` (to 1e-6: verl adds in float32); SkyRL 0.3.0 has the same
-    formula in its DAPO example trainer.
+    verl 0.9.1's ``DAPORewardManager`` (to 1e-6: verl adds in float32) and to SkyRL 0.3.0's DAPO
+    example trainer (``DAPOTrainer.postprocess_generator_output``).
 
     Args:
         batch: the ``SampleBatch``.

@@ -7,6 +7,7 @@ deliberate deviation has a test of its own that pins it."""
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import List, Tuple
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from hypothesis import strategies as st
 
 from skyrl_fn.testing._batch import sample_batches
 from skyrl_fn.transforms import SampleBatch, dynamic_sampling, overlong_filter, overlong_penalty, zero_variance_filter
-from tests.peers import peer, peer_modules, skyrl_batch_utils
+from tests.peers import peer, peer_function, peer_modules, skyrl_batch_utils
 
 EOS = 2
 PEER_SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -266,3 +267,33 @@ def test_verl_refuses_a_buffer_longer_than_the_budget(verl_dapo):
     cfg = omegaconf.create({"enable": True, "len": 5, "penalty_factor": 1.0, "log": False})
     with pytest.raises(AssertionError, match="max_resp_len must be larger than overlong_buffer.len"):
         manager_cls(tokenizer=_Tokenizer(), num_examine=0, max_resp_len=4, overlong_buffer_cfg=cfg)
+
+
+class _TrainerBase:
+    """Stands in for SkyRL's ``RayPPOTrainer`` under its DAPO example trainer: the base method the
+    example calls after shaping the rewards hands them back."""
+
+    def postprocess_generator_output(self, generator_output, uids):
+        return generator_output, uids
+
+
+@pytest.fixture(scope="module")
+def skyrl_dapo_trainer():
+    return peer_function(
+        "examples/train/algorithms/dapo/main_dapo.py", "DAPOTrainer",
+        {"RayPPOTrainer": _TrainerBase, "torch": torch, "GeneratorOutput": dict, "List": List, "Tuple": Tuple},
+    )
+
+
+@PEER_SETTINGS
+@given(batch=sample_batches(), buf=st.integers(1, 6), factor=st.sampled_from([0.0, 0.5, 1.0, 2.5]))
+def test_overlong_penalty_matches_skyrls_dapo_example_trainer(skyrl_dapo_trainer, batch, buf, factor):
+    trainer = object.__new__(skyrl_dapo_trainer)
+    trainer.cfg = SimpleNamespace(
+        trainer=SimpleNamespace(algorithm=SimpleNamespace(overlong_buffer_len=buf, overlong_buffer_penalty_factor=factor)),
+        generator=SimpleNamespace(sampling_params=SimpleNamespace(max_generate_length=batch.max_response_length)),
+    )
+    out, uids = generator_output(batch)
+    shaped, _ = trainer.postprocess_generator_output(out, uids)
+    ours = overlong_penalty(batch, overlong_buffer_len=buf, penalty_factor=factor).scores
+    torch.testing.assert_close(ours.double(), torch.tensor(shaped["rewards"], dtype=torch.float64), rtol=0, atol=1e-6)
