@@ -273,7 +273,8 @@ def dynamic_sampling(
     for a new batch exactly when SkyRL does. Deviations: all-equal is exact equality (see
     :func:`group_spread`); ``replace`` draws its groups from a generator seeded by ``batch.seed``
     (SkyRL: numpy's global generator, paired with the bad groups in set order), so a run is
-    reproducible; the exhausted budget (above).
+    reproducible; the exhausted budget (above); SkyRL 0.3.0 fails when the first two batches of a
+    step keep no group (its rollout metrics over no responses), where the loop here samples on.
 
     Args:
         batch: the ``SampleBatch``.
