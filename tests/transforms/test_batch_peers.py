@@ -1,8 +1,10 @@
 """The batch transforms against the peers' own code (skipped without ``$SKYRL_FN_PEERS``, see
-``tests/peers.py``): SkyRL 0.3.0's ``zero_variance_filter``, ``handle_replace_sampling`` and
-``apply_overlong_filtering`` (vLLM's stop reason ``length`` is our ``truncated``), verl 0.9.1's ``DAPORewardManager`` overlong buffer. Random batches
-from the testing kit's ``sample_batches`` (P groups of G, tied scores, truncated responses); each
-deliberate deviation has a test of its own that pins it."""
+``tests/peers.py``): SkyRL 0.3.0's ``zero_variance_filter``, ``handle_replace_sampling``,
+``apply_overlong_filtering`` (vLLM's stop reason ``length`` is our ``truncated``) and its DAPO
+example trainer's overlong penalty; verl 0.9.1's ``DAPORewardManager`` overlong buffer and its
+``filter_groups`` (the v1 ``ReplayBuffer``'s classification, with ``transfer_queue``'s read
+answered from the batch). Random batches from the testing kit's ``sample_batches`` (P groups of G,
+tied scores, truncated responses); each deliberate deviation has a test of its own that pins it."""
 
 from __future__ import annotations
 
