@@ -133,10 +133,10 @@ def test_filter_refills_and_truncates_as_skyrl(skyrl, p, g, n_batches, data):
 
 
 def test_filter_deviation_exact_equality_not_numpy_std(skyrl):
-    # SkyRL's handle_filter_sampling (and verl's filter_groups) test np.std(scores) > 0, which is
-    # true for three equal scores of 0.1 (rounding in the mean); here such a group is all equal and
-    # dropped (its group-relative advantages are 0 up to that rounding). Integer and dyadic scores
-    # (0/1 accuracy, 0.5) agree, as the test above shows.
+    # SkyRL's handle_filter_sampling tests np.std(scores) > 0 on Python floats, which is true for
+    # three equal scores of 0.1 (rounding in the mean); here such a group is all equal and dropped
+    # (its group-relative advantages are 0 up to that rounding), as verl's filter_groups on float32
+    # rewards does. Integer and dyadic scores (0/1 accuracy, 0.5) agree, as the test above shows.
     assert np.std([0.1, 0.1, 0.1]) > 0
     parts = [sampled(0, [0.1, 0.1, 0.1, 0.0, 1.0, 1.0], 3)]
     used, out, _ = ours(parts, p=1, g=3, budget=1)
