@@ -241,8 +241,9 @@ def opsm(batch: PolicyLossInput, *, delta: float = 0.5, against: Against = "curr
     With outcome advantages (constant along a row) this drops whole negative-advantage sequences
     that drifted off-policy, TRL's ``(B, 1)`` mask. ``p`` is the policy being trained by default
     (TRL's ``per_token_logps.detach()``), ``q`` the sampler's (TRL's ``sampling_per_token_logps``).
-    TRL has no default; ``delta = 0.5`` is its documented example. Deviation: a non-finite
-    log-prob on a valid token is not read as 0 (TRL's ``nan_to_num``); records reject it.
+    TRL has no default; ``delta = 0.5`` is its documented example. Tested equal to TRL 1.16's own
+    ``GRPOTrainer.get_off_policy_mask``. Deviation: a non-finite log-prob on a valid token is not
+    read as 0 (TRL's ``nan_to_num``); records reject it.
 
     Args:
         batch: ``[B, T]`` log-probs (``rollout_log_probs`` required), advantages, mask.

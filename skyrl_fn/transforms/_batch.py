@@ -149,7 +149,11 @@ class BatchPipeline:
 def group_spread(batch: SampleBatch) -> torch.Tensor:
     """``[B]`` bool: True where the row's group has scores that are not all equal (max > min).
 
-    Computed by exact comparison, as SkyRL's and verl's ``std > 0`` (equal floats have std 0).
+    Exact comparison, as SkyRL 0.3.0's ``zero_variance_filter`` with ``tol=0`` and verl 0.9.1's
+    ``filter_groups`` on its float32 rewards. Deviation: SkyRL's ``handle_dynamic_sampling`` tests
+    ``np.std(scores) > 0`` on Python floats, which rounding makes true for some equal scores (three
+    of 0.1); such a group counts as all equal here (its group-relative advantages are 0 up to that
+    rounding). For integer or dyadic scores (0/1 accuracy) all agree (tested against the peers' code).
     """
     ids = batch.group_ids
     n = int(ids.max()) + 1 if ids.numel() else 0
@@ -166,6 +170,10 @@ def overlong_filter(batch: SampleBatch) -> SampleBatch:
     judge fairly, so DAPO (Yu et al. 2025, §3.4, https://arxiv.org/abs/2503.14476) masks its loss
     instead of punishing it. Its score stays and still counts in its group's baseline (as SkyRL's
     ``apply_overlong_filtering``, which zeroes the loss mask only).
+
+    Tested equal to SkyRL 0.3.0's ``apply_overlong_filtering`` with vLLM's stop reason ``length``
+    for ``truncated``. Deviation: SkyRL masks every stop reason other than ``stop`` (e.g. vLLM's
+    ``abort``); the rollouts here record only truncation.
 
     Args:
         batch: the ``SampleBatch`` (``B`` rows).
@@ -186,12 +194,15 @@ def overlong_penalty(batch: SampleBatch, *, overlong_buffer_len: int = 4, penalt
 
     with ``L_buf = overlong_buffer_len``, ``f = penalty_factor`` (the paper's ``f = 1``). The
     penalty reaches ``-f`` at ``L = L_max``. verl's names: ``reward.overlong_buffer.len`` and
-    ``.penalty_factor`` (its ``max_resp_len`` is ``rollout.max_new_tokens`` here).
+    ``.penalty_factor`` (its ``max_resp_len`` is ``rollout.max_new_tokens`` here). Tested equal to
+    verl 0.9.1's ``DAPORewardManager`` (to 1e-6: verl adds in float32) and to SkyRL 0.3.0's DAPO
+    example trainer (``DAPOTrainer.postprocess_generator_output``).
 
     Args:
         batch: the ``SampleBatch``.
         overlong_buffer_len: ``L_buf >= 1``, in tokens. Above ``L_max`` every response is in the
-            buffer (the formula as written, as verl); the launcher rejects that setting.
+            buffer (the formula as written); the launcher rejects that setting, as verl's
+            ``DAPORewardManager`` does (``max_resp_len >= overlong_buffer.len``).
         penalty_factor: ``f >= 0``.
 
     Returns:
@@ -214,6 +225,15 @@ def zero_variance_filter(batch: SampleBatch) -> SampleBatch:
     Such a group gives every group-relative estimator (GRPO, RLOO, ...) zero advantages, so it
     only dilutes the loss normaliser (DAPO §3.2). A group of one row is kept (SkyRL keeps groups
     when ``n_samples_per_prompt == 1``: its std is 0 by definition, not by agreement).
+
+    Keeps the rows SkyRL 0.3.0's ``zero_variance_filter(rewards, uids, tol=0.0)`` keeps and drops
+    the groups verl 0.9.1's ``filter_groups`` evicts (tested against their own code). Deviations from SkyRL's trainer option ``zero_variance_filter``: its
+    default ``zero_variance_filter_tol`` is 1e-6 (equality here is exact, SkyRL's ``tol=0``); it
+    judges a group by its live rows only (loss mask not all 0), where here every row counts, as
+    in verl's ``filter_groups`` (a row ``overlong_filter`` masked still has its score in the
+    group's baseline, so its partners' advantages are not 0); and it zeroes the dropped groups'
+    loss masks instead of removing the rows (the same loss under ``token_mean``/``prompt_mean``;
+    under the sequence means SkyRL still counts those rows in ``B``).
 
     Returns:
         the rows of the informative groups, in order (possibly none).
@@ -246,6 +266,15 @@ def dynamic_sampling(
 
     When the budget runs out with fewer than ``P`` groups the loop trains on what it collected
     (the peers raise instead; ``skyrl_fn.trainer.batch_transforms``).
+
+    Tested against SkyRL 0.3.0's own ``handle_dynamic_sampling``: ``filter`` over streams of
+    sampled batches stops after the same batch and keeps the same rows in the same order;
+    ``replace`` gives the same rows, scores, masks and uids for the same choice of groups and asks
+    for a new batch exactly when SkyRL does. Deviations: all-equal is exact equality (see
+    :func:`group_spread`); ``replace`` draws its groups from a generator seeded by ``batch.seed``
+    (SkyRL: numpy's global generator, paired with the bad groups in set order), so a run is
+    reproducible; the exhausted budget (above); SkyRL 0.3.0 fails when the first two batches of a
+    step keep no group (its rollout metrics over no responses), where the loop here samples on.
 
     Args:
         batch: the ``SampleBatch``.
