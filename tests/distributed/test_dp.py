@@ -174,7 +174,7 @@ def test_resume_with_another_number_of_ranks(ray_session, tmp_path):
         at1 = train_on_ray(_run(tmp_path / "b", *base, "--trainer.steps", "4", "--trainer.resume"))
     assert (at2.resumed_from, at1.resumed_from) == (2, 3)
     _assert_same([*at2.history, *at1.history], full.history[2:])
-    _assert_close_weights(_weights(run.config.ckpt_dir), _weights(full.config.ckpt_dir))
+    _assert_close_weights(_weights(run.config.ckpt_dir), _weights(tmp_path / "full" / "checkpoints"))
 
 
 _KILL_CHILD = """
@@ -234,7 +234,7 @@ def test_sigkill_of_the_driver_mid_save_leaves_the_previous_checkpoint(ray_sessi
     assert resumed.resumed_from == 1
     assert not [n for n in os.listdir(cut.config.ckpt_dir) if n.startswith(".")]
     _assert_same(resumed.history, full.history[1:])
-    _assert_close_weights(_weights(cut.config.ckpt_dir), _weights(full.config.ckpt_dir))
+    _assert_close_weights(_weights(cut.config.ckpt_dir), _weights(tmp_path / "full" / "checkpoints"))
 
 
 class _KillRank1(DPWorkers):
