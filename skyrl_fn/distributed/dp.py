@@ -18,8 +18,10 @@ So ``W`` changes where the work runs, not what is computed: the same run at W=1 
 the same responses and its metrics agree to float rounding (docs/distributed.md).
 
 The reference model and the critic stay single actors that see the whole batch (rank 0 hands it
-to them). Checkpoints hold the unsharded state gathered on rank 0, in the single-actor format, so
-a run saved at any ``W`` resumes at any other ``W``.
+to them). Checkpoints: every rank writes its own shards of the policy's weights and AdamW state
+with ``torch.distributed.checkpoint`` into the checkpoint being saved (``skyrl_fn.trainer.shards``),
+and loads its slices of whatever ``W`` wrote them (DCP reshards); a single worker's (whole)
+checkpoint loads too, so a run saved at any ``W`` resumes at any other ``W``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from skyrl_fn.distributed.devices import to_device
 from skyrl_fn.distributed.layout import concat_rollouts, split_prompts
 from skyrl_fn.distributed.ray_workers import CPU_SHARES, WorkerDiedError
 from skyrl_fn.trainer import checkpoint as ckpt
+from skyrl_fn.trainer import shards
 from skyrl_fn.trainer.run import ResolvedRun
 from skyrl_fn.trainer.evaluate import evaluate, heldout_task
 from skyrl_fn.trainer.forward import batched_log_probs
@@ -42,11 +45,10 @@ from skyrl_fn.trainer.learner import experience_and_update, loss_kernel, make_tr
 from skyrl_fn.models.model import load_model, load_tokenizer
 from skyrl_fn.rollout.base import HFBackend
 from skyrl_fn.trainer.sharding import (
-    Collectives, full_optimizer_state, full_state_dict, gathered, init_process_group, load_full_state, partition_groups,
-    shard_model,
+    Collectives, gathered, init_process_group, load_full_state, partition_groups, shard_model,
 )
 from skyrl_fn.tasks.base import reward_function_name, score
-from skyrl_fn.trainer.workers import Generated, RoleState, WorkersState
+from skyrl_fn.trainer.workers import Generated, RoleState, SavedShards, ShardWriter, WorkersState
 
 __all__ = ["PolicyRank", "DPWorkers", "share_rows"]
 
@@ -153,24 +155,28 @@ class PolicyRank(_Ping):
             )
 
     # -- state -----------------------------------------------------------------------------
-    def get_state(self) -> tuple[RoleState, Any] | None:
-        """The unsharded weights and optimiser state, the schedule and the RNG states on rank 0
-        (None on the others). A collective."""
-        ts = self.train_state
-        weights = full_state_dict(ts.model, rank0_only=True)
-        optim = full_optimizer_state(ts.model, ts.optimizer)
-        if self.rank != 0:
-            return None
-        return RoleState(weights=weights, optim=optim, sched=ts.scheduler.state_dict()), ckpt.capture_rng()
+    def small_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``(LR schedule state, this rank's RNG states)``; the weights and optimiser state go
+        to disk with :meth:`write_shards`."""
+        return self.train_state.scheduler.state_dict(), ckpt.capture_rng()
 
-    def set_state(self, saved: RoleState, rng: Any = None) -> None:
-        """Load an unsharded state (of any ``W``); every rank keeps its shard. A collective."""
+    def write_shards(self, directory: str) -> None:
+        """Write this rank's shards of the weights and AdamW state into ``directory``
+        (``skyrl_fn.trainer.shards.write``). A collective."""
+        shards.write(self.train_state.model, self.train_state.optimizer, directory)
+
+    def set_state(self, saved: RoleState | SavedShards, rng: Any = None) -> None:
+        """Load shards written at any ``W`` (DCP reshards), or a single worker's whole state;
+        every rank keeps its own slices. A collective."""
         ts, tr = self.train_state, self.run.config.trainer
-        load_full_state(ts.model, ts.optimizer, saved.weights, saved.optim)
+        if isinstance(saved, SavedShards):
+            shards.load(ts.model, ts.optimizer, saved.path)
+        else:
+            load_full_state(ts.model, ts.optimizer, saved.weights, saved.optim)
         ts.scheduler.load_state_dict(saved.sched)
         set_hyperparameters(ts, lr=tr.lr, weight_decay=tr.weight_decay)
         if rng is not None:
-            ckpt.restore_rng(rng)
+            ckpt.restore_rng(rng, rank=self.rank)
 
     def resident_bytes(self) -> dict[str, int]:
         """Bytes of this rank's resident parameter and optimiser-state storage (its shards)."""
@@ -268,13 +274,24 @@ class DPWorkers:
         return self.get([a.evaluate.remote(list(examples)) for a in self.ranks])[0]
 
     def state(self) -> WorkersState:
-        got = self.get([a.get_state.remote() for a in self.ranks] + ([self.critic.get_state.remote()] if self.critic is not None else []))
-        policy, rng = got[0]
-        roles = {"policy": policy}
+        """The policy as a :class:`ShardWriter` (each rank writes its own shards when the
+        checkpoint is saved), the critic whole, every rank's RNG states (``{"ranks": [...]}``)."""
+        got = self.get([a.small_state.remote() for a in self.ranks] + ([self.critic.get_state.remote()] if self.critic is not None else []))
+        w = len(self.ranks)
+        roles: dict[str, Any] = {"policy": ShardWriter(write=self._write_shards, sched=got[0][0])}
         if self.critic is not None:
             roles["critic"] = got[-1]
         self.saved = True
-        return WorkersState(roles=roles, rng=rng)
+        return WorkersState(roles=roles, rng={"ranks": [g[1] for g in got[:w]]})
+
+    def _write_shards(self, directory: str) -> None:
+        self.get([a.write_shards.remote(directory) for a in self.ranks])
+        missing = shards.missing_files(directory)
+        if missing:  # a rank wrote where this process does not see it
+            raise ckpt.CheckpointWriteError(
+                f"checkpoint {directory}: {missing} missing after every rank wrote its shards "
+                "(on a cluster, trainer.ckpt_dir must be a filesystem every node shares)"
+            )
 
     def load_state(self, saved: WorkersState) -> None:
         import ray

@@ -45,7 +45,7 @@ from skyrl_fn.distributed.layout import concat_rollouts, split_prompts, with_rol
 from skyrl_fn.trainer import checkpoint as ckpt
 from skyrl_fn.trainer.run import ResolvedRun
 from skyrl_fn.models.model import load_tokenizer
-from skyrl_fn.trainer.workers import Generated, RoleState, WorkersState
+from skyrl_fn.trainer.workers import Generated, WorkersState
 
 __all__ = ["CPU_SHARES", "WorkerDiedError", "RayWorkers"]
 
@@ -236,12 +236,10 @@ class RayWorkers:
         return WorkersState(roles=roles, rng=rng)
 
     def load_state(self, saved: WorkersState) -> None:
-        import ray
-
-        policy: RoleState = saved.roles["policy"]
-        refs = [self.policy.set_state.remote(policy, saved.rng)]
+        refs = [self.policy.set_state.remote(saved.roles["policy"], saved.rng)]
         if self.broadcast_plan is None and self.rollout:
-            weights = ray.put(dict(policy.weights))
+            # What the policy loaded (whole or from shards): it runs its calls in order.
+            weights = self.policy.packed_weights.remote()
             refs += [w.sync_packed.remote(weights) for w in self.rollout]
         if self.critic is not None:
             refs.append(self.critic.set_state.remote(saved.roles["critic"]))

@@ -18,13 +18,17 @@ Layout of one checkpoint::
 
     step_00000020/
         <name>.safetensors   weights of each model ("policy", "critic", ...)
+        <name>/              or: a sharded model's weights and optimiser state, one file per rank
+                             (data-parallel ranks write their own; skyrl_fn.trainer.shards)
         optim.pt             optimiser and scheduler states (torch.save, loaded weights_only)
-        rng.pt               torch / numpy / python RNG states
+        rng.pt               torch / numpy / python RNG states (of each rank: ``{"ranks": [...]}``)
         in_flight.pt         asynchronous training only: the batches sampled ahead (tensors,
                              lists and plain values; skyrl_fn.trainer.async_loop)
         state.json           step, data state, extra (e.g. the KL coefficient), model names
+                             (``models``; the sharded ones also in ``sharded``)
         manifest.json        format, step, library versions, the run's config, and the size and
-                             sha256 of every file above; its own sha256 over the rest
+                             sha256 of every file above (shards too: ``policy/__0_0.distcp``);
+                             its own sha256 over the rest
 """
 
 from __future__ import annotations
@@ -52,7 +56,8 @@ __all__ = [
 
 _NAME = re.compile(r"^step_(\d{8})$")
 MANIFEST = "manifest.json"
-_FORMAT = 1
+_FORMAT = 1  # 2 when a model is sharded (older readers then refuse it by name, not by a missing file)
+_FORMATS = (1, 2)
 
 
 class CheckpointError(RuntimeError):
@@ -94,6 +99,9 @@ class Checkpoint:
         extra: further JSON state (e.g. the KL controller's coefficient).
         versions: library versions that wrote it (``skyrl_fn``, ``torch``).
         in_flight: the samples in flight of an asynchronous run (``in_flight.pt``), or None.
+        shards: model name -> directory of its shards (verified; load them with
+            ``skyrl_fn.trainer.shards``), for the models saved sharded; their optimiser state is
+            there too, not in ``optim``.
     """
 
     path: str
@@ -106,6 +114,7 @@ class Checkpoint:
     extra: Mapping[str, Any]
     versions: Mapping[str, str] = attrs.field(factory=dict)
     in_flight: Any = None
+    shards: Mapping[str, str] = attrs.field(factory=dict)
 
 
 def capture_rng() -> dict[str, Any]:
@@ -118,8 +127,13 @@ def capture_rng() -> dict[str, Any]:
     }
 
 
-def restore_rng(state: Mapping[str, Any]) -> None:
-    """Restore what :func:`capture_rng` returned."""
+def restore_rng(state: Mapping[str, Any], *, rank: int = 0) -> None:
+    """Restore what :func:`capture_rng` returned, or rank ``rank``'s of ``{"ranks": [...]}`` (the
+    states of a data-parallel run's ranks); a rank beyond those saved takes rank 0's (as at the
+    start of a run, where every rank is seeded alike)."""
+    if "ranks" in state:
+        ranks = state["ranks"]
+        state = ranks[rank] if rank < len(ranks) else ranks[0]
     torch.set_rng_state(state["torch"])
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
@@ -190,6 +204,20 @@ def _safetensors_bytes(sd: Mapping[str, torch.Tensor], step: int) -> bytes:
     return save(plain, metadata={"step": str(step)})
 
 
+def _listed(tmp: str, name: str) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every file a shard writer left in ``tmp/name`` (fsynced with its directory)."""
+    files = {}
+    for root, _, names in os.walk(os.path.join(tmp, name)):
+        for f in sorted(names):
+            with open(os.path.join(root, f), "rb") as fh:
+                data = fh.read()
+            files[os.path.relpath(os.path.join(root, f), tmp).replace(os.sep, "/")] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        _fsync_dir(root)
+    if not files:
+        raise OSError(f"the writer of {name} left no file")
+    return files
+
+
 def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -218,6 +246,7 @@ def save(
     extra: Mapping[str, Any] | None = None,
     keep: int = 2,
     in_flight: Any = None,
+    shards: Mapping[str, Callable[[str], None]] | None = None,
 ) -> str:
     """Write a checkpoint atomically with its manifest; keep the newest ``keep``; return its directory.
 
@@ -234,9 +263,14 @@ def save(
             not None; only tensors, containers and plain values (it is loaded weights_only).
         keep: number of newest checkpoints to keep (>= 1); older ones are pruned only after the
             new one has been read back and verified (:func:`verify`).
+        shards: model name -> writer of a sharded model: ``write(directory)`` fills the empty
+            ``directory`` (``<name>/`` of the temporary checkpoint) with the model's weights and
+            optimiser state, e.g. every data-parallel rank its own file
+            (``skyrl_fn.trainer.shards.write``); every file it leaves is listed in the manifest.
 
     Raises:
-        ValueError: negative step, keep < 1, or a weights name that is not a plain identifier.
+        ValueError: negative step, keep < 1, a model name that is not a plain identifier, or in
+            both ``weights`` and ``shards``.
         CheckpointWriteError: an OS error while writing (e.g. no space left on device); names the
             file and the previous checkpoint, which is left intact.
     """
@@ -244,9 +278,12 @@ def save(
         raise ValueError(f"step: expected >= 0, got {step}")
     if keep < 1:
         raise ValueError(f"keep: expected >= 1, got {keep}")
-    for name in weights:
+    shards = dict(shards or {})
+    for name in [*weights, *shards]:
         if not re.fullmatch(r"[A-Za-z0-9_]+", name):
             raise ValueError(f"weights: expected names of letters, digits and _, got {name!r}")
+    if set(weights) & set(shards):
+        raise ValueError(f"shards: expected models not also in weights, got {sorted(set(weights) & set(shards))}")
     final = os.path.join(ckpt_dir, f"step_{step:08d}")
     previous = latest_checkpoint(ckpt_dir)
     doing = f"create {ckpt_dir}"
@@ -258,15 +295,21 @@ def save(
         tmp = os.path.join(ckpt_dir, f".tmp-step_{step:08d}-{uuid.uuid4().hex[:8]}")
         os.makedirs(tmp)
         try:
+            files = {}
+            for name, write in shards.items():
+                doing = f"write the shards of {name}"
+                os.makedirs(os.path.join(tmp, name))
+                write(os.path.join(tmp, name))
+                files.update(_listed(tmp, name))
             contents = {f"{name}.safetensors": _safetensors_bytes(sd, step) for name, sd in weights.items()}
             contents["optim.pt"] = _torch_bytes(dict(optim or {}))
             contents["rng.pt"] = _torch_bytes(dict(rng if rng is not None else capture_rng()))
             if in_flight is not None:
                 contents["in_flight.pt"] = _torch_bytes(in_flight)
-            contents["state.json"] = _json_bytes(
-                {"step": step, "data_state": dict(data_state or {}), "extra": dict(extra or {}), "models": sorted(weights)}
-            )
-            files = {}
+            contents["state.json"] = _json_bytes({
+                "step": step, "data_state": dict(data_state or {}), "extra": dict(extra or {}),
+                "models": sorted([*weights, *shards]), "sharded": sorted(shards),
+            })
             for name, data in contents.items():
                 doing = f"write {name}"
                 _write_bytes(os.path.join(tmp, name), data)
@@ -274,7 +317,7 @@ def save(
             # The manifest last: a directory without one was never finished.
             doing = f"write {MANIFEST}"
             manifest = _sealed({
-                "format": _FORMAT, "step": step, "versions": _versions(), "config": dict(config or {}), "files": files,
+                "format": 2 if shards else _FORMAT, "step": step, "versions": _versions(), "config": dict(config or {}), "files": files,
             })
             _write_bytes(os.path.join(tmp, MANIFEST), _json_bytes(manifest))
             _fsync_dir(tmp)
@@ -326,8 +369,8 @@ def read_manifest(path: str) -> dict[str, Any]:
         raise CheckpointCorruptError(path, MANIFEST, f"unreadable ({type(err).__name__}: {err})") from None
     if not ok:
         raise CheckpointCorruptError(path, MANIFEST, "its checksum does not match its content (altered)")
-    if manifest.get("format") != _FORMAT:
-        raise CheckpointCorruptError(path, MANIFEST, f"expected format {_FORMAT}, got {manifest.get('format')!r}")
+    if manifest.get("format") not in _FORMATS:
+        raise CheckpointCorruptError(path, MANIFEST, f"expected format 1 or 2, got {manifest.get('format')!r}")
     return manifest
 
 
@@ -336,6 +379,8 @@ def _read_verified(path: str, manifest: Mapping[str, Any], name: str) -> bytes:
     if entry is None:
         raise CheckpointCorruptError(path, name, "not listed in the manifest")
     fpath = os.path.join(path, name)
+    if not os.path.isfile(fpath):
+        raise CheckpointCorruptError(path, name, "missing (listed in the manifest)")
     try:
         size = os.path.getsize(fpath)
         if size != entry["size"]:
@@ -386,7 +431,14 @@ def load(path: str) -> Checkpoint:
             raise CheckpointCorruptError(path, name, f"does not parse ({type(err).__name__}: {err})") from None
 
     state = parse("state.json", json.loads)
-    weights = {name: parse(f"{name}.safetensors", load_safetensors) for name in state["models"]}
+    sharded = state.get("sharded", [])
+    weights = {name: parse(f"{name}.safetensors", load_safetensors) for name in state["models"] if name not in sharded}
+    for name in sharded:  # verified here; the workers read them (skyrl_fn.trainer.shards)
+        listed = [f for f in manifest["files"] if f.startswith(f"{name}/")]
+        if not listed:
+            raise CheckpointCorruptError(path, f"{name}/", "no shard files listed in the manifest")
+        for f in listed:
+            _read_verified(path, manifest, f)
     optim = parse("optim.pt", lambda b: torch.load(io.BytesIO(b), weights_only=True))
     rng = parse("rng.pt", lambda b: torch.load(io.BytesIO(b), weights_only=True))
     in_flight = parse("in_flight.pt", lambda b: torch.load(io.BytesIO(b), weights_only=True)) if "in_flight.pt" in manifest["files"] else None
@@ -394,6 +446,7 @@ def load(path: str) -> Checkpoint:
         path=path, step=int(state["step"]), weights=weights, optim=optim, rng=rng,
         data_state=state["data_state"], config=manifest["config"], extra=state["extra"],
         versions=manifest.get("versions", {}), in_flight=in_flight,
+        shards={name: os.path.join(path, name) for name in sharded},
     )
 
 

@@ -36,7 +36,7 @@ from skyrl_fn.trainer.experience import kl_controller_of
 from skyrl_fn.trainer.nonfinite import SkipCounter
 from skyrl_fn.trainer.resume import check_resume
 from skyrl_fn.tasks.base import DataState, next_prompts
-from skyrl_fn.trainer.workers import LocalWorkers, Workers, WorkersState, state_from_checkpoint
+from skyrl_fn.trainer.workers import LocalWorkers, RoleState, ShardWriter, Workers, WorkersState, state_from_checkpoint
 
 __all__ = ["Summary", "seed_everything", "rollout_seed", "run_step", "step_timing", "check_checkpoint", "train"]
 
@@ -138,15 +138,16 @@ def run_step(
 
 
 def _save(run: ResolvedRun, state: WorkersState, step: int, data_state: DataState, kl_ctrl: KLController, in_flight: Any = None) -> str:
-    weights = {role: s.weights for role, s in state.roles.items()}
-    optim: dict[str, Any] = {}
-    for role, s in state.roles.items():
-        optim.update({role: s.optim, f"{role}_sched": s.sched})
+    # A sharded role (data-parallel ranks) writes its own shards into the checkpoint being saved.
+    weights = {role: s.weights for role, s in state.roles.items() if isinstance(s, RoleState)}
+    shards = {role: s.write for role, s in state.roles.items() if isinstance(s, ShardWriter)}
+    optim: dict[str, Any] = {f"{role}_sched": s.sched for role, s in state.roles.items()}
+    optim.update({role: s.optim for role, s in state.roles.items() if isinstance(s, RoleState)})
     cfg = run.config
     return ckpt.save(
         cfg.ckpt_dir, step=step, weights=weights, optim=optim, data_state=attrs.asdict(data_state),
         config=config_to_dict(cfg), rng=state.rng, extra={"kl_coef": kl_ctrl.coef}, keep=cfg.trainer.keep_checkpoints,
-        in_flight=in_flight,
+        in_flight=in_flight, shards=shards,
     )
 
 
@@ -154,7 +155,7 @@ def check_checkpoint(run: ResolvedRun, c: ckpt.Checkpoint) -> None:
     """Refuse a checkpoint ``run`` cannot resume from (``IncompatibleResumeError`` naming each
     field, ``skyrl_fn.trainer.resume``); warn (``CheckpointWarning``) listing compatible changes."""
     needed = ["policy", "critic"] if run.uses_critic else ["policy"]
-    diff = check_resume(c.config, config_to_dict(run.config), where=c.path, saved_models=list(c.weights), needed_models=needed)
+    diff = check_resume(c.config, config_to_dict(run.config), where=c.path, saved_models=[*c.weights, *c.shards], needed_models=needed)
     if diff.warning():
         warnings.warn(diff.warning(), ckpt.CheckpointWarning, stacklevel=3)
 

@@ -15,7 +15,8 @@ Every field that differs is one :class:`Change`, sorted into:
 * bookkeeping that cannot change the result (``trainer.steps``, ``trainer.resume``, checkpoint
   cadence and directory, ``logging.*``, where Ray runs) is not reported.
 
-Checkpoints hold whole (gathered) state dicts, so no layout of workers needs resharding.
+No layout of workers makes a checkpoint unusable: whole state dicts load anywhere, and the shards
+of data-parallel ranks load at any number of ranks (``skyrl_fn.trainer.shards``: DCP reshards).
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ import attrs
 import torch
 
 from skyrl_fn.trainer import checkpoint as ckpt
+from skyrl_fn.trainer import shards
 from skyrl_fn.trainer.run import ResolvedRun
 from skyrl_fn.trainer.evaluate import evaluate, heldout_task
 from skyrl_fn.trainer.experience import Experience
@@ -45,6 +46,8 @@ from skyrl_fn.trainer.teacher import TeacherWorker
 __all__ = [
     "Generated",
     "RoleState",
+    "ShardWriter",
+    "SavedShards",
     "WorkersState",
     "PolicyWorker",
     "RolloutWorker",
@@ -82,11 +85,40 @@ class RoleState:
 
 
 @attrs.frozen(kw_only=True, eq=False)
-class WorkersState:
-    """Everything a checkpoint holds of the workers: state per role, and the RNG states of the
-    process that samples and trains the policy."""
+class ShardWriter:
+    """A sharded role's state to save (data-parallel ranks): its weights and optimiser state stay
+    on the ranks, which write them to disk themselves (``skyrl_fn.trainer.shards``).
 
-    roles: Mapping[str, RoleState]
+    Attributes:
+        write: ``write(directory)``: every rank writes its shards into ``directory``; returns
+            when all have. Writes the state as it is when called: call it before the next step.
+        sched: the LR schedule's state dict (the same on every rank).
+    """
+
+    write: Callable[[str], None]
+    sched: Mapping[str, Any]
+
+
+@attrs.frozen(kw_only=True, eq=False)
+class SavedShards:
+    """A role saved as shards (a checkpoint's ``<role>/`` directory, written at any number of
+    ranks): the workers load it themselves, sharded or whole (``skyrl_fn.trainer.shards.load``).
+
+    Attributes:
+        path: the directory of the shards.
+        sched: the LR schedule's state dict.
+    """
+
+    path: str
+    sched: Mapping[str, Any]
+
+
+@attrs.frozen(kw_only=True, eq=False)
+class WorkersState:
+    """Everything a checkpoint holds of the workers: state per role (whole, or shards), and the
+    RNG states of the processes that sample and train the policy (one, or ``{"ranks": [...]}``)."""
+
+    roles: Mapping[str, RoleState | ShardWriter | SavedShards]
     rng: Mapping[str, Any]
 
 
@@ -109,9 +141,12 @@ def _role_state(state: TrainState) -> RoleState:
     return RoleState(weights=weights, optim=state.optimizer.state_dict(), sched=state.scheduler.state_dict())
 
 
-def _load_role_state(state: TrainState, saved: RoleState, *, lr: float, weight_decay: float) -> None:
-    state.model.load_state_dict(saved.weights)
-    state.optimizer.load_state_dict(saved.optim)
+def _load_role_state(state: TrainState, saved: RoleState | SavedShards, *, lr: float, weight_decay: float) -> None:
+    if isinstance(saved, SavedShards):  # written at any number of ranks: read whole
+        shards.load(state.model, state.optimizer, saved.path)
+    else:
+        state.model.load_state_dict(saved.weights)
+        state.optimizer.load_state_dict(saved.optim)
     state.scheduler.load_state_dict(saved.sched)
     # The saved optimiser carries the old rate and decay: a resume uses this run's.
     set_hyperparameters(state, lr=lr, weight_decay=weight_decay)
@@ -188,9 +223,9 @@ class PolicyWorker:
         """Weights, optimiser and schedule (copies)."""
         return _role_state(self.train_state)
 
-    def load_state(self, saved: RoleState) -> None:
-        """Load what :meth:`state` returned (e.g. from a checkpoint); this run's ``trainer.lr``
-        and ``trainer.weight_decay`` apply from now on."""
+    def load_state(self, saved: RoleState | SavedShards) -> None:
+        """Load what :meth:`state` returned, or shards (from a checkpoint of any number of
+        ranks); this run's ``trainer.lr`` and ``trainer.weight_decay`` apply from now on."""
         tr = self.run.config.trainer
         _load_role_state(self.train_state, saved, lr=tr.lr, weight_decay=tr.weight_decay)
 
@@ -253,7 +288,7 @@ class CriticWorker:
     def state(self) -> RoleState:
         return _role_state(self.train_state)
 
-    def load_state(self, saved: RoleState) -> None:
+    def load_state(self, saved: RoleState | SavedShards) -> None:
         tr = self.run.config.trainer
         _load_role_state(self.train_state, saved, lr=tr.critic_lr, weight_decay=tr.weight_decay)
 
@@ -318,11 +353,14 @@ class Workers(Protocol):
 
 
 def state_from_checkpoint(c: Any) -> WorkersState:
-    """A :class:`WorkersState` from a ``skyrl_fn.trainer.checkpoint.Checkpoint``."""
-    roles = {
-        role: RoleState(weights=c.weights[role], optim=c.optim[role], sched=c.optim[f"{role}_sched"])
-        for role in ("policy", "critic") if role in c.weights
-    }
+    """A :class:`WorkersState` from a ``skyrl_fn.trainer.checkpoint.Checkpoint``: whole roles as
+    :class:`RoleState`, sharded ones as :class:`SavedShards`."""
+    roles: dict[str, RoleState | SavedShards] = {}
+    for role in ("policy", "critic"):
+        if role in c.weights:
+            roles[role] = RoleState(weights=c.weights[role], optim=c.optim[role], sched=c.optim[f"{role}_sched"])
+        elif role in c.shards:
+            roles[role] = SavedShards(path=c.shards[role], sched=c.optim[f"{role}_sched"])
     return WorkersState(roles=roles, rng=c.rng)
 
 

@@ -27,6 +27,7 @@ from skyrl_fn.trainer.async_loop import generated_from_plain
 from skyrl_fn.trainer.forward import batched_log_probs
 from skyrl_fn.trainer.loop import train
 from skyrl_fn.models.model import load_model, load_tokenizer
+from tests.ray_sessions import kill_ray_session
 
 pytestmark = pytest.mark.ray
 
@@ -169,7 +170,7 @@ def test_sigkill_during_an_async_run_resumes_with_its_batches_in_flight(ray_sess
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        _kill_session(tmp)
+        kill_ray_session(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
     run = _run(tmp_path / "cut", *steps, "--trainer.resume")
     c = ckpt.load_latest(run.config.ckpt_dir)
@@ -182,26 +183,6 @@ def test_sigkill_during_an_async_run_resumes_with_its_batches_in_flight(ray_sess
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
     got, want = ckpt.load(resumed.last_checkpoint).weights["policy"], ckpt.load(full.last_checkpoint).weights["policy"]
     assert all(torch.allclose(got[k], want[k], atol=1e-5) for k in want)
-
-
-def _kill_session(tmp: str) -> None:
-    """SIGKILL what is left of the Ray session a killed driver started under ``tmp`` (its raylet,
-    GCS and actors: a SIGKILLed driver cannot shut them down)."""
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().decode(errors="replace")
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                env = f.read().decode(errors="replace")
-        except OSError:
-            continue
-        if tmp in cmd or f"TMPDIR={tmp}" in env:
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except OSError:
-                pass
 
 
 def _steps_to(rewards, level: float, window: int = 10) -> int:

@@ -1,6 +1,7 @@
 """Data-parallel policy ranks on Ray (``--trainer.workers W``): the same run at W=1 and W=2
 samples the same responses and gives the same metrics (to float rounding: the W ranks sum the
-gradient in another order); checkpoints load at any W; a dead rank is named.
+gradient in another order); each rank writes its own checkpoint shards, which load at any W (and
+a SIGKILLed save leaves the previous checkpoint); a dead rank is named.
 
 The W=1 reference runs in-process (the in-process == Ray equality is tested in
 test_ray_runner.py), so each test starts only the W rank actors.
@@ -9,8 +10,12 @@ test_ray_runner.py), so each test starts only the W rank actors.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import subprocess
 import sys
+import tempfile
+import time
 
 import pytest
 import torch
@@ -21,7 +26,9 @@ from skyrl_fn.distributed.dp import DPWorkers
 from skyrl_fn.cli.plugins import ship_by_value
 from skyrl_fn.distributed.ray_runner import WorkerDiedError, train_on_ray
 from skyrl_fn.trainer import checkpoint as ckpt
+from skyrl_fn.trainer import shards
 from skyrl_fn.trainer.loop import train
+from tests.ray_sessions import kill_ray_session
 
 pytestmark = pytest.mark.ray
 ship_by_value(sys.modules[__name__])
@@ -58,51 +65,176 @@ def _assert_same(got, want):
                 assert a[k] == pytest.approx(v, rel=REL, abs=ABS), k
 
 
-def _weights(path):
-    return ckpt.load(ckpt.latest_checkpoint(path)).weights["policy"]
+def _weights(path, step=None):
+    """The policy's full weights in checkpoint ``step`` (the newest when None) of ``path``, whole or
+    sharded."""
+    c = ckpt.load(ckpt.latest_checkpoint(path) if step is None else os.path.join(path, f"step_{step:08d}"))
+    return shards.read_weights(c.shards["policy"]) if "policy" in c.shards else c.weights["policy"]
 
 
-@pytest.mark.parametrize(
-    "algorithm",
-    ["grpo", pytest.param("rloo+seq_mean_token_sum_norm", marks=pytest.mark.slow), pytest.param("ppo_gae+kl_loss", marks=pytest.mark.slow)],
-)
-def test_two_ranks_give_the_one_worker_metrics(ray_session, tmp_path, algorithm):
-    args = ("--trainer.steps", "2", *ALGORITHMS[algorithm])
-    run = _run(tmp_path / "w2", *args, "--trainer.workers", "2")
-    dp = train_on_ray(run)
-    single = _run(tmp_path / "w1", *args, "--ray.no-use-ray")
-    one = train(single)
-    _assert_same(dp.history, one.history)
+def _assert_close_weights(got, want):
+    assert set(got) == set(want)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5)
+
+
+def _two_and_one(tmp_path, *args):
+    """The same run at W=2 (2 steps, on Ray) and W=1 (3 steps, in-process, a checkpoint a step)."""
+    w2 = _run(tmp_path / "w2", "--trainer.steps", "2", *args, "--trainer.workers", "2")
+    w1 = _run(tmp_path / "w1", "--trainer.steps", "3", "--trainer.ckpt-interval", "1", *args, "--ray.no-use-ray")
+    return w2, train_on_ray(w2), w1, train(w1)
+
+
+def _check_same_run(w2, dp, w1, one):
+    _assert_same(dp.history, one.history[:2])
     # The same responses were sampled: equal rewards and lengths, exactly.
     for a, b in zip(dp.history, one.history):
         assert a["reward"] == b["reward"] and a["response_tokens"] == b["response_tokens"]
-    w2, w1 = _weights(run.config.ckpt_dir), _weights(single.config.ckpt_dir)
-    assert set(w2) == set(w1)
-    for k in w1:
-        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
+    _assert_close_weights(_weights(w2.config.ckpt_dir), _weights(w1.config.ckpt_dir, step=2))
+
+
+@pytest.fixture(scope="module")
+def grpo_runs(ray_session, tmp_path_factory):
+    """GRPO at W=2 and W=1 (:func:`_two_and_one`), shared by the fast tests."""
+    return _two_and_one(tmp_path_factory.mktemp("grpo"))
+
+
+def test_two_ranks_give_the_one_worker_metrics(grpo_runs):
+    _check_same_run(*grpo_runs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["rloo+seq_mean_token_sum_norm", "ppo_gae+kl_loss"])
+def test_two_ranks_give_the_one_worker_metrics_of_other_algorithms(ray_session, tmp_path, algorithm):
+    _check_same_run(*_two_and_one(tmp_path, *ALGORITHMS[algorithm]))
+
+
+def test_each_rank_writes_its_own_shards(grpo_runs):
+    """The W=2 checkpoint holds one file per rank, each with about half of the weights' and AdamW
+    moments' elements and every element stored once (not a gathered state); the manifest lists
+    them with their sha256."""
+    import torch.distributed.checkpoint as dcp
+
+    w2, _, _, _ = grpo_runs
+    path = ckpt.latest_checkpoint(w2.config.ckpt_dir)
+    manifest = ckpt.verify(path)
+    assert manifest["format"] == 2 and "policy.safetensors" not in manifest["files"]
+    assert {"policy/__0_0.distcp", "policy/__1_0.distcp", f"policy/{shards.METADATA}"} <= set(manifest["files"])
+    assert set(os.listdir(os.path.join(path, "policy"))) == {"__0_0.distcp", "__1_0.distcp", shards.METADATA}
+    md = dcp.FileSystemReader(os.path.join(path, "policy")).read_metadata()
+    per_file, total = {}, 0
+    for key, m in md.state_dict_metadata.items():
+        if not hasattr(m, "chunks"):
+            continue  # plain values (the optimiser's hyperparameters)
+        total += m.size.numel()
+        for index, info in md.storage_data.items():
+            if index.fqn == key:
+                chunk = next(c for c in m.chunks if list(c.offsets) == list(index.offset))
+                per_file[info.relative_path] = per_file.get(info.relative_path, 0) + chunk.sizes.numel()
+    assert set(per_file) == {"__0_0.distcp", "__1_0.distcp"} and sum(per_file.values()) == total
+    for n in per_file.values():
+        assert 0.4 < n / total < 0.6, per_file
+    c = ckpt.load(path)
+    assert set(c.shards) == {"policy"} and "policy" not in c.weights and "policy" not in c.optim
+    assert len(c.rng["ranks"]) == 2 and "policy_sched" in c.optim
+
+
+def test_a_two_rank_checkpoint_resumes_at_one_worker_and_at_two(grpo_runs, tmp_path):
+    """Saved at W=2: resumed in-process at W=1 (the shards read whole) and at W=2 (each rank its
+    slices), the next step is that of the uninterrupted W=1 run, and so are the weights after it."""
+    w2, _, w1, one = grpo_runs
+    for where, flags in (("at1", ("--ray.no-use-ray",)), ("at2", ("--trainer.workers", "2"))):
+        shutil.copytree(w2.config.ckpt_dir, tmp_path / where / "checkpoints")
+        run = _run(tmp_path / where, "--trainer.steps", "3", "--trainer.resume", *flags)
+        if where == "at1":
+            with pytest.warns(ckpt.CheckpointWarning, match="trainer.workers: 2 -> 1"):
+                resumed = train(run)
+        else:
+            resumed = train_on_ray(run)
+        assert resumed.resumed_from == 2
+        _assert_same(resumed.history, one.history[2:])
+        _assert_close_weights(_weights(run.config.ckpt_dir), _weights(w1.config.ckpt_dir, step=3))
 
 
 @pytest.mark.slow
 def test_resume_with_another_number_of_ranks(ray_session, tmp_path):
-    """Save at W=2 and resume at W=1, save at W=1 and resume at W=2: the resumed step equals
-    that of an uninterrupted W=1 run (checkpoints hold the unsharded state)."""
+    """Save at W=1 (whole) and resume at W=2, save at W=2 (shards) and resume at W=1 on Ray: the
+    resumed steps equal those of an uninterrupted W=1 run, and so do the weights."""
     base = ("--trainer.ckpt-interval", "1")
-    full = train(_run(tmp_path / "full", *base, "--trainer.steps", "3", "--ray.no-use-ray"))
-    a = _run(tmp_path / "a", *base, "--trainer.steps", "2", "--trainer.workers", "2")
-    train_on_ray(a)
-    a_resumed = train(_run(tmp_path / "a", *base, "--trainer.steps", "3", "--trainer.resume", "--ray.no-use-ray"))
-    b = _run(tmp_path / "b", *base, "--trainer.steps", "2", "--ray.no-use-ray")
-    train(b)
-    saved = _weights(b.config.ckpt_dir)
-    b_resumed = train_on_ray(_run(tmp_path / "b", *base, "--trainer.steps", "3", "--trainer.resume", "--trainer.workers", "2"))
-    assert a_resumed.resumed_from == b_resumed.resumed_from == 2
-    _assert_same(a_resumed.history, full.history[2:])
-    _assert_same(b_resumed.history, full.history[2:])
-    # W=2 wrote back what it loaded plus one step; its checkpoint loads unsharded.
-    w3 = _weights(tmp_path / "b" / "checkpoints")
+    full = train(_run(tmp_path / "full", *base, "--trainer.steps", "4", "--ray.no-use-ray"))
+    run = _run(tmp_path / "b", *base, "--trainer.steps", "2", "--ray.no-use-ray")
+    train(run)
+    saved = _weights(run.config.ckpt_dir)
+    with pytest.warns(ckpt.CheckpointWarning, match="trainer.workers"):
+        at2 = train_on_ray(_run(tmp_path / "b", *base, "--trainer.steps", "3", "--trainer.resume", "--trainer.workers", "2"))
+    assert "policy" in ckpt.load(at2.last_checkpoint).shards  # W=2 wrote shards of what it loaded plus a step
+    w3 = _weights(run.config.ckpt_dir)
     assert set(w3) == set(saved) and any(not torch.equal(w3[k], saved[k]) for k in saved)
-    for k, v in _weights(tmp_path / "full" / "checkpoints").items():
-        torch.testing.assert_close(w3[k], v, rtol=1e-4, atol=1e-5)
+    with pytest.warns(ckpt.CheckpointWarning, match="trainer.workers"):
+        at1 = train_on_ray(_run(tmp_path / "b", *base, "--trainer.steps", "4", "--trainer.resume"))
+    assert (at2.resumed_from, at1.resumed_from) == (2, 3)
+    _assert_same([*at2.history, *at1.history], full.history[2:])
+    _assert_close_weights(_weights(run.config.ckpt_dir), _weights(tmp_path / "full" / "checkpoints"))
+
+
+_KILL_CHILD = """
+import sys, time
+import ray
+from skyrl_fn import DEFAULT_TABLE
+from skyrl_fn.cli import parse_config, resolve_names
+from skyrl_fn.distributed.dp import DPWorkers
+from skyrl_fn.trainer.loop import train
+
+class StopsInSecondSave(DPWorkers):
+    saves = 0
+
+    def _write_shards(self, directory):
+        super()._write_shards(directory)
+        StopsInSecondSave.saves += 1
+        if StopsInSecondSave.saves == 2:  # every rank wrote its shards; no manifest, no rename yet
+            print("shards", directory, flush=True)
+            time.sleep(600)
+
+ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+train(resolve_names(parse_config(sys.argv[1:], DEFAULT_TABLE), DEFAULT_TABLE), workers=StopsInSecondSave)
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_of_the_driver_mid_save_leaves_the_previous_checkpoint(ray_session, tmp_path):
+    """The driver of a W=2 run (its own Ray, in a subprocess) SIGKILLed in its second save, after
+    the ranks wrote their shards: the first checkpoint verifies and resumes (the leftover is
+    removed by the next save) to the uninterrupted run's steps and weights."""
+    steps = ("--trainer.steps", "3", "--trainer.ckpt-interval", "1")
+    full = train(_run(tmp_path / "full", *steps, "--ray.no-use-ray"))
+    script = tmp_path / "child.py"
+    script.write_text(_KILL_CHILD)
+    argv = [*TINY, "--logging.run-dir", str(tmp_path / "cut"), *steps, "--trainer.workers", "2"]
+    tmp = tempfile.mkdtemp(prefix="skr", dir="/tmp")  # the child's Ray session (short: its socket paths have a limit)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "TMPDIR": str(tmp)}
+    proc = subprocess.Popen([sys.executable, str(script), *argv], stdout=subprocess.PIPE, text=True, env=env)
+    directory = None
+    try:
+        for line in proc.stdout:
+            if line.startswith("shards "):
+                directory = line.split()[1]
+                break
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kill_ray_session(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+    assert directory is not None and ".tmp-step_00000002" in directory and os.path.isfile(os.path.join(directory, "__1_0.distcp"))
+    cut = _run(tmp_path / "cut", *steps, "--trainer.resume", "--ray.no-use-ray")
+    assert [os.path.basename(p) for p in ckpt.list_checkpoints(cut.config.ckpt_dir)] == ["step_00000001"]
+    c = ckpt.load_latest(cut.config.ckpt_dir)
+    assert c.step == 1 and c.shards["policy"].endswith("step_00000001/policy")
+    with pytest.warns(ckpt.CheckpointWarning, match="trainer.workers"):
+        resumed = train(cut)
+    assert resumed.resumed_from == 1
+    assert not [n for n in os.listdir(cut.config.ckpt_dir) if n.startswith(".")]
+    _assert_same(resumed.history, full.history[1:])
+    _assert_close_weights(_weights(cut.config.ckpt_dir), _weights(tmp_path / "full" / "checkpoints"))
 
 
 class _KillRank1(DPWorkers):
