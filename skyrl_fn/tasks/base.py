@@ -43,7 +43,8 @@ class DataConfig:
     --data.task-args.NAME from its signature), only those to change."""
     reward: str = ""
     """Reward registered in the table to score responses instead of the task's own (built-ins:
-    char_credit, step_credit, math, arithmetic); empty = the task's own reward."""
+    char_credit, step_credit, math, arithmetic, arithmetic_components = arithmetic with its parts
+    correct and format as per-sample fields); empty = the task's own reward."""
     reward_args: dict[str, HyperValue] = dataclasses.field(default_factory=dict)
     """Arguments of the chosen reward (typed flags --data.reward-args.NAME), only those to change."""
     path: str | None = None

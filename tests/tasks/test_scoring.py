@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from skyrl_fn.tasks import provided_fields, provides
-from skyrl_fn.tasks.base import DigitsTask, RewardError, Rewarded
+from skyrl_fn.tasks.base import DigitsTask, Example, RewardError, Rewarded
 from skyrl_fn.tasks.scoring import reward_value, score_fields
 
 
@@ -74,3 +74,14 @@ def test_a_reward_that_returns_undeclared_or_non_finite_fields_names_the_sample(
 
     with pytest.raises(RewardError, match=r"returned field 'x' = nan on sample 0"):
         score_fields(Rewarded(task=DigitsTask(), fn=nan_field, reward_name="n"), ["1"], examples, [0], fields=("x",))
+
+
+def test_the_arithmetic_components_reward_splits_the_arithmetic_reward_into_correct_and_format():
+    from skyrl_fn.tasks.arithmetic import arithmetic_components, arithmetic_reward
+
+    example = Example(index=0, prompt="What is 2 + 3?", answer="5")
+    assert provided_fields(functools.partial(arithmetic_components, format_credit=0.1)) == ("correct", "format")
+    for response, correct, formatted in (("so #### 5", 1.0, 1.0), ("#### 6", 0.0, 1.0), ("5", 0.0, 0.0)):
+        out = arithmetic_components(response, example, format_credit=0.1)
+        assert out == {"score": arithmetic_reward(response, example, format_credit=0.1), "correct": correct, "format": formatted}
+        assert out["score"] == pytest.approx(correct + 0.1 * formatted * (1 - correct))

@@ -79,6 +79,11 @@ def test_resolve_checks_every_field_a_piece_reads_against_the_trainer_and_the_ta
     with pytest.raises(ValueError, match=r"task 'digits' with reward 'clash': provides \['old_log_probs'\], which the trainer provides itself"):
         resolve(make_config(data={"reward": "clash"}), table)
 
+    # the built-in arithmetic_components reward provides the arithmetic reward's parts
+    parts = {"advantage_estimator": "gdpo", "estimator": {"reward_keys": ("correct", "format")}}
+    run = resolve(make_config(data={"task": "arithmetic", "reward": "arithmetic_components"}, algorithm=parts), table)
+    assert run.task_fields == ("correct", "format")
+
 
 def test_sum_pi_squared_is_computed_only_when_a_piece_reads_it_and_not_in_bypass_mode(make_config, table):
     otb = {"advantage_estimator": "optimal_token_baseline"}
