@@ -97,22 +97,20 @@ def missing_fields(needs: Mapping[str, Any], available, *, source: str) -> None:
     """Raise if a piece needs a per-sample field that ``available`` does not hold.
 
     Args:
-        needs: a label of each piece (e.g. ``"advantage estimator 'gdpo'"``) -> the ``extras``
-            keys it reads (:func:`fields_needed`).
+        needs: a label of each piece (e.g. ``"algorithm.advantage_estimator 'gdpo'"``) -> the
+            ``extras`` keys it reads (:func:`fields_needed`).
         available: the per-sample field names the run produces.
-        source: what produces them, named in the error (e.g. ``"the trainer"``).
+        source: what produces which fields, completing the message (e.g. ``"the trainer provides
+            ['old_log_probs']"``).
 
     Raises:
-        ValueError: naming the piece, the missing fields and the fields available.
+        ValueError: ``"<piece> reads extras.<key>, ...; <source>"``.
     """
     have = set(available)
     for label, keys in needs.items():
         missing = sorted(set(keys) - have)
         if missing:
-            raise ValueError(
-                f"{label}: expected per-sample field(s) {missing} in the batch's extras, got only "
-                f"{sorted(have) or 'none'} (produced by {source})"
-            )
+            raise ValueError(f"{label} reads {', '.join(EXTRAS_PREFIX + k for k in missing)}; {source}")
 
 
 def requires(*inputs: str, fields_from: tuple[str, ...] = ()) -> Callable[[F], F]:

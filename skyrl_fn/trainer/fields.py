@@ -21,6 +21,8 @@ from typing import Mapping, Sequence
 
 import torch
 
+from skyrl_fn.core.requires import missing_fields
+
 __all__ = ["TRAINER_FIELDS", "ON_REQUEST", "check_fields", "requested_fields", "step_fields"]
 
 #: The per-sample fields the trainer provides: the sampling policy's log-probs of the sampled
@@ -53,16 +55,12 @@ def check_fields(needs: Mapping[str, frozenset[str]], task_fields: Sequence[str]
     clash = sorted(set(task_fields) & set(TRAINER_FIELDS))
     if clash:
         raise ValueError(f"{task}: provides {clash}, which the trainer provides itself ({list(TRAINER_FIELDS)}); rename the field")
-    have = set(TRAINER_FIELDS) | set(task_fields)
-    for label, keys in needs.items():
-        missing = sorted(set(keys) - have)
-        if missing:
-            reads = ", ".join(f"extras.{k}" for k in missing)
-            provided = list(task_fields) if task_fields else "no per-sample fields"
-            raise ValueError(
-                f"{label} reads {reads}; {task} provides {provided} and the trainer provides {list(TRAINER_FIELDS)} "
-                f"(a reward declares its fields with skyrl_fn.tasks.provides and returns them with 'score')"
-            )
+    provided = list(task_fields) if task_fields else "no per-sample fields"
+    missing_fields(
+        needs, {*TRAINER_FIELDS, *task_fields},
+        source=f"{task} provides {provided} and the trainer provides {list(TRAINER_FIELDS)} (a reward declares its "
+        f"fields with skyrl_fn.tasks.provides and returns them with 'score')",
+    )
 
 
 def step_fields(
