@@ -15,7 +15,7 @@ import functools
 from typing import Any, Callable, Mapping, TypeVar
 
 __all__ = [
-    "INPUTS", "EXTRAS_PREFIX", "check_inputs", "requires", "requirements", "extras_required", "fields_needed", "missing_fields",
+    "INPUTS", "EXTRAS_PREFIX", "check_inputs", "requires", "requirements", "declaration", "extras_required", "fields_needed", "missing_fields",
 ]
 
 #: The optional inputs a piece can require: critic values (``AdvantageInput.values``, so a run
@@ -142,11 +142,18 @@ def requires(*inputs: str, fields_from: tuple[str, ...] = ()) -> Callable[[F], F
     return mark
 
 
+def declaration(fn: Callable, attribute: str) -> Any:
+    """What a decorator declared on ``fn`` as ``attribute`` (``__skyrl_requires__``, a task's
+    ``__skyrl_provides__``), looking through ``functools.partial``: the outermost declaration
+    wins; ``()`` when there is none."""
+    while isinstance(fn, functools.partial):
+        own = getattr(fn, attribute, None)
+        if own is not None:
+            return own
+        fn = fn.func
+    return getattr(fn, attribute, ())
+
+
 def requirements(fn: Callable) -> frozenset[str]:
     """The optional inputs ``fn`` reads: its ``__skyrl_requires__``, looking through partials."""
-    while isinstance(fn, functools.partial):
-        own = getattr(fn, "__skyrl_requires__", None)
-        if own is not None:
-            return check_inputs(own)
-        fn = fn.func
-    return check_inputs(getattr(fn, "__skyrl_requires__", ()))
+    return check_inputs(declaration(fn, "__skyrl_requires__"))

@@ -20,12 +20,12 @@ worker, the Ray object store, batch transforms and micro-batching.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import torch
 
+from skyrl_fn.core.requires import declaration
 from skyrl_fn.tasks.base import Example, RewardError, Task, reward_function_name
 
 __all__ = ["SCORE_KEY", "provides", "provided_fields", "reward_value", "score_fields"]
@@ -69,12 +69,7 @@ def provides(*names: str) -> Callable[[F], F]:
 def provided_fields(fn: Callable | None) -> tuple[str, ...]:
     """The fields ``fn`` declares with :func:`provides` (looking through ``functools.partial``, as
     the run binds a task's or reward's arguments); ``()`` when none or ``fn`` is None."""
-    while isinstance(fn, functools.partial):
-        own = getattr(fn, "__skyrl_provides__", None)
-        if own is not None:
-            return _check_names(own)
-        fn = fn.func
-    return _check_names(getattr(fn, "__skyrl_provides__", ()))
+    return _check_names(declaration(fn, "__skyrl_provides__")) if fn is not None else ()
 
 
 def reward_value(result: Any, fields: Sequence[str] | None = ()) -> tuple[float, dict[str, float]]:

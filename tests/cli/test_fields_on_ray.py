@@ -39,18 +39,18 @@ from skyrl_fn.tasks import provides
 from skyrl_fn.tasks.base import Example
 
 @attrs.frozen(kw_only=True)
-class ParityTask:
-    """Prompt 'c:<bits>>', answer the parity bit; two reward components."""
+class EchoTask:
+    """Prompt 'c:<digit>>', answer the digit; two reward components."""
     seed: int
-    name: str = "parity"
+    name: str = "echo"
     alphabet: str = DIGITS_ALPHABET
 
     def size(self):
-        return None
+        return 10
 
     def example(self, index):
-        bits = format((self.seed * 7919 + index) % 16, "04b")
-        return Example(index=index, prompt=f"c:{{bits}}>", answer=str(bits.count("1") % 2))
+        digit = str((self.seed + index) % 10)
+        return Example(index=index, prompt=f"c:{{digit}}>", answer=digit)
 
     def reward(self, response, example):
         correct = float(response.strip()[:1] == example.answer)
@@ -58,8 +58,8 @@ class ParityTask:
         return {{"score": correct, "correct": correct, "digit_sum": digit_sum}}
 
 @provides("correct", "digit_sum")
-def parity_task(data, *, seed=0):
-    return ParityTask(seed=seed)
+def echo_task(data, *, seed=0):
+    return EchoTask(seed=seed)
 
 _calls = itertools.count()
 
@@ -74,7 +74,7 @@ def register(table):
         )
         return regular(batch)
 
-    return table.register("parity", parity_task, kind="task").register("recording_pg", recording_pg, kind="policy_loss")
+    return table.register("echo", echo_task, kind="task").register("recording_pg", recording_pg, kind="policy_loss")
 
 os.remove(__file__)
 '''
@@ -86,7 +86,7 @@ def test_gdpo_gets_the_task_reward_components_on_ray(ray_session, tmp_path):
     plugin = tmp_path / "my_task.py"
     plugin.write_text(textwrap.dedent(PLUGIN.format(out=str(out))))
     summary = main([
-        "--plugin", str(plugin), *TINY, "--data.task", "parity", "--algorithm.advantage-estimator", "gdpo",
+        "--plugin", str(plugin), *TINY, "--data.task", "echo", "--algorithm.advantage-estimator", "gdpo",
         "--algorithm.estimator.reward-keys", "correct", "digit_sum", "--algorithm.policy-loss", "recording_pg",
         "--trainer.micro-batch-size", "3", "--logging.run-dir", str(tmp_path / "run"),
     ])
