@@ -80,13 +80,16 @@ os.remove(__file__)
 '''
 
 
-def test_gdpo_gets_the_task_reward_components_on_ray(ray_session, tmp_path):
+@pytest.mark.parametrize(
+    "layout", [[], pytest.param(["--ray.rollout-workers", "2"], marks=pytest.mark.slow)], ids=["hybrid", "two-rollout-workers"]
+)
+def test_gdpo_gets_the_task_reward_components_on_ray(ray_session, tmp_path, layout):
     out = tmp_path / "calls"
     out.mkdir()
     plugin = tmp_path / "my_task.py"
     plugin.write_text(textwrap.dedent(PLUGIN.format(out=str(out))))
     summary = main([
-        "--plugin", str(plugin), *TINY, "--data.task", "echo", "--algorithm.advantage-estimator", "gdpo",
+        "--plugin", str(plugin), *TINY, *layout, "--data.task", "echo", "--algorithm.advantage-estimator", "gdpo",
         "--algorithm.estimator.reward-keys", "correct", "digit_sum", "--algorithm.policy-loss", "recording_pg",
         "--trainer.micro-batch-size", "3", "--logging.run-dir", str(tmp_path / "run"),
     ])
