@@ -188,11 +188,12 @@ def make_experience(
     # The step's per-sample fields under their own names (skyrl_fn.trainer.fields): the pieces
     # that declare them (requires("extras.<key>")) read them; the trainer special-cases none.
     behaviour = old_log_probs if old_log_probs is not None else rollout.rollout_log_probs
-    missing = sorted(run.computed_fields - set(fields or {}))
+    computed = dict(fields or {})
+    missing = sorted(run.computed_fields - set(computed))
     if missing:
-        raise ValueError(f"fields: expected the trainer's {missing} (a chosen piece reads them; old_policy_pass computes them), got {sorted(fields or {})}")
-    extras = {**(fields or {}), **rollout.extras}
-    adv = compute_advantages(run, rewards, mask, rollout.group_ids, values=values, extras=step_fields(behaviour, rollout.rollout_log_probs, fields or {}, rollout.extras))
+        raise ValueError(f"fields: expected the trainer's {missing} (a chosen piece reads them; old_policy_pass computes them), got {sorted(computed)}")
+    extras = step_fields(behaviour, rollout.rollout_log_probs, computed, rollout.extras)
+    adv = compute_advantages(run, rewards, mask, rollout.group_ids, values=values, extras=extras)
     advantages = adv.advantages
     if rollout.teacher_log_probs is not None:  # on-policy distillation (skyrl_fn.trainer.teacher)
         term = distill_term(behaviour, rollout.teacher_log_probs, mask, coef=run.config.teacher.coef)
@@ -202,7 +203,7 @@ def make_experience(
     exp = Experience(  # the loss counts the loss mask's tokens (a batch transform may have removed some)
         input_ids=ids, attention_mask=am, response_mask=rollout.effective_loss_mask(), old_log_probs=old_log_probs,
         rollout_log_probs=rollout.rollout_log_probs, advantages=advantages, returns=adv.returns,
-        ref_log_probs=ref_log_probs, values=values, group_ids=rollout.group_ids, extras=extras,
+        ref_log_probs=ref_log_probs, values=values, group_ids=rollout.group_ids, extras={**computed, **rollout.extras},
     )
     lengths = mask.sum(-1).float()
     metrics.update(

@@ -157,7 +157,6 @@ class PolicyWorker:
         Returns its metrics and the experience (the critic trains on it), None when the step was
         skipped for something non-finite (``skyrl_fn.trainer.nonfinite``)."""
         t0 = time.perf_counter()
-        cfg = self.run.config
         model = self.train_state.model
         model.eval()
         old_lp, computed = old_policy_pass(self.run, model, rollout)  # None: from policy_update's first pass
