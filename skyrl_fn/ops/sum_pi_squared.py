@@ -2,7 +2,7 @@
 
 For logits ``z`` at temperature ``tau`` and ``pi = softmax(z / tau)``::
 
-    q = sum_v pi(v)^2 = exp(logsumexp(2 z / tau) - 2 logsumexp(z / tau))
+    e = exp(z / tau - max_v z / tau),   q = sum_v pi(v)^2 = sum_v e_v^2 / (sum_v e_v)^2
 
 in float32, one ``[C, V]`` chunk of rows at a time: no ``[B, T, V]`` probability tensor is kept
 (verl's ``calculate_sum_pi_squared_from_logits`` squares a full softmax of the logits divided by the
@@ -47,5 +47,6 @@ def sum_pi_squared(logits: torch.Tensor, *, temperature: float = 1.0, chunk_size
     out = torch.empty(n, dtype=torch.float32, device=logits.device)
     for s in range(0, n, chunk):
         z = rows[s : s + chunk].float() / temperature
-        out[s : s + chunk] = torch.exp(torch.logsumexp(2.0 * z, dim=-1) - 2.0 * torch.logsumexp(z, dim=-1))
+        e = (z - z.amax(-1, keepdim=True)).exp_()  # in [0, 1], the row max at 1: no overflow
+        out[s : s + chunk] = torch.linalg.vecdot(e, e) / e.sum(-1).square()
     return out.reshape(logits.shape[:-1]).clamp(max=1.0)
