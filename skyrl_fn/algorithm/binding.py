@@ -243,7 +243,7 @@ def bind_algorithm(
         needs_critic="values" in entries["advantage_estimator"].requires,
         needs_reference=use_kl_loss or kl_in_reward or "ref_log_probs" in entries["policy_loss"].requires,
         fields={
-            f"{k.replace('_', ' ')} {names[k]!r}": fields_needed(entries[k].fn, hyper.get(k))
+            f"algorithm.{k} {names[k]!r}": fields_needed(entries[k].fn, hyper.get(k))
             for k in ("advantage_estimator", "policy_loss")
         },
         aggregation_takes_groups=_accepts_any(entries["aggregation"].fn, frozenset({"group_ids"}))

@@ -15,7 +15,7 @@ import functools
 from typing import Any, Callable, Mapping, TypeVar
 
 __all__ = [
-    "INPUTS", "EXTRAS_PREFIX", "check_inputs", "requires", "requirements", "extras_required", "fields_needed", "missing_fields",
+    "INPUTS", "EXTRAS_PREFIX", "check_inputs", "requires", "requirements", "declaration", "extras_required", "fields_needed", "missing_fields",
 ]
 
 #: The optional inputs a piece can require: critic values (``AdvantageInput.values``, so a run
@@ -97,22 +97,20 @@ def missing_fields(needs: Mapping[str, Any], available, *, source: str) -> None:
     """Raise if a piece needs a per-sample field that ``available`` does not hold.
 
     Args:
-        needs: a label of each piece (e.g. ``"advantage estimator 'gdpo'"``) -> the ``extras``
-            keys it reads (:func:`fields_needed`).
+        needs: a label of each piece (e.g. ``"algorithm.advantage_estimator 'gdpo'"``) -> the
+            ``extras`` keys it reads (:func:`fields_needed`).
         available: the per-sample field names the run produces.
-        source: what produces them, named in the error (e.g. ``"the trainer"``).
+        source: what produces which fields, completing the message (e.g. ``"the trainer provides
+            ['old_log_probs']"``).
 
     Raises:
-        ValueError: naming the piece, the missing fields and the fields available.
+        ValueError: ``"<piece> reads extras.<key>, ...; <source>"``.
     """
     have = set(available)
     for label, keys in needs.items():
         missing = sorted(set(keys) - have)
         if missing:
-            raise ValueError(
-                f"{label}: expected per-sample field(s) {missing} in the batch's extras, got only "
-                f"{sorted(have) or 'none'} (produced by {source})"
-            )
+            raise ValueError(f"{label} reads {', '.join(EXTRAS_PREFIX + k for k in missing)}; {source}")
 
 
 def requires(*inputs: str, fields_from: tuple[str, ...] = ()) -> Callable[[F], F]:
@@ -144,11 +142,18 @@ def requires(*inputs: str, fields_from: tuple[str, ...] = ()) -> Callable[[F], F
     return mark
 
 
+def declaration(fn: Callable, attribute: str) -> Any:
+    """What a decorator declared on ``fn`` as ``attribute`` (``__skyrl_requires__``, a task's
+    ``__skyrl_provides__``), looking through ``functools.partial``: the outermost declaration
+    wins; ``()`` when there is none."""
+    while isinstance(fn, functools.partial):
+        own = getattr(fn, attribute, None)
+        if own is not None:
+            return own
+        fn = fn.func
+    return getattr(fn, attribute, ())
+
+
 def requirements(fn: Callable) -> frozenset[str]:
     """The optional inputs ``fn`` reads: its ``__skyrl_requires__``, looking through partials."""
-    while isinstance(fn, functools.partial):
-        own = getattr(fn, "__skyrl_requires__", None)
-        if own is not None:
-            return check_inputs(own)
-        fn = fn.func
-    return check_inputs(getattr(fn, "__skyrl_requires__", ()))
+    return check_inputs(declaration(fn, "__skyrl_requires__"))

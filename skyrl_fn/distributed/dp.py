@@ -30,6 +30,7 @@ import os
 import time
 from typing import Any, NoReturn, Sequence
 
+import attrs
 import torch
 
 from skyrl_fn.distributed.actors import Critic, ReferenceModel, _Ping, _start, release
@@ -40,14 +41,15 @@ from skyrl_fn.trainer import checkpoint as ckpt
 from skyrl_fn.trainer import shards
 from skyrl_fn.trainer.run import ResolvedRun
 from skyrl_fn.trainer.evaluate import evaluate, heldout_task
-from skyrl_fn.trainer.forward import batched_log_probs
+from skyrl_fn.trainer.forward import old_policy_pass
 from skyrl_fn.trainer.learner import experience_and_update, loss_kernel, make_train_state, set_hyperparameters
 from skyrl_fn.models.model import load_model, load_tokenizer
 from skyrl_fn.rollout.base import HFBackend
 from skyrl_fn.trainer.sharding import (
     Collectives, gathered, init_process_group, load_full_state, partition_groups, shard_model,
 )
-from skyrl_fn.tasks.base import reward_function_name, score
+from skyrl_fn.tasks.base import reward_function_name
+from skyrl_fn.tasks.scoring import score_fields
 from skyrl_fn.trainer.workers import Generated, RoleState, SavedShards, ShardWriter, WorkersState
 
 __all__ = ["PolicyRank", "DPWorkers", "share_rows"]
@@ -113,7 +115,9 @@ class PolicyRank(_Ping):
         model = self.train_state.model.eval()
         with gathered(model):
             rollout = self.backend.generate([e.prompt for e in mine], seed=seed, first_prompt=first)
-        scores = torch.tensor(score(self.task, rollout.responses, mine, rollout.group_ids.tolist()), dtype=torch.float32)
+        scores, extras = score_fields(self.task, rollout.responses, mine, rollout.group_ids.tolist(), fields=self.run.task_fields)
+        if extras:
+            rollout = attrs.evolve(rollout, extras=extras)
         parts = self.dp.all_gather_object((rollout, scores, time.perf_counter() - t0))
         whole = concat_rollouts([p[0] for p in parts], pad_id=int(self.tokenizer.pad_token_id))
         self.kept = Generated(rollout=whole, scores=torch.cat([p[1] for p in parts]), seconds=max(p[2] for p in parts))
@@ -126,14 +130,14 @@ class PolicyRank(_Ping):
             generated, self.kept = self.kept, None
         cfg = self.run.config
         rollout, scores, ref_log_probs, values = to_device((generated.rollout, generated.scores, ref_log_probs, values), self.device)
-        old_lp = None
-        if cfg.algorithm.recompute_old_log_probs:  # of the whole batch, with the full parameters
+        old_lp, computed = None, {}
+        if cfg.algorithm.recompute_old_log_probs or self.run.computed_fields:  # of the whole batch, with the full parameters
             with gathered(self.train_state.model.eval()) as model:
-                old_lp = batched_log_probs(model, rollout, micro_batch_size=cfg.trainer.micro_batch_size, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
+                old_lp, computed = old_policy_pass(self.run, model, rollout)
         t0 = time.perf_counter()
         metrics, exp = experience_and_update(
             self.run, self.train_state, rollout, scores, reward_function=reward_function_name(self.task), old_log_probs=old_lp,
-            ref_log_probs=ref_log_probs, values=values, kl_coef=kl_coef, kernel=self.kernel,
+            ref_log_probs=ref_log_probs, values=values, kl_coef=kl_coef, kernel=self.kernel, fields=computed,
             rank_rows=share_rows(rollout, self.world_size, self.rank).to(self.device), dp=self.dp,
         )
         metrics["update_seconds"] = time.perf_counter() - t0

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from typing import Literal, Protocol, Sequence, runtime_checkable
+from typing import Literal, Mapping, Protocol, Sequence, runtime_checkable
 
 import attrs
 import torch
@@ -92,6 +92,10 @@ class RolloutBatch:
             (None: all of ``response_mask``). Set by batch transforms (``overlong_filter``).
         teacher_log_probs: ``[B, T]`` float log-probs of the sampled tokens under a teacher (on-policy
             distillation, ``skyrl_fn.trainer.teacher``; 0 where the mask is 0), or None.
+        extras: the task's per-sample fields by name (``skyrl_fn.tasks.scoring``: reward
+            components and the like), each ``[B]`` or ``[B, T]`` floating; they reach
+            ``AdvantageInput.extras`` and ``PolicyLossInput.extras`` under their names. Kept row
+            by row by :meth:`select` and :func:`concat_rollouts`.
     """
 
     prompt_ids: torch.Tensor = _long("prompt_ids")
@@ -105,6 +109,7 @@ class RolloutBatch:
     truncated: torch.Tensor | None = attrs.field(default=None, converter=lambda x: None if x is None else as_mask("truncated", x))
     loss_mask: torch.Tensor | None = attrs.field(default=None, converter=lambda x: None if x is None else as_mask("loss_mask", x))
     teacher_log_probs: torch.Tensor | None = attrs.field(default=None)
+    extras: Mapping[str, torch.Tensor] = attrs.field(factory=dict, converter=dict)
 
     def __attrs_post_init__(self) -> None:
         if self.response_ids.dim() != 2 or self.prompt_ids.dim() != 2:
@@ -135,6 +140,9 @@ class RolloutBatch:
         if self.teacher_log_probs is not None:
             check_floating("teacher_log_probs", self.teacher_log_probs)
             check_shape("teacher_log_probs", self.teacher_log_probs, (b, t), "[B, T]")
+        for key, x in self.extras.items():
+            check_floating(f"extras[{key!r}]", x)
+            check_shape(f"extras[{key!r}]", x, (b,) if x.dim() == 1 else (b, t), "[B] or [B, T]")
 
     @property
     def batch_size(self) -> int:
@@ -178,6 +186,7 @@ class RolloutBatch:
             response_mask=self.response_mask[rows], rollout_log_probs=self.rollout_log_probs[rows], group_ids=new_ids,
             prompts=[self.prompts[g] for g in order], responses=[self.responses[i] for i in rows.tolist()],
             truncated=pick(self.truncated), loss_mask=pick(self.loss_mask), teacher_log_probs=pick(self.teacher_log_probs),
+            extras={k: v[rows] for k, v in self.extras.items()},
         )
 
 
@@ -185,7 +194,15 @@ def concat_rollouts(parts: Sequence[RolloutBatch], pad_id: int) -> RolloutBatch:
     """One ``RolloutBatch`` from several (prompts left-padded, responses right-padded to the
     longest with ``pad_id``; group ids offset so prompt ``p`` of part ``k`` keeps its rows).
     ``truncated`` and ``teacher_log_probs`` are joined when every part has them, ``loss_mask``
-    when any has one."""
+    when any has one; ``extras`` key by key (every part must hold the same keys; ``[B, T]`` ones
+    right-padded with 0).
+
+    Raises:
+        ValueError: parts with different ``extras`` keys.
+    """
+    keys = [sorted(p.extras) for p in parts]
+    if any(k != keys[0] for k in keys):
+        raise ValueError(f"extras: expected the same per-sample fields in every part, got {keys}")
     if len(parts) == 1:
         return parts[0]
     lp = max(p.prompt_ids.shape[1] for p in parts)
@@ -216,6 +233,7 @@ def concat_rollouts(parts: Sequence[RolloutBatch], pad_id: int) -> RolloutBatch:
         prompts=[s for p in parts for s in p.prompts],
         responses=[s for p in parts for s in p.responses],
         truncated=truncated, loss_mask=loss_mask, teacher_log_probs=teacher,
+        extras={k: torch.cat([v if v.dim() == 1 else right(v, t, 0.0) for v in (p.extras[k] for p in parts)]) for k in keys[0]},
     )
 
 

@@ -39,8 +39,12 @@ import attrs
 
 from skyrl_fn.models.model import TEXT_ALPHABET
 from skyrl_fn.tasks.base import DataConfig, Example
+from skyrl_fn.tasks.scoring import provides
 
-__all__ = ["ArithmeticTask", "KINDS", "INSTRUCTION", "final_answer", "format_reward", "arithmetic_task", "arithmetic_reward"]
+__all__ = [
+    "ArithmeticTask", "KINDS", "INSTRUCTION", "final_answer", "format_reward", "arithmetic_task", "arithmetic_reward",
+    "arithmetic_components",
+]
 
 #: Problem kinds, cycled by example index.
 KINDS: tuple[str, ...] = ("add", "add_sub", "word")
@@ -184,3 +188,22 @@ def arithmetic_reward(response: str, example: Example, *, format_credit: float =
     if not 0.0 <= format_credit < 1.0:
         raise ValueError(f"format_credit: expected in [0, 1) (below a correct answer), got {format_credit!r}")
     return format_reward(response, int(example.answer), format_credit=format_credit)
+
+
+@provides("correct", "format")
+def arithmetic_components(response: str, example: Example, *, format_credit: float = 0.0) -> dict[str, float]:
+    """The built-in reward ``arithmetic_components``: the ``arithmetic`` reward and its two parts as
+    per-sample fields (``skyrl_fn.tasks.scoring``), e.g. for GDPO's separate normalisation
+    (``--algorithm.advantage-estimator gdpo --algorithm.estimator.reward-keys correct format``)::
+
+        correct = 1 if the last '####' number equals the answer, else 0
+        format  = 1 if the reply has a '####' number at all, else 0
+        score   = correct + format_credit * format * (1 - correct)      (= the arithmetic reward)
+
+    Args:
+        format_credit: the score of a well-formatted wrong answer, in ``[0, 1)``.
+    """
+    score = arithmetic_reward(response, example, format_credit=format_credit)
+    got = final_answer(response)
+    return {"score": score, "correct": float(got == int(example.answer)), "format": float(got is not None)}
+

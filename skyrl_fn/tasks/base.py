@@ -12,9 +12,10 @@ a dense learning signal from the first step::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import random
-from typing import Callable, Literal, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Literal, Protocol, runtime_checkable
 
 import attrs
 
@@ -22,7 +23,7 @@ from skyrl_fn.core.table import HyperValue
 from skyrl_fn.models.model import DIGITS_ALPHABET
 
 __all__ = [
-    "DataConfig", "Example", "Task", "DigitsTask", "DataState", "next_prompts", "char_credit", "step_credit", "score",
+    "DataConfig", "Example", "Task", "DigitsTask", "DataState", "next_prompts", "char_credit", "step_credit",
     "DataError", "RewardError", "check_data_path", "reward_function_name", "digits_task", "char_credit_reward",
     "step_credit_reward", "Rewarded",
 ]
@@ -42,7 +43,8 @@ class DataConfig:
     --data.task-args.NAME from its signature), only those to change."""
     reward: str = ""
     """Reward registered in the table to score responses instead of the task's own (built-ins:
-    char_credit, step_credit, math, arithmetic); empty = the task's own reward."""
+    char_credit, step_credit, math, arithmetic, arithmetic_components = arithmetic with its parts
+    correct and format as per-sample fields); empty = the task's own reward."""
     reward_args: dict[str, HyperValue] = dataclasses.field(default_factory=dict)
     """Arguments of the chosen reward (typed flags --data.reward-args.NAME), only those to change."""
     path: str | None = None
@@ -106,8 +108,10 @@ class Task(Protocol):
         """Number of distinct examples, or None for an endless generator."""
         ...
 
-    def reward(self, response: str, example: Example) -> float:
-        """The reward of ``response`` for ``example`` in ``[0, 1]``."""
+    def reward(self, response: str, example: Example) -> Any:
+        """The reward of ``response`` for ``example`` in ``[0, 1]``: a number, or a mapping with
+        ``"score"`` and the per-sample fields the task factory declares
+        (``skyrl_fn.tasks.scoring.provides``)."""
         ...
 
 
@@ -259,8 +263,10 @@ def check_data_path(path: str | None, *, field: str = "data.path") -> str:
 
 
 def reward_function_name(task: object) -> str:
-    """``Class.reward`` of a task (how errors and ``nonfinite.reward_rows`` name the reward)."""
-    fn = getattr(task, "reward", None)
+    """``Class.reward`` of a task, or the reward function chosen by ``--data.reward`` (how errors
+    and ``nonfinite.reward_rows`` name the reward)."""
+    fn = task.fn if isinstance(task, Rewarded) else getattr(task, "reward", None)
+    fn = fn.func if isinstance(fn, functools.partial) else fn
     return getattr(fn, "__qualname__", None) or f"{type(task).__name__}.reward"
 def digits_task(data: DataConfig, *, seed: int = 0) -> DigitsTask:
     """The built-in task ``digits``: :class:`DigitsTask` from ``data.digits_op``,
@@ -286,12 +292,13 @@ class Rewarded:
     Attributes:
         task: the task giving the examples.
         fn: ``fn(response, example) -> float`` (a table entry of kind ``reward`` with its
-            arguments bound).
+            arguments bound), or a mapping with ``"score"`` and the fields ``fn`` declares
+            (``skyrl_fn.tasks.scoring``).
         reward_name: the name it was chosen by, for messages.
     """
 
     task: Task
-    fn: Callable[[str, Example], float]
+    fn: Callable[[str, Example], Any]
     reward_name: str
 
     @property
@@ -308,7 +315,7 @@ class Rewarded:
     def size(self) -> int | None:
         return self.task.size()
 
-    def reward(self, response: str, example: Example) -> float:
+    def reward(self, response: str, example: Example) -> Any:
         return self.fn(response, example)
 
     def rescore(self, task: Task) -> "Rewarded":
@@ -320,28 +327,3 @@ class Rewarded:
             heldout = getattr(self.task, "heldout")
             return lambda: self.rescore(heldout())
         raise AttributeError(name)
-
-
-def _sample(b: int, example: Example, response: str) -> str:
-    return f"sample {b} (prompt {example.index} {example.prompt[:40]!r}, response {response[:40]!r})"
-
-
-def score(task: Task, responses: Sequence[str], examples: Sequence[Example], group_ids: Sequence[int]) -> list[float]:
-    """Rewards ``[B]`` of ``responses``; response ``b`` answers ``examples[group_ids[b]]``.
-
-    Non-finite rewards are returned as they are (the training step skips a batch holding one and
-    names each sample: ``skyrl_fn.trainer.nonfinite.reward_rows``).
-
-    Raises:
-        RewardError: the reward function raised; names the function, the sample and the error.
-    """
-    out = []
-    for b, (r, g) in enumerate(zip(responses, group_ids)):
-        example = examples[int(g)]
-        try:
-            out.append(float(task.reward(r, example)))
-        except Exception as err:
-            raise RewardError(
-                f"reward: {reward_function_name(task)} raised {type(err).__name__}: {err} on {_sample(b, example, r)}"
-            ) from err
-    return out

@@ -83,6 +83,7 @@ def generated_to_plain(g: Generated) -> dict[str, Any]:
     """``g`` as tensors, lists and floats (a checkpoint loads ``weights_only``)."""
     r = g.rollout
     batch = {f: (list(getattr(r, f)) if f in ("prompts", "responses") else getattr(r, f).detach().cpu()) for f in _BATCH_FIELDS}
+    batch["extras"] = {k: v.detach().cpu() for k, v in r.extras.items()}  # the task's per-sample fields
     return {"rollout": batch, "scores": g.scores.detach().cpu(), "seconds": float(g.seconds)}
 
 

@@ -25,6 +25,7 @@ from skyrl_fn.trainer.config import EvalConfig, TrainConfig
 from skyrl_fn.tasks.gsm8k import Gsm8kTask
 from skyrl_fn.models.model import encode_prompts, eos_token_ids
 from skyrl_fn.tasks.base import Example, Rewarded, Task
+from skyrl_fn.tasks.scoring import reward_value
 
 __all__ = ["heldout_task", "heldout_examples", "eval_due", "evaluate", "greedy_responses"]
 
@@ -127,7 +128,7 @@ def evaluate(
     texts, lengths, ended = greedy_responses(
         model, tokenizer, [e.prompt for e in examples], max_new_tokens=max_new_tokens, batch_size=batch_size
     )
-    rewards = [float(task.reward(t, e)) for t, e in zip(texts, examples)]
+    rewards = [reward_value(task.reward(t, e), None)[0] for t, e in zip(texts, examples)]  # the score, not any fields
     n = len(examples)
     return {
         "eval_accuracy": sum(r >= 1.0 for r in rewards) / n,

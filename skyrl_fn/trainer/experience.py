@@ -12,7 +12,8 @@ import torch
 from skyrl_fn.estimators.distill import distill_term
 from skyrl_fn.losses.kl import KLController, kl_controller
 from skyrl_fn.core.records import AdvantageInput, AdvantageOutput
-from skyrl_fn.trainer.run import TRAINER_FIELDS, ResolvedRun
+from skyrl_fn.trainer.fields import step_fields
+from skyrl_fn.trainer.run import ResolvedRun
 from skyrl_fn.rollout.base import RolloutBatch
 
 __all__ = ["KLController", "kl_controller_of", "Experience", "token_rewards", "compute_advantages", "make_experience"]
@@ -67,7 +68,7 @@ def compute_advantages(
         response_mask: ``[B, T]`` bool.
         group_ids: ``[B]`` prompt index of each sequence.
         values: ``[B, T]`` critic values (GAE).
-        extras: the per-sample fields (``AdvantageInput.extras``; :data:`TRAINER_FIELDS`).
+        extras: the per-sample fields (``AdvantageInput.extras``; ``skyrl_fn.trainer.fields``).
     """
     batch = AdvantageInput(
         token_level_rewards=rewards, response_mask=response_mask, group_ids=group_ids, values=values, extras=extras or {},
@@ -94,6 +95,9 @@ class Experience:
         ref_log_probs: ``[B, T]`` or None (no KL).
         values: ``[B, T]`` old critic values or None (no critic).
         group_ids: ``[B]`` prompt index of each sequence (an aggregation over prompts reads it).
+        extras: the step's per-sample fields besides the old and rollout log-probs, by name: the
+            task's (``RolloutBatch.extras``) and the trainer's computed on request
+            (``skyrl_fn.trainer.fields``); ``[B]`` or ``[B, T]``, sliced with the rows.
     """
 
     input_ids: torch.Tensor
@@ -106,6 +110,7 @@ class Experience:
     ref_log_probs: torch.Tensor | None = None
     values: torch.Tensor | None = None
     group_ids: torch.Tensor | None = None
+    extras: dict[str, torch.Tensor] = attrs.field(factory=dict, converter=dict)
 
     @property
     def batch_size(self) -> int:
@@ -119,11 +124,16 @@ class Experience:
 
     def slice(self, start: int, stop: int) -> "Experience":
         """Rows ``start:stop`` (a micro-batch)."""
-        return Experience(**{k: (None if v is None else v[start:stop]) for k, v in attrs.asdict(self, recurse=False).items()})
+        return self._take(slice(start, stop))
 
     def rows(self, index: torch.Tensor) -> "Experience":
         """The rows ``index`` (``[B']`` int64), in that order (a data-parallel rank's share)."""
-        return Experience(**{k: (None if v is None else v[index]) for k, v in attrs.asdict(self, recurse=False).items()})
+        return self._take(index)
+
+    def _take(self, rows) -> "Experience":
+        fields = attrs.asdict(self, recurse=False)
+        extras = {k: v[rows] for k, v in fields.pop("extras").items()}
+        return Experience(**{k: (None if v is None else v[rows]) for k, v in fields.items()}, extras=extras)
 
 
 def make_experience(
@@ -135,6 +145,7 @@ def make_experience(
     ref_log_probs: torch.Tensor | None = None,
     values: torch.Tensor | None = None,
     kl_coef: float = 0.0,
+    fields: dict[str, torch.Tensor] | None = None,
 ) -> tuple[Experience, dict[str, float]]:
     """Token rewards (with the KL penalty when ``use_kl_in_reward``), advantages, the record.
 
@@ -150,6 +161,8 @@ def make_experience(
         ref_log_probs: ``[B, T]`` reference log-probs (needed when a KL is used).
         values: ``[B, T]`` critic values (needed by GAE).
         kl_coef: the KL-in-reward coefficient (from a ``KLController``).
+        fields: the trainer's per-sample fields computed on request (``run.computed_fields``,
+            from ``skyrl_fn.trainer.forward.old_policy_pass``), ``[B, T]``.
 
     Returns:
         the ``Experience`` and metrics (python floats): reward mean/std, response length, KL.
@@ -172,11 +185,15 @@ def make_experience(
         metrics["kl"] = float(kl.sum() / mask.sum().clamp(min=1))
     in_reward = alg.kl_in_reward
     rewards = token_rewards(scores, mask, kl=kl if in_reward else None, kl_coef=kl_coef if in_reward else 0.0)
-    # The step's per-sample fields, under their own names (TRAINER_FIELDS): estimators that
-    # declare them (requires("extras.<key>")) read them; the trainer special-cases none.
+    # The step's per-sample fields under their own names (skyrl_fn.trainer.fields): the pieces
+    # that declare them (requires("extras.<key>")) read them; the trainer special-cases none.
     behaviour = old_log_probs if old_log_probs is not None else rollout.rollout_log_probs
-    fields = dict(zip(TRAINER_FIELDS, (behaviour, rollout.rollout_log_probs)))
-    adv = compute_advantages(run, rewards, mask, rollout.group_ids, values=values, extras=fields)
+    computed = dict(fields or {})
+    missing = sorted(run.computed_fields - set(computed))
+    if missing:
+        raise ValueError(f"fields: expected the trainer's {missing} (a chosen piece reads them; old_policy_pass computes them), got {sorted(computed)}")
+    extras = step_fields(behaviour, rollout.rollout_log_probs, computed, rollout.extras)
+    adv = compute_advantages(run, rewards, mask, rollout.group_ids, values=values, extras=extras)
     advantages = adv.advantages
     if rollout.teacher_log_probs is not None:  # on-policy distillation (skyrl_fn.trainer.teacher)
         term = distill_term(behaviour, rollout.teacher_log_probs, mask, coef=run.config.teacher.coef)
@@ -186,7 +203,7 @@ def make_experience(
     exp = Experience(  # the loss counts the loss mask's tokens (a batch transform may have removed some)
         input_ids=ids, attention_mask=am, response_mask=rollout.effective_loss_mask(), old_log_probs=old_log_probs,
         rollout_log_probs=rollout.rollout_log_probs, advantages=advantages, returns=adv.returns,
-        ref_log_probs=ref_log_probs, values=values, group_ids=rollout.group_ids,
+        ref_log_probs=ref_log_probs, values=values, group_ids=rollout.group_ids, extras={**computed, **rollout.extras},
     )
     lengths = mask.sum(-1).float()
     metrics.update(

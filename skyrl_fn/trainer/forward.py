@@ -13,12 +13,17 @@ import torch
 from torch import nn
 
 from skyrl_fn.ops.logprobs import token_logprobs_from_logits
+from skyrl_fn.ops.sum_pi_squared import sum_pi_squared
 from skyrl_fn.models.model import ModelConfig, load_model, load_tokenizer, position_ids
 from skyrl_fn.rollout.base import RolloutBatch
 from skyrl_fn.rollout.sampling import nucleus_log_mass
+from skyrl_fn.trainer.fields import ON_REQUEST
 from skyrl_fn.trainer.run import ResolvedRun
 
-__all__ = ["sequence_log_probs", "batched_log_probs", "batched_values", "response_values", "FrozenScorer"]
+__all__ = [
+    "response_logits", "sequence_log_probs", "batched_log_probs", "log_probs_and_fields", "old_policy_pass", "batched_values",
+    "response_values", "FrozenScorer",
+]
 
 #: Above this vocabulary size log-probs go through ``skyrl_fn.ops.logprobs.token_logprobs_from_logits``.
 _CHUNKED_VOCAB = 4096
@@ -30,6 +35,18 @@ def _keeps_logits(model: nn.Module) -> bool:
         return "logits_to_keep" in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return False
+
+
+def response_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int) -> torch.Tensor:
+    """``[B, T, V]`` logits that predict the last ``T = response_len`` tokens of each sequence (the
+    token at position ``j`` is predicted by the logits at ``j - 1``)."""
+    t = int(response_len)
+    if t < 1 or t >= input_ids.shape[1]:
+        raise ValueError(f"response_len: expected 1 <= T < L = {input_ids.shape[1]}, got {t}")
+    am = attention_mask.long()
+    kwargs = {"logits_to_keep": t + 1} if _keeps_logits(model) else {}  # skip the prompt's logits
+    logits = model(input_ids=input_ids, attention_mask=am, position_ids=position_ids(am), use_cache=False, **kwargs).logits
+    return logits[:, -t - 1 : -1, :]
 
 
 def sequence_log_probs(
@@ -59,15 +76,13 @@ def sequence_log_probs(
     Returns:
         ``log_probs [B, T]`` float32 (with grad if enabled) and ``entropy [B, T]`` or None.
     """
-    t = int(response_len)
-    if t < 1 or t >= input_ids.shape[1]:
-        raise ValueError(f"response_len: expected 1 <= T < L = {input_ids.shape[1]}, got {t}")
-    am = attention_mask.long()
-    kwargs = {"logits_to_keep": t + 1} if _keeps_logits(model) else {}  # skip the prompt's logits
-    logits = model(input_ids=input_ids, attention_mask=am, position_ids=position_ids(am), use_cache=False, **kwargs).logits
-    # The token at position j is predicted by the logits at j - 1.
-    logits = logits[:, -t - 1 : -1, :]
-    targets = input_ids[:, -t:]
+    logits = response_logits(model, input_ids, attention_mask, response_len)
+    return _log_probs_of(logits, input_ids[:, -int(response_len):], temperature=temperature, top_p=top_p, with_entropy=with_entropy)
+
+
+def _log_probs_of(
+    logits: torch.Tensor, targets: torch.Tensor, *, temperature: float, top_p: float, with_entropy: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     # top_p < 1: minus log of the nucleus mass (0 and never computed at top_p = 1).
     log_mass = nucleus_log_mass(logits, targets, temperature=temperature, top_p=top_p) if top_p < 1.0 else None
     if logits.shape[-1] > _CHUNKED_VOCAB:
@@ -96,13 +111,42 @@ def batched_log_probs(
     """``[B, T]`` float32 log-probs of ``rollout``'s responses under ``model`` (no grad) at the
     sampling ``temperature`` and ``top_p`` (:func:`sequence_log_probs`), in micro-batches of
     ``micro_batch_size`` sequences; 0 where the response mask is 0."""
+    return log_probs_and_fields(model, rollout, micro_batch_size=micro_batch_size, temperature=temperature, top_p=top_p)[0]
+
+
+@torch.no_grad()
+def log_probs_and_fields(
+    model: nn.Module, rollout: RolloutBatch, *, micro_batch_size: int, temperature: float = 1.0, top_p: float = 1.0,
+    fields: frozenset[str] = frozenset(),
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`batched_log_probs` and, from the same forward pass, the trainer's per-sample
+    ``fields`` computed on request (``skyrl_fn.trainer.fields.ON_REQUEST``), each ``[B, T]``
+    float32 and 0 where the response mask is 0:
+
+    ``sum_pi_squared``: ``sum_v pi_t(v)^2`` with ``pi_t = softmax(z_t / tau)`` over the whole
+    vocabulary (``skyrl_fn.ops.sum_pi_squared``; verl's ``calculate_sum_pi_squared``, read by the
+    optimal token baselines). Deviation: at ``top_p < 1`` the log-probs are the nucleus's
+    renormalised ones (``skyrl_fn.rollout.sampling``) while ``q`` stays the full distribution's, as
+    verl's (which models top-p in neither).
+
+    Raises:
+        ValueError: a field the trainer does not compute.
+    """
+    unknown = sorted(set(fields) - ON_REQUEST)
+    if unknown:
+        raise ValueError(f"fields: expected names from {sorted(ON_REQUEST)}, got {unknown}")
     ids, mask = rollout.sequences()
     t = rollout.response_ids.shape[1]
-    out = []
+    lps: list[torch.Tensor] = []
+    computed: dict[str, list[torch.Tensor]] = {k: [] for k in fields}
     for s in range(0, ids.shape[0], micro_batch_size):
-        lp, _ = sequence_log_probs(model, ids[s : s + micro_batch_size], mask[s : s + micro_batch_size], t, temperature=temperature, top_p=top_p)
-        out.append(lp)
-    return torch.where(rollout.response_mask, torch.cat(out), 0.0)
+        logits = response_logits(model, ids[s : s + micro_batch_size], mask[s : s + micro_batch_size], t)
+        lp, _ = _log_probs_of(logits, ids[s : s + micro_batch_size, -t:], temperature=temperature, top_p=top_p, with_entropy=False)
+        lps.append(lp)
+        if "sum_pi_squared" in computed:
+            computed["sum_pi_squared"].append(sum_pi_squared(logits, temperature=temperature))
+    m = rollout.response_mask
+    return torch.where(m, torch.cat(lps), 0.0), {k: torch.where(m, torch.cat(v), 0.0) for k, v in computed.items()}
 
 
 def response_values(critic: nn.Module, ids: torch.Tensor, mask: torch.Tensor, t: int) -> torch.Tensor:
@@ -118,6 +162,21 @@ def batched_values(critic: nn.Module, rollout: RolloutBatch, *, micro_batch_size
     t = rollout.response_ids.shape[1]
     out = [response_values(critic, ids[s : s + micro_batch_size], mask[s : s + micro_batch_size], t) for s in range(0, ids.shape[0], micro_batch_size)]
     return torch.where(rollout.response_mask, torch.cat(out).float(), 0.0)
+
+
+@torch.no_grad()
+def old_policy_pass(run: ResolvedRun, model: nn.Module, rollout: RolloutBatch) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    """The policy pass before the update: ``(old log-probs [B, T], trainer fields computed on
+    request)`` (:func:`log_probs_and_fields`) when ``algorithm.recompute_old_log_probs`` or a chosen
+    piece reads such a field (``run.computed_fields``: the advantages need it before the update);
+    ``(None, {})`` otherwise (``policy_update`` takes the old log-probs from its first pass)."""
+    cfg = run.config
+    if not (cfg.algorithm.recompute_old_log_probs or run.computed_fields):
+        return None, {}
+    return log_probs_and_fields(
+        model, rollout, micro_batch_size=cfg.trainer.micro_batch_size, temperature=cfg.rollout.temperature,
+        top_p=cfg.rollout.top_p, fields=run.computed_fields,
+    )
 
 
 class FrozenScorer:

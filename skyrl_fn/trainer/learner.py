@@ -32,7 +32,8 @@ from skyrl_fn.ops.compile import compile_loss
 from skyrl_fn.losses.objective import SUMMED_METRICS
 from skyrl_fn.losses.value import value_loss as token_value_loss
 from skyrl_fn.core.records import PolicyLossInput, ReducedLoss
-from skyrl_fn.trainer.run import TRAINER_FIELDS, ResolvedRun
+from skyrl_fn.trainer.fields import step_fields
+from skyrl_fn.trainer.run import ResolvedRun
 
 # Re-exported: the learner's public surface is one import away (forward passes and experience
 # live in their own modules).
@@ -229,7 +230,7 @@ def policy_update(
             batch = PolicyLossInput(
                 log_probs=lp, old_log_probs=old, advantages=mb.advantages, loss_mask=mb.response_mask,
                 ref_log_probs=mb.ref_log_probs, rollout_log_probs=mb.rollout_log_probs,
-                extras=dict(zip(TRAINER_FIELDS, (old, mb.rollout_log_probs))),  # the step's per-sample fields
+                extras=step_fields(old, mb.rollout_log_probs, {}, mb.extras),  # the step's per-sample fields
             )
             rows = prompts(s, s + mbs) if s < b else prompts(0, 1)  # the filler: row 0, fully masked
             out = kernel(batch, global_tokens=global_tokens, global_seqs=global_seqs, max_seq_len=max_len, entropy=ent, **rows)
@@ -286,6 +287,7 @@ def experience_and_update(
     kernel: Callable | None = None,
     rank_rows: torch.Tensor | None = None,
     dp: Collectives | None = None,
+    fields: dict[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, Any], Experience | None]:
     """:func:`make_experience` then :func:`policy_update`, unless something is not finite.
 
@@ -297,6 +299,7 @@ def experience_and_update(
     Args:
         rollout: the ``RolloutBatch``; scores ``[B]``; the log-probs and values ``[B, T]``.
         reward_function: the reward's name for the report (``tasks.reward_function_name``).
+        fields: the trainer's per-sample fields computed on request (``make_experience``).
         rank_rows, dp: data-parallel update: the experience is made of the whole batch (identical
             on every rank) and this rank updates on its share ``rank_rows`` (``[B']`` int64) with
             :func:`policy_update`'s ``dp``.
@@ -308,12 +311,12 @@ def experience_and_update(
     bad = reward_rows(scores, prompts=rollout.prompts, responses=rollout.responses, group_ids=rollout.group_ids.tolist(), function=reward_function)
     if bad:
         return skipped_metrics("a non-finite reward: " + "; ".join(bad), scores=scores, response_mask=mask), None
-    inputs = {"ref_log_probs": ref_log_probs, "values": values, "rollout_log_probs": rollout.rollout_log_probs, "old_log_probs": old_log_probs}
+    inputs = {"ref_log_probs": ref_log_probs, "values": values, "rollout_log_probs": rollout.rollout_log_probs, "old_log_probs": old_log_probs, **(fields or {})}
     rows = nonfinite_rows(inputs, mask)
     if rows:
         reason = "non-finite inputs: " + describe_rows(rows, rewards=scores, lengths=mask.sum(-1))
         return skipped_metrics(reason, scores=scores, response_mask=mask), None
-    exp, metrics = make_experience(run, rollout, scores, old_log_probs=old_log_probs, ref_log_probs=ref_log_probs, values=values, kl_coef=kl_coef)
+    exp, metrics = make_experience(run, rollout, scores, old_log_probs=old_log_probs, ref_log_probs=ref_log_probs, values=values, kl_coef=kl_coef, fields=fields)
     share = exp if rank_rows is None else exp.rows(rank_rows)
     metrics.update(policy_update(run, state, share, kernel=kernel, scores=scores if rank_rows is None else scores[rank_rows], dp=dp))
     return metrics, (None if metrics["skipped"] else exp)

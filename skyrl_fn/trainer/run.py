@@ -18,21 +18,16 @@ import torch
 from skyrl_fn.algorithm import SUPPLIED, Algorithm, bind, bind_algorithm, entry_hyperparameters
 from skyrl_fn.losses.corrections import compose_corrections
 from skyrl_fn.core.records import PolicyLossInput
-from skyrl_fn.core.requires import missing_fields
 from skyrl_fn.core.table import AlgorithmTable, UnknownNameError, unknown_name_message
 from skyrl_fn.trainer.config import HYPER_FIELDS, AlgorithmConfig, TrainConfig, config_to_dict
 from skyrl_fn.rollout.base import VLLM_TEMPERATURE_RANGE, RolloutBackend, check_available
 from skyrl_fn.trainer.run_table import with_run_builtins
 from skyrl_fn.tasks.base import Example, Rewarded, Task
+from skyrl_fn.tasks.scoring import provided_fields
+from skyrl_fn.trainer.fields import TRAINER_FIELDS, check_fields, requested_fields
 from skyrl_fn.transforms import BatchPipeline, overlong_penalty
 
 __all__ = ["ResolvedRun", "resolve", "resolve_correction", "TRAINER_FIELDS"]
-
-#: The per-sample fields every training step puts in ``AdvantageInput.extras`` (``[B, T]``): the
-#: sampling policy's log-probs of the sampled tokens (recomputed ones with
-#: ``algorithm.recompute_old_log_probs``, else the rollout engine's) and the rollout engine's. A
-#: piece that requires another field (``requires("extras.<key>")``) fails at :func:`resolve`.
-TRAINER_FIELDS = ("old_log_probs", "rollout_log_probs")
 
 
 @attrs.frozen(kw_only=True, eq=False)
@@ -51,6 +46,11 @@ class ResolvedRun:
         backend_factory: the ``rollout_backend`` entry chosen by ``rollout.backend``.
         batch_transforms: ``algorithm.batch_transforms`` bound in order
             (``skyrl_fn.transforms.BatchPipeline``), None when there are none.
+        task_fields: the per-sample fields the task's reward returns besides the score (declared
+            with ``skyrl_fn.tasks.provides`` on the reward, or on the task factory for the task's
+            own reward); they reach the estimator's and the loss's ``extras``.
+        computed_fields: the trainer fields computed on request (``skyrl_fn.trainer.fields.ON_REQUEST``)
+            that a chosen piece reads (``sum_pi_squared``), empty when none does.
     """
 
     config: TrainConfig
@@ -60,6 +60,8 @@ class ResolvedRun:
     reward: Callable[[str, Example], float] | None = attrs.field(default=None, repr=False)
     backend_factory: Callable[..., RolloutBackend] = attrs.field(default=None, repr=False)
     batch_transforms: BatchPipeline | None = None
+    task_fields: tuple[str, ...] = ()
+    computed_fields: frozenset[str] = frozenset()
 
     def make_task(self) -> Task:
         """The run's task (``--data.task``, seeded by ``trainer.seed``), scored by ``--data.reward``
@@ -222,8 +224,6 @@ def resolve(config: TrainConfig, table: AlgorithmTable) -> ResolvedRun:
         use_kl_loss=alg.use_kl_loss, kl_loss_coef=alg.kl_loss_coef, kl_in_reward=alg.use_kl_in_reward,
         correction=correction, entropy_coef=alg.entropy_coef,
     )
-    # Before any model loads: every per-sample field a piece reads must be one a step produces.
-    missing_fields(algorithm.fields, TRAINER_FIELDS, source=f"the trainer with task {config.data.task!r}")
     tr, ro = config.trainer, config.rollout
     pipeline = bind_batch_transforms(table, alg.batch_transforms, alg.transform, max_new_tokens=ro.max_new_tokens)
     for name, value in (
@@ -270,9 +270,19 @@ def resolve(config: TrainConfig, table: AlgorithmTable) -> ResolvedRun:
     elif data.reward_args:
         raise ValueError(f"data.reward_args: expected none without --data.reward, got {sorted(data.reward_args)}")
     backend_factory = _bind_run_piece(table, "rollout_backend", ro.backend, {}, "rollout.backend", None)
+    # Before any model loads: every per-sample field a piece reads is one the trainer or the task provides.
+    task_fields = provided_fields(reward if reward is not None else task_factory)
+    task_label = f"task {data.task!r}" + (f" with reward {data.reward!r}" if data.reward else "")
+    check_fields(algorithm.fields, task_fields, task=task_label)
+    computed = requested_fields(algorithm.fields)
+    if computed and alg.bypass_mode:
+        raise ValueError(
+            f"algorithm.bypass_mode: expected False when a piece reads {sorted(computed)} (the trainer computes it in the "
+            f"old-log-prob forward pass that bypass mode skips), got True"
+        )
     return ResolvedRun(
         config=config, table=table, algorithm=algorithm, task_factory=task_factory, reward=reward,
-        backend_factory=backend_factory, batch_transforms=pipeline,
+        backend_factory=backend_factory, batch_transforms=pipeline, task_fields=task_fields, computed_fields=computed,
     )
 
 

@@ -20,7 +20,7 @@ from typing import Callable
 from skyrl_fn.rollout.vllm_backend import vllm_backend
 from skyrl_fn.algorithm.builtins import DEFAULT_TABLE
 from skyrl_fn.core.table import AlgorithmTable
-from skyrl_fn.tasks.arithmetic import arithmetic_reward, arithmetic_task
+from skyrl_fn.tasks.arithmetic import arithmetic_components, arithmetic_reward, arithmetic_task
 from skyrl_fn.tasks.gsm8k import gsm8k_task, math_answer_reward
 from skyrl_fn.rollout.base import hf_backend
 from skyrl_fn.tasks.base import char_credit_reward, digits_task, step_credit_reward
@@ -39,6 +39,7 @@ RUN_BUILTINS: tuple[tuple[str, str, Callable], ...] = (
     ("reward", "step_credit", step_credit_reward),
     ("reward", "math", math_answer_reward),
     ("reward", "arithmetic", arithmetic_reward),
+    ("reward", "arithmetic_components", arithmetic_components),
     ("rollout_backend", "hf", hf_backend),
     ("rollout_backend", "vllm", vllm_backend),
 )

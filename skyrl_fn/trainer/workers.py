@@ -36,9 +36,10 @@ from skyrl_fn.trainer import shards
 from skyrl_fn.trainer.run import ResolvedRun
 from skyrl_fn.trainer.evaluate import evaluate, heldout_task
 from skyrl_fn.trainer.experience import Experience
-from skyrl_fn.trainer.forward import FrozenScorer, batched_log_probs, batched_values
+from skyrl_fn.trainer.forward import FrozenScorer, batched_values, old_policy_pass
 from skyrl_fn.trainer.learner import TrainState, critic_update, experience_and_update, loss_kernel, make_train_state, set_hyperparameters
-from skyrl_fn.tasks.base import Task, reward_function_name, score
+from skyrl_fn.tasks.base import Task, reward_function_name
+from skyrl_fn.tasks.scoring import score_fields
 from skyrl_fn.models.model import build_critic, load_model, load_tokenizer
 from skyrl_fn.rollout.base import RolloutBatch
 from skyrl_fn.trainer.teacher import TeacherWorker
@@ -128,11 +129,15 @@ def _task_and_tokenizer(run: ResolvedRun) -> tuple[Task, Any]:
     return task, load_tokenizer(cfg.model, alphabet=task.alphabet)
 
 
-def generate_and_score(backend, task: Task, examples: Sequence[Any], seed: int) -> Generated:
-    """Sample ``examples`` (``P`` prompts, ``G`` responses each) with ``backend``; score with ``task``."""
+def generate_and_score(backend, task: Task, examples: Sequence[Any], seed: int, *, fields: Sequence[str] = ()) -> Generated:
+    """Sample ``examples`` (``P`` prompts, ``G`` responses each) with ``backend``; score with
+    ``task``, whose reward also returns the per-sample ``fields`` (``ResolvedRun.task_fields``;
+    they go into ``RolloutBatch.extras``)."""
     t0 = time.perf_counter()
     rollout = backend.generate([e.prompt for e in examples], seed=seed)
-    scores = torch.tensor(score(task, rollout.responses, examples, rollout.group_ids.tolist()), dtype=torch.float32)
+    scores, extras = score_fields(task, rollout.responses, examples, rollout.group_ids.tolist(), fields=fields)
+    if extras:
+        rollout = attrs.evolve(rollout, extras={**rollout.extras, **extras})
     return Generated(rollout=rollout, scores=scores, seconds=time.perf_counter() - t0)
 
 
@@ -175,26 +180,24 @@ class PolicyWorker:
         if self.backend is None:
             raise RuntimeError("PolicyWorker.generate: this run samples in separate rollout workers")
         self.train_state.model.eval()
-        return generate_and_score(self.backend, self.task, examples, seed)
+        return generate_and_score(self.backend, self.task, examples, seed, fields=self.run.task_fields)
 
     def update(
         self, rollout: RolloutBatch, scores: torch.Tensor, ref_log_probs: torch.Tensor | None,
         values: torch.Tensor | None, kl_coef: float,
     ) -> tuple[dict[str, float], Experience | None]:
-        """Old log-probs (a separate pass only with ``recompute_old_log_probs``), token rewards
+        """Old log-probs (a separate pass only with ``recompute_old_log_probs`` or a trainer field
+        computed on request, ``skyrl_fn.trainer.forward.old_policy_pass``), token rewards
         and advantages (``make_experience``), then the policy update (``experience_and_update``).
         Returns its metrics and the experience (the critic trains on it), None when the step was
         skipped for something non-finite (``skyrl_fn.trainer.nonfinite``)."""
         t0 = time.perf_counter()
-        cfg = self.run.config
         model = self.train_state.model
         model.eval()
-        old_lp = None  # taken from policy_update's first forward pass
-        if cfg.algorithm.recompute_old_log_probs:
-            old_lp = batched_log_probs(model, rollout, micro_batch_size=cfg.trainer.micro_batch_size, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
+        old_lp, computed = old_policy_pass(self.run, model, rollout)  # None: from policy_update's first pass
         metrics, exp = experience_and_update(
             self.run, self.train_state, rollout, scores, reward_function=reward_function_name(self.task), old_log_probs=old_lp,
-            ref_log_probs=ref_log_probs, values=values, kl_coef=kl_coef, kernel=self.kernel,
+            ref_log_probs=ref_log_probs, values=values, kl_coef=kl_coef, kernel=self.kernel, fields=computed,
         )
         metrics["update_seconds"] = time.perf_counter() - t0
         return metrics, exp
@@ -245,7 +248,7 @@ class RolloutWorker:
 
     def generate(self, examples: Sequence[Any], seed: int) -> Generated:
         """Sample and score ``examples``."""
-        return generate_and_score(self.backend, self.task, examples, seed)
+        return generate_and_score(self.backend, self.task, examples, seed, fields=self.run.task_fields)
 
     def sync(self, weights: Mapping[str, torch.Tensor]) -> None:
         """Load the policy's weights (a state dict)."""

@@ -12,9 +12,15 @@ from .test_smoke import _launch
 
 def test_a_field_no_step_produces_exits_2_before_anything_starts(tmp_path):
     run_dir = tmp_path / "run"
-    proc = _launch("--algorithm.advantage-estimator", "optimal_token_baseline", "--logging.run-dir", str(run_dir), timeout=120)
+    proc = _launch(
+        "--algorithm.advantage-estimator", "gdpo", "--algorithm.estimator.reward-keys", "correct", "format",
+        "--logging.run-dir", str(run_dir), timeout=120,
+    )
     assert proc.returncode == 2
-    assert "advantage estimator 'optimal_token_baseline': expected per-sample field(s) ['sum_pi_squared']" in proc.stderr
+    assert (
+        "algorithm.advantage_estimator 'gdpo' reads extras.correct, extras.format; task 'digits' provides no per-sample fields"
+        in proc.stderr
+    ), proc.stderr
     assert not run_dir.exists(), "the run started before the fields were checked"
     assert "Started a local Ray" not in proc.stderr + proc.stdout
 

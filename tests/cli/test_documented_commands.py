@@ -14,7 +14,7 @@ from trainer.teachers import save_teacher
 from skyrl_fn.cli import build_table, main, parse_config, resolve_names
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-PAGES = [ROOT / "docs" / "batch-transforms.md", ROOT / "docs" / "distillation.md"]
+PAGES = [ROOT / "docs" / "batch-transforms.md", ROOT / "docs" / "distillation.md", ROOT / "docs" / "algorithms.md"]
 TEACHER = "path/to/teacher"  # stands for a saved model in the docs; a saved tiny teacher here
 FENCE = re.compile(r"^```bash\n(?P<body>.*?)^```[ \t]*$", re.M | re.S)
 

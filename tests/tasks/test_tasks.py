@@ -118,12 +118,13 @@ class _Broken(DigitsTask):
 
 
 def test_a_raising_reward_names_the_function_and_the_sample():
-    from skyrl_fn.tasks.base import RewardError, score
+    from skyrl_fn.tasks.base import RewardError
+    from skyrl_fn.tasks.scoring import score_fields
 
     task = _Broken()
     examples = [task.example(0), task.example(1)]
     with pytest.raises(RewardError) as err:
-        score(task, ["1", "2", "boom"], examples, [0, 0, 1])
+        score_fields(task, ["1", "2", "boom"], examples, [0, 0, 1])
     msg = str(err.value)
     assert "_Broken.reward raised ZeroDivisionError: division by zero" in msg
     assert f"sample 2 (prompt 1 {examples[1].prompt!r}, response 'boom')" in msg
