@@ -1,7 +1,8 @@
 """The central input checks' fast paths decide exactly what the plain torch checks decide.
 
 ``as_mask``, ``check_zero_off_mask`` and the output check take blocked numpy passes
-(``skyrl_fn.core._blocked``), ``as_group_ids`` a dict numbering of string uids, for speed; each is
+(``skyrl_fn.core._blocked``), ``as_group_ids`` runs of one object and integer sort keys for string
+uids, for speed; each is
 compared here with a reference written the plain way, over many blocks (the block size is shrunk so
 small tensors span several), in one thread and split over threads, and on the cases that must
 fail: every row, NaN, inf, -0.0, other dtypes and layouts that take the torch path.
