@@ -17,5 +17,5 @@ def test_skyrl_path_mode_prints_ratios_against_the_same_run():
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout
-    for line in ("grpo       compat", "rloo       table", "x raw", "goal <= 1.25", "record, string uids", "goals: "):
+    for line in ("grpo       compat", "rloo       table", "x raw", "goal <= 1.25", "record, string uids", "equal copies", "goals: "):
         assert line in out, out

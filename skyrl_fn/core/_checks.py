@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import types
 from typing import Any, Sequence
 
 import numpy as np
@@ -228,39 +229,104 @@ def as_group_ids(name: str, ids: Any, batch: int) -> torch.Tensor:
     if arr.shape[0] != batch:
         raise ValueError(f"{name}: expected shape [B] = ({batch},), got ({arr.shape[0]},)")
     if arr.dtype == object:
-        labels = arr.tolist()
-        kinds = set(map(type, labels))
+        # Rows in a run of one and the same object (SkyRL's uids: G references to one string) share
+        # its type and label, so each run's first row stands for the run.
+        starts = _object_runs(arr)
+        heads = arr if starts is None else arr[starts]
+        kinds = set(map(type, heads.tolist()))
         if any(k is float or k is bool for k in kinds):
             raise TypeError(f"{name}: expected integer or string group ids, got {sorted(k.__name__ for k in kinds)}")
         if len(kinds) > 1:
             # Mixed ints and strings would never compare equal; keep them distinct but hashable.
-            arr = np.array([f"{type(v).__name__}:{v}" for v in labels], dtype=object)
-        inverse = _dense_labels(arr)
+            arr = np.array([f"{type(v).__name__}:{v}" for v in arr.tolist()], dtype=object)
+            inverse = _dense_labels(arr, strings=True)
+        elif starts is None:
+            inverse = _dense_labels(arr, strings=kinds == {str})
+        else:
+            inverse = _dense_labels(heads, strings=kinds == {str})
+            inverse = np.repeat(inverse, np.diff(np.append(starts, arr.shape[0])))
     else:
         inverse = np.unique(arr, return_inverse=True)[1]
     return torch.from_numpy(inverse.reshape(-1).astype(np.int64, copy=False))
 
 
-def _dense_labels(arr: np.ndarray) -> np.ndarray:
-    """``np.unique(arr, return_inverse=True)[1]`` for a 1-D object array of hashable labels.
+def _object_runs(arr: np.ndarray) -> np.ndarray | None:
+    """First row of every run of one and the same object in a 1-D object array (identity, not
+    equality), or None when runs are too short to pay (more than half the rows start one) or the
+    array is empty.
+
+    Read from the array's own pointer slots through a read-only integer view (no copy, no Python
+    call per row): two slots hold the same object exactly when they hold the same address."""
+    n = arr.shape[0]
+    if n == 0:
+        return None
+    slots = {
+        "shape": arr.shape, "strides": arr.strides, "typestr": np.dtype(np.uintp).str, "version": 3,
+        "data": (arr.__array_interface__["data"][0], True),
+    }
+    addresses = np.asarray(types.SimpleNamespace(__array_interface__=slots, owner=arr))
+    starts = np.flatnonzero(np.concatenate(([True], addresses[1:] != addresses[:-1])))
+    return starts if 2 * starts.size <= n else None
+
+
+def _dense_labels(arr: np.ndarray, *, strings: bool = False) -> np.ndarray:
+    """``np.unique(arr, return_inverse=True)[1]`` for a 1-D object array of hashable labels
+    (``strings``: every label is a ``str``).
 
     ``np.unique`` sorts all ``B`` Python objects (65,536 string uids: 20 ms). Here only the
-    distinct labels are sorted and a dict numbers them; rows in runs of one label (SkyRL's uids
-    come as ``G`` consecutive copies) are looked up once per run. Same ids: dense, in sorted
-    order of the labels, equal labels sharing one id. Unhashable labels take ``np.unique``.
+    distinct labels are sorted (:func:`_sorted_positions`) and numbered; rows in runs of one label
+    (SkyRL's uids come as ``G`` consecutive copies) are looked up once per run. Same ids: dense, in
+    sorted order of the labels, equal labels sharing one id. Unhashable labels take ``np.unique``.
     """
     n = arr.shape[0]
     try:
         starts = np.flatnonzero(np.concatenate(([True], np.asarray(arr[1:] != arr[:-1], dtype=bool))))
         heads = arr[starts].tolist() if 2 * starts.size <= n else arr.tolist()
-        distinct = sorted(set(heads))
+        distinct = list(dict.fromkeys(heads))  # in order of first appearance
+        rank = np.empty(len(distinct), dtype=np.int64)
+        rank[_sorted_positions(distinct, strings)] = np.arange(len(distinct))
     except (TypeError, ValueError):  # unhashable, unorderable or odd labels: np.unique decides
         return np.unique(arr, return_inverse=True)[1]
-    code = dict(zip(distinct, range(len(distinct))))
-    dense = np.fromiter(map(code.__getitem__, heads), dtype=np.int64, count=len(heads))
+    if len(distinct) == len(heads):  # every run a label of its own: ``distinct`` is ``heads``
+        dense = rank
+    else:
+        code = dict(zip(distinct, rank.tolist()))
+        dense = np.fromiter(map(code.__getitem__, heads), dtype=np.int64, count=len(heads))
     if len(heads) == n:
         return dense
     return np.repeat(dense, np.diff(np.append(starts, n)))
+
+
+def _sorted_positions(labels: list, strings: bool) -> np.ndarray:
+    """``[K]`` the positions of the distinct ``labels`` in their sorted order (``sorted``'s order).
+
+    For ``str`` labels (``strings``) that are all ASCII, numpy sorts integer keys, the first 8
+    bytes of each label read big-endian (NUL-padded, so a key never orders two labels against
+    their string order); only labels whose keys tie are compared as strings, in Python. Python's
+    own sort of 8,192 uuid strings costs 2-3x more. Otherwise ``sorted`` decides.
+
+    Raises:
+        TypeError: the labels cannot be ordered.
+    """
+    if strings:
+        try:
+            keys = np.array(labels, dtype="S8").view(">u8")
+        except UnicodeEncodeError:
+            keys = None
+        if keys is not None:
+            order = np.argsort(keys)
+            ordered = keys[order]
+            tied = np.flatnonzero(ordered[1:] == ordered[:-1])
+            if tied.size:
+                # Runs of equal keys: [first, last] spans of consecutive tied pairs.
+                breaks = np.flatnonzero(np.diff(tied) > 1)
+                firsts, lasts = tied[np.append(0, breaks + 1)], tied[np.append(breaks, tied.size - 1)] + 1
+                order = order.tolist()
+                for first, last in zip(firsts.tolist(), lasts.tolist()):
+                    order[first : last + 1] = sorted(order[first : last + 1], key=labels.__getitem__)
+                order = np.array(order, dtype=np.int64)
+            return order
+    return np.array(sorted(range(len(labels)), key=labels.__getitem__), dtype=np.int64)
 
 
 def check_number(name: str, value: Any, *, low: float = -math.inf, low_open: bool = False) -> float:

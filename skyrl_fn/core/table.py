@@ -336,7 +336,10 @@ class AlgorithmTable:
     # -- checked calls --------------------------------------------------------------------------
     def check_hyperparameters(self, kind: str, name: str, hyper: Mapping[str, Any]) -> None:
         """Raise ValueError if ``hyper`` names a hyperparameter the function does not accept."""
-        accepted = self.entry(kind, name).hyperparameters()
+        entry = self.entry(kind, name)  # an unknown name fails here, with or without ``hyper``
+        if not hyper:
+            return  # nothing to check: the signature is not read
+        accepted = entry.hyperparameters()
         if accepted is None:
             return
         for key in hyper:

@@ -1,7 +1,8 @@
 """The central input checks' fast paths decide exactly what the plain torch checks decide.
 
 ``as_mask``, ``check_zero_off_mask`` and the output check take blocked numpy passes
-(``skyrl_fn.core._blocked``), ``as_group_ids`` a dict numbering of string uids, for speed; each is
+(``skyrl_fn.core._blocked``), ``as_group_ids`` runs of one object and integer sort keys for string
+uids, for speed; each is
 compared here with a reference written the plain way, over many blocks (the block size is shrunk so
 small tensors span several), in one thread and split over threads, and on the cases that must
 fail: every row, NaN, inf, -0.0, other dtypes and layouts that take the torch path.
@@ -211,6 +212,36 @@ def test_as_group_ids_numbers_labels_as_np_unique_does(labels, repeat, shuffle):
     for form in (ids, np.array(ids, dtype=object)):
         got = as_group_ids("index", form, len(ids))
         assert got.dtype == torch.int64 and got.tolist() == reference_ids(ids)
+
+
+# ASCII labels sharing 8-character prefixes, of several lengths, holding NULs: the integer sort
+# keys of the string fast path tie, and Python orders the ties; lists with a non-ASCII label take
+# Python's sort throughout.
+TIED_STRINGS = st.one_of(
+    st.lists(st.text(alphabet="ab\x00", max_size=11), min_size=1, max_size=40),
+    st.lists(st.text(alphabet="a\x00é", max_size=9), min_size=1, max_size=40),
+)
+
+
+@given(TIED_STRINGS, st.integers(1, 4), st.booleans(), st.booleans())
+def test_as_group_ids_numbers_strings_as_np_unique_does(labels, repeat, shuffle, copies):
+    """Runs of one and the same object (SkyRL's uids) stand for their rows, and equal copies do not
+    share a run but still share an id; either way the ids are np.unique's."""
+    ids = ["".join(list(v)) if copies else v for v in labels for _ in range(repeat)]
+    if shuffle:
+        ids = ids[::2] + ids[1::2]
+    for form in (ids, np.array(ids, dtype=object), np.array(ids + ids, dtype=object)[::2]):
+        got = as_group_ids("index", form, len(ids))
+        assert got.tolist() == reference_ids(list(form))
+
+
+def test_as_group_ids_checks_every_rows_type():
+    # 1 == 1.0 == True: a float or bool equal to its neighbour is still refused, named as such.
+    for odd in (1.0, True):
+        with pytest.raises(TypeError, match="index: expected integer or string group ids"):
+            as_group_ids("index", np.array([1, 1, odd, 1], dtype=object), 4)
+    one = "uid"
+    assert as_group_ids("index", [one, one, one, "uid", 2, 2], 6).tolist() == [1, 1, 1, 1, 0, 0]
 
 
 def test_as_group_ids_keeps_its_errors():
