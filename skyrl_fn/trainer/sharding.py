@@ -214,6 +214,21 @@ class Collectives:
         model.set_requires_gradient_sync(last)
         model.set_reshard_after_backward(last)
 
+    def total(self, value: float) -> float:
+        """``value`` summed over ranks."""
+        return self._reduce([value], "sum")[0]
+
+    def gather_rows(self, part: torch.Tensor, rows: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """The whole batch's ``[B, T]`` from every rank's ``part [B', T]`` of its ``rows [B']``
+        (the shares of :func:`partition_groups`: disjoint, together every row), on the CPU."""
+        parts = self.all_gather_object((rows.cpu(), part.detach().cpu()))
+        width = max(p.shape[-1] for _, p in parts)
+        dtype = next(p.dtype for _, p in parts)
+        out = torch.zeros(batch_size, width, dtype=dtype)
+        for r, p in parts:
+            out[r] = p.to(dtype)
+        return out
+
     def all_true(self, flag: bool) -> bool:
         """True when ``flag`` holds on every rank."""
         return bool(self._reduce([1.0 if flag else 0.0], "min")[0] > 0)

@@ -37,6 +37,13 @@ ALGORITHMS = {
     "ppo_gae+kl_loss": (
         "--algorithm.advantage-estimator", "gae", "--algorithm.use-kl-loss", "--algorithm.update-epochs", "2",
     ),
+    "grpo+prompt_mean": ("--algorithm.loss-reduction", "prompt_mean"),
+    # dynamic sampling refills (3 sampled batches at most) and a replaced group of 2G rows
+    "dapo+replace": (
+        "--algorithm.batch-transforms", "overlong_filter", "dynamic_sampling", "--algorithm.transform.dynamic-sampling.type",
+        "replace", "--algorithm.transform.dynamic-sampling.max-sample-batches", "3",
+    ),
+    "distill+teacher": ("--teacher.model", "tiny", "--teacher.coef", "0.5", "--algorithm.use-kl-in-reward"),
 }
 #: W=1 and W=2 sum the same per-token terms in different orders (other micro-batches, a
 #: reduce-scatter): float32 rounding, ~1e-7 relative per step, grows slowly through AdamW.
@@ -62,17 +69,39 @@ def _weights(path):
     return ckpt.load(ckpt.latest_checkpoint(path)).weights["policy"]
 
 
+class _Recording(DPWorkers):
+    """Records each rank's resident bytes per role (its shards) before the ranks stop."""
+
+    resident: list = []
+
+    def close(self):
+        if self.ranks:
+            _Recording.resident[:] = self.resident_bytes()
+        super().close()
+
+
 @pytest.mark.parametrize(
     "algorithm",
-    ["grpo", pytest.param("rloo+seq_mean_token_sum_norm", marks=pytest.mark.slow), pytest.param("ppo_gae+kl_loss", marks=pytest.mark.slow)],
+    [
+        "grpo", "ppo_gae+kl_loss", pytest.param("rloo+seq_mean_token_sum_norm", marks=pytest.mark.slow),
+        pytest.param("grpo+prompt_mean", marks=pytest.mark.slow), pytest.param("dapo+replace", marks=pytest.mark.slow),
+        pytest.param("distill+teacher", marks=pytest.mark.slow),
+    ],
 )
 def test_two_ranks_give_the_one_worker_metrics(ray_session, tmp_path, algorithm):
     args = ("--trainer.steps", "2", *ALGORITHMS[algorithm])
     run = _run(tmp_path / "w2", *args, "--trainer.workers", "2")
-    dp = train_on_ray(run)
+    dp = train(run, workers=_Recording)
     single = _run(tmp_path / "w1", *args, "--ray.no-use-ray")
     one = train(single)
     _assert_same(dp.history, one.history)
+    # Every role the run uses is sharded over the ranks: each rank keeps half of its parameters.
+    roles = {"params"} | {r for r, used in (("reference", run.uses_reference), ("critic", run.uses_critic), ("teacher", run.uses_teacher)) if used}
+    for role in roles:
+        per_rank = [m[role] for m in _Recording.resident]
+        assert len(per_rank) == 2 and max(per_rank) <= 0.6 * sum(per_rank), role
+    if run.uses_reference:  # the reference is the initial policy: the same parameters, sharded alike
+        assert [m["reference"] for m in _Recording.resident] == [m["params"] for m in _Recording.resident]
     # The same responses were sampled: equal rewards and lengths, exactly.
     for a, b in zip(dp.history, one.history):
         assert a["reward"] == b["reward"] and a["response_tokens"] == b["response_tokens"]
