@@ -43,6 +43,8 @@ ALGORITHMS = {
         "--algorithm.batch-transforms", "overlong_filter", "dynamic_sampling", "--algorithm.transform.dynamic-sampling.type",
         "replace", "--algorithm.transform.dynamic-sampling.max-sample-batches", "3",
     ),
+    # with the format credit the step-1 batch keeps a single prompt group: rank 1 trains on none
+    "zero_variance+one_group": ("--algorithm.batch-transforms", "zero_variance_filter", "--data.format-credit", "0.3"),
     "distill+teacher": ("--teacher.model", "tiny", "--teacher.coef", "0.5", "--algorithm.use-kl-in-reward"),
 }
 #: W=1 and W=2 sum the same per-token terms in different orders (other micro-batches, a
@@ -65,8 +67,8 @@ def _assert_same(got, want):
                 assert a[k] == pytest.approx(v, rel=REL, abs=ABS), k
 
 
-def _weights(path):
-    return ckpt.load(ckpt.latest_checkpoint(path)).weights["policy"]
+def _weights(path, role="policy"):
+    return ckpt.load(ckpt.latest_checkpoint(path)).weights[role]
 
 
 class _Recording(DPWorkers):
@@ -85,7 +87,7 @@ class _Recording(DPWorkers):
     [
         "grpo", "ppo_gae+kl_loss", pytest.param("rloo+seq_mean_token_sum_norm", marks=pytest.mark.slow),
         pytest.param("grpo+prompt_mean", marks=pytest.mark.slow), pytest.param("dapo+replace", marks=pytest.mark.slow),
-        pytest.param("distill+teacher", marks=pytest.mark.slow),
+        pytest.param("zero_variance+one_group", marks=pytest.mark.slow), pytest.param("distill+teacher", marks=pytest.mark.slow),
     ],
 )
 def test_two_ranks_give_the_one_worker_metrics(ray_session, tmp_path, algorithm):
@@ -95,6 +97,10 @@ def test_two_ranks_give_the_one_worker_metrics(ray_session, tmp_path, algorithm)
     single = _run(tmp_path / "w1", *args, "--ray.no-use-ray")
     one = train(single)
     _assert_same(dp.history, one.history)
+    if algorithm == "dapo+replace":  # a trained step with a refill (and replaced groups)
+        assert any(h["batch_sampled_batches"] > 1 and not h["skipped"] for h in dp.history)
+    if algorithm == "zero_variance+one_group":  # a trained step with fewer prompt groups than ranks
+        assert any(h["batch_kept_groups"] == 1 and not h["skipped"] for h in dp.history)
     # Every role the run uses is sharded over the ranks: each rank keeps half of its parameters.
     roles = {"params"} | {r for r, used in (("reference", run.uses_reference), ("critic", run.uses_critic), ("teacher", run.uses_teacher)) if used}
     for role in roles:
@@ -112,10 +118,11 @@ def test_two_ranks_give_the_one_worker_metrics(ray_session, tmp_path, algorithm)
 
 
 @pytest.mark.slow
-def test_resume_with_another_number_of_ranks(ray_session, tmp_path):
+@pytest.mark.parametrize("algorithm", ["grpo", "ppo_gae+kl_loss"])
+def test_resume_with_another_number_of_ranks(ray_session, tmp_path, algorithm):
     """Save at W=2 and resume at W=1, save at W=1 and resume at W=2: the resumed step equals
-    that of an uninterrupted W=1 run (checkpoints hold the unsharded state)."""
-    base = ("--trainer.ckpt-interval", "1")
+    that of an uninterrupted W=1 run (checkpoints hold the unsharded state, the critic's too)."""
+    base = ("--trainer.ckpt-interval", "1", *ALGORITHMS[algorithm])
     full = train(_run(tmp_path / "full", *base, "--trainer.steps", "3", "--ray.no-use-ray"))
     a = _run(tmp_path / "a", *base, "--trainer.steps", "2", "--trainer.workers", "2")
     train_on_ray(a)
@@ -132,6 +139,9 @@ def test_resume_with_another_number_of_ranks(ray_session, tmp_path):
     assert set(w3) == set(saved) and any(not torch.equal(w3[k], saved[k]) for k in saved)
     for k, v in _weights(tmp_path / "full" / "checkpoints").items():
         torch.testing.assert_close(w3[k], v, rtol=1e-4, atol=1e-5)
+    if a.uses_critic:  # the sharded critic was saved and loaded across W too
+        for k, v in _weights(tmp_path / "full" / "checkpoints", "critic").items():
+            torch.testing.assert_close(_weights(tmp_path / "b" / "checkpoints", "critic")[k], v, rtol=1e-4, atol=1e-5)
 
 
 class _KillRank1(DPWorkers):
