@@ -53,8 +53,7 @@ from skyrl_fn.trainer.learner import experience_and_update, loss_kernel, make_tr
 from skyrl_fn.models.model import load_model, load_tokenizer
 from skyrl_fn.rollout.base import HFBackend
 from skyrl_fn.trainer.sharding import (
-    Collectives, full_optimizer_state, full_state_dict, gathered, init_process_group, load_full_state, partition_groups,
-    shard_model,
+    Collectives, full_optimizer_state, full_state_dict, gathered, init_process_group, load_full_state, shard_model,
 )
 from skyrl_fn.tasks.base import reward_function_name, score
 from skyrl_fn.trainer.workers import Generated, RoleState, WorkersState
