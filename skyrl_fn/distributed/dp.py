@@ -53,7 +53,7 @@ from skyrl_fn.trainer.learner import experience_and_update, loss_kernel, make_tr
 from skyrl_fn.models.model import load_model, load_tokenizer
 from skyrl_fn.rollout.base import HFBackend
 from skyrl_fn.trainer.sharding import (
-    Collectives, full_optimizer_state, full_state_dict, gathered, init_process_group, load_full_state, shard_model,
+    Collectives, full_optimizer_state, full_state_dict, gathered, init_process_group, load_full_state, reshard, shard_model,
 )
 from skyrl_fn.tasks.base import reward_function_name, score
 from skyrl_fn.trainer.workers import Generated, RoleState, WorkersState
@@ -125,7 +125,9 @@ class PolicyRank(_Ping):
         first = sum(len(c) for c in chunks[: self.rank])
         mine = chunks[self.rank] if self.rank < len(chunks) else []
         model = self.train_state.model.eval()
-        with gathered(model):
+        # keep: the weights do not change before the update, whose forward passes then gather
+        # nothing (one all-gather per FSDP module per step, not two); the update reshards.
+        with gathered(model, keep=True):
             rollout = self.backend.generate([e.prompt for e in mine], seed=seed, first_prompt=first)
         scores = torch.tensor(score(self.task, rollout.responses, mine, rollout.group_ids.tolist()), dtype=torch.float32)
         parts = self.dp.all_gather_object((rollout, scores, time.perf_counter() - t0))
@@ -138,6 +140,8 @@ class PolicyRank(_Ping):
         the teacher's log-probs joined to the batch): on every rank on the same whole batches, so
         with the same result; hold the batch as ``key``. Returns the metrics."""
         out, metrics = fn([self.held[k] for k in keys], pad_id=int(self.tokenizer.pad_token_id))
+        if out is None:  # nothing to train on: the step ends without an update
+            reshard(self.train_state.model)
         self.held[key] = out
         return metrics
 
@@ -162,7 +166,7 @@ class PolicyRank(_Ping):
         rollout, scores, ref_log_probs, values = to_device((generated.rollout, generated.scores, ref_log_probs, values), self.device)
         old_lp = None
         if cfg.algorithm.recompute_old_log_probs:  # of the whole batch, with the full parameters
-            with gathered(self.train_state.model.eval()) as model:
+            with gathered(self.train_state.model.eval(), keep=True) as model:  # kept for the update
                 old_lp = batched_log_probs(model, rollout, micro_batch_size=cfg.trainer.micro_batch_size, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
         t0 = time.perf_counter()
         rows = share_rows(rollout, self.world_size, self.rank).to(self.device)
@@ -171,6 +175,7 @@ class PolicyRank(_Ping):
             ref_log_probs=ref_log_probs, values=values, kl_coef=kl_coef, kernel=self.kernel, rank_rows=rows, dp=self.dp,
         )
         metrics["update_seconds"] = time.perf_counter() - t0
+        reshard(self.train_state.model)  # a step skipped before its backward kept the sampling's gather
         self.exp = (exp, rows) if values is not None else None
         return metrics, generated.seconds
 

@@ -137,7 +137,7 @@ def loss_kernel(run: ResolvedRun, *, device_type: str = "cpu") -> Callable[..., 
     return kernel
 
 
-def _prompt_totals(run: ResolvedRun, exp: Experience, filler: Experience, dp: Collectives | None) -> Callable[[int, int], dict[str, Any]]:
+def _prompt_totals(run: ResolvedRun, exp: Experience, filler: Experience | None, dp: Collectives | None) -> Callable[[int, int], dict[str, Any]]:
     """``fn(start, stop)``: the prompt keywords of rows ``[start, stop)`` for an aggregation over
     prompts (``prompt_mean``): each row's prompt, its prompt's valid tokens over the whole step and
     the step's prompt count, so micro-batches that split a prompt add up exactly; ``{}`` for every
@@ -151,7 +151,7 @@ def _prompt_totals(run: ResolvedRun, exp: Experience, filler: Experience, dp: Co
     tokens, groups = group_token_totals(exp.response_mask, exp.group_ids)
     if dp:
         groups = torch.tensor(dp.total(float(groups)), dtype=groups.dtype, device=groups.device)
-    pad = {"group_ids": filler.group_ids, "group_tokens": torch.ones_like(filler.group_ids), "global_groups": groups}
+    pad = None if filler is None else {"group_ids": filler.group_ids, "group_tokens": torch.ones_like(filler.group_ids), "global_groups": groups}
 
     def rows(start: int, stop: int) -> dict[str, Any]:
         if start >= exp.batch_size:

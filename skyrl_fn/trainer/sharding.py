@@ -29,6 +29,7 @@ __all__ = [
     "transformer_blocks",
     "shard_model",
     "gathered",
+    "reshard",
     "full_state_dict",
     "full_optimizer_state",
     "load_full_state",
@@ -94,21 +95,34 @@ def shard_model(model: nn.Module, *, device: str, mixed_precision: bool = False)
     return model
 
 
-@contextlib.contextmanager
-def gathered(model: nn.Module) -> Iterator[nn.Module]:
-    """The FSDP2-sharded ``model`` with its full parameters on every rank for the duration (one
-    all-gather per FSDP module on entry, reshard on exit): forward passes inside make no
-    collective, so ranks may run different numbers of them (sampling, evaluation)."""
+def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
     from torch.distributed.fsdp import FSDPModule
 
-    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+@contextlib.contextmanager
+def gathered(model: nn.Module, *, keep: bool = False) -> Iterator[nn.Module]:
+    """The FSDP2-sharded ``model`` with its full parameters on every rank for the duration (one
+    all-gather per FSDP module on entry, none when they are already gathered; reshard on exit):
+    forward passes inside make no collective, so ranks may run different numbers of them
+    (sampling, evaluation). ``keep``: leave the full parameters gathered on exit, for the update
+    that follows (its forward passes then gather nothing; its last backward, or :func:`reshard`,
+    reshards)."""
+    modules = _fsdp_modules(model)
     for m in modules:
         m.unshard()
     try:
         yield model
     finally:
-        for m in modules:
-            m.reshard()
+        if not keep:
+            reshard(model)
+
+
+def reshard(model: nn.Module) -> None:
+    """Free the gathered full parameters of the FSDP2-sharded ``model`` (a no-op when sharded)."""
+    for m in _fsdp_modules(model):
+        m.reshard()
 
 
 def full_state_dict(model: nn.Module, *, rank0_only: bool = False) -> dict[str, torch.Tensor]:
