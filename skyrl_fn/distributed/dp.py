@@ -2,26 +2,37 @@
 policy sharded with FSDP2, and :class:`DPWorkers`, the ``Workers`` protocol over them
 (``--trainer.workers W``; the loop is ``skyrl_fn.trainer.loop.train`` unchanged).
 
-One step (hybrid layout: every rank samples; no weights travel between actors):
+One step (hybrid layout: every rank samples; no weights travel between actors). The driver
+names each batch a rank holds by a key (:class:`Held`); every call goes to every rank, in the
+same order, so the ranks make the same collectives:
 
 1. every rank gathers its model's full parameters (``skyrl_fn.trainer.sharding.gathered``: one
    all-gather per FSDP module, then no collective while sampling), samples its contiguous share
    of the step's prompts with the per-prompt seeds of ``skyrl_fn.rollout.sampling.prompt_seed``
    and reshards;
 2. the shares are all-gathered, so every rank holds the whole batch, in prompt order;
-3. every rank makes the experience of the whole batch (identical everywhere), takes its share of
+3. batch transforms (``Workers.transform``) run on every rank on the whole batches it holds
+   (pure functions: the same result everywhere, and the same as one worker's); more prompts for
+   a refill are sampled as in 1-2;
+4. the reference model, the teacher and the critic, sharded over the same ranks
+   (``skyrl_fn.distributed.dp_roles``), score each rank's share of rows; the scores are
+   all-gathered;
+5. every rank makes the experience of the whole batch (identical everywhere), takes its share of
    whole prompt groups balanced by token count (``skyrl_fn.trainer.sharding.partition_groups``)
    and runs the update on it with the all-reduced normalisers (``policy_update(dp=...)``);
-   FSDP2 reduce-scatters the summed gradients, each rank steps AdamW on its own shard.
+   FSDP2 reduce-scatters the summed gradients, each rank steps AdamW on its own shard; then the
+   critic likewise.
 
 So ``W`` changes where the work runs, not what is computed: the same run at W=1 and W=2 samples
 the same responses and its metrics agree to float rounding (docs/distributed.md).
 
-The reference model and the critic stay single actors that see the whole batch (rank 0 hands it
-to them). Checkpoints: every rank writes its own shards of the policy's weights and AdamW state
-with ``torch.distributed.checkpoint`` into the checkpoint being saved (``skyrl_fn.trainer.shards``),
-and loads its slices of whatever ``W`` wrote them (DCP reshards); a single worker's (whole)
-checkpoint loads too, so a run saved at any ``W`` resumes at any other ``W``.
+The reference model, a teacher and the critic are sharded on the same ranks
+(:mod:`skyrl_fn.distributed.dp_roles`): each rank scores its share of the rows and the parts are
+all-gathered. Checkpoints: every rank writes its own shards of the policy's weights and AdamW
+state with ``torch.distributed.checkpoint`` into the checkpoint being saved
+(``skyrl_fn.trainer.shards``), and loads its slices of whatever ``W`` wrote them (DCP reshards); a
+single worker's (whole) checkpoint loads too, so a run saved at any ``W`` resumes at any other
+``W``. The critic's state is saved unsharded (gathered on rank 0).
 """
 
 from __future__ import annotations
@@ -33,8 +44,9 @@ from typing import Any, NoReturn, Sequence
 import attrs
 import torch
 
-from skyrl_fn.distributed.actors import Critic, ReferenceModel, _Ping, _start, release
+from skyrl_fn.distributed.actors import _Ping, _start, release
 from skyrl_fn.distributed.devices import to_device
+from skyrl_fn.distributed.dp_roles import RankRoles, local_bytes, optimizer_bytes, share_rows
 from skyrl_fn.distributed.layout import concat_rollouts, split_prompts
 from skyrl_fn.distributed.ray_workers import CPU_SHARES, WorkerDiedError
 from skyrl_fn.trainer import checkpoint as ckpt
@@ -46,22 +58,23 @@ from skyrl_fn.trainer.learner import experience_and_update, loss_kernel, make_tr
 from skyrl_fn.models.model import load_model, load_tokenizer
 from skyrl_fn.rollout.base import HFBackend
 from skyrl_fn.trainer.sharding import (
-    Collectives, gathered, init_process_group, load_full_state, partition_groups, shard_model,
+    Collectives, gathered, init_process_group, load_full_state, reshard, shard_model,
 )
 from skyrl_fn.tasks.base import reward_function_name
 from skyrl_fn.tasks.scoring import score_fields
 from skyrl_fn.trainer.workers import Generated, RoleState, SavedShards, ShardWriter, WorkersState
 
-__all__ = ["PolicyRank", "DPWorkers", "share_rows"]
+__all__ = ["PolicyRank", "DPWorkers", "Held", "share_rows"]
 
 
-def share_rows(rollout, world_size: int, rank: int) -> torch.Tensor:
-    """``[B']`` int64 rows of ``rank``'s share: whole prompt groups balanced by their token
-    counts (prompt + response, :func:`~skyrl_fn.trainer.sharding.partition_groups`), ascending."""
-    tokens = (rollout.prompt_mask.sum(-1) + rollout.response_mask.sum(-1)).long()
-    per_group = torch.zeros(rollout.num_prompts, dtype=torch.long).index_add_(0, rollout.group_ids, tokens)
-    groups = torch.tensor(partition_groups(per_group.tolist(), world_size)[rank], dtype=torch.long)
-    return torch.nonzero(torch.isin(rollout.group_ids, groups)).squeeze(-1)
+@attrs.frozen
+class Held:
+    """The driver's handle of something every rank holds (a sampled or transformed batch, a
+    role's scores): its ``key`` in the ranks' store and the Ray references of the calls that made
+    it (waited for with the step, so a failure in any of them is reported)."""
+
+    key: int
+    refs: tuple[Any, ...]
 
 
 class PolicyRank(_Ping):
@@ -74,7 +87,8 @@ class PolicyRank(_Ping):
         cfg = run.config
         self.task = run.make_task()
         self.tokenizer = load_tokenizer(cfg.model, alphabet=self.task.alphabet)
-        self.kept: Generated | None = None
+        self.held: dict[int, Any] = {}  # batches and scores by the driver's keys (Held)
+        self.exp = None  # the last update's (experience of the whole batch, this rank's rows), for the critic
         self._heldout = None
 
     def address(self) -> tuple[str, int]:
@@ -102,47 +116,83 @@ class PolicyRank(_Ping):
         self.train_state = make_train_state(model, lr=tr.lr, weight_decay=tr.weight_decay, warmup_steps=tr.warmup_steps)
         self.kernel = loss_kernel(self.run, device_type=torch.device(self.device).type)
         self.dp = Collectives(self.device)
+        self.roles = RankRoles(self.run, self.tokenizer, device=self.device)
         return os.getpid()
 
     # -- the step --------------------------------------------------------------------------
-    def generate_share(self, examples: Sequence[Any], seed: int, share: bool):
-        """Sample this rank's share of ``examples``, then all-gather the whole batch (kept here
-        for :meth:`update_share`). Returns ``(whole batch if share and rank 0 else None, seconds)``."""
+    def generate_share(self, examples: Sequence[Any], seed: int, key: int, fresh: bool) -> float:
+        """Sample this rank's share of ``examples``, all-gather the whole batch and hold it as
+        ``key`` (``fresh``: a new step; what the last one held is dropped). Returns the slowest
+        rank's sampling seconds."""
+        if fresh:
+            self.held.clear()
         t0 = time.perf_counter()
         chunks = split_prompts(list(examples), self.world_size)
         first = sum(len(c) for c in chunks[: self.rank])
-        mine = chunks[self.rank]
+        mine = chunks[self.rank] if self.rank < len(chunks) else []
         model = self.train_state.model.eval()
-        with gathered(model):
+        # keep: the weights do not change before the update, whose forward passes then gather
+        # nothing (one all-gather per FSDP module per step, not two); the update reshards.
+        with gathered(model, keep=True):
             rollout = self.backend.generate([e.prompt for e in mine], seed=seed, first_prompt=first)
         scores, extras = score_fields(self.task, rollout.responses, mine, rollout.group_ids.tolist(), fields=self.run.task_fields)
         if extras:
             rollout = attrs.evolve(rollout, extras=extras)
         parts = self.dp.all_gather_object((rollout, scores, time.perf_counter() - t0))
         whole = concat_rollouts([p[0] for p in parts], pad_id=int(self.tokenizer.pad_token_id))
-        self.kept = Generated(rollout=whole, scores=torch.cat([p[1] for p in parts]), seconds=max(p[2] for p in parts))
-        return (self.kept if share and self.rank == 0 else None), self.kept.seconds
+        self.held[key] = Generated(rollout=whole, scores=torch.cat([p[1] for p in parts]), seconds=max(p[2] for p in parts))
+        return self.held[key].seconds
 
-    def update_share(self, generated: Generated | None, ref_log_probs, values, kl_coef: float):
-        """The experience of the whole batch and the update on this rank's share. Returns
-        ``(metrics, experience of the whole batch for the critic (rank 0, with a critic) or None)``."""
-        if generated is None:
-            generated, self.kept = self.kept, None
+    def transform_held(self, fn, keys: Sequence[int], key: int) -> dict[str, float]:
+        """``fn([held batches], pad_id=...) -> (batch or None, metrics)`` (the batch transforms,
+        the teacher's log-probs joined to the batch): on every rank on the same whole batches, so
+        with the same result; hold the batch as ``key``. Returns the metrics."""
+        out, metrics = fn([self.held[k] for k in keys], pad_id=int(self.tokenizer.pad_token_id))
+        if out is None:  # nothing to train on: the step ends without an update
+            reshard(self.train_state.model)
+        self.held[key] = out
+        return metrics
+
+    def score_held(self, role: str, batch: int, key: int) -> None:
+        """``role``'s (``reference``, ``teacher``: log-probs; ``critic``: values) ``[B, T]`` of the
+        held batch ``batch``, computed on this rank's share and all-gathered; held as ``key``."""
+        rollout = to_device(self.held[batch].rollout, self.device)
+        rows = share_rows(rollout, self.world_size, self.rank).to(self.device)
+        if role == "critic":
+            self.held[key] = self.roles.values(rollout, rows, self.dp)
+        else:
+            self.held[key] = self.roles.log_probs(role, rollout, rows, self.dp)
+
+    def update_share(self, batch: int, ref: int | None, values: int | None, kl_coef: float) -> tuple[dict[str, float], float]:
+        """The experience of the held batch ``batch`` (with the held reference log-probs ``ref``
+        and critic ``values``) and the policy update on this rank's share. Returns ``(metrics,
+        sampling seconds of the batch)``."""
+        generated = self.held[batch]
+        ref_log_probs, values = (None if k is None else self.held[k] for k in (ref, values))
+        self.held.clear()
         cfg = self.run.config
         rollout, scores, ref_log_probs, values = to_device((generated.rollout, generated.scores, ref_log_probs, values), self.device)
         old_lp, computed = None, {}
         if cfg.algorithm.recompute_old_log_probs or self.run.computed_fields:  # of the whole batch, with the full parameters
-            with gathered(self.train_state.model.eval()) as model:
+            with gathered(self.train_state.model.eval(), keep=True) as model:  # kept for the update
                 old_lp, computed = old_policy_pass(self.run, model, rollout)
         t0 = time.perf_counter()
+        rows = share_rows(rollout, self.world_size, self.rank).to(self.device)
         metrics, exp = experience_and_update(
             self.run, self.train_state, rollout, scores, reward_function=reward_function_name(self.task), old_log_probs=old_lp,
-            ref_log_probs=ref_log_probs, values=values, kl_coef=kl_coef, kernel=self.kernel, fields=computed,
-            rank_rows=share_rows(rollout, self.world_size, self.rank).to(self.device), dp=self.dp,
+            ref_log_probs=ref_log_probs, values=values, kl_coef=kl_coef, kernel=self.kernel, fields=computed, rank_rows=rows,
+            dp=self.dp,
         )
         metrics["update_seconds"] = time.perf_counter() - t0
-        keep = values is not None and self.rank == 0
-        return metrics, (to_device(exp, "cpu") if keep else None)
+        reshard(self.train_state.model)  # a step skipped before its backward kept the sampling's gather
+        self.exp = (exp, rows) if values is not None else None
+        return metrics, generated.seconds
+
+    def update_critic_share(self) -> dict[str, float]:
+        """The critic update on this rank's share of the last :meth:`update_share`'s experience."""
+        exp, rows = self.exp
+        self.exp = None
+        return self.roles.update_critic(exp, rows, self.dp)
 
     def evaluate(self, examples: Sequence[Any]) -> dict[str, float]:
         """Greedy pass@1 on held-out ``examples`` with the full weights (rank 0 scores; the
@@ -182,24 +232,27 @@ class PolicyRank(_Ping):
         if rng is not None:
             ckpt.restore_rng(rng, rank=self.rank)
 
+    def critic_state(self) -> RoleState | None:
+        """The critic's unsharded state on rank 0 (None on the others). A collective."""
+        return self.roles.critic_state(rank0=self.rank == 0)
+
+    def set_critic_state(self, saved: RoleState) -> None:
+        """Load an unsharded critic state (of any ``W``). A collective."""
+        self.roles.load_critic_state(saved)
+
     def resident_bytes(self) -> dict[str, int]:
-        """Bytes of this rank's resident parameter and optimiser-state storage (its shards)."""
+        """Bytes of this rank's resident storage (its shards): the policy's parameters
+        (``params``) and optimiser state (``optim``), and those of the other roles it holds
+        (``RankRoles.resident_bytes``)."""
         ts = self.train_state
-        local = [getattr(p, "_local_tensor", p) for p in ts.model.parameters()]
-        params = sum(t.numel() * t.element_size() for t in local)
-        optim = 0
-        for st in ts.optimizer.state.values():
-            for v in st.values():
-                if isinstance(v, torch.Tensor):
-                    v = getattr(v, "_local_tensor", v)
-                    optim += v.numel() * v.element_size()
-        return {"params": params, "optim": optim}
+        return {"params": local_bytes(ts.model), "optim": optimizer_bytes(ts.optimizer), **self.roles.resident_bytes()}
 
 
 class DPWorkers:
     """``W = trainer.workers`` :class:`PolicyRank` actors in a placement group (one bundle per
     rank, ``strategy`` ``SPREAD``: over the nodes of a cluster when it can, ``STRICT_SPREAD``:
-    one rank per node), plus the single reference and critic actors when used.
+    one rank per node). The ranks also hold the run's reference model, teacher and critic,
+    sharded over the same ``W`` (``skyrl_fn.distributed.dp_roles``).
 
     Args:
         run: the resolved run (``trainer.workers >= 1``).
@@ -213,10 +266,10 @@ class DPWorkers:
         w = cfg.trainer.workers
         self.names: dict[str, str] = {}
         self.step_index, self.saved = -1, bool(cfg.trainer.resume)
-        self.share = run.uses_reference or run.uses_critic
+        self.keys, self.sampled_step = 0, -1
         share_cpu = CPU_SHARES["policy"]
         self.pg = placement_group([{"CPU": share_cpu}] * w, strategy=strategy)
-        self.ranks, self.reference, self.critic = [], None, None
+        self.ranks: list[Any] = []
         try:
             self._start(run, w, share_cpu)
         except BaseException:
@@ -235,56 +288,81 @@ class DPWorkers:
             handle = ray.remote(PolicyRank).options(**opts).remote(run, r, w)
             self.names[handle._actor_id.hex()] = f"policy rank {r} of {w} (PolicyRank)"
             self.ranks.append(handle)
-        if run.uses_reference:
-            self.reference = ray.remote(num_cpus=CPU_SHARES["reference"], max_restarts=0)(ReferenceModel).remote(run)
-            self.names[self.reference._actor_id.hex()] = "reference model (ReferenceModel)"
-        if run.uses_critic:
-            self.critic = ray.remote(num_cpus=CPU_SHARES["critic"], max_restarts=0)(Critic).remote(run)
-            self.names[self.critic._actor_id.hex()] = "critic (Critic)"
         host, port = self.get(self.ranks[0].address.remote())
-        pids = self.get([a.join.remote(host, port) for a in self.ranks] + [a.ping.remote() for a in self.actors()[w:]])
+        pids = self.get([a.join.remote(host, port) for a in self.ranks])
         for a, pid in zip(self.actors(), pids):
             name = self.names[a._actor_id.hex()].rstrip(")")
             self.names[a._actor_id.hex()] = f"{name}, pid {pid})"
 
     # -- the protocol ------------------------------------------------------------------------
-    def generate(self, examples: Sequence[Any], *, step: int, seed: int):
-        self.step_index = step
-        outs = [a.generate_share.options(num_returns=2).remote(list(examples), seed, self.share) for a in self.ranks]
-        return outs  # [(whole batch of rank 0 or None, seconds)] per rank
+    def _key(self) -> int:
+        self.keys += 1
+        return self.keys
 
-    def reference_log_probs(self, generated):
-        return self.reference.log_probs_of.remote(generated[0][0])
+    def _each(self, method: str, *args) -> Held:
+        """``method(*args, key)`` on every rank; the handle of what they hold as ``key``."""
+        key = self._key()
+        return Held(key, tuple(getattr(a, method).remote(*args, key) for a in self.ranks))  # rank 0's first
 
-    def values(self, generated):
-        return self.critic.values_of.remote(generated[0][0])
+    def generate(self, examples: Sequence[Any], *, step: int, seed: int) -> Held:
+        fresh, self.step_index, self.sampled_step = step != self.sampled_step, step, step
+        key = self._key()
+        return Held(key, tuple(a.generate_share.remote(list(examples), seed, key, fresh) for a in self.ranks))
 
-    def update_policy(self, generated, ref_log_probs, values, kl_coef: float):
-        return [a.update_share.options(num_returns=2).remote(None, ref_log_probs, values, kl_coef) for a in self.ranks]
+    def transform(self, fn, *generated: Held) -> tuple[Held, dict[str, float]]:
+        held = self._each("transform_held", fn, [g.key for g in generated])
+        metrics = self.get(list(held.refs))[0]  # the same on every rank
+        return Held(held.key, held.refs + sum((g.refs for g in generated), ())), metrics
 
-    def update_critic(self, updated):
-        return self.critic.update_on.remote(updated[0][1])
+    def reference_log_probs(self, generated: Held) -> Held:
+        return self._each("score_held", "reference", generated.key)
 
-    def wait(self, generated, updated, critic) -> tuple[dict[str, float], float]:
-        refs = [u[0] for u in updated] + [generated[0][1]] + ([critic] if critic is not None else [])
-        got = self.get(refs)
-        w = len(self.ranks)
-        metrics = dict(got[0])  # every rank reports the same (all-reduced) metrics
+    def teacher_log_probs(self, generated: Held) -> Held:
+        return self._each("score_held", "teacher", generated.key)
+
+    def values(self, generated: Held) -> Held:
+        return self._each("score_held", "critic", generated.key)
+
+    def update_policy(self, generated: Held, ref_log_probs: Held | None, values: Held | None, kl_coef: float) -> Held:
+        keys = [None if h is None else h.key for h in (ref_log_probs, values)]
+        before = sum((h.refs for h in (generated, ref_log_probs, values) if h is not None), ())
+        refs = tuple(a.update_share.remote(generated.key, *keys, kl_coef) for a in self.ranks)
+        return Held(-1, refs + before)  # rank 0's (metrics, seconds) first
+
+    def update_critic(self, updated: Held) -> Held:
+        return Held(-1, tuple(a.update_critic_share.remote() for a in self.ranks))
+
+    def wait(self, generated: Held, updated: Held, critic: Held | None) -> tuple[dict[str, float], float]:
+        # updated.refs: the update's calls, then every call it depends on (the sampling among them)
+        rest = [r for r in dict.fromkeys(updated.refs[1:] + generated.refs) if r not in (critic.refs if critic else ())]
+        got = self.get([updated.refs[0], *(critic.refs if critic is not None else ()), *rest])
+        metrics, seconds = got[0]  # every rank reports the same (all-reduced) metrics
+        metrics = dict(metrics)
         if critic is not None:
-            metrics.update(got[w + 1])
-        return metrics, float(got[w])
+            metrics.update(got[1])
+        return metrics, float(seconds)
+
+    def fetch_generated(self, generated: Held) -> NoReturn:
+        raise NotImplementedError(
+            "DPWorkers.fetch_generated: asynchronous training (trainer.max_staleness) needs rollout workers, "
+            "which --trainer.workers > 1 does not have"
+        )
+
+    put_generated = fetch_generated
 
     def evaluate(self, examples: Sequence[Any]) -> dict[str, float]:
         return self.get([a.evaluate.remote(list(examples)) for a in self.ranks])[0]
 
     def state(self) -> WorkersState:
         """The policy as a :class:`ShardWriter` (each rank writes its own shards when the
-        checkpoint is saved), the critic whole, every rank's RNG states (``{"ranks": [...]}``)."""
-        got = self.get([a.small_state.remote() for a in self.ranks] + ([self.critic.get_state.remote()] if self.critic is not None else []))
+        checkpoint is saved), the critic whole (gathered on rank 0), every rank's RNG states
+        (``{"ranks": [...]}``)."""
         w = len(self.ranks)
+        critic = [a.critic_state.remote() for a in self.ranks] if self.run.uses_critic else []
+        got = self.get([a.small_state.remote() for a in self.ranks] + critic)
         roles: dict[str, Any] = {"policy": ShardWriter(write=self._write_shards, sched=got[0][0])}
-        if self.critic is not None:
-            roles["critic"] = got[-1]
+        if critic:
+            roles["critic"] = got[w]
         self.saved = True
         return WorkersState(roles=roles, rng={"ranks": [g[1] for g in got[:w]]})
 
@@ -302,8 +380,9 @@ class DPWorkers:
 
         policy, rng = ray.put(saved.roles["policy"]), ray.put(saved.rng)
         refs = [a.set_state.remote(policy, rng) for a in self.ranks]
-        if self.critic is not None:
-            refs.append(self.critic.set_state.remote(saved.roles["critic"]))
+        if self.run.uses_critic:
+            critic = ray.put(saved.roles["critic"])
+            refs += [a.set_critic_state.remote(critic) for a in self.ranks]
         self.get(refs)
 
     def resident_bytes(self) -> list[dict[str, int]]:
@@ -316,7 +395,7 @@ class DPWorkers:
 
     # -- failures --------------------------------------------------------------------------
     def actors(self) -> list[Any]:
-        return [a for a in [*self.ranks, self.reference, self.critic] if a is not None]
+        return list(self.ranks)
 
     def get(self, refs, *, timeout: float | None = None, what: str | None = None):
         """``ray.get`` that fails as soon as ANY of ``refs`` fails (a rank blocked in a

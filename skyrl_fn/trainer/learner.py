@@ -53,7 +53,7 @@ __all__ = [
     "TrainState", "Experience", "KLController", "kl_controller_of",
     "make_optimizer", "make_train_state", "sequence_log_probs", "batched_log_probs", "batched_values",
     "token_rewards", "compute_advantages", "make_experience", "loss_kernel", "policy_update",
-    "critic_update", "value_loss", "response_values", "experience_and_update", "set_hyperparameters",
+    "critic_update", "value_loss", "masked_row", "response_values", "experience_and_update", "set_hyperparameters",
 ]
 
 
@@ -138,17 +138,28 @@ def loss_kernel(run: ResolvedRun, *, device_type: str = "cpu") -> Callable[..., 
     return kernel
 
 
-def _prompt_totals(run: ResolvedRun, exp: Experience) -> Callable[[int, int], dict[str, Any]]:
+def _prompt_totals(run: ResolvedRun, exp: Experience, filler: Experience | None, dp: Collectives | None) -> Callable[[int, int], dict[str, Any]]:
     """``fn(start, stop)``: the prompt keywords of rows ``[start, stop)`` for an aggregation over
     prompts (``prompt_mean``): each row's prompt, its prompt's valid tokens over the whole step and
     the step's prompt count, so micro-batches that split a prompt add up exactly; ``{}`` for every
-    other aggregation."""
+    other aggregation. With ``dp`` the prompt count is summed over the ranks (each holds whole
+    prompt groups, so its per-prompt token totals are already the whole step's); ``start >= B``:
+    the keywords of the masked ``filler`` row."""
     if not run.algorithm.aggregation_takes_groups:
         return lambda start, stop: {}
     if exp.group_ids is None:
         raise ValueError(f"group_ids: expected the [B] prompt ids in the experience for aggregation {run.algorithm.names['aggregation']!r}, got None")
     tokens, groups = group_token_totals(exp.response_mask, exp.group_ids)
-    return lambda start, stop: {"group_ids": exp.group_ids[start:stop], "group_tokens": tokens[start:stop], "global_groups": groups}
+    if dp:
+        groups = torch.tensor(dp.total(float(groups)), dtype=groups.dtype, device=groups.device)
+    pad = None if filler is None else {"group_ids": filler.group_ids, "group_tokens": torch.ones_like(filler.group_ids), "global_groups": groups}
+
+    def rows(start: int, stop: int) -> dict[str, Any]:
+        if start >= exp.batch_size:
+            return pad
+        return {"group_ids": exp.group_ids[start:stop], "group_tokens": tokens[start:stop], "global_groups": groups}
+
+    return rows
 
 
 def policy_update(
@@ -161,6 +172,7 @@ def policy_update(
     global_seqs: torch.Tensor | None = None,
     scores: torch.Tensor | None = None,
     dp: Collectives | None = None,
+    filler: Experience | None = None,
 ) -> dict[str, float]:
     """``algorithm.update_epochs`` optimiser steps on ``exp`` with gradient accumulation.
 
@@ -184,6 +196,9 @@ def policy_update(
             the most (the extra ones fully masked: zero loss and gradient, but the same
             collectives); a non-finite loss on any rank skips the step on all; the metrics are
             summed over ranks with the whole batch's weights, so they are the whole batch's.
+        filler: with ``dp``, a row whose response mask is all zero, run in place of the missing
+            micro-batches (default: row 0 of ``exp`` masked; required when ``exp`` has no row,
+            a rank left without a prompt group).
 
     Returns:
         metrics (python floats): loss, pg_loss, the loss's metrics, grad_norm, lr, kl_loss,
@@ -213,14 +228,15 @@ def policy_update(
     max_len = run.config.rollout.max_new_tokens
     sums: dict[str, float] = {}
     starts = list(range(0, b, mbs)) + [b] * (n_all - n_mb)  # b: a masked filler (dp)
-    prompts = _prompt_totals(run, exp)
+    filler = filler if filler is not None else (masked_row(exp) if b else None)
+    prompts = _prompt_totals(run, exp, filler, dp)
     first_pass: dict[int, torch.Tensor] = {}  # old log-probs taken from epoch 0 when not given
     stepped = 0
     for epoch in range(a.update_epochs):
         opt.zero_grad(set_to_none=True)
         bad: dict[int, list[str]] | None = None  # rows of a non-finite loss, once one is seen
         for i, s in enumerate(starts):
-            mb = exp.slice(s, s + mbs) if s < b else _masked_row(exp)
+            mb = exp.slice(s, s + mbs) if s < b else filler
             lp, ent = sequence_log_probs(model, mb.input_ids, mb.attention_mask, t, temperature=run.config.rollout.temperature, top_p=run.config.rollout.top_p, with_entropy=with_entropy)
             old = mb.old_log_probs
             if old is None:
@@ -232,8 +248,7 @@ def policy_update(
                 ref_log_probs=mb.ref_log_probs, rollout_log_probs=mb.rollout_log_probs,
                 extras=step_fields(old, mb.rollout_log_probs, {}, mb.extras),  # the step's per-sample fields
             )
-            rows = prompts(s, s + mbs) if s < b else prompts(0, 1)  # the filler: row 0, fully masked
-            out = kernel(batch, global_tokens=global_tokens, global_seqs=global_seqs, max_seq_len=max_len, entropy=ent, **rows)
+            out = kernel(batch, global_tokens=global_tokens, global_seqs=global_seqs, max_seq_len=max_len, entropy=ent, **prompts(s, s + mbs))
             finite = bool(torch.isfinite(out.loss))
             if not finite and bad is None:
                 tensors = {"advantages": mb.advantages, "log_probs": lp, "old_log_probs": old, "ref_log_probs": mb.ref_log_probs, "rollout_log_probs": mb.rollout_log_probs}
@@ -243,7 +258,10 @@ def policy_update(
             if dp:  # every rank makes the same calls, so it backpropagates even a non-finite loss
                 dp.accumulate(model, last=i == len(starts) - 1)
             out.loss.backward()
-            if s >= b or not finite:  # the filler (no rows), or a step about to be skipped
+            if s >= b:  # the filler (no rows): every rank reports the same metric names
+                for k in ("loss", *out.metrics):
+                    sums.setdefault(k, 0.0)
+            if s >= b or not finite:  # or a step about to be skipped
                 continue
             share = mb.batch_size / batch_seqs
             _acc(sums, "loss", out.loss.detach(), 1.0)
@@ -318,7 +336,8 @@ def experience_and_update(
         return skipped_metrics(reason, scores=scores, response_mask=mask), None
     exp, metrics = make_experience(run, rollout, scores, old_log_probs=old_log_probs, ref_log_probs=ref_log_probs, values=values, kl_coef=kl_coef, fields=fields)
     share = exp if rank_rows is None else exp.rows(rank_rows)
-    metrics.update(policy_update(run, state, share, kernel=kernel, scores=scores if rank_rows is None else scores[rank_rows], dp=dp))
+    filler = None if rank_rows is None else masked_row(exp)  # a rank may hold no prompt group
+    metrics.update(policy_update(run, state, share, kernel=kernel, scores=scores if rank_rows is None else scores[rank_rows], dp=dp, filler=filler))
     return metrics, (None if metrics["skipped"] else exp)
 
 
@@ -343,41 +362,59 @@ def value_loss(
     return token_mean(out.token_loss, mask, global_tokens=global_tokens)
 
 
-def critic_update(run: ResolvedRun, state: TrainState, exp: Experience) -> dict[str, float]:
+def critic_update(
+    run: ResolvedRun, state: TrainState, exp: Experience, *, dp: Collectives | None = None, filler: Experience | None = None
+) -> dict[str, float]:
     """One optimiser step of the critic per update epoch on the clipped value loss (accumulated
     over micro-batches with the global token count), grad-norm clipped. Returns
-    ``value_loss``, ``critic_grad_norm``, ``critic_lr``."""
+    ``value_loss``, ``critic_grad_norm``, ``critic_lr``.
+
+    ``dp``, ``filler``: a data-parallel (FSDP2) critic update on this rank's share ``exp``, as in
+    :func:`policy_update`: the token count is all-reduced, every rank runs as many micro-batches
+    as the rank with the most (``filler``: a fully masked row), a non-finite loss on any rank
+    skips the step on all, the metrics are summed over ranks."""
     if exp.values is None:
         raise ValueError("exp.values: expected [B, T] old critic values for the critic update, got None")
     a, tr = run.config.algorithm, run.config.trainer
     model, opt = state.model, state.optimizer
     model.train()
-    b, t = exp.batch_size, exp.response_len
-    global_tokens = exp.response_mask.sum().clamp(min=1).float()
-    sums: dict[str, float] = {}
+    b, t, mbs = exp.batch_size, exp.response_len, tr.micro_batch_size
+    n_mb = -(-b // mbs)
+    tokens, _, n_all = dp.batch_counts(exp.response_mask.sum(), b, n_mb) if dp else (exp.response_mask.sum(), b, n_mb)
+    global_tokens = torch.as_tensor(tokens).clamp(min=1).float()
+    filler = filler if filler is not None else (masked_row(exp) if b else None)
+    starts = list(range(0, b, mbs)) + [b] * (n_all - n_mb)
+    sums: dict[str, float] = {"value_loss": 0.0}
     for epoch in range(a.update_epochs):
         opt.zero_grad(set_to_none=True)
         finite = True
-        for s in range(0, b, tr.micro_batch_size):
-            mb = exp.slice(s, s + tr.micro_batch_size)
+        for i, s in enumerate(starts):
+            mb = exp.slice(s, s + mbs) if s < b else filler
             v = response_values(model, mb.input_ids, mb.attention_mask, t).float()
             loss = value_loss(v, mb.values, mb.returns, mb.response_mask, clip=a.value_clip, global_tokens=global_tokens)
-            finite = bool(torch.isfinite(loss))
-            if not finite:
+            finite = finite and bool(torch.isfinite(loss))
+            if not finite and not dp:
                 break
+            if dp:  # every rank makes the same calls
+                dp.accumulate(model, last=i == len(starts) - 1)
             loss.backward()
-            _acc(sums, "value_loss", loss.detach(), 1.0)
+            if finite:
+                _acc(sums, "value_loss", loss.detach(), 1.0)
+        if dp:
+            finite = dp.all_true(finite)
         grad_norm, ok = step_if_finite(model, opt, max_norm=tr.grad_clip, loss_finite=finite)
         if not ok:  # the critic keeps its weights; the policy step is reported on its own
             return {"critic_skipped": 1.0, "critic_grad_norm": float(grad_norm)}
-        _acc(sums, "critic_grad_norm", grad_norm, 1.0)
+        _acc(sums, "critic_grad_norm", grad_norm / (dp.world_size if dp else 1), 1.0)
+    if dp:
+        sums = dp.sum_metrics(sums)
     out = {k: v / a.update_epochs for k, v in sums.items()}
     out["critic_lr"] = float(opt.param_groups[0]["lr"])
     state.scheduler.step()
     return out
 
 
-def _masked_row(exp: Experience) -> Experience:
+def masked_row(exp: Experience) -> Experience:
     """Row 0 of ``exp`` with an all-zero response mask: its loss and gradient are exactly 0."""
     one = exp.slice(0, 1)
     return attrs.evolve(one, response_mask=torch.zeros_like(one.response_mask))

@@ -301,11 +301,6 @@ def _check_data_parallel(config: TrainConfig) -> None:
         (not config.ray.use_ray, "ray.use_ray (the ranks are Ray actors; drop --ray.no-use-ray)"),
         (config.rollout.backend != "hf", f"rollout.backend 'hf' (got {config.rollout.backend!r}; each rank samples with its own model)"),
         (config.ray.rollout_workers != 0, f"ray.rollout_workers 0 (got {config.ray.rollout_workers}; each rank samples its share itself)"),
-        (bool(config.algorithm.batch_transforms), f"no algorithm.batch_transforms yet (got {list(config.algorithm.batch_transforms)}; "
-         "the ranks do not run them)"),
-        (config.teacher.model is not None, "no teacher.model yet (the ranks have no teacher; distil with --trainer.workers 1)"),
-        (config.algorithm.loss_reduction in ("prompt_mean",), f"an aggregation over tokens or sequences (got "
-         f"algorithm.loss_reduction {config.algorithm.loss_reduction!r}, whose prompt count is not all-reduced yet)"),
     ):
         if bad:
             raise ValueError(f"trainer.workers: {tr.workers} data-parallel ranks need {what}")

@@ -29,6 +29,9 @@ __all__ = [
     "transformer_blocks",
     "shard_model",
     "gathered",
+    "reshard",
+    "full_state_dict",
+    "full_optimizer_state",
     "load_full_state",
     "partition_groups",
     "Collectives",
@@ -92,26 +95,62 @@ def shard_model(model: nn.Module, *, device: str, mixed_precision: bool = False)
     return model
 
 
-@contextlib.contextmanager
-def gathered(model: nn.Module) -> Iterator[nn.Module]:
-    """The FSDP2-sharded ``model`` with its full parameters on every rank for the duration (one
-    all-gather per FSDP module on entry, reshard on exit): forward passes inside make no
-    collective, so ranks may run different numbers of them (sampling, evaluation)."""
+def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
     from torch.distributed.fsdp import FSDPModule
 
-    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+@contextlib.contextmanager
+def gathered(model: nn.Module, *, keep: bool = False) -> Iterator[nn.Module]:
+    """The FSDP2-sharded ``model`` with its full parameters on every rank for the duration (one
+    all-gather per FSDP module on entry, none when they are already gathered; reshard on exit):
+    forward passes inside make no collective, so ranks may run different numbers of them
+    (sampling, evaluation). ``keep``: leave the full parameters gathered on exit, for the update
+    that follows (its forward passes then gather nothing; its last backward, or :func:`reshard`,
+    reshards)."""
+    modules = _fsdp_modules(model)
     for m in modules:
         m.unshard()
     try:
         yield model
     finally:
-        for m in modules:
-            m.reshard()
+        if not keep:
+            reshard(model)
+
+
+def reshard(model: nn.Module) -> None:
+    """Free the gathered full parameters of the FSDP2-sharded ``model`` (a no-op when sharded)."""
+    for m in _fsdp_modules(model):
+        m.reshard()
+
+
+def full_state_dict(model: nn.Module, *, rank0_only: bool = False) -> dict[str, torch.Tensor]:
+    """The unsharded state dict (a collective: every rank calls it). ``rank0_only``: on the CPU,
+    and empty on the other ranks (for checkpoints); else every rank gets every tensor."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=rank0_only))
 
 
 def _param_names(model: nn.Module) -> list[str]:
     """Names of the trainable parameters in ``model.parameters()`` order (the optimiser's ids)."""
     return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The unsharded optimiser state on rank 0 (a collective; ``{}`` on the other ranks), keyed by
+    parameter index like ``optimizer.state_dict()`` of an unsharded model, so a checkpoint of any
+    ``W`` loads into any other ``W`` (and into the plain single-actor path)."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    osd = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() != 0:
+        return {}
+    index = {n: i for i, n in enumerate(_param_names(model))}
+    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in osd["param_groups"]]
+    return {"state": {index[n]: s for n, s in osd["state"].items()}, "param_groups": groups}
 
 
 def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, weights: Mapping[str, torch.Tensor], optim: Mapping[str, Any]) -> None:
@@ -188,6 +227,21 @@ class Collectives:
         update costs one all-gather and one reduce-scatter per FSDP module, not one per micro-batch."""
         model.set_requires_gradient_sync(last)
         model.set_reshard_after_backward(last)
+
+    def total(self, value: float) -> float:
+        """``value`` summed over ranks."""
+        return self._reduce([value], "sum")[0]
+
+    def gather_rows(self, part: torch.Tensor, rows: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """The whole batch's ``[B, T]`` from every rank's ``part [B', T]`` of its ``rows [B']``
+        (the shares of :func:`partition_groups`: disjoint, together every row), on the CPU."""
+        parts = self.all_gather_object((rows.cpu(), part.detach().cpu()))
+        width = max(p.shape[-1] for _, p in parts)
+        dtype = next(p.dtype for _, p in parts)
+        out = torch.zeros(batch_size, width, dtype=dtype)
+        for r, p in parts:
+            out[r] = p.to(dtype)
+        return out
 
     def all_true(self, flag: bool) -> bool:
         """True when ``flag`` holds on every rank."""

@@ -44,6 +44,15 @@ ALGORITHMS = {
     "ppo_gae+kl_loss": (
         "--algorithm.advantage-estimator", "gae", "--algorithm.use-kl-loss", "--algorithm.update-epochs", "2",
     ),
+    "grpo+prompt_mean": ("--algorithm.loss-reduction", "prompt_mean"),
+    # dynamic sampling refills (3 sampled batches at most) and a replaced group of 2G rows
+    "dapo+replace": (
+        "--algorithm.batch-transforms", "overlong_filter", "dynamic_sampling", "--algorithm.transform.dynamic-sampling.type",
+        "replace", "--algorithm.transform.dynamic-sampling.max-sample-batches", "3",
+    ),
+    # with the format credit the step-1 batch keeps a single prompt group: rank 1 trains on none
+    "zero_variance+one_group": ("--algorithm.batch-transforms", "zero_variance_filter", "--data.format-credit", "0.3"),
+    "distill+teacher": ("--teacher.model", "tiny", "--teacher.coef", "0.5", "--algorithm.use-kl-in-reward"),
 }
 #: W=1 and W=2 sum the same per-token terms in different orders (other micro-batches, a
 #: reduce-scatter): float32 rounding, ~1e-7 relative per step, grows slowly through AdamW.
@@ -65,11 +74,11 @@ def _assert_same(got, want):
                 assert a[k] == pytest.approx(v, rel=REL, abs=ABS), k
 
 
-def _weights(path, step=None):
-    """The policy's full weights in checkpoint ``step`` (the newest when None) of ``path``, whole or
+def _weights(path, step=None, role="policy"):
+    """``role``'s full weights in checkpoint ``step`` (the newest when None) of ``path``, whole or
     sharded."""
     c = ckpt.load(ckpt.latest_checkpoint(path) if step is None else os.path.join(path, f"step_{step:08d}"))
-    return shards.read_weights(c.shards["policy"]) if "policy" in c.shards else c.weights["policy"]
+    return shards.read_weights(c.shards[role]) if role in c.shards else c.weights[role]
 
 
 def _assert_close_weights(got, want):
@@ -78,44 +87,74 @@ def _assert_close_weights(got, want):
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5)
 
 
+class _Recording(DPWorkers):
+    """Records each rank's resident bytes per role (its shards) before the ranks stop."""
+
+    resident: list = []
+
+    def close(self):
+        if self.ranks:
+            _Recording.resident[:] = self.resident_bytes()
+        super().close()
+
+
 def _two_and_one(tmp_path, *args):
-    """The same run at W=2 (2 steps, on Ray) and W=1 (3 steps, in-process, a checkpoint a step)."""
+    """The same run at W=2 (2 steps, on Ray; each rank's resident bytes recorded) and W=1 (3 steps,
+    in-process, a checkpoint a step)."""
     w2 = _run(tmp_path / "w2", "--trainer.steps", "2", *args, "--trainer.workers", "2")
     w1 = _run(tmp_path / "w1", "--trainer.steps", "3", "--trainer.ckpt-interval", "1", *args, "--ray.no-use-ray")
-    return w2, train_on_ray(w2), w1, train(w1)
+    dp = train(w2, workers=_Recording)
+    return w2, dp, list(_Recording.resident), w1, train(w1)
 
 
-def _check_same_run(w2, dp, w1, one):
+def _check_same_run(w2, dp, resident, w1, one):
     _assert_same(dp.history, one.history[:2])
+    # Every role the run uses is sharded over the ranks: each rank keeps half of its parameters.
+    roles = {"params"} | {r for r, used in (("reference", w2.uses_reference), ("critic", w2.uses_critic), ("teacher", w2.uses_teacher)) if used}
+    for role in roles:
+        per_rank = [m[role] for m in resident]
+        assert len(per_rank) == 2 and max(per_rank) <= 0.6 * sum(per_rank), role
+    if w2.uses_reference:  # the reference is the initial policy: the same parameters, sharded alike
+        assert [m["reference"] for m in resident] == [m["params"] for m in resident]
     # The same responses were sampled: equal rewards and lengths, exactly.
     for a, b in zip(dp.history, one.history):
         assert a["reward"] == b["reward"] and a["response_tokens"] == b["response_tokens"]
-    _assert_close_weights(_weights(w2.config.ckpt_dir), _weights(w1.config.ckpt_dir, step=2))
+    for role in ("policy", "critic") if w2.uses_critic else ("policy",):
+        _assert_close_weights(_weights(w2.config.ckpt_dir, role=role), _weights(w1.config.ckpt_dir, step=2, role=role))
 
 
 @pytest.fixture(scope="module")
-def grpo_runs(ray_session, tmp_path_factory):
-    """GRPO at W=2 and W=1 (:func:`_two_and_one`), shared by the fast tests."""
-    return _two_and_one(tmp_path_factory.mktemp("grpo"))
+def ppo_runs(ray_session, tmp_path_factory):
+    """PPO with GAE and a KL loss at W=2 and W=1 (:func:`_two_and_one`): the policy, the reference
+    and the critic sharded; shared by the fast tests."""
+    return _two_and_one(tmp_path_factory.mktemp("ppo"), *ALGORITHMS["ppo_gae+kl_loss"])
 
 
-def test_two_ranks_give_the_one_worker_metrics(grpo_runs):
-    _check_same_run(*grpo_runs)
+def test_two_ranks_give_the_one_worker_metrics(ppo_runs):
+    _check_same_run(*ppo_runs)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", ["rloo+seq_mean_token_sum_norm", "ppo_gae+kl_loss"])
+@pytest.mark.parametrize(
+    "algorithm", ["grpo", "rloo+seq_mean_token_sum_norm", "grpo+prompt_mean", "dapo+replace", "zero_variance+one_group", "distill+teacher"],
+)
 def test_two_ranks_give_the_one_worker_metrics_of_other_algorithms(ray_session, tmp_path, algorithm):
-    _check_same_run(*_two_and_one(tmp_path, *ALGORITHMS[algorithm]))
+    runs = _two_and_one(tmp_path, *ALGORITHMS[algorithm])
+    _check_same_run(*runs)
+    history = runs[1].history
+    if algorithm == "dapo+replace":  # a trained step with a refill (and replaced groups)
+        assert any(h["batch_sampled_batches"] > 1 and not h["skipped"] for h in history)
+    if algorithm == "zero_variance+one_group":  # a trained step with fewer prompt groups than ranks
+        assert any(h["batch_kept_groups"] == 1 and not h["skipped"] for h in history)
 
 
-def test_each_rank_writes_its_own_shards(grpo_runs):
+def test_each_rank_writes_its_own_shards(ppo_runs):
     """The W=2 checkpoint holds one file per rank, each with about half of the weights' and AdamW
     moments' elements and every element stored once (not a gathered state); the manifest lists
     them with their sha256."""
     import torch.distributed.checkpoint as dcp
 
-    w2, _, _, _ = grpo_runs
+    w2 = ppo_runs[0]
     path = ckpt.latest_checkpoint(w2.config.ckpt_dir)
     manifest = ckpt.verify(path)
     assert manifest["format"] == 2 and "policy.safetensors" not in manifest["files"]
@@ -141,10 +180,10 @@ def test_each_rank_writes_its_own_shards(grpo_runs):
 
 # Resuming at W=2 starts two more rank actors: in make test-all (W=1 -> 2 -> 1 is slow too).
 @pytest.mark.parametrize("where", ["at1", pytest.param("at2", marks=pytest.mark.slow)])
-def test_a_two_rank_checkpoint_resumes_at_one_worker_and_at_two(grpo_runs, tmp_path, where):
+def test_a_two_rank_checkpoint_resumes_at_one_worker_and_at_two(ppo_runs, tmp_path, where):
     """Saved at W=2: resumed in-process at W=1 (the shards read whole) and at W=2 (each rank its
     slices), the next step is that of the uninterrupted W=1 run, and so are the weights after it."""
-    w2, _, w1, one = grpo_runs
+    w2, _, _, w1, one = ppo_runs
     flags = {"at1": ("--ray.no-use-ray",), "at2": ("--trainer.workers", "2")}[where]
     shutil.copytree(w2.config.ckpt_dir, tmp_path / where / "checkpoints")
     run = _run(tmp_path / where, "--trainer.steps", "3", "--trainer.resume", *flags)
@@ -159,10 +198,12 @@ def test_a_two_rank_checkpoint_resumes_at_one_worker_and_at_two(grpo_runs, tmp_p
 
 
 @pytest.mark.slow
-def test_resume_with_another_number_of_ranks(ray_session, tmp_path):
+@pytest.mark.parametrize("algorithm", ["grpo", "ppo_gae+kl_loss"])
+def test_resume_with_another_number_of_ranks(ray_session, tmp_path, algorithm):
     """Save at W=1 (whole) and resume at W=2, save at W=2 (shards) and resume at W=1 on Ray: the
-    resumed steps equal those of an uninterrupted W=1 run, and so do the weights."""
-    base = ("--trainer.ckpt-interval", "1")
+    resumed steps equal those of an uninterrupted W=1 run, and so do the weights (the critic's
+    too: sharded while training, saved whole)."""
+    base = ("--trainer.ckpt-interval", "1", *ALGORITHMS[algorithm])
     full = train(_run(tmp_path / "full", *base, "--trainer.steps", "4", "--ray.no-use-ray"))
     run = _run(tmp_path / "b", *base, "--trainer.steps", "2", "--ray.no-use-ray")
     train(run)
@@ -176,7 +217,8 @@ def test_resume_with_another_number_of_ranks(ray_session, tmp_path):
         at1 = train_on_ray(_run(tmp_path / "b", *base, "--trainer.steps", "4", "--trainer.resume"))
     assert (at2.resumed_from, at1.resumed_from) == (2, 3)
     _assert_same([*at2.history, *at1.history], full.history[2:])
-    _assert_close_weights(_weights(run.config.ckpt_dir), _weights(tmp_path / "full" / "checkpoints"))
+    for role in ("policy", "critic") if run.uses_critic else ("policy",):
+        _assert_close_weights(_weights(run.config.ckpt_dir, role=role), _weights(tmp_path / "full" / "checkpoints", role=role))
 
 
 _KILL_CHILD = """

@@ -86,3 +86,20 @@ def test_bad_workers_settings_fail_before_any_model_loads(extra, message):
     argv = ["--trainer.prompts-per-step", "2", *extra]
     with pytest.raises(ValueError, match=message):
         resolve_names(parse_config(argv, DEFAULT_TABLE), DEFAULT_TABLE)
+
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ("--algorithm.loss-reduction", "prompt_mean"),
+        ("--algorithm.batch-transforms", "overlong_filter", "dynamic_sampling"),
+        ("--teacher.model", "tiny"),
+        ("--algorithm.advantage-estimator", "gae", "--algorithm.use-kl-loss"),
+    ],
+)
+def test_data_parallel_runs_what_one_worker_runs(extra):
+    """prompt_mean, batch transforms, a teacher, a critic and a reference resolve at W=2 (their
+    W-invariance is tests/distributed/test_dp.py's)."""
+    run = resolve_names(parse_config(["--trainer.prompts-per-step", "2", "--trainer.workers", "2", *extra], DEFAULT_TABLE), DEFAULT_TABLE)
+    assert run.config.trainer.workers == 2
