@@ -180,9 +180,9 @@ ROUTES = [
 
 def _cases():
     """Every (route, style) in both layouts; ``make test`` runs a SkyRL-style plugin file in the
-    hybrid layout and a native ``module:function`` with a rollout worker (the fast suite's time
-    budget), ``make test-all`` the full product."""
-    fast = {("plugin-file", "skyrl", "hybrid"), ("module-colon", "native", "rollout-worker")}
+    hybrid layout (the fast suite's time budget; the rollout-worker layout is on Ray there in the
+    async test), ``make test-all`` the full product."""
+    fast = {("plugin-file", "skyrl", "hybrid")}
     for route, style in ROUTES:
         for layout in sorted(LAYOUTS):
             marks = () if (route, style, layout) in fast else (pytest.mark.slow,)

@@ -19,7 +19,10 @@ TINY = [
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("where", [pytest.param([], marks=pytest.mark.slow), ["--ray.no-use-ray"]], ids=["ray", "in-process"])
+# Both in make test-all (a launcher subprocess each); make test checks evaluation through the
+# CLI in-process (tests/cli/test_observe_eval.py; the same evaluate() every worker calls).
+@pytest.mark.slow
+@pytest.mark.parametrize("where", [[], ["--ray.no-use-ray"]], ids=["ray", "in-process"])
 def test_eval_rows_at_step_0_every_n_and_the_end(tmp_path, where):
     run_dir = tmp_path / "run"
     env = dict(os.environ, RAY_AUTH_MODE="disabled", COLUMNS="200")

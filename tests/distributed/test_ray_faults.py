@@ -38,6 +38,7 @@ def nan_after_first_steps(batch, **hyper):
     return attrs.evolve(out, token_loss=out.token_loss * math.nan) if nan_after_first_steps.calls > 2 else out
 
 
+@pytest.mark.slow  # make test-all; make test checks the same skip/stop rule in-process (tests/trainer)
 def test_nan_loss_on_ray_is_skipped_then_stops_the_run_naming_it(ray_session, tmp_path):
     table = DEFAULT_TABLE.register("nan_after_first_steps", nan_after_first_steps, kind="policy_loss")
     argv = [*TINY, "--logging.run-dir", str(tmp_path / "run"), "--trainer.steps", "8", "--trainer.ckpt-interval", "1", "--trainer.keep-checkpoints", "8",

@@ -115,7 +115,9 @@ def test_ray_gives_the_in_process_metrics(ray_session, tmp_path, algorithm, layo
 @pytest.mark.parametrize(
     "layout",
     [
-        (),  # hybrid: the policy trainer samples
+        # hybrid: the policy trainer samples (make test-all: the plugin and Ray == in-process runs
+        # of make test cover a driver-registered function in the policy actor)
+        pytest.param((), marks=pytest.mark.slow),
         pytest.param(("--ray.rollout-workers", "1", "--model.dtype", "bf16"), marks=pytest.mark.slow),  # weights as bytes (bf16 has no numpy)
     ],
     ids=["hybrid", "one-rollout-worker-bf16"],
