@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import subprocess
+import sys
+import tempfile
+from typing import Callable
 
 
 def kill_ray_session(tmp: str) -> None:
@@ -24,3 +29,24 @@ def kill_ray_session(tmp: str) -> None:
                 os.kill(int(pid), signal.SIGKILL)
             except OSError:
                 pass
+
+
+def sigkill_driver_when(script: str, argv: list[str], stop: Callable[[str], bool]) -> str | None:
+    """Run ``python script *argv`` with its own Ray session, read its stdout until ``stop(line)``
+    (which may wait a little before returning True), then SIGKILL it and what is left of its Ray
+    session. Returns the line ``stop`` accepted (None if the driver ended first)."""
+    tmp = tempfile.mkdtemp(prefix="skr", dir="/tmp")  # the child's Ray session (short: its socket paths have a limit)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "TMPDIR": str(tmp)}
+    proc = subprocess.Popen([sys.executable, script, *argv], stdout=subprocess.PIPE, text=True, env=env)
+    found = None
+    try:
+        for line in proc.stdout:
+            if stop(line):
+                found = line
+                break
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kill_ray_session(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return found

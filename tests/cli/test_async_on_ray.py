@@ -8,11 +8,7 @@ as K = 0."""
 from __future__ import annotations
 
 import os
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -27,7 +23,7 @@ from skyrl_fn.trainer.async_loop import generated_from_plain
 from skyrl_fn.trainer.forward import batched_log_probs
 from skyrl_fn.trainer.loop import train
 from skyrl_fn.models.model import load_model, load_tokenizer
-from tests.ray_sessions import kill_ray_session
+from tests.ray_sessions import sigkill_driver_when
 
 pytestmark = pytest.mark.ray
 
@@ -141,7 +137,6 @@ def test_ctrl_c_during_an_async_run_names_the_step_and_leaves_no_actor(ray_sessi
 
 _CHILD = """
 import sys
-import tempfile
 from skyrl_fn import DEFAULT_TABLE
 from skyrl_fn.cli import parse_config, resolve_names
 from skyrl_fn.distributed.ray_runner import train_on_ray
@@ -159,19 +154,14 @@ def test_sigkill_during_an_async_run_resumes_with_its_batches_in_flight(ray_sess
     script = tmp_path / "child.py"
     script.write_text(_CHILD)
     argv = [*TINY, "--logging.run-dir", str(tmp_path / "cut"), *steps]
-    tmp = tempfile.mkdtemp(prefix="skr", dir="/tmp")  # the child's Ray session (short: its socket paths have a limit)
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "TMPDIR": str(tmp)}
-    proc = subprocess.Popen([sys.executable, str(script), *argv], stdout=subprocess.PIPE, text=True, env=env)
-    try:
-        for line in proc.stdout:
-            if line.startswith("step ") and int(line.split()[1]) >= 3:
-                time.sleep(0.2)  # somewhere in step 4, its rollout of step 5 in flight
-                break
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        kill_ray_session(tmp)
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    def somewhere_in_step_4(line):
+        if line.startswith("step ") and int(line.split()[1]) >= 3:
+            time.sleep(0.2)  # its rollout of step 5 in flight
+            return True
+        return False
+
+    sigkill_driver_when(str(script), argv, somewhere_in_step_4)
     run = _run(tmp_path / "cut", *steps, "--trainer.resume")
     c = ckpt.load_latest(run.config.ckpt_dir)
     assert 3 <= c.step < 6 and c.data_state["position"] == 2 * c.step  # P = 2 prompts per consumed step

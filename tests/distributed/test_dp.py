@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
@@ -28,7 +27,7 @@ from skyrl_fn.distributed.ray_runner import WorkerDiedError, train_on_ray
 from skyrl_fn.trainer import checkpoint as ckpt
 from skyrl_fn.trainer import shards
 from skyrl_fn.trainer.loop import train
-from tests.ray_sessions import kill_ray_session
+from tests.ray_sessions import sigkill_driver_when
 
 pytestmark = pytest.mark.ray
 ship_by_value(sys.modules[__name__])
@@ -255,20 +254,8 @@ def test_sigkill_of_the_driver_mid_save_leaves_the_previous_checkpoint(ray_sessi
     script = tmp_path / "child.py"
     script.write_text(_KILL_CHILD)
     argv = [*TINY, "--logging.run-dir", str(tmp_path / "cut"), *steps, "--trainer.workers", "2"]
-    tmp = tempfile.mkdtemp(prefix="skr", dir="/tmp")  # the child's Ray session (short: its socket paths have a limit)
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "TMPDIR": str(tmp)}
-    proc = subprocess.Popen([sys.executable, str(script), *argv], stdout=subprocess.PIPE, text=True, env=env)
-    directory = None
-    try:
-        for line in proc.stdout:
-            if line.startswith("shards "):
-                directory = line.split()[1]
-                break
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        kill_ray_session(tmp)
-        shutil.rmtree(tmp, ignore_errors=True)
+    line = sigkill_driver_when(str(script), argv, lambda line: line.startswith("shards "))
+    directory = line.split()[1] if line else None
     assert directory is not None and ".tmp-step_00000002" in directory and os.path.isfile(os.path.join(directory, "__1_0.distcp"))
     cut = _run(tmp_path / "cut", *steps, "--trainer.resume", "--ray.no-use-ray")
     assert [os.path.basename(p) for p in ckpt.list_checkpoints(cut.config.ckpt_dir)] == ["step_00000001"]
