@@ -120,7 +120,7 @@ class PolicyRank(_Ping):
         return os.getpid()
 
     # -- the step --------------------------------------------------------------------------
-    def generate_share(self, examples: Sequence[Any], seed: int, key: int, fresh: bool) -> float:
+    def generate_share(self, examples: Sequence[Any], seed: int, fresh: bool, key: int) -> float:
         """Sample this rank's share of ``examples``, all-gather the whole batch and hold it as
         ``key`` (``fresh``: a new step; what the last one held is dropped). Returns the slowest
         rank's sampling seconds."""
@@ -306,8 +306,7 @@ class DPWorkers:
 
     def generate(self, examples: Sequence[Any], *, step: int, seed: int) -> Held:
         fresh, self.step_index, self.sampled_step = step != self.sampled_step, step, step
-        key = self._key()
-        return Held(key, tuple(a.generate_share.remote(list(examples), seed, key, fresh) for a in self.ranks))
+        return self._each("generate_share", list(examples), seed, fresh)
 
     def transform(self, fn, *generated: Held) -> tuple[Held, dict[str, float]]:
         held = self._each("transform_held", fn, [g.key for g in generated])

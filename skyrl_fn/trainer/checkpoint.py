@@ -204,6 +204,11 @@ def _safetensors_bytes(sd: Mapping[str, torch.Tensor], step: int) -> bytes:
     return save(plain, metadata={"step": str(step)})
 
 
+def _entry(data: bytes) -> dict[str, Any]:
+    """The manifest's entry of a file holding ``data``: its size and sha256."""
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
 def _listed(tmp: str, name: str) -> dict[str, dict[str, Any]]:
     """Size and sha256 of every file a shard writer left in ``tmp/name`` (fsynced with its directory)."""
     files = {}
@@ -211,7 +216,7 @@ def _listed(tmp: str, name: str) -> dict[str, dict[str, Any]]:
         for f in sorted(names):
             with open(os.path.join(root, f), "rb") as fh:
                 data = fh.read()
-            files[os.path.relpath(os.path.join(root, f), tmp).replace(os.sep, "/")] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            files[os.path.relpath(os.path.join(root, f), tmp).replace(os.sep, "/")] = _entry(data)
         _fsync_dir(root)
     if not files:
         raise OSError(f"the writer of {name} left no file")
@@ -313,7 +318,7 @@ def save(
             for name, data in contents.items():
                 doing = f"write {name}"
                 _write_bytes(os.path.join(tmp, name), data)
-                files[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+                files[name] = _entry(data)
             # The manifest last: a directory without one was never finished.
             doing = f"write {MANIFEST}"
             manifest = _sealed({
