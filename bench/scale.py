@@ -1,8 +1,11 @@
 """Data-parallel scaling of the policy update (``--trainer.workers W``), as ratios from one run.
 
-Three layouts of the same run (GRPO, Llama hidden 256 x 4 layers, 8 prompts x 8 samples, up to 16
-new tokens, ``--trainer.torch-threads 1`` per process), in one Ray session, rounds alternated so
-load drift hits all alike:
+Three layouts of the same run (GRPO, Llama hidden 256 x 4 layers, 8 prompts x 8 samples, up to
+``--new-tokens`` (64) new tokens, ``--trainer.torch-threads 1`` per process), in one Ray session,
+rounds alternated so load drift hits all alike. The batch is large enough for the update to be
+compute-bound (~1.5 s of forward/backward at W=1): with 16 new tokens (0.45 s) the fixed per-step
+costs (Ray calls, the all-gather of the sampled batch, gloo latency) are a third of the update
+and the run-to-run spread hides the scaling.
 
 - ``plain``: the single policy actor (``RayWorkers``, ``trainer.workers = 1``);
 - ``fsdp1``: the data-parallel path with one rank (``DPWorkers``: process group, FSDP2, the
@@ -11,10 +14,11 @@ load drift hits all alike:
 
 Measured per step (the first ``--warmup`` steps dropped, medians): ``update_seconds`` (experience
 + forward/backward + optimiser step of the rank; the training part the ranks share) and the
-step's wall time. Training tokens/s = prompt + response tokens of the batch / ``update_seconds``.
+step's wall time. Training tokens/s = response tokens of the batch / ``update_seconds`` (the same batch in every
+layout: sampling is W-invariant).
 Memory: each rank's resident parameter + AdamW state bytes (its FSDP2 shards), after training.
 
-    .venv/bin/python bench/scale.py [--steps 6] [--warmup 2] [--rounds 2] [launcher flags...]
+    .venv/bin/python bench/scale.py [--steps 6] [--warmup 2] [--rounds 2] [--new-tokens 64] [launcher flags...]
 
 Goals (issue 13): training tokens/s fsdp2/plain >= 1.6; per-rank params+optimiser fsdp2/fsdp1
 <= 0.6; update time fsdp1/plain <= 1.10.
@@ -35,7 +39,7 @@ from skyrl_fn.cli import parse_config, resolve_names  # noqa: E402
 
 MODEL = [
     "--model.hidden-size", "256", "--model.num-layers", "4", "--model.num-heads", "4", "--model.intermediate-size", "512",
-    "--trainer.prompts-per-step", "8", "--rollout.samples-per-prompt", "8", "--rollout.max-new-tokens", "16",
+    "--trainer.prompts-per-step", "8", "--rollout.samples-per-prompt", "8",
     "--trainer.micro-batch-size", "16", "--trainer.torch-threads", "1", "--logging.no-progress",
     "--trainer.ckpt-interval", "0",
 ]
@@ -68,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--new-tokens", type=int, default=64, help="--rollout.max-new-tokens of the measured run")
     args, rest = p.parse_known_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
@@ -79,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     tmp = tempfile.mkdtemp(prefix="bench_scale_")
 
     def run(w: int):
-        argv = [*MODEL, "--trainer.steps", str(args.steps), "--trainer.workers", str(w), "--logging.run-dir", f"{tmp}/w{w}", *rest]
+        argv = [*MODEL, "--trainer.steps", str(args.steps), "--trainer.workers", str(w), "--rollout.max-new-tokens", str(args.new_tokens), "--logging.run-dir", f"{tmp}/w{w}", *rest]
         return resolve_names(parse_config(argv, DEFAULT_TABLE), DEFAULT_TABLE)
 
     modes = {"plain": (run(1), RayWorkers), "fsdp1": (run(1), DPWorkers), "fsdp2": (run(2), DPWorkers)}
@@ -89,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
             got[name].append(measure(resolved, workers, args.warmup))
             print(f"round {r + 1} {name}: " + ", ".join(f"{k} {v:.4g}" for k, v in got[name][-1].items()), flush=True)
     best = {m: min(rows, key=lambda x: x["update_s"]) for m, rows in got.items()}
-    print(f"\nmodel hidden 256 x 4 layers; batch 8 x 8, <= 16 new tokens; best of {args.rounds} rounds")
+    print(f"\nmodel hidden 256 x 4 layers; batch 8 x 8, <= {args.new_tokens} new tokens; best of {args.rounds} rounds")
     for m, b in best.items():
         print(f"{m:6s} update {b['update_s']:.3f} s  step {b['step_s']:.3f} s  training {b['train_tok_s']:.0f} tok/s  rank params+optim {b['rank_bytes'] / 2**20:.2f} MiB")
     print(f"throughput fsdp2 / plain (training tok/s): {best['fsdp2']['train_tok_s'] / best['plain']['train_tok_s']:.2f}x (goal >= 1.6)")

@@ -95,7 +95,7 @@ def test_registration_checks_the_kind_call():
 
 
 def test_the_cli_types_the_chosen_task_and_reward_arguments():
-    from skyrl_fn.cli.app import UsageError, build_table, parse_config
+    from skyrl_fn.cli import UsageError, build_table, parse_config
 
     def parity(data: DataConfig, *, seed: int = 0, length: int = 3) -> DigitsTask:
         return DigitsTask(op="copy", min_digits=length, max_digits=length, seed=seed)
