@@ -58,6 +58,7 @@ __all__ = [
     "LocalWorkers",
     "generate_and_score",
     "state_from_checkpoint",
+    "trained_roles",
 ]
 
 
@@ -355,11 +356,18 @@ class Workers(Protocol):
         """Release the workers (wait for anything still in flight)."""
 
 
+def trained_roles(run: ResolvedRun) -> tuple[str, ...]:
+    """The roles ``run`` trains, so the roles a checkpoint holds and a resume loads: ``policy``,
+    and ``critic`` when the estimator reads values. (The reference model and a teacher are frozen
+    and rebuilt from their model source; they are not saved.)"""
+    return ("policy", "critic") if run.uses_critic else ("policy",)
+
+
 def state_from_checkpoint(c: Any) -> WorkersState:
     """A :class:`WorkersState` from a ``skyrl_fn.trainer.checkpoint.Checkpoint``: whole roles as
     :class:`RoleState`, sharded ones as :class:`SavedShards`."""
     roles: dict[str, RoleState | SavedShards] = {}
-    for role in ("policy", "critic"):
+    for role in ("policy", "critic"):  # what the checkpoint holds (the run may not need the critic)
         if role in c.weights:
             roles[role] = RoleState(weights=c.weights[role], optim=c.optim[role], sched=c.optim[f"{role}_sched"])
         elif role in c.shards:
