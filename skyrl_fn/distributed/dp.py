@@ -56,15 +56,15 @@ from skyrl_fn.trainer import shards
 from skyrl_fn.trainer.run import ResolvedRun
 from skyrl_fn.trainer.evaluate import evaluate, heldout_task
 from skyrl_fn.trainer.forward import old_policy_pass
-from skyrl_fn.trainer.learner import TrainState, experience_and_update, loss_kernel, make_train_state, set_hyperparameters
+from skyrl_fn.trainer.learner import TrainState, experience_and_update, loss_kernel, make_train_state
 from skyrl_fn.models.model import load_model, load_tokenizer
 from skyrl_fn.rollout.base import HFBackend
 from skyrl_fn.trainer.sharding import (
-    Collectives, gathered, init_process_group, load_full_state, reshard, shard_model,
+    Collectives, gathered, init_process_group, reshard, shard_model,
 )
 from skyrl_fn.tasks.base import reward_function_name
 from skyrl_fn.tasks.scoring import score_fields
-from skyrl_fn.trainer.workers import Generated, RoleState, SavedShards, ShardWriter, WorkersState, trained_roles
+from skyrl_fn.trainer.workers import Generated, RoleState, SavedShards, ShardWriter, WorkersState, load_role_state, trained_roles
 
 __all__ = ["PolicyRank", "DPWorkers", "Held", "share_rows"]
 
@@ -231,13 +231,8 @@ class PolicyRank(_Ping):
         """Load ``role``'s shards written at any ``W`` (DCP reshards), or a single worker's whole
         state; every rank keeps its own slices; this run's learning rate and weight decay apply.
         A collective."""
-        (ts, lr), tr = self._trained(role), self.run.config.trainer
-        if isinstance(saved, SavedShards):
-            shards.load(ts.model, ts.optimizer, saved.path)
-        else:
-            load_full_state(ts.model, ts.optimizer, saved.weights, saved.optim)
-        ts.scheduler.load_state_dict(saved.sched)
-        set_hyperparameters(ts, lr=lr, weight_decay=tr.weight_decay)
+        ts, lr = self._trained(role)
+        load_role_state(ts, saved, lr=lr, weight_decay=self.run.config.trainer.weight_decay)
         if rng is not None:
             ckpt.restore_rng(rng, rank=self.rank)
 

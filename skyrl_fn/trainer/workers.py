@@ -42,6 +42,7 @@ from skyrl_fn.tasks.base import Task, reward_function_name
 from skyrl_fn.tasks.scoring import score_fields
 from skyrl_fn.models.model import build_critic, load_model, load_tokenizer
 from skyrl_fn.rollout.base import RolloutBatch
+from skyrl_fn.trainer.sharding import load_full_state
 from skyrl_fn.trainer.teacher import TeacherWorker
 
 __all__ = [
@@ -59,6 +60,7 @@ __all__ = [
     "generate_and_score",
     "state_from_checkpoint",
     "trained_roles",
+    "load_role_state",
 ]
 
 
@@ -147,14 +149,17 @@ def _role_state(state: TrainState) -> RoleState:
     return RoleState(weights=weights, optim=state.optimizer.state_dict(), sched=state.scheduler.state_dict())
 
 
-def _load_role_state(state: TrainState, saved: RoleState | SavedShards, *, lr: float, weight_decay: float) -> None:
-    if isinstance(saved, SavedShards):  # written at any number of ranks: read whole
+def load_role_state(state: TrainState, saved: RoleState | SavedShards, *, lr: float, weight_decay: float) -> None:
+    """Load a trained role's checkpointed state into ``state``, a plain model (one worker) or an
+    FSDP2-sharded one (a data-parallel rank; then a collective): shards written at any number of
+    ranks (DCP reshards; a plain model reads them whole) or a single worker's whole state dicts
+    (each rank keeps its slice). The saved optimiser carries the old rate and decay: this run's
+    ``lr`` and ``weight_decay`` apply."""
+    if isinstance(saved, SavedShards):
         shards.load(state.model, state.optimizer, saved.path)
     else:
-        state.model.load_state_dict(saved.weights)
-        state.optimizer.load_state_dict(saved.optim)
+        load_full_state(state.model, state.optimizer, saved.weights, saved.optim)
     state.scheduler.load_state_dict(saved.sched)
-    # The saved optimiser carries the old rate and decay: a resume uses this run's.
     set_hyperparameters(state, lr=lr, weight_decay=weight_decay)
 
 
@@ -231,7 +236,7 @@ class PolicyWorker:
         """Load what :meth:`state` returned, or shards (from a checkpoint of any number of
         ranks); this run's ``trainer.lr`` and ``trainer.weight_decay`` apply from now on."""
         tr = self.run.config.trainer
-        _load_role_state(self.train_state, saved, lr=tr.lr, weight_decay=tr.weight_decay)
+        load_role_state(self.train_state, saved, lr=tr.lr, weight_decay=tr.weight_decay)
 
 
 class RolloutWorker:
@@ -294,7 +299,7 @@ class CriticWorker:
 
     def load_state(self, saved: RoleState | SavedShards) -> None:
         tr = self.run.config.trainer
-        _load_role_state(self.train_state, saved, lr=tr.critic_lr, weight_decay=tr.weight_decay)
+        load_role_state(self.train_state, saved, lr=tr.critic_lr, weight_decay=tr.weight_decay)
 
 
 class Workers(Protocol):
