@@ -139,8 +139,9 @@ def _param_names(model: nn.Module) -> list[str]:
 
 def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, weights: Mapping[str, torch.Tensor], optim: Mapping[str, Any]) -> None:
     """Load unsharded weights and an index-keyed optimiser state (a plain
-    ``optimizer.state_dict()``: a single worker's checkpoint) into the sharded ``model``/``optimizer``: every rank
-    keeps its own shard. A collective."""
+    ``optimizer.state_dict()``: a single worker's checkpoint) into ``model``/``optimizer``:
+    FSDP2-sharded, every rank keeps its own shard (a collective); or plain, as
+    ``load_state_dict`` would."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     opts = StateDictOptions(full_state_dict=True)
