@@ -35,6 +35,7 @@ from skyrl_fn.trainer.resume import ConfigDiff, IncompatibleResumeError, check_r
 from skyrl_fn.trainer.evaluate import heldout_task
 from skyrl_fn.tasks.base import DataError
 from skyrl_fn.trainer.teacher import check_teacher_vocabulary
+from skyrl_fn.trainer.workers import trained_roles
 
 __all__ = ["PreflightError", "Preflight", "preflight", "check_writable", "check_model", "check_resume_target"]
 
@@ -123,11 +124,6 @@ def check_teacher(cfg, alphabet: str) -> None:
         raise PreflightError(text if text.startswith("teacher.model") else f"teacher.model {cfg.teacher.model!r}: {text}") from None
 
 
-def needed_models(run: ResolvedRun) -> tuple[str, ...]:
-    """Model names a resumed run loads from its checkpoint."""
-    return ("policy", "critic") if run.uses_critic else ("policy",)
-
-
 def check_resume_target(run: ResolvedRun) -> Preflight:
     """The checkpoint ``trainer.resume`` will load and its config changes (see the module doc).
 
@@ -151,7 +147,7 @@ def check_resume_target(run: ResolvedRun) -> Preflight:
     with open(os.path.join(path, "state.json")) as f:  # verified by newest_valid
         models = json.load(f)["models"]
     try:
-        diff = check_resume(manifest["config"], config_to_dict(cfg), where=path, saved_models=models, needed_models=needed_models(run))
+        diff = check_resume(manifest["config"], config_to_dict(cfg), where=path, saved_models=models, needed_models=trained_roles(run))
     except IncompatibleResumeError as err:
         raise PreflightError(str(err)) from None
     if diff.warning():

@@ -32,11 +32,13 @@ all-gathered. Checkpoints: every rank writes its own shards of the policy's weig
 state with ``torch.distributed.checkpoint`` into the checkpoint being saved
 (``skyrl_fn.trainer.shards``), and loads its slices of whatever ``W`` wrote them (DCP reshards); a
 single worker's (whole) checkpoint loads too, so a run saved at any ``W`` resumes at any other
-``W``. The critic's state is saved unsharded (gathered on rank 0).
+``W``. The critic's weights and AdamW state are saved the same way (its own ``critic/``
+directory, by the same rank methods).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from typing import Any, NoReturn, Sequence
@@ -54,15 +56,15 @@ from skyrl_fn.trainer import shards
 from skyrl_fn.trainer.run import ResolvedRun
 from skyrl_fn.trainer.evaluate import evaluate, heldout_task
 from skyrl_fn.trainer.forward import old_policy_pass
-from skyrl_fn.trainer.learner import experience_and_update, loss_kernel, make_train_state, set_hyperparameters
+from skyrl_fn.trainer.learner import TrainState, experience_and_update, loss_kernel, make_train_state
 from skyrl_fn.models.model import load_model, load_tokenizer
 from skyrl_fn.rollout.base import HFBackend
 from skyrl_fn.trainer.sharding import (
-    Collectives, gathered, init_process_group, load_full_state, reshard, shard_model,
+    Collectives, gathered, init_process_group, reshard, shard_model,
 )
 from skyrl_fn.tasks.base import reward_function_name
 from skyrl_fn.tasks.scoring import score_fields
-from skyrl_fn.trainer.workers import Generated, RoleState, SavedShards, ShardWriter, WorkersState
+from skyrl_fn.trainer.workers import Generated, RoleState, SavedShards, ShardWriter, WorkersState, load_role_state, trained_roles
 
 __all__ = ["PolicyRank", "DPWorkers", "Held", "share_rows"]
 
@@ -209,36 +211,30 @@ class PolicyRank(_Ping):
             )
 
     # -- state -----------------------------------------------------------------------------
+    def _trained(self, role: str) -> tuple[TrainState, float]:
+        """``role``'s (``"policy"``, ``"critic"``) train state and this run's learning rate for it."""
+        tr = self.run.config.trainer
+        return {"policy": (self.train_state, tr.lr), "critic": (self.roles.critic, tr.critic_lr)}[role]
+
     def small_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        """``(LR schedule state, this rank's RNG states)``; the weights and optimiser state go
-        to disk with :meth:`write_shards`."""
-        return self.train_state.scheduler.state_dict(), ckpt.capture_rng()
+        """``({role: LR schedule state}, this rank's RNG states)`` of the roles it trains; their
+        weights and optimiser state go to disk with :meth:`write_shards`."""
+        return {role: self._trained(role)[0].scheduler.state_dict() for role in trained_roles(self.run)}, ckpt.capture_rng()
 
-    def write_shards(self, directory: str) -> None:
-        """Write this rank's shards of the weights and AdamW state into ``directory``
+    def write_shards(self, directory: str, role: str = "policy") -> None:
+        """Write this rank's shards of ``role``'s weights and AdamW state into ``directory``
         (``skyrl_fn.trainer.shards.write``). A collective."""
-        shards.write(self.train_state.model, self.train_state.optimizer, directory)
+        ts = self._trained(role)[0]
+        shards.write(ts.model, ts.optimizer, directory)
 
-    def set_state(self, saved: RoleState | SavedShards, rng: Any = None) -> None:
-        """Load shards written at any ``W`` (DCP reshards), or a single worker's whole state;
-        every rank keeps its own slices. A collective."""
-        ts, tr = self.train_state, self.run.config.trainer
-        if isinstance(saved, SavedShards):
-            shards.load(ts.model, ts.optimizer, saved.path)
-        else:
-            load_full_state(ts.model, ts.optimizer, saved.weights, saved.optim)
-        ts.scheduler.load_state_dict(saved.sched)
-        set_hyperparameters(ts, lr=tr.lr, weight_decay=tr.weight_decay)
+    def set_state(self, saved: RoleState | SavedShards, rng: Any = None, role: str = "policy") -> None:
+        """Load ``role``'s shards written at any ``W`` (DCP reshards), or a single worker's whole
+        state; every rank keeps its own slices; this run's learning rate and weight decay apply.
+        A collective."""
+        ts, lr = self._trained(role)
+        load_role_state(ts, saved, lr=lr, weight_decay=self.run.config.trainer.weight_decay)
         if rng is not None:
             ckpt.restore_rng(rng, rank=self.rank)
-
-    def critic_state(self) -> RoleState | None:
-        """The critic's unsharded state on rank 0 (None on the others). A collective."""
-        return self.roles.critic_state(rank0=self.rank == 0)
-
-    def set_critic_state(self, saved: RoleState) -> None:
-        """Load an unsharded critic state (of any ``W``). A collective."""
-        self.roles.load_critic_state(saved)
 
     def resident_bytes(self) -> dict[str, int]:
         """Bytes of this rank's resident storage (its shards): the policy's parameters
@@ -353,20 +349,16 @@ class DPWorkers:
         return self.get([a.evaluate.remote(list(examples)) for a in self.ranks])[0]
 
     def state(self) -> WorkersState:
-        """The policy as a :class:`ShardWriter` (each rank writes its own shards when the
-        checkpoint is saved), the critic whole (gathered on rank 0), every rank's RNG states
-        (``{"ranks": [...]}``)."""
-        w = len(self.ranks)
-        critic = [a.critic_state.remote() for a in self.ranks] if self.run.uses_critic else []
-        got = self.get([a.small_state.remote() for a in self.ranks] + critic)
-        roles: dict[str, Any] = {"policy": ShardWriter(write=self._write_shards, sched=got[0][0])}
-        if critic:
-            roles["critic"] = got[w]
+        """The policy and the critic as :class:`ShardWriter` s (each rank writes its own shards of
+        each when the checkpoint is saved), every rank's RNG states (``{"ranks": [...]}``)."""
+        got = self.get([a.small_state.remote() for a in self.ranks])
+        scheds = got[0][0]  # the same on every rank
+        roles = {role: ShardWriter(write=functools.partial(self._write_shards, role), sched=sched) for role, sched in scheds.items()}
         self.saved = True
-        return WorkersState(roles=roles, rng={"ranks": [g[1] for g in got[:w]]})
+        return WorkersState(roles=roles, rng={"ranks": [g[1] for g in got]})
 
-    def _write_shards(self, directory: str) -> None:
-        self.get([a.write_shards.remote(directory) for a in self.ranks])
+    def _write_shards(self, role: str, directory: str) -> None:
+        self.get([a.write_shards.remote(directory, role) for a in self.ranks])
         missing = shards.missing_files(directory)
         if missing:  # a rank wrote where this process does not see it
             raise ckpt.CheckpointWriteError(
@@ -377,11 +369,10 @@ class DPWorkers:
     def load_state(self, saved: WorkersState) -> None:
         import ray
 
-        policy, rng = ray.put(saved.roles["policy"]), ray.put(saved.rng)
-        refs = [a.set_state.remote(policy, rng) for a in self.ranks]
-        if self.run.uses_critic:
-            critic = ray.put(saved.roles["critic"])
-            refs += [a.set_critic_state.remote(critic) for a in self.ranks]
+        rng, refs = ray.put(saved.rng), []
+        for role in trained_roles(self.run):
+            state = ray.put(saved.roles[role])
+            refs += [a.set_state.remote(state, rng if role == "policy" else None, role) for a in self.ranks]
         self.get(refs)
 
     def resident_bytes(self) -> list[dict[str, int]]:

@@ -12,7 +12,10 @@ with FSDP2 over the policy's ``W`` ranks (``--trainer.workers W``) and run insid
   stepping AdamW on its own shard, so the update is that of the whole batch.
 
 The sharding is real: each rank keeps ``1/W`` of each model's parameters (and of the critic's
-optimiser state) between steps (:func:`local_bytes`).
+optimiser state) between steps (:func:`local_bytes`). A checkpoint holds the critic as shards,
+written and loaded by the rank like the policy's (``PolicyRank.write_shards``/``set_state``); the
+reference model and the teacher are frozen and rebuilt from their model source, so they are not
+saved.
 
 Notation: ``W`` ranks, ``B`` sequences of the step, ``B'`` of this rank's share, ``T`` response tokens.
 """
@@ -28,12 +31,9 @@ from skyrl_fn.models.model import build_critic, load_model, load_tokenizer
 from skyrl_fn.rollout.base import RolloutBatch
 from skyrl_fn.trainer.experience import Experience
 from skyrl_fn.trainer.forward import batched_log_probs, batched_values
-from skyrl_fn.trainer.learner import TrainState, critic_update, make_train_state, masked_row, set_hyperparameters
-from skyrl_fn.trainer.workers import RoleState
+from skyrl_fn.trainer.learner import TrainState, critic_update, make_train_state, masked_row
 from skyrl_fn.trainer.run import ResolvedRun
-from skyrl_fn.trainer.sharding import (
-    Collectives, full_optimizer_state, full_state_dict, gathered, load_full_state, partition_groups, shard_model,
-)
+from skyrl_fn.trainer.sharding import Collectives, gathered, partition_groups, shard_model
 from skyrl_fn.trainer.teacher import teacher_model_config
 
 __all__ = ["RankRoles", "share_rows", "share_forward", "local_bytes", "optimizer_bytes"]
@@ -118,22 +118,6 @@ class RankRoles:
         if exp is None:
             return {}
         return critic_update(self.run, self.critic, exp.rows(rows), dp=dp, filler=masked_row(exp))
-
-    def critic_state(self, *, rank0: bool) -> RoleState | None:
-        """The critic's unsharded weights, optimiser and schedule on rank 0 (``rank0``; None on
-        the others), in the single-actor format. A collective."""
-        ts = self.critic
-        weights = full_state_dict(ts.model, rank0_only=True)
-        optim = full_optimizer_state(ts.model, ts.optimizer)
-        return RoleState(weights=weights, optim=optim, sched=ts.scheduler.state_dict()) if rank0 else None
-
-    def load_critic_state(self, saved: RoleState) -> None:
-        """Load an unsharded critic state (of any ``W``); this run's ``trainer.critic_lr`` applies.
-        A collective."""
-        ts, tr = self.critic, self.run.config.trainer
-        load_full_state(ts.model, ts.optimizer, saved.weights, saved.optim)
-        ts.scheduler.load_state_dict(saved.sched)
-        set_hyperparameters(ts, lr=tr.critic_lr, weight_decay=tr.weight_decay)
 
     def resident_bytes(self) -> dict[str, int]:
         """Bytes of this rank's parameter shards of each role it holds (``critic_optim``: its

@@ -12,14 +12,16 @@ previous checkpoint.
 parses) and raises :class:`CheckpointCorruptError` naming the file. :func:`load_latest` walks
 from the newest checkpoint back, warning (:class:`CheckpointWarning`) about each one that fails,
 and returns the newest that verifies; if there are checkpoints but none verifies it raises
-:class:`NoValidCheckpointError`.
+:class:`NoValidCheckpointError`. The manifest, its verification and the listing of checkpoints
+are :mod:`skyrl_fn.trainer.manifest` (its names are importable from here too).
 
 Layout of one checkpoint::
 
     step_00000020/
         <name>.safetensors   weights of each model ("policy", "critic", ...)
         <name>/              or: a sharded model's weights and optimiser state, one file per rank
-                             (data-parallel ranks write their own; skyrl_fn.trainer.shards)
+                             (data-parallel ranks write their own: "policy/", "critic/";
+                             skyrl_fn.trainer.shards)
         optim.pt             optimiser and scheduler states (torch.save, loaded weights_only)
         rng.pt               torch / numpy / python RNG states (of each rank: ``{"ranks": [...]}``)
         in_flight.pt         asynchronous training only: the batches sampled ahead (tensors,
@@ -27,13 +29,12 @@ Layout of one checkpoint::
         state.json           step, data state, extra (e.g. the KL coefficient), model names
                              (``models``; the sharded ones also in ``sharded``)
         manifest.json        format, step, library versions, the run's config, and the size and
-                             sha256 of every file above (shards too: ``policy/__0_0.distcp``);
+                             sha256 of every file above (shards too: ``critic/__0_0.distcp``);
                              its own sha256 over the rest
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -41,47 +42,23 @@ import random
 import re
 import shutil
 import uuid
-import warnings
 from typing import Any, Callable, Mapping
 
 import attrs
 import numpy as np
 import torch
 
+from skyrl_fn.trainer.manifest import (
+    FORMAT, MANIFEST, SHARDED_FORMAT, CheckpointCorruptError, CheckpointError, CheckpointWarning, CheckpointWriteError,
+    NoValidCheckpointError, entry, latest_checkpoint, list_checkpoints, newest, newest_valid, read_manifest,
+    read_verified, sealed, verify,
+)
+
 __all__ = [
     "Checkpoint", "CheckpointError", "CheckpointCorruptError", "CheckpointWriteError", "NoValidCheckpointError",
     "CheckpointWarning", "MANIFEST", "save", "load", "load_latest", "newest_valid", "verify", "read_manifest",
     "latest_checkpoint", "list_checkpoints", "capture_rng", "restore_rng",
 ]
-
-_NAME = re.compile(r"^step_(\d{8})$")
-MANIFEST = "manifest.json"
-_FORMAT = 1  # 2 when a model is sharded (older readers then refuse it by name, not by a missing file)
-_FORMATS = (1, 2)
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written or used; the message names the directory and file."""
-
-
-class CheckpointCorruptError(CheckpointError):
-    """A checkpoint's file is missing, truncated or altered (fails the manifest)."""
-
-    def __init__(self, path: str, file: str, reason: str) -> None:
-        super().__init__(f"checkpoint {path}: {file}: {reason}")
-        self.path, self.file, self.reason = path, file, reason
-
-
-class CheckpointWriteError(CheckpointError):
-    """Writing a checkpoint failed (e.g. no space left); earlier checkpoints are intact."""
-
-
-class NoValidCheckpointError(CheckpointError):
-    """``trainer.resume`` found checkpoints, but none passes verification."""
-
-
-class CheckpointWarning(UserWarning):
-    """A checkpoint was skipped (it failed verification) or resumed with a changed config."""
 
 
 @attrs.frozen(kw_only=True, eq=False)
@@ -148,25 +125,6 @@ def _to_tuples(x):
     return tuple(_to_tuples(v) for v in x) if isinstance(x, (tuple, list)) else x
 
 
-def list_checkpoints(ckpt_dir: str) -> list[str]:
-    """Checkpoint directories (``step_XXXXXXXX``) in ``ckpt_dir``, oldest first (not verified:
-    :func:`load` and :func:`load_latest` verify)."""
-    if not os.path.isdir(ckpt_dir):
-        return []
-    found = []
-    for name in os.listdir(ckpt_dir):
-        m = _NAME.match(name)
-        if m and os.path.isdir(os.path.join(ckpt_dir, name)):
-            found.append((int(m.group(1)), os.path.join(ckpt_dir, name)))
-    return [p for _, p in sorted(found)]
-
-
-def latest_checkpoint(ckpt_dir: str) -> str | None:
-    """The newest checkpoint directory in ``ckpt_dir`` (not verified; see :func:`load_latest`)."""
-    found = list_checkpoints(ckpt_dir)
-    return found[-1] if found else None
-
-
 def _fsync_dir(path: str) -> None:
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
@@ -204,11 +162,6 @@ def _safetensors_bytes(sd: Mapping[str, torch.Tensor], step: int) -> bytes:
     return save(plain, metadata={"step": str(step)})
 
 
-def _entry(data: bytes) -> dict[str, Any]:
-    """The manifest's entry of a file holding ``data``: its size and sha256."""
-    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-
-
 def _listed(tmp: str, name: str) -> dict[str, dict[str, Any]]:
     """Size and sha256 of every file a shard writer left in ``tmp/name`` (fsynced with its directory)."""
     files = {}
@@ -216,7 +169,7 @@ def _listed(tmp: str, name: str) -> dict[str, dict[str, Any]]:
         for f in sorted(names):
             with open(os.path.join(root, f), "rb") as fh:
                 data = fh.read()
-            files[os.path.relpath(os.path.join(root, f), tmp).replace(os.sep, "/")] = _entry(data)
+            files[os.path.relpath(os.path.join(root, f), tmp).replace(os.sep, "/")] = entry(data)
         _fsync_dir(root)
     if not files:
         raise OSError(f"the writer of {name} left no file")
@@ -231,12 +184,6 @@ def _versions() -> dict[str, str]:
     except PackageNotFoundError:  # running from a source tree that is not installed
         ours = "unknown"
     return {"skyrl_fn": ours, "torch": torch.__version__.split("+")[0]}
-
-
-def _sealed(body: Mapping[str, Any]) -> dict[str, Any]:
-    """``body`` plus the sha256 of its canonical JSON (so a damaged manifest is detected too)."""
-    canon = json.dumps(body, sort_keys=True, default=str).encode()
-    return {**body, "manifest_sha256": hashlib.sha256(canon).hexdigest()}
 
 
 def save(
@@ -318,11 +265,11 @@ def save(
             for name, data in contents.items():
                 doing = f"write {name}"
                 _write_bytes(os.path.join(tmp, name), data)
-                files[name] = _entry(data)
+                files[name] = entry(data)
             # The manifest last: a directory without one was never finished.
             doing = f"write {MANIFEST}"
-            manifest = _sealed({
-                "format": 2 if shards else _FORMAT, "step": step, "versions": _versions(), "config": dict(config or {}), "files": files,
+            manifest = sealed({
+                "format": SHARDED_FORMAT if shards else FORMAT, "step": step, "versions": _versions(), "config": dict(config or {}), "files": files,
             })
             _write_bytes(os.path.join(tmp, MANIFEST), _json_bytes(manifest))
             _fsync_dir(tmp)
@@ -356,62 +303,6 @@ def save(
     return final
 
 
-def read_manifest(path: str) -> dict[str, Any]:
-    """The manifest of the checkpoint at ``path`` (its own checksum checked; files are not).
-
-    Raises:
-        CheckpointCorruptError: missing, unreadable or altered manifest.
-    """
-    mpath = os.path.join(path, MANIFEST)
-    if not os.path.isfile(mpath):
-        raise CheckpointCorruptError(path, MANIFEST, "missing (the save did not finish, or the checkpoint predates manifests)")
-    try:
-        with open(mpath, "rb") as f:
-            manifest = json.loads(f.read())
-        body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
-        ok = _sealed(body)["manifest_sha256"] == manifest.get("manifest_sha256")
-    except (OSError, ValueError, AttributeError) as err:
-        raise CheckpointCorruptError(path, MANIFEST, f"unreadable ({type(err).__name__}: {err})") from None
-    if not ok:
-        raise CheckpointCorruptError(path, MANIFEST, "its checksum does not match its content (altered)")
-    if manifest.get("format") not in _FORMATS:
-        raise CheckpointCorruptError(path, MANIFEST, f"expected format 1 or 2, got {manifest.get('format')!r}")
-    return manifest
-
-
-def _read_verified(path: str, manifest: Mapping[str, Any], name: str) -> bytes:
-    entry = manifest["files"].get(name)
-    if entry is None:
-        raise CheckpointCorruptError(path, name, "not listed in the manifest")
-    fpath = os.path.join(path, name)
-    if not os.path.isfile(fpath):
-        raise CheckpointCorruptError(path, name, "missing (listed in the manifest)")
-    try:
-        size = os.path.getsize(fpath)
-        if size != entry["size"]:
-            raise CheckpointCorruptError(path, name, f"expected {entry['size']} bytes, found {size} (truncated or overwritten)")
-        with open(fpath, "rb") as f:
-            data = f.read()
-    except OSError as err:
-        raise CheckpointCorruptError(path, name, f"unreadable ({err.strerror or err})") from None
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != entry["sha256"]:
-        raise CheckpointCorruptError(path, name, f"sha256 {digest[:12]}... differs from the manifest's {entry['sha256'][:12]}... (altered)")
-    return data
-
-
-def verify(path: str) -> dict[str, Any]:
-    """Check every file of the checkpoint at ``path`` against its manifest; return the manifest.
-
-    Raises:
-        CheckpointCorruptError: naming the first file that is missing, of the wrong size or altered.
-    """
-    manifest = read_manifest(path)
-    for name in manifest["files"]:
-        _read_verified(path, manifest, name)
-    return manifest
-
-
 def load(path: str) -> Checkpoint:
     """Read and verify the checkpoint at ``path`` (a ``step_XXXXXXXX`` directory).
 
@@ -429,7 +320,7 @@ def load(path: str) -> Checkpoint:
     manifest = read_manifest(path)
 
     def parse(name: str, how: Callable[[bytes], Any]) -> Any:
-        data = _read_verified(path, manifest, name)
+        data = read_verified(path, manifest, name)
         try:
             return how(data)
         except Exception as err:  # verified bytes that still do not parse: a bad writer
@@ -443,7 +334,7 @@ def load(path: str) -> Checkpoint:
         if not listed:
             raise CheckpointCorruptError(path, f"{name}/", "no shard files listed in the manifest")
         for f in listed:
-            _read_verified(path, manifest, f)
+            read_verified(path, manifest, f)
     optim = parse("optim.pt", lambda b: torch.load(io.BytesIO(b), weights_only=True))
     rng = parse("rng.pt", lambda b: torch.load(io.BytesIO(b), weights_only=True))
     in_flight = parse("in_flight.pt", lambda b: torch.load(io.BytesIO(b), weights_only=True)) if "in_flight.pt" in manifest["files"] else None
@@ -453,37 +344,6 @@ def load(path: str) -> Checkpoint:
         versions=manifest.get("versions", {}), in_flight=in_flight,
         shards={name: os.path.join(path, name) for name in sharded},
     )
-
-
-def _newest(ckpt_dir: str, open_one: Callable[[str], Any]) -> Any:
-    failures = []
-    for path in reversed(list_checkpoints(ckpt_dir)):
-        try:
-            found = open_one(path)
-        except CheckpointCorruptError as err:
-            failures.append(str(err))
-            warnings.warn(f"skipping {err}", CheckpointWarning, stacklevel=3)
-            continue
-        if failures:
-            warnings.warn(f"using {path}, the newest checkpoint that verifies", CheckpointWarning, stacklevel=3)
-        return found
-    if failures:
-        raise NoValidCheckpointError(
-            f"trainer.resume: none of the {len(failures)} checkpoints in {ckpt_dir} verifies: " + "; ".join(failures)
-        )
-    return None
-
-
-def newest_valid(ckpt_dir: str) -> tuple[str, dict[str, Any]] | None:
-    """``(path, manifest)`` of the newest checkpoint in ``ckpt_dir`` whose files all verify
-    (:func:`verify`: sizes and sha256, nothing parsed), or None when there is no checkpoint.
-
-    Each newer one that fails is skipped with a :class:`CheckpointWarning` naming the file.
-
-    Raises:
-        NoValidCheckpointError: checkpoints exist but none verifies (each failure listed).
-    """
-    return _newest(ckpt_dir, lambda path: (path, verify(path)))
 
 
 def load_latest(ckpt_dir: str) -> Checkpoint | None:
@@ -496,4 +356,4 @@ def load_latest(ckpt_dir: str) -> Checkpoint | None:
     Raises:
         NoValidCheckpointError: checkpoints exist but none verifies (each failure listed).
     """
-    return _newest(ckpt_dir, load)
+    return newest(ckpt_dir, load)

@@ -36,7 +36,7 @@ from skyrl_fn.trainer.experience import kl_controller_of
 from skyrl_fn.trainer.nonfinite import SkipCounter
 from skyrl_fn.trainer.resume import check_resume
 from skyrl_fn.tasks.base import DataState, next_prompts
-from skyrl_fn.trainer.workers import LocalWorkers, RoleState, ShardWriter, Workers, WorkersState, state_from_checkpoint
+from skyrl_fn.trainer.workers import LocalWorkers, RoleState, ShardWriter, Workers, WorkersState, state_from_checkpoint, trained_roles
 
 __all__ = ["Summary", "seed_everything", "rollout_seed", "run_step", "step_timing", "check_checkpoint", "train"]
 
@@ -154,8 +154,7 @@ def _save(run: ResolvedRun, state: WorkersState, step: int, data_state: DataStat
 def check_checkpoint(run: ResolvedRun, c: ckpt.Checkpoint) -> None:
     """Refuse a checkpoint ``run`` cannot resume from (``IncompatibleResumeError`` naming each
     field, ``skyrl_fn.trainer.resume``); warn (``CheckpointWarning``) listing compatible changes."""
-    needed = ["policy", "critic"] if run.uses_critic else ["policy"]
-    diff = check_resume(c.config, config_to_dict(run.config), where=c.path, saved_models=[*c.weights, *c.shards], needed_models=needed)
+    diff = check_resume(c.config, config_to_dict(run.config), where=c.path, saved_models=[*c.weights, *c.shards], needed_models=trained_roles(run))
     if diff.warning():
         warnings.warn(diff.warning(), ckpt.CheckpointWarning, stacklevel=3)
 

@@ -31,7 +31,6 @@ __all__ = [
     "gathered",
     "reshard",
     "full_state_dict",
-    "full_optimizer_state",
     "load_full_state",
     "partition_groups",
     "Collectives",
@@ -138,25 +137,11 @@ def _param_names(model: nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
-def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The unsharded optimiser state on rank 0 (a collective; ``{}`` on the other ranks), keyed by
-    parameter index like ``optimizer.state_dict()`` of an unsharded model, so a checkpoint of any
-    ``W`` loads into any other ``W`` (and into the plain single-actor path)."""
-    import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    osd = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if dist.get_rank() != 0:
-        return {}
-    index = {n: i for i, n in enumerate(_param_names(model))}
-    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in osd["param_groups"]]
-    return {"state": {index[n]: s for n, s in osd["state"].items()}, "param_groups": groups}
-
-
 def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, weights: Mapping[str, torch.Tensor], optim: Mapping[str, Any]) -> None:
     """Load unsharded weights and an index-keyed optimiser state (a plain
-    ``optimizer.state_dict()``: a single worker's checkpoint) into the sharded ``model``/``optimizer``: every rank
-    keeps its own shard. A collective."""
+    ``optimizer.state_dict()``: a single worker's checkpoint) into ``model``/``optimizer``:
+    FSDP2-sharded, every rank keeps its own shard (a collective); or plain, as
+    ``load_state_dict`` would."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     opts = StateDictOptions(full_state_dict=True)

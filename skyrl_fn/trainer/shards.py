@@ -32,7 +32,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from skyrl_fn.trainer.checkpoint import CheckpointCorruptError
+from skyrl_fn.trainer.manifest import CheckpointCorruptError
 
 __all__ = ["METADATA", "write", "missing_files", "load", "read_weights"]
 

@@ -42,6 +42,7 @@ from skyrl_fn.tasks.base import Task, reward_function_name
 from skyrl_fn.tasks.scoring import score_fields
 from skyrl_fn.models.model import build_critic, load_model, load_tokenizer
 from skyrl_fn.rollout.base import RolloutBatch
+from skyrl_fn.trainer.sharding import load_full_state
 from skyrl_fn.trainer.teacher import TeacherWorker
 
 __all__ = [
@@ -58,6 +59,8 @@ __all__ = [
     "LocalWorkers",
     "generate_and_score",
     "state_from_checkpoint",
+    "trained_roles",
+    "load_role_state",
 ]
 
 
@@ -146,14 +149,17 @@ def _role_state(state: TrainState) -> RoleState:
     return RoleState(weights=weights, optim=state.optimizer.state_dict(), sched=state.scheduler.state_dict())
 
 
-def _load_role_state(state: TrainState, saved: RoleState | SavedShards, *, lr: float, weight_decay: float) -> None:
-    if isinstance(saved, SavedShards):  # written at any number of ranks: read whole
+def load_role_state(state: TrainState, saved: RoleState | SavedShards, *, lr: float, weight_decay: float) -> None:
+    """Load a trained role's checkpointed state into ``state``, a plain model (one worker) or an
+    FSDP2-sharded one (a data-parallel rank; then a collective): shards written at any number of
+    ranks (DCP reshards; a plain model reads them whole) or a single worker's whole state dicts
+    (each rank keeps its slice). The saved optimiser carries the old rate and decay: this run's
+    ``lr`` and ``weight_decay`` apply."""
+    if isinstance(saved, SavedShards):
         shards.load(state.model, state.optimizer, saved.path)
     else:
-        state.model.load_state_dict(saved.weights)
-        state.optimizer.load_state_dict(saved.optim)
+        load_full_state(state.model, state.optimizer, saved.weights, saved.optim)
     state.scheduler.load_state_dict(saved.sched)
-    # The saved optimiser carries the old rate and decay: a resume uses this run's.
     set_hyperparameters(state, lr=lr, weight_decay=weight_decay)
 
 
@@ -230,7 +236,7 @@ class PolicyWorker:
         """Load what :meth:`state` returned, or shards (from a checkpoint of any number of
         ranks); this run's ``trainer.lr`` and ``trainer.weight_decay`` apply from now on."""
         tr = self.run.config.trainer
-        _load_role_state(self.train_state, saved, lr=tr.lr, weight_decay=tr.weight_decay)
+        load_role_state(self.train_state, saved, lr=tr.lr, weight_decay=tr.weight_decay)
 
 
 class RolloutWorker:
@@ -293,7 +299,7 @@ class CriticWorker:
 
     def load_state(self, saved: RoleState | SavedShards) -> None:
         tr = self.run.config.trainer
-        _load_role_state(self.train_state, saved, lr=tr.critic_lr, weight_decay=tr.weight_decay)
+        load_role_state(self.train_state, saved, lr=tr.critic_lr, weight_decay=tr.weight_decay)
 
 
 class Workers(Protocol):
@@ -355,11 +361,18 @@ class Workers(Protocol):
         """Release the workers (wait for anything still in flight)."""
 
 
+def trained_roles(run: ResolvedRun) -> tuple[str, ...]:
+    """The roles ``run`` trains, so the roles a checkpoint holds and a resume loads: ``policy``,
+    and ``critic`` when the estimator reads values. (The reference model and a teacher are frozen
+    and rebuilt from their model source; they are not saved.)"""
+    return ("policy", "critic") if run.uses_critic else ("policy",)
+
+
 def state_from_checkpoint(c: Any) -> WorkersState:
     """A :class:`WorkersState` from a ``skyrl_fn.trainer.checkpoint.Checkpoint``: whole roles as
     :class:`RoleState`, sharded ones as :class:`SavedShards`."""
     roles: dict[str, RoleState | SavedShards] = {}
-    for role in ("policy", "critic"):
+    for role in ("policy", "critic"):  # what the checkpoint holds (the run may not need the critic)
         if role in c.weights:
             roles[role] = RoleState(weights=c.weights[role], optim=c.optim[role], sched=c.optim[f"{role}_sched"])
         elif role in c.shards:

@@ -27,6 +27,7 @@ from skyrl_fn.distributed.ray_runner import WorkerDiedError, train_on_ray
 from skyrl_fn.trainer import checkpoint as ckpt
 from skyrl_fn.trainer import shards
 from skyrl_fn.trainer.loop import train
+from skyrl_fn.trainer.workers import trained_roles
 from tests.ray_sessions import sigkill_driver_when
 
 pytestmark = pytest.mark.ray
@@ -99,8 +100,8 @@ class _Recording(DPWorkers):
 
 def _two_and_one(tmp_path, *args):
     """The same run at W=2 (2 steps, on Ray; each rank's resident bytes recorded) and W=1 (3 steps,
-    in-process, a checkpoint a step)."""
-    w2 = _run(tmp_path / "w2", "--trainer.steps", "2", *args, "--trainer.workers", "2")
+    in-process), each with a checkpoint a step."""
+    w2 = _run(tmp_path / "w2", "--trainer.steps", "2", "--trainer.ckpt-interval", "1", *args, "--trainer.workers", "2")
     w1 = _run(tmp_path / "w1", "--trainer.steps", "3", "--trainer.ckpt-interval", "1", *args, "--ray.no-use-ray")
     dp = train(w2, workers=_Recording)
     return w2, dp, list(_Recording.resident), w1, train(w1)
@@ -147,19 +148,12 @@ def test_two_ranks_give_the_one_worker_metrics_of_other_algorithms(ray_session, 
         assert any(h["batch_kept_groups"] == 1 and not h["skipped"] for h in history)
 
 
-def test_each_rank_writes_its_own_shards(ppo_runs):
-    """The W=2 checkpoint holds one file per rank, each with about half of the weights' and AdamW
-    moments' elements and every element stored once (not a gathered state); the manifest lists
-    them with their sha256."""
+def _elements_per_file(directory):
+    """``{rank file: elements of the tensors it stores}`` and the elements of every tensor of the
+    DCP ``directory`` (weights and AdamW moments; plain values such as step counts left out)."""
     import torch.distributed.checkpoint as dcp
 
-    w2 = ppo_runs[0]
-    path = ckpt.latest_checkpoint(w2.config.ckpt_dir)
-    manifest = ckpt.verify(path)
-    assert manifest["format"] == 2 and "policy.safetensors" not in manifest["files"]
-    assert {"policy/__0_0.distcp", "policy/__1_0.distcp", f"policy/{shards.METADATA}"} <= set(manifest["files"])
-    assert set(os.listdir(os.path.join(path, "policy"))) == {"__0_0.distcp", "__1_0.distcp", shards.METADATA}
-    md = dcp.FileSystemReader(os.path.join(path, "policy")).read_metadata()
+    md = dcp.FileSystemReader(directory).read_metadata()
     per_file, total = {}, 0
     for key, m in md.state_dict_metadata.items():
         if not hasattr(m, "chunks"):
@@ -169,12 +163,48 @@ def test_each_rank_writes_its_own_shards(ppo_runs):
             if index.fqn == key:
                 chunk = next(c for c in m.chunks if list(c.offsets) == list(index.offset))
                 per_file[info.relative_path] = per_file.get(info.relative_path, 0) + chunk.sizes.numel()
-    assert set(per_file) == {"__0_0.distcp", "__1_0.distcp"} and sum(per_file.values()) == total
-    for n in per_file.values():
-        assert 0.4 < n / total < 0.6, per_file
+    return per_file, total
+
+
+def test_each_rank_writes_its_own_shards(ppo_runs):
+    """The W=2 checkpoint holds one file per rank for the policy and one for the critic, each with
+    about half of that model's weights' and AdamW moments' elements and every element stored once
+    (not a gathered state); the manifest lists them with their sha256."""
+    w2 = ppo_runs[0]
+    path = ckpt.latest_checkpoint(w2.config.ckpt_dir)
+    manifest = ckpt.verify(path)
+    assert manifest["format"] == 2
+    for role in ("policy", "critic"):
+        assert f"{role}.safetensors" not in manifest["files"]
+        files = {"__0_0.distcp", "__1_0.distcp", shards.METADATA}
+        assert {f"{role}/{f}" for f in files} <= set(manifest["files"])
+        assert set(os.listdir(os.path.join(path, role))) == files
+        per_file, total = _elements_per_file(os.path.join(path, role))
+        assert set(per_file) == {"__0_0.distcp", "__1_0.distcp"} and sum(per_file.values()) == total, role
+        for n in per_file.values():
+            assert 0.4 < n / total < 0.6, (role, per_file)
+    assert set(os.listdir(path)) == {"policy", "critic", "optim.pt", "rng.pt", "state.json", ckpt.MANIFEST}
     c = ckpt.load(path)
-    assert set(c.shards) == {"policy"} and "policy" not in c.weights and "policy" not in c.optim
-    assert len(c.rng["ranks"]) == 2 and "policy_sched" in c.optim
+    assert set(c.shards) == {"policy", "critic"} and c.weights == {}
+    assert set(c.optim) == {"policy_sched", "critic_sched"} and len(c.rng["ranks"]) == 2
+
+
+def test_a_damaged_critic_shard_is_named_and_resume_falls_back(ppo_runs, tmp_path):
+    """The newest W=2 checkpoint with one rank's critic file altered: resume (at W=1) warns naming
+    that file and continues from the one before, to the uninterrupted run's steps and weights."""
+    w2, _, _, w1, one = ppo_runs
+    shutil.copytree(w2.config.ckpt_dir, tmp_path / "checkpoints")
+    with open(tmp_path / "checkpoints" / "step_00000002" / "critic" / "__1_0.distcp", "r+b") as f:
+        f.seek(64)
+        f.write(b"\x00\xff\x00")
+    run = _run(tmp_path, "--trainer.steps", "3", "--trainer.resume", *ALGORITHMS["ppo_gae+kl_loss"], "--ray.no-use-ray")
+    with pytest.warns(ckpt.CheckpointWarning) as caught:
+        resumed = train(run)
+    assert any("step_00000002: critic/__1_0.distcp: sha256" in str(w.message) for w in caught)
+    assert resumed.resumed_from == 1
+    _assert_same(resumed.history, one.history[1:])
+    for role in ("policy", "critic"):
+        _assert_close_weights(_weights(run.config.ckpt_dir, role=role), _weights(w1.config.ckpt_dir, step=3, role=role))
 
 
 # Resuming at W=2 starts two more rank actors: in make test-all (W=1 -> 2 -> 1 is slow too).
@@ -202,7 +232,7 @@ def test_a_two_rank_checkpoint_resumes_at_one_worker_and_at_two(ppo_runs, tmp_pa
 def test_resume_with_another_number_of_ranks(ray_session, tmp_path, algorithm):
     """Save at W=1 (whole) and resume at W=2, save at W=2 (shards) and resume at W=1 on Ray: the
     resumed steps equal those of an uninterrupted W=1 run, and so do the weights (the critic's
-    too: sharded while training, saved whole)."""
+    too: saved whole at W=1, as shards at W=2)."""
     base = ("--trainer.ckpt-interval", "1", *ALGORITHMS[algorithm])
     full = train(_run(tmp_path / "full", *base, "--trainer.steps", "4", "--ray.no-use-ray"))
     run = _run(tmp_path / "b", *base, "--trainer.steps", "2", "--ray.no-use-ray")
@@ -210,7 +240,7 @@ def test_resume_with_another_number_of_ranks(ray_session, tmp_path, algorithm):
     saved = _weights(run.config.ckpt_dir)
     with pytest.warns(ckpt.CheckpointWarning, match="trainer.workers"):
         at2 = train_on_ray(_run(tmp_path / "b", *base, "--trainer.steps", "3", "--trainer.resume", "--trainer.workers", "2"))
-    assert "policy" in ckpt.load(at2.last_checkpoint).shards  # W=2 wrote shards of what it loaded plus a step
+    assert set(ckpt.load(at2.last_checkpoint).shards) == set(trained_roles(run))  # W=2 wrote shards of what it loaded plus a step
     w3 = _weights(run.config.ckpt_dir)
     assert set(w3) == set(saved) and any(not torch.equal(w3[k], saved[k]) for k in saved)
     with pytest.warns(ckpt.CheckpointWarning, match="trainer.workers"):
@@ -232,8 +262,8 @@ from skyrl_fn.trainer.loop import train
 class StopsInSecondSave(DPWorkers):
     saves = 0
 
-    def _write_shards(self, directory):
-        super()._write_shards(directory)
+    def _write_shards(self, role, directory):
+        super()._write_shards(role, directory)
         StopsInSecondSave.saves += 1
         if StopsInSecondSave.saves == 2:  # every rank wrote its shards; no manifest, no rename yet
             print("shards", directory, flush=True)

@@ -1,10 +1,11 @@
 """SIGKILL trials of checkpoint saves, run as a script (never imported by pytest).
 
-Usage: ``python ckpt_kill_runner.py CHECKPOINT_PY WORKDIR TRIALS SEED``; prints one JSON line of
-figures. ``skyrl_fn/trainer/checkpoint.py`` is loaded alone (the package import is slow). Each trial
-forks a child that saves steps 1..4 (keep=2) with a line tracer on the checkpoint module that
-SIGKILLs the child at a seeded random line event (every line of ``save`` and ``load`` is a
-possible kill point, including between the renames and in the middle of pruning). The parent
+Usage: ``python ckpt_kill_runner.py WORKDIR TRIALS SEED``; prints one JSON line of figures.
+``skyrl_fn.trainer.checkpoint`` is imported once, then each trial forks a child that saves steps
+1..4 (keep=2) with a line tracer on the checkpoint modules (``checkpoint`` and ``manifest``) that
+SIGKILLs the child at a seeded random line event (every line of ``save``, ``load`` and the
+verification is a possible kill point, including between the renames and in the middle of
+pruning). The parent
 then checks what a resume would see: the newest checkpoint that verifies must exist once a save
 completed, hold exactly the weights of its step, and be at most one save behind the last one
 completed; a further save must succeed and clean up.
@@ -12,7 +13,6 @@ completed; a further save must succeed and clean up.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
@@ -27,11 +27,7 @@ torch.set_num_threads(1)
 STEPS = 4
 
 
-def load_module(path: str):
-    spec = importlib.util.spec_from_file_location("ckpt_alone", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def weights(step: int) -> dict:
@@ -42,7 +38,7 @@ def weights(step: int) -> dict:
 def saver(ckpt, d: str, kill_at: int | None, out_fd: int) -> None:
     """Child: save steps 1..STEPS, reporting each completed step; SIGKILL at line event kill_at."""
     count = 0
-    target = ckpt.__file__
+    targets = {ckpt.__file__, sys.modules["skyrl_fn.trainer.manifest"].__file__}
 
     def local(frame, event, arg):
         nonlocal count
@@ -53,7 +49,7 @@ def saver(ckpt, d: str, kill_at: int | None, out_fd: int) -> None:
         return local
 
     def tracer(frame, event, arg):
-        return local if frame.f_code.co_filename == target else None
+        return local if frame.f_code.co_filename in targets else None
 
     sys.settrace(tracer)
     for step in range(1, STEPS + 1):
@@ -90,8 +86,10 @@ def run_child(ckpt, d: str, kill_at: int | None) -> tuple[list[int], int | None,
 
 
 def main() -> None:
-    ckpt = load_module(sys.argv[1])
-    work, trials, seed = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    sys.path.insert(0, REPO)
+    from skyrl_fn.trainer import checkpoint as ckpt
+
+    work, trials, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     os.makedirs(work, exist_ok=True)
     # One full run without a kill counts the line events of the whole save sequence.
     probe = os.path.join(work, "probe")

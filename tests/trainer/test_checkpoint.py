@@ -212,11 +212,12 @@ def test_enospc_at_every_point_leaves_the_previous_checkpoint(tmp_path, monkeypa
 # -- SIGKILL at random points ------------------------------------------------------------------
 
 RUNNER = os.path.join(os.path.dirname(__file__), "ckpt_kill_runner.py")
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _kill_trials(tmp_path, trials: int, seed: int) -> dict:
     out = subprocess.run(
-        [sys.executable, RUNNER, ckpt.__file__, str(tmp_path / "trials"), str(trials), str(seed)],
+        [sys.executable, RUNNER, str(tmp_path / "trials"), str(trials), str(seed)],
         capture_output=True, text=True, timeout=900,
     )
     assert out.returncode == 0, out.stderr[-2000:]
@@ -242,11 +243,9 @@ def test_sigkill_at_random_lines_of_saves_many_trials(tmp_path):
 
 _SAVER = textwrap.dedent(
     """
-    import importlib.util, sys, torch
-    # Load the module file alone: the package import (transformers, the table) is slow to start.
-    spec = importlib.util.spec_from_file_location("ckpt_alone", sys.argv[2])
-    ckpt = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ckpt)
+    import sys, torch
+    sys.path.insert(0, sys.argv[2])
+    from skyrl_fn.trainer import checkpoint as ckpt
     d = sys.argv[1]
     big = torch.randn(512, 1024)  # ~2 MB per save, so kills land mid-write
     step = 1
@@ -267,7 +266,7 @@ def _timed_kills(tmp_path, trials: int, seed: int) -> dict:
     rng = random.Random(seed)
     fig = {"trials": 0, "unreadable_latest": 0, "corrupt_loaded": 0, "lost_more_than_one_step": 0}
     for _ in range(trials):
-        proc = subprocess.Popen([sys.executable, str(script), str(d), ckpt.__file__], stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen([sys.executable, str(script), str(d), REPO], stdout=subprocess.PIPE, text=True)
         try:
             assert proc.stdout.readline().strip() == "ready"
             time.sleep(0.2 + rng.random() * 0.8)

@@ -1,7 +1,7 @@
 """Sharded checkpoints (``skyrl_fn.trainer.shards`` inside ``skyrl_fn.trainer.checkpoint``),
 without a process group: a model's shards written by ``torch.distributed.checkpoint`` load into a
-fresh model, go into a checkpoint atomically with every file in its manifest, and a damaged or
-missing shard file is named. (Several ranks on Ray: tests/distributed/test_dp.py.)"""
+fresh model, go into a checkpoint atomically with every file in its manifest (the policy's and the
+critic's, each in its own directory), and a damaged or missing shard file of either is named. (Several ranks on Ray: tests/distributed/test_dp.py.)"""
 
 from __future__ import annotations
 
@@ -27,10 +27,15 @@ def _trained(seed: int, steps: int = 2):
     return model, opt
 
 
-def _save(d, step, model, opt):
+def _save(d, step, model, opt, critic=None):
+    """A checkpoint of ``model`` as the policy's shards and of ``critic`` (a model and its
+    optimiser, when given) as the critic's, as data-parallel ranks save them."""
+    writers = {"policy": lambda where: shards.write(model, opt, where)}
+    if critic is not None:
+        writers["critic"] = lambda where: shards.write(*critic, where)
     return ckpt.save(
-        str(d), step=step, weights={}, shards={"policy": lambda where: shards.write(model, opt, where)},
-        optim={"policy_sched": {"last_epoch": step}}, config={"step": step},
+        str(d), step=step, weights={}, shards=writers,
+        optim={f"{role}_sched": {"last_epoch": step} for role in writers}, config={"step": step},
     )
 
 
@@ -52,21 +57,28 @@ def test_shards_load_into_a_fresh_model_and_read_whole(tmp_path):
 
 def test_a_checkpoint_with_shards_lists_every_file_and_loads(tmp_path):
     model, opt = _trained(0)
-    path = _save(tmp_path, 3, model, opt)
+    critic = _trained(1)
+    path = _save(tmp_path, 3, model, opt, critic)
     manifest = ckpt.verify(path)
     assert manifest["format"] == 2
-    assert {f for f in manifest["files"] if f.startswith("policy/")} == {"policy/.metadata", "policy/__0_0.distcp"}
+    for role in ("policy", "critic"):
+        assert {f for f in manifest["files"] if f.startswith(f"{role}/")} == {f"{role}/.metadata", f"{role}/__0_0.distcp"}
+        assert all(len(manifest["files"][f"{role}/{f}"]["sha256"]) == 64 for f in (".metadata", "__0_0.distcp"))
     c = ckpt.load(path)
-    assert c.shards == {"policy": os.path.join(path, "policy")} and c.weights == {} and c.optim == {"policy_sched": {"last_epoch": 3}}
-    assert torch.equal(shards.read_weights(c.shards["policy"])["2.weight"], model.state_dict()["2.weight"])
+    assert c.shards == {role: os.path.join(path, role) for role in ("policy", "critic")} and c.weights == {}
+    assert c.optim == {"policy_sched": {"last_epoch": 3}, "critic_sched": {"last_epoch": 3}}
+    for role, (m, _) in (("policy", (model, opt)), ("critic", critic)):
+        assert torch.equal(shards.read_weights(c.shards[role])["2.weight"], m.state_dict()["2.weight"])
 
 
+@pytest.mark.parametrize("role", ["policy", "critic"])
 @pytest.mark.parametrize("how", ["altered", "deleted"])
-def test_a_damaged_shard_file_is_named_and_the_previous_checkpoint_used(tmp_path, how):
+def test_a_damaged_shard_file_is_named_and_the_previous_checkpoint_used(tmp_path, how, role):
     model, opt = _trained(0)
-    _save(tmp_path, 1, model, opt)
-    path = _save(tmp_path, 2, model, opt)
-    shard = os.path.join(path, "policy", "__0_0.distcp")
+    critic = _trained(1)
+    _save(tmp_path, 1, model, opt, critic)
+    path = _save(tmp_path, 2, model, opt, critic)
+    shard = os.path.join(path, role, "__0_0.distcp")
     if how == "deleted":
         os.remove(shard)
     else:
@@ -74,12 +86,12 @@ def test_a_damaged_shard_file_is_named_and_the_previous_checkpoint_used(tmp_path
             f.seek(100)
             f.write(b"\xff\x00\xff")
     reason = "missing" if how == "deleted" else "altered"
-    with pytest.raises(ckpt.CheckpointCorruptError, match=rf"step_00000002: policy/__0_0\.distcp: .*{reason}"):
+    with pytest.raises(ckpt.CheckpointCorruptError, match=rf"step_00000002: {role}/__0_0\.distcp: .*{reason}"):
         ckpt.load(path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert ckpt.load_latest(str(tmp_path)).step == 1
-    assert any("policy/__0_0.distcp" in str(w.message) for w in caught)
+    assert any(f"{role}/__0_0.distcp" in str(w.message) for w in caught)
 
 
 def test_shards_missing_a_rank_file_are_named_when_read(tmp_path):
