@@ -31,7 +31,8 @@ from skyrl_fn.models.model import build_critic, load_model, load_tokenizer
 from skyrl_fn.rollout.base import RolloutBatch
 from skyrl_fn.trainer.experience import Experience
 from skyrl_fn.trainer.forward import batched_log_probs, batched_values
-from skyrl_fn.trainer.learner import TrainState, critic_update, make_train_state, masked_row
+from skyrl_fn.trainer.critic import critic_update
+from skyrl_fn.trainer.learner import TrainState, make_train_state, masked_row
 from skyrl_fn.trainer.run import ResolvedRun
 from skyrl_fn.trainer.sharding import Collectives, gathered, partition_groups, shard_model
 from skyrl_fn.trainer.teacher import teacher_model_config

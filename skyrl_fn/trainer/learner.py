@@ -15,7 +15,7 @@ One step (see ``skyrl_fn.trainer.loop``)::
     ref_lp   = batched_log_probs(reference, rollout)   (KL only)    # [B, T]
     values   = batched_values(critic, rollout)   (critic only)    # [B, T]
     exp, m   = make_experience(run, rollout, scores, old_log_probs=old_lp, ...)
-    policy_update(run, policy_state, exp); critic_update(run, critic_state, exp)
+    policy_update(run, policy_state, exp); critic_update(run, critic_state, exp)   (skyrl_fn.trainer.critic)
 """
 
 from __future__ import annotations
@@ -27,10 +27,9 @@ import torch
 from torch import nn
 
 from skyrl_fn.ops.kernels import compile_kernel
-from skyrl_fn.losses.aggregation import group_token_totals, token_mean
+from skyrl_fn.losses.aggregation import group_token_totals
 from skyrl_fn.ops.compile import compile_loss
 from skyrl_fn.losses.objective import SUMMED_METRICS
-from skyrl_fn.losses.value import value_loss as token_value_loss
 from skyrl_fn.core.records import PolicyLossInput, ReducedLoss
 from skyrl_fn.trainer.fields import step_fields
 from skyrl_fn.trainer.run import ResolvedRun
@@ -53,7 +52,7 @@ __all__ = [
     "TrainState", "Experience", "KLController", "kl_controller_of",
     "make_optimizer", "make_train_state", "sequence_log_probs", "batched_log_probs", "batched_values",
     "token_rewards", "compute_advantages", "make_experience", "loss_kernel", "policy_update",
-    "critic_update", "value_loss", "masked_row", "response_values", "experience_and_update", "set_hyperparameters",
+    "masked_row", "add_metric", "response_values", "experience_and_update", "set_hyperparameters",
 ]
 
 
@@ -264,11 +263,11 @@ def policy_update(
             if s >= b or not finite:  # or a step about to be skipped
                 continue
             share = mb.batch_size / batch_seqs
-            _acc(sums, "loss", out.loss.detach(), 1.0)
+            add_metric(sums, "loss", out.loss.detach(), 1.0)
             for k, v in out.metrics.items():
                 # The objective's terms are globally normalised (they sum over micro-batches);
                 # the loss's own metrics are means of each micro-batch.
-                _acc(sums, k, v, 1.0 if k in SUMMED_METRICS else share)
+                add_metric(sums, k, v, 1.0 if k in SUMMED_METRICS else share)
         if dp and not dp.all_true(bad is None) and bad is None:
             bad = {}  # a non-finite loss on another rank: no row of this share to name
         grad_norm, ok = step_if_finite(model, opt, max_norm=tr.grad_clip, loss_finite=bad is None)
@@ -281,7 +280,7 @@ def policy_update(
                 state.scheduler.step()
             return skipped
         stepped += 1
-        _acc(sums, "grad_norm", grad_norm / (dp.world_size if dp else 1), 1.0)  # the same on every rank
+        add_metric(sums, "grad_norm", grad_norm / (dp.world_size if dp else 1), 1.0)  # the same on every rank
     if dp:
         sums = dp.sum_metrics(sums)
     out_metrics = {k: v / a.update_epochs for k, v in sums.items()}
@@ -341,85 +340,12 @@ def experience_and_update(
     return metrics, (None if metrics["skipped"] else exp)
 
 
-def value_loss(
-    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, *, clip: float, global_tokens: torch.Tensor
-) -> torch.Tensor:
-    """PPO clipped value loss, summed over tokens and divided by the global token count::
-
-        v_c = old + clip(v - old, -c, c);   L = 0.5 * sum_t max((v - R)^2, (v_c - R)^2) m_t / N
-
-    (the per-token loss is ``skyrl_fn.losses.value_loss``; the sum over micro-batches is the
-    full-batch loss).
-
-    Args:
-        values, old_values, returns: ``[B, T]``.
-        mask: ``[B, T]`` bool.
-        clip: ``c`` (<= 0 disables clipping).
-        global_tokens: ``N``, the token count of the whole batch.
-    """
-
-    out = token_value_loss(values, old_values, returns, mask, value_clip=clip if clip > 0 else None)
-    return token_mean(out.token_loss, mask, global_tokens=global_tokens)
-
-
-def critic_update(
-    run: ResolvedRun, state: TrainState, exp: Experience, *, dp: Collectives | None = None, filler: Experience | None = None
-) -> dict[str, float]:
-    """One optimiser step of the critic per update epoch on the clipped value loss (accumulated
-    over micro-batches with the global token count), grad-norm clipped. Returns
-    ``value_loss``, ``critic_grad_norm``, ``critic_lr``.
-
-    ``dp``, ``filler``: a data-parallel (FSDP2) critic update on this rank's share ``exp``, as in
-    :func:`policy_update`: the token count is all-reduced, every rank runs as many micro-batches
-    as the rank with the most (``filler``: a fully masked row), a non-finite loss on any rank
-    skips the step on all, the metrics are summed over ranks."""
-    if exp.values is None:
-        raise ValueError("exp.values: expected [B, T] old critic values for the critic update, got None")
-    a, tr = run.config.algorithm, run.config.trainer
-    model, opt = state.model, state.optimizer
-    model.train()
-    b, t, mbs = exp.batch_size, exp.response_len, tr.micro_batch_size
-    n_mb = -(-b // mbs)
-    tokens, _, n_all = dp.batch_counts(exp.response_mask.sum(), b, n_mb) if dp else (exp.response_mask.sum(), b, n_mb)
-    global_tokens = torch.as_tensor(tokens).clamp(min=1).float()
-    filler = filler if filler is not None else (masked_row(exp) if b else None)
-    starts = list(range(0, b, mbs)) + [b] * (n_all - n_mb)
-    sums: dict[str, float] = {"value_loss": 0.0}
-    for epoch in range(a.update_epochs):
-        opt.zero_grad(set_to_none=True)
-        finite = True
-        for i, s in enumerate(starts):
-            mb = exp.slice(s, s + mbs) if s < b else filler
-            v = response_values(model, mb.input_ids, mb.attention_mask, t).float()
-            loss = value_loss(v, mb.values, mb.returns, mb.response_mask, clip=a.value_clip, global_tokens=global_tokens)
-            finite = finite and bool(torch.isfinite(loss))
-            if not finite and not dp:
-                break
-            if dp:  # every rank makes the same calls
-                dp.accumulate(model, last=i == len(starts) - 1)
-            loss.backward()
-            if finite:
-                _acc(sums, "value_loss", loss.detach(), 1.0)
-        if dp:
-            finite = dp.all_true(finite)
-        grad_norm, ok = step_if_finite(model, opt, max_norm=tr.grad_clip, loss_finite=finite)
-        if not ok:  # the critic keeps its weights; the policy step is reported on its own
-            return {"critic_skipped": 1.0, "critic_grad_norm": float(grad_norm)}
-        _acc(sums, "critic_grad_norm", grad_norm / (dp.world_size if dp else 1), 1.0)
-    if dp:
-        sums = dp.sum_metrics(sums)
-    out = {k: v / a.update_epochs for k, v in sums.items()}
-    out["critic_lr"] = float(opt.param_groups[0]["lr"])
-    state.scheduler.step()
-    return out
-
-
 def masked_row(exp: Experience) -> Experience:
     """Row 0 of ``exp`` with an all-zero response mask: its loss and gradient are exactly 0."""
     one = exp.slice(0, 1)
     return attrs.evolve(one, response_mask=torch.zeros_like(one.response_mask))
 
 
-def _acc(sums: dict[str, float], key: str, value: Any, weight: float) -> None:
-    # One sync per metric per micro-batch, outside the loss itself.
+def add_metric(sums: dict[str, float], key: str, value: Any, weight: float) -> None:
+    """``sums[key] += value * weight`` (one host sync per metric per micro-batch, outside the loss itself)."""
     sums[key] = sums.get(key, 0.0) + float(value) * weight

@@ -37,7 +37,8 @@ from skyrl_fn.trainer.run import ResolvedRun
 from skyrl_fn.trainer.evaluate import evaluate, heldout_task
 from skyrl_fn.trainer.experience import Experience
 from skyrl_fn.trainer.forward import FrozenScorer, batched_values, old_policy_pass
-from skyrl_fn.trainer.learner import TrainState, critic_update, experience_and_update, loss_kernel, make_train_state, set_hyperparameters
+from skyrl_fn.trainer.critic import critic_update
+from skyrl_fn.trainer.learner import TrainState, experience_and_update, loss_kernel, make_train_state, set_hyperparameters
 from skyrl_fn.tasks.base import Task, reward_function_name
 from skyrl_fn.tasks.scoring import score_fields
 from skyrl_fn.models.model import build_critic, load_model, load_tokenizer

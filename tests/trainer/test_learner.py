@@ -12,11 +12,11 @@ import torch
 from skyrl_fn import AdvantageInput, AdvantageOutput, requires
 from skyrl_fn.core.records import PolicyLossInput, PolicyLossOutput
 from skyrl_fn.trainer.run import resolve
+from skyrl_fn.trainer.critic import critic_update
 from skyrl_fn.trainer.learner import (
     KLController,
     batched_log_probs,
     batched_values,
-    critic_update,
     make_experience,
     make_optimizer,
     make_train_state,
