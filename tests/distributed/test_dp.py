@@ -24,6 +24,7 @@ from skyrl_fn.cli import parse_config, resolve_names
 from skyrl_fn.distributed.dp import DPWorkers
 from skyrl_fn.cli.plugins import ship_by_value
 from skyrl_fn.distributed.ray_runner import WorkerDiedError, train_on_ray
+from skyrl_fn.distributed.weights import unpack
 from skyrl_fn.trainer import checkpoint as ckpt
 from skyrl_fn.trainer import shards
 from skyrl_fn.trainer.loop import train
@@ -86,21 +87,35 @@ def _assert_close_weights(got, want):
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5)
 
 
+def _model_weights(worker):
+    """A rollout worker's weights (run inside the actor by ``__ray_call__``)."""
+    return {k: v.detach().clone() for k, v in worker.model.state_dict().items()}
+
+
 class _Recording(DPWorkers):
-    """Records each rank's resident bytes per role (its shards) before the ranks stop."""
+    """Records each rank's resident bytes per role (its shards) before the ranks stop; with
+    rollout workers also the ranks' gathered weights and each rollout worker's."""
 
     resident: list = []
+    synced: list = []
 
     def close(self):
         if self.ranks:
             _Recording.resident[:] = self.resident_bytes()
+            if self.rollout is not None:
+                self.rollout.flush()  # the last update's push reached every worker
+                packed = self.get([a.packed_weights.remote() for a in self.ranks])
+                assert packed[1:] == [None] * (len(self.ranks) - 1)
+                workers = self.get([w.__ray_call__.remote(_model_weights) for w in self.rollout.workers])
+                _Recording.synced[:] = [unpack(packed[0]), *workers]
         super().close()
 
 
-def _two_and_one(tmp_path, *args):
-    """The same run at W=2 (2 steps, on Ray; each rank's resident bytes recorded) and W=1 (3 steps,
-    in-process, a checkpoint a step)."""
-    w2 = _run(tmp_path / "w2", "--trainer.steps", "2", *args, "--trainer.workers", "2")
+def _two_and_one(tmp_path, *args, layout=()):
+    """The same run at W=2 (2 steps, on Ray, with the rollout ``layout`` flags; each rank's
+    resident bytes recorded) and W=1 (3 steps, in-process, a checkpoint a step). In-process the
+    policy samples itself, which samples what one rollout worker does (test_ray_runner.py)."""
+    w2 = _run(tmp_path / "w2", "--trainer.steps", "2", *args, *layout, "--trainer.workers", "2")
     w1 = _run(tmp_path / "w1", "--trainer.steps", "3", "--trainer.ckpt-interval", "1", *args, "--ray.no-use-ray")
     dp = train(w2, workers=_Recording)
     return w2, dp, list(_Recording.resident), w1, train(w1)
@@ -131,6 +146,18 @@ def ppo_runs(ray_session, tmp_path_factory):
 
 def test_two_ranks_give_the_one_worker_metrics(ppo_runs):
     _check_same_run(*ppo_runs)
+
+
+def test_two_ranks_with_a_rollout_worker_give_the_one_worker_metrics(ray_session, tmp_path):
+    """W=2 ranks with one separate rollout worker: the ranks gather the full state dict once per
+    update and the worker loads it (its weights equal the ranks' after the last step); it samples
+    the W=1 responses and the metrics and weights are W=1's."""
+    _check_same_run(*_two_and_one(tmp_path, layout=("--ray.rollout-workers", "1")))
+    gathered, worker = _Recording.synced
+    assert set(worker) == set(gathered)
+    for k in gathered:
+        assert torch.equal(worker[k], gathered[k]), k
+    _assert_close_weights(gathered, _weights(tmp_path / "w1" / "checkpoints", step=2))
 
 
 @pytest.mark.slow
