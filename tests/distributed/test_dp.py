@@ -248,6 +248,49 @@ def test_resume_with_another_number_of_ranks(ray_session, tmp_path, algorithm):
         _assert_close_weights(_weights(run.config.ckpt_dir, role=role), _weights(tmp_path / "full" / "checkpoints", role=role))
 
 
+#: Asynchronous training (K=1: step s + 1 sampled on the rollout worker while step s trains).
+ASYNC = ("--ray.rollout-workers", "1", "--trainer.max-staleness", "1", "--trainer.ckpt-interval", "1", "--trainer.keep-checkpoints", "5")
+
+
+@pytest.fixture(scope="module")
+def async_runs(ray_session, tmp_path_factory):
+    """The same asynchronous run (3 steps, K=1, one rollout worker, a checkpoint a step) on Ray at
+    W=1 (the single policy actor) and at W=2."""
+    tmp = tmp_path_factory.mktemp("async")
+    w1 = _run(tmp / "w1", "--trainer.steps", "3", *ASYNC)
+    w2 = _run(tmp / "w2", "--trainer.steps", "3", *ASYNC, "--trainer.workers", "2")
+    return w1, train_on_ray(w1), w2, train_on_ray(w2)
+
+
+@pytest.mark.slow
+def test_async_two_ranks_with_a_rollout_worker_give_the_one_worker_metrics(async_runs):
+    """K=1 at W=2: every update after the first trains on a batch one version old, sampled with
+    the weights the ranks gathered and pushed, and the run is the W=1 run (responses, metrics,
+    weights)."""
+    w1, one, w2, two = async_runs
+    assert [h["version_gap"] for h in two.history] == [0.0, 1.0, 1.0]
+    _assert_same(two.history, one.history)
+    for a, b in zip(two.history, one.history):
+        assert a["reward"] == b["reward"] and a["response_tokens"] == b["response_tokens"]
+    _assert_close_weights(_weights(w2.config.ckpt_dir), _weights(w1.config.ckpt_dir))
+
+
+@pytest.mark.slow
+def test_async_two_rank_checkpoint_with_a_batch_in_flight_resumes_at_two_ranks(async_runs, tmp_path):
+    """The W=2 checkpoint of step 2 holds the batch sampled ahead for step 3 (fetched from the
+    object store); resumed at W=2 (the batch handed back to the ranks, the rollout worker given
+    the loaded weights), step 3 is the uninterrupted run's."""
+    w1, one, w2, two = async_runs
+    name = "step_00000002"
+    shutil.copytree(os.path.join(w2.config.ckpt_dir, name), tmp_path / "checkpoints" / name)
+    c = ckpt.load_latest(str(tmp_path / "checkpoints"))
+    assert [(b["step"], b["version"]) for b in c.in_flight["batches"]] == [(2, 1)]
+    resumed = train_on_ray(_run(tmp_path, "--trainer.steps", "3", *ASYNC, "--trainer.workers", "2", "--trainer.resume"))
+    assert resumed.resumed_from == 2
+    _assert_same(resumed.history, one.history[2:])
+    _assert_close_weights(_weights(str(tmp_path / "checkpoints")), _weights(w1.config.ckpt_dir))
+
+
 _KILL_CHILD = """
 import sys, time
 import ray
