@@ -54,6 +54,21 @@ class NamedActors:
         when = "while starting" if self.step_index < 0 else f"during step {self.step_index + 1}"
         raise WorkerDiedError(f"Ray worker {who} died {when}: {detail}. {where}.") from None
 
+    def _failed(self, err, *, ask: bool = False) -> NoReturn:
+        """Raise for the error ``err`` of a ``ray.get``: :class:`WorkerDiedError` when an actor
+        died (``ask``: also when any actor does not answer a ping), else the task's own error."""
+        from ray.exceptions import RayActorError
+
+        if isinstance(err, RayActorError):
+            self._died(err)
+        cause = getattr(err, "cause", None)
+        if isinstance(cause, RayActorError):
+            self._died(cause)
+        dead = self._dead_actor() if ask else None
+        if dead is not None:
+            self._died(err, who=dead)
+        raise err.as_instanceof_cause() from None
+
     def get_each(self, refs, *, timeout: float | None = None, what: str | None = None):
         """``ray.get`` that fails as soon as ANY of ``refs`` fails (an actor blocked in a
         collective with a dead peer never hides the peer's death), naming a dead actor
@@ -70,14 +85,6 @@ class NamedActors:
                 raise TimeoutError(f"{what} did not finish within {timeout:g} s")
             try:
                 ray.get(ready)
-            except RayActorError as err:
-                self._died(err)
-            except RayTaskError as err:
-                cause = getattr(err, "cause", None)
-                if isinstance(cause, RayActorError):
-                    self._died(cause)
-                dead = self._dead_actor()  # a collective failing because a peer died
-                if dead is not None:
-                    self._died(err, who=dead)
-                raise err.as_instanceof_cause() from None
+            except (RayActorError, RayTaskError) as err:
+                self._failed(err, ask=True)  # a collective may fail because a peer died
         return ray.get(refs)

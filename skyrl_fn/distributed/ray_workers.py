@@ -271,10 +271,5 @@ class RayWorkers(NamedActors):
             if what is None:
                 raise
             raise TimeoutError(f"{what} did not finish within {timeout:g} s (--gpu.sync-timeout-s)") from err
-        except RayActorError as err:
-            self._died(err)
-        except RayTaskError as err:
-            cause = getattr(err, "cause", None)
-            if isinstance(cause, RayActorError):
-                self._died(cause)
-            raise err.as_instanceof_cause() from None
+        except (RayActorError, RayTaskError) as err:
+            self._failed(err)

@@ -248,6 +248,21 @@ def test_resume_with_another_number_of_ranks(ray_session, tmp_path, algorithm):
         _assert_close_weights(_weights(run.config.ckpt_dir, role=role), _weights(tmp_path / "full" / "checkpoints", role=role))
 
 
+@pytest.mark.slow
+def test_two_ranks_with_two_rollout_workers_give_the_one_worker_metrics(ray_session, tmp_path):
+    """PPO (reference and critic sharded on the ranks) with two rollout workers, each sampling
+    half of the prompts with its own seed: the same responses, metrics and weights at W=2 as the
+    single policy actor with the same two workers."""
+    args = ("--trainer.steps", "2", "--ray.rollout-workers", "2", *ALGORITHMS["ppo_gae+kl_loss"])
+    w1, w2 = _run(tmp_path / "w1", *args), _run(tmp_path / "w2", *args, "--trainer.workers", "2")
+    one, two = train_on_ray(w1), train_on_ray(w2)
+    _assert_same(two.history, one.history)
+    for a, b in zip(two.history, one.history):
+        assert a["reward"] == b["reward"] and a["response_tokens"] == b["response_tokens"]
+    for role in ("policy", "critic"):
+        _assert_close_weights(_weights(w2.config.ckpt_dir, role=role), _weights(w1.config.ckpt_dir, role=role))
+
+
 #: Asynchronous training (K=1: step s + 1 sampled on the rollout worker while step s trains).
 ASYNC = ("--ray.rollout-workers", "1", "--trainer.max-staleness", "1", "--trainer.ckpt-interval", "1", "--trainer.keep-checkpoints", "5")
 
