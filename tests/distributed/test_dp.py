@@ -1,7 +1,9 @@
 """Data-parallel policy ranks on Ray (``--trainer.workers W``): the same run at W=1 and W=2
 samples the same responses and gives the same metrics (to float rounding: the W ranks sum the
 gradient in another order); each rank writes its own checkpoint shards, which load at any W (and
-a SIGKILLed save leaves the previous checkpoint); a dead rank is named.
+a SIGKILLed save leaves the previous checkpoint); a dead rank is named. With separate rollout
+workers (the ranks gather the full weights once per update for them) the same holds, also for
+asynchronous training.
 
 The W=1 reference runs in-process (the in-process == Ray equality is tested in
 test_ray_runner.py), so each test starts only the W rank actors.
@@ -374,6 +376,31 @@ def test_a_dead_rank_fails_the_run_fast_and_is_named(ray_session, tmp_path):
     with pytest.raises(WorkerDiedError, match=r"policy rank 1 of 2 \(PolicyRank, pid \d+\) died during step 1"):
         train(run, workers=_KillRank1)
     assert time.monotonic() - t0 < 90  # well before the collective's timeout
+
+
+class _Kept(DPWorkers):
+    """Keeps the instance, for the test to reach its actors."""
+
+    kept: list = []
+
+    def __init__(self, run):
+        super().__init__(run)
+        _Kept.kept[:] = [self]
+
+
+@pytest.mark.slow
+def test_a_dead_rollout_worker_of_two_ranks_is_named(ray_session, tmp_path):
+    """Asynchronous W=2: the rollout worker killed while it samples step 3 stops the run naming
+    it and the last checkpoint."""
+    import ray
+
+    def kill_rollout(m):
+        if m["step"] == 2:  # step 3's batch is in flight on the worker
+            ray.kill(_Kept.kept[0].rollout.workers[0])
+
+    run = _run(tmp_path, "--trainer.steps", "5", *ASYNC, "--trainer.workers", "2")
+    with pytest.raises(WorkerDiedError, match=r"rollout worker 0 \(RolloutWorker\) died during step 3.*step_00000002"):
+        train(run, on_step=kill_rollout, workers=_Kept)
 
 
 CLUSTER_SCRIPT = r'''
