@@ -90,6 +90,9 @@ class RankRollouts:
         step, generated = self.pending.pop(key)
         fresh = step is None or step != self.placed_step
         self.placed_step = step
+        if step is not None:  # batches of earlier steps no step will use (dropped as too stale): free them
+            for old in [k for k, (s, _) in self.pending.items() if s is not None and s < step]:
+                del self.pending[old]
         return [r.hold.remote(generated, fresh, key) for r in ranks]
 
     def push(self, ranks: Sequence[Any], step: int) -> list[Any]:
