@@ -23,6 +23,11 @@ same order, so the ranks make the same collectives:
    FSDP2 reduce-scatters the summed gradients, each rank steps AdamW on its own shard; then the
    critic likewise.
 
+With separate rollout workers (``--ray.rollout-workers N``, :mod:`skyrl_fn.distributed.dp_rollout`)
+steps 1-2 happen on them instead: the ranks receive the sampled batch whole, and after each
+update they gather the full state dict once (rank 0 holds it) for the rollout workers' weight
+push, as the single policy actor's weights are pushed; this also allows asynchronous training.
+
 So ``W`` changes where the work runs, not what is computed: the same run at W=1 and W=2 samples
 the same responses and its metrics agree to float rounding (docs/distributed.md).
 
@@ -41,7 +46,7 @@ from __future__ import annotations
 import functools
 import os
 import time
-from typing import Any, NoReturn, Sequence
+from typing import Any, Sequence
 
 import attrs
 import torch
@@ -49,8 +54,11 @@ import torch
 from skyrl_fn.distributed.actors import _Ping, _start, release
 from skyrl_fn.distributed.devices import to_device
 from skyrl_fn.distributed.dp_roles import RankRoles, local_bytes, optimizer_bytes, share_rows
+from skyrl_fn.distributed.dp_rollout import RankRollouts
 from skyrl_fn.distributed.layout import concat_rollouts, split_prompts
-from skyrl_fn.distributed.ray_workers import CPU_SHARES, WorkerDiedError
+from skyrl_fn.distributed.failures import NamedActors
+from skyrl_fn.distributed.ray_workers import CPU_SHARES
+from skyrl_fn.distributed.weights import PackedWeights, pack
 from skyrl_fn.trainer import checkpoint as ckpt
 from skyrl_fn.trainer import shards
 from skyrl_fn.trainer.run import ResolvedRun
@@ -60,7 +68,7 @@ from skyrl_fn.trainer.learner import TrainState, experience_and_update, loss_ker
 from skyrl_fn.models.model import load_model, load_tokenizer
 from skyrl_fn.rollout.base import HFBackend
 from skyrl_fn.trainer.sharding import (
-    Collectives, gathered, init_process_group, reshard, shard_model,
+    Collectives, full_state_dict, gathered, init_process_group, reshard, shard_model,
 )
 from skyrl_fn.tasks.base import reward_function_name
 from skyrl_fn.tasks.scoring import score_fields
@@ -144,6 +152,19 @@ class PolicyRank(_Ping):
         whole = concat_rollouts([p[0] for p in parts], pad_id=int(self.tokenizer.pad_token_id))
         self.held[key] = Generated(rollout=whole, scores=torch.cat([p[1] for p in parts]), seconds=max(p[2] for p in parts))
         return self.held[key].seconds
+
+    def hold(self, generated: Generated, fresh: bool, key: int) -> None:
+        """Hold a batch sampled by the rollout workers as ``key`` (``fresh``: a new step; what
+        the last one held is dropped)."""
+        if fresh:
+            self.held.clear()
+        self.held[key] = generated
+
+    def packed_weights(self) -> PackedWeights | None:
+        """The full weights, packed, on rank 0 (None on the others), for the rollout workers. A
+        collective: one gather of the state dict per call."""
+        weights = full_state_dict(self.train_state.model, rank0_only=True)
+        return pack(weights) if self.rank == 0 else None
 
     def transform_held(self, fn, keys: Sequence[int], key: int) -> dict[str, float]:
         """``fn([held batches], pad_id=...) -> (batch or None, metrics)`` (the batch transforms,
@@ -244,7 +265,7 @@ class PolicyRank(_Ping):
         return {"params": local_bytes(ts.model), "optim": optimizer_bytes(ts.optimizer), **self.roles.resident_bytes()}
 
 
-class DPWorkers:
+class DPWorkers(NamedActors):
     """``W = trainer.workers`` :class:`PolicyRank` actors in a placement group (one bundle per
     rank, ``strategy`` ``SPREAD``: over the nodes of a cluster when it can, ``STRICT_SPREAD``:
     one rank per node). The ranks also hold the run's reference model, teacher and critic,
@@ -266,6 +287,8 @@ class DPWorkers:
         share_cpu = CPU_SHARES["policy"]
         self.pg = placement_group([{"CPU": share_cpu}] * w, strategy=strategy)
         self.ranks: list[Any] = []
+        self.rollout: RankRollouts | None = None  # separate rollout workers (ray.rollout_workers >= 1)
+        self.holding: list[Any] = []  # the ranks' hold calls of this step's batches
         try:
             self._start(run, w, share_cpu)
         except BaseException:
@@ -286,9 +309,12 @@ class DPWorkers:
             self.ranks.append(handle)
         host, port = self.get(self.ranks[0].address.remote())
         pids = self.get([a.join.remote(host, port) for a in self.ranks])
-        for a, pid in zip(self.actors(), pids):
+        for a, pid in zip(self.ranks, pids):
             name = self.names[a._actor_id.hex()].rstrip(")")
             self.names[a._actor_id.hex()] = f"{name}, pid {pid})"
+        if run.config.ray.rollout_workers:
+            self.rollout = RankRollouts(run, self.names, self.get)
+            self.get([w.ping.remote() for w in self.rollout.workers])
 
     # -- the protocol ------------------------------------------------------------------------
     def _key(self) -> int:
@@ -301,27 +327,46 @@ class DPWorkers:
         return Held(key, tuple(getattr(a, method).remote(*args, key) for a in self.ranks))  # rank 0's first
 
     def generate(self, examples: Sequence[Any], *, step: int, seed: int) -> Held:
-        fresh, self.step_index, self.sampled_step = step != self.sampled_step, step, step
+        # Asynchronous training samples step + K while step trains: errors name the step training.
+        self.step_index = max(0, step - self.run.config.trainer.max_staleness)
+        if self.rollout is not None:  # on the rollout workers; the ranks get the batch at its first use
+            key = self._key()
+            return Held(key, (self.rollout.generate(list(examples), step=step, seed=seed, key=key),))
+        fresh, self.sampled_step = step != self.sampled_step, step
         return self._each("generate_share", list(examples), seed, fresh)
 
+    def _place(self, *generated: Held) -> None:
+        """Hand batches still waiting on the rollout side to every rank (in call order)."""
+        if self.rollout is not None:
+            for g in generated:
+                self.holding += self.rollout.place(self.ranks, g.key)
+
     def transform(self, fn, *generated: Held) -> tuple[Held, dict[str, float]]:
+        self._place(*generated)
         held = self._each("transform_held", fn, [g.key for g in generated])
         metrics = self.get(list(held.refs))[0]  # the same on every rank
         return Held(held.key, held.refs + sum((g.refs for g in generated), ())), metrics
 
     def reference_log_probs(self, generated: Held) -> Held:
+        self._place(generated)
         return self._each("score_held", "reference", generated.key)
 
     def teacher_log_probs(self, generated: Held) -> Held:
+        self._place(generated)
         return self._each("score_held", "teacher", generated.key)
 
     def values(self, generated: Held) -> Held:
+        self._place(generated)
         return self._each("score_held", "critic", generated.key)
 
     def update_policy(self, generated: Held, ref_log_probs: Held | None, values: Held | None, kl_coef: float) -> Held:
+        self._place(generated)
         keys = [None if h is None else h.key for h in (ref_log_probs, values)]
-        before = sum((h.refs for h in (generated, ref_log_probs, values) if h is not None), ())
+        before = sum((h.refs for h in (generated, ref_log_probs, values) if h is not None), tuple(self.holding))
+        self.holding = []
         refs = tuple(a.update_share.remote(generated.key, *keys, kl_coef) for a in self.ranks)
+        if self.rollout is not None:  # the new weights, gathered once, queued to every rollout worker
+            before += tuple(self.rollout.push(self.ranks, self.step_index))
         return Held(-1, refs + before)  # rank 0's (metrics, seconds) first
 
     def update_critic(self, updated: Held) -> Held:
@@ -337,13 +382,16 @@ class DPWorkers:
             metrics.update(got[1])
         return metrics, float(seconds)
 
-    def fetch_generated(self, generated: Held) -> NoReturn:
-        raise NotImplementedError(
-            "DPWorkers.fetch_generated: asynchronous training (trainer.max_staleness) needs rollout workers, "
-            "which --trainer.workers > 1 does not have"
-        )
+    def fetch_generated(self, generated: Held) -> Generated:
+        if self.rollout is None:  # _check_async refuses asynchronous training without rollout workers
+            raise RuntimeError("DPWorkers.fetch_generated: the hybrid layout keeps its batches in the ranks")
+        return self.rollout.fetch(generated.key)
 
-    put_generated = fetch_generated
+    def put_generated(self, batch: Generated) -> Held:
+        if self.rollout is None:
+            raise RuntimeError("DPWorkers.put_generated: the hybrid layout keeps its batches in the ranks")
+        key = self._key()
+        return Held(key, (self.rollout.put(batch, key),))
 
     def evaluate(self, examples: Sequence[Any]) -> dict[str, float]:
         return self.get([a.evaluate.remote(list(examples)) for a in self.ranks])[0]
@@ -351,6 +399,8 @@ class DPWorkers:
     def state(self) -> WorkersState:
         """The policy and the critic as :class:`ShardWriter` s (each rank writes its own shards of
         each when the checkpoint is saved), every rank's RNG states (``{"ranks": [...]}``)."""
+        if self.rollout is not None:
+            self.rollout.flush()
         got = self.get([a.small_state.remote() for a in self.ranks])
         scheds = got[0][0]  # the same on every rank
         roles = {role: ShardWriter(write=functools.partial(self._write_shards, role), sched=sched) for role, sched in scheds.items()}
@@ -373,6 +423,8 @@ class DPWorkers:
         for role in trained_roles(self.run):
             state = ray.put(saved.roles[role])
             refs += [a.set_state.remote(state, rng if role == "policy" else None, role) for a in self.ranks]
+        if self.rollout is not None:  # what the ranks loaded (whole or from shards): they run their calls in order
+            refs += self.rollout.push(self.ranks, self.step_index)
         self.get(refs)
 
     def resident_bytes(self) -> list[dict[str, int]]:
@@ -385,52 +437,7 @@ class DPWorkers:
 
     # -- failures --------------------------------------------------------------------------
     def actors(self) -> list[Any]:
-        return list(self.ranks)
+        return list(self.ranks) + (list(self.rollout.workers) if self.rollout is not None else [])
 
     def get(self, refs, *, timeout: float | None = None, what: str | None = None):
-        """``ray.get`` that fails as soon as ANY of ``refs`` fails (a rank blocked in a
-        collective with a dead peer never hides the peer's death), naming a dead actor
-        (:class:`WorkerDiedError`); with ``timeout`` a :class:`TimeoutError` naming ``what``."""
-        import ray
-        from ray.exceptions import RayActorError, RayTaskError
-
-        many = isinstance(refs, list)
-        pending = list(refs) if many else [refs]
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while pending:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready, pending = ray.wait(pending, num_returns=1, timeout=left)
-            if not ready:
-                raise TimeoutError(f"{what} did not finish within {timeout:g} s")
-            try:
-                ray.get(ready)
-            except RayActorError as err:
-                self._died(err)
-            except RayTaskError as err:
-                cause = getattr(err, "cause", None)
-                if isinstance(cause, RayActorError):
-                    self._died(cause)
-                dead = self._dead_actor()  # a collective failing because a peer died
-                if dead is not None:
-                    self._died(err, who=dead)
-                raise err.as_instanceof_cause() from None
-        return ray.get(refs)
-
-    def _dead_actor(self) -> str | None:
-        import ray
-
-        for a in self.actors():
-            try:
-                ray.get(a.ping.remote(), timeout=10)
-            except Exception:
-                return self.names[a._actor_id.hex()]
-        return None
-
-    def _died(self, err, *, who: str | None = None) -> NoReturn:
-        actor_id = getattr(err, "actor_id", None)
-        who = who or self.names.get(actor_id) or self._dead_actor() or "a Ray worker"
-        last = ckpt.latest_checkpoint(self.run.config.ckpt_dir) if self.saved else None
-        where = f"the last checkpoint is {last} (intact; rerun with --trainer.resume to continue)" if last else "no checkpoint was written yet"
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        when = "while starting" if self.step_index < 0 else f"during step {self.step_index + 1}"
-        raise WorkerDiedError(f"Ray worker {who} died {when}: {detail}. {where}.") from None
+        return self.get_each(refs, timeout=timeout, what=what)

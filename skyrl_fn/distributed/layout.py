@@ -1,20 +1,24 @@
 """How one step's prompts and rollouts are laid out over the rollout actors.
 
 ``ray.rollout_workers`` picks the layout (see ``skyrl_fn.distributed.ray_workers``): 0 samples inside
-the policy trainer; N >= 1 splits the prompts over N workers and joins their batches here.
+the policy trainer; N >= 1 splits the prompts over N workers and joins their batches here
+(:func:`sample_on`, used alike by the single policy actor's and the data-parallel ranks' runs).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import attrs
+import torch
 
+from skyrl_fn.models.model import load_tokenizer
 from skyrl_fn.rollout.base import concat_rollouts  # re-exported: the join lives with the record
 from skyrl_fn.trainer.run import ResolvedRun
+from skyrl_fn.trainer.workers import Generated
 
-__all__ = ["concat_rollouts", "split_prompts", "with_rollout_workers"]
+__all__ = ["concat_rollouts", "split_prompts", "with_rollout_workers", "sample_on"]
 
 
 def with_rollout_workers(run: ResolvedRun, n: int | None) -> ResolvedRun:
@@ -37,3 +41,26 @@ def split_prompts(items: Sequence[Any], n: int) -> list[list[Any]]:
         out.append(list(items[i : i + size]))
         i += size
     return out
+
+
+def sample_on(rollout: Sequence[Any], examples: Sequence[Any], seed: int, *, run: ResolvedRun, get: Callable) -> tuple[Any, Any]:
+    """Sample ``examples`` on the rollout actors ``rollout`` (``RolloutWorker``): contiguous
+    chunks (:func:`split_prompts`), worker ``i`` with seed ``seed + i``, so one worker samples
+    exactly what a single trainer sampling itself would.
+
+    Returns ``(reference of the Generated batch, reference of its sampling seconds)``: one
+    worker's own results (the batch never passes through the driver), or, with several, the
+    parts joined here (``get`` waits for them; padded with ``run``'s pad token) and put
+    back into the object store.
+    """
+    import ray
+
+    chunks = split_prompts(examples, len(rollout))
+    outs = [w.generate_split.options(num_returns=2).remote(c, seed + i) for i, (w, c) in enumerate(zip(rollout, chunks))]
+    if len(outs) == 1:
+        return outs[0][0], outs[0][1]
+    parts = get([o[0] for o in outs])  # few workers: join the batches on the driver
+    tokenizer = load_tokenizer(run.config.model, alphabet=run.make_task().alphabet)
+    rollout_batch = concat_rollouts([p.rollout for p in parts], pad_id=int(tokenizer.pad_token_id))
+    joined = Generated(rollout=rollout_batch, scores=torch.cat([p.scores for p in parts]), seconds=max(p.seconds for p in parts))
+    return ray.put(joined), outs[0][1]

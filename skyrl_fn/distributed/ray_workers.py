@@ -23,11 +23,11 @@ Layouts (chosen by ``ray.rollout_workers`` and ``rollout.backend``):
 
 from __future__ import annotations
 
-from typing import Any, Mapping, NoReturn, Sequence
+from typing import Any, Mapping, Sequence
 
 import attrs
-import torch
 
+from skyrl_fn.distributed.failures import NamedActors, WorkerDiedError
 from skyrl_fn.distributed.placement import actor_options, create_placement_group
 from skyrl_fn.distributed.sync_check import SyncTracker
 from skyrl_fn.rollout.weight_sync import broadcast_ranks
@@ -41,10 +41,8 @@ from skyrl_fn.distributed.actors import (
     release,
 )
 from skyrl_fn.distributed.devices import gpu_plan
-from skyrl_fn.distributed.layout import concat_rollouts, split_prompts, with_rollout_workers
-from skyrl_fn.trainer import checkpoint as ckpt
+from skyrl_fn.distributed.layout import sample_on, with_rollout_workers
 from skyrl_fn.trainer.run import ResolvedRun
-from skyrl_fn.models.model import load_tokenizer
 from skyrl_fn.trainer.workers import Generated, WorkersState
 
 __all__ = ["CPU_SHARES", "WorkerDiedError", "RayWorkers"]
@@ -52,10 +50,6 @@ __all__ = ["CPU_SHARES", "WorkerDiedError", "RayWorkers"]
 #: Fractional CPUs each actor asks for. The step is sequential on-policy RL, so actors mostly
 #: take turns; the fractions only need to fit (1.5 CPUs in total with GAE and KL).
 CPU_SHARES: Mapping[str, float] = {"policy": 0.5, "rollout": 0.5, "reference": 0.25, "critic": 0.25, "teacher": 0.25}
-
-
-class WorkerDiedError(RuntimeError):
-    """A Ray actor died (killed, out of memory, crashed); the message names it."""
 
 
 @attrs.frozen(eq=False)
@@ -81,7 +75,7 @@ class _Updated:
     seconds: Any = None  # set when sampling ran in the same call
 
 
-class RayWorkers:
+class RayWorkers(NamedActors):
     """The actors of one run.
 
     Args:
@@ -157,16 +151,7 @@ class RayWorkers:
             generated, seconds = self.policy.generate_here.options(num_returns=2).remote(examples, seed, True)
             return _Sampled(generated, seconds)
         self.syncs.check(keep=self.lag)  # the last step's weights reached every worker, or stop here
-        chunks = split_prompts(examples, len(self.rollout))
-        outs = [w.generate_split.options(num_returns=2).remote(c, seed + i) for i, (w, c) in enumerate(zip(self.rollout, chunks))]
-        if len(outs) == 1:
-            return _Sampled(*outs[0])
-        import ray
-
-        parts = self.get([o[0] for o in outs])  # few workers: join the batches on the driver
-        rollout = concat_rollouts([p.rollout for p in parts], pad_id=self._pad_id())
-        joined = Generated(rollout=rollout, scores=torch.cat([p.scores for p in parts]), seconds=max(p.seconds for p in parts))
-        return _Sampled(ray.put(joined), outs[0][1])
+        return _Sampled(*sample_on(self.rollout, examples, seed, run=self.run, get=self.get))
 
     def transform(self, fn, *generated: _Sampled):
         # In the policy actor: the batches are there already in the hybrid layout, and go there next
@@ -259,10 +244,6 @@ class RayWorkers:
         """Wait for the last weight push (raises if it failed or a rollout worker died meanwhile)."""
         self.syncs.check()
 
-    def _pad_id(self) -> int:
-        cfg = self.run.config
-        return int(load_tokenizer(cfg.model, alphabet=self.run.make_task().alphabet).pad_token_id)
-
     def _init_broadcast(self) -> None:
         """Form the NCCL sync group: the policy is rank 0, engine ``e``'s TP workers follow
         (``skyrl_fn.rollout.weight_sync.broadcast_ranks``); both sides start together."""
@@ -290,31 +271,5 @@ class RayWorkers:
             if what is None:
                 raise
             raise TimeoutError(f"{what} did not finish within {timeout:g} s (--gpu.sync-timeout-s)") from err
-        except RayActorError as err:
-            self._died(err)
-        except RayTaskError as err:
-            cause = getattr(err, "cause", None)
-            if isinstance(cause, RayActorError):
-                self._died(cause)
-            raise err.as_instanceof_cause() from None
-
-    def _which_died(self, err) -> str:
-        import ray
-
-        actor_id = getattr(err, "actor_id", None)
-        if actor_id and actor_id in self.names:
-            return self.names[actor_id]
-        for handle in self.actors():  # fall back: ask each actor
-            try:
-                ray.get(handle.ping.remote(), timeout=10)
-            except Exception:
-                return self.names[handle._actor_id.hex()]
-        return "a Ray worker"
-
-    def _died(self, err) -> NoReturn:
-        who = self._which_died(err)
-        last = ckpt.latest_checkpoint(self.run.config.ckpt_dir) if self.saved else None
-        where = f"the last checkpoint is {last} (intact; rerun with --trainer.resume to continue)" if last else "no checkpoint was written yet"
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        when = "while starting" if self.step_index < 0 else f"during step {self.step_index + 1}"
-        raise WorkerDiedError(f"Ray worker {who} died {when}: {detail}. {where}.") from None
+        except (RayActorError, RayTaskError) as err:
+            self._failed(err)

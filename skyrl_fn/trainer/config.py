@@ -242,7 +242,7 @@ class RayConfig:
     num_cpus: float | None = None
     """CPUs for a local Ray (None: Ray's default)."""
     rollout_workers: int = 0
-    """Separate rollout actors (prompts split, weights pushed after each update); 0: the policy trainer samples itself (hybrid, nothing moves). vLLM: one per engine."""
+    """Separate rollout actors (prompts split, weights pushed after each update; with trainer.workers W > 1 the ranks gather them once per update); 0: the policy trainer (or each rank) samples itself (hybrid, nothing moves). vLLM: one per engine."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -287,8 +287,8 @@ def resolve(config: TrainConfig, table: AlgorithmTable) -> ResolvedRun:
 
 
 def _check_data_parallel(config: TrainConfig) -> None:
-    """``trainer.workers``: W >= 1; W > 1 needs Ray, the hf backend, the hybrid layout and a
-    whole prompt group per rank."""
+    """``trainer.workers``: W >= 1; W > 1 needs Ray, the hf backend and a whole prompt group
+    per rank (either layout: the ranks sample, or ``ray.rollout_workers`` separate workers do)."""
     tr = config.trainer
     if isinstance(tr.workers, bool) or not isinstance(tr.workers, int) or tr.workers < 1:
         raise ValueError(f"trainer.workers: expected an int >= 1, got {tr.workers!r}")
@@ -300,7 +300,6 @@ def _check_data_parallel(config: TrainConfig) -> None:
     for bad, what in (
         (not config.ray.use_ray, "ray.use_ray (the ranks are Ray actors; drop --ray.no-use-ray)"),
         (config.rollout.backend != "hf", f"rollout.backend 'hf' (got {config.rollout.backend!r}; each rank samples with its own model)"),
-        (config.ray.rollout_workers != 0, f"ray.rollout_workers 0 (got {config.ray.rollout_workers}; each rank samples its share itself)"),
     ):
         if bad:
             raise ValueError(f"trainer.workers: {tr.workers} data-parallel ranks need {what}")

@@ -1,7 +1,9 @@
 """Data-parallel policy ranks on Ray (``--trainer.workers W``): the same run at W=1 and W=2
 samples the same responses and gives the same metrics (to float rounding: the W ranks sum the
 gradient in another order); each rank writes its own checkpoint shards, which load at any W (and
-a SIGKILLed save leaves the previous checkpoint); a dead rank is named.
+a SIGKILLed save leaves the previous checkpoint); a dead rank is named. With separate rollout
+workers (the ranks gather the full weights once per update for them) the same holds, also for
+asynchronous training.
 
 The W=1 reference runs in-process (the in-process == Ray equality is tested in
 test_ray_runner.py), so each test starts only the W rank actors.
@@ -12,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import json
 import subprocess
 import sys
 import time
@@ -24,6 +27,7 @@ from skyrl_fn.cli import parse_config, resolve_names
 from skyrl_fn.distributed.dp import DPWorkers
 from skyrl_fn.cli.plugins import ship_by_value
 from skyrl_fn.distributed.ray_runner import WorkerDiedError, train_on_ray
+from skyrl_fn.distributed.weights import unpack
 from skyrl_fn.trainer import checkpoint as ckpt
 from skyrl_fn.trainer import shards
 from skyrl_fn.trainer.loop import train
@@ -87,21 +91,35 @@ def _assert_close_weights(got, want):
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5)
 
 
+def _model_weights(worker):
+    """A rollout worker's weights (run inside the actor by ``__ray_call__``)."""
+    return {k: v.detach().clone() for k, v in worker.model.state_dict().items()}
+
+
 class _Recording(DPWorkers):
-    """Records each rank's resident bytes per role (its shards) before the ranks stop."""
+    """Records each rank's resident bytes per role (its shards) before the ranks stop; with
+    rollout workers also the ranks' gathered weights and each rollout worker's."""
 
     resident: list = []
+    synced: list = []
 
     def close(self):
         if self.ranks:
             _Recording.resident[:] = self.resident_bytes()
+            if self.rollout is not None:
+                self.rollout.flush()  # the last update's push reached every worker
+                packed = self.get([a.packed_weights.remote() for a in self.ranks])
+                assert packed[1:] == [None] * (len(self.ranks) - 1)
+                workers = self.get([w.__ray_call__.remote(_model_weights) for w in self.rollout.workers])
+                _Recording.synced[:] = [unpack(packed[0]), *workers]
         super().close()
 
 
-def _two_and_one(tmp_path, *args):
-    """The same run at W=2 (2 steps, on Ray; each rank's resident bytes recorded) and W=1 (3 steps,
-    in-process), each with a checkpoint a step."""
-    w2 = _run(tmp_path / "w2", "--trainer.steps", "2", "--trainer.ckpt-interval", "1", *args, "--trainer.workers", "2")
+def _two_and_one(tmp_path, *args, layout=()):
+    """The same run at W=2 (2 steps, on Ray, with the rollout ``layout`` flags; each rank's
+    resident bytes recorded) and W=1 (3 steps, in-process), each with a checkpoint a step. In-process the
+    policy samples itself, which samples what one rollout worker does (test_ray_runner.py)."""
+    w2 = _run(tmp_path / "w2", "--trainer.steps", "2", "--trainer.ckpt-interval", "1", *args, *layout, "--trainer.workers", "2")
     w1 = _run(tmp_path / "w1", "--trainer.steps", "3", "--trainer.ckpt-interval", "1", *args, "--ray.no-use-ray")
     dp = train(w2, workers=_Recording)
     return w2, dp, list(_Recording.resident), w1, train(w1)
@@ -132,6 +150,18 @@ def ppo_runs(ray_session, tmp_path_factory):
 
 def test_two_ranks_give_the_one_worker_metrics(ppo_runs):
     _check_same_run(*ppo_runs)
+
+
+def test_two_ranks_with_a_rollout_worker_give_the_one_worker_metrics(ray_session, tmp_path):
+    """W=2 ranks with one separate rollout worker: the ranks gather the full state dict once per
+    update and the worker loads it (its weights equal the ranks' after the last step); it samples
+    the W=1 responses and the metrics and weights are W=1's."""
+    _check_same_run(*_two_and_one(tmp_path, layout=("--ray.rollout-workers", "1")))
+    gathered, worker = _Recording.synced
+    assert set(worker) == set(gathered)
+    for k in gathered:
+        assert torch.equal(worker[k], gathered[k]), k
+    _assert_close_weights(gathered, _weights(tmp_path / "w1" / "checkpoints", step=2))
 
 
 @pytest.mark.slow
@@ -251,6 +281,64 @@ def test_resume_with_another_number_of_ranks(ray_session, tmp_path, algorithm):
         _assert_close_weights(_weights(run.config.ckpt_dir, role=role), _weights(tmp_path / "full" / "checkpoints", role=role))
 
 
+@pytest.mark.slow
+def test_two_ranks_with_two_rollout_workers_give_the_one_worker_metrics(ray_session, tmp_path):
+    """PPO (reference and critic sharded on the ranks) with two rollout workers, each sampling
+    half of the prompts with its own seed: the same responses, metrics and weights at W=2 as the
+    single policy actor with the same two workers."""
+    args = ("--trainer.steps", "2", "--ray.rollout-workers", "2", *ALGORITHMS["ppo_gae+kl_loss"])
+    w1, w2 = _run(tmp_path / "w1", *args), _run(tmp_path / "w2", *args, "--trainer.workers", "2")
+    one, two = train_on_ray(w1), train_on_ray(w2)
+    _assert_same(two.history, one.history)
+    for a, b in zip(two.history, one.history):
+        assert a["reward"] == b["reward"] and a["response_tokens"] == b["response_tokens"]
+    for role in ("policy", "critic"):
+        _assert_close_weights(_weights(w2.config.ckpt_dir, role=role), _weights(w1.config.ckpt_dir, role=role))
+
+
+#: Asynchronous training (K=1: step s + 1 sampled on the rollout worker while step s trains).
+ASYNC = ("--ray.rollout-workers", "1", "--trainer.max-staleness", "1", "--trainer.ckpt-interval", "1", "--trainer.keep-checkpoints", "5")
+
+
+@pytest.fixture(scope="module")
+def async_runs(ray_session, tmp_path_factory):
+    """The same asynchronous run (3 steps, K=1, one rollout worker, a checkpoint a step) on Ray at
+    W=1 (the single policy actor) and at W=2."""
+    tmp = tmp_path_factory.mktemp("async")
+    w1 = _run(tmp / "w1", "--trainer.steps", "3", *ASYNC)
+    w2 = _run(tmp / "w2", "--trainer.steps", "3", *ASYNC, "--trainer.workers", "2")
+    return w1, train_on_ray(w1), w2, train_on_ray(w2)
+
+
+@pytest.mark.slow
+def test_async_two_ranks_with_a_rollout_worker_give_the_one_worker_metrics(async_runs):
+    """K=1 at W=2: every update after the first trains on a batch one version old, sampled with
+    the weights the ranks gathered and pushed, and the run is the W=1 run (responses, metrics,
+    weights)."""
+    w1, one, w2, two = async_runs
+    assert [h["version_gap"] for h in two.history] == [0.0, 1.0, 1.0]
+    _assert_same(two.history, one.history)
+    for a, b in zip(two.history, one.history):
+        assert a["reward"] == b["reward"] and a["response_tokens"] == b["response_tokens"]
+    _assert_close_weights(_weights(w2.config.ckpt_dir), _weights(w1.config.ckpt_dir))
+
+
+@pytest.mark.slow
+def test_async_two_rank_checkpoint_with_a_batch_in_flight_resumes_at_two_ranks(async_runs, tmp_path):
+    """The W=2 checkpoint of step 2 holds the batch sampled ahead for step 3 (fetched from the
+    object store); resumed at W=2 (the batch handed back to the ranks, the rollout worker given
+    the loaded weights), step 3 is the uninterrupted run's."""
+    w1, one, w2, two = async_runs
+    name = "step_00000002"
+    shutil.copytree(os.path.join(w2.config.ckpt_dir, name), tmp_path / "checkpoints" / name)
+    c = ckpt.load_latest(str(tmp_path / "checkpoints"))
+    assert [(b["step"], b["version"]) for b in c.in_flight["batches"]] == [(2, 1)]
+    resumed = train_on_ray(_run(tmp_path, "--trainer.steps", "3", *ASYNC, "--trainer.workers", "2", "--trainer.resume"))
+    assert resumed.resumed_from == 2
+    _assert_same(resumed.history, one.history[2:])
+    _assert_close_weights(_weights(str(tmp_path / "checkpoints")), _weights(w1.config.ckpt_dir))
+
+
 _KILL_CHILD = """
 import sys, time
 import ray
@@ -312,13 +400,36 @@ class _KillRank1(DPWorkers):
 
 @pytest.mark.slow
 def test_a_dead_rank_fails_the_run_fast_and_is_named(ray_session, tmp_path):
-    import time
-
     run = _run(tmp_path, "--trainer.steps", "2", "--trainer.workers", "2", "--trainer.dist-timeout-s", "120")
     t0 = time.monotonic()
     with pytest.raises(WorkerDiedError, match=r"policy rank 1 of 2 \(PolicyRank, pid \d+\) died during step 1"):
         train(run, workers=_KillRank1)
     assert time.monotonic() - t0 < 90  # well before the collective's timeout
+
+
+class _Kept(DPWorkers):
+    """Keeps the instance, for the test to reach its actors."""
+
+    kept: list = []
+
+    def __init__(self, run):
+        super().__init__(run)
+        _Kept.kept[:] = [self]
+
+
+@pytest.mark.slow
+def test_a_dead_rollout_worker_of_two_ranks_is_named(ray_session, tmp_path):
+    """Asynchronous W=2: the rollout worker killed while it samples step 3 stops the run naming
+    it and the last checkpoint."""
+    import ray
+
+    def kill_rollout(m):
+        if m["step"] == 2:  # step 3's batch is in flight on the worker
+            ray.kill(_Kept.kept[0].rollout.workers[0])
+
+    run = _run(tmp_path, "--trainer.steps", "5", *ASYNC, "--trainer.workers", "2")
+    with pytest.raises(WorkerDiedError, match=r"rollout worker 0 \(RolloutWorker\) died during step 3.*step_00000002"):
+        train(run, on_step=kill_rollout, workers=_Kept)
 
 
 CLUSTER_SCRIPT = r'''
@@ -355,9 +466,6 @@ cluster.shutdown()
 def test_two_nodes_one_rank_each_match_one_worker(tmp_path):
     """A 2-node local cluster (``ray.cluster_utils.Cluster``, its own Ray in a subprocess), one
     rank per node (STRICT_SPREAD placement group), 3 steps: the single-worker metrics."""
-    import json
-    import subprocess
-
     argv = [*TINY, "--trainer.steps", "3", "--trainer.workers", "2", "--logging.run-dir", str(tmp_path / "cluster")]
     out = tmp_path / "out.json"
     script = tmp_path / "cluster.py"

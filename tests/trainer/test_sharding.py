@@ -78,7 +78,9 @@ def test_a_prompt_samples_the_same_responses_in_any_share_of_the_batch():
         (("--trainer.workers", "0"), r"trainer.workers: expected an int >= 1, got 0"),
         (("--trainer.workers", "3"), r"trainer.workers: expected <= trainer.prompts_per_step = 2"),
         (("--trainer.workers", "2", "--ray.no-use-ray"), r"trainer.workers: 2 data-parallel ranks need ray.use_ray"),
-        (("--trainer.workers", "2", "--ray.rollout-workers", "1"), r"need ray.rollout_workers 0"),
+        (("--trainer.workers", "2", "--rollout.backend", "vllm"), r"trainer.workers: 2 data-parallel ranks need rollout.backend 'hf'"),
+        # asynchronous training at W > 1 needs separate rollout workers, as at W = 1
+        (("--trainer.workers", "2", "--trainer.max-staleness", "1"), r"trainer.max_staleness: expected 0 with the hybrid layout"),
         (("--trainer.dist-timeout-s", "0"), r"trainer.dist_timeout_s: expected > 0"),
     ],
 )
@@ -96,10 +98,13 @@ def test_bad_workers_settings_fail_before_any_model_loads(extra, message):
         ("--algorithm.batch-transforms", "overlong_filter", "dynamic_sampling"),
         ("--teacher.model", "tiny"),
         ("--algorithm.advantage-estimator", "gae", "--algorithm.use-kl-loss"),
+        ("--ray.rollout-workers", "2"),
+        ("--ray.rollout-workers", "1", "--trainer.max-staleness", "1"),
     ],
 )
 def test_data_parallel_runs_what_one_worker_runs(extra):
-    """prompt_mean, batch transforms, a teacher, a critic and a reference resolve at W=2 (their
+    """prompt_mean, batch transforms, a teacher, a critic, a reference, separate rollout workers
+    and asynchronous training resolve at W=2 (their
     W-invariance is tests/distributed/test_dp.py's)."""
     run = resolve_names(parse_config(["--trainer.prompts-per-step", "2", "--trainer.workers", "2", *extra], DEFAULT_TABLE), DEFAULT_TABLE)
     assert run.config.trainer.workers == 2
