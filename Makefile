@@ -9,8 +9,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.skyrl_fn-installed
 PYTEST_ARGS ?=
 # pytest-xdist processes: the tests run on one torch thread each, so two keep both cores busy
-# while one waits on Ray or a subprocess (PYTEST_WORKERS=0 runs in one process).
+# while one waits on Ray or a subprocess (PYTEST_WORKERS=0 runs in one process). --dist loadgroup:
+# a module marked xdist_group runs in one process, so its module-scoped Ray run is started once.
 PYTEST_WORKERS ?= 2
+PYTEST_DIST := $(if $(filter 0,$(PYTEST_WORKERS)),,--dist loadgroup)
 
 .PHONY: setup setup-real train test test-all bench clean
 
@@ -38,11 +40,11 @@ train: setup
 test: setup
 	$(BIN)/lint-imports
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir $(VENV)/site
-	$(BIN)/python -m pytest -m "not slow" -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow" -n $(PYTEST_WORKERS) $(PYTEST_DIST) $(PYTEST_ARGS)
 
 test-all: setup
 	$(BIN)/lint-imports
-	HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-deep} $(BIN)/python -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
+	HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-deep} $(BIN)/python -m pytest -n $(PYTEST_WORKERS) $(PYTEST_DIST) $(PYTEST_ARGS)
 
 bench: setup
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
