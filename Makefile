@@ -9,10 +9,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.skyrl_fn-installed
 PYTEST_ARGS ?=
 # pytest-xdist processes: the tests run on one torch thread each, so two keep both cores busy
-# while one waits on Ray or a subprocess (PYTEST_WORKERS=0 runs in one process). --dist loadgroup:
-# a module marked xdist_group runs in one process, so its module-scoped Ray run is started once.
+# while one waits on Ray or a subprocess (PYTEST_WORKERS=0 runs in one process). --dist loadscope:
+# each module runs in one process, so a module-scoped fixture (a shared Ray run, a model) is built
+# once, not once per process. (xdist_group/loadgroup does not group under pytest 9: xdist 3.8
+# renames item._nodeid, which pytest 9 no longer reads.)
 PYTEST_WORKERS ?= 2
-PYTEST_DIST := $(if $(filter 0,$(PYTEST_WORKERS)),,--dist loadgroup)
+PYTEST_DIST := $(if $(filter 0,$(PYTEST_WORKERS)),,--dist loadscope)
 
 .PHONY: setup setup-real train test test-all bench clean
 

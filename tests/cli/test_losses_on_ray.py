@@ -20,9 +20,9 @@ from skyrl_fn.cli import main, parse_config, resolve_names
 from skyrl_fn.cli.plugins import ship_by_value
 from tests.cli.test_batch_transforms_on_ray import CASES, TINY, check_transform_counts
 
-# One xdist process runs the module, so the module's one run serves every test (make test runs
-# pytest with --dist loadgroup).
-pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("dro_run")]
+# make test runs pytest-xdist with --dist loadscope: one process runs the module, so the module's
+# one run serves every test.
+pytestmark = pytest.mark.ray
 
 ship_by_value(sys.modules[__name__])
 
