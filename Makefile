@@ -9,8 +9,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.skyrl_fn-installed
 PYTEST_ARGS ?=
 # pytest-xdist processes: the tests run on one torch thread each, so two keep both cores busy
-# while one waits on Ray or a subprocess (PYTEST_WORKERS=0 runs in one process).
+# while one waits on Ray or a subprocess (PYTEST_WORKERS=0 runs in one process). --dist loadscope:
+# each module runs in one process, so a module-scoped fixture (a shared Ray run, a model) is built
+# once, not once per process. (xdist_group/loadgroup does not group under pytest 9: xdist 3.8
+# renames item._nodeid, which pytest 9 no longer reads.)
 PYTEST_WORKERS ?= 2
+PYTEST_DIST := $(if $(filter 0,$(PYTEST_WORKERS)),,--dist loadscope)
 
 .PHONY: setup setup-real train test test-all bench clean
 
@@ -38,11 +42,11 @@ train: setup
 test: setup
 	$(BIN)/lint-imports
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir $(VENV)/site
-	$(BIN)/python -m pytest -m "not slow" -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow" -n $(PYTEST_WORKERS) $(PYTEST_DIST) $(PYTEST_ARGS)
 
 test-all: setup
 	$(BIN)/lint-imports
-	HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-deep} $(BIN)/python -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
+	HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-deep} $(BIN)/python -m pytest -n $(PYTEST_WORKERS) $(PYTEST_DIST) $(PYTEST_ARGS)
 
 bench: setup
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done

@@ -14,6 +14,7 @@ import re
 
 import pytest
 import torch
+from hypothesis import settings
 
 from skyrl_fn.compat import AdvantageEstimatorRegistry, PolicyLossRegistry
 
@@ -54,12 +55,22 @@ def run_page(page: pathlib.Path) -> dict:
     return namespace
 
 
+# The kit calls on the pages (check_estimator, check_policy_loss, ...) search with the loaded
+# hypothesis profile. Here they run 10 fixed examples per property: this test checks that each block
+# runs and that its asserts hold; the kit's search itself is tested in tests/testing/ under the
+# loaded profile (make test: 30 examples, make test-all: 150).
+settings.register_profile("docs", max_examples=10, derandomize=True, deadline=None)
+
+
 @pytest.fixture
 def clean_registries(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     AdvantageEstimatorRegistry.reset()
     PolicyLossRegistry.reset()
+    profile = settings.get_current_profile_name()
+    settings.load_profile("docs")
     yield
+    settings.load_profile(profile)
     AdvantageEstimatorRegistry.reset()
     PolicyLossRegistry.reset()
 

@@ -42,23 +42,12 @@ def _rows(run_dir) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-SLOW = pytest.mark.slow  # ~3 s each on idle cores; one case stays in the fast suite
-
-
-@pytest.mark.parametrize(
-    "case",
-    [
-        "dynamic_sampling+overlong_filter",
-        pytest.param("overlong_penalty+zero_variance_filter", marks=SLOW),
-        pytest.param("dynamic_sampling_replace+kl", marks=SLOW),
-    ],
-)
-def test_each_loop_level_transform_trains_on_ray_and_logs_its_counts(ray_session, tmp_path, case):
-    run_dir = tmp_path / "ray"
-    summary = main([*TINY, *CASES[case], "--logging.run-dir", str(run_dir)])
-    assert summary.steps == 3 and len(summary.history) == 3
+def check_transform_counts(summary, run_dir, steps: int, case: str) -> None:
+    """The loop-level transforms of ``case`` logged their kept/dropped counts at every one of
+    ``steps`` steps of a Ray run, and summary.json sums them."""
+    assert summary.steps == steps and len(summary.history) == steps
     rows = [r for r in _rows(run_dir) if "batch_sampled_batches" in r]
-    assert len(rows) == 3
+    assert len(rows) == steps
     for r in rows:
         assert r["batch_sampled_groups"] == 2 * r["batch_sampled_batches"]
         assert r["batch_kept_groups"] + r["batch_dropped_groups"] + r["batch_surplus_groups"] >= r["batch_kept_groups"]
@@ -69,6 +58,19 @@ def test_each_loop_level_transform_trains_on_ray_and_logs_its_counts(ray_session
     assert saved["batch_transforms"]["dropped_groups"] == sum(r["batch_dropped_groups"] for r in rows)
     if case.startswith("overlong_penalty"):
         assert any(r["batch_shaped"] > 0 for r in rows)
+
+
+# Each Ray run starts actor processes that import torch and transformers (~5 s of CPU each): make
+# test runs the dynamic_sampling+overlong_filter case inside the Ray run of
+# tests/cli/test_losses_on_ray.py (same layout and task), make test-all every case here.
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "case", ["dynamic_sampling+overlong_filter", "overlong_penalty+zero_variance_filter", "dynamic_sampling_replace+kl"]
+)
+def test_each_loop_level_transform_trains_on_ray_and_logs_its_counts(ray_session, tmp_path, case):
+    run_dir = tmp_path / "ray"
+    summary = main([*TINY, *CASES[case], "--logging.run-dir", str(run_dir)])
+    check_transform_counts(summary, run_dir, 3, case)
     if case == "dynamic_sampling_replace+kl":
         local = main([*TINY, *CASES[case], "--logging.run-dir", str(tmp_path / "local"), "--ray.no-use-ray"])
         strip = lambda hs: [{k: v for k, v in h.items() if k not in _TIMING} for h in hs]  # noqa: E731

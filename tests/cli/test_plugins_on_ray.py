@@ -153,7 +153,7 @@ def _route(route, tmp_path, marker, name, style, monkeypatch):
     raise AssertionError(route)
 
 
-def _compat_clean(name):
+def compat_clean(name):
     from skyrl_fn import compat
 
     for registry, suffix in ((compat.AdvantageEstimatorRegistry, "_skyrl"), (compat.PolicyLossRegistry, "_loss")):
@@ -179,14 +179,12 @@ ROUTES = [
 
 
 def _cases():
-    """Every (route, style) in both layouts; ``make test`` runs a SkyRL-style plugin file in the
-    hybrid layout (the fast suite's time budget; the rollout-worker layout is on Ray there in the
-    async test), ``make test-all`` the full product."""
-    fast = {("plugin-file", "skyrl", "hybrid")}
+    """Every (route, style) in both layouts, all in ``make test-all``. ``make test`` runs a
+    SkyRL-style plugin file in the hybrid layout in the same Ray run as the plugin task, reward
+    and backend (``tests/cli/test_run_plugins_on_ray.py``; the fast suite's CPU budget)."""
     for route, style in ROUTES:
         for layout in sorted(LAYOUTS):
-            marks = () if (route, style, layout) in fast else (pytest.mark.slow,)
-            yield pytest.param(route, style, layout, marks=marks, id=f"{route}-{style}-{layout}")
+            yield pytest.param(route, style, layout, marks=pytest.mark.slow, id=f"{route}-{style}-{layout}")
 
 
 @pytest.mark.parametrize(("route", "style", "layout"), list(_cases()))
@@ -201,7 +199,7 @@ def test_route_trains_on_ray(ray_session, tmp_path, monkeypatch, route, style, l
     try:
         summary = main(argv)
     finally:
-        _compat_clean(name)
+        compat_clean(name)
     assert summary.steps == 2 and len(summary.history) == 2
     assert all(row["response_tokens"] > 0 for row in summary.history)
     _check_ran_in_workers(marker, loss=bool(loss))

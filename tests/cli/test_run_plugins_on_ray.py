@@ -1,7 +1,10 @@
-"""A user's own task, reward and rollout backend, brought with ``--plugin`` and trained on Ray.
+"""A user's own task, reward and rollout backend, brought with ``--plugin`` and trained on Ray,
+with a SkyRL-style advantage estimator and policy loss registered by decorator in the same file.
 
 The plugin file deletes itself on import (as on another node of a cluster), so the pieces travel
 by value; each piece records its process id to prove it ran in a Ray worker, not in the driver.
+One run checks all five pieces: each Ray run starts actor processes that import torch and
+transformers (~5 s of CPU each), and the fast suite has a CPU budget (docs/contributing.md).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import textwrap
 import pytest
 
 from skyrl_fn.cli import main
+from tests.cli.test_plugins_on_ray import SELF_DELETE, SKYRL_DECORATED, compat_clean
 
 pytestmark = pytest.mark.ray
 
@@ -24,6 +28,7 @@ TINY = [
 PLUGIN = '''
 import os
 import attrs
+from skyrl_fn.compat.skyrl_train import register_advantage_estimator, register_policy_loss
 from skyrl_fn.models.model import DIGITS_ALPHABET
 from skyrl_fn.rollout.base import HFBackend
 from skyrl_fn.tasks.base import Example
@@ -70,23 +75,26 @@ def register(table):
     table = table.register("parity", parity_task, kind="task")
     table = table.register("first_char", first_char, kind="reward")
     return table.register("counting", counting_backend, kind="rollout_backend")
-
-os.remove(__file__)
 '''
 
 
 @pytest.mark.parametrize(
     "layout", [[], pytest.param(["--ray.rollout-workers", "1"], marks=pytest.mark.slow)], ids=["hybrid", "rollout-worker"]
 )
-def test_plugin_task_reward_and_backend_train_on_ray(ray_session, tmp_path, layout):
+def test_plugin_task_reward_backend_and_skyrl_algorithm_train_on_ray(ray_session, tmp_path, layout):
     marker = tmp_path / "calls.txt"
     plugin = tmp_path / "my_task.py"
-    plugin.write_text(textwrap.dedent(PLUGIN.format(marker=str(marker))))
-    summary = main([
-        "--plugin", str(plugin), *TINY, *layout, "--data.task", "parity", "--data.task-args.length", "4",
-        "--data.reward", "first_char", "--data.reward-args.bonus", "0.5", "--rollout.backend", "counting",
-        "--logging.run-dir", str(tmp_path / "run"),
-    ])
+    name = "run_plugins_" + ("hybrid" if not layout else "rollout_worker")
+    plugin.write_text(textwrap.dedent(PLUGIN.format(marker=str(marker)) + SKYRL_DECORATED.format(name=name) + SELF_DELETE))
+    try:
+        summary = main([
+            "--plugin", str(plugin), *TINY, *layout, "--data.task", "parity", "--data.task-args.length", "4",
+            "--data.reward", "first_char", "--data.reward-args.bonus", "0.5", "--rollout.backend", "counting",
+            "--algorithm.advantage-estimator", f"{name}_skyrl", "--algorithm.policy-loss", f"{name}_loss",
+            "--logging.run-dir", str(tmp_path / "run"),
+        ])
+    finally:
+        compat_clean(name)
     assert summary.steps == 2
     # every reward is first_char's: 0.5 + {0, 1}
     assert all(0.5 <= row["reward"] <= 1.5 for row in summary.history), summary.history
@@ -94,6 +102,10 @@ def test_plugin_task_reward_and_backend_train_on_ray(ray_session, tmp_path, layo
     assert {"task", "reward", "backend"} <= {what for what, _ in rows}
     worker_pids = {int(pid) for what, pid in rows if what in ("reward", "backend")}
     assert os.getpid() not in worker_pids, "the reward or backend ran in the driver, not in a Ray worker"
+    # the SkyRL-style estimator and policy loss registered by decorator in the plugin file
+    assert {"estimator", "loss"} <= {what for what, _ in rows}, "the SkyRL-style estimator or loss never ran"
+    skyrl_pids = {int(pid) for what, pid in rows if what in ("estimator", "loss")}
+    assert os.getpid() not in skyrl_pids, "the SkyRL-style estimator or loss ran in the driver, not in a Ray worker"
 
 
 def test_unknown_task_is_a_usage_error_before_ray_starts(tmp_path, capsys):
