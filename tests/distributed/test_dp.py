@@ -152,6 +152,9 @@ def test_two_ranks_give_the_one_worker_metrics(ppo_runs):
     _check_same_run(*ppo_runs)
 
 
+# Slow (~32 s on an idle machine: two ranks and a rollout worker start): the fast suite's W=2 run
+# is the hybrid PPO fixture above; the rollout-worker layout at W > 1 runs in make test-all.
+@pytest.mark.slow
 def test_two_ranks_with_a_rollout_worker_give_the_one_worker_metrics(ray_session, tmp_path):
     """W=2 ranks with one separate rollout worker: the ranks gather the full state dict once per
     update and the worker loads it (its weights equal the ranks' after the last step); it samples
