@@ -241,7 +241,10 @@ def skyrl_path(args, b: int, g: int, t: int) -> None:
     fields = make_batch(b, g, t)
     rewards, float_mask = fields["token_level_rewards"], fields["response_mask"].float()
     index = skyrl_index(b, g)
-    batch = AdvantageInput(token_level_rewards=rewards, response_mask=fields["response_mask"], group_ids=index)
+    # table/raw get their own copy of the rewards: the sums a record remembers are keyed by the
+    # rewards tensor (skyrl_fn.core._facts), and compat's record, made on every call with its own
+    # converted mask, would otherwise replace the prebuilt record's and make raw re-sum each call.
+    batch = AdvantageInput(token_level_rewards=rewards.clone(), response_mask=fields["response_mask"], group_ids=index)
     paths = args.path or ["compat", "table", "raw"]
     verl = load_verl() if args.vs_verl else None
     verl_fns = {} if verl is None else {
