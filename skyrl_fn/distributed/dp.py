@@ -71,8 +71,7 @@ from skyrl_fn.trainer.sharding import (
     Collectives, full_state_dict, gathered, init_process_group, reshard, shard_model,
 )
 from skyrl_fn.tasks.base import reward_function_name
-from skyrl_fn.tasks.scoring import score_fields
-from skyrl_fn.trainer.workers import Generated, RoleState, SavedShards, ShardWriter, WorkersState, load_role_state, trained_roles
+from skyrl_fn.trainer.workers import Generated, RoleState, SavedShards, ShardWriter, WorkersState, load_role_state, score_rollout, trained_roles
 
 __all__ = ["PolicyRank", "DPWorkers", "Held", "share_rows"]
 
@@ -145,9 +144,7 @@ class PolicyRank(_Ping):
         # nothing (one all-gather per FSDP module per step, not two); the update reshards.
         with gathered(model, keep=True):
             rollout = self.backend.generate([e.prompt for e in mine], seed=seed, first_prompt=first)
-        scores, extras = score_fields(self.task, rollout.responses, mine, rollout.group_ids.tolist(), fields=self.run.task_fields)
-        if extras:
-            rollout = attrs.evolve(rollout, extras=extras)
+        rollout, scores = score_rollout(self.task, rollout, mine, fields=self.run.task_fields)
         parts = self.dp.all_gather_object((rollout, scores, time.perf_counter() - t0))
         whole = concat_rollouts([p[0] for p in parts], pad_id=int(self.tokenizer.pad_token_id))
         self.held[key] = Generated(rollout=whole, scores=torch.cat([p[1] for p in parts]), seconds=max(p[2] for p in parts))

@@ -59,6 +59,7 @@ __all__ = [
     "Workers",
     "LocalWorkers",
     "generate_and_score",
+    "score_rollout",
     "state_from_checkpoint",
     "trained_roles",
     "load_role_state",
@@ -138,11 +139,17 @@ def generate_and_score(backend, task: Task, examples: Sequence[Any], seed: int, 
     ``task``, whose reward also returns the per-sample ``fields`` (``ResolvedRun.task_fields``;
     they go into ``RolloutBatch.extras``)."""
     t0 = time.perf_counter()
-    rollout = backend.generate([e.prompt for e in examples], seed=seed)
+    rollout, scores = score_rollout(task, backend.generate([e.prompt for e in examples], seed=seed), examples, fields=fields)
+    return Generated(rollout=rollout, scores=scores, seconds=time.perf_counter() - t0)
+
+
+def score_rollout(task: Task, rollout: RolloutBatch, examples: Sequence[Any], *, fields: Sequence[str] = ()) -> tuple[RolloutBatch, torch.Tensor]:
+    """``(rollout with the reward's per-sample fields added to its extras, scores [B])``: the
+    sampled responses of ``examples`` scored with ``task`` (``skyrl_fn.tasks.scoring.score_fields``)."""
     scores, extras = score_fields(task, rollout.responses, examples, rollout.group_ids.tolist(), fields=fields)
     if extras:
         rollout = attrs.evolve(rollout, extras={**rollout.extras, **extras})
-    return Generated(rollout=rollout, scores=scores, seconds=time.perf_counter() - t0)
+    return rollout, scores
 
 
 def _role_state(state: TrainState) -> RoleState:
