@@ -78,14 +78,12 @@ from skyrl_fn.compat._policy_losses import (
     rollout_is_policy_loss,
     sapo_policy_loss,
 )
+from skyrl_fn.compat._api import compute_advantages_and_returns, register_advantage_estimator, register_policy_loss
 from skyrl_fn.compat._registry import (
     AdvantageEstimatorRegistry,
     BaseFunctionRegistry,
     PolicyLossRegistry,
-    compute_advantages_and_returns,
     freeze,
-    register_advantage_estimator,
-    register_policy_loss,
     repopulate_all_registries,
     sync_registries,
 )

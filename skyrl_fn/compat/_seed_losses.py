@@ -10,7 +10,7 @@ seed's ``use_tis`` / ``tis_imp_ratio_cap`` (token TIS against ``rollout_logprobs
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 

@@ -9,6 +9,6 @@ SkyRL 0.3.0 the name ``AdvantageEstimator`` is the ``StrEnum`` of built-in names
 from __future__ import annotations
 
 from skyrl_fn.compat._advantages import AdvantageEstimator
-from skyrl_fn.compat._registry import register_advantage_estimator
+from skyrl_fn.compat._api import register_advantage_estimator
 
 __all__ = ["AdvantageEstimator", "register_advantage_estimator"]

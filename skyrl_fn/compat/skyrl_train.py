@@ -24,16 +24,10 @@ from skyrl_fn.compat._functional import (
     masked_mean,
 )
 from skyrl_fn.compat._policy_losses import PolicyLossType
-from skyrl_fn.compat._registry import (
-    AdvantageEstimatorRegistry,
-    BaseFunctionRegistry,
-    compute_advantages_and_returns,
-    register_advantage_estimator,
-    repopulate_all_registries,
-    sync_registries,
-)
+from skyrl_fn.compat._api import compute_advantages_and_returns, register_advantage_estimator
+from skyrl_fn.compat._api import register_seed_policy_loss as register_policy_loss
+from skyrl_fn.compat._registry import AdvantageEstimatorRegistry, BaseFunctionRegistry, repopulate_all_registries, sync_registries
 from skyrl_fn.compat._registry import SeedPolicyLossRegistry as PolicyLossRegistry
-from skyrl_fn.compat._registry import register_seed_policy_loss as register_policy_loss
 from skyrl_fn.compat._seed_losses import (
     compute_policy_loss_cispo,
     compute_policy_loss_clip_cov,

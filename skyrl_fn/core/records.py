@@ -27,7 +27,6 @@ from skyrl_fn.core._rowsums import remembered_outcome_scores
 from skyrl_fn.core._checks import (
     as_group_ids,
     check_all,
-    check_finite,
     check_floating,
     check_finite_and_zero_off_mask,
     check_shape,
