@@ -15,7 +15,8 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from skyrl_fn.ops.memory import release_cached_memory
-from skyrl_fn.rollout.weight_sync import BroadcastSender, free_port, to_hf_names
+from skyrl_fn.rollout.buckets import to_hf_names
+from skyrl_fn.rollout.weight_sync import BroadcastSender, free_port
 from skyrl_fn.distributed.devices import actor_device, to_device
 from skyrl_fn.distributed.weights import PackedWeights, pack, unpack
 from skyrl_fn.trainer import checkpoint as ckpt

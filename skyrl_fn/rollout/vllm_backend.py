@@ -39,15 +39,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from skyrl_fn.rollout.weight_sync import (
-    DEFAULT_BUCKET_BYTES,
-    EXTENSION_CLS,
-    bucket_to_wire,
-    plan_buckets,
-    plan_to_wire,
-    specs_of,
-    to_hf_names,
-)
+from skyrl_fn.rollout.buckets import DEFAULT_BUCKET_BYTES, bucket_to_wire, plan_buckets, plan_to_wire, specs_of, to_hf_names
+from skyrl_fn.rollout.weight_sync import EXTENSION_CLS
 from skyrl_fn.rollout.base import VLLM_TEMPERATURE_RANGE, BackendUnavailableError, RolloutBatch, RolloutConfig
 
 __all__ = [

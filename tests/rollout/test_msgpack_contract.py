@@ -21,7 +21,8 @@ import pytest
 import torch
 
 import skyrl_fn.rollout.vllm_backend as vb
-from skyrl_fn.rollout.weight_sync import WeightSyncExtension, pack_bucket, plan_buckets, specs_of, to_hf_names
+from skyrl_fn.rollout.buckets import pack_bucket, plan_buckets, specs_of, to_hf_names
+from skyrl_fn.rollout.weight_sync import WeightSyncExtension
 from skyrl_fn.models.model import DIGITS_ALPHABET, ModelConfig, build_tiny_model, build_tokenizer
 from skyrl_fn.rollout.base import RolloutConfig
 

@@ -290,7 +290,7 @@ def test_separate_engine_never_sleeps(fake_vllm, tiny):
 
 
 def test_broadcast_path_joins_the_group_and_receives_the_plan_as_plain_data(fake_vllm, tiny):
-    from skyrl_fn.rollout.weight_sync import plan_buckets, plan_from_wire, specs_of
+    from skyrl_fn.rollout.buckets import plan_buckets, plan_from_wire, specs_of
 
     model, tok = tiny
     backend = vb.make_vllm_backend(RolloutConfig(samples_per_prompt=2), model, tok, colocated=True)
