@@ -65,10 +65,12 @@ def measure(run, workers, warmup: int) -> dict[str, float]:
     tokens = statistics.median(r["response_tokens"] for r in rows)
     update = statistics.median(r["update_seconds"] for r in rows)
     med = {k: statistics.median(r.get(k, float("nan")) for r in rows) for k in ("update_cpu_seconds", "update_queue_seconds")}
+    blocked = statistics.median(r["update_seconds"] - r["update_cpu_seconds"] - r.get("update_queue_seconds", float("nan")) for r in rows)
     return {
         "update_s": update,
         "cpu_s": med["update_cpu_seconds"],
         "queue_s": med["update_queue_seconds"],
+        "blocked_s": blocked,
         "step_s": statistics.median(r["step_seconds"] for r in rows),
         "train_tok_s": tokens / update,
         "cpu_tok_s": tokens / med["update_cpu_seconds"],
@@ -110,12 +112,11 @@ def main(argv: list[str] | None = None) -> None:
             got[name].append(measure(resolved, workers, args.warmup))
             print(f"round {r + 1} {name}: " + ", ".join(f"{k} {v:.4g}" for k, v in got[name][-1].items()), flush=True)
     print(f"\nmodel hidden 256 x 4 layers; batch 8 x 8, <= {args.new_tokens} new tokens; medians over {args.rounds} rounds")
-    print("(per step: update wall s = cpu s (the process's CPU) + queue s (runnable, waiting for a core held by another process) + the rest (blocked: at W=2 waiting for the other rank); fsdp2: the rank that computed or queued longest)")
+    print("(medians; per step: update wall s = cpu s (the process's CPU) + queue s (runnable, waiting for a core held by another process) + the rest (blocked: at W=2 waiting for the other rank); fsdp2: the rank that computed or queued longest)")
     for m, rows in got.items():
         med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-        blocked = med["update_s"] - med["cpu_s"] - med["queue_s"]
         print(
-            f"{m:6s} update {med['update_s']:.3f} s = cpu {med['cpu_s']:.3f} + queue {med['queue_s']:.3f} + blocked {blocked:.3f}; "
+            f"{m:6s} update {med['update_s']:.3f} s: cpu {med['cpu_s']:.3f}, queue {med['queue_s']:.3f}, blocked {med['blocked_s']:.3f}; "
             f"step {med['step_s']:.3f} s; training {med['train_tok_s']:.0f} tok/s; rank params+optim {med['rank_bytes'] / 2**20:.2f} MiB"
         )
     print(f"throughput fsdp2 / plain (training tok/s, wall): {_ratio(got, 'train_tok_s', 'fsdp2', 'plain')} (goal >= 1.6)")
