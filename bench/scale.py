@@ -12,10 +12,15 @@ and the run-to-run spread hides the scaling.
   gathered sampling copy) — its overhead over ``plain``;
 - ``fsdp2``: two ranks.
 
-Measured per step (the first ``--warmup`` steps dropped, medians): ``update_seconds`` (experience
-+ forward/backward + optimiser step of the rank; the training part the ranks share) and the
-step's wall time. Training tokens/s = response tokens of the batch / ``update_seconds`` (the same batch in every
-layout: sampling is W-invariant).
+Measured per step (the first ``--warmup`` steps dropped, medians; ``skyrl_fn.trainer.timing``):
+``update_seconds`` (experience + forward/backward + optimiser step of the rank; the training part
+the ranks share), split into ``update_cpu_seconds`` (the process's CPU time), ``update_queue_seconds``
+(runnable but waiting for a core another process held) and the rest (blocked: at W=2 waiting in a
+collective for the slower rank); fsdp2 reports those of the rank that computed or queued longest. Training tokens/s =
+response tokens of the batch / ``update_seconds`` (the same batch in every layout: sampling is
+W-invariant); per CPU-second, the same over ``update_cpu_seconds`` — what the wall ratio would be
+on an idle machine with no rank waiting for the other. The queue time says how idle the machine
+was: ~0 when nothing else ran. Ratios are printed as the median over rounds and the best round.
 Memory: each rank's resident parameter + AdamW state bytes (its FSDP2 shards), after training.
 
     .venv/bin/python bench/scale.py [--steps 6] [--warmup 2] [--rounds 2] [--new-tokens 64] [launcher flags...]
@@ -59,12 +64,25 @@ def measure(run, workers, warmup: int) -> dict[str, float]:
     rows = train(run, workers=Recording).history[warmup:]
     tokens = statistics.median(r["response_tokens"] for r in rows)
     update = statistics.median(r["update_seconds"] for r in rows)
+    med = {k: statistics.median(r.get(k, float("nan")) for r in rows) for k in ("update_cpu_seconds", "update_queue_seconds")}
+    blocked = statistics.median(r["update_seconds"] - r["update_cpu_seconds"] - r.get("update_queue_seconds", float("nan")) for r in rows)
     return {
         "update_s": update,
+        "cpu_s": med["update_cpu_seconds"],
+        "queue_s": med["update_queue_seconds"],
+        "blocked_s": blocked,
         "step_s": statistics.median(r["step_seconds"] for r in rows),
         "train_tok_s": tokens / update,
+        "cpu_tok_s": tokens / med["update_cpu_seconds"],
         "rank_bytes": max((m["params"] + m["optim"] for m in memory), default=float("nan")),
     }
+
+
+def _ratio(got: dict[str, list[dict[str, float]]], key: str, num: str, den: str) -> str:
+    """``num / den`` of ``key``: the median over rounds, and the best round's (of each layout)."""
+    med = statistics.median(r[key] for r in got[num]) / statistics.median(r[key] for r in got[den])
+    best = max(r[key] for r in got[num]) / max(r[key] for r in got[den]) if key.endswith("tok_s") else min(r[key] for r in got[num]) / min(r[key] for r in got[den])
+    return f"{med:.2f}x median of rounds, {best:.2f}x best round"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -93,14 +111,20 @@ def main(argv: list[str] | None = None) -> None:
         for name, (resolved, workers) in modes.items():
             got[name].append(measure(resolved, workers, args.warmup))
             print(f"round {r + 1} {name}: " + ", ".join(f"{k} {v:.4g}" for k, v in got[name][-1].items()), flush=True)
-    best = {m: min(rows, key=lambda x: x["update_s"]) for m, rows in got.items()}
-    print(f"\nmodel hidden 256 x 4 layers; batch 8 x 8, <= {args.new_tokens} new tokens; best of {args.rounds} rounds")
-    for m, b in best.items():
-        print(f"{m:6s} update {b['update_s']:.3f} s  step {b['step_s']:.3f} s  training {b['train_tok_s']:.0f} tok/s  rank params+optim {b['rank_bytes'] / 2**20:.2f} MiB")
-    print(f"throughput fsdp2 / plain (training tok/s): {best['fsdp2']['train_tok_s'] / best['plain']['train_tok_s']:.2f}x (goal >= 1.6)")
-    print(f"step time plain / fsdp2: {best['plain']['step_s'] / best['fsdp2']['step_s']:.2f}x")
-    print(f"memory per rank fsdp2 / fsdp1: {best['fsdp2']['rank_bytes'] / best['fsdp1']['rank_bytes']:.2f}x (goal <= 0.6)")
-    print(f"overhead fsdp1 / plain (update time): {best['fsdp1']['update_s'] / best['plain']['update_s']:.2f}x (goal <= 1.10)")
+    print(f"\nmodel hidden 256 x 4 layers; batch 8 x 8, <= {args.new_tokens} new tokens; medians over {args.rounds} rounds")
+    print("(medians; per step: update wall s = cpu s (the process's CPU) + queue s (runnable, waiting for a core held by another process) + the rest (blocked: at W=2 waiting for the other rank); fsdp2: the rank that computed or queued longest)")
+    for m, rows in got.items():
+        med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+        print(
+            f"{m:6s} update {med['update_s']:.3f} s: cpu {med['cpu_s']:.3f}, queue {med['queue_s']:.3f}, blocked {med['blocked_s']:.3f}; "
+            f"step {med['step_s']:.3f} s; training {med['train_tok_s']:.0f} tok/s; rank params+optim {med['rank_bytes'] / 2**20:.2f} MiB"
+        )
+    print(f"throughput fsdp2 / plain (training tok/s, wall): {_ratio(got, 'train_tok_s', 'fsdp2', 'plain')} (goal >= 1.6)")
+    print(f"throughput fsdp2 / plain (training tok per CPU-second of the slower rank): {_ratio(got, 'cpu_tok_s', 'fsdp2', 'plain')} (the wall ratio with no queue and no blocking)")
+    print(f"step time plain / fsdp2: {_ratio(got, 'step_s', 'plain', 'fsdp2')}")
+    print(f"memory per rank fsdp2 / fsdp1: {_ratio(got, 'rank_bytes', 'fsdp2', 'fsdp1')} (goal <= 0.6)")
+    print(f"overhead fsdp1 / plain (update wall time): {_ratio(got, 'update_s', 'fsdp1', 'plain')} (goal <= 1.10)")
+    print(f"overhead fsdp1 / plain (update CPU time): {_ratio(got, 'cpu_s', 'fsdp1', 'plain')}")
     ray.shutdown()
 
 

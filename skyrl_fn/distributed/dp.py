@@ -62,6 +62,7 @@ from skyrl_fn.distributed.weights import PackedWeights, pack
 from skyrl_fn.trainer import checkpoint as ckpt
 from skyrl_fn.trainer import shards
 from skyrl_fn.trainer.run import ResolvedRun
+from skyrl_fn.trainer.timing import UPDATE_TIMINGS, UpdateClock
 from skyrl_fn.trainer.evaluate import evaluate, heldout_task
 from skyrl_fn.trainer.forward import old_policy_pass
 from skyrl_fn.trainer.learner import TrainState, experience_and_update, loss_kernel, make_train_state
@@ -196,14 +197,14 @@ class PolicyRank(_Ping):
         if cfg.algorithm.recompute_old_log_probs or self.run.computed_fields:  # of the whole batch, with the full parameters
             with gathered(self.train_state.model.eval(), keep=True) as model:  # kept for the update
                 old_lp, computed = old_policy_pass(self.run, model, rollout)
-        t0 = time.perf_counter()
+        clock = UpdateClock()
         rows = share_rows(rollout, self.world_size, self.rank).to(self.device)
         metrics, exp = experience_and_update(
             self.run, self.train_state, rollout, scores, reward_function=reward_function_name(self.task), old_log_probs=old_lp,
             ref_log_probs=ref_log_probs, values=values, kl_coef=kl_coef, kernel=self.kernel, fields=computed, rank_rows=rows,
             dp=self.dp,
         )
-        metrics["update_seconds"] = time.perf_counter() - t0
+        metrics.update(clock.timings())
         reshard(self.train_state.model)  # a step skipped before its backward kept the sampling's gather
         self.exp = (exp, rows) if values is not None else None
         return metrics, generated.seconds
@@ -370,13 +371,21 @@ class DPWorkers(NamedActors):
         return Held(-1, tuple(a.update_critic_share.remote() for a in self.ranks))
 
     def wait(self, generated: Held, updated: Held, critic: Held | None) -> tuple[dict[str, float], float]:
-        # updated.refs: the update's calls, then every call it depends on (the sampling among them)
-        rest = [r for r in dict.fromkeys(updated.refs[1:] + generated.refs) if r not in (critic.refs if critic else ())]
-        got = self.get([updated.refs[0], *(critic.refs if critic is not None else ()), *rest])
+        # updated.refs: the ranks' update calls (rank 0's first), then every call they depend on
+        # (the sampling among them)
+        w = len(self.ranks)
+        critic_refs = critic.refs if critic is not None else ()
+        rest = [r for r in dict.fromkeys(updated.refs[w:] + generated.refs) if r not in critic_refs]
+        got = self.get([*updated.refs[:w], *critic_refs, *rest])
         metrics, seconds = got[0]  # every rank reports the same (all-reduced) metrics
         metrics = dict(metrics)
+        # the timings are each rank's own: those of the rank that computed or queued longest
+        # (the others waited for it), with the longest wall time
+        slowest = max((m for m, _ in got[:w]), key=lambda m: m.get("update_cpu_seconds", 0.0) + m.get("update_queue_seconds", 0.0))
+        metrics.update({k: slowest[k] for k in UPDATE_TIMINGS if k in slowest})
+        metrics["update_seconds"] = max(m["update_seconds"] for m, _ in got[:w])
         if critic is not None:
-            metrics.update(got[1])
+            metrics.update(got[w])
         return metrics, float(seconds)
 
     def fetch_generated(self, generated: Held) -> Generated:

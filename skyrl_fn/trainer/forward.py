@@ -3,6 +3,13 @@
 Notation: ``B`` sequences, ``Lp`` prompt tokens, ``T`` response tokens, ``L = Lp + T``, ``V``
 vocabulary. Sequences are prompt (left-padded) + response (right-padded); positions count only
 attended tokens (``skyrl_fn.models.model.position_ids``), exactly as during sampling.
+
+Every pass runs on the columns its rows attend (:func:`attended_columns`): a micro-batch is cut
+to its longest prompt and its longest response, not the whole batch's ``L``, and its ``[B, T]``
+outputs are padded back with zeros. The result is the same (up to float rounding: the kept
+columns' math does not change, since no attended token sees a dropped one — the left padding
+is masked and positions count attended tokens, the right padding comes after every response
+token); the work shrinks with the padding.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from skyrl_fn.trainer.fields import ON_REQUEST
 from skyrl_fn.trainer.run import ResolvedRun
 
 __all__ = [
-    "response_logits", "sequence_log_probs", "batched_log_probs", "log_probs_and_fields", "old_policy_pass", "batched_values",
+    "attended_columns", "response_logits", "sequence_log_probs", "batched_log_probs", "log_probs_and_fields", "old_policy_pass", "batched_values",
     "response_values", "FrozenScorer",
 ]
 
@@ -37,12 +44,40 @@ def _keeps_logits(model: nn.Module) -> bool:
         return False
 
 
+def attended_columns(attention_mask: torch.Tensor, response_len: int) -> tuple[int, int]:
+    """``(first, stop)``: the columns ``[first, stop)`` of ``attention_mask [B, L]`` that some row
+    attends (its longest prompt from ``first``, its longest response up to ``stop``), keeping at
+    least one prompt column and the first response column, so the cut sequences still hold
+    ``1 <= T' = stop - (L - T) < stop - first`` response columns."""
+    am = attention_mask.bool()
+    length, t = am.shape[1], int(response_len)
+    used = am.any(0)
+    prompt_end = length - t
+    cols = torch.nonzero(used).squeeze(-1)
+    first = min(int(cols[0]), prompt_end - 1) if cols.numel() else prompt_end - 1
+    stop = max(int(cols[-1]) + 1, prompt_end + 1) if cols.numel() else prompt_end + 1
+    return first, stop
+
+
+def _pad_response(x: torch.Tensor, response_len: int) -> torch.Tensor:
+    """``x [B, T', ...]`` padded with zeros to ``[B, T, ...]`` (the columns no row attends)."""
+    missing = int(response_len) - x.shape[1]
+    if missing == 0:
+        return x
+    return torch.cat([x, x.new_zeros((x.shape[0], missing, *x.shape[2:]))], dim=1)
+
+
 def response_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int) -> torch.Tensor:
-    """``[B, T, V]`` logits that predict the last ``T = response_len`` tokens of each sequence (the
-    token at position ``j`` is predicted by the logits at ``j - 1``)."""
+    """``[B, T', V]`` logits that predict the first ``T'`` of the last ``T = response_len`` tokens of
+    each sequence (the token at position ``j`` is predicted by the logits at ``j - 1``), on the
+    attended columns only (:func:`attended_columns`): ``T'`` is the longest response of the rows
+    (at least 1); the logits of the later, unattended positions are not computed."""
     t = int(response_len)
     if t < 1 or t >= input_ids.shape[1]:
         raise ValueError(f"response_len: expected 1 <= T < L = {input_ids.shape[1]}, got {t}")
+    first, stop = attended_columns(attention_mask, t)
+    t = t - (input_ids.shape[1] - stop)
+    input_ids, attention_mask = input_ids[:, first:stop], attention_mask[:, first:stop]
     am = attention_mask.long()
     kwargs = {"logits_to_keep": t + 1} if _keeps_logits(model) else {}  # skip the prompt's logits
     logits = model(input_ids=input_ids, attention_mask=am, position_ids=position_ids(am), use_cache=False, **kwargs).logits
@@ -77,7 +112,9 @@ def sequence_log_probs(
         ``log_probs [B, T]`` float32 (with grad if enabled) and ``entropy [B, T]`` or None.
     """
     logits = response_logits(model, input_ids, attention_mask, response_len)
-    return _log_probs_of(logits, input_ids[:, -int(response_len):], temperature=temperature, top_p=top_p, with_entropy=with_entropy)
+    targets = input_ids[:, -int(response_len):][:, : logits.shape[1]]
+    lp, ent = _log_probs_of(logits, targets, temperature=temperature, top_p=top_p, with_entropy=with_entropy)
+    return _pad_response(lp, response_len), (None if ent is None else _pad_response(ent, response_len))
 
 
 def _log_probs_of(
@@ -141,18 +178,23 @@ def log_probs_and_fields(
     computed: dict[str, list[torch.Tensor]] = {k: [] for k in fields}
     for s in range(0, ids.shape[0], micro_batch_size):
         logits = response_logits(model, ids[s : s + micro_batch_size], mask[s : s + micro_batch_size], t)
-        lp, _ = _log_probs_of(logits, ids[s : s + micro_batch_size, -t:], temperature=temperature, top_p=top_p, with_entropy=False)
-        lps.append(lp)
+        targets = ids[s : s + micro_batch_size, -t:][:, : logits.shape[1]]
+        lp, _ = _log_probs_of(logits, targets, temperature=temperature, top_p=top_p, with_entropy=False)
+        lps.append(_pad_response(lp, t))
         if "sum_pi_squared" in computed:
-            computed["sum_pi_squared"].append(sum_pi_squared(logits, temperature=temperature))
+            computed["sum_pi_squared"].append(_pad_response(sum_pi_squared(logits, temperature=temperature), t))
     m = rollout.response_mask
     return torch.where(m, torch.cat(lps), 0.0), {k: torch.where(m, torch.cat(v), 0.0) for k, v in computed.items()}
 
 
 def response_values(critic: nn.Module, ids: torch.Tensor, mask: torch.Tensor, t: int) -> torch.Tensor:
     """``[B, T]`` values ``V(s_t)`` read at the position *before* each response token (the state
-    that emits it), with gradient."""
-    return critic(ids, mask.long())[:, -t - 1 : -1]
+    that emits it), with gradient; computed on the attended columns (:func:`attended_columns`),
+    0 after the longest response of the rows."""
+    first, stop = attended_columns(mask, t)
+    kept = t - (ids.shape[1] - stop)
+    values = critic(ids[:, first:stop], mask[:, first:stop].long())[:, -kept - 1 : -1]
+    return _pad_response(values, t)
 
 
 @torch.no_grad()

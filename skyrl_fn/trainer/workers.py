@@ -45,6 +45,7 @@ from skyrl_fn.models.model import build_critic, load_model, load_tokenizer
 from skyrl_fn.rollout.base import RolloutBatch
 from skyrl_fn.trainer.sharding import load_full_state
 from skyrl_fn.trainer.teacher import TeacherWorker
+from skyrl_fn.trainer.timing import UpdateClock
 
 __all__ = [
     "Generated",
@@ -205,7 +206,7 @@ class PolicyWorker:
         and advantages (``make_experience``), then the policy update (``experience_and_update``).
         Returns its metrics and the experience (the critic trains on it), None when the step was
         skipped for something non-finite (``skyrl_fn.trainer.nonfinite``)."""
-        t0 = time.perf_counter()
+        clock = UpdateClock()
         model = self.train_state.model
         model.eval()
         old_lp, computed = old_policy_pass(self.run, model, rollout)  # None: from policy_update's first pass
@@ -213,7 +214,7 @@ class PolicyWorker:
             self.run, self.train_state, rollout, scores, reward_function=reward_function_name(self.task), old_log_probs=old_lp,
             ref_log_probs=ref_log_probs, values=values, kl_coef=kl_coef, kernel=self.kernel, fields=computed,
         )
-        metrics["update_seconds"] = time.perf_counter() - t0
+        metrics.update(clock.timings())
         return metrics, exp
 
     def transform(self, fn: Callable[..., tuple[Generated | None, dict[str, float]]], *generated: Generated) -> tuple[Generated | None, dict[str, float]]:

@@ -19,7 +19,7 @@ TINY = [
     "--logging.no-plot", "--trainer.steps", "3", "--trainer.ckpt-interval", "0", "--trainer.max-consecutive-skips", "3",
 ]
 # Time-dependent metrics differ between runs; everything else must match.
-_TIMING = {"step_seconds", "rollout_seconds", "rollout_tokens_per_s", "tokens_per_s", "update_seconds"}
+_TIMING = {"step_seconds", "rollout_seconds", "rollout_tokens_per_s", "tokens_per_s", "update_seconds", "update_cpu_seconds", "update_queue_seconds"}
 
 CASES = {
     "dynamic_sampling+overlong_filter": [

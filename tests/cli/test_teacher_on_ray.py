@@ -16,7 +16,7 @@ TINY = [
     "--data.min-digits", "1", "--data.max-digits", "2", "--logging.no-progress", "--logging.no-tensorboard",
     "--logging.no-plot", "--trainer.steps", "2", "--trainer.ckpt-interval", "0",
 ]
-_TIMING = {"step_seconds", "rollout_seconds", "rollout_tokens_per_s", "tokens_per_s", "update_seconds"}
+_TIMING = {"step_seconds", "rollout_seconds", "rollout_tokens_per_s", "tokens_per_s", "update_seconds", "update_cpu_seconds", "update_queue_seconds"}
 
 
 @pytest.mark.slow

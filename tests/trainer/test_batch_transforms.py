@@ -17,7 +17,7 @@ from skyrl_fn.rollout.base import RolloutBatch
 from skyrl_fn.trainer.workers import Generated
 from skyrl_fn.transforms import BatchPipeline, overlong_filter, overlong_penalty, zero_variance_filter
 
-_TIMING = {"step_seconds", "rollout_seconds", "rollout_tokens_per_s", "tokens_per_s", "update_seconds"}
+_TIMING = {"step_seconds", "rollout_seconds", "rollout_tokens_per_s", "tokens_per_s", "update_seconds", "update_cpu_seconds", "update_queue_seconds"}
 
 
 def _generated(scores, lengths, *, t=4, truncated=None, g=2) -> Generated:

@@ -14,7 +14,7 @@ from skyrl_fn.trainer.run import resolve
 from skyrl_fn.trainer.loop import train
 
 # Timing-dependent metrics differ between runs; everything else must match exactly.
-_TIMING = {"step_seconds", "rollout_seconds", "rollout_tokens_per_s", "tokens_per_s", "update_seconds"}
+_TIMING = {"step_seconds", "rollout_seconds", "rollout_tokens_per_s", "tokens_per_s", "update_seconds", "update_cpu_seconds", "update_queue_seconds"}
 
 
 def _strip(history):
