@@ -99,7 +99,7 @@ def test_sigkill_mid_run_then_resume_loses_at_most_the_steps_since_the_checkpoin
     script = tmp_path / "child.py"
     script.write_text(_KILLED)
     run_dir = tmp_path / "run"
-    conftest = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conftest.py")
+    conftest = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conftest.py")  # tests/conftest.py
     proc = subprocess.Popen([sys.executable, str(script), str(run_dir), conftest], stdout=subprocess.PIPE, text=True)
     last = 0
     try:
