@@ -49,13 +49,36 @@ def _quiet() -> Iterator[None]:
         yield
 
 
+def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """DCP's ``get_state_dict(model, optimizer)``, without its side effect on an optimiser that has
+    not stepped yet.
+
+    DCP creates such an optimiser's state by running one step at learning rate 0 on zero gradients
+    (``torch.distributed.checkpoint.state_dict._init_optim_state``). The weights and AdamW's
+    moments stay as they were, but the step count becomes 1, so the first real step would use
+    step 2's bias corrections (an update ~0.74x a fresh one's) and a run that saved before its
+    first update (a skipped first step) would diverge from one that did not. The counts are set
+    back to 0: zero moments at step 0 is exactly the state a fresh AdamW creates."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    fresh = not optimizer.state
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    if fresh:
+        for state in optimizer.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"].zero_()
+            elif "step" in state:
+                state["step"] = 0
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+    return model_sd, optim_sd
+
+
 def write(model: nn.Module, optimizer: torch.optim.Optimizer, directory: str) -> None:
     """Write this process's shards of ``model`` and ``optimizer`` into ``directory`` (every file
     fsynced). On a sharded model a collective: every rank calls it with the same ``directory``."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = _state_dicts(model, optimizer)
     writer = dcp.FileSystemWriter(directory, single_file_per_rank=True, sync_files=True)
     with _quiet():
         dcp.save({"model": model_sd, "optim": optim_sd}, storage_writer=writer)
@@ -89,10 +112,10 @@ def load(model: nn.Module, optimizer: torch.optim.Optimizer, directory: str) -> 
         CheckpointCorruptError: a file of ``directory`` is missing (named).
     """
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import set_state_dict
 
     _check_complete(directory)
-    model_sd, optim_sd = get_state_dict(model, optimizer)  # the slices (and moments) this process holds
+    model_sd, optim_sd = _state_dicts(model, optimizer)  # the slices (and moments) this process holds
     state = {"model": model_sd, "optim": optim_sd}
     with _quiet():
         dcp.load(state, storage_reader=dcp.FileSystemReader(directory))

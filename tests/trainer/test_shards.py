@@ -135,3 +135,27 @@ def test_rng_of_each_rank_is_restored(tmp_path):
         want = torch.rand(3)
         ckpt.restore_rng({"ranks": states}, rank=rank)
         assert torch.equal(torch.rand(3), want)
+
+
+def test_saving_before_the_first_step_leaves_the_optimiser_as_fresh(tmp_path):
+    """DCP builds the state of an optimiser that never stepped with a zero step; the shards undo
+    its count, so the first real step after a save (or after resuming from that save) equals a
+    step of an optimiser that was never saved."""
+    def step(model, opt):
+        torch.manual_seed(7)
+        model(torch.randn(4, 6)).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    saved, saved_opt = _trained(0, steps=0)
+    plain, plain_opt = _trained(0, steps=0)
+    shards.write(saved, saved_opt, str(tmp_path / "s"))
+    resumed, resumed_opt = _trained(1, steps=0)
+    shards.load(resumed, resumed_opt, str(tmp_path / "s"))
+    want = step(plain, plain_opt)
+    for got in (step(saved, saved_opt), step(resumed, resumed_opt)):
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
+    assert all(float(s["step"]) == 1 for s in saved_opt.state.values())
+
