@@ -10,6 +10,8 @@ actors call exactly what :class:`~skyrl_fn.trainer.workers.LocalWorkers` calls.
 from __future__ import annotations
 
 import os
+import time
+import warnings
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -208,9 +210,16 @@ class Critic(roles.CriticWorker, _Ping):
         self.load_state(saved)
 
 
-def release(actors: Sequence[Any], pg: Any = None) -> None:
-    """Kill ``actors`` (already dead ones are skipped) and remove the placement group ``pg``."""
+def release(actors: Sequence[Any], pg: Any = None, *, timeout: float = 30.0) -> None:
+    """Kill ``actors`` (already dead ones are skipped), wait until each is dead, and remove the
+    placement group ``pg``.
+
+    ``ray.kill`` only asks: for a moment the actor may still answer calls and hold its CPUs, so
+    a run started right after this one could find the cluster short. Each actor is therefore
+    called until the call fails with ``RayActorError`` (at most ``timeout`` seconds in all; an
+    actor still answering then is left to Ray, with a warning naming how many)."""
     import ray
+    from ray.exceptions import RayActorError
     from ray.util.placement_group import remove_placement_group
 
     for a in actors:
@@ -218,5 +227,22 @@ def release(actors: Sequence[Any], pg: Any = None) -> None:
             ray.kill(a)
         except Exception:  # already dead: nothing left to release
             pass
+    deadline = time.monotonic() + timeout
+    alive = 0
+    for a in actors:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                alive += 1
+                break
+            try:
+                ray.get(a.__ray_ready__.remote(), timeout=left)
+            except RayActorError:
+                break  # dead
+            except Exception:  # GetTimeoutError: the deadline passed
+                continue
+            time.sleep(0.02)  # it answered: the kill has not reached it yet
+    if alive:
+        warnings.warn(f"{alive} Ray actor(s) still answered {timeout:g} s after ray.kill; left to Ray to stop", RuntimeWarning, stacklevel=2)
     if pg is not None:
         remove_placement_group(pg)

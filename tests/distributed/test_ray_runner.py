@@ -247,3 +247,24 @@ def test_ray_resume_continues_like_an_uninterrupted_run(ray_session, tmp_path):
     assert summary.resumed_from == 2 and len(summary.history) == 1
     for key in ("reward", "response_length", "loss", "grad_norm"):
         assert summary.history[0][key] == pytest.approx(full[2][key], rel=1e-4, abs=1e-6), key
+
+
+def test_release_returns_once_every_actor_is_dead(ray_session):
+    """``ray.kill`` only asks; ``release`` returns when no actor answers any more (so a run
+    started right after finds their CPUs free)."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    from skyrl_fn.distributed.actors import release
+
+    @ray.remote(num_cpus=0)
+    class Idle:
+        def ping(self) -> int:
+            return 1
+
+    actors = [Idle.remote() for _ in range(3)]
+    assert ray.get([a.ping.remote() for a in actors]) == [1, 1, 1]
+    release(actors)
+    for a in actors:
+        with pytest.raises(RayActorError):
+            ray.get(a.ping.remote(), timeout=5)
