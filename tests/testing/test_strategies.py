@@ -15,7 +15,8 @@ def _scores(b):
 
 
 # -- strategies, vocabulary, settings ----------------------------------------------------------------
-_FIND = settings(max_examples=2000, database=None, deadline=None)
+# Reachability only: the first example found is enough, so no shrinking (most of the CPU otherwise).
+_FIND = settings(max_examples=2000, database=None, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate])
 
 
 @pytest.mark.parametrize(
