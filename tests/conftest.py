@@ -34,12 +34,12 @@ settings.register_profile("thorough", max_examples=500, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 
-#: The modules that use the ``ray_session`` fixture. Under ``make test`` (xdist ``--dist loadscope``)
-#: they run as one work unit, in one pytest-xdist process and so in one Ray session: a second session
+#: The modules that use the ``ray_session`` fixture. Under ``make test`` (xdist ``--dist loadscope``,
+#: ``-m "not slow"``) they run as one work unit, in one pytest-xdist process and so in one Ray session: a second session
 #: costs ~8 s of CPU, and Ray tasks reuse the session's warm workers (torch already imported). The
 #: unit is scheduled first, as it is the longest; the other process starts with ``LONG_MODULES``, and
 #: both share what is left (the most tests first, xdist's order). A module that uses ``ray_session``
-#: without being listed is a collection error.
+#: without being listed fails.
 RAY_MODULES = frozenset({
     "tests/test_seeds.py",
     "tests/cli/test_algorithms_smoke.py",
@@ -65,10 +65,10 @@ RAY_UNIT = "ray_session"
 LONG_MODULES = ("tests/cli/test_smoke.py",)
 
 
-def pytest_collection_modifyitems(config, items):
-    stray = sorted({i.nodeid.split("::")[0] for i in items if "ray_session" in i.fixturenames} - RAY_MODULES)
-    if stray:
-        raise pytest.UsageError(f"{stray} use the ray_session fixture: add them to RAY_MODULES in tests/conftest.py")
+def pytest_runtest_setup(item):
+    module = item.nodeid.split("::")[0]
+    if "ray_session" in item.fixturenames and module not in RAY_MODULES:
+        pytest.fail(f"{module} uses the ray_session fixture: add it to RAY_MODULES in tests/conftest.py", pytrace=False)
 
 
 try:
@@ -100,7 +100,10 @@ if LoadScopeScheduling is not None:
             return RAY_UNIT if module in RAY_MODULES else super()._split_scope(nodeid)
 
     def pytest_xdist_make_scheduler(config, log):
-        if config.getvalue("dist") == "loadscope":
+        # Only for the fast suite (make test: -m "not slow"): with the slow Ray runs included
+        # (make test-all) one process would run them all one after another, so there every module
+        # stays its own unit and each process starts its own Ray session.
+        if config.getvalue("dist") == "loadscope" and "not slow" in (config.getoption("markexpr") or ""):
             return _RayModulesTogether(config, log)
         return None
 
