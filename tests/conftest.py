@@ -3,6 +3,7 @@ test, and tiny fast training configs."""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 import tempfile
@@ -31,6 +32,80 @@ settings.register_profile(
 settings.register_profile("deep", max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("thorough", max_examples=500, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+
+#: The modules that use the ``ray_session`` fixture. Under ``make test`` (xdist ``--dist loadscope``,
+#: ``-m "not slow"``) they run as one work unit, in one pytest-xdist process and so in one Ray session: a second session
+#: costs ~8 s of CPU, and Ray tasks reuse the session's warm workers (torch already imported). The
+#: unit is scheduled first, as it is the longest; the other process starts with ``LONG_MODULES``, and
+#: both share what is left (the most tests first, xdist's order). A module that uses ``ray_session``
+#: without being listed fails.
+RAY_MODULES = frozenset({
+    "tests/test_seeds.py",
+    "tests/cli/test_algorithms_smoke.py",
+    "tests/cli/test_async_on_ray.py",
+    "tests/cli/test_batch_transforms_on_ray.py",
+    "tests/cli/test_documented_commands.py",
+    "tests/cli/test_fields_on_ray.py",
+    "tests/cli/test_losses_on_ray.py",
+    "tests/cli/test_plugins_on_ray.py",
+    "tests/cli/test_run_plugins_on_ray.py",
+    "tests/cli/test_teacher_on_ray.py",
+    "tests/compat/test_compat_ray.py",
+    "tests/compat/test_registry_facade.py",
+    "tests/compat/test_skyrl_launcher.py",
+    "tests/distributed/test_dp.py",
+    "tests/distributed/test_ray_faults.py",
+    "tests/distributed/test_ray_runner.py",
+    "tests/distributed/test_sync_check.py",
+})
+RAY_UNIT = "ray_session"
+#: Modules of few, long tests, which xdist's most-tests-first order would leave for the end: the
+#: launcher's own local Ray run in a subprocess (~30 s of CPU).
+LONG_MODULES = ("tests/cli/test_smoke.py",)
+
+
+def pytest_runtest_setup(item):
+    module = item.nodeid.split("::")[0]
+    if "ray_session" in item.fixturenames and module not in RAY_MODULES:
+        pytest.fail(f"{module} uses the ray_session fixture: add it to RAY_MODULES in tests/conftest.py", pytrace=False)
+
+
+try:
+    from xdist.scheduler import LoadScopeScheduling
+except ImportError:  # pytest-xdist is a dev dependency; without it the tests run in one process
+    LoadScopeScheduling = None
+
+
+if LoadScopeScheduling is not None:
+
+    class _LongestFirst(collections.OrderedDict):
+        """The work queue: ``RAY_UNIT`` then ``LONG_MODULES`` first, the rest in xdist's order."""
+
+        def __setitem__(self, key, value):
+            super().__setitem__(key, value)
+            for first in reversed((RAY_UNIT, *LONG_MODULES)):
+                if first in self:
+                    self.move_to_end(first, last=False)
+
+    class _RayModulesTogether(LoadScopeScheduling):
+        """``--dist loadscope`` (one work unit per module) with ``RAY_MODULES`` as one unit, first."""
+
+        def __init__(self, config, log=None):
+            super().__init__(config, log)
+            self.workqueue = _LongestFirst()
+
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::")[0]
+            return RAY_UNIT if module in RAY_MODULES else super()._split_scope(nodeid)
+
+    def pytest_xdist_make_scheduler(config, log):
+        # Only for the fast suite (make test: -m "not slow"): with the slow Ray runs included
+        # (make test-all) one process would run them all one after another, so there every module
+        # stays its own unit and each process starts its own Ray session.
+        if config.getvalue("dist") == "loadscope" and "not slow" in (config.getoption("markexpr") or ""):
+            return _RayModulesTogether(config, log)
+        return None
 
 
 @pytest.fixture(scope="session")

@@ -31,13 +31,14 @@ def kit_settings(settings: Settings | None = None) -> Settings:
     loaded profile's settings, with ``DEFAULT_MAX_EXAMPLES`` if that profile is hypothesis's
     ``default``, no deadline (the first call of a torch op is slow) and no example database (a
     failure is reported in full in the message, and one property's stored failures would only be
-    replayed against other functions).
+    replayed against other functions). Either way the phases are the given or loaded ones (a
+    profile without ``Phase.shrink`` reports the first counterexample found, unshrunk).
     """
     # No "explain" phase: the violation message already says what went wrong, and where.
-    phases = [p for p in Phase if p != Phase.explain]
     if settings is not None:
         return Settings(settings, deadline=None, report_multiple_bugs=False, phases=[p for p in settings.phases if p != Phase.explain])
     base = Settings.default
+    phases = [p for p in base.phases if p != Phase.explain]
     n = DEFAULT_MAX_EXAMPLES if Settings.get_current_profile_name() == "default" else base.max_examples
     return Settings(
         base,

@@ -168,9 +168,13 @@ ENTRY_POINT = textwrap.dedent(
     from skyrl_fn.compat import AdvantageEstimatorRegistry, PolicyLossRegistry  # the rewritten import
     from skyrl_fn.cli import main
 
+    # Read in the driver; cloudpickle ships the value with the functions (the joined cluster's
+    # workers do not inherit this script's environment).
+    MARKER = os.environ["MARKER"]
+
 
     def batch_mean_baseline(token_level_rewards, response_mask, index, **kwargs):
-        with open(os.environ["MARKER"], "a") as f:
+        with open(MARKER, "a") as f:
             f.write(f"adv {os.getpid()}\\n")
         scores = (token_level_rewards * response_mask).sum(dim=-1, keepdim=True)
         advantages = (scores - scores.mean()) * response_mask
@@ -178,7 +182,7 @@ ENTRY_POINT = textwrap.dedent(
 
 
     def plain_reinforce(log_probs, old_log_probs, advantages, config, loss_mask=None):
-        with open(os.environ["MARKER"], "a") as f:
+        with open(MARKER, "a") as f:
             f.write(f"loss {os.getpid()}\\n")
         return (-log_probs * advantages).mean(), {"clip_ratio": 0.0}
 
@@ -195,14 +199,18 @@ ENTRY_POINT = textwrap.dedent(
 
 
 @pytest.mark.ray
-def test_skyrl_example_entry_points_register_at_import_and_train_on_ray(tmp_path):
+def test_skyrl_example_entry_points_register_at_import_and_train_on_ray(ray_session, tmp_path):
+    # The script joins the test session's Ray with --ray.address, as on a running cluster: its
+    # workers are still other processes, and a second local Ray would cost ~7 s of CPU (the default
+    # local start is tests/cli/test_smoke.py::test_tiny_budget_run_exits_0_reward_rises_and_writes_every_file).
+    address = ray_session.get_runtime_context().gcs_address
     script = tmp_path / "main_custom_algorithms.py"
     script.write_text(ENTRY_POINT)
     marker = tmp_path / "calls.txt"
     env = dict(os.environ, MARKER=str(marker), DRIVER_PID=str(tmp_path / "driver.pid"), RAY_AUTH_MODE="disabled")
     proc = subprocess.run(
         [sys.executable, str(script), *TINY, "--trainer.steps", "2", "--algorithm.advantage-estimator", "simple_baseline",
-         "--algorithm.policy-loss", "reinforce_example", "--logging.run-dir", str(tmp_path / "run")],
+         "--algorithm.policy-loss", "reinforce_example", "--ray.address", address, "--logging.run-dir", str(tmp_path / "run")],
         capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import settings
+from hypothesis import Phase, settings
 
 from skyrl_fn import DEFAULT_TABLE, PolicyLossInput, PolicyLossOutput
 from skyrl_fn.core.properties import ROW_LOCAL_POLICY_LOSS
 from skyrl_fn.testing import PropertyViolation, check_aggregation, check_policy_loss
 
 #: Derandomised, so a test that passes once passes every time; small, so the file stays fast.
-KIT = settings(max_examples=10, derandomize=True, deadline=None, database=None)
+# No shrinking: these tests check which property fails, not the counterexample's size
+# (tests/testing/test_broken_estimators.py checks shrinking).
+KIT = settings(max_examples=10, derandomize=True, deadline=None, database=None, phases=[Phase.explicit, Phase.reuse, Phase.generate])
 
 
 # -- deliberately broken losses and aggregations ------------------------------------------------------

@@ -7,14 +7,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import settings
+from hypothesis import Phase, settings
 
 from skyrl_fn import DEFAULT_TABLE, AdvantageInput, AdvantageOutput
 from skyrl_fn.testing import PropertyReportWarning, PropertyViolation, check_estimator, check_policy_loss, is_skyrl_style, resolve
 
 
 #: Derandomised, so a test that passes once passes every time; small, so the file stays fast.
-KIT = settings(max_examples=10, derandomize=True, deadline=None, database=None)
+# No shrinking: these tests check which property fails, not the counterexample's size
+# (tests/testing/test_broken_estimators.py checks shrinking).
+KIT = settings(max_examples=10, derandomize=True, deadline=None, database=None, phases=[Phase.explicit, Phase.reuse, Phase.generate])
 
 
 @torch.no_grad()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import find, settings
+from hypothesis import Phase, find, settings
 
 from skyrl_fn.testing import DEFAULT_MAX_EXAMPLES, kit_settings
 from skyrl_fn.testing.strategies import advantage_inputs, decode, log_prob_pairs, microbatch_cuts, policy_loss_inputs, token_losses
@@ -15,7 +15,8 @@ def _scores(b):
 
 
 # -- strategies, vocabulary, settings ----------------------------------------------------------------
-_FIND = settings(max_examples=2000, database=None, deadline=None)
+# Reachability only: the first example found is enough, so no shrinking (most of the CPU otherwise).
+_FIND = settings(max_examples=2000, database=None, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate])
 
 
 @pytest.mark.parametrize(
@@ -60,6 +61,10 @@ def test_settings_follow_the_profile_or_the_argument():
     try:
         settings.load_profile("default")
         assert kit_settings().max_examples == DEFAULT_MAX_EXAMPLES and kit_settings().deadline is None
+        assert Phase.shrink in kit_settings().phases and Phase.explain not in kit_settings().phases
+        settings.register_profile("_no_shrink", phases=[Phase.explicit, Phase.generate])
+        settings.load_profile("_no_shrink")
+        assert kit_settings().phases == (Phase.explicit, Phase.generate)  # the loaded profile's phases
     finally:
         settings.load_profile(current)
     assert kit_settings().max_examples == (settings.default.max_examples if current != "default" else DEFAULT_MAX_EXAMPLES)
