@@ -182,7 +182,10 @@ def policy_update(
     and AdamW steps. The LR schedule steps once.
 
     The micro-batches are cut from ``exp``'s rows ordered by response length, longest first
-    (``skyrl_fn.trainer.micro_batches``), so each forward pass runs on few padding columns. The
+    (``skyrl_fn.trainer.micro_batches``), so each forward pass runs on few padding columns —
+    unless the policy loss or the aggregation does not promise ``microbatch_invariant``
+    (``token_mean_legacy``, ``clip_cov``, ``kl_cov``: their loss depends on which rows share a
+    micro-batch, so they keep the row order, SkyRL's). The
     order is the update's own: the normalisers count the whole batch, ``prompt_mean``'s
     per-prompt totals follow each row, the old log-probs taken from the first epoch are kept per
     micro-batch, and a skipped step names the caller's rows; the loss, gradient and metrics are
@@ -219,8 +222,9 @@ def policy_update(
     model, opt = state.model, state.optimizer
     model.train()
     lengths = exp.response_mask.sum(-1)  # of the caller's rows (a skipped step's report)
-    # Micro-batches of rows of similar lengths: row i of `exp` is the caller's row order[i].
-    order = length_order(exp.response_mask)
+    # Micro-batches of rows of similar lengths: row i of `exp` is the caller's row order[i]
+    # (the row order when the objective depends on which rows share a micro-batch).
+    order = length_order(exp.response_mask) if run.algorithm.microbatch_invariant else torch.arange(exp.batch_size)
     exp = exp.rows(order)
     b, t = exp.batch_size, exp.response_len
     mask = exp.response_mask

@@ -14,7 +14,14 @@ batch that does not fit the device fails at its first forward pass rather than a
 epoch's work. The padded work is the same in either
 direction. Every caller maps its per-row results back with :func:`in_row_order`, so nothing a
 caller sees depends on the order; the sums over micro-batches (the loss, the gradient, the
-metrics) group the rows differently, so they change by float rounding only.
+metrics) group the rows differently, so they change by float rounding only — for an objective
+that promises ``microbatch_invariant`` (``skyrl_fn.algorithm.binding.Algorithm``): the policy
+update keeps the row order for one that does not (``token_mean_legacy``, ``clip_cov``,
+``kl_cov``), and the policy loss's own metrics (``ratio_mean``, the clip fractions: means per
+micro-batch) follow the grouping.
+
+Not switchable: nothing a caller sees changes beyond rounding, and an objective that depends on
+the grouping is recognised by its promise, not by a flag.
 
 Notation: ``B`` sequences, ``T`` response tokens.
 """

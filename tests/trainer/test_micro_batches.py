@@ -92,6 +92,27 @@ def test_an_ordered_update_equals_the_update_in_row_order(make_config, table, mo
         torch.testing.assert_close(got_params[name], p, atol=1e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize(("names", "ordered"), [
+    ({}, True), ({"loss_reduction": "prompt_mean"}, True),
+    ({"loss_reduction": "token_mean_legacy"}, False), ({"policy_loss": "clip_cov"}, False),
+])
+def test_only_a_microbatch_invariant_objective_is_reordered(make_config, table, names, ordered):
+    """``token_mean_legacy`` and the covariance-selecting losses depend on which rows share a
+    micro-batch: their updates keep the row order (SkyRL's), whatever the lengths."""
+    assert resolve(make_config(algorithm=names), table).algorithm.microbatch_invariant is ordered
+
+
+def test_a_legacy_update_keeps_the_row_order(make_config, table, monkeypatch, sampled):
+    tok, model, rollout = sampled
+    cfg = make_config(algorithm={"loss_reduction": "token_mean_legacy"}, rollout={"samples_per_prompt": 4, "max_new_tokens": 8}, trainer={"micro_batch_size": MBS})
+    run = resolve(cfg, table)
+    exp, _ = make_experience(run, rollout, torch.linspace(0, 1, rollout.batch_size))
+    reordered = []
+    monkeypatch.setattr(learner, "length_order", lambda mask: reordered.append(1) or length_order(mask))
+    policy_update(run, make_train_state(copy.deepcopy(model), lr=1e-2), exp)
+    assert not reordered
+
+
 def test_ordered_passes_and_critic_update_equal_those_in_row_order(make_config, table, monkeypatch, sampled):
     tok, model, rollout = sampled
     cfg = make_config(
