@@ -163,6 +163,11 @@ class Algorithm:
             (``skyrl_fn.core.requires.fields_needed``); the run checks them against what it produces.
         aggregation_takes_groups: the aggregation takes each row's prompt (``group_ids``:
             ``prompt_mean``), so the learner passes the step's prompt totals.
+        microbatch_invariant: the policy loss and the aggregation both promise
+            ``microbatch_invariant`` (their sum over micro-batches does not depend on which rows
+            share one), so the learner may cut micro-batches from the rows in any order
+            (``skyrl_fn.trainer.micro_batches``); False for ``token_mean_legacy`` and the
+            covariance-selecting losses, which keep the row order.
     """
 
     names: Mapping[str, str] = attrs.field(converter=FrozenDict)
@@ -181,6 +186,7 @@ class Algorithm:
     needs_reference: bool = False
     fields: Mapping[str, frozenset[str]] = attrs.field(factory=dict, converter=FrozenDict)
     aggregation_takes_groups: bool = False
+    microbatch_invariant: bool = False
 
     def objective(self) -> Callable[..., ReducedLoss]:
         """``policy_objective`` with this algorithm's pieces bound: ``fn(batch, *, global_tokens,
@@ -248,6 +254,7 @@ def bind_algorithm(
         },
         aggregation_takes_groups=_accepts_any(entries["aggregation"].fn, frozenset({"group_ids"}))
         and not _takes_kwargs(entries["aggregation"].fn),
+        microbatch_invariant=all("microbatch_invariant" in entries[k].promises for k in ("policy_loss", "aggregation")),
     )
 
 

@@ -13,6 +13,7 @@ from skyrl_fn.losses.value import value_loss as token_value_loss
 from skyrl_fn.trainer.experience import Experience
 from skyrl_fn.trainer.forward import response_values
 from skyrl_fn.trainer.learner import TrainState, add_metric, masked_row
+from skyrl_fn.trainer.micro_batches import length_order
 from skyrl_fn.trainer.nonfinite import step_if_finite
 from skyrl_fn.trainer.run import ResolvedRun
 from skyrl_fn.trainer.sharding import Collectives
@@ -51,12 +52,17 @@ def critic_update(
     ``dp``, ``filler``: a data-parallel (FSDP2) critic update on this rank's share ``exp``, as in
     :func:`policy_update`: the token count is all-reduced, every rank runs as many micro-batches
     as the rank with the most (``filler``: a fully masked row), a non-finite loss on any rank
-    skips the step on all, the metrics are summed over ranks."""
+    skips the step on all, the metrics are summed over ranks.
+
+    As in :func:`policy_update`, the micro-batches are cut from the rows ordered by response
+    length (``skyrl_fn.trainer.micro_batches``); the loss and gradient change by float rounding
+    only."""
     if exp.values is None:
         raise ValueError("exp.values: expected [B, T] old critic values for the critic update, got None")
     a, tr = run.config.algorithm, run.config.trainer
     model, opt = state.model, state.optimizer
     model.train()
+    exp = exp.rows(length_order(exp.response_mask))  # micro-batches of rows of similar lengths
     b, t, mbs = exp.batch_size, exp.response_len, tr.micro_batch_size
     n_mb = -(-b // mbs)
     tokens, _, n_all = dp.batch_counts(exp.response_mask.sum(), b, n_mb) if dp else (exp.response_mask.sum(), b, n_mb)

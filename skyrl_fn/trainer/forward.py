@@ -9,7 +9,9 @@ to its longest prompt and its longest response, not the whole batch's ``L``, and
 outputs are padded back with zeros. The result is the same (up to float rounding: the kept
 columns' math does not change, since no attended token sees a dropped one — the left padding
 is masked and positions count attended tokens, the right padding comes after every response
-token); the work shrinks with the padding.
+token); the work shrinks with the padding. The batched passes cut their micro-batches from the
+rows ordered by response length (``skyrl_fn.trainer.micro_batches``), so each micro-batch's rows
+have similar lengths, and return their ``[B, T]`` results in row order.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from skyrl_fn.models.model import ModelConfig, load_model, load_tokenizer, posit
 from skyrl_fn.rollout.base import RolloutBatch
 from skyrl_fn.rollout.sampling import nucleus_log_mass
 from skyrl_fn.trainer.fields import ON_REQUEST
+from skyrl_fn.trainer.micro_batches import in_row_order, length_order
 from skyrl_fn.trainer.run import ResolvedRun
 
 __all__ = [
@@ -147,7 +150,8 @@ def batched_log_probs(
 ) -> torch.Tensor:
     """``[B, T]`` float32 log-probs of ``rollout``'s responses under ``model`` (no grad) at the
     sampling ``temperature`` and ``top_p`` (:func:`sequence_log_probs`), in micro-batches of
-    ``micro_batch_size`` sequences; 0 where the response mask is 0."""
+    ``micro_batch_size`` sequences cut from the rows ordered by response length
+    (``skyrl_fn.trainer.micro_batches``); in row order, 0 where the response mask is 0."""
     return log_probs_and_fields(model, rollout, micro_batch_size=micro_batch_size, temperature=temperature, top_p=top_p)[0]
 
 
@@ -172,7 +176,8 @@ def log_probs_and_fields(
     unknown = sorted(set(fields) - ON_REQUEST)
     if unknown:
         raise ValueError(f"fields: expected names from {sorted(ON_REQUEST)}, got {unknown}")
-    ids, mask = rollout.sequences()
+    order = length_order(rollout.response_mask)  # micro-batches of rows of similar lengths
+    ids, mask = (x[order] for x in rollout.sequences())
     t = rollout.response_ids.shape[1]
     lps: list[torch.Tensor] = []
     computed: dict[str, list[torch.Tensor]] = {k: [] for k in fields}
@@ -184,7 +189,11 @@ def log_probs_and_fields(
         if "sum_pi_squared" in computed:
             computed["sum_pi_squared"].append(_pad_response(sum_pi_squared(logits, temperature=temperature), t))
     m = rollout.response_mask
-    return torch.where(m, torch.cat(lps), 0.0), {k: torch.where(m, torch.cat(v), 0.0) for k, v in computed.items()}
+
+    def rows(parts: list[torch.Tensor]) -> torch.Tensor:
+        return torch.where(m, in_row_order(torch.cat(parts), order), 0.0)
+
+    return rows(lps), {k: rows(v) for k, v in computed.items()}
 
 
 def response_values(critic: nn.Module, ids: torch.Tensor, mask: torch.Tensor, t: int) -> torch.Tensor:
@@ -199,11 +208,14 @@ def response_values(critic: nn.Module, ids: torch.Tensor, mask: torch.Tensor, t:
 
 @torch.no_grad()
 def batched_values(critic: nn.Module, rollout: RolloutBatch, *, micro_batch_size: int) -> torch.Tensor:
-    """``[B, T]`` float32 critic values ``V(s_t)`` before each response token; 0 off the mask."""
-    ids, mask = rollout.sequences()
+    """``[B, T]`` float32 critic values ``V(s_t)`` before each response token, in micro-batches
+    of ``micro_batch_size`` rows of similar lengths (as :func:`batched_log_probs`); in row order,
+    0 off the mask."""
+    order = length_order(rollout.response_mask)  # micro-batches of rows of similar lengths
+    ids, mask = (x[order] for x in rollout.sequences())
     t = rollout.response_ids.shape[1]
     out = [response_values(critic, ids[s : s + micro_batch_size], mask[s : s + micro_batch_size], t) for s in range(0, ids.shape[0], micro_batch_size)]
-    return torch.where(rollout.response_mask, torch.cat(out).float(), 0.0)
+    return torch.where(rollout.response_mask, in_row_order(torch.cat(out).float(), order), 0.0)
 
 
 @torch.no_grad()

@@ -32,6 +32,7 @@ from skyrl_fn.ops.compile import compile_loss
 from skyrl_fn.losses.objective import SUMMED_METRICS
 from skyrl_fn.core.records import PolicyLossInput, ReducedLoss
 from skyrl_fn.trainer.fields import step_fields
+from skyrl_fn.trainer.micro_batches import length_order
 from skyrl_fn.trainer.run import ResolvedRun
 
 # Re-exported: the learner's public surface is one import away (forward passes and experience
@@ -180,6 +181,16 @@ def policy_update(
     counts) is backpropagated; then the global gradient norm is clipped to ``trainer.grad_clip``
     and AdamW steps. The LR schedule steps once.
 
+    The micro-batches are cut from ``exp``'s rows ordered by response length, longest first
+    (``skyrl_fn.trainer.micro_batches``), so each forward pass runs on few padding columns —
+    unless the policy loss or the aggregation does not promise ``microbatch_invariant``
+    (``token_mean_legacy``, ``clip_cov``, ``kl_cov``: their loss depends on which rows share a
+    micro-batch, so they keep the row order, SkyRL's). The
+    order is the update's own: the normalisers count the whole batch, ``prompt_mean``'s
+    per-prompt totals follow each row, the old log-probs taken from the first epoch are kept per
+    micro-batch, and a skipped step names the caller's rows; the loss, gradient and metrics are
+    those of the micro-batches in row order up to float rounding.
+
     Args:
         run: the resolved run.
         state: the policy's ``TrainState`` (mutated: parameters, optimiser and schedule).
@@ -210,6 +221,11 @@ def policy_update(
     kernel = kernel or loss_kernel(run)
     model, opt = state.model, state.optimizer
     model.train()
+    lengths = exp.response_mask.sum(-1)  # of the caller's rows (a skipped step's report)
+    # Micro-batches of rows of similar lengths: row i of `exp` is the caller's row order[i]
+    # (the row order when the objective depends on which rows share a micro-batch).
+    order = length_order(exp.response_mask) if run.algorithm.microbatch_invariant else torch.arange(exp.batch_size)
+    exp = exp.rows(order)
     b, t = exp.batch_size, exp.response_len
     mask = exp.response_mask
     mbs = tr.micro_batch_size
@@ -251,7 +267,8 @@ def policy_update(
             finite = bool(torch.isfinite(out.loss))
             if not finite and bad is None:
                 tensors = {"advantages": mb.advantages, "log_probs": lp, "old_log_probs": old, "ref_log_probs": mb.ref_log_probs, "rollout_log_probs": mb.rollout_log_probs}
-                bad = {s + r: names for r, names in nonfinite_rows(tensors, mb.response_mask).items()}
+                rows = nonfinite_rows(tensors, mb.response_mask) if s < b else {}  # not the filler's
+                bad = {int(order[s + r]): names for r, names in rows.items()}
             if not finite and not dp:
                 break
             if dp:  # every rank makes the same calls, so it backpropagates even a non-finite loss
@@ -274,7 +291,7 @@ def policy_update(
         if not ok:
             what = "loss" if bad is not None else f"gradient (norm {float(grad_norm)})"
             rewards = scores if scores is not None else torch.full((b,), float("nan"))
-            reason = f"a non-finite {what} in update epoch {epoch + 1}: " + describe_rows(bad or {}, rewards=rewards, lengths=mask.sum(-1))
+            reason = f"a non-finite {what} in update epoch {epoch + 1}: " + describe_rows(bad or {}, rewards=rewards, lengths=lengths)
             skipped = {"skipped": 1.0, "skip_reason": reason, "grad_norm": float(grad_norm), "lr": float(opt.param_groups[0]["lr"])}
             if stepped:
                 state.scheduler.step()

@@ -62,6 +62,12 @@ ALGORITHMS = {
 #: reduce-scatter): float32 rounding, ~1e-7 relative per step, grows slowly through AdamW.
 REL, ABS = 1e-4, 1e-6
 SKIP = ("seconds", "per_s")
+#: The policy loss's own metrics are means per micro-batch (weighted by its rows), so they depend
+#: on which rows share a micro-batch; each rank cuts its micro-batches from its own share ordered
+#: by response length (skyrl_fn.trainer.micro_batches), so at W=1 and W=2 the micro-batches hold
+#: other rows and these agree only while the ratio is 1 (the first update epoch). The loss, its
+#: globally normalised terms, the gradient norm and the weights are compared.
+PER_MICRO_BATCH = ("ratio_mean", "ratio_min", "ratio_max", "approx_kl", "clip_frac_low", "clip_frac_high", "clip_ratio")
 
 
 def _run(path, *extra):
@@ -74,7 +80,7 @@ def _assert_same(got, want):
     for a, b in zip(got, want):
         assert set(a) == set(b)
         for k, v in b.items():
-            if isinstance(v, float) and not any(s in k for s in SKIP):
+            if isinstance(v, float) and not any(s in k for s in SKIP) and k not in PER_MICRO_BATCH:
                 assert a[k] == pytest.approx(v, rel=REL, abs=ABS), k
 
 

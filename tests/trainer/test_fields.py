@@ -174,7 +174,7 @@ def test_fields_reach_the_estimator_and_each_micro_batch_of_the_loss(make_config
     ))
     torch.testing.assert_close(exp.advantages, direct.advantages)
     policy_update(run, make_train_state(model, lr=1e-3), exp)
-    assert len(calls) == 3  # B = 12 in micro-batches of 5
+    assert len(calls) == 3  # B = 12 in micro-batches of 5, in row order (the loss promises no micro-batch invariance)
     for key in ("correct", "length"):
         torch.testing.assert_close(torch.cat([c[key] for c in calls]), rollout.extras[key])
     assert set(calls[0]) == {"correct", "length", "old_log_probs", "rollout_log_probs"}
