@@ -5,8 +5,9 @@ response) fit its rows.
 Cut in the sampled order, every micro-batch of a batch whose response lengths spread within each
 prompt group holds a row near the token limit, and trimming a micro-batch to its longest response
 saves almost nothing. Ordered by length, the micro-batches hold rows of similar lengths and the
-padded work shrinks to about the tokens the batch holds (on ``bench/scale.py``'s batch: about half
-of the update's CPU time at ``W = 1``).
+padded work shrinks to about the tokens the batch holds (measured on ``bench/scale.py``'s model: about
+half of the update's CPU time at ``W = 1`` on its first batch, whose response lengths spread over
+the range; 6–11 % on its later batches, where most responses reach the token limit).
 
 The order is a stable sort of the response lengths, **longest first** (ties keep their sampled
 order, so a batch always gives the same micro-batches): the widest micro-batch runs first, so a
