@@ -221,7 +221,7 @@ def policy_update(
     kernel = kernel or loss_kernel(run)
     model, opt = state.model, state.optimizer
     model.train()
-    lengths = exp.response_mask.sum(-1)  # of the caller's rows (a skipped step's report)
+    caller_mask = exp.response_mask  # the caller's rows (a skipped step's report counts their lengths)
     # Micro-batches of rows of similar lengths: row i of `exp` is the caller's row order[i]
     # (the row order when the objective depends on which rows share a micro-batch).
     order = length_order(exp.response_mask) if run.algorithm.microbatch_invariant else torch.arange(exp.batch_size)
@@ -291,7 +291,7 @@ def policy_update(
         if not ok:
             what = "loss" if bad is not None else f"gradient (norm {float(grad_norm)})"
             rewards = scores if scores is not None else torch.full((b,), float("nan"))
-            reason = f"a non-finite {what} in update epoch {epoch + 1}: " + describe_rows(bad or {}, rewards=rewards, lengths=lengths)
+            reason = f"a non-finite {what} in update epoch {epoch + 1}: " + describe_rows(bad or {}, rewards=rewards, lengths=caller_mask.sum(-1))
             skipped = {"skipped": 1.0, "skip_reason": reason, "grad_norm": float(grad_norm), "lr": float(opt.param_groups[0]["lr"])}
             if stepped:
                 state.scheduler.step()
