@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 from skyrl_fn.distributed.actors import RolloutWorker
-from skyrl_fn.distributed.layout import sample_on
+from skyrl_fn.distributed.layout import pad_id, sample_on
 from skyrl_fn.distributed.failures import WorkerDiedError
 from skyrl_fn.distributed.ray_workers import CPU_SHARES
 from skyrl_fn.distributed.sync_check import SyncTracker
@@ -46,7 +46,8 @@ class RankRollouts:
 
         cfg = run.config
         n = cfg.ray.rollout_workers
-        self.run, self.get = run, get
+        self.get = get
+        self.pad = pad_id(run) if n > 1 else None  # joins the workers' batches (sample_on)
         self.workers: list[Any] = []
         for i in range(n):
             handle = ray.remote(num_cpus=CPU_SHARES["rollout"] / n, max_restarts=0)(RolloutWorker).remote(run)
@@ -65,7 +66,7 @@ class RankRollouts:
         """Sample ``examples`` on the rollout workers (after the last step's weights reached
         them); the batch waits as ``key``. Returns the reference of its sampling seconds."""
         self.syncs.check(keep=self.lag)  # the last step's weights reached every worker, or stop here
-        generated, seconds = sample_on(self.workers, examples, seed, run=self.run, get=self.get)
+        generated, seconds = sample_on(self.workers, examples, seed, pad=self.pad, get=self.get)
         self.pending[key] = (step, generated)
         return seconds
 

@@ -18,7 +18,7 @@ from skyrl_fn.rollout.base import concat_rollouts  # re-exported: the join lives
 from skyrl_fn.trainer.run import ResolvedRun
 from skyrl_fn.trainer.workers import Generated
 
-__all__ = ["concat_rollouts", "split_prompts", "with_rollout_workers", "sample_on"]
+__all__ = ["concat_rollouts", "split_prompts", "with_rollout_workers", "pad_id", "sample_on"]
 
 
 def with_rollout_workers(run: ResolvedRun, n: int | None) -> ResolvedRun:
@@ -43,15 +43,21 @@ def split_prompts(items: Sequence[Any], n: int) -> list[list[Any]]:
     return out
 
 
-def sample_on(rollout: Sequence[Any], examples: Sequence[Any], seed: int, *, run: ResolvedRun, get: Callable) -> tuple[Any, Any]:
+def pad_id(run: ResolvedRun) -> int:
+    """The pad token id of ``run``'s tokenizer, which :func:`sample_on` pads joined batches with
+    (loaded once per run by the caller: a real model's tokenizer loads from disk)."""
+    return int(load_tokenizer(run.config.model, alphabet=run.make_task().alphabet).pad_token_id)
+
+
+def sample_on(rollout: Sequence[Any], examples: Sequence[Any], seed: int, *, pad: int | None, get: Callable) -> tuple[Any, Any]:
     """Sample ``examples`` on the rollout actors ``rollout`` (``RolloutWorker``): contiguous
     chunks (:func:`split_prompts`), worker ``i`` with seed ``seed + i``, so one worker samples
     exactly what a single trainer sampling itself would.
 
     Returns ``(reference of the Generated batch, reference of its sampling seconds)``: one
     worker's own results (the batch never passes through the driver), or, with several, the
-    parts joined here (``get`` waits for them; padded with ``run``'s pad token) and put
-    back into the object store.
+    parts joined here (``get`` waits for them; padded with the pad id ``pad``, :func:`pad_id`,
+    required then) and put back into the object store.
     """
     import ray
 
@@ -59,8 +65,9 @@ def sample_on(rollout: Sequence[Any], examples: Sequence[Any], seed: int, *, run
     outs = [w.generate_split.options(num_returns=2).remote(c, seed + i) for i, (w, c) in enumerate(zip(rollout, chunks))]
     if len(outs) == 1:
         return outs[0][0], outs[0][1]
+    if pad is None:
+        raise ValueError(f"pad: expected the tokenizer's pad id to join the batches of {len(outs)} rollout workers, got None")
     parts = get([o[0] for o in outs])  # few workers: join the batches on the driver
-    tokenizer = load_tokenizer(run.config.model, alphabet=run.make_task().alphabet)
-    rollout_batch = concat_rollouts([p.rollout for p in parts], pad_id=int(tokenizer.pad_token_id))
+    rollout_batch = concat_rollouts([p.rollout for p in parts], pad_id=pad)
     joined = Generated(rollout=rollout_batch, scores=torch.cat([p.scores for p in parts]), seconds=max(p.seconds for p in parts))
     return ray.put(joined), outs[0][1]

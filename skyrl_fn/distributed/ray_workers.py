@@ -41,7 +41,7 @@ from skyrl_fn.distributed.actors import (
     release,
 )
 from skyrl_fn.distributed.devices import gpu_plan
-from skyrl_fn.distributed.layout import sample_on, with_rollout_workers
+from skyrl_fn.distributed.layout import pad_id, sample_on, with_rollout_workers
 from skyrl_fn.trainer.run import ResolvedRun
 from skyrl_fn.trainer.workers import Generated, WorkersState
 
@@ -118,6 +118,7 @@ class RayWorkers(NamedActors):
             start(RolloutWorker, "rollout", i, CPU_SHARES["rollout"] / max(1, n_rollout), f"rollout worker {i} (RolloutWorker)")
             for i in range(n_rollout)
         ]
+        self.pad = pad_id(run) if n_rollout > 1 else None  # joins the workers' batches (sample_on)
         if self.plan is not None and self.plan.colocate:
             # Engines first: vLLM needs gpu_memory_utilization x total free at start-up, then
             # sleeps, so the trainer-side models load into the memory it frees.
@@ -151,7 +152,7 @@ class RayWorkers(NamedActors):
             generated, seconds = self.policy.generate_here.options(num_returns=2).remote(examples, seed, True)
             return _Sampled(generated, seconds)
         self.syncs.check(keep=self.lag)  # the last step's weights reached every worker, or stop here
-        return _Sampled(*sample_on(self.rollout, examples, seed, run=self.run, get=self.get))
+        return _Sampled(*sample_on(self.rollout, examples, seed, pad=self.pad, get=self.get))
 
     def transform(self, fn, *generated: _Sampled):
         # In the policy actor: the batches are there already in the hybrid layout, and go there next
