@@ -24,7 +24,7 @@ import torch
 
 from skyrl_fn.core import _alloc
 
-__all__ = ["numpy_view", "zero_one_to_bool", "zero_off_mask", "executor"]
+__all__ = ["numpy_view", "zero_one_to_bool", "zero_off_mask"]
 
 # 256 KiB blocks measured fastest on the 2-core dev machine (64 KiB - 1 MiB tried).
 _NUMPY_BLOCK_BYTES = 256 << 10
@@ -47,14 +47,10 @@ _pool_lock = threading.Lock()
 _pool: dict = {"pid": None, "workers": 0, "executor": None}
 
 
-def executor(workers: int) -> ThreadPoolExecutor:
-    """The process's pool of ``workers`` threads for blocked passes (made again after a fork or
-    when another size is asked for)."""
-    return _executor(workers)
-
-
 def _executor(workers: int) -> ThreadPoolExecutor:
-    # Keyed by pid: a forked child inherits the executor object but not its threads.
+    """The process's pool of ``workers`` threads for blocked passes (made again after a fork or
+    when another size is asked for). Keyed by pid: a forked child inherits the executor object but
+    not its threads."""
     with _pool_lock:
         if _pool["pid"] != os.getpid() or _pool["workers"] != workers:
             if _pool["pid"] == os.getpid():

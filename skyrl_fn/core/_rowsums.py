@@ -11,11 +11,8 @@ outcome scores are the same sums (``skyrl_fn.core.records`` computes them once, 
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
-from skyrl_fn.core._blocked import executor
 from skyrl_fn.core._facts import recall, remember
 
 __all__ = [
@@ -23,9 +20,6 @@ __all__ = [
     "row_blocks",
     "mask_rows",
     "masked_row_sums",
-    "inline_rows",
-    "run_row_chunks",
-    "INLINE_ELEMENTS",
     "remembered_outcome_scores",
     "known_outcome_scores",
     "BLOCK_BYTES",
@@ -70,52 +64,6 @@ def mask_rows(x: torch.Tensor, mask: torch.Tensor, *, out: torch.Tensor) -> torc
     return out
 
 
-#: ATen runs an element-wise op or reduction over at most this many elements in the calling thread
-#: (``at::internal::GRAIN_SIZE``); a larger one opens an OpenMP region over every torch thread.
-INLINE_ELEMENTS = 32768
-#: Below this many blocks per thread the hand-off costs more than it saves.
-_MIN_BLOCKS_PER_THREAD = 8
-
-
-def inline_rows(x: torch.Tensor) -> int:
-    """Rows per block of a ``[B, T]`` pass over ``x`` (for :func:`run_row_chunks`).
-
-    With one torch thread, blocks of about :data:`BLOCK_BYTES` (no OpenMP region is ever opened,
-    and fewer, larger blocks cost less Python per byte). With more, blocks of at most
-    :data:`INLINE_ELEMENTS`, so that every op runs in the thread that calls it. Off the CPU, one
-    block.
-    """
-    if x.device.type != "cpu":
-        return max(x.shape[0], 1)
-    if torch.get_num_threads() == 1:
-        return row_blocks(x).step
-    return max(1, INLINE_ELEMENTS // max(1, x.shape[1]))
-
-
-def run_row_chunks(b: int, rows: int, device: torch.device, body: Callable[[int, int], None]) -> None:
-    """``body(start, stop)`` over ``[0, b)`` split into contiguous chunks of whole ``rows``-row
-    blocks, one chunk per torch thread (``torch.get_num_threads()``) on Python threads; the caller
-    runs the first. Off the CPU: one call over everything.
-
-    Why not torch's own threads: a blocked loop of small ops opens one OpenMP region per op, and
-    each region waits at a barrier for every thread; on a loaded machine a descheduled thread
-    stalls every region (measured: a 2-thread ``masked_row_sums`` 15x slower than 1 thread at load
-    average 18). Blocks of at most :data:`INLINE_ELEMENTS` run each op in the calling thread, and
-    the chunks meet once, at the end. torch releases the GIL inside each op.
-    """
-    blocks = -(-b // rows)
-    workers = 1 if device.type != "cpu" else max(1, min(torch.get_num_threads(), blocks // _MIN_BLOCKS_PER_THREAD))
-    if workers == 1:
-        body(0, b)
-        return
-    per = -(-blocks // workers) * rows
-    bounds = [(start, min(start + per, b)) for start in range(0, b, per)]
-    futures = [executor(workers).submit(body, start, stop) for start, stop in bounds[1:]]
-    body(*bounds[0])
-    for f in futures:
-        f.result()
-
-
 def masked_row_sums(r: torch.Tensor, mask: torch.Tensor, *, with_lengths: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``[B]`` sums of ``r [B, T]`` over the bool ``mask [B, T]`` in the accumulation dtype, and
     (``with_lengths``) the ``[B]`` mask counts in that dtype, else None.
@@ -124,41 +72,33 @@ def masked_row_sums(r: torch.Tensor, mask: torch.Tensor, *, with_lengths: bool =
     :func:`mask_rows` (exactly ``torch.where``'s zeros), never with a float product, where
     ``NaN * 0`` would leak. Each row is summed by ``torch.sum(dim=-1)`` over its masked copy, so
     the result equals ``torch.where(mask, r, 0).sum(-1, dtype=accum_dtype(r.dtype))`` bit for bit.
-    On CPU the blocks are small enough to run in the calling thread, in chunks over Python threads
-    (:func:`run_row_chunks`).
+    Each block's ops use torch's own intra-op threads.
     """
     acc = accum_dtype(r.dtype)
     b = r.shape[0]
     scores = torch.empty(b, dtype=acc, device=r.device)
     # Counted in int32 (a float accumulator makes the count 2.5x slower), converted once.
     lengths = torch.empty(b, dtype=torch.int32, device=r.device) if with_lengths else None
-    rows = inline_rows(r)
+    rows = row_blocks(r).step
     bits = _SAME_WIDTH_INT.get(r.dtype)
-
-    def chunk(start: int, stop: int) -> None:
-        # One scratch block per chunk for every masked product: a fresh temporary per block goes
-        # through malloc each time (measured: 2x slower overall).
-        scratch = torch.empty((min(rows, stop - start), r.shape[1]), dtype=r.dtype, device=r.device)
-        n = stop - start
-        counts = lengths[start:stop].split(rows) if lengths is not None else [None] * -(-n // rows)
-        # Views split once; mask_rows inlined so the count reads the 0/1 integers the scratch
-        # holds midway.
-        parts = zip(r[start:stop].split(rows), mask[start:stop].split(rows), scores[start:stop].split(rows), counts)
-        for r_part, m_part, s_part, c_part in parts:
-            values = scratch if r_part.shape[0] == scratch.shape[0] else scratch[: r_part.shape[0]]
-            if bits is None:  # no same-width integer: torch.where, counted from the mask
-                mask_rows(r_part, m_part, out=values)
-                if c_part is not None:
-                    torch.sum(m_part, dim=-1, dtype=torch.int32, out=c_part)
-            else:
-                target = values.view(bits)
-                target.copy_(m_part)
-                if c_part is not None:
-                    torch.sum(target, dim=-1, dtype=torch.int32, out=c_part)
-                target.mul_(r_part.view(bits))
-            torch.sum(values, dim=-1, dtype=acc, out=s_part)
-
-    run_row_chunks(b, rows, r.device, chunk)
+    # One scratch block for every masked product: a fresh temporary per block goes through malloc
+    # each time (measured: 2x slower overall).
+    scratch = torch.empty((min(rows, b), r.shape[1]), dtype=r.dtype, device=r.device)
+    counts = lengths.split(rows) if lengths is not None else [None] * -(-b // rows)
+    # Views split once; mask_rows inlined so the count reads the 0/1 integers the scratch holds midway.
+    for r_part, m_part, s_part, c_part in zip(r.split(rows), mask.split(rows), scores.split(rows), counts):
+        values = scratch if r_part.shape[0] == scratch.shape[0] else scratch[: r_part.shape[0]]
+        if bits is None:  # no same-width integer: torch.where, counted from the mask
+            mask_rows(r_part, m_part, out=values)
+            if c_part is not None:
+                torch.sum(m_part, dim=-1, dtype=torch.int32, out=c_part)
+        else:
+            target = values.view(bits)
+            target.copy_(m_part)
+            if c_part is not None:
+                torch.sum(target, dim=-1, dtype=torch.int32, out=c_part)
+            target.mul_(r_part.view(bits))
+        torch.sum(values, dim=-1, dtype=acc, out=s_part)
     return scores, (lengths.to(acc) if lengths is not None else None)
 
 

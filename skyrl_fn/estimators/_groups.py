@@ -20,12 +20,10 @@ from skyrl_fn.core import _alloc
 from skyrl_fn.core._checks import certify_masked_rows
 from skyrl_fn.core._rowsums import (
     accum_dtype,
-    inline_rows,
     known_outcome_scores,
     mask_rows,
     masked_row_sums,
     row_blocks,
-    run_row_chunks,
 )
 
 __all__ = [
@@ -102,20 +100,15 @@ def broadcast_to_tokens(per_sample: torch.Tensor, response_mask: torch.Tensor, d
     """``[B, T]``: ``per_sample [B]`` on every response token, 0 elsewhere, cast to ``dtype``.
 
     The same values as ``torch.where(response_mask, per_sample[:, None], 0)``, bit for bit (see
-    :func:`mask_rows`), written into a fresh huge-page-backed output in blocks small enough to run
-    in the calling thread, in chunks over Python threads (:func:`skyrl_fn.core._rowsums.run_row_chunks`).
-    The output is certified (:func:`skyrl_fn.core._checks.certify_masked_rows`), so the table's output
-    check reads the ``[B]`` values' finiteness instead of the ``[B, T]`` output.
+    :func:`mask_rows`), written into a fresh huge-page-backed output in cache-sized row blocks
+    (:func:`skyrl_fn.core._rowsums.row_blocks`). The output is certified
+    (:func:`skyrl_fn.core._checks.certify_masked_rows`), so the table's output check reads the
+    ``[B]`` values' finiteness instead of the ``[B, T]`` output.
     """
     m = response_mask
     values = per_sample.to(dtype)[:, None]
     out = _alloc.empty(tuple(m.shape), dtype, m.device)
-    rows = inline_rows(out)
-
-    def chunk(start: int, stop: int) -> None:
-        for first in range(start, stop, rows):
-            last = min(first + rows, stop)
-            mask_rows(values[first:last], m[first:last], out=out[first:last])
-
-    run_row_chunks(out.shape[0], rows, out.device, chunk)
+    rows = row_blocks(out).step
+    for v_part, m_part, o_part in zip(values.split(rows), m.split(rows), out.split(rows)):
+        mask_rows(v_part, m_part, out=o_part)
     return certify_masked_rows(out, values, m)

@@ -1,5 +1,5 @@
 """Blocked masked row sums and the blocked broadcast equal the one-shot torch expressions bit for
-bit, in one thread with large blocks and split over threads with small inline blocks."""
+bit, with one torch thread or several."""
 
 from __future__ import annotations
 
@@ -15,16 +15,15 @@ from skyrl_fn.estimators._groups import broadcast_to_tokens
 BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 
 
-@pytest.fixture(autouse=True, params=["one thread", "three threads"])
+@pytest.fixture(autouse=True, params=[1, 3])
 def threads(request, monkeypatch):
-    """Tiny blocks so a few rows span many; one torch thread (large blocks, one chunk) or three
-    (inline blocks, one chunk per thread)."""
+    """Tiny blocks so a few rows span many; the torch thread count must not change a bit."""
     monkeypatch.setattr(_rowsums, "BLOCK_BYTES", 16)
     monkeypatch.setattr(_rowsums.row_blocks, "__defaults__", (16,))
-    monkeypatch.setattr(_rowsums, "INLINE_ELEMENTS", 8)
-    monkeypatch.setattr(_rowsums, "_MIN_BLOCKS_PER_THREAD", 1)
-    n = 1 if request.param == "one thread" else 3
-    monkeypatch.setattr(_rowsums.torch, "get_num_threads", lambda: n)
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield
+    torch.set_num_threads(before)
 
 
 @given(
