@@ -1,6 +1,6 @@
 """The reference model, the distillation teacher and the critic of a data-parallel run, sharded
 with FSDP2 over the policy's ``W`` ranks (``--trainer.workers W``) and run inside the rank actors
-(``skyrl_fn.distributed.dp.PolicyRank``): no separate actor sees the whole batch.
+(``skyrl_fn.distributed.dp_rank.PolicyRank``): no separate actor sees the whole batch.
 
 * A frozen scorer (reference, teacher): built with the same seed as the single-actor role, then
   sharded; its log-probs of the step's batch are computed by every rank on its own share of rows
