@@ -22,7 +22,7 @@ from skyrl_fn.rollout.weight_sync import BroadcastSender, free_port
 from skyrl_fn.distributed.devices import actor_device, to_device
 from skyrl_fn.distributed.weights import PackedWeights, pack, unpack
 from skyrl_fn.trainer import checkpoint as ckpt
-from skyrl_fn.trainer import workers as roles
+from skyrl_fn.trainer import roles
 from skyrl_fn.trainer.run import ResolvedRun
 from skyrl_fn.trainer.loop import seed_everything
 from skyrl_fn.trainer.teacher import TeacherWorker

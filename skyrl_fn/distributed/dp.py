@@ -58,7 +58,8 @@ from skyrl_fn.trainer import checkpoint as ckpt
 from skyrl_fn.trainer import shards
 from skyrl_fn.trainer.run import ResolvedRun
 from skyrl_fn.trainer.timing import UPDATE_TIMINGS
-from skyrl_fn.trainer.workers import Generated, ShardWriter, WorkersState, trained_roles
+from skyrl_fn.trainer.workers import trained_roles
+from skyrl_fn.trainer.roles import Generated, ShardWriter, WorkersState
 
 __all__ = ["PolicyRank", "DPWorkers", "Held", "share_rows"]
 

@@ -29,7 +29,8 @@ from skyrl_fn.trainer.sharding import (
     Collectives, full_state_dict, gathered, init_process_group, reshard, shard_model,
 )
 from skyrl_fn.tasks.base import reward_function_name
-from skyrl_fn.trainer.workers import Generated, RoleState, SavedShards, load_role_state, score_rollout, trained_roles
+from skyrl_fn.trainer.workers import trained_roles
+from skyrl_fn.trainer.roles import Generated, RoleState, SavedShards, load_role_state, score_rollout
 
 __all__ = ["PolicyRank"]
 

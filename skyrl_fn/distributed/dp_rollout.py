@@ -27,7 +27,7 @@ from skyrl_fn.distributed.failures import WorkerDiedError
 from skyrl_fn.distributed.ray_workers import CPU_SHARES
 from skyrl_fn.distributed.sync_check import SyncTracker
 from skyrl_fn.trainer.run import ResolvedRun
-from skyrl_fn.trainer.workers import Generated
+from skyrl_fn.trainer.roles import Generated
 
 __all__ = ["RankRollouts"]
 

@@ -16,7 +16,7 @@ import torch
 from skyrl_fn.models.model import load_tokenizer
 from skyrl_fn.rollout.base import concat_rollouts  # re-exported: the join lives with the record
 from skyrl_fn.trainer.run import ResolvedRun
-from skyrl_fn.trainer.workers import Generated
+from skyrl_fn.trainer.roles import Generated
 
 __all__ = ["concat_rollouts", "split_prompts", "with_rollout_workers", "pad_id", "sample_on"]
 

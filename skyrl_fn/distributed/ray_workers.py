@@ -43,7 +43,7 @@ from skyrl_fn.distributed.actors import (
 from skyrl_fn.distributed.devices import gpu_plan
 from skyrl_fn.distributed.layout import pad_id, sample_on, with_rollout_workers
 from skyrl_fn.trainer.run import ResolvedRun
-from skyrl_fn.trainer.workers import Generated, WorkersState
+from skyrl_fn.trainer.roles import Generated, WorkersState
 
 __all__ = ["CPU_SHARES", "WorkerDiedError", "RayWorkers"]
 

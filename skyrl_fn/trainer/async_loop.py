@@ -36,7 +36,8 @@ import attrs
 from skyrl_fn.trainer.run import ResolvedRun
 from skyrl_fn.rollout.base import RolloutBatch
 from skyrl_fn.tasks.base import DataState, Task, next_prompts
-from skyrl_fn.trainer.workers import Generated, Workers
+from skyrl_fn.trainer.workers import Workers
+from skyrl_fn.trainer.roles import Generated
 
 __all__ = ["InFlight", "AsyncRollouts", "staleness_metrics", "generated_to_plain", "generated_from_plain"]
 

@@ -35,7 +35,8 @@ import torch
 
 from skyrl_fn.trainer.run import ResolvedRun
 from skyrl_fn.rollout.base import concat_rollouts
-from skyrl_fn.trainer.workers import Generated, Workers
+from skyrl_fn.trainer.workers import Workers
+from skyrl_fn.trainer.roles import Generated
 from skyrl_fn.transforms import BatchPipeline, SampleBatch
 
 __all__ = ["sample_batch_of", "apply_sample_batch", "collect", "refill_seed", "transform_step", "batch_totals"]

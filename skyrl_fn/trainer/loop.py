@@ -36,7 +36,8 @@ from skyrl_fn.trainer.experience import kl_controller_of
 from skyrl_fn.trainer.nonfinite import SkipCounter
 from skyrl_fn.trainer.resume import check_resume
 from skyrl_fn.tasks.base import DataState, next_prompts
-from skyrl_fn.trainer.workers import LocalWorkers, RoleState, ShardWriter, Workers, WorkersState, state_from_checkpoint, trained_roles
+from skyrl_fn.trainer.workers import LocalWorkers, Workers, state_from_checkpoint, trained_roles
+from skyrl_fn.trainer.roles import RoleState, ShardWriter, WorkersState
 
 __all__ = ["Summary", "seed_everything", "rollout_seed", "run_step", "step_timing", "check_checkpoint", "train"]
 

@@ -124,14 +124,14 @@ def test_backend_protocol_and_vllm_check(setup, monkeypatch):
 def test_vllm_fails_before_any_model_loads(make_config, table, monkeypatch):
     from skyrl_fn.trainer import loop
     from skyrl_fn.models import model as model_mod
-    from skyrl_fn.trainer import workers
+    from skyrl_fn.trainer import roles
     from skyrl_fn.trainer.run import resolve
 
     def boom(*a, **k):
         raise AssertionError("a model was built before the backend check")
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(workers, "load_model", boom)
+    monkeypatch.setattr(roles, "load_model", boom)
     monkeypatch.setattr(model_mod, "build_tiny_model", boom)
     run = resolve(make_config(rollout={"backend": "vllm"}), table)
     with pytest.raises(BackendUnavailableError, match="vllm"):

@@ -14,7 +14,7 @@ from skyrl_fn.trainer.run import resolve
 from skyrl_fn.trainer.experience import make_experience
 from skyrl_fn.trainer.loop import train
 from skyrl_fn.rollout.base import RolloutBatch
-from skyrl_fn.trainer.workers import Generated
+from skyrl_fn.trainer.roles import Generated
 from skyrl_fn.transforms import BatchPipeline, overlong_filter, overlong_penalty, zero_variance_filter
 
 _TIMING = {"step_seconds", "rollout_seconds", "rollout_tokens_per_s", "tokens_per_s", "update_seconds", "update_cpu_seconds", "update_queue_seconds"}
@@ -125,7 +125,7 @@ def test_bad_transform_settings_fail_at_resolve(make_config, algorithm, error, m
 def test_the_hf_backend_marks_responses_cut_at_max_new_tokens(make_config):
     from skyrl_fn.models.model import eos_token_ids
     from skyrl_fn.tasks.base import DataState, next_prompts
-    from skyrl_fn.trainer.workers import PolicyWorker
+    from skyrl_fn.trainer.roles import PolicyWorker
 
     run = resolve(make_config(rollout={"max_new_tokens": 2, "samples_per_prompt": 8}), DEFAULT_TABLE)
     worker = PolicyWorker(run, samples=True)

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from skyrl_fn.rollout.base import RolloutBatch
 from skyrl_fn.trainer.batch_transforms import collect
-from skyrl_fn.trainer.workers import Generated
+from skyrl_fn.trainer.roles import Generated
 from skyrl_fn.transforms import BatchPipeline, dynamic_sampling
 from tests.peers import skyrl_batch_utils
 

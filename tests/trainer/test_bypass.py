@@ -14,7 +14,7 @@ from skyrl_fn.trainer.learner import make_experience, make_train_state, policy_u
 from skyrl_fn.models.model import build_tiny_model, build_tokenizer
 from skyrl_fn.rollout.base import HFBackend
 from skyrl_fn.tasks.base import DataState, next_prompts
-from skyrl_fn.trainer.workers import PolicyWorker
+from skyrl_fn.trainer.roles import PolicyWorker
 
 PROMPTS = ["n:74>", "n:35>"]
 

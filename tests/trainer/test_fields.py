@@ -25,7 +25,7 @@ from skyrl_fn.trainer.forward import log_probs_and_fields, old_policy_pass, resp
 from skyrl_fn.trainer.learner import make_experience, make_train_state, policy_update
 from skyrl_fn.trainer.loop import train
 from skyrl_fn.trainer.run import resolve
-from skyrl_fn.trainer.workers import Generated, generate_and_score
+from skyrl_fn.trainer.roles import Generated, generate_and_score
 from skyrl_fn.transforms import BatchPipeline, zero_variance_filter
 
 

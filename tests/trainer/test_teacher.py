@@ -88,7 +88,7 @@ def test_distill_needs_a_teacher_and_the_teacher_settings_are_checked(make_confi
 
 def test_distillation_added_to_grpo_changes_the_advantages_by_the_term(make_config):
     from skyrl_fn.trainer.experience import make_experience
-    from skyrl_fn.trainer.workers import PolicyWorker
+    from skyrl_fn.trainer.roles import PolicyWorker
 
     run = resolve(make_config(teacher={"model": "tiny", "coef": 0.5, **TINY}), DEFAULT_TABLE)
     worker = PolicyWorker(run, samples=True)
