@@ -151,6 +151,27 @@ def test_warmup_schedule():
         make_optimizer(model, lr=0.0)
 
 
+def test_adamw_is_fused_on_the_cpu_and_steps_as_the_looped_adamw():
+    """make_optimizer's AdamW runs torch's fused kernel; its steps are the per-parameter loop's
+    within float rounding (weight decay, warm-up and gradients of several scales)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 3))
+    twin, start = copy.deepcopy(model), copy.deepcopy(model)
+    opt, sched = make_optimizer(model, lr=3e-3, weight_decay=0.1, warmup_steps=2)
+    assert opt.defaults["fused"] is True
+    looped = torch.optim.AdamW(twin.parameters(), lr=3e-3, weight_decay=0.1, betas=(0.9, 0.999), eps=1e-8, foreach=False)
+    ref_sched = torch.optim.lr_scheduler.LambdaLR(looped, lambda k: min(1.0, (k + 1) / 2))
+    g = torch.Generator().manual_seed(1)
+    for step in range(12):
+        for p, q in zip(model.parameters(), twin.parameters()):
+            p.grad = torch.randn(p.shape, generator=g) * 10.0 ** (step % 5 - 2)
+            q.grad = p.grad.clone()
+        opt.step(), looped.step(), sched.step(), ref_sched.step()
+    for p, q, p0 in zip(model.parameters(), twin.parameters(), start.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+        assert (p - p0).abs().max() > 1e-3  # they moved (together), not stayed put
+
+
 def test_critic_and_gae(make_config, table):
     cfg = make_config(algorithm={"advantage_estimator": "gae", "estimator": {"lambd": 0.95}}, trainer={"micro_batch_size": 5})
     run = resolve(cfg, table)
