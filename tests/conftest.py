@@ -54,6 +54,19 @@ RAY_MODULES = frozenset({
     "tests/distributed/test_ray_runner.py",
 })
 RAY_UNIT = "ray_session"
+#: The ``RAY_MODULES`` whose fast tests run Ray tasks but train nothing, in the order they run: one
+#: after another, so their tasks share the session's warm workers (torch imported). A cold worker costs
+#: ~4 s of CPU, and Ray stops the idle ones while a training run's actors live.
+RAY_TASK_MODULES = ("tests/compat/test_compat_ray.py", "tests/compat/test_registry_facade.py", "tests/test_seeds.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Move the tests of ``RAY_TASK_MODULES`` to where the first of them is (same order in every process)."""
+    tasks = [it for it in items if it.nodeid.split("::")[0] in RAY_TASK_MODULES]
+    if tasks:
+        first = items.index(tasks[0])
+        rest = [it for it in items if it.nodeid.split("::")[0] not in RAY_TASK_MODULES]
+        items[:] = rest[:first] + tasks + rest[first:]
 #: Modules of few, long tests, which xdist's most-tests-first order would leave for the end: the
 #: launcher's own local Ray run in a subprocess (~30 s of CPU).
 LONG_MODULES = ("tests/cli/test_smoke.py",)
