@@ -37,16 +37,23 @@ setup-real: setup
 train: setup
 	$(BIN)/python launch/train.py $(ARGS)
 
+# pytest with bytecode caching on, even where PYTHONDONTWRITEBYTECODE is set: pytest rewrites the
+# asserts of every module of its plugins' packages (hypothesis, xdist, anyio, typeguard: ~150
+# modules) and of the tests in each process it starts, and each Ray actor and launcher subprocess
+# compiles this package again, unless they may cache it (.pyc files under .venv and __pycache__/,
+# which git ignores). Without the cache each pytest-xdist process spends ~9 s more CPU collecting.
+PYTEST := PYTHONDONTWRITEBYTECODE= $(BIN)/python -m pytest
+
 # The suite CI runs: the import contracts ([tool.importlinter] in pyproject.toml), then every test
 # except runs marked slow (a short end-to-end run is not slow).
 test: setup
 	$(BIN)/lint-imports
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir $(VENV)/site
-	$(BIN)/python -m pytest -m "not slow" -n $(PYTEST_WORKERS) $(PYTEST_DIST) $(PYTEST_ARGS)
+	$(PYTEST) -m "not slow" -n $(PYTEST_WORKERS) $(PYTEST_DIST) $(PYTEST_ARGS)
 
 test-all: setup
 	$(BIN)/lint-imports
-	HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-deep} $(BIN)/python -m pytest -n $(PYTEST_WORKERS) $(PYTEST_DIST) $(PYTEST_ARGS)
+	HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-deep} $(PYTEST) -n $(PYTEST_WORKERS) $(PYTEST_DIST) $(PYTEST_ARGS)
 
 bench: setup
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done

@@ -34,32 +34,39 @@ settings.register_profile("thorough", max_examples=500, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 
-#: The modules that use the ``ray_session`` fixture. Under ``make test`` (xdist ``--dist loadscope``,
-#: ``-m "not slow"``) they run as one work unit, in one pytest-xdist process and so in one Ray session: a second session
-#: costs ~8 s of CPU, and Ray tasks reuse the session's warm workers (torch already imported). The
-#: unit is scheduled first, as it is the longest; the other process starts with ``LONG_MODULES``, and
-#: both share what is left (the most tests first, xdist's order). A module that uses ``ray_session``
-#: without being listed fails.
+#: The modules whose fast tests (not marked ``slow``) use the ``ray_session`` fixture. Under ``make test``
+#: (xdist ``--dist loadscope``, ``-m "not slow"``) they run as one work unit, in one pytest-xdist process and so in
+#: one Ray session: a second session costs ~8 s of CPU, and Ray tasks reuse the session's warm workers (torch
+#: already imported). The unit is scheduled first, as it is the longest; the other process starts with
+#: ``LONG_MODULES``, and both share what is left (the most tests first, xdist's order). A fast test that uses
+#: ``ray_session`` outside these modules fails. A module whose Ray runs are all slow stays out: its fast tests
+#: would only lengthen the Ray unit, the longer of the two processes (``make test-all`` has no Ray unit).
 RAY_MODULES = frozenset({
     "tests/test_seeds.py",
-    "tests/cli/test_algorithms_smoke.py",
     "tests/cli/test_async_on_ray.py",
-    "tests/cli/test_batch_transforms_on_ray.py",
-    "tests/cli/test_documented_commands.py",
     "tests/cli/test_fields_on_ray.py",
     "tests/cli/test_losses_on_ray.py",
-    "tests/cli/test_plugins_on_ray.py",
     "tests/cli/test_run_plugins_on_ray.py",
-    "tests/cli/test_teacher_on_ray.py",
     "tests/compat/test_compat_ray.py",
     "tests/compat/test_registry_facade.py",
     "tests/compat/test_skyrl_launcher.py",
     "tests/distributed/test_dp.py",
-    "tests/distributed/test_ray_faults.py",
     "tests/distributed/test_ray_runner.py",
-    "tests/distributed/test_sync_check.py",
 })
 RAY_UNIT = "ray_session"
+#: The ``RAY_MODULES`` whose fast tests run Ray tasks but train nothing, in the order they run: one
+#: after another, so their tasks share the session's warm workers (torch imported). A cold worker costs
+#: ~4 s of CPU, and Ray stops the idle ones while a training run's actors live.
+RAY_TASK_MODULES = ("tests/compat/test_compat_ray.py", "tests/compat/test_registry_facade.py", "tests/test_seeds.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Move the tests of ``RAY_TASK_MODULES`` to where the first of them is (same order in every process)."""
+    tasks = [it for it in items if it.nodeid.split("::")[0] in RAY_TASK_MODULES]
+    if tasks:
+        first = items.index(tasks[0])
+        rest = [it for it in items if it.nodeid.split("::")[0] not in RAY_TASK_MODULES]
+        items[:] = rest[:first] + tasks + rest[first:]
 #: Modules of few, long tests, which xdist's most-tests-first order would leave for the end: the
 #: launcher's own local Ray run in a subprocess (~30 s of CPU).
 LONG_MODULES = ("tests/cli/test_smoke.py",)
@@ -67,8 +74,8 @@ LONG_MODULES = ("tests/cli/test_smoke.py",)
 
 def pytest_runtest_setup(item):
     module = item.nodeid.split("::")[0]
-    if "ray_session" in item.fixturenames and module not in RAY_MODULES:
-        pytest.fail(f"{module} uses the ray_session fixture: add it to RAY_MODULES in tests/conftest.py", pytrace=False)
+    if "ray_session" in item.fixturenames and module not in RAY_MODULES and item.get_closest_marker("slow") is None:
+        pytest.fail(f"{module} has a fast test that uses the ray_session fixture: add it to RAY_MODULES in tests/conftest.py", pytrace=False)
 
 
 try:

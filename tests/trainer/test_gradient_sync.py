@@ -7,8 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-import torch.distributed.fsdp._fully_shard._fsdp_param_group as param_group
-from torch.distributed.fsdp import FSDPModule
 
 from skyrl_fn.models.model import build_tiny_model, build_tokenizer
 from skyrl_fn.rollout.base import HFBackend
@@ -30,6 +28,10 @@ def group():
 @pytest.fixture
 def counted(monkeypatch):
     """Calls of FSDP2's gradient reduction (one reduce-scatter per FSDP module each)."""
+    # Imported here, not at the top: torch.distributed.fsdp takes ~1 s to import, which every
+    # pytest-xdist process would pay at collection (skyrl_fn imports it only when it shards).
+    import torch.distributed.fsdp._fully_shard._fsdp_param_group as param_group
+
     calls = {"reduce": 0}
 
     def counting(name, fn):
@@ -52,7 +54,7 @@ def test_one_reduce_scatter_per_module_and_optimiser_step(make_config, table, gr
     rollout = HFBackend(model.eval(), tok, cfg.rollout).generate(["n:74>", "n:35>"], seed=0)  # 8 rows: 3 micro-batches
     exp, _ = make_experience(run, rollout, torch.linspace(0, 1, rollout.batch_size))
     model = shard_model(model, device="cpu")
-    modules = sum(isinstance(m, FSDPModule) for m in model.modules())  # each block, and the root
+    modules = sum(isinstance(m, torch.distributed.fsdp.FSDPModule) for m in model.modules())  # each block, and the root
     state = make_train_state(model, lr=1e-3)
     with gathered(model.eval(), keep=True):  # as after sampling
         out = policy_update(run, state, exp, dp=group)
