@@ -3,9 +3,9 @@
 torch's CPU comparison kernels that write ``bool`` run element by element (``x != 0`` on a
 64 MiB float32 mask: 13 ms); numpy's are vectorised. Each pass here walks the tensor in blocks of
 ``_NUMPY_BLOCK_BYTES`` so every temporary stays in cache and the tensor is read from memory once,
-and splits the blocks into one contiguous chunk per torch thread (``torch.get_num_threads()``,
-so a process limited to one thread, as Ray tasks are, runs one chunk). numpy releases the GIL
-inside these operations, so the chunks run in parallel.
+in the calling thread. (Splitting the blocks over a pool of Python threads, one per torch thread,
+was 1.3-2x slower at 2 threads whenever torch ops ran just before or after: torch's OpenMP threads
+still spin for the next parallel region while numpy's threads want the same cores.)
 
 Every function answers "provably fine" or "not proven": on False the caller runs its plain torch
 check, which finds and reports the bad element. A fast path can thus only make a check faster,
@@ -14,9 +14,6 @@ never change what it accepts.
 
 from __future__ import annotations
 
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import numpy as np
@@ -28,8 +25,6 @@ __all__ = ["numpy_view", "zero_one_to_bool", "zero_off_mask"]
 
 # 256 KiB blocks measured fastest on the 2-core dev machine (64 KiB - 1 MiB tried).
 _NUMPY_BLOCK_BYTES = 256 << 10
-# Below this many blocks per thread the thread hand-off costs more than it saves.
-_MIN_BLOCKS_PER_THREAD = 8
 
 
 def numpy_view(x: torch.Tensor) -> np.ndarray | None:
@@ -43,41 +38,12 @@ def numpy_view(x: torch.Tensor) -> np.ndarray | None:
         return None
 
 
-_pool_lock = threading.Lock()
-_pool: dict = {"pid": None, "workers": 0, "executor": None}
-
-
-def _executor(workers: int) -> ThreadPoolExecutor:
-    """The process's pool of ``workers`` threads for blocked passes (made again after a fork or
-    when another size is asked for). Keyed by pid: a forked child inherits the executor object but
-    not its threads."""
-    with _pool_lock:
-        if _pool["pid"] != os.getpid() or _pool["workers"] != workers:
-            if _pool["pid"] == os.getpid():
-                _pool["executor"].shutdown(wait=False)
-            _pool.update(pid=os.getpid(), workers=workers, executor=ThreadPoolExecutor(workers, "skyrl_fn_blocks"))
-        return _pool["executor"]
-
-
 def _all_blocks(n: int, itemsize: int, make_check: Callable[[], Callable[[int, int], bool]]) -> bool:
-    """Whether ``check(start, stop)`` holds for every block of ``[0, n)``; each chunk of blocks
-    gets its own ``check`` from ``make_check()`` (its own scratch buffers) and stops at its first
-    failure."""
+    """Whether ``check(start, stop)`` holds for every block of ``[0, n)`` (``check`` from
+    ``make_check()``, with its own scratch buffers); stops at the first failure."""
     step = max(1, _NUMPY_BLOCK_BYTES // itemsize)
-    starts = range(0, n, step)
-    workers = min(torch.get_num_threads(), len(starts) // _MIN_BLOCKS_PER_THREAD)
-
-    def chunk(blocks: range) -> bool:
-        check = make_check()
-        return all(check(s, min(s + step, n)) for s in blocks)
-
-    if workers < 2:
-        return chunk(starts)
-    per = -(-len(starts) // workers)
-    chunks = [starts[i : i + per] for i in range(0, len(starts), per)]
-    futures = [_executor(workers).submit(chunk, c) for c in chunks[1:]]
-    ok = chunk(chunks[0])  # this thread takes the first chunk
-    return all([f.result() for f in futures]) and ok
+    check = make_check()
+    return all(check(s, min(s + step, n)) for s in range(0, n, step))
 
 
 def zero_one_to_bool(x: torch.Tensor) -> torch.Tensor | None:

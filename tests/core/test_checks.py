@@ -30,14 +30,10 @@ from skyrl_fn.core._checks import (
 )
 
 
-@pytest.fixture(autouse=True, params=["one thread", "three threads"])
-def small_blocks(request, monkeypatch):
-    """Blocks of 16 bytes, so a [B, T] tensor of a few rows spans many; in one chunk, or in one
-    chunk per thread for three threads (as torch.get_num_threads() would ask)."""
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    """Blocks of 16 bytes, so a [B, T] tensor of a few rows spans many."""
     monkeypatch.setattr(_blocked, "_NUMPY_BLOCK_BYTES", 16)
-    if request.param == "three threads":
-        monkeypatch.setattr(_blocked, "_MIN_BLOCKS_PER_THREAD", 1)
-        monkeypatch.setattr(_blocked.torch, "get_num_threads", lambda: 3)
 
 
 def reference_mask(x: torch.Tensor) -> torch.Tensor | None:
