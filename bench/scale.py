@@ -20,7 +20,10 @@ collective for the slower rank); fsdp2 reports those of the rank that computed o
 response tokens of the batch / ``update_seconds`` (the same batch in every layout: sampling is
 W-invariant); per CPU-second, the same over ``update_cpu_seconds`` — what the wall ratio would be
 on an idle machine with no rank waiting for the other. The queue time says how idle the machine
-was: ~0 when nothing else ran. Ratios are printed as the median over rounds and the best round.
+was: ~0 when nothing else ran. The hypervisor's steal (``/proc/stat``) during each run is printed
+too: a rank loses stolen time while running, so it shows only as ``blocked`` time, and at W=2 the
+other rank waits for it; with more than a few percent the wall ratio says little. Ratios are
+printed as the median over rounds and the best round.
 Memory: each rank's resident parameter + AdamW state bytes (its FSDP2 shards), after training.
 
     .venv/bin/python bench/scale.py [--steps 6] [--warmup 2] [--rounds 2] [--new-tokens 64] [launcher flags...]
@@ -50,6 +53,21 @@ MODEL = [
 ]
 
 
+def cpu_ticks() -> tuple[int, int]:
+    """``(steal, total)`` CPU ticks of the machine so far (``/proc/stat``; zeros where absent).
+
+    Steal is time the hypervisor gave this VM's CPUs to another guest. A rank loses it while it
+    runs, so it shows in neither its CPU nor its queue time, only in ``blocked``, and at W=2 the
+    other rank then waits for it too: a run with much steal says little about the ratio.
+    """
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
 def measure(run, workers, warmup: int) -> dict[str, float]:
     from skyrl_fn.trainer.loop import train
 
@@ -61,7 +79,9 @@ def measure(run, workers, warmup: int) -> dict[str, float]:
                 memory.extend(self.resident_bytes())
             super().close()
 
+    steal0, total0 = cpu_ticks()
     rows = train(run, workers=Recording).history[warmup:]
+    steal1, total1 = cpu_ticks()
     tokens = statistics.median(r["response_tokens"] for r in rows)
     update = statistics.median(r["update_seconds"] for r in rows)
     med = {k: statistics.median(r.get(k, float("nan")) for r in rows) for k in ("update_cpu_seconds", "update_queue_seconds")}
@@ -75,6 +95,7 @@ def measure(run, workers, warmup: int) -> dict[str, float]:
         "train_tok_s": tokens / update,
         "cpu_tok_s": tokens / med["update_cpu_seconds"],
         "rank_bytes": max((m["params"] + m["optim"] for m in memory), default=float("nan")),
+        "steal_pct": 100.0 * (steal1 - steal0) / max(1, total1 - total0),
     }
 
 
@@ -125,6 +146,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"memory per rank fsdp2 / fsdp1: {_ratio(got, 'rank_bytes', 'fsdp2', 'fsdp1')} (goal <= 0.6)")
     print(f"overhead fsdp1 / plain (update wall time): {_ratio(got, 'update_s', 'fsdp1', 'plain')} (goal <= 1.10)")
     print(f"overhead fsdp1 / plain (update CPU time): {_ratio(got, 'cpu_s', 'fsdp1', 'plain')}")
+    steal = [r["steal_pct"] for rows in got.values() for r in rows]
+    print(f"hypervisor steal during the runs: {statistics.median(steal):.1f}% median, {max(steal):.1f}% max of the machine's CPU time (/proc/stat; ~0 on a quiet host)")
     ray.shutdown()
 
 
