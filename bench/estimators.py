@@ -57,6 +57,8 @@ from skyrl_fn import estimators as est
 from skyrl_fn.core._checks import as_group_ids
 from skyrl_fn.compat import AdvantageEstimatorRegistry
 
+from bench_machine import cpu_ticks, steal_percent
+
 # -- SkyRL-Train-style loops (the baseline) --------------------------------------------------
 
 
@@ -254,6 +256,7 @@ def skyrl_path(args, b: int, g: int, t: int) -> None:
     print(f"SkyRL call path: float 0/1 mask, numpy object array of {b // g} uuid strings x {g}; "
           f"{args.rounds} interleaved rounds of median-of-{args.repeats}")
     rows = []
+    before = cpu_ticks()
     for name in ("grpo", "rloo"):
         fns = {}
         if "compat" in paths:
@@ -270,6 +273,7 @@ def skyrl_path(args, b: int, g: int, t: int) -> None:
                 print(f"  {name}: compat vs verl on the same tensors: max |diff| = {diff:.3g}"
                       f"{' (bit-identical)' if torch.equal(ours, theirs) else ''}")
         rows.append((name, interleaved(fns, rounds=args.rounds, repeats=args.repeats)))
+    print(f"  hypervisor steal during these rounds: {steal_percent(before, cpu_ticks()):.1f}% of the machine's CPU time (/proc/stat; ~0 on a quiet host)")
     print(f"  {'estimator':10s} {'path':7s} {'median ms':>9s}  ratio")
     verdicts = []
     for name, times in rows:

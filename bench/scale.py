@@ -42,6 +42,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench_machine import cpu_ticks, steal_percent  # noqa: E402
 from skyrl_fn import DEFAULT_TABLE  # noqa: E402
 from skyrl_fn.cli import parse_config, resolve_names  # noqa: E402
 
@@ -51,21 +52,6 @@ MODEL = [
     "--trainer.micro-batch-size", "16", "--trainer.torch-threads", "1", "--logging.no-progress",
     "--trainer.ckpt-interval", "0",
 ]
-
-
-def cpu_ticks() -> tuple[int, int]:
-    """``(steal, total)`` CPU ticks of the machine so far (``/proc/stat``; zeros where absent).
-
-    Steal is time the hypervisor gave this VM's CPUs to another guest. A rank loses it while it
-    runs, so it shows in neither its CPU nor its queue time, only in ``blocked``, and at W=2 the
-    other rank then waits for it too: a run with much steal says little about the ratio.
-    """
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return 0, 0
-    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
 
 
 def measure(run, workers, warmup: int) -> dict[str, float]:
@@ -79,9 +65,9 @@ def measure(run, workers, warmup: int) -> dict[str, float]:
                 memory.extend(self.resident_bytes())
             super().close()
 
-    steal0, total0 = cpu_ticks()
+    before = cpu_ticks()
     rows = train(run, workers=Recording).history[warmup:]
-    steal1, total1 = cpu_ticks()
+    after = cpu_ticks()
     tokens = statistics.median(r["response_tokens"] for r in rows)
     update = statistics.median(r["update_seconds"] for r in rows)
     med = {k: statistics.median(r.get(k, float("nan")) for r in rows) for k in ("update_cpu_seconds", "update_queue_seconds")}
@@ -95,7 +81,7 @@ def measure(run, workers, warmup: int) -> dict[str, float]:
         "train_tok_s": tokens / update,
         "cpu_tok_s": tokens / med["update_cpu_seconds"],
         "rank_bytes": max((m["params"] + m["optim"] for m in memory), default=float("nan")),
-        "steal_pct": 100.0 * (steal1 - steal0) / max(1, total1 - total0),
+        "steal_pct": steal_percent(before, after),
     }
 
 
