@@ -8,7 +8,6 @@ as K = 0."""
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 import numpy as np

@@ -10,7 +10,7 @@ import skyrl_reference as ref
 from batches import random_batch
 from fused import fused_gae
 from skyrl_fn import DEFAULT_TABLE, AdvantageInput, Chain, chain, clip_advantages, scale_rewards
-from skyrl_fn.estimators import discounted_returns, gae, gae_raw
+from skyrl_fn.estimators import gae, gae_raw
 from skyrl_fn.estimators._whiten import masked_whiten
 
 PARAMS = [(1.0, 1.0), (0.99, 0.95), (0.9, 0.0), (0.5, 0.7)]

@@ -45,7 +45,7 @@ def kill_resume_trials(tmp_path, tiny_config, table, trials: int, seed: int) -> 
     script = tmp_path / "child.py"
     script.write_text(_CHILD)
     conftest = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conftest.py")
-    reference = train(resolve(_config(tiny_config, tmp_path / "reference", keep_checkpoints=STEPS), table))
+    train(resolve(_config(tiny_config, tmp_path / "reference", keep_checkpoints=STEPS), table))
     at = {ckpt.load(p).step: ckpt.load(p).weights["policy"] for p in ckpt.list_checkpoints(str(tmp_path / "reference" / "checkpoints"))}
     want = at[STEPS]
     rng = random.Random(seed)

@@ -4,7 +4,6 @@ checkpoint is skipped on resume, an incompatible resume is refused and a compati
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import warnings

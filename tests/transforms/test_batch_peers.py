@@ -238,7 +238,7 @@ def verl_dapo():
 def test_overlong_penalty_matches_verls_dapo_reward_manager(verl_dapo, batch, buf, factor):
     manager_cls, data_proto, omegaconf = verl_dapo
     assume(buf <= batch.max_response_length)  # verl asserts max_resp_len >= overlong_buffer.len; the launcher refuses it too
-    b, t, prompt_len = batch.batch_size, batch.response_mask.shape[1], 2
+    b, prompt_len = batch.batch_size, 2
     data = data_proto.from_dict(
         tensors={
             "prompts": torch.ones(b, prompt_len, dtype=torch.long),
