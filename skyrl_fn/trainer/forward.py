@@ -115,6 +115,14 @@ def sequence_log_probs(
         ``log_probs [B, T]`` float32 (with grad if enabled) and ``entropy [B, T]`` or None.
     """
     logits = response_logits(model, input_ids, attention_mask, response_len)
+    return _response_log_probs(logits, input_ids, response_len, temperature=temperature, top_p=top_p, with_entropy=with_entropy)
+
+
+def _response_log_probs(
+    logits: torch.Tensor, input_ids: torch.Tensor, response_len: int, *, temperature: float, top_p: float, with_entropy: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``[B, T]`` log-probs (and entropies) of the response tokens of ``input_ids [B, L]`` from
+    :func:`response_logits`' ``[B, T', V]`` logits, zero-padded from ``T'`` back to ``T``."""
     targets = input_ids[:, -int(response_len):][:, : logits.shape[1]]
     lp, ent = _log_probs_of(logits, targets, temperature=temperature, top_p=top_p, with_entropy=with_entropy)
     return _pad_response(lp, response_len), (None if ent is None else _pad_response(ent, response_len))
@@ -145,6 +153,15 @@ def _log_probs_of(
 
 
 @torch.no_grad()
+def _by_length(rollout: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(order [B], input_ids [B, L], attention_mask [B, L])``: the rollout's sequences with their
+    rows ordered by response length (:func:`~skyrl_fn.trainer.micro_batches.length_order`), so
+    consecutive micro-batches hold rows of similar lengths; ``in_row_order`` maps results back."""
+    order = length_order(rollout.response_mask)
+    ids, mask = (x[order] for x in rollout.sequences())
+    return order, ids, mask
+
+
 def batched_log_probs(
     model: nn.Module, rollout: RolloutBatch, *, micro_batch_size: int, temperature: float = 1.0, top_p: float = 1.0
 ) -> torch.Tensor:
@@ -176,16 +193,13 @@ def log_probs_and_fields(
     unknown = sorted(set(fields) - ON_REQUEST)
     if unknown:
         raise ValueError(f"fields: expected names from {sorted(ON_REQUEST)}, got {unknown}")
-    order = length_order(rollout.response_mask)  # micro-batches of rows of similar lengths
-    ids, mask = (x[order] for x in rollout.sequences())
+    order, ids, mask = _by_length(rollout)
     t = rollout.response_ids.shape[1]
     lps: list[torch.Tensor] = []
     computed: dict[str, list[torch.Tensor]] = {k: [] for k in fields}
     for s in range(0, ids.shape[0], micro_batch_size):
         logits = response_logits(model, ids[s : s + micro_batch_size], mask[s : s + micro_batch_size], t)
-        targets = ids[s : s + micro_batch_size, -t:][:, : logits.shape[1]]
-        lp, _ = _log_probs_of(logits, targets, temperature=temperature, top_p=top_p, with_entropy=False)
-        lps.append(_pad_response(lp, t))
+        lps.append(_response_log_probs(logits, ids[s : s + micro_batch_size], t, temperature=temperature, top_p=top_p, with_entropy=False)[0])
         if "sum_pi_squared" in computed:
             computed["sum_pi_squared"].append(_pad_response(sum_pi_squared(logits, temperature=temperature), t))
     m = rollout.response_mask
@@ -211,8 +225,7 @@ def batched_values(critic: nn.Module, rollout: RolloutBatch, *, micro_batch_size
     """``[B, T]`` float32 critic values ``V(s_t)`` before each response token, in micro-batches
     of ``micro_batch_size`` rows of similar lengths (as :func:`batched_log_probs`); in row order,
     0 off the mask."""
-    order = length_order(rollout.response_mask)  # micro-batches of rows of similar lengths
-    ids, mask = (x[order] for x in rollout.sequences())
+    order, ids, mask = _by_length(rollout)
     t = rollout.response_ids.shape[1]
     out = [response_values(critic, ids[s : s + micro_batch_size], mask[s : s + micro_batch_size], t) for s in range(0, ids.shape[0], micro_batch_size)]
     return torch.where(rollout.response_mask, in_row_order(torch.cat(out).float(), order), 0.0)

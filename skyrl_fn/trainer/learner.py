@@ -235,8 +235,11 @@ def policy_update(
     caller_mask = exp.response_mask  # the caller's rows (a skipped step's report counts their lengths)
     # Micro-batches of rows of similar lengths: row i of `exp` is the caller's row order[i]
     # (the row order when the objective depends on which rows share a micro-batch).
-    order = length_order(exp.response_mask) if run.algorithm.microbatch_invariant else torch.arange(exp.batch_size)
-    exp = exp.rows(order)
+    if run.algorithm.microbatch_invariant:
+        order = length_order(exp.response_mask)
+        exp = exp.rows(order)
+    else:  # the caller's rows as they are (no copy)
+        order = torch.arange(exp.batch_size)
     b, t = exp.batch_size, exp.response_len
     mask = exp.response_mask
     mbs = tr.micro_batch_size
