@@ -13,7 +13,7 @@ import torch
 
 from skyrl_fn.distributed.actors import _Ping, _start
 from skyrl_fn.distributed.devices import to_device
-from skyrl_fn.distributed.dp_roles import RankRoles, local_bytes, optimizer_bytes, share_rows
+from skyrl_fn.distributed.dp_roles import RankRoles, local_bytes, optimizer_bytes, share_forward, share_rows
 from skyrl_fn.distributed.layout import concat_rollouts, split_prompts
 from skyrl_fn.distributed.weights import PackedWeights, pack
 from skyrl_fn.trainer import checkpoint as ckpt
@@ -141,12 +141,11 @@ class PolicyRank(_Ping):
         self.held.clear()
         cfg = self.run.config
         rollout, scores, ref_log_probs, values = to_device((generated.rollout, generated.scores, ref_log_probs, values), self.device)
-        old_lp, computed = None, {}
-        if cfg.algorithm.recompute_old_log_probs or self.run.computed_fields:  # of the whole batch, with the full parameters
-            with gathered(self.train_state.model.eval(), keep=True) as model:  # kept for the update
-                old_lp, computed = old_policy_pass(self.run, model, rollout)
-        clock = UpdateClock()
         rows = share_rows(rollout, self.world_size, self.rank).to(self.device)
+        old_lp, computed = None, {}
+        if cfg.algorithm.recompute_old_log_probs or self.run.computed_fields:
+            old_lp, computed = self._old_policy_pass(rollout, rows)
+        clock = UpdateClock()
         metrics, exp = experience_and_update(
             self.run, self.train_state, rollout, scores, reward_function=reward_function_name(self.task), old_log_probs=old_lp,
             ref_log_probs=ref_log_probs, values=values, kl_coef=kl_coef, kernel=self.kernel, fields=computed, rank_rows=rows,
@@ -156,6 +155,20 @@ class PolicyRank(_Ping):
         reshard(self.train_state.model)  # a step skipped before its backward kept the sampling's gather
         self.exp = (exp, rows) if values is not None else None
         return metrics, generated.seconds
+
+    def _old_policy_pass(self, rollout, rows: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``old_policy_pass`` of the whole batch: each rank computes its ``rows`` with the full
+        parameters (kept gathered for the update) and one all-gather joins the log-probs and the
+        computed fields, so no rank runs the whole batch's forward."""
+        names = sorted(self.run.computed_fields)
+        t = rollout.response_ids.shape[1]
+
+        def fn(model, share) -> torch.Tensor:
+            lp, fields = old_policy_pass(self.run, model, share)
+            return torch.cat([lp, *(fields[k] for k in names)], dim=-1)
+
+        whole = share_forward(self.train_state.model, rollout, rows, self.dp, fn, keep=True).to(self.device).split(t, dim=-1)
+        return whole[0], dict(zip(names, whole[1:]))
 
     def update_critic_share(self) -> dict[str, float]:
         """The critic update on this rank's share of the last :meth:`update_share`'s experience."""

@@ -54,11 +54,13 @@ def share_rows(rollout, world_size: int, rank: int) -> torch.Tensor:
 
 
 def share_forward(
-    model: nn.Module, rollout: RolloutBatch, rows: torch.Tensor, dp: Collectives, fn: Callable[[nn.Module, RolloutBatch], torch.Tensor]
+    model: nn.Module, rollout: RolloutBatch, rows: torch.Tensor, dp: Collectives, fn: Callable[[nn.Module, RolloutBatch], torch.Tensor],
+    *, keep: bool = False,
 ) -> torch.Tensor:
-    """``fn(model, rows of rollout) -> [B', T]`` on this rank's ``rows`` with ``model``'s full
-    parameters, all-gathered into the whole batch's ``[B, T]`` (on the CPU; a collective)."""
-    with gathered(model.eval()) as full:
+    """``fn(model, rows of rollout) -> [B', C]`` on this rank's ``rows`` with ``model``'s full
+    parameters, all-gathered into the whole batch's ``[B, C]`` (on the CPU; a collective).
+    ``keep``: leave the full parameters gathered (``skyrl_fn.trainer.sharding.gathered``)."""
+    with gathered(model.eval(), keep=keep) as full:
         if rows.numel():
             part = fn(full, rollout.select(rows)).float()
         else:  # a rank left without a prompt group still joins the gathers

@@ -219,10 +219,10 @@ class Collectives:
 
     def gather_rows(self, part: torch.Tensor, rows: torch.Tensor, batch_size: int) -> torch.Tensor:
         """The whole batch's ``[B, T]`` from every rank's ``part [B', T]`` of its ``rows [B']``
-        (the shares of :func:`partition_groups`: disjoint, together every row), on the CPU."""
-        parts = self.all_gather_object((rows.cpu(), part.detach().cpu()))
-        width = max(p.shape[-1] for _, p in parts)
-        dtype = next(p.dtype for _, p in parts)
+        (the shares of :func:`partition_groups`: disjoint, together every row), on the CPU. A
+        rank with no rows sends a ``[0, *]`` part of any width; the others' set the width and dtype."""
+        parts = [(r, p) for r, p in self.all_gather_object((rows.cpu(), part.detach().cpu())) if r.numel()]
+        width, dtype = (parts[0][1].shape[-1], parts[0][1].dtype) if parts else (part.shape[-1], part.dtype)
         out = torch.zeros(batch_size, width, dtype=dtype)
         for r, p in parts:
             out[r] = p.to(dtype)

@@ -57,6 +57,9 @@ ALGORITHMS = {
     # with the format credit the step-1 batch keeps a single prompt group: rank 1 trains on none
     "zero_variance+one_group": ("--algorithm.batch-transforms", "zero_variance_filter", "--data.format-credit", "0.3"),
     "distill+teacher": ("--teacher.model", "tiny", "--teacher.coef", "0.5", "--algorithm.use-kl-in-reward"),
+    # the old-policy pass before the update (recomputed old log-probs and the estimator's
+    # sum_pi_squared field), each rank on its share, all-gathered
+    "optimal_token_baseline+recompute": ("--algorithm.advantage-estimator", "optimal_token_baseline", "--algorithm.recompute-old-log-probs"),
 }
 #: W=1 and W=2 sum the same per-token terms in different orders (other micro-batches, a
 #: reduce-scatter): float32 rounding, ~1e-7 relative per step, grows slowly through AdamW.
@@ -175,7 +178,11 @@ def test_two_ranks_with_a_rollout_worker_give_the_one_worker_metrics(ray_session
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "algorithm", ["grpo", "rloo+seq_mean_token_sum_norm", "grpo+prompt_mean", "dapo+replace", "zero_variance+one_group", "distill+teacher"],
+    "algorithm",
+    [
+        "grpo", "rloo+seq_mean_token_sum_norm", "grpo+prompt_mean", "dapo+replace", "zero_variance+one_group", "distill+teacher",
+        "optimal_token_baseline+recompute",
+    ],
 )
 def test_two_ranks_give_the_one_worker_metrics_of_other_algorithms(ray_session, tmp_path, algorithm):
     runs = _two_and_one(tmp_path, *ALGORITHMS[algorithm])

@@ -108,3 +108,19 @@ def test_data_parallel_runs_what_one_worker_runs(extra):
     W-invariance is tests/distributed/test_dp.py's)."""
     run = resolve_names(parse_config(["--trainer.prompts-per-step", "2", "--trainer.workers", "2", *extra], DEFAULT_TABLE), DEFAULT_TABLE)
     assert run.config.trainer.workers == 2
+
+def test_gather_rows_joins_the_shares_and_skips_a_rank_without_rows():
+    """``Collectives.gather_rows`` on what an all-gather returns: the shares land on their rows,
+    and a rank left without a prompt group may send an empty part of another width (its
+    ``fn`` never ran)."""
+    from skyrl_fn.trainer.sharding import Collectives
+
+    parts = [
+        (torch.tensor([0, 3]), torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]])),
+        (torch.tensor([1, 2]), torch.tensor([[9.0, 9.5, 9.0, 9.5], [0.5, 0.25, 0.5, 0.25]])),
+        (torch.zeros(0, dtype=torch.long), torch.zeros(0, 2)),
+    ]
+    dp = Collectives.__new__(Collectives)  # no process group: the all-gather is given
+    dp.all_gather_object = lambda mine: parts
+    out = dp.gather_rows(parts[2][1], parts[2][0], 4)
+    assert torch.equal(out, torch.stack([parts[0][1][0], parts[1][1][0], parts[1][1][1], parts[0][1][1]]))
