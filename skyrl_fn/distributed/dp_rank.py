@@ -11,7 +11,8 @@ from typing import Any, Sequence
 
 import torch
 
-from skyrl_fn.distributed.actors import _Ping, _start
+from skyrl_fn.ops.memory import release_cached_memory
+from skyrl_fn.distributed.actors import _Ping, _shares_gpu, _start
 from skyrl_fn.distributed.devices import to_device
 from skyrl_fn.distributed.dp_roles import RankRoles, local_bytes, optimizer_bytes, share_rows
 from skyrl_fn.distributed.layout import concat_rollouts, split_prompts
@@ -110,7 +111,10 @@ class PolicyRank(_Ping):
         """The full weights, packed, on rank 0 (None on the others), for the rollout workers. A
         collective: one gather of the state dict per call."""
         weights = full_state_dict(self.train_state.model, rank0_only=True)
-        return pack(weights) if self.rank == 0 else None
+        packed = pack(weights) if self.rank == 0 else None
+        # colocated vLLM engines wake up next, into what the rank gives back (as PolicyTrainer)
+        release_cached_memory(self.device, colocated=_shares_gpu(self.run))
+        return packed
 
     def transform_held(self, fn, keys: Sequence[int], key: int) -> dict[str, float]:
         """``fn([held batches], pad_id=...) -> (batch or None, metrics)`` (the batch transforms,
