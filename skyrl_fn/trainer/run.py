@@ -177,9 +177,11 @@ def _check_async(config: TrainConfig) -> None:
             f"samples itself, so sampling cannot overlap its updates), got {k}; set --ray.rollout-workers 1 (or more), or {fix}"
         )
     if config.rollout.backend == "vllm" and config.gpu.colocate:
+        # engines on their own GPUs take the single policy actor (_check_data_parallel)
+        separate = "--gpu.no-colocate" + (" with --trainer.workers 1" if config.trainer.workers > 1 else "")
         raise ValueError(
             f"trainer.max_staleness: expected 0 with colocated vLLM engines (--gpu.colocate: the engines sleep while the "
-            f"trainer uses their GPUs), got {k}; set --gpu.no-colocate to give the engines their own GPUs, or {fix}"
+            f"trainer uses their GPUs), got {k}; set {separate} to give the engines their own GPUs, or {fix}"
         )
 
 

@@ -84,6 +84,10 @@ def test_a_prompt_samples_the_same_responses_in_any_share_of_the_batch():
             ("--trainer.workers", "2", "--rollout.backend", "vllm", "--gpu.no-colocate", "--gpu.num-gpus", "4", "--gpu.trainer-gpus", "2"),
             r"trainer.workers: 2 data-parallel ranks need gpu.colocate with rollout.backend 'vllm' \(got --gpu.no-colocate",
         ),
+        (
+            ("--trainer.workers", "2", "--rollout.backend", "vllm", "--gpu.num-gpus", "2", "--ray.rollout-workers", "1", "--trainer.max-staleness", "1"),
+            r"trainer.max_staleness: expected 0 with colocated vLLM engines .* set --gpu.no-colocate with --trainer.workers 1 ",
+        ),
         # asynchronous training at W > 1 needs separate rollout workers, as at W = 1
         (("--trainer.workers", "2", "--trainer.max-staleness", "1"), r"trainer.max_staleness: expected 0 with the hybrid layout"),
         (("--trainer.dist-timeout-s", "0"), r"trainer.dist_timeout_s: expected > 0"),
