@@ -49,6 +49,27 @@ def test_two_ranks_with_vllm_get_one_gpu_bundle_each_beside_an_engine():
         assert opts["num_gpus"] > 0 and opts["scheduling_strategy"].placement_group_bundle_index == slot.bundle
 
 
+def test_the_launcher_refuses_a_layout_the_gpus_cannot_hold_before_any_model_loads(monkeypatch, capsys, tmp_path):
+    import skyrl_fn.models.model as model
+    import skyrl_fn.rollout.vllm_backend as vb
+    from skyrl_fn.cli import EXIT_USAGE, main
+    from tests.fake_vllm import module
+
+    monkeypatch.setitem(sys.modules, "vllm", module())
+    monkeypatch.setattr(vb, "vllm_unavailable_reason", lambda: None)  # as on a GPU machine with vLLM
+
+    def no_model(*a, **k):
+        raise AssertionError("a model was built before the GPU plan was checked")
+
+    monkeypatch.setattr(model, "load_model", no_model)
+    monkeypatch.setattr(model, "build_tiny_model", no_model)
+    with pytest.raises(SystemExit) as exc:  # 3 GPUs cannot hold colocated engines of 2 GPUs each
+        main(VLLM_W2[:-1] + ["3", "--rollout.tensor-parallel-size", "2", "--logging.run-dir", str(tmp_path)])
+    assert exc.value.code == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "gpu.num_gpus: expected a multiple of rollout.tensor_parallel_size=2 when colocated, got 3" in err and "Traceback" not in err
+
+
 # -- on Ray, in a subprocess: its own cluster with two fake GPUs and the fake vllm in every worker --
 
 
