@@ -26,6 +26,14 @@ def completion(index, ids, lps, text=""):
     )
 
 
+def log(record: dict) -> None:
+    """Append ``record`` to this process's log when ``FAKE_VLLM_LOG`` names a directory."""
+    directory = os.environ.get("FAKE_VLLM_LOG")
+    if directory:
+        with open(os.path.join(directory, f"{os.getpid()}.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
 class FakeLLM:
     """Records calls; generates ``G`` fixed completions per prompt ending in EOS."""
 
@@ -36,12 +44,6 @@ class FakeLLM:
         self.calls: list[tuple] = []
         FakeLLM.instances.append(self)
 
-    def _log(self, record: dict) -> None:
-        log = os.environ.get("FAKE_VLLM_LOG")
-        if log:
-            with open(os.path.join(log, f"{os.getpid()}.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
-
     def sleep(self, level=1):
         self.calls.append(("sleep", level))
 
@@ -50,7 +52,7 @@ class FakeLLM:
 
     def generate(self, prompts, params, use_tqdm=False):
         self.calls.append(("generate", len(prompts), params.kw["n"], params.kw["seed"]))
-        self._log({"call": "generate", "prompts": len(prompts)})
+        log({"call": "generate", "prompts": len(prompts)})
         return [
             types.SimpleNamespace(outputs=[completion(g, [3 + g, 2], [-0.5, -0.25]) for g in range(params.kw["n"])])
             for _ in prompts
@@ -63,19 +65,41 @@ class FakeLLM:
             size, slots, payload = args[0]
             assert len(payload) == size
             self.calls.append(("rpc", method, [slot[0] for slot in slots]))
-            self._log({"call": "load", "names": [slot[0] for slot in slots], "sha256": hashlib.sha256(payload).hexdigest()})
+            log({"call": "load", "names": [slot[0] for slot in slots], "sha256": hashlib.sha256(payload).hexdigest()})
             return [len(slots)]
         self.calls.append(("rpc", method, tuple(args)))
+        log({"call": method, "args": args if method == "skyrl_init_broadcast" else None})
         return [1]
 
     def reset_prefix_cache(self):
         self.calls.append(("reset_prefix_cache",))
-        self._log({"call": "reset_prefix_cache"})
+        log({"call": "reset_prefix_cache"})
 
 
 class FakeSamplingParams:
     def __init__(self, **kw):
         self.kw = kw
+
+
+class FakeSender:
+    """Stands in for ``skyrl_fn.rollout.weight_sync.BroadcastSender`` (NCCL, CUDA) on trainer
+    rank 0: plans the buckets as the real one does and logs a digest of what it would send."""
+
+    def __init__(self, host, port, world_size, *, device="cuda:0", bucket_bytes=None):
+        log({"call": "init_sender", "world": world_size})
+
+    def plan(self, state_dict):
+        from skyrl_fn.rollout.buckets import plan_buckets, specs_of
+
+        return plan_buckets(specs_of(state_dict))
+
+    def send(self, state_dict, plan):
+        from skyrl_fn.rollout.buckets import pack_bucket
+
+        digest = hashlib.sha256()
+        for bucket in plan:
+            digest.update(pack_bucket(bucket, state_dict, device="cpu").numpy().tobytes())
+        log({"call": "send", "sha256": digest.hexdigest()})
 
 
 def module() -> types.ModuleType:
@@ -86,9 +110,12 @@ def module() -> types.ModuleType:
 
 
 def install() -> None:
-    """In a Ray worker process: ``import vllm`` gives the fake and the vLLM backend runs without
-    CUDA (the job's ``worker_process_setup_hook``)."""
+    """In a Ray worker process: ``import vllm`` gives the fake, the vLLM backend runs without
+    CUDA and the data-parallel ranks' NCCL sender is :class:`FakeSender` (the job's
+    ``worker_process_setup_hook``)."""
+    import skyrl_fn.distributed.dp_rank as dp_rank
     import skyrl_fn.rollout.vllm_backend as vb
 
     sys.modules["vllm"] = module()
     vb.vllm_unavailable_reason = lambda: None
+    dp_rank.BroadcastSender = FakeSender

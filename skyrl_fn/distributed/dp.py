@@ -33,9 +33,9 @@ On GPUs (``--rollout.backend vllm``) the actors follow the run's GPU plan
 one placement group of single-GPU bundles: rank ``r`` on bundle ``r`` with its GPU share (so
 ``actor_device()`` is ``cuda``, the process group NCCL and the device mesh the ``W`` ranks' GPUs)
 and one ``RolloutWorker`` per vLLM engine on the engine's bundles. Sampling is then the rollout
-workers' (as above), and the weight push the colocated engines' packed-weights sync. The layout
-with engines on their own GPUs (``--gpu.no-colocate``, NCCL broadcast from the single policy
-actor) is refused at ``W > 1`` (``skyrl_fn.trainer.run``).
+workers' (as above). The weights reach colocated engines by the packed-weights push above; with
+engines on their own GPUs (``--gpu.no-colocate``) by the NCCL broadcast of the single policy actor
+(``skyrl_fn.distributed.broadcast``), sent by rank 0 after the ranks gather the full weights.
 
 So ``W`` changes where the work runs, not what is computed: the same run at W=1 and W=2 samples
 the same responses and its metrics agree to float rounding (docs/distributed.md).
@@ -61,6 +61,7 @@ from skyrl_fn.distributed.actors import release
 from skyrl_fn.distributed.dp_rank import PolicyRank
 from skyrl_fn.distributed.dp_roles import share_rows
 from skyrl_fn.distributed.dp_rollout import RankRollouts
+from skyrl_fn.distributed.broadcast import broadcast, form_group
 from skyrl_fn.distributed.devices import gpu_plan
 from skyrl_fn.distributed.failures import NamedActors
 from skyrl_fn.distributed.placement import actor_options, create_placement_group
@@ -112,6 +113,7 @@ class DPWorkers(NamedActors):
         self.ranks: list[Any] = []
         self.rollout: RankRollouts | None = None  # separate rollout workers (ray.rollout_workers >= 1)
         self.holding: list[Any] = []  # the ranks' hold calls of this step's batches
+        self.sync_plan = None  # bucket plan of the NCCL weight broadcast (--gpu.no-colocate)
         try:
             self._start(run, w, share_cpu)
         except BaseException:
@@ -145,6 +147,11 @@ class DPWorkers(NamedActors):
             self.names[a._actor_id.hex()] = f"{name}, pid {pid})"
         if self.rollout is None and run.config.ray.rollout_workers:
             self._start_rollout(run)
+        if self.plan is not None and not self.plan.colocate:  # engines on their own GPUs: NCCL from rank 0
+            self.sync_plan = form_group(
+                self.get, self.ranks, self.rollout.workers, tensor_parallel_size=run.config.rollout.tensor_parallel_size,
+                timeout_s=run.config.gpu.sync_timeout_s,
+            )
 
     def _start_rollout(self, run: ResolvedRun) -> None:
         """The rollout workers (the GPU plan's engines, or ``ray.rollout_workers`` on CPU), started."""
@@ -200,7 +207,9 @@ class DPWorkers(NamedActors):
         before = sum((h.refs for h in (generated, ref_log_probs, values) if h is not None), tuple(self.holding))
         self.holding = []
         refs = tuple(a.update_share.remote(generated.key, *keys, kl_coef) for a in self.ranks)
-        if self.rollout is not None:  # the new weights, gathered once, queued to every rollout worker
+        if self.sync_plan is not None:  # the new weights, gathered once, broadcast by rank 0 (waited for)
+            self._broadcast()
+        elif self.rollout is not None:  # the new weights, gathered once, queued to every rollout worker
             before += tuple(self.rollout.push(self.ranks, self.step_index))
         return Held(-1, refs + before)  # rank 0's (metrics, seconds) first
 
@@ -266,9 +275,14 @@ class DPWorkers(NamedActors):
         for role in trained_roles(self.run):
             state = ray.put(saved.roles[role])
             refs += [a.set_state.remote(state, rng if role == "policy" else None, role) for a in self.ranks]
-        if self.rollout is not None:  # what the ranks loaded (whole or from shards): they run their calls in order
+        if self.rollout is not None and self.sync_plan is None:  # what the ranks loaded (whole or from shards): they run their calls in order
             refs += self.rollout.push(self.ranks, self.step_index)
         self.get(refs)
+        if self.sync_plan is not None:
+            self._broadcast()
+
+    def _broadcast(self) -> None:
+        broadcast(self.get, self.ranks, self.rollout.workers, self.sync_plan, timeout_s=self.run.config.gpu.sync_timeout_s)
 
     def resident_bytes(self) -> list[dict[str, int]]:
         """Per rank: bytes of resident parameter and optimiser-state shards."""

@@ -177,11 +177,9 @@ def _check_async(config: TrainConfig) -> None:
             f"samples itself, so sampling cannot overlap its updates), got {k}; set --ray.rollout-workers 1 (or more), or {fix}"
         )
     if config.rollout.backend == "vllm" and config.gpu.colocate:
-        # engines on their own GPUs take the single policy actor (_check_data_parallel)
-        separate = "--gpu.no-colocate" + (" with --trainer.workers 1" if config.trainer.workers > 1 else "")
         raise ValueError(
             f"trainer.max_staleness: expected 0 with colocated vLLM engines (--gpu.colocate: the engines sleep while the "
-            f"trainer uses their GPUs), got {k}; set {separate} to give the engines their own GPUs, or {fix}"
+            f"trainer uses their GPUs), got {k}; set --gpu.no-colocate to give the engines their own GPUs, or {fix}"
         )
 
 
@@ -291,7 +289,7 @@ def resolve(config: TrainConfig, table: AlgorithmTable) -> ResolvedRun:
 def _check_data_parallel(config: TrainConfig) -> None:
     """``trainer.workers``: W >= 1; W > 1 needs Ray, a whole prompt group per rank (either
     layout: the ranks sample, or ``ray.rollout_workers`` separate workers do) and the ``hf``
-    backend, or ``vllm`` with colocated engines and one GPU per rank (``docs/distributed.md``)."""
+    backend, or ``vllm`` with one (trainer) GPU per rank (``docs/distributed.md``)."""
     tr = config.trainer
     if isinstance(tr.workers, bool) or not isinstance(tr.workers, int) or tr.workers < 1:
         raise ValueError(f"trainer.workers: expected an int >= 1, got {tr.workers!r}")
@@ -308,13 +306,12 @@ def _check_data_parallel(config: TrainConfig) -> None:
             f"rollout.backend 'hf' or 'vllm' (got {backend!r}; the ranks sample with their own model, or vLLM engines do)",
         ),
         (
-            backend == "vllm" and not gpu.colocate,
-            "gpu.colocate with rollout.backend 'vllm' (got --gpu.no-colocate: the NCCL weight broadcast to engines on "
-            "their own GPUs is sent by the single policy actor only; drop --gpu.no-colocate, or use --trainer.workers 1)",
-        ),
-        (
             backend == "vllm" and gpu.colocate and tr.workers > gpu.num_gpus,
             f"one GPU each with rollout.backend 'vllm': gpu.num_gpus >= {tr.workers} (got {gpu.num_gpus})",
+        ),
+        (
+            backend == "vllm" and not gpu.colocate and tr.workers > gpu.trainer_gpus,
+            f"one trainer GPU each with rollout.backend 'vllm' and --gpu.no-colocate: gpu.trainer_gpus >= {tr.workers} (got {gpu.trainer_gpus})",
         ),
     ):
         if bad:

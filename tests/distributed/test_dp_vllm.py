@@ -1,11 +1,12 @@
 """``--rollout.backend vllm --trainer.workers W`` on CPU: the GPU plan of W ranks and their
 engines (the combinations refused when the config is resolved are in
-``tests/trainer/test_sharding.py``), and (slow) a 2-step run with two
-ranks and two fake vLLM engines on a Ray cluster that declares two (fake) GPUs.
+``tests/trainer/test_sharding.py``), and (slow) 2-step runs with two ranks and two fake vLLM
+engines on a Ray cluster that declares (fake) GPUs: colocated (2 GPUs, packed-weights push) and
+separate (4 GPUs, the NCCL broadcast from rank 0 through a fake sender).
 
 CUDA is unavailable here, so the ranks still compute on the CPU (gloo) although Ray gives each a
 GPU; what is checked is the wiring: bundles, GPU shares, the engines as rollout workers and the
-rank-0 weight push reaching every engine after every update.
+rank-0 weights reaching every engine after every update.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def test_the_launcher_refuses_a_layout_the_gpus_cannot_hold_before_any_model_loa
     assert "gpu.num_gpus: expected a multiple of rollout.tensor_parallel_size=2 when colocated, got 3" in err and "Traceback" not in err
 
 
-# -- on Ray, in a subprocess: its own cluster with two fake GPUs and the fake vllm in every worker --
+# -- on Ray, in a subprocess: its own cluster with fake GPUs and the fake vllm in every worker --
 
 
 def _where(actor) -> dict:
@@ -84,7 +85,14 @@ def _where(actor) -> dict:
             "device": str(actor.device), "backend": backend}
 
 
-def _ray_run(out: str) -> None:
+#: layout -> (flags, GPUs, the ranks' and the engines' GPU share); 2 ranks and 2 engines in both
+LAYOUTS = {
+    "colocated": ({"num_gpus": 2}, 2, 0.4, 0.2),
+    "separate": ({"num_gpus": 4, "colocate": False, "trainer_gpus": 2}, 4, 0.6, 1.0),
+}
+
+
+def _ray_run(out: str, layout: str) -> None:
     """Two steps with ``W = 2`` and two fake engines; writes what the test checks to ``out``."""
     import tempfile
 
@@ -98,12 +106,13 @@ def _ray_run(out: str) -> None:
     from skyrl_fn.distributed.dp import DPWorkers
     from skyrl_fn.trainer.loop import train
 
+    gpu, gpus = LAYOUTS[layout][:2]
     log = tempfile.mkdtemp(prefix="fake_vllm_")
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 2})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": gpus, "num_gpus": gpus})  # 1 CPU per GPU bundle
     env = {"PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)]), "FAKE_VLLM_LOG": log, "RAY_AUTH_MODE": "disabled"}
     ray.init(address=cluster.address, log_to_driver=False, runtime_env={"worker_process_setup_hook": "fake_vllm.install", "env_vars": env})
     install()  # the driver's check that vLLM can run here
-    cfg = tiny_config(tempfile.mkdtemp(), rollout={"backend": "vllm"}, trainer={"steps": 2, "workers": 2}, gpu={"num_gpus": 2})
+    cfg = tiny_config(tempfile.mkdtemp(), rollout={"backend": "vllm"}, trainer={"steps": 2, "workers": 2}, gpu=gpu)
     seen: dict = {}
 
     def workers(run):
@@ -126,28 +135,43 @@ def _ray_run(out: str) -> None:
 
 
 @pytest.mark.slow
-def test_two_ranks_train_with_two_fake_engines_on_fake_gpus(tmp_path):
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_two_ranks_train_with_two_fake_engines_on_fake_gpus(tmp_path, layout):
     out = tmp_path / "out.json"
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
-    code = f"from tests.distributed.test_dp_vllm import _ray_run; _ray_run({str(out)!r})"
+    code = f"from tests.distributed.test_dp_vllm import _ray_run; _ray_run({str(out)!r}, {layout!r})"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     got = json.loads(out.read_text())
     assert got["steps"] == [1, 2]
+    _, _, rank_share, engine_share = LAYOUTS[layout]
     pg, ranks, engines = got["seen"]["pg"], got["seen"]["ranks"], got["seen"]["engines"]
     # each rank in the plan's group with its GPU share, on its own GPU (one bundle = one GPU); no
     # CUDA here, so the group is gloo on the CPU
     for where in ranks:
-        assert where["pg"] == pg and where["resources"]["GPU"] == pytest.approx(0.4) and len(where["gpus"]) == 1
+        assert where["pg"] == pg and where["resources"]["GPU"] == pytest.approx(rank_share) and len(where["gpus"]) == 1
         assert where["device"] == "cpu" and where["backend"] == "gloo"
     assert ranks[0]["gpus"] != ranks[1]["gpus"]
-    for e, where in enumerate(engines):  # engine e on rank e's bundle, sharing its GPU
-        assert where["pg"] == pg and where["resources"]["GPU"] == pytest.approx(0.2) and where["gpus"] == ranks[e]["gpus"]
-    # two engines, each sampled every step and received rank 0's weights after each update
-    engine_calls = [c for c in got["calls"].values() if any(x["call"] == "generate" for x in c)]
+    for e, where in enumerate(engines):
+        assert where["pg"] == pg and where["resources"]["GPU"] == pytest.approx(engine_share) and len(where["gpus"]) == 1
+        # colocated: engine e on rank e's bundle, sharing its GPU; separate: on a GPU of its own
+        assert (where["gpus"] == ranks[e]["gpus"]) == (layout == "colocated")
+    assert engines[0]["gpus"] != engines[1]["gpus"]
+    calls = list(got["calls"].values())
+    engine_calls = [c for c in calls if any(x["call"] == "generate" for x in c)]
     assert len(engine_calls) == 2
-    loads = []
-    for c in engine_calls:
-        assert [x["call"] for x in c if x["call"] != "load"] == ["generate", "reset_prefix_cache", "generate", "reset_prefix_cache"]
-        loads.append([x["sha256"] for x in c if x["call"] == "load"])
-    assert loads[0] == loads[1] and len(set(loads[0])) == len(loads[0]) >= 2  # the same weights, new each step
+    if layout == "colocated":  # each engine samples every step and loads rank 0's packed weights after each update
+        loads = []
+        for c in engine_calls:
+            assert [x["call"] for x in c if x["call"] != "load"] == ["generate", "reset_prefix_cache"] * 2
+            loads.append([x["sha256"] for x in c if x["call"] == "load"])
+        assert loads[0] == loads[1] and len(set(loads[0])) == len(loads[0]) >= 2  # the same weights, new each step
+    else:  # rank 0 alone joins the NCCL group (world: itself + 2 engines) and sends after each update
+        senders = [c for c in calls if any(x["call"] == "init_sender" for x in c)]
+        assert len(senders) == 1 and [x["call"] for x in senders[0]] == ["init_sender", "send", "send"]
+        assert senders[0][0]["world"] == 3 and senders[0][1]["sha256"] != senders[0][2]["sha256"]
+        offsets = []
+        for c in engine_calls:
+            assert [x["call"] for x in c] == ["skyrl_init_broadcast"] + ["generate", "skyrl_receive_buckets", "reset_prefix_cache"] * 2
+            offsets.append(c[0]["args"][2:])
+        assert sorted(offsets) == [[1, 3], [2, 3]]  # (rank offset, world size) of each engine
