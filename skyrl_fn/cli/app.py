@@ -35,6 +35,7 @@ from skyrl_fn.cli.observe import RunObserver
 from skyrl_fn.cli.plugins import PluginError, check_shippable, freeze_compat, load_entry_points, load_plugins
 from skyrl_fn.cli.preflight import Preflight, PreflightError, preflight
 from skyrl_fn.core.table import AlgorithmTable, UnknownNameError
+from skyrl_fn.distributed.devices import gpu_plan
 from skyrl_fn.distributed.ray_runner import train_on_ray
 from skyrl_fn.distributed.ray_workers import WorkerDiedError
 from skyrl_fn.models.model import checkpoint_dir
@@ -219,6 +220,7 @@ def _main(argv: list[str], table: AlgorithmTable | None):
     run = resolve_names(config, table, app_dir=args.app_dir)
     try:
         run.check_backend_available()
+        gpu_plan(run)  # a GPU layout the GPUs cannot hold fails here, before Ray, actors or models
         if run.config.model.name_or_path is not None:
             checkpoint_dir(run.config.model)  # resolve (clear error) and dequantise a GGUF once, here, not per actor
     except (RuntimeError, ValueError) as err:

@@ -27,7 +27,8 @@ def uses_gpus(config: TrainConfig) -> bool:
 
 def gpu_plan(run: ResolvedRun):
     """The ``PlacementPlan`` of ``run`` (``skyrl_fn.distributed.placement.plan_placement`` over ``config.gpu``,
-    the engines' tensor-parallel size and the models the run needs), or None on the CPU path.
+    the engines' tensor-parallel size, the models the run needs and its ``trainer.workers``
+    policy actors), or None on the CPU path.
 
     Raises:
         ValueError: the GPUs cannot hold the layout (from ``plan_placement``).
@@ -38,7 +39,7 @@ def gpu_plan(run: ResolvedRun):
 
     return plan_placement(
         config.gpu, tensor_parallel_size=config.rollout.tensor_parallel_size,
-        uses_reference=run.uses_reference, uses_critic=run.uses_critic,
+        uses_reference=run.uses_reference, uses_critic=run.uses_critic, trainer_workers=config.trainer.workers,
     )
 
 

@@ -28,6 +28,15 @@ steps 1-2 happen on them instead: the ranks receive the sampled batch whole, and
 update they gather the full state dict once (rank 0 holds it) for the rollout workers' weight
 push, as the single policy actor's weights are pushed; this also allows asynchronous training.
 
+On GPUs (``--rollout.backend vllm``) the actors follow the run's GPU plan
+(``skyrl_fn.distributed.devices.gpu_plan``: ``plan_placement`` with ``trainer_workers=W``), in
+one placement group of single-GPU bundles: rank ``r`` on bundle ``r`` with its GPU share (so
+``actor_device()`` is ``cuda``, the process group NCCL and the device mesh the ``W`` ranks' GPUs)
+and one ``RolloutWorker`` per vLLM engine on the engine's bundles. Sampling is then the rollout
+workers' (as above). The weights reach colocated engines by the packed-weights push above; with
+engines on their own GPUs (``--gpu.no-colocate``) by the NCCL broadcast of the single policy actor
+(``skyrl_fn.distributed.broadcast``), sent by rank 0 after the ranks gather the full weights.
+
 So ``W`` changes where the work runs, not what is computed: the same run at W=1 and W=2 samples
 the same responses and its metrics agree to float rounding (docs/distributed.md).
 
@@ -52,7 +61,10 @@ from skyrl_fn.distributed.actors import release
 from skyrl_fn.distributed.dp_rank import PolicyRank
 from skyrl_fn.distributed.dp_roles import share_rows
 from skyrl_fn.distributed.dp_rollout import RankRollouts
+from skyrl_fn.distributed.broadcast import broadcast, form_group
+from skyrl_fn.distributed.devices import gpu_plan
 from skyrl_fn.distributed.failures import NamedActors
+from skyrl_fn.distributed.placement import actor_options, create_placement_group
 from skyrl_fn.distributed.ray_workers import CPU_SHARES
 from skyrl_fn.trainer import checkpoint as ckpt
 from skyrl_fn.trainer import shards
@@ -75,14 +87,16 @@ class Held:
 
 
 class DPWorkers(NamedActors):
-    """``W = trainer.workers`` :class:`PolicyRank` actors in a placement group (one bundle per
-    rank, ``strategy`` ``SPREAD``: over the nodes of a cluster when it can, ``STRICT_SPREAD``:
-    one rank per node). The ranks also hold the run's reference model, teacher and critic,
-    sharded over the same ``W`` (``skyrl_fn.distributed.dp_roles``).
+    """``W = trainer.workers`` :class:`PolicyRank` actors in a placement group. On CPU one bundle
+    per rank, ``strategy`` ``SPREAD`` (over the nodes of a cluster when it can) or
+    ``STRICT_SPREAD`` (one rank per node); on GPUs (``--rollout.backend vllm``) the GPU plan's
+    bundles and strategy, with the vLLM engines' rollout workers in the same group. The ranks
+    also hold the run's reference model, teacher and critic, sharded over the same ``W``
+    (``skyrl_fn.distributed.dp_roles``).
 
     Args:
         run: the resolved run (``trainer.workers >= 1``).
-        strategy: the placement group's strategy.
+        strategy: the CPU placement group's strategy (the GPU plan has its own).
     """
 
     def __init__(self, run: ResolvedRun, *, strategy: str = "SPREAD") -> None:
@@ -94,10 +108,12 @@ class DPWorkers(NamedActors):
         self.step_index, self.saved = -1, bool(cfg.trainer.resume)
         self.keys, self.sampled_step = 0, -1
         share_cpu = CPU_SHARES["policy"]
-        self.pg = placement_group([{"CPU": share_cpu}] * w, strategy=strategy)
+        self.plan = gpu_plan(run)  # None on CPU
+        self.pg = placement_group([{"CPU": share_cpu}] * w, strategy=strategy) if self.plan is None else None
         self.ranks: list[Any] = []
         self.rollout: RankRollouts | None = None  # separate rollout workers (ray.rollout_workers >= 1)
         self.holding: list[Any] = []  # the ranks' hold calls of this step's batches
+        self.sync_plan = None  # bucket plan of the NCCL weight broadcast (--gpu.no-colocate)
         try:
             self._start(run, w, share_cpu)
         except BaseException:
@@ -109,11 +125,19 @@ class DPWorkers(NamedActors):
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        what = f"the placement group of the {w} policy ranks ({share_cpu:g} CPU each; enough CPUs and nodes?)"
-        self.get(self.pg.ready(), what=what, timeout=run.config.trainer.dist_timeout_s)
+        timeout = run.config.trainer.dist_timeout_s
+        if self.plan is None:
+            what = f"the placement group of the {w} policy ranks ({share_cpu:g} CPU each; enough CPUs and nodes?)"
+            self.get(self.pg.ready(), what=what, timeout=timeout)
+            options = [dict(num_cpus=share_cpu, scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r)) for r in range(w)]
+        else:
+            self.pg = create_placement_group(self.plan, timeout_s=timeout)
+            options = [actor_options(slot, self.pg) for slot in self.plan.of("policy")]
+            # Colocated engines first (as RayWorkers): vLLM takes its share of the free GPU memory
+            # at start-up, then sleeps, and the ranks load into what it leaves.
+            self._start_rollout(run)
         for r in range(w):
-            opts = dict(num_cpus=share_cpu, max_restarts=0, scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r))
-            handle = ray.remote(PolicyRank).options(**opts).remote(run, r, w)
+            handle = ray.remote(PolicyRank).options(max_restarts=0, **options[r]).remote(run, r, w)
             self.names[handle._actor_id.hex()] = f"policy rank {r} of {w} (PolicyRank)"
             self.ranks.append(handle)
         host, port = self.get(self.ranks[0].address.remote())
@@ -121,9 +145,18 @@ class DPWorkers(NamedActors):
         for a, pid in zip(self.ranks, pids):
             name = self.names[a._actor_id.hex()].rstrip(")")
             self.names[a._actor_id.hex()] = f"{name}, pid {pid})"
-        if run.config.ray.rollout_workers:
-            self.rollout = RankRollouts(run, self.names, self.get)
-            self.get([w.ping.remote() for w in self.rollout.workers])
+        if self.rollout is None and run.config.ray.rollout_workers:
+            self._start_rollout(run)
+        if self.plan is not None and not self.plan.colocate:  # engines on their own GPUs: NCCL from rank 0
+            self.sync_plan = form_group(
+                self.get, self.ranks, self.rollout.workers, tensor_parallel_size=run.config.rollout.tensor_parallel_size,
+                timeout_s=run.config.gpu.sync_timeout_s,
+            )
+
+    def _start_rollout(self, run: ResolvedRun) -> None:
+        """The rollout workers (the GPU plan's engines, or ``ray.rollout_workers`` on CPU), started."""
+        self.rollout = RankRollouts(run, self.names, self.get, plan=self.plan, placement_group=self.pg)
+        self.get([w.ping.remote() for w in self.rollout.workers])
 
     # -- the protocol ------------------------------------------------------------------------
     def _key(self) -> int:
@@ -174,7 +207,9 @@ class DPWorkers(NamedActors):
         before = sum((h.refs for h in (generated, ref_log_probs, values) if h is not None), tuple(self.holding))
         self.holding = []
         refs = tuple(a.update_share.remote(generated.key, *keys, kl_coef) for a in self.ranks)
-        if self.rollout is not None:  # the new weights, gathered once, queued to every rollout worker
+        if self.sync_plan is not None:  # the new weights, gathered once, broadcast by rank 0 (waited for)
+            self._broadcast()
+        elif self.rollout is not None:  # the new weights, gathered once, queued to every rollout worker
             before += tuple(self.rollout.push(self.ranks, self.step_index))
         return Held(-1, refs + before)  # rank 0's (metrics, seconds) first
 
@@ -240,9 +275,14 @@ class DPWorkers(NamedActors):
         for role in trained_roles(self.run):
             state = ray.put(saved.roles[role])
             refs += [a.set_state.remote(state, rng if role == "policy" else None, role) for a in self.ranks]
-        if self.rollout is not None:  # what the ranks loaded (whole or from shards): they run their calls in order
+        if self.rollout is not None and self.sync_plan is None:  # what the ranks loaded (whole or from shards): they run their calls in order
             refs += self.rollout.push(self.ranks, self.step_index)
         self.get(refs)
+        if self.sync_plan is not None:
+            self._broadcast()
+
+    def _broadcast(self) -> None:
+        broadcast(self.get, self.ranks, self.rollout.workers, self.sync_plan, timeout_s=self.run.config.gpu.sync_timeout_s)
 
     def resident_bytes(self) -> list[dict[str, int]]:
         """Per rank: bytes of resident parameter and optimiser-state shards."""

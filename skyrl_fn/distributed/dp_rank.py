@@ -11,7 +11,8 @@ from typing import Any, Sequence
 
 import torch
 
-from skyrl_fn.distributed.actors import _Ping, _start
+from skyrl_fn.ops.memory import release_cached_memory
+from skyrl_fn.distributed.actors import _Ping, _shares_gpu, _start
 from skyrl_fn.distributed.devices import to_device
 from skyrl_fn.distributed.dp_roles import RankRoles, local_bytes, optimizer_bytes, share_forward, share_rows
 from skyrl_fn.distributed.layout import concat_rollouts, split_prompts
@@ -25,6 +26,8 @@ from skyrl_fn.trainer.forward import old_policy_pass
 from skyrl_fn.trainer.learner import TrainState, experience_and_update, loss_kernel, make_train_state
 from skyrl_fn.models.model import load_model, load_tokenizer
 from skyrl_fn.rollout.base import HFBackend
+from skyrl_fn.rollout.buckets import to_hf_names
+from skyrl_fn.rollout.weight_sync import BroadcastSender, free_port
 from skyrl_fn.trainer.sharding import (
     Collectives, full_state_dict, gathered, init_process_group, reshard, shard_model,
 )
@@ -52,8 +55,6 @@ class PolicyRank(_Ping):
     def address(self) -> tuple[str, int]:
         """``(node ip, free port)`` for the group's rendezvous (asked of rank 0)."""
         import ray
-
-        from skyrl_fn.rollout.weight_sync import free_port
 
         return ray.util.get_node_ip_address(), free_port()
 
@@ -110,7 +111,40 @@ class PolicyRank(_Ping):
         """The full weights, packed, on rank 0 (None on the others), for the rollout workers. A
         collective: one gather of the state dict per call."""
         weights = full_state_dict(self.train_state.model, rank0_only=True)
-        return pack(weights) if self.rank == 0 else None
+        packed = pack(weights) if self.rank == 0 else None
+        # colocated vLLM engines wake up next, into what the rank gives back (as PolicyTrainer)
+        release_cached_memory(self.device, colocated=_shares_gpu(self.run))
+        return packed
+
+    # -- NCCL weight broadcast (vLLM engines on their own GPUs, skyrl_fn.distributed.broadcast) --
+    def sync_address(self) -> tuple[str, int]:
+        """``(host, port)`` of the sync group's rendezvous (asked of rank 0)."""
+        return self.address()
+
+    def init_broadcast(self, host: str, port: int, world_size: int):
+        """With every rank (a collective: the full weights are gathered once to plan the
+        buckets): rank 0 becomes rank 0 of the sync group, while the engines join. Returns the
+        bucket plan on rank 0, None on the others."""
+        weights = self._hf_weights()
+        if self.rank != 0:
+            return None
+        self.sender = BroadcastSender(host, port, world_size, device=self.device)
+        self.sync_plan = self.sender.plan(weights)
+        return self.sync_plan
+
+    def broadcast(self) -> None:
+        """With every rank: gather the full weights (a collective); rank 0 sends them to every
+        engine (which receive concurrently)."""
+        weights = self._hf_weights()
+        if self.rank == 0:
+            self.sender.send(weights, self.sync_plan)
+
+    def _hf_weights(self) -> dict[str, torch.Tensor]:
+        """The full weights under Hugging Face names on rank 0 (on the CPU; empty elsewhere)."""
+        model = self.train_state.model
+        weights = full_state_dict(model, rank0_only=True)
+        tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+        return to_hf_names(weights, tied_embeddings=tied) if self.rank == 0 else {}
 
     def transform_held(self, fn, keys: Sequence[int], key: int) -> dict[str, float]:
         """``fn([held batches], pad_id=...) -> (batch or None, metrics)`` (the batch transforms,

@@ -2,7 +2,9 @@
 ``--ray.rollout-workers N``): the driver's side, used by :class:`~skyrl_fn.distributed.dp.DPWorkers`.
 
 The rollout workers are the same ``RolloutWorker`` actors as with the single policy actor
-(:class:`~skyrl_fn.distributed.ray_workers.RayWorkers`): prompts are split over them by
+(:class:`~skyrl_fn.distributed.ray_workers.RayWorkers`): on CPU ``ray.rollout_workers`` of them on
+CPU shares; with ``--rollout.backend vllm`` one per vLLM engine of the GPU plan
+(``skyrl_fn.distributed.placement``), each on its planned bundle. Prompts are split over them by
 :func:`~skyrl_fn.distributed.layout.sample_on`, and after each update they receive the policy's
 weights as one :class:`~skyrl_fn.distributed.weights.PackedWeights` through
 ``RolloutWorker.sync_packed``, queued before their next ``generate`` and checked by a
@@ -24,6 +26,7 @@ from typing import Any, Callable, Sequence
 from skyrl_fn.distributed.actors import RolloutWorker
 from skyrl_fn.distributed.layout import pad_id, sample_on
 from skyrl_fn.distributed.failures import WorkerDiedError
+from skyrl_fn.distributed.placement import PlacementPlan, actor_options
 from skyrl_fn.distributed.ray_workers import CPU_SHARES
 from skyrl_fn.distributed.sync_check import SyncTracker
 from skyrl_fn.trainer.run import ResolvedRun
@@ -33,24 +36,33 @@ __all__ = ["RankRollouts"]
 
 
 class RankRollouts:
-    """``N = ray.rollout_workers`` rollout actors serving ``W`` policy ranks.
+    """``N`` rollout actors serving ``W`` policy ranks: ``ray.rollout_workers`` on CPU, or one
+    per vLLM engine of ``plan``.
 
     Args:
-        run: the resolved run (``ray.rollout_workers >= 1``).
+        run: the resolved run (``ray.rollout_workers >= 1``, or a GPU plan).
         names: the driver's actor-id -> name map (the rollout workers are added to it).
         get: ``get(refs, timeout=..., what=...)``, the driver's wait that names a dead actor.
+        plan: the run's GPU plan (``skyrl_fn.distributed.devices.gpu_plan``), None on CPU.
+        placement_group: the plan's placement group (with ``plan``).
     """
 
-    def __init__(self, run: ResolvedRun, names: dict[str, str], get: Callable) -> None:
+    def __init__(
+        self, run: ResolvedRun, names: dict[str, str], get: Callable, *, plan: PlacementPlan | None = None, placement_group: Any = None,
+    ) -> None:
         import ray
 
         cfg = run.config
-        n = cfg.ray.rollout_workers
+        n = cfg.ray.rollout_workers if plan is None else plan.num_engines
         self.get = get
         self.pad = pad_id(run) if n > 1 else None  # joins the workers' batches (sample_on)
         self.workers: list[Any] = []
         for i in range(n):
-            handle = ray.remote(num_cpus=CPU_SHARES["rollout"] / n, max_restarts=0)(RolloutWorker).remote(run)
+            if plan is None:
+                opts = dict(num_cpus=CPU_SHARES["rollout"] / n)
+            else:  # engine i on its bundle(s); a tp > 1 engine's vLLM workers join the group
+                opts = actor_options(plan.of("rollout")[i], placement_group)
+            handle = ray.remote(max_restarts=0)(RolloutWorker).options(**opts).remote(run)
             names[handle._actor_id.hex()] = f"rollout worker {i} (RolloutWorker)"
             self.workers.append(handle)
         # Asynchronous training: K - 1 weight pushes may stay queued behind rollouts in flight.

@@ -1,12 +1,14 @@
 """Ray placement of trainer and rollout engines on GPUs: bundle plans as pure functions.
 
 Notation: ``N`` GPUs for the run, ``tp`` the engines' tensor-parallel size, ``E`` rollout engines,
-``W`` trainer workers (policy actors; the current runner uses one).
+``W`` trainer workers (policy actors: one at ``--trainer.workers 1``, ``W`` data-parallel ranks
+otherwise, ``skyrl_fn.distributed.dp``).
 
 Two layouts (one placement group of single-GPU bundles ``{"GPU": 1, "CPU": c}`` in both):
 
 * **colocated** (``colocate=True``): every model shares every GPU. ``E = N // tp`` engines, engine
-  ``e`` spans bundles ``[e*tp, (e+1)*tp)``; trainer worker ``w`` sits on bundle ``w``. Ray needs
+  ``e`` spans bundles ``[e*tp, (e+1)*tp)``; trainer worker ``w`` sits on bundle ``w`` (so ``W <= N``:
+  with ``tp = 1`` one engine per rank, beside it). Ray needs
   fractional ``num_gpus`` that sum to <= 1 per bundle (:data:`COLOCATED_SHARES`); the real memory
   split is vLLM's ``gpu_memory_utilization`` plus sleep/wake: the engine sleeps (frees its KV
   cache, offloads weights) while the trainer runs and wakes for the next rollout.
@@ -136,8 +138,10 @@ def plan_placement(
         tensor_parallel_size: ``tp`` of each vLLM engine (``rollout.tensor_parallel_size``).
         uses_reference: a reference model is placed (``TrainConfig.uses_reference``).
         uses_critic: a critic is placed (``TrainConfig.uses_critic``).
-        trainer_workers: ``W``, policy actors to place (the runner starts one; the planner
-            already places data-parallel ranks, one bundle each).
+        trainer_workers: ``W``, policy actors to place, one bundle each (``--trainer.workers``).
+            With ``W > 1`` the ranks hold the reference model and the critic themselves, sharded
+            (``skyrl_fn.distributed.dp_roles``): each rank's slot takes their GPU shares too and
+            they get no slots of their own.
 
     Returns:
         A :class:`PlacementPlan` whose per-bundle GPU load is <= 1 everywhere.
@@ -148,7 +152,7 @@ def plan_placement(
     """
     n = _positive_int("gpu.num_gpus", gpu.num_gpus)
     tp = _positive_int("rollout.tensor_parallel_size", tensor_parallel_size)
-    w = _positive_int("trainer_workers", trainer_workers)
+    w = _positive_int("trainer.workers", trainer_workers)
     if not gpu.cpus_per_bundle > 0:
         raise ValueError(f"gpu.cpus_per_bundle: expected > 0, got {gpu.cpus_per_bundle!r}")
     cpus = float(gpu.cpus_per_bundle)
@@ -160,7 +164,7 @@ def plan_placement(
         if n % tp:
             raise ValueError(f"gpu.num_gpus: expected a multiple of rollout.tensor_parallel_size={tp} when colocated, got {n}")
         if w > n:
-            raise ValueError(f"trainer_workers: expected <= gpu.num_gpus={n}, got {w}")
+            raise ValueError(f"trainer.workers: expected <= gpu.num_gpus={n} (one GPU bundle per rank), got {w}")
         shares, trainer_bundles = COLOCATED_SHARES, list(range(w))
         engine_groups = [tuple(range(e * tp, (e + 1) * tp)) for e in range(n // tp)]
         engine_share = COLOCATED_SHARES["rollout"]
@@ -172,17 +176,18 @@ def plan_placement(
                 f"(engines need their own GPUs when not colocated), got {t}"
             )
         if w > t:
-            raise ValueError(f"trainer_workers: expected <= gpu.trainer_gpus={t}, got {w}")
+            raise ValueError(f"trainer.workers: expected <= gpu.trainer_gpus={t} (one GPU bundle per rank), got {w}")
         shares, trainer_bundles = SEPARATE_SHARES, list(range(w))
         engine_groups = [tuple(range(t + e * tp, t + (e + 1) * tp)) for e in range((n - t) // tp)]
         engine_share = 1.0
+    # W > 1: every rank holds its shards of the reference and the critic (their shares join its
+    # own); W = 1: one reference / critic actor next to the policy actor (RayWorkers' layout).
+    roles = [role for role, used in (("reference", uses_reference), ("critic", uses_critic)) if used]
+    rank_share = shares["policy"] + (sum(shares[role] for role in roles) if w > 1 else 0.0)
     for i, b in enumerate(trainer_bundles):
-        slots.append(ActorSlot(role="policy", index=i, bundle=b, num_gpus=shares["policy"], num_cpus=cpu_share))
-    # One reference / critic, next to trainer worker 0 (the runner's layout).
-    if uses_reference:
-        slots.append(ActorSlot(role="reference", index=0, bundle=0, num_gpus=shares["reference"], num_cpus=cpu_share))
-    if uses_critic:
-        slots.append(ActorSlot(role="critic", index=0, bundle=0, num_gpus=shares["critic"], num_cpus=cpu_share))
+        slots.append(ActorSlot(role="policy", index=i, bundle=b, num_gpus=rank_share, num_cpus=cpu_share))
+    for role in roles if w == 1 else ():
+        slots.append(ActorSlot(role=role, index=0, bundle=0, num_gpus=shares[role], num_cpus=cpu_share))
     for e, group in enumerate(engine_groups):
         slots.append(_engine_slot(e, group, engine_share, cpu_share))
     return PlacementPlan(bundles=bundles, strategy="PACK", colocate=gpu.colocate, slots=slots)

@@ -27,10 +27,10 @@ from typing import Any, Mapping, Sequence
 
 import attrs
 
+from skyrl_fn.distributed.broadcast import broadcast, form_group
 from skyrl_fn.distributed.failures import NamedActors, WorkerDiedError
 from skyrl_fn.distributed.placement import actor_options, create_placement_group
 from skyrl_fn.distributed.sync_check import SyncTracker
-from skyrl_fn.rollout.weight_sync import broadcast_ranks
 from skyrl_fn.distributed.actors import (
     Critic,
     PolicyTrainer,
@@ -247,18 +247,14 @@ class RayWorkers(NamedActors):
 
     def _init_broadcast(self) -> None:
         """Form the NCCL sync group: the policy is rank 0, engine ``e``'s TP workers follow
-        (``skyrl_fn.rollout.weight_sync.broadcast_ranks``); both sides start together."""
-
-        host, port = self.get(self.policy.sync_address.remote())
-        world, offsets = broadcast_ranks(len(self.rollout), self.run.config.rollout.tensor_parallel_size)
-        refs = [self.policy.init_broadcast.remote(host, port, world)]
-        refs += [w.init_broadcast.remote(host, port, off, world) for w, off in zip(self.rollout, offsets)]
-        self.broadcast_plan = self.get(refs, timeout=self.sync_timeout_s, what="forming the NCCL weight-sync group")[0]
+        (``skyrl_fn.distributed.broadcast``); both sides start together."""
+        self.broadcast_plan = form_group(
+            self.get, [self.policy], self.rollout, tensor_parallel_size=self.run.config.rollout.tensor_parallel_size, timeout_s=self.sync_timeout_s,
+        )
 
     def _broadcast(self) -> None:
         """Send the policy's weights to every engine over NCCL and wait for both sides."""
-        refs = [self.policy.broadcast.remote()] + [w.receive_broadcast.remote(self.broadcast_plan) for w in self.rollout]
-        self.get(refs, timeout=self.sync_timeout_s, what="the NCCL weight broadcast")
+        broadcast(self.get, [self.policy], self.rollout, self.broadcast_plan, timeout_s=self.sync_timeout_s)
 
     def get(self, refs, *, timeout: float | None = None, what: str | None = None):
         """``ray.get`` that turns a dead actor into :class:`WorkerDiedError` naming it; with

@@ -5,9 +5,10 @@ when the engine is built (``request_memory`` in ``vllm/v1/worker/utils.py``, 0.1
 error names the setting and the free memory). In the colocated layout the policy, reference and
 critic sit on the same GPUs, so the order matters:
 
-1. the rollout workers are built first: ``RayWorkers`` waits for them before it starts the
-   trainer side (the engine process is not asked for free memory beforehand: querying it from
-   the rollout actor would initialise CUDA there, before vLLM starts its engine process);
+1. the rollout workers are built first: ``RayWorkers`` (and ``DPWorkers``, for ``W`` ranks)
+   waits for them before it starts the trainer side (the engine process is not asked for free
+   memory beforehand: querying it from the rollout actor would initialise CUDA there, before
+   vLLM starts its engine process);
 2. each engine sleeps right after start-up (``VLLMBackend``: KV cache freed, weights offloaded
    to host memory), so the trainer-side models load into the memory it gave back;
 3. after every update and forward pass the trainer-side actors return their cached blocks to

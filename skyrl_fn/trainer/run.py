@@ -287,8 +287,9 @@ def resolve(config: TrainConfig, table: AlgorithmTable) -> ResolvedRun:
 
 
 def _check_data_parallel(config: TrainConfig) -> None:
-    """``trainer.workers``: W >= 1; W > 1 needs Ray, the hf backend and a whole prompt group
-    per rank (either layout: the ranks sample, or ``ray.rollout_workers`` separate workers do)."""
+    """``trainer.workers``: W >= 1; W > 1 needs Ray, a whole prompt group per rank (either
+    layout: the ranks sample, or ``ray.rollout_workers`` separate workers do) and the ``hf``
+    backend, or ``vllm`` with one (trainer) GPU per rank (``docs/distributed.md``)."""
     tr = config.trainer
     if isinstance(tr.workers, bool) or not isinstance(tr.workers, int) or tr.workers < 1:
         raise ValueError(f"trainer.workers: expected an int >= 1, got {tr.workers!r}")
@@ -297,9 +298,21 @@ def _check_data_parallel(config: TrainConfig) -> None:
         return
     if tr.workers > tr.prompts_per_step:
         raise ValueError(f"trainer.workers: expected <= trainer.prompts_per_step = {tr.prompts_per_step} (each rank trains whole prompt groups), got {tr.workers}")
+    backend, gpu = config.rollout.backend, config.gpu
     for bad, what in (
         (not config.ray.use_ray, "ray.use_ray (the ranks are Ray actors; drop --ray.no-use-ray)"),
-        (config.rollout.backend != "hf", f"rollout.backend 'hf' (got {config.rollout.backend!r}; each rank samples with its own model)"),
+        (
+            backend not in ("hf", "vllm"),
+            f"rollout.backend 'hf' or 'vllm' (got {backend!r}; the ranks sample with their own model, or vLLM engines do)",
+        ),
+        (
+            backend == "vllm" and gpu.colocate and tr.workers > gpu.num_gpus,
+            f"one GPU each with rollout.backend 'vllm': gpu.num_gpus >= {tr.workers} (got {gpu.num_gpus})",
+        ),
+        (
+            backend == "vllm" and not gpu.colocate and tr.workers > gpu.trainer_gpus,
+            f"one trainer GPU each with rollout.backend 'vllm' and --gpu.no-colocate: gpu.trainer_gpus >= {tr.workers} (got {gpu.trainer_gpus})",
+        ),
     ):
         if bad:
             raise ValueError(f"trainer.workers: {tr.workers} data-parallel ranks need {what}")

@@ -59,7 +59,7 @@ def test_impossible_layouts_are_errors_naming_the_field(gpu, tp, match):
 
 
 def test_more_trainer_workers_than_gpus_is_an_error():
-    with pytest.raises(ValueError, match="trainer_workers: expected <= gpu.num_gpus=1, got 2"):
+    with pytest.raises(ValueError, match=r"trainer.workers: expected <= gpu.num_gpus=1 \(one GPU bundle per rank\), got 2"):
         plan_placement(GPUPlacementConfig(num_gpus=1), trainer_workers=2)
 
 
@@ -74,12 +74,12 @@ def test_there_is_no_trainer_workers_flag():
 
 @given(
     n=st.integers(1, 16), tp=st.sampled_from([1, 2, 4, 8]), colocate=st.booleans(), t=st.integers(1, 8),
-    ref=st.booleans(), critic=st.booleans(),
+    ref=st.booleans(), critic=st.booleans(), w=st.integers(1, 4),
 )
-def test_every_valid_plan_fits_and_uses_every_engine_gpu_once(n, tp, colocate, t, ref, critic):
+def test_every_valid_plan_fits_and_uses_every_engine_gpu_once(n, tp, colocate, t, ref, critic, w):
     gpu = GPUPlacementConfig(num_gpus=n, colocate=colocate, trainer_gpus=t)
     try:
-        plan = plan_placement(gpu, tensor_parallel_size=tp, uses_reference=ref, uses_critic=critic)
+        plan = plan_placement(gpu, tensor_parallel_size=tp, uses_reference=ref, uses_critic=critic, trainer_workers=w)
     except ValueError:
         return
     assert len(plan.bundles) == n
@@ -88,7 +88,9 @@ def test_every_valid_plan_fits_and_uses_every_engine_gpu_once(n, tp, colocate, t
     assert len(engine_bundles) == len(set(engine_bundles)) and all(0 <= b < n for b in engine_bundles)
     assert all(len(e.engine_bundles) == tp for e in plan.of("rollout"))
     assert plan.num_engines == (n // tp if colocate else (n - t) // tp) >= 1
-    assert len(plan.of("reference")) == int(ref) and len(plan.of("critic")) == int(critic)
+    # W = 1: one reference / critic actor; W > 1: the ranks hold them (their GPU shares too)
+    assert len(plan.of("reference")) == int(ref and w == 1) and len(plan.of("critic")) == int(critic and w == 1)
+    assert [s.bundle for s in plan.of("policy")] == list(range(w))
 
 
 def test_actor_options_without_and_with_a_group():

@@ -9,7 +9,6 @@ import sys
 import types
 from pathlib import Path
 
-import msgpack
 import pytest
 
 import skyrl_fn.rollout.vllm_backend as vb
@@ -19,6 +18,8 @@ from skyrl_fn.trainer.config import TrainConfig
 from skyrl_fn.models.model import DIGITS_ALPHABET, ModelConfig, build_tiny_model, build_tokenizer
 from skyrl_fn.rollout.base import BackendUnavailableError, RolloutConfig
 from skyrl_fn.trainer.run import resolve
+from tests.fake_vllm import FakeLLM, completion
+from tests.fake_vllm import module as fake_vllm_module
 
 ROOT = Path(__file__).resolve().parents[2]
 NO_VLLM = vllm_unavailable_reason()
@@ -154,18 +155,11 @@ def test_engine_kwargs_come_from_the_config():
         engine_kwargs(RolloutConfig(gpu_memory_utilization=1.5), "/m")
 
 
-def _completion(index, ids, lps, text=""):
-    return types.SimpleNamespace(
-        index=index, token_ids=ids, text=text,
-        logprobs=[{t: types.SimpleNamespace(logprob=lp, rank=1)} for t, lp in zip(ids, lps)],
-    )
-
-
 def test_outputs_to_batch_pads_masks_and_orders_samples():
     pad, eos = 0, 2
     outs = [
-        types.SimpleNamespace(outputs=[_completion(1, [7, eos], [-0.5, -0.1], "b"), _completion(0, [5, 6, 7], [-1.0, -2.0, -3.0], "a")]),
-        types.SimpleNamespace(outputs=[_completion(0, [eos], [-0.2], ""), _completion(1, [9], [-0.3], "c")]),
+        types.SimpleNamespace(outputs=[completion(1, [7, eos], [-0.5, -0.1], "b"), completion(0, [5, 6, 7], [-1.0, -2.0, -3.0], "a")]),
+        types.SimpleNamespace(outputs=[completion(0, [eos], [-0.2], ""), completion(1, [9], [-0.3], "c")]),
     ]
     batch = outputs_to_batch(("p0", "p1"), [[4, 5, 6], [8]], outs, samples_per_prompt=2, pad_token_id=pad)
     assert batch.response_ids.tolist() == [[5, 6, 7], [7, eos, pad], [eos, pad, pad], [9, pad, pad]]
@@ -180,7 +174,7 @@ def test_outputs_to_batch_pads_masks_and_orders_samples():
 
 
 def test_outputs_to_batch_rejects_inconsistent_outputs():
-    good = types.SimpleNamespace(outputs=[_completion(0, [1], [-0.1])])
+    good = types.SimpleNamespace(outputs=[completion(0, [1], [-0.1])])
     with pytest.raises(ValueError, match="expected 2 completions"):
         outputs_to_batch(("p",), [[3]], [good], samples_per_prompt=2, pad_token_id=0)
     with pytest.raises(ValueError, match="P"):
@@ -188,7 +182,7 @@ def test_outputs_to_batch_rejects_inconsistent_outputs():
     no_lp = types.SimpleNamespace(outputs=[types.SimpleNamespace(index=0, token_ids=[1, 2], logprobs=None, text="")])
     with pytest.raises(ValueError, match="logprobs=0"):
         outputs_to_batch(("p",), [[3]], [no_lp], samples_per_prompt=1, pad_token_id=0)
-    empty = types.SimpleNamespace(outputs=[_completion(0, [], [])])
+    empty = types.SimpleNamespace(outputs=[completion(0, [], [])])
     with pytest.raises(ValueError, match="at least one generated token"):
         outputs_to_batch(("p",), [[3]], [empty], samples_per_prompt=1, pad_token_id=0)
 
@@ -196,57 +190,13 @@ def test_outputs_to_batch_rejects_inconsistent_outputs():
 # -- the engine glue, with a fake vllm module ------------------------------------------------------
 
 
-class FakeLLM:
-    """Records calls; generates ``G`` fixed completions per prompt ending in EOS."""
-
-    instances: list["FakeLLM"] = []
-
-    def __init__(self, **kwargs):
-        self.kwargs = kwargs
-        self.calls: list[tuple] = []
-        FakeLLM.instances.append(self)
-
-    def sleep(self, level=1):
-        self.calls.append(("sleep", level))
-
-    def wake_up(self, tags=None):
-        self.calls.append(("wake_up", tuple(tags)))
-
-    def generate(self, prompts, params, use_tqdm=False):
-        self.calls.append(("generate", len(prompts), params.kw["n"], params.kw["seed"]))
-        return [
-            types.SimpleNamespace(outputs=[_completion(g, [3 + g, 2], [-0.5, -0.25]) for g in range(params.kw["n"])])
-            for _ in prompts
-        ]
-
-    def collective_rpc(self, method, args=()):
-        # As vLLM's engine process receives them: msgpack-encoded (no tensors, tuples -> lists).
-        args = msgpack.unpackb(msgpack.packb(list(args), use_bin_type=True), raw=False)
-        if method == "skyrl_load_weights":
-            size, slots, payload = args[0]
-            assert len(payload) == size
-            self.calls.append(("rpc", method, [slot[0] for slot in slots]))
-            return [len(slots)]
-        self.calls.append(("rpc", method, tuple(args)))
-        return [1]
-
-    def reset_prefix_cache(self):
-        self.calls.append(("reset_prefix_cache",))
-
-
-class FakeSamplingParams:
-    def __init__(self, **kw):
-        self.kw = kw
-
-
 @pytest.fixture
 def fake_vllm(monkeypatch):
-    module = types.ModuleType("vllm")
-    module.LLM, module.SamplingParams = FakeLLM, FakeSamplingParams
-    monkeypatch.setitem(sys.modules, "vllm", module)
+    fake = fake_vllm_module()
+    monkeypatch.setitem(sys.modules, "vllm", fake)
     monkeypatch.setattr(vb, "vllm_unavailable_reason", lambda: None)
     FakeLLM.instances.clear()
-    return module
+    return fake
 
 
 @pytest.fixture
@@ -337,7 +287,7 @@ def test_vllm_extra_is_bounded_and_compatible_with_the_base_pins():
 
 
 def test_outputs_to_batch_marks_responses_cut_at_max_tokens():
-    outs = [types.SimpleNamespace(outputs=[_completion(0, [5, 6], [-1.0, -1.0]), _completion(1, [5, 2], [-1.0, -1.0])])]
+    outs = [types.SimpleNamespace(outputs=[completion(0, [5, 6], [-1.0, -1.0]), completion(1, [5, 2], [-1.0, -1.0])])]
     outs[0].outputs[0].finish_reason, outs[0].outputs[1].finish_reason = "length", "stop"
     batch = outputs_to_batch(("p",), [[4]], outs, samples_per_prompt=2, pad_token_id=0)
     assert batch.truncated.tolist() == [True, False]  # read by overlong_filter / overlong_penalty

@@ -78,7 +78,12 @@ def test_a_prompt_samples_the_same_responses_in_any_share_of_the_batch():
         (("--trainer.workers", "0"), r"trainer.workers: expected an int >= 1, got 0"),
         (("--trainer.workers", "3"), r"trainer.workers: expected <= trainer.prompts_per_step = 2"),
         (("--trainer.workers", "2", "--ray.no-use-ray"), r"trainer.workers: 2 data-parallel ranks need ray.use_ray"),
-        (("--trainer.workers", "2", "--rollout.backend", "vllm"), r"trainer.workers: 2 data-parallel ranks need rollout.backend 'hf'"),
+        # vLLM: one GPU per rank (the default gpu.num_gpus and gpu.trainer_gpus are 1)
+        (("--trainer.workers", "2", "--rollout.backend", "vllm"), r"trainer.workers: 2 data-parallel ranks need one GPU each .* gpu.num_gpus >= 2 \(got 1\)"),
+        (
+            ("--trainer.workers", "2", "--rollout.backend", "vllm", "--gpu.no-colocate", "--gpu.num-gpus", "4"),
+            r"trainer.workers: 2 data-parallel ranks need one trainer GPU each .* gpu.trainer_gpus >= 2 \(got 1\)",
+        ),
         # asynchronous training at W > 1 needs separate rollout workers, as at W = 1
         (("--trainer.workers", "2", "--trainer.max-staleness", "1"), r"trainer.max_staleness: expected 0 with the hybrid layout"),
         (("--trainer.dist-timeout-s", "0"), r"trainer.dist_timeout_s: expected > 0"),
