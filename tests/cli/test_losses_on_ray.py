@@ -3,9 +3,12 @@ composed off-policy correction chain (a few tiny steps on the session's Ray).
 
 The same run also carries the loop-level batch transforms ``overlong_filter`` + ``dynamic_sampling``
 (``tests/cli/test_batch_transforms_on_ray.py`` checks their counts; its own runs are in make
-test-all): each Ray run starts actor processes that import torch and transformers (~5 s of CPU
-each), and the fast suite has a CPU budget (docs/contributing.md). Each test below asserts one
-feature of the shared run.
+test-all), and it is ``tests/distributed/test_ray_runner.py``'s Ray == in-process run of the fast
+suite: a chained critic estimator (``gae`` then clipping, registered in the driver) with a
+reference model and KL in the reward and in the loss, so a critic and a reference actor. Each Ray
+run starts actor processes that import torch and transformers (~9 s of CPU each), and the fast
+suite has a CPU budget (docs/contributing.md). Each test below asserts one feature of the shared
+run.
 """
 
 from __future__ import annotations
@@ -15,10 +18,11 @@ import sys
 
 import pytest
 
-from skyrl_fn import DEFAULT_TABLE
 from skyrl_fn.cli import main, parse_config, resolve_names
 from skyrl_fn.cli.plugins import ship_by_value
+from skyrl_fn.trainer.loop import train
 from tests.cli.test_batch_transforms_on_ray import CASES, TINY, check_transform_counts
+from tests.distributed.test_ray_runner import ALGORITHMS, CHAINED, check_same_metrics
 
 # make test runs pytest-xdist with --dist loadscope: one process runs the module, so the module's
 # one run serves every test.
@@ -37,15 +41,25 @@ TRANSFORMS = "dynamic_sampling+overlong_filter"
 DRO = ["--algorithm.policy-loss", "dro", "--algorithm.loss.dro-beta", "0.1", "--algorithm.bypass-mode", "--algorithm.update-epochs", "2", *CHAIN]
 
 
+#: The estimator, reference and KL of test_ray_runner.py's "gae_clipped+kl" (a critic and a reference
+#: actor), and a checkpoint at the last step (the critic's weights in it). Seed 2: with seed 0 the
+#: transforms keep no prompt group of step 3's three sampled batches (a skipped step).
+CRITIC = [*ALGORITHMS["gae_clipped+kl"], "--trainer.ckpt-interval", str(STEPS), "--trainer.seed", "2"]
+
+
 @pytest.fixture(scope="module")
 def dro_run(ray_session, tmp_path_factory):
-    """``(summary, run_dir)`` of one launcher run on Ray: dro in bypass mode with the correction
-    chain, and the batch transforms."""
-    run_dir = tmp_path_factory.mktemp("dro") / "run"
-    argv = [*TINY, *DRO, *CASES[TRANSFORMS], "--logging.run-dir", str(run_dir)]
-    run = resolve_names(parse_config(argv, DEFAULT_TABLE), DEFAULT_TABLE)
+    """``(summary, run_dir, run, in-process history)``: one launcher run on Ray (dro in bypass mode
+    with the correction chain, the batch transforms, a critic and a reference) and the same run
+    in-process."""
+    tmp = tmp_path_factory.mktemp("dro")
+    argv = [*TINY, *DRO, *CASES[TRANSFORMS], *CRITIC]
+    run = resolve_names(parse_config([*argv, "--logging.run-dir", str(tmp / "run")], CHAINED), CHAINED)
     assert run.algorithm.names["policy_loss"] == "dro" and run.config.algorithm.bypass_mode
-    return main(argv), run_dir
+    assert run.uses_critic and run.uses_reference
+    summary = main([*argv, "--logging.run-dir", str(tmp / "run")], CHAINED)
+    local = train(resolve_names(parse_config([*argv, "--logging.run-dir", str(tmp / "local"), "--ray.no-use-ray"], CHAINED), CHAINED))
+    return summary, tmp / "run", run, local.history
 
 
 def test_dro_in_bypass_mode_with_a_correction_chain_trains_on_ray(dro_run):
@@ -60,4 +74,9 @@ def test_dro_in_bypass_mode_with_a_correction_chain_trains_on_ray(dro_run):
 
 
 def test_loop_level_batch_transforms_train_on_ray_and_log_their_counts(dro_run):
-    check_transform_counts(*dro_run, STEPS, TRANSFORMS)
+    check_transform_counts(*dro_run[:2], STEPS, TRANSFORMS)
+
+
+def test_ray_gives_the_in_process_metrics_with_a_critic_a_reference_and_a_chained_estimator(dro_run):
+    summary, _, run, local = dro_run
+    check_same_metrics(run, summary.history, local)
