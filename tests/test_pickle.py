@@ -7,6 +7,7 @@ import functools
 import json
 import os
 import pickle
+import runpy
 import subprocess
 import sys
 import textwrap
@@ -166,15 +167,19 @@ LOAD = textwrap.dedent(
 )
 
 
-def test_main_module_functions_survive_a_trip_to_a_fresh_process(tmp_path):
+def test_main_module_functions_survive_a_trip_to_a_fresh_process(tmp_path, monkeypatch):
     """Define an estimator in ``__main__``, pickle the table in one process, load and run it in
-    another that never sees the defining script (as a Ray worker would)."""
+    another that never sees the defining script (as a Ray worker would). The defining script runs
+    as ``__main__`` in this process (``runpy``, as ``python define.py`` runs it, without a second
+    interpreter start-up); the loader is a fresh interpreter."""
     define, load, blob = tmp_path / "define.py", tmp_path / "load.py", tmp_path / "table.pkl"
     define.write_text(DEFINE)
     load.write_text(LOAD)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    subprocess.run([sys.executable, str(define), str(blob)], check=True, cwd=tmp_path, env=env, timeout=120)
+    monkeypatch.setattr(sys, "argv", [str(define), str(blob)])
+    defined = runpy.run_path(str(define), run_name="__main__")
+    assert defined["best_of_group"].__module__ == "__main__"  # so cloudpickle ships it by value
     define.unlink()  # the loader must not be able to import it
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     assert blob.stat().st_size > 0 and b"best_of_group" in blob.read_bytes()
     done = subprocess.run([sys.executable, str(load), str(blob)], check=True, cwd=tmp_path, env=env, timeout=120,
                           capture_output=True, text=True)

@@ -110,15 +110,16 @@ class _Ctx:
             raise self.fail("shapes", f"expected {want}, got {type(out).__name__}", batch)
         return out, leaf
 
-    def grad(self, prop: str, batch: Any, out: Any, leaf: torch.Tensor, scalar: torch.Tensor | None = None) -> torch.Tensor:
-        """d(scalar)/d(leaf); ``scalar`` defaults to the sum of the token loss (or the aggregate)."""
+    def grad(self, prop: str, batch: Any, out: Any, leaf: torch.Tensor, scalar: torch.Tensor | None = None, *, retain: bool = False) -> torch.Tensor:
+        """d(scalar)/d(leaf); ``scalar`` defaults to the sum of the token loss (or the aggregate);
+        ``retain``: keep the graph for another scalar of the same output."""
         __tracebackhide__ = True
         if scalar is None:
             scalar = out.token_loss.sum() if isinstance(out, PolicyLossOutput) else out.sum()
         if not scalar.requires_grad:
             return torch.zeros_like(leaf)
         try:
-            (g,) = torch.autograd.grad(scalar, leaf, allow_unused=True)
+            (g,) = torch.autograd.grad(scalar, leaf, allow_unused=True, retain_graph=retain)
         except Exception as err:
             raise self.fail(prop, f"backward raised {type(err).__name__}: {err}", batch) from err
         return torch.zeros_like(leaf) if g is None else g
@@ -267,8 +268,8 @@ def _microbatch_invariant(ctx: _Ctx, case: Case) -> None:
     totals = {"global_tokens": max(int(m.sum()), 1), "global_seqs": m.shape[0], "max_seq_len": m.shape[1]}
     aggs = [("(the aggregation itself)", None)] if ctx.target.kind == "aggregation" else ctx.aggregations
 
-    def aggregate(agg, sub, cut):
-        out, leaf = ctx.run("microbatch_invariant", sub)
+    def aggregate(agg, sub, cut, run, last):
+        out, leaf = run
         if agg is None:  # checking an aggregation: its own call with the totals
             groups = _group_totals(ctx.target.fn, m, cut)
             call = lambda x: ctx.target.fn(x, _mask_of(sub), **{**ctx.hyper, **totals, **groups})  # noqa: E731
@@ -280,11 +281,15 @@ def _microbatch_invariant(ctx: _Ctx, case: Case) -> None:
         value = call(token_loss)
         with torch.no_grad():  # the same reduction of |l|: the size of what is summed
             size = float(call(token_loss.detach().abs()))
-        return value, ctx.grad("microbatch_invariant", sub, out, leaf, value), size
+        return value, ctx.grad("microbatch_invariant", sub, out, leaf, value, retain=not last), size
 
-    for name, agg in aggs:
-        full_value, full_grad, full_size = aggregate(agg, batch, (0, m.shape[0]))
-        parts = [aggregate(agg, _slice(batch, a, z), (a, z)) for a, z in cuts]
+    # One loss call per (micro-)batch, shared by the aggregations (each takes its own gradient).
+    subs = [(batch, (0, m.shape[0]))] + [(_slice(batch, a, z), (a, z)) for a, z in cuts]
+    runs = [ctx.run("microbatch_invariant", sub) for sub, _ in subs]
+    for k, (name, agg) in enumerate(aggs):
+        last = k == len(aggs) - 1
+        full_value, full_grad, full_size = aggregate(agg, batch, subs[0][1], runs[0], last)
+        parts = [aggregate(agg, sub, cut, run, last) for (sub, cut), run in zip(subs[1:], runs[1:])]
         value = sum(float(v.detach()) for v, _, _ in parts)
         grad = torch.cat([g for _, g, _ in parts])
         tol = _tol(full_grad.dtype)

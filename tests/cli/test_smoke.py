@@ -1,14 +1,20 @@
-"""Smoke tests: ``launch/train.py`` in a subprocess, as a user runs it."""
+"""Smoke tests: ``launch/train.py`` as a user runs it: the training run in a subprocess (with its
+own local Ray), the checks that stop before any run (a typo, ``--help``) as the same script in this
+process (``runpy``; a subprocess would only add ~4.5 s of imports each, and
+``tests/cli/test_user_errors.py::test_the_real_script_prints_one_line`` runs a user error through a
+fresh interpreter)."""
 
 from __future__ import annotations
 
 import json
 import os
+import runpy
 import subprocess
 import sys
 import time
 
 import pytest
+import ray
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(REPO, "launch", "train.py")
@@ -20,6 +26,16 @@ FAST = ["--trainer.steps", "30", "--trainer.ckpt-interval", "15"]
 def _launch(*argv, timeout=300, cwd=REPO):
     env = dict(os.environ, RAY_AUTH_MODE="disabled", COLUMNS="200")
     return subprocess.run([sys.executable, SCRIPT, *argv], capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
+
+
+def _run_script(monkeypatch, *argv) -> int:
+    """Run ``launch/train.py`` as ``__main__`` in this process with ``argv``; its exit code."""
+    monkeypatch.setattr(sys, "argv", [SCRIPT, *argv])
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.delenv("SKYRL_FN_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exc:
+        runpy.run_path(SCRIPT, run_name="__main__")
+    return exc.value.code
 
 
 @pytest.mark.ray
@@ -42,24 +58,26 @@ def test_tiny_budget_run_exits_0_reward_rises_and_writes_every_file(tmp_path):
     print(f"smoke run: {seconds:.1f} s wall; {summary['summary']}")
 
 
-def test_typo_exits_2_with_suggestion_and_builds_nothing(tmp_path):
+def test_typo_exits_2_with_suggestion_and_builds_nothing(tmp_path, monkeypatch, capfd):
     run_dir = tmp_path / "run"
-    proc = _launch("--algorithm.advantage-estimator", "gpro", "--logging.run-dir", str(run_dir), timeout=120)
-    assert proc.returncode == 2
-    assert "unknown advantage estimator 'gpro'; did you mean 'grpo'?" in proc.stderr
+    code = _run_script(monkeypatch, "--algorithm.advantage-estimator", "gpro", "--logging.run-dir", str(run_dir))
+    out, err = capfd.readouterr()
+    assert code == 2
+    assert "unknown advantage estimator 'gpro'; did you mean 'grpo'?" in err
     assert not run_dir.exists(), "the run started before the name was checked"
-    assert "Started a local Ray" not in proc.stderr + proc.stdout
+    assert "Started a local Ray" not in err + out and not ray.is_initialized()
 
 
-def test_help_lists_registered_names_including_a_plugins(tmp_path):
+def test_help_lists_registered_names_including_a_plugins(tmp_path, monkeypatch, capfd):
     plugin = tmp_path / "help_plugin.py"
     plugin.write_text(
         "from skyrl_fn import DEFAULT_TABLE\n\n"
         "def register(table):\n"
         "    return table.register('from_help_plugin', DEFAULT_TABLE.estimator('grpo'), kind='advantage_estimator')\n"
     )
-    proc = _launch("--plugin", str(plugin), "--help", timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    out = " ".join(proc.stdout.split())
+    code = _run_script(monkeypatch, "--plugin", str(plugin), "--help")
+    stdout, stderr = capfd.readouterr()
+    assert code == 0, stderr[-2000:]
+    out = " ".join(stdout.split())
     for name in ("grpo", "dr_grpo", "rloo", "gae", "from_help_plugin", "regular", "token_mean", "--algorithm.advantage-estimator"):
         assert name in out, name

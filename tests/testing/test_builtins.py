@@ -10,7 +10,7 @@ from skyrl_fn import DEFAULT_TABLE
 from skyrl_fn import KINDS
 from skyrl_fn.core.properties import reportable
 from skyrl_fn.testing import (
-    check_aggregation, check_batch_transform, check_correction, check_estimator, check_kl_estimator, check_policy_loss,
+    PropertyViolation, check_aggregation, check_batch_transform, check_correction, check_estimator, check_kl_estimator, check_policy_loss,
 )
 
 #: The sweep over every built-in scales with the hypothesis profile (dev: 7 per property).
@@ -43,13 +43,26 @@ def test_every_builtin_passes_its_promises(entry):
     CHECKS[entry.kind](entry.name, settings=SWEEP)
 
 
-#: Built-ins whose promises are exactly what they satisfy (the kit's report finds nothing more).
+#: Built-ins whose promises are exactly what they satisfy: every optional property they do not
+#: promise breaks (``test_every_builtin_passes_its_promises`` checks that the promised ones hold).
 EXACT = ("gdpo", "gdpo_raw", "optimal_token_baseline", "tir_optimal_token_baseline")
+#: The search for a counterexample of a property that must break: it stops at the first one, so the
+#: cap costs nothing unless the counterexample is rare (gdpo's group_local: ~1 example in 3; 7
+#: examples missed it ~1 run in 13).
+BREAKS = settings(NO_SHRINK, max_examples=50)
 
 
 @pytest.mark.parametrize("name", EXACT)
 def test_new_estimators_promise_exactly_what_they_satisfy(name):
-    entry = DEFAULT_TABLE.entry("advantage_estimator", name)
-    report = check_estimator(name, report=True, settings=NO_SHRINK)
-    assert report.optional == ()  # nothing held that was not promised
-    assert set(report.broken) == reportable("advantage_estimator") - entry.promises
+    # The same searches as check_estimator(name, report=True) makes for its report, without
+    # re-running the promised properties the sweep above checks.
+    unpromised = sorted(reportable("advantage_estimator") - DEFAULT_TABLE.entry("advantage_estimator", name).promises)
+    held = []
+    for prop in unpromised:
+        try:
+            check_estimator(name, properties=[prop], settings=BREAKS)
+        except PropertyViolation as err:
+            assert err.property == prop, str(err)
+        else:
+            held.append(prop)
+    assert held == [], f"{name} satisfies {held} without promising it"

@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import subprocess
 import sys
-import textwrap
-import time
 import errno
 import json
 import warnings
@@ -212,16 +209,22 @@ def test_enospc_at_every_point_leaves_the_previous_checkpoint(tmp_path, monkeypa
 # -- SIGKILL at random points ------------------------------------------------------------------
 
 RUNNER = os.path.join(os.path.dirname(__file__), "ckpt_kill_runner.py")
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _kill_trials(tmp_path, trials: int, seed: int) -> dict:
+def _kill_trials(work, lines: int, timed: int, seed: int) -> dict:
+    """``{"lines": figures, "timed": figures}`` of the runner: one process, one fork per trial."""
     out = subprocess.run(
-        [sys.executable, RUNNER, str(tmp_path / "trials"), str(trials), str(seed)],
+        [sys.executable, RUNNER, str(work), str(lines), str(timed), str(seed)],
         capture_output=True, text=True, timeout=900,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def kill_figures(tmp_path_factory):
+    """Both kinds of fast trials in one runner process (its torch import is paid once)."""
+    return _kill_trials(tmp_path_factory.mktemp("kills"), 12, 2, seed=0)
 
 
 def _check_kill_figures(fig: dict, trials: int) -> None:
@@ -230,73 +233,30 @@ def _check_kill_figures(fig: dict, trials: int) -> None:
     assert fig["resave_failed"] == 0, fig
 
 
-def test_sigkill_at_random_lines_of_saves(tmp_path):
-    _check_kill_figures(_kill_trials(tmp_path, 12, seed=0), 12)
+def _check_timed_figures(fig: dict, trials: int) -> None:
+    assert fig["trials"] == fig["killed"] == trials  # every saver was still saving when killed
+    assert fig["unreadable_latest"] == fig["corrupt_loaded"] == fig["lost_more_than_one_step"] == 0, fig
+    assert fig["unverified_visible"] == fig["stray_visible"] == 0, fig
+
+
+def test_sigkill_at_random_lines_of_saves(kill_figures):
+    _check_kill_figures(kill_figures["lines"], 12)
 
 
 @pytest.mark.slow
 def test_sigkill_at_random_lines_of_saves_many_trials(tmp_path):
-    fig = _kill_trials(tmp_path, 400, seed=1)
+    fig = _kill_trials(tmp_path, 400, 0, seed=1)["lines"]
     print("sigkill line trials:", json.dumps(fig))
     _check_kill_figures(fig, 400)
 
 
-_SAVER = textwrap.dedent(
-    """
-    import sys, torch
-    sys.path.insert(0, sys.argv[2])
-    from skyrl_fn.trainer import checkpoint as ckpt
-    d = sys.argv[1]
-    big = torch.randn(512, 1024)  # ~2 MB per save, so kills land mid-write
-    step = 1
-    print("ready", flush=True)
-    while True:
-        ckpt.save(d, step=step, weights={"policy": {"w": big + step, "step": torch.tensor([float(step)])}}, keep=3)
-        print(step, flush=True)
-        step += 1
-    """
-)
-
-
-def _timed_kills(tmp_path, trials: int, seed: int) -> dict:
-    """Kill a saving process after a seeded random delay (lands inside file writes too)."""
-    d = tmp_path / "ckpts"
-    script = tmp_path / "saver.py"
-    script.write_text(_SAVER)
-    rng = random.Random(seed)
-    fig = {"trials": 0, "unreadable_latest": 0, "corrupt_loaded": 0, "lost_more_than_one_step": 0}
-    for _ in range(trials):
-        proc = subprocess.Popen([sys.executable, str(script), str(d), REPO], stdout=subprocess.PIPE, text=True)
-        try:
-            assert proc.stdout.readline().strip() == "ready"
-            time.sleep(0.2 + rng.random() * 0.8)
-        finally:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-        done = [int(x) for x in proc.stdout.read().split()]
-        fig["trials"] += 1
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ckpt.CheckpointWarning)
-            c = ckpt.load_latest(str(d))
-        if c is None:
-            fig["unreadable_latest"] += bool(done)
-            continue
-        fig["corrupt_loaded"] += float(c.weights["policy"]["step"][0]) != c.step
-        fig["lost_more_than_one_step"] += bool(done) and c.step < done[-1]
-        for path in ckpt.list_checkpoints(str(d)):  # every visible checkpoint verifies
-            ckpt.verify(path)
-        visible = [n for n in os.listdir(d) if not n.startswith(".")]
-        assert all(n.startswith("step_") for n in visible)
-    return fig
-
-
-def test_sigkill_during_saves_never_leaves_a_corrupt_checkpoint(tmp_path):
-    fig = _timed_kills(tmp_path, 2, seed=0)
-    assert fig["unreadable_latest"] == fig["corrupt_loaded"] == fig["lost_more_than_one_step"] == 0, fig
+def test_sigkill_during_saves_never_leaves_a_corrupt_checkpoint(kill_figures):
+    """A saver killed after a random delay (inside file writes too; tests/trainer/ckpt_kill_runner.py)."""
+    _check_timed_figures(kill_figures["timed"], 2)
 
 
 @pytest.mark.slow
 def test_sigkill_during_saves_many_trials(tmp_path):
-    fig = _timed_kills(tmp_path, 40, seed=1)
+    fig = _kill_trials(tmp_path, 0, 40, seed=1)["timed"]
     print("sigkill timed trials:", json.dumps(fig))
-    assert fig["unreadable_latest"] == fig["corrupt_loaded"] == fig["lost_more_than_one_step"] == 0, fig
+    _check_timed_figures(fig, 40)
