@@ -39,7 +39,8 @@ def gpu_plan(run: ResolvedRun):
 
     return plan_placement(
         config.gpu, tensor_parallel_size=config.rollout.tensor_parallel_size,
-        uses_reference=run.uses_reference, uses_critic=run.uses_critic, trainer_workers=config.trainer.workers,
+        uses_reference=run.uses_reference, uses_critic=run.uses_critic, uses_teacher=run.uses_teacher,
+        trainer_workers=config.trainer.workers,
     )
 
 

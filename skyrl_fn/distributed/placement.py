@@ -56,7 +56,7 @@ class ActorSlot:
     """Where one actor runs.
 
     Attributes:
-        role: ``policy``, ``reference``, ``critic`` or ``rollout``.
+        role: ``policy``, ``reference``, ``teacher``, ``critic`` or ``rollout``.
         index: worker / engine index within the role.
         bundle: placement-group bundle the actor is scheduled on.
         num_gpus: Ray ``num_gpus`` of the actor itself (0 for a ``tp > 1`` engine driver).
@@ -129,6 +129,7 @@ def plan_placement(
     tensor_parallel_size: int = 1,
     uses_reference: bool = False,
     uses_critic: bool = False,
+    uses_teacher: bool = False,
     trainer_workers: int = 1,
 ) -> PlacementPlan:
     """The placement of a run (see the module docstring for the two layouts).
@@ -138,6 +139,9 @@ def plan_placement(
         tensor_parallel_size: ``tp`` of each vLLM engine (``rollout.tensor_parallel_size``).
         uses_reference: a reference model is placed (``TrainConfig.uses_reference``).
         uses_critic: a critic is placed (``TrainConfig.uses_critic``).
+        uses_teacher: a distillation teacher is placed (``ResolvedRun.uses_teacher``); the
+            reference's GPU share is split between the frozen scorers the run uses (reference,
+            teacher).
         trainer_workers: ``W``, policy actors to place, one bundle each (``--trainer.workers``).
             With ``W > 1`` the ranks hold the reference model and the critic themselves, sharded
             (``skyrl_fn.distributed.dp_roles``): each rank's slot takes their GPU shares too and
@@ -180,14 +184,18 @@ def plan_placement(
         shares, trainer_bundles = SEPARATE_SHARES, list(range(w))
         engine_groups = [tuple(range(t + e * tp, t + (e + 1) * tp)) for e in range((n - t) // tp)]
         engine_share = 1.0
-    # W > 1: every rank holds its shards of the reference and the critic (their shares join its
-    # own); W = 1: one reference / critic actor next to the policy actor (RayWorkers' layout).
-    roles = [role for role, used in (("reference", uses_reference), ("critic", uses_critic)) if used]
-    rank_share = shares["policy"] + (sum(shares[role] for role in roles) if w > 1 else 0.0)
+    # W > 1: every rank holds its shards of the reference, teacher and critic (their shares join
+    # its own); W = 1: one actor each next to the policy actor (RayWorkers' layout).
+    frozen = [role for role, used in (("reference", uses_reference), ("teacher", uses_teacher)) if used]
+    role_share = {role: shares["reference"] / len(frozen) for role in frozen}
+    if uses_critic:
+        role_share["critic"] = shares["critic"]
+    roles = list(role_share)
+    rank_share = shares["policy"] + (sum(role_share.values()) if w > 1 else 0.0)
     for i, b in enumerate(trainer_bundles):
         slots.append(ActorSlot(role="policy", index=i, bundle=b, num_gpus=rank_share, num_cpus=cpu_share))
     for role in roles if w == 1 else ():
-        slots.append(ActorSlot(role=role, index=0, bundle=0, num_gpus=shares[role], num_cpus=cpu_share))
+        slots.append(ActorSlot(role=role, index=0, bundle=0, num_gpus=role_share[role], num_cpus=cpu_share))
     for e, group in enumerate(engine_groups):
         slots.append(_engine_slot(e, group, engine_share, cpu_share))
     return PlacementPlan(bundles=bundles, strategy="PACK", colocate=gpu.colocate, slots=slots)

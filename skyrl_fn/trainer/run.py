@@ -344,8 +344,6 @@ def _check_teacher(config: TrainConfig, table: AlgorithmTable) -> None:
         return
     if te.model == "":
         raise ValueError("teacher.model: expected 'tiny' or a model path, got ''")
-    if config.rollout.backend == "vllm":
-        raise ValueError("teacher.model: the GPU placement has no teacher slot yet; expected --rollout.backend hf with a teacher, got vllm")
     _check_positive("teacher.coef", te.coef)
     if te.model == "tiny":
         for field in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):

@@ -18,6 +18,7 @@ from skyrl_fn.distributed.devices import actor_device, gpu_plan, select_device, 
 from skyrl_fn.trainer.config import (
     AlgorithmConfig,
     GPUPlacementConfig,
+    TeacherConfig,
     TrainConfig,
     config_from_dict,
     config_to_dict,
@@ -44,6 +45,14 @@ def test_colocated_plan_places_every_model_the_run_needs():
     assert [s.role for s in plan.slots].count("reference") == 1 and [s.role for s in plan.slots].count("critic") == 1
     assert all(load <= 1.0 + 1e-9 for load in plan.gpu_load())
     assert gpu_plan(resolve(_vllm(gpu=GPUPlacementConfig(num_gpus=2)), DEFAULT_TABLE)).of("critic") == ()
+
+
+def test_a_distillation_teacher_has_a_slot_in_the_plan():
+    """RayWorkers starts the teacher actor from ``plan.of("teacher")[0]`` (it raised IndexError
+    when the plan had no teacher slot)."""
+    cfg = _vllm(teacher=TeacherConfig(model="tiny"), gpu=GPUPlacementConfig(num_gpus=1))
+    plan = gpu_plan(resolve(cfg, DEFAULT_TABLE))
+    assert len(plan.of("teacher")) == 1 and plan.gpu_load() == pytest.approx((0.8,))
 
 
 def test_separate_plan_and_tensor_parallel_engines():

@@ -17,6 +17,20 @@ def test_one_gpu_colocated_puts_everything_on_bundle_0():
     assert plan.num_engines == 1 and plan.of("rollout")[0].env == {}
 
 
+def test_a_teacher_gets_a_slot_beside_the_reference_and_shares_its_gpu_budget():
+    """RayWorkers starts a teacher actor from the plan's teacher slot (W = 1); with a reference
+    the two frozen scorers split the reference's share, so the bundle still sums to 1."""
+    plan = plan_placement(GPUPlacementConfig(num_gpus=1), uses_reference=True, uses_critic=True, uses_teacher=True)
+    (teacher,) = plan.of("teacher")
+    assert teacher.bundle == 0 and teacher.num_gpus == pytest.approx(plan.of("reference")[0].num_gpus) == pytest.approx(0.1)
+    assert plan.gpu_load() == pytest.approx((1.0,))
+    alone = plan_placement(GPUPlacementConfig(num_gpus=2, colocate=False), uses_teacher=True)
+    assert alone.of("teacher")[0].num_gpus == pytest.approx(0.2) and max(alone.gpu_load()) <= 1.0 + 1e-9
+    # W > 1: the ranks hold the teacher's shards; its share joins each rank's
+    ranks = plan_placement(GPUPlacementConfig(num_gpus=2), uses_teacher=True, trainer_workers=2)
+    assert ranks.of("teacher") == () and all(s.num_gpus == pytest.approx(0.6) for s in ranks.of("policy"))
+
+
 def test_colocated_tp2_engines_span_bundle_pairs_with_vllm_env():
     plan = plan_placement(GPUPlacementConfig(num_gpus=4), tensor_parallel_size=2)
     engines = plan.of("rollout")
@@ -74,12 +88,12 @@ def test_there_is_no_trainer_workers_flag():
 
 @given(
     n=st.integers(1, 16), tp=st.sampled_from([1, 2, 4, 8]), colocate=st.booleans(), t=st.integers(1, 8),
-    ref=st.booleans(), critic=st.booleans(), w=st.integers(1, 4),
+    ref=st.booleans(), critic=st.booleans(), teacher=st.booleans(), w=st.integers(1, 4),
 )
-def test_every_valid_plan_fits_and_uses_every_engine_gpu_once(n, tp, colocate, t, ref, critic, w):
+def test_every_valid_plan_fits_and_uses_every_engine_gpu_once(n, tp, colocate, t, ref, critic, teacher, w):
     gpu = GPUPlacementConfig(num_gpus=n, colocate=colocate, trainer_gpus=t)
     try:
-        plan = plan_placement(gpu, tensor_parallel_size=tp, uses_reference=ref, uses_critic=critic, trainer_workers=w)
+        plan = plan_placement(gpu, tensor_parallel_size=tp, uses_reference=ref, uses_critic=critic, uses_teacher=teacher, trainer_workers=w)
     except ValueError:
         return
     assert len(plan.bundles) == n
@@ -88,8 +102,9 @@ def test_every_valid_plan_fits_and_uses_every_engine_gpu_once(n, tp, colocate, t
     assert len(engine_bundles) == len(set(engine_bundles)) and all(0 <= b < n for b in engine_bundles)
     assert all(len(e.engine_bundles) == tp for e in plan.of("rollout"))
     assert plan.num_engines == (n // tp if colocate else (n - t) // tp) >= 1
-    # W = 1: one reference / critic actor; W > 1: the ranks hold them (their GPU shares too)
-    assert len(plan.of("reference")) == int(ref and w == 1) and len(plan.of("critic")) == int(critic and w == 1)
+    # W = 1: one reference / teacher / critic actor; W > 1: the ranks hold them (their GPU shares too)
+    for role, used in (("reference", ref), ("teacher", teacher), ("critic", critic)):
+        assert len(plan.of(role)) == int(used and w == 1), role
     assert [s.bundle for s in plan.of("policy")] == list(range(w))
 
 
