@@ -111,11 +111,12 @@ def module() -> types.ModuleType:
 
 def install() -> None:
     """In a Ray worker process: ``import vllm`` gives the fake, the vLLM backend runs without
-    CUDA and the data-parallel ranks' NCCL sender is :class:`FakeSender` (the job's
+    CUDA and the trainer side's NCCL sender (``skyrl_fn.distributed.actors.WeightSender``, the
+    single policy actor's and the data-parallel ranks') is :class:`FakeSender` (the job's
     ``worker_process_setup_hook``)."""
-    import skyrl_fn.distributed.dp_rank as dp_rank
+    import skyrl_fn.distributed.actors as actors
     import skyrl_fn.rollout.vllm_backend as vb
 
     sys.modules["vllm"] = module()
     vb.vllm_unavailable_reason = lambda: None
-    dp_rank.BroadcastSender = FakeSender
+    actors.BroadcastSender = FakeSender

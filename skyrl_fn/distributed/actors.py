@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from skyrl_fn.ops.memory import release_cached_memory
-from skyrl_fn.rollout.buckets import to_hf_names
+from skyrl_fn.rollout.buckets import ties_embeddings, to_hf_names
 from skyrl_fn.rollout.weight_sync import BroadcastSender, free_port
 from skyrl_fn.distributed.devices import actor_device, to_device
 from skyrl_fn.distributed.weights import PackedWeights, pack, unpack
@@ -56,13 +56,45 @@ class _Ping:
         return os.getpid()
 
 
-class PolicyTrainer(roles.PolicyWorker, _Ping):
+class WeightSender:
+    """The trainer side of the NCCL weight broadcast to vLLM engines on their own GPUs (driven by
+    ``skyrl_fn.distributed.broadcast``; needs CUDA and vLLM). The class gives ``_hf_weights()``,
+    the full weights under Hugging Face names, and ``_sends``: the single policy actor sends; of
+    the data-parallel ranks rank 0 does, and every rank calls ``_hf_weights`` (a collective
+    there: the full weights are gathered, onto rank 0)."""
+
+    sender: BroadcastSender | None = None  # set by init_broadcast
+    _sends = True
+
+    def sync_address(self) -> tuple[str, int]:
+        """``(host, port)`` of this node for the NCCL sync group's rendezvous."""
+        import ray
+
+        return ray.util.get_node_ip_address(), free_port()
+
+    def init_broadcast(self, host: str, port: int, world_size: int):
+        """Become rank 0 of the sync group (concurrently the engines join); returns the bucket
+        plan (None where nothing is sent)."""
+        weights = self._hf_weights()
+        if not self._sends:
+            return None
+        self.sender = BroadcastSender(host, port, world_size, device=self.device)
+        self.sync_plan = self.sender.plan(weights)
+        return self.sync_plan
+
+    def broadcast(self) -> None:
+        """Send the current weights to every engine (they call ``receive_broadcast`` concurrently)."""
+        weights = self._hf_weights()
+        if self._sends:
+            self.sender.send(weights, self.sync_plan)
+
+
+class PolicyTrainer(roles.PolicyWorker, WeightSender, _Ping):
     """The policy role as an actor. With :func:`hosts_rollout` it also samples: the generated
     batch stays in this actor for the ``update`` that follows, and no weights travel anywhere."""
 
     def __init__(self, run: ResolvedRun) -> None:
         super().__init__(run, samples=hosts_rollout(run), device=_start(run))
-        self.sender = None  # BroadcastSender when the engines have their own GPUs
         self.kept: roles.Generated | None = None  # the batch of the last local generate
 
     def generate_here(self, examples, seed: int, share: bool = False):
@@ -117,29 +149,10 @@ class PolicyTrainer(roles.PolicyWorker, _Ping):
         if rng is not None:
             ckpt.restore_rng(rng)
 
-    # -- broadcast weight sync (engines on their own GPUs; needs CUDA and vLLM) -------------
-    def sync_address(self) -> tuple[str, int]:
-        """``(host, port)`` of this node for the NCCL sync group's rendezvous."""
-        import ray
-
-
-        return ray.util.get_node_ip_address(), free_port()
-
-    def init_broadcast(self, host: str, port: int, world_size: int):
-        """Become rank 0 of the sync group (concurrently the engines join); returns the bucket plan."""
-
-        self.sender = BroadcastSender(host, port, world_size, device=self.device)
-        self.plan = self.sender.plan(self._hf_weights())
-        return self.plan
-
-    def broadcast(self) -> None:
-        """Send the current weights to every engine (they call ``receive_broadcast`` concurrently)."""
-        self.sender.send(self._hf_weights(), self.plan)
-
-    def _hf_weights(self):
+    def _hf_weights(self) -> dict[str, torch.Tensor]:
+        """The weights under Hugging Face names, for the NCCL broadcast (:class:`WeightSender`)."""
         model = self.train_state.model
-        tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
-        return to_hf_names({k: v.detach() for k, v in model.state_dict().items()}, tied_embeddings=tied)
+        return to_hf_names({k: v.detach() for k, v in model.state_dict().items()}, tied_embeddings=ties_embeddings(model))
 
 
 class RolloutWorker(roles.RolloutWorker, _Ping):

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import torch
 
 from skyrl_fn.ops.memory import release_cached_memory
-from skyrl_fn.distributed.actors import _Ping, _shares_gpu, _start
+from skyrl_fn.distributed.actors import WeightSender, _Ping, _shares_gpu, _start
 from skyrl_fn.distributed.devices import to_device
 from skyrl_fn.distributed.dp_roles import RankRoles, local_bytes, optimizer_bytes, share_forward, share_rows
 from skyrl_fn.distributed.layout import concat_rollouts, split_prompts
@@ -26,8 +26,7 @@ from skyrl_fn.trainer.forward import old_policy_pass
 from skyrl_fn.trainer.learner import TrainState, experience_and_update, loss_kernel, make_train_state
 from skyrl_fn.models.model import load_model, load_tokenizer
 from skyrl_fn.rollout.base import HFBackend
-from skyrl_fn.rollout.buckets import to_hf_names
-from skyrl_fn.rollout.weight_sync import BroadcastSender, free_port
+from skyrl_fn.rollout.buckets import ties_embeddings, to_hf_names
 from skyrl_fn.trainer.sharding import (
     Collectives, full_state_dict, gathered, init_process_group, reshard, shard_model,
 )
@@ -38,7 +37,7 @@ from skyrl_fn.trainer.roles import Generated, RoleState, SavedShards, load_role_
 __all__ = ["PolicyRank"]
 
 
-class PolicyRank(_Ping):
+class PolicyRank(WeightSender, _Ping):
     """Rank ``rank`` of ``world_size`` of the data-parallel policy (a Ray actor). Call
     :meth:`join` on every rank at once (with rank 0's :meth:`address`) before anything else."""
 
@@ -54,9 +53,7 @@ class PolicyRank(_Ping):
 
     def address(self) -> tuple[str, int]:
         """``(node ip, free port)`` for the group's rendezvous (asked of rank 0)."""
-        import ray
-
-        return ray.util.get_node_ip_address(), free_port()
+        return self.sync_address()
 
     def node_id(self) -> str:
         """The Ray node this rank runs on."""
@@ -116,35 +113,17 @@ class PolicyRank(_Ping):
         release_cached_memory(self.device, colocated=_shares_gpu(self.run))
         return packed
 
-    # -- NCCL weight broadcast (vLLM engines on their own GPUs, skyrl_fn.distributed.broadcast) --
-    def sync_address(self) -> tuple[str, int]:
-        """``(host, port)`` of the sync group's rendezvous (asked of rank 0)."""
-        return self.address()
-
-    def init_broadcast(self, host: str, port: int, world_size: int):
-        """With every rank (a collective: the full weights are gathered once to plan the
-        buckets): rank 0 becomes rank 0 of the sync group, while the engines join. Returns the
-        bucket plan on rank 0, None on the others."""
-        weights = self._hf_weights()
-        if self.rank != 0:
-            return None
-        self.sender = BroadcastSender(host, port, world_size, device=self.device)
-        self.sync_plan = self.sender.plan(weights)
-        return self.sync_plan
-
-    def broadcast(self) -> None:
-        """With every rank: gather the full weights (a collective); rank 0 sends them to every
-        engine (which receive concurrently)."""
-        weights = self._hf_weights()
-        if self.rank == 0:
-            self.sender.send(weights, self.sync_plan)
+    # -- NCCL weight broadcast (vLLM engines on their own GPUs): WeightSender, rank 0 sends --
+    @property
+    def _sends(self) -> bool:
+        return self.rank == 0
 
     def _hf_weights(self) -> dict[str, torch.Tensor]:
-        """The full weights under Hugging Face names on rank 0 (on the CPU; empty elsewhere)."""
+        """The full weights under Hugging Face names on rank 0 (on the CPU; empty elsewhere). A
+        collective: every rank calls it."""
         model = self.train_state.model
         weights = full_state_dict(model, rank0_only=True)
-        tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
-        return to_hf_names(weights, tied_embeddings=tied) if self.rank == 0 else {}
+        return to_hf_names(weights, tied_embeddings=ties_embeddings(model)) if self.rank == 0 else {}
 
     def transform_held(self, fn, keys: Sequence[int], key: int) -> dict[str, float]:
         """``fn([held batches], pad_id=...) -> (batch or None, metrics)`` (the batch transforms,

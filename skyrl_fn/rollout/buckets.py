@@ -6,7 +6,7 @@ plain-data (wire) form that crosses vLLM's msgpack boundary. Used by both weight
 from __future__ import annotations
 
 import warnings
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import attrs
 import torch
@@ -14,6 +14,7 @@ import torch
 __all__ = [
     "TensorSlot",
     "Bucket",
+    "ties_embeddings",
     "to_hf_names",
     "plan_buckets",
     "specs_of",
@@ -55,6 +56,12 @@ class Bucket:
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(s.name for s in self.slots)
+
+
+def ties_embeddings(model: Any) -> bool:
+    """Whether the Hugging Face ``model`` ties ``lm_head`` to its input embedding
+    (``config.tie_word_embeddings``; False for a model without a config)."""
+    return bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
 
 
 def to_hf_names(

@@ -39,7 +39,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from skyrl_fn.rollout.buckets import DEFAULT_BUCKET_BYTES, bucket_to_wire, plan_buckets, plan_to_wire, specs_of, to_hf_names
+from skyrl_fn.rollout.buckets import DEFAULT_BUCKET_BYTES, bucket_to_wire, plan_buckets, plan_to_wire, specs_of, ties_embeddings, to_hf_names
 from skyrl_fn.rollout.weight_sync import EXTENSION_CLS
 from skyrl_fn.rollout.base import VLLM_TEMPERATURE_RANGE, BackendUnavailableError, RolloutBatch, RolloutConfig
 
@@ -359,8 +359,7 @@ def make_vllm_backend(cfg: RolloutConfig, model: torch.nn.Module, tokenizer, *, 
         model.save_pretrained(path)
         tokenizer.save_pretrained(path)
     dtype = _DTYPES.get(next(model.parameters()).dtype, "bfloat16")
-    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
-    return VLLMBackend(cfg, path, tokenizer, dtype=dtype, seed=seed, colocated=colocated, tied_embeddings=tied)
+    return VLLMBackend(cfg, path, tokenizer, dtype=dtype, seed=seed, colocated=colocated, tied_embeddings=ties_embeddings(model))
 
 
 def check_vllm_available(rollout: RolloutConfig) -> None:
