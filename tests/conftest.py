@@ -9,14 +9,13 @@ import os
 import tempfile
 
 import pytest
-import torch
 from hypothesis import HealthCheck, settings
 
-from skyrl_fn import DEFAULT_TABLE
-from skyrl_fn.trainer.config import LoggingConfig, TrainConfig, TrainerConfig
-from skyrl_fn.models.model import ModelConfig
-from skyrl_fn.rollout.base import RolloutConfig
-from skyrl_fn.tasks.base import DataConfig
+# torch and this package are imported by the fixtures and helpers below, not here: pytest-xdist's
+# controller loads this file before it starts the worker processes and runs no test itself, so
+# an import here (~3 s of torch, transformers' config classes, the table) would delay every
+# worker's start (docs/contributing.md, the fast suite's budget). The workers import them with
+# the test modules anyway.
 
 # Ray writes an auth token under ~/.ray unless this is set; tests never need auth.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -126,11 +125,16 @@ def ray_session():
     ray.shutdown()
 
 
-def tiny_config(run_dir: str, **groups) -> TrainConfig:
-    """A config small enough for a step to take well under a second.
+def tiny_config(run_dir: str, **groups):
+    """A config small enough for a step to take well under a second (a ``TrainConfig``).
 
     ``groups`` maps a group name to a dict of field overrides, e.g. ``trainer={"steps": 4}``.
     """
+    from skyrl_fn.models.model import ModelConfig
+    from skyrl_fn.rollout.base import RolloutConfig
+    from skyrl_fn.tasks.base import DataConfig
+    from skyrl_fn.trainer.config import LoggingConfig, TrainConfig, TrainerConfig
+
     base = TrainConfig(
         model=ModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
         data=DataConfig(min_digits=2, max_digits=3),
@@ -146,6 +150,8 @@ def tiny_config(run_dir: str, **groups) -> TrainConfig:
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Tiny models run fastest on one CPU thread, and the machine is shared."""
+    import torch
+
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -154,6 +160,8 @@ def _one_thread():
 
 @pytest.fixture
 def table():
+    from skyrl_fn import DEFAULT_TABLE
+
     return DEFAULT_TABLE
 
 
