@@ -154,11 +154,11 @@ class PolicyRank(WeightSender, _Ping):
         self.held.clear()
         cfg = self.run.config
         rollout, scores, ref_log_probs, values = to_device((generated.rollout, generated.scores, ref_log_probs, values), self.device)
+        clock = UpdateClock()  # from here, as the single policy worker's update (its old-policy pass included)
         rows = share_rows(rollout, self.world_size, self.rank).to(self.device)
         old_lp, computed = None, {}
         if cfg.algorithm.recompute_old_log_probs or self.run.computed_fields:
             old_lp, computed = self._old_policy_pass(rollout, rows)
-        clock = UpdateClock()
         metrics, exp = experience_and_update(
             self.run, self.train_state, rollout, scores, reward_function=reward_function_name(self.task), old_log_probs=old_lp,
             ref_log_probs=ref_log_probs, values=values, kl_coef=kl_coef, kernel=self.kernel, fields=computed, rank_rows=rows,

@@ -152,7 +152,6 @@ def _log_probs_of(
     return log_probs, entropy
 
 
-@torch.no_grad()
 def _by_length(rollout: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(order [B], input_ids [B, L], attention_mask [B, L])``: the rollout's sequences with their
     rows ordered by response length (:func:`~skyrl_fn.trainer.micro_batches.length_order`), so
