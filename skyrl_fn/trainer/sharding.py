@@ -91,7 +91,32 @@ def shard_model(model: nn.Module, *, device: str, mixed_precision: bool = False)
         if hasattr(m, "set_gradient_divide_factor") and hasattr(m, "reshard"):  # every FSDPModule
             m.set_gradient_divide_factor(1.0)
             m.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
+            if backend_for(device) == "gloo":
+                m.set_custom_reduce_scatter(AllReduceScatter())
     return model
+
+
+class AllReduceScatter:
+    """FSDP2's gradient reduce-scatter as an all-reduce of the flat gradient buffer, each rank
+    then keeping its own slice (``FSDPModule.set_custom_reduce_scatter``; gloo, i.e. on CPU).
+
+    gloo's ``reduce_scatter`` takes about twice the time of its ring ``all_reduce`` of the same
+    buffer (measured on 2 ranks, 10.5 MB of float32 gradients: 56 vs 30 ms wall, 21 vs 12 ms of
+    CPU per rank, docs/distributed.md), and the all-reduce's result holds every rank's slice.
+    The sums are the same (for two ranks bit for bit: each element is ``a + b`` either way).
+    """
+
+    def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return torch.empty(*size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group, op, async_op: bool = False):
+        import torch.distributed as dist
+
+        # FSDP2 frees the input (its copy of the unsharded gradients) after this call: reduced in place
+        dist.all_reduce(input_tensor, op=op, group=group)
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        output_tensor.copy_(input_tensor.view(world, -1)[rank])
+        return None
 
 
 def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
