@@ -13,7 +13,7 @@ from skyrl_fn.losses.value import value_loss as token_value_loss
 from skyrl_fn.trainer.experience import Experience
 from skyrl_fn.trainer.forward import response_values
 from skyrl_fn.trainer.learner import TrainState, add_metric, masked_row
-from skyrl_fn.trainer.micro_batches import length_order
+from skyrl_fn.trainer.micro_batches import length_order, micro_batch_bounds
 from skyrl_fn.trainer.nonfinite import step_if_finite
 from skyrl_fn.trainer.run import ResolvedRun
 from skyrl_fn.trainer.sharding import Collectives
@@ -63,25 +63,26 @@ def critic_update(
     model, opt = state.model, state.optimizer
     model.train()
     exp = exp.rows(length_order(exp.response_mask))  # micro-batches of rows of similar lengths
-    b, t, mbs = exp.batch_size, exp.response_len, tr.micro_batch_size
-    n_mb = -(-b // mbs)
+    b, t = exp.batch_size, exp.response_len
+    bounds = micro_batch_bounds(exp.attention_mask, t, tr.micro_batch_size)
+    n_mb = len(bounds)
     tokens, _, n_all = dp.batch_counts(exp.response_mask.sum(), b, n_mb) if dp else (exp.response_mask.sum(), b, n_mb)
     global_tokens = torch.as_tensor(tokens).clamp(min=1).float()
     filler = filler if filler is not None else (masked_row(exp) if b else None)
-    starts = list(range(0, b, mbs)) + [b] * (n_all - n_mb)
+    bounds += [(b, b)] * (n_all - n_mb)  # (b, b): the filler
     sums: dict[str, float] = {"value_loss": 0.0}
     for epoch in range(a.update_epochs):
         opt.zero_grad(set_to_none=True)
         finite = True
-        for i, s in enumerate(starts):
-            mb = exp.slice(s, s + mbs) if s < b else filler
+        for i, (s, e) in enumerate(bounds):
+            mb = exp.slice(s, e) if s < b else filler
             v = response_values(model, mb.input_ids, mb.attention_mask, t).float()
             loss = value_loss(v, mb.values, mb.returns, mb.response_mask, clip=a.value_clip, global_tokens=global_tokens)
             finite = finite and bool(torch.isfinite(loss))
             if not finite and not dp:
                 break
             if dp:  # every rank makes the same calls
-                dp.accumulate(model, last=i == len(starts) - 1)
+                dp.accumulate(model, last=i == len(bounds) - 1)
             loss.backward()
             if finite:
                 add_metric(sums, "value_loss", loss.detach(), 1.0)

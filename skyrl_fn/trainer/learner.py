@@ -32,7 +32,7 @@ from skyrl_fn.ops.compile import compile_loss
 from skyrl_fn.losses.objective import SUMMED_METRICS
 from skyrl_fn.core.records import PolicyLossInput, ReducedLoss
 from skyrl_fn.trainer.fields import step_fields
-from skyrl_fn.trainer.micro_batches import length_order
+from skyrl_fn.trainer.micro_batches import even_bounds, length_order, micro_batch_bounds
 from skyrl_fn.trainer.run import ResolvedRun
 
 # Re-exported: the learner's public surface is one import away (forward passes and experience
@@ -235,15 +235,17 @@ def policy_update(
     caller_mask = exp.response_mask  # the caller's rows (a skipped step's report counts their lengths)
     # Micro-batches of rows of similar lengths: row i of `exp` is the caller's row order[i]
     # (the row order when the objective depends on which rows share a micro-batch).
+    mbs = tr.micro_batch_size
     if run.algorithm.microbatch_invariant:
         order = length_order(exp.response_mask)
         exp = exp.rows(order)
-    else:  # the caller's rows as they are (no copy)
+        bounds = micro_batch_bounds(exp.attention_mask, exp.response_len, mbs)
+    else:  # the caller's rows as they are (no copy), SkyRL's cuts
         order = torch.arange(exp.batch_size)
+        bounds = even_bounds(exp.batch_size, mbs)
     b, t = exp.batch_size, exp.response_len
     mask = exp.response_mask
-    mbs = tr.micro_batch_size
-    n_mb = -(-b // mbs)
+    n_mb = len(bounds)
     # With dp: the whole batch's tokens and sequences, and the most micro-batches of any rank.
     tokens, seqs, n_all = dp.batch_counts(mask.sum(), b, n_mb) if dp else (mask.sum(), b, n_mb)
     if global_tokens is None:
@@ -256,7 +258,7 @@ def policy_update(
     # step (Dr. GRPO's normaliser), never the longest response of this batch.
     max_len = run.config.rollout.max_new_tokens
     sums: dict[str, float] = {}
-    starts = list(range(0, b, mbs)) + [b] * (n_all - n_mb)  # b: a masked filler (dp)
+    bounds += [(b, b)] * (n_all - n_mb)  # (b, b): a masked filler (dp)
     filler = filler if filler is not None else (masked_row(exp) if b else None)
     prompts = _prompt_totals(run, exp, filler, dp)
     first_pass: dict[int, torch.Tensor] = {}  # old log-probs taken from epoch 0 when not given
@@ -264,8 +266,8 @@ def policy_update(
     for epoch in range(a.update_epochs):
         opt.zero_grad(set_to_none=True)
         bad: dict[int, list[str]] | None = None  # rows of a non-finite loss, once one is seen
-        for i, s in enumerate(starts):
-            mb = exp.slice(s, s + mbs) if s < b else filler
+        for i, (s, e) in enumerate(bounds):
+            mb = exp.slice(s, e) if s < b else filler
             lp, ent = sequence_log_probs(model, mb.input_ids, mb.attention_mask, t, temperature=run.config.rollout.temperature, top_p=run.config.rollout.top_p, with_entropy=with_entropy)
             old = mb.old_log_probs
             if old is None:
@@ -277,7 +279,7 @@ def policy_update(
                 ref_log_probs=mb.ref_log_probs, rollout_log_probs=mb.rollout_log_probs,
                 extras=step_fields(old, mb.rollout_log_probs, {}, mb.extras),  # the step's per-sample fields
             )
-            out = kernel(batch, global_tokens=global_tokens, global_seqs=global_seqs, max_seq_len=max_len, entropy=ent, **prompts(s, s + mbs))
+            out = kernel(batch, global_tokens=global_tokens, global_seqs=global_seqs, max_seq_len=max_len, entropy=ent, **prompts(s, e))
             finite = bool(torch.isfinite(out.loss))
             if not finite and bad is None:
                 tensors = {"advantages": mb.advantages, "log_probs": lp, "old_log_probs": old, "ref_log_probs": mb.ref_log_probs, "rollout_log_probs": mb.rollout_log_probs}
@@ -286,7 +288,7 @@ def policy_update(
             if not finite and not dp:
                 break
             if dp:  # every rank makes the same calls, so it backpropagates even a non-finite loss
-                dp.accumulate(model, last=i == len(starts) - 1)
+                dp.accumulate(model, last=i == len(bounds) - 1)
             out.loss.backward()
             if s >= b:  # the filler (no rows): every rank reports the same metric names
                 for k in ("loss", *out.metrics):

@@ -20,7 +20,7 @@ from skyrl_fn.trainer import forward, learner
 from skyrl_fn.trainer.critic import critic_update
 from skyrl_fn.trainer.forward import attended_columns
 from skyrl_fn.trainer.learner import batched_log_probs, batched_values, make_experience, make_train_state, policy_update
-from skyrl_fn.trainer.micro_batches import in_row_order, length_order
+from skyrl_fn.trainer.micro_batches import even_bounds, in_row_order, length_order, micro_batch_bounds
 from skyrl_fn.trainer.run import resolve
 
 PROMPTS = ["n:74>", "n:35>", "n:0>", "n:912>"]
@@ -36,6 +36,54 @@ def test_length_order_is_a_stable_longest_first_permutation(lengths):
     assert order.tolist() == want
     rows = torch.arange(len(lengths)) * 10
     assert torch.equal(in_row_order(rows[order], order), rows)
+
+
+def _mask(prompts: list[int], responses: list[int], lp: int = 4, t: int = 6) -> torch.Tensor:
+    """``[B, lp + t]`` attention mask of left-padded prompts and right-padded responses."""
+    cols = torch.arange(lp + t)[None, :]
+    p, r = torch.tensor(prompts)[:, None], torch.tensor(responses)[:, None]
+    return ((cols >= lp - p) & (cols < lp)) | ((cols >= lp) & (cols < lp + r))
+
+
+def _work(prompts, responses, bounds) -> int:
+    """Padded work of ``bounds`` plus one widest row per micro-batch (micro_batch_bounds' cost)."""
+    fixed = max(prompts) + max(responses)
+    return sum((e - s) * (max(prompts[s:e]) + max(responses[s:e])) + fixed for s, e in bounds)
+
+
+def _compositions(b: int, most: int):
+    """Every cut of ``b`` rows into consecutive micro-batches of 1..most rows."""
+    if b == 0:
+        yield []
+        return
+    for k in range(1, min(b, most) + 1):
+        for rest in _compositions(b - k, most):
+            yield [(0, k)] + [(s + k, e + k) for s, e in rest]
+
+
+@settings(max_examples=150, deadline=None)
+@given(rows=st.lists(st.tuples(st.integers(1, 4), st.integers(0, 6)), min_size=1, max_size=8), mbs=st.integers(1, 4))
+def test_micro_batch_bounds_are_the_least_work_cut(rows, mbs):
+    """Consecutive, every row once, at most ``mbs`` rows each, and no cut (every one tried) has
+    less work; never more work than SkyRL's cuts every ``mbs`` rows."""
+    prompts, responses = [p for p, _ in rows], [r for _, r in rows]
+    bounds = micro_batch_bounds(_mask(prompts, responses), 6, mbs)
+    assert [s for s, _ in bounds] == [0] + [e for _, e in bounds[:-1]] and bounds[-1][1] == len(rows)
+    assert all(1 <= e - s <= mbs for s, e in bounds)
+    least = min(_work(prompts, responses, c) for c in _compositions(len(rows), mbs))
+    assert _work(prompts, responses, bounds) == least <= _work(prompts, responses, even_bounds(len(rows), mbs))
+
+
+@given(b=st.integers(0, 40), mbs=st.integers(1, 9), p=st.integers(1, 4), r=st.integers(0, 6))
+def test_rows_of_one_length_are_cut_every_micro_batch_size_rows(b, mbs, p, r):
+    assert micro_batch_bounds(_mask([p] * b, [r] * b), 6, mbs) == even_bounds(b, mbs)
+
+
+def test_one_long_row_among_short_ones_gets_a_micro_batch_of_its_own():
+    """Fixed cuts of 4 would pad 3 short rows to the long row's 6 response columns."""
+    responses = [6, 6, 6, 6, 6, 1, 1, 1]
+    assert micro_batch_bounds(_mask([2] * 8, responses), 6, 4) == [(0, 4), (4, 5), (5, 8)]
+    assert even_bounds(8, 4) == [(0, 4), (4, 8)]
 
 
 def _in_row_order(mp):
