@@ -71,7 +71,7 @@ def shard_model(model: nn.Module, *, device: str, mixed_precision: bool = False)
     the root) over all ranks of the default group; returns it.
 
     Gradients are reduce-scattered as a SUM (divide factor 1): the loss is already normalised by
-    the whole batch's counts. ``mixed_precision`` (CUDA): bf16 parameters for compute, fp32
+    the whole batch's counts; on gloo by :class:`AllReduceScatter`. ``mixed_precision`` (CUDA): bf16 parameters for compute, fp32
     gradient reduction, fp32 master weights and optimiser state.
     """
     import torch.distributed as dist
