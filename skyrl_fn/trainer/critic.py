@@ -13,7 +13,7 @@ from skyrl_fn.losses.value import value_loss as token_value_loss
 from skyrl_fn.trainer.experience import Experience
 from skyrl_fn.trainer.forward import response_values
 from skyrl_fn.trainer.learner import TrainState, add_metric, masked_row
-from skyrl_fn.trainer.micro_batches import length_order, micro_batch_bounds
+from skyrl_fn.trainer.micro_batches import length_order, micro_batch_bounds, micro_batch_overhead
 from skyrl_fn.trainer.nonfinite import step_if_finite
 from skyrl_fn.trainer.run import ResolvedRun
 from skyrl_fn.trainer.sharding import Collectives
@@ -64,7 +64,7 @@ def critic_update(
     model.train()
     exp = exp.rows(length_order(exp.response_mask))  # micro-batches of rows of similar lengths
     b, t = exp.batch_size, exp.response_len
-    bounds = micro_batch_bounds(exp.attention_mask, t, tr.micro_batch_size)
+    bounds = micro_batch_bounds(exp.attention_mask, t, tr.micro_batch_size, overhead=micro_batch_overhead(model))
     n_mb = len(bounds)
     tokens, _, n_all = dp.batch_counts(exp.response_mask.sum(), b, n_mb) if dp else (exp.response_mask.sum(), b, n_mb)
     global_tokens = torch.as_tensor(tokens).clamp(min=1).float()

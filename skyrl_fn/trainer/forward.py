@@ -27,7 +27,7 @@ from skyrl_fn.models.model import ModelConfig, load_model, load_tokenizer, posit
 from skyrl_fn.rollout.base import RolloutBatch
 from skyrl_fn.rollout.sampling import nucleus_log_mass
 from skyrl_fn.trainer.fields import ON_REQUEST
-from skyrl_fn.trainer.micro_batches import in_row_order, length_order, micro_batch_bounds
+from skyrl_fn.trainer.micro_batches import in_row_order, length_order, micro_batch_bounds, micro_batch_overhead
 from skyrl_fn.trainer.run import ResolvedRun
 
 __all__ = [
@@ -196,7 +196,7 @@ def log_probs_and_fields(
     t = rollout.response_ids.shape[1]
     lps: list[torch.Tensor] = []
     computed: dict[str, list[torch.Tensor]] = {k: [] for k in fields}
-    for s, e in micro_batch_bounds(mask, t, micro_batch_size):
+    for s, e in micro_batch_bounds(mask, t, micro_batch_size, overhead=micro_batch_overhead(model)):
         logits = response_logits(model, ids[s:e], mask[s:e], t)
         lps.append(_response_log_probs(logits, ids[s:e], t, temperature=temperature, top_p=top_p, with_entropy=False)[0])
         if "sum_pi_squared" in computed:
@@ -226,7 +226,7 @@ def batched_values(critic: nn.Module, rollout: RolloutBatch, *, micro_batch_size
     0 off the mask."""
     order, ids, mask = _by_length(rollout)
     t = rollout.response_ids.shape[1]
-    out = [response_values(critic, ids[s:e], mask[s:e], t) for s, e in micro_batch_bounds(mask, t, micro_batch_size)]
+    out = [response_values(critic, ids[s:e], mask[s:e], t) for s, e in micro_batch_bounds(mask, t, micro_batch_size, overhead=micro_batch_overhead(critic))]
     return torch.where(rollout.response_mask, in_row_order(torch.cat(out).float(), order), 0.0)
 
 

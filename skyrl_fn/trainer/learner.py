@@ -32,7 +32,7 @@ from skyrl_fn.ops.compile import compile_loss
 from skyrl_fn.losses.objective import SUMMED_METRICS
 from skyrl_fn.core.records import PolicyLossInput, ReducedLoss
 from skyrl_fn.trainer.fields import step_fields
-from skyrl_fn.trainer.micro_batches import even_bounds, length_order, micro_batch_bounds
+from skyrl_fn.trainer.micro_batches import even_bounds, length_order, micro_batch_bounds, micro_batch_overhead
 from skyrl_fn.trainer.run import ResolvedRun
 
 # Re-exported: the learner's public surface is one import away (forward passes and experience
@@ -239,7 +239,7 @@ def policy_update(
     if run.algorithm.microbatch_invariant:
         order = length_order(exp.response_mask)
         exp = exp.rows(order)
-        bounds = micro_batch_bounds(exp.attention_mask, exp.response_len, mbs)
+        bounds = micro_batch_bounds(exp.attention_mask, exp.response_len, mbs, overhead=micro_batch_overhead(model))
     else:  # the caller's rows as they are (no copy), SkyRL's cuts
         order = torch.arange(exp.batch_size)
         bounds = even_bounds(exp.batch_size, mbs)

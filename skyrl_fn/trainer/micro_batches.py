@@ -23,11 +23,10 @@ micro-batch) follow the grouping.
 
 Where the micro-batches are cut (:func:`micro_batch_bounds`): at most ``micro_batch_size`` rows
 each, at the cut points that minimise the padded work — each micro-batch's rows times its
-attended columns — plus a fixed cost per micro-batch of one row of the batch's widest attended
-columns (the per-call overhead of a forward and backward pass; measured on ``bench/scale.py``'s
-model on one CPU thread: one row of 69 columns costs 44 ms, each further row ~24 ms). Rows of one
-length are cut every ``micro_batch_size`` rows, as before; a cut that would put one long row with
-many short ones makes a micro-batch of its own for the long rows. On ``bench/scale.py``'s batches
+attended columns — plus a fixed cost per micro-batch, the per-call overhead of a forward and
+backward pass (:func:`micro_batch_overhead`). Rows of one length are cut every
+``micro_batch_size`` rows, as before; a cut that would put one long row with many short ones
+makes a micro-batch of its own for the long rows. On ``bench/scale.py``'s batches
 that saves 4-10 % of the single worker's padded tokens while responses still spread, and at
 ``W = 2`` it keeps each rank's padded work at about half the single worker's (fixed cuts of 16
 rows: 0.57-0.58x of it on the batches where most but not all responses reach the token limit,
@@ -42,10 +41,13 @@ Notation: ``B`` sequences, ``T`` response tokens.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
+from torch import nn
 
-__all__ = ["length_order", "in_row_order", "micro_batch_bounds", "even_bounds"]
+__all__ = ["length_order", "in_row_order", "micro_batch_bounds", "micro_batch_overhead", "even_bounds"]
 
 
 def length_order(response_mask: torch.Tensor) -> torch.Tensor:
@@ -67,16 +69,40 @@ def even_bounds(batch_size: int, micro_batch_size: int) -> list[tuple[int, int]]
     return [(s, min(s + micro_batch_size, batch_size)) for s in range(0, batch_size, micro_batch_size)]
 
 
-def micro_batch_bounds(attention_mask: torch.Tensor, response_len: int, micro_batch_size: int) -> list[tuple[int, int]]:
+#: The fixed cost of a forward and backward pass in token-columns is about this over the
+#: parameters of one transformer block (about 3 ms per block of overhead at the ~40 GFLOP/s of
+#: one CPU thread, 6 FLOP per parameter and token). Fitted on one CPU thread of this machine
+#: (2026-12-02), one row against 16 and 64 rows of Llama models: hidden 64 x 2 blocks (the
+#: embedded default, 12 columns): 187 measured, 305 by this; hidden 128 x 2: 72 and 76;
+#: hidden 256 x 4 (``bench/scale.py``): 48 and 31.
+OVERHEAD_PARAMETER_TOKENS = 2e7
+
+
+def micro_batch_overhead(model: nn.Module) -> int:
+    """The fixed cost of a micro-batch's forward and backward pass through ``model``, in
+    token-columns: ``OVERHEAD_PARAMETER_TOKENS`` over the parameters of one transformer block
+    (the first child of its largest ``nn.ModuleList``; their global sizes when sharded); 0 for a
+    model without one. Large on a small model, where the per-call overhead is many rows' work; a
+    fraction of a row on a large one, where :func:`micro_batch_bounds`' floor of one row applies."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m)]
+    if not lists:
+        return 0
+    block = max(lists, key=len)[0]
+    params = sum(math.prod(p.shape) for p in block.parameters())
+    return int(OVERHEAD_PARAMETER_TOKENS / params) if params else 0
+
+
+def micro_batch_bounds(attention_mask: torch.Tensor, response_len: int, micro_batch_size: int, *, overhead: int = 0) -> list[tuple[int, int]]:
     """``[(start, stop)]``: consecutive micro-batches of the rows of ``attention_mask [B, L]`` (in
     the order given; the last ``T = response_len`` columns are the responses, the prompts
-    left-padded), at most ``micro_batch_size`` rows each, cut where the padded work is least.
+    left-padded), at most ``micro_batch_size`` rows each, cut where the work is least.
 
     The work of a micro-batch is its rows times its attended columns (its longest prompt plus its
     longest response, as ``skyrl_fn.trainer.forward.attended_columns`` cuts them) plus a fixed
-    cost of one row of the batch's widest columns; the cuts minimise the sum over micro-batches
-    (exactly: dynamic programming over the cut points, ``O(B * micro_batch_size)``). Ties go to
-    the longer micro-batch, so rows of one length are cut every ``micro_batch_size`` rows.
+    cost: ``overhead`` token-columns (:func:`micro_batch_overhead`), at least one row of the
+    batch's widest columns. The cuts minimise the sum over micro-batches (exactly: dynamic
+    programming over the cut points, ``O(B * micro_batch_size)``). Ties go to the longer
+    micro-batch, so rows of one length are cut every ``micro_batch_size`` rows.
     """
     b = attention_mask.shape[0]
     if micro_batch_size < 1:
@@ -85,7 +111,7 @@ def micro_batch_bounds(attention_mask: torch.Tensor, response_len: int, micro_ba
     split = am.shape[1] - int(response_len)
     prompt = am[:, :split].sum(-1).numpy().astype(np.int64)
     response = am[:, split:].sum(-1).numpy().astype(np.int64)
-    fixed = int(prompt.max(initial=0) + response.max(initial=0))
+    fixed = max(int(overhead), int(prompt.max(initial=0) + response.max(initial=0)))
     best = np.zeros(b + 1, dtype=np.int64)  # best[s]: the least work of rows s..B
     stop = np.zeros(b + 1, dtype=np.int64)
     for s in range(b - 1, -1, -1):

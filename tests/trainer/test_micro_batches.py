@@ -13,14 +13,14 @@ from hypothesis import strategies as st
 
 from skyrl_fn.core.records import PolicyLossInput
 from skyrl_fn.losses.objective import SUMMED_METRICS
-from skyrl_fn.models.model import build_critic, build_tiny_model, build_tokenizer
+from skyrl_fn.models.model import ModelConfig, build_critic, build_tiny_model, build_tokenizer
 from skyrl_fn.rollout.base import HFBackend
 from skyrl_fn.trainer import critic as critic_module
 from skyrl_fn.trainer import forward, learner
 from skyrl_fn.trainer.critic import critic_update
 from skyrl_fn.trainer.forward import attended_columns
 from skyrl_fn.trainer.learner import batched_log_probs, batched_values, make_experience, make_train_state, policy_update
-from skyrl_fn.trainer.micro_batches import even_bounds, in_row_order, length_order, micro_batch_bounds
+from skyrl_fn.trainer.micro_batches import even_bounds, in_row_order, length_order, micro_batch_bounds, micro_batch_overhead
 from skyrl_fn.trainer.run import resolve
 
 PROMPTS = ["n:74>", "n:35>", "n:0>", "n:912>"]
@@ -45,9 +45,9 @@ def _mask(prompts: list[int], responses: list[int], lp: int = 4, t: int = 6) -> 
     return ((cols >= lp - p) & (cols < lp)) | ((cols >= lp) & (cols < lp + r))
 
 
-def _work(prompts, responses, bounds) -> int:
-    """Padded work of ``bounds`` plus one widest row per micro-batch (micro_batch_bounds' cost)."""
-    fixed = max(prompts) + max(responses)
+def _work(prompts, responses, bounds, overhead=0) -> int:
+    """Padded work of ``bounds`` plus the fixed cost per micro-batch (micro_batch_bounds' cost)."""
+    fixed = max(overhead, max(prompts) + max(responses))
     return sum((e - s) * (max(prompts[s:e]) + max(responses[s:e])) + fixed for s, e in bounds)
 
 
@@ -62,16 +62,19 @@ def _compositions(b: int, most: int):
 
 
 @settings(max_examples=150, deadline=None)
-@given(rows=st.lists(st.tuples(st.integers(1, 4), st.integers(0, 6)), min_size=1, max_size=8), mbs=st.integers(1, 4))
-def test_micro_batch_bounds_are_the_least_work_cut(rows, mbs):
+@given(
+    rows=st.lists(st.tuples(st.integers(1, 4), st.integers(0, 6)), min_size=1, max_size=8), mbs=st.integers(1, 4),
+    overhead=st.sampled_from([0, 12, 40]),
+)
+def test_micro_batch_bounds_are_the_least_work_cut(rows, mbs, overhead):
     """Consecutive, every row once, at most ``mbs`` rows each, and no cut (every one tried) has
     less work; never more work than SkyRL's cuts every ``mbs`` rows."""
     prompts, responses = [p for p, _ in rows], [r for _, r in rows]
-    bounds = micro_batch_bounds(_mask(prompts, responses), 6, mbs)
+    bounds = micro_batch_bounds(_mask(prompts, responses), 6, mbs, overhead=overhead)
     assert [s for s, _ in bounds] == [0] + [e for _, e in bounds[:-1]] and bounds[-1][1] == len(rows)
     assert all(1 <= e - s <= mbs for s, e in bounds)
-    least = min(_work(prompts, responses, c) for c in _compositions(len(rows), mbs))
-    assert _work(prompts, responses, bounds) == least <= _work(prompts, responses, even_bounds(len(rows), mbs))
+    least = min(_work(prompts, responses, c, overhead) for c in _compositions(len(rows), mbs))
+    assert _work(prompts, responses, bounds, overhead) == least <= _work(prompts, responses, even_bounds(len(rows), mbs), overhead)
 
 
 @given(b=st.integers(0, 40), mbs=st.integers(1, 9), p=st.integers(1, 4), r=st.integers(0, 6))
@@ -79,11 +82,24 @@ def test_rows_of_one_length_are_cut_every_micro_batch_size_rows(b, mbs, p, r):
     assert micro_batch_bounds(_mask([p] * b, [r] * b), 6, mbs) == even_bounds(b, mbs)
 
 
-def test_one_long_row_among_short_ones_gets_a_micro_batch_of_its_own():
-    """Fixed cuts of 4 would pad 3 short rows to the long row's 6 response columns."""
-    responses = [6, 6, 6, 6, 6, 1, 1, 1]
-    assert micro_batch_bounds(_mask([2] * 8, responses), 6, 4) == [(0, 4), (4, 5), (5, 8)]
-    assert even_bounds(8, 4) == [(0, 4), (4, 8)]
+def test_one_long_row_among_short_ones_gets_a_micro_batch_of_its_own_unless_a_call_costs_more():
+    """Fixed cuts of 4 would pad 3 short rows to the long row's 6 response columns (8 columns
+    with the prompt): 15 token-columns more than a micro-batch of their own, if a call costs
+    less than that."""
+    mask = _mask([2] * 8, [6, 6, 6, 6, 6, 1, 1, 1])
+    assert micro_batch_bounds(mask, 6, 4) == micro_batch_bounds(mask, 6, 4, overhead=14) == [(0, 4), (4, 5), (5, 8)]
+    assert micro_batch_bounds(mask, 6, 4, overhead=16) == even_bounds(8, 4) == [(0, 4), (4, 8)]
+
+
+def test_a_small_models_call_costs_many_rows_a_large_ones_less_than_one():
+    """micro_batch_overhead: the embedded default's blocks (hidden 64) make a call cost ~300
+    token-columns, more than the padding its batch of 128 rows of <= 12 columns could save; the
+    bench's (hidden 256 x 4) ~30, less than one of its 69-column rows (the floor applies)."""
+    tok = build_tokenizer()
+    small = micro_batch_overhead(build_tiny_model(ModelConfig(), tok, seed=0))
+    large = micro_batch_overhead(build_tiny_model(ModelConfig(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=512), tok, seed=0))
+    assert 250 < small < 350 and 20 < large < 40
+    assert micro_batch_overhead(torch.nn.Linear(3, 3)) == 0  # no transformer blocks
 
 
 def _in_row_order(mp):
