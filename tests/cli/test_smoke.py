@@ -45,6 +45,9 @@ def test_tiny_budget_run_exits_0_reward_rises_and_writes_every_file(tmp_path):
     proc = _launch(*FAST, "--logging.run-dir", str(run_dir))
     seconds = time.perf_counter() - t0
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # the README's promise: the reward visibly rises within a minute on 2 cores (process start,
+    # Ray and the actors included; slack for a shared CI machine)
+    assert seconds < 120, f"{seconds:.0f} s"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 30 and summary["backend"] == "ray"
     rise = summary["reward_last_10pct"] - summary["reward_first_10pct"]

@@ -56,8 +56,11 @@ def test_resume_without_a_checkpoint_starts_fresh(make_config, table):
     assert s.resumed_from is None and s.steps == 1
 
 
+@pytest.mark.slow
 def test_reward_rises_within_a_minute(tmp_path, table):
-    """The embedded default, shortened: GRPO on the counting task visibly learns."""
+    """The embedded default, shortened: GRPO on the counting task visibly learns. In-process (slow:
+    the fast suite checks the same on the path users take, ``launch/train.py`` on Ray, in
+    ``tests/cli/test_smoke.py``)."""
     cfg = _with(_with(TrainConfig(), "trainer", steps=45, ckpt_interval=0), "logging", run_dir=str(tmp_path))
     t0 = time.perf_counter()
     s = train(resolve(cfg, table))
