@@ -47,6 +47,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from skyrl_fn.trainer.sharding import transformer_blocks
+
 __all__ = ["length_order", "in_row_order", "micro_batch_bounds", "micro_batch_overhead", "even_bounds"]
 
 
@@ -81,14 +83,14 @@ OVERHEAD_PARAMETER_TOKENS = 2e7
 def micro_batch_overhead(model: nn.Module) -> int:
     """The fixed cost of a micro-batch's forward and backward pass through ``model``, in
     token-columns: ``OVERHEAD_PARAMETER_TOKENS`` over the parameters of one transformer block
-    (the first child of its largest ``nn.ModuleList``; their global sizes when sharded); 0 for a
+    (the first of ``skyrl_fn.trainer.sharding.transformer_blocks``; their global sizes when sharded); 0 for a
     model without one. Large on a small model, where the per-call overhead is many rows' work; a
     fraction of a row on a large one, where :func:`micro_batch_bounds`' floor of one row applies."""
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m)]
-    if not lists:
+    try:
+        blocks = transformer_blocks(model)
+    except ValueError:  # no nn.ModuleList
         return 0
-    block = max(lists, key=len)[0]
-    params = sum(math.prod(p.shape) for p in block.parameters())
+    params = sum(math.prod(p.shape) for p in blocks[0].parameters()) if blocks else 0
     return int(OVERHEAD_PARAMETER_TOKENS / params) if params else 0
 
 
