@@ -25,12 +25,12 @@ Where the micro-batches are cut (:func:`micro_batch_bounds`): at most ``micro_ba
 each, at the cut points that minimise the padded work — each micro-batch's rows times its
 attended columns — plus a fixed cost per micro-batch, the per-call overhead of a forward and
 backward pass (:func:`micro_batch_overhead`). Rows of one length are cut every
-``micro_batch_size`` rows, as before; a cut that would put one long row with many short ones
-makes a micro-batch of its own for the long rows. On ``bench/scale.py``'s batches
-that saves 4-10 % of the single worker's padded tokens while responses still spread, and at
-``W = 2`` it keeps each rank's padded work at about half the single worker's (fixed cuts of 16
-rows: 0.57-0.58x of it on the batches where most but not all responses reach the token limit,
-as a rank's second micro-batch then holds one of them and 15 short rows).
+``micro_batch_size`` rows, as SkyRL cuts them; a cut that would put one long row with many short
+ones makes a micro-batch of its own for the long rows. On ``bench/scale.py``'s batches that saves
+4-10 % of the single worker's padded tokens while responses still spread, and at ``W = 2`` it
+keeps each rank's padded work at about half the single worker's (cuts every 16 rows: 0.57-0.58x
+of it on the batches where most but not all responses reach the token limit, as a rank's second
+micro-batch then holds one of them and 15 short rows).
 
 Not switchable: nothing a caller sees changes beyond rounding, and an objective that depends on
 the grouping is recognised by its promise, not by a flag; it keeps SkyRL's cuts (every
@@ -83,9 +83,10 @@ OVERHEAD_PARAMETER_TOKENS = 2e7
 def micro_batch_overhead(model: nn.Module) -> int:
     """The fixed cost of a micro-batch's forward and backward pass through ``model``, in
     token-columns: ``OVERHEAD_PARAMETER_TOKENS`` over the parameters of one transformer block
-    (the first of ``skyrl_fn.trainer.sharding.transformer_blocks``; their global sizes when sharded); 0 for a
-    model without one. Large on a small model, where the per-call overhead is many rows' work; a
-    fraction of a row on a large one, where :func:`micro_batch_bounds`' floor of one row applies."""
+    (the first of ``skyrl_fn.trainer.sharding.transformer_blocks``; their global sizes when
+    sharded); 0 for a model without one. Large on a small model, where the per-call overhead is
+    many rows' work; a fraction of a row on a large one, where :func:`micro_batch_bounds`' floor
+    of one row applies."""
     try:
         blocks = transformer_blocks(model)
     except ValueError:  # no nn.ModuleList

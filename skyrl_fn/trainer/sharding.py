@@ -71,8 +71,8 @@ def shard_model(model: nn.Module, *, device: str, mixed_precision: bool = False)
     the root) over all ranks of the default group; returns it.
 
     Gradients are reduce-scattered as a SUM (divide factor 1): the loss is already normalised by
-    the whole batch's counts; on gloo by :class:`AllReduceScatter`. ``mixed_precision`` (CUDA): bf16 parameters for compute, fp32
-    gradient reduction, fp32 master weights and optimiser state.
+    the whole batch's counts; on gloo by :class:`AllReduceScatter`. ``mixed_precision`` (CUDA):
+    bf16 parameters for compute, fp32 gradient reduction, fp32 master weights and optimiser state.
     """
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh

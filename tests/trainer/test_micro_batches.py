@@ -93,8 +93,9 @@ def test_one_long_row_among_short_ones_gets_a_micro_batch_of_its_own_unless_a_ca
 
 def test_a_small_models_call_costs_many_rows_a_large_ones_less_than_one():
     """micro_batch_overhead: the embedded default's blocks (hidden 64) make a call cost ~300
-    token-columns, more than the padding its batch of 128 rows of <= 12 columns could save; the
-    bench's (hidden 256 x 4) ~30, less than one of its 69-column rows (the floor applies)."""
+    token-columns, a fifth of its whole batch's work (128 rows of <= 12 columns), so the batch is
+    split only where that saves more; the bench's (hidden 256 x 4) ~30, less than one of its
+    69-column rows (the floor of one row applies)."""
     tok = build_tokenizer()
     small = micro_batch_overhead(build_tiny_model(ModelConfig(), tok, seed=0))
     large = micro_batch_overhead(build_tiny_model(ModelConfig(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=512), tok, seed=0))
