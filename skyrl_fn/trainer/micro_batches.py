@@ -80,13 +80,22 @@ def even_bounds(batch_size: int, micro_batch_size: int) -> list[tuple[int, int]]
 OVERHEAD_PARAMETER_TOKENS = 2e7
 
 
-def micro_batch_overhead(model: nn.Module) -> int:
+def micro_batch_overhead(model: nn.Module) -> int | None:
     """The fixed cost of a micro-batch's forward and backward pass through ``model``, in
     token-columns: ``OVERHEAD_PARAMETER_TOKENS`` over the parameters of one transformer block
     (the first of ``skyrl_fn.trainer.sharding.transformer_blocks``; their global sizes when
     sharded); 0 for a model without one. Large on a small model, where the per-call overhead is
     many rows' work; a fraction of a row on a large one, where :func:`micro_batch_bounds`' floor
-    of one row applies."""
+    of one row applies.
+
+    None for a model on another device than the CPU: the fit is the CPU's, and a GPU's per-call
+    overhead is many more tokens' work (kernel launches against fast matmuls) and its small
+    micro-batches run below its throughput, which the linear cost does not model; there
+    :func:`micro_batch_bounds` cuts every ``micro_batch_size`` rows until it is measured on one.
+    """
+    param = next(model.parameters(), None)
+    if param is not None and param.device.type != "cpu":
+        return None
     try:
         blocks = transformer_blocks(model)
     except ValueError:  # no nn.ModuleList
@@ -95,7 +104,7 @@ def micro_batch_overhead(model: nn.Module) -> int:
     return int(OVERHEAD_PARAMETER_TOKENS / params) if params else 0
 
 
-def micro_batch_bounds(attention_mask: torch.Tensor, response_len: int, micro_batch_size: int, *, overhead: int = 0) -> list[tuple[int, int]]:
+def micro_batch_bounds(attention_mask: torch.Tensor, response_len: int, micro_batch_size: int, *, overhead: int | None = 0) -> list[tuple[int, int]]:
     """``[(start, stop)]``: consecutive micro-batches of the rows of ``attention_mask [B, L]`` (in
     the order given; the last ``T = response_len`` columns are the responses, the prompts
     left-padded), at most ``micro_batch_size`` rows each, cut where the work is least.
@@ -105,11 +114,14 @@ def micro_batch_bounds(attention_mask: torch.Tensor, response_len: int, micro_ba
     cost: ``overhead`` token-columns (:func:`micro_batch_overhead`), at least one row of the
     batch's widest columns. The cuts minimise the sum over micro-batches (exactly: dynamic
     programming over the cut points, ``O(B * micro_batch_size)``). Ties go to the longer
-    micro-batch, so rows of one length are cut every ``micro_batch_size`` rows.
+    micro-batch, so rows of one length are cut every ``micro_batch_size`` rows. ``overhead``
+    None: :func:`even_bounds` (every ``micro_batch_size`` rows).
     """
     b = attention_mask.shape[0]
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size: expected >= 1, got {micro_batch_size}")
+    if overhead is None:
+        return even_bounds(b, micro_batch_size)
     am = attention_mask.bool().cpu()
     split = am.shape[1] - int(response_len)
     prompt = am[:, :split].sum(-1).numpy().astype(np.int64)

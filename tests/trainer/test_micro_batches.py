@@ -91,7 +91,7 @@ def test_one_long_row_among_short_ones_gets_a_micro_batch_of_its_own_unless_a_ca
     assert micro_batch_bounds(mask, 6, 4, overhead=16) == even_bounds(8, 4) == [(0, 4), (4, 8)]
 
 
-def test_a_small_models_call_costs_many_rows_a_large_ones_less_than_one():
+def test_a_small_models_call_costs_many_rows_a_large_ones_less_than_one_and_a_gpus_is_not_guessed():
     """micro_batch_overhead: the embedded default's blocks (hidden 64) make a call cost ~300
     token-columns, a fifth of its whole batch's work (128 rows of <= 12 columns), so the batch is
     split only where that saves more; the bench's (hidden 256 x 4) ~30, less than one of its
@@ -101,6 +101,9 @@ def test_a_small_models_call_costs_many_rows_a_large_ones_less_than_one():
     large = micro_batch_overhead(build_tiny_model(ModelConfig(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=512), tok, seed=0))
     assert 250 < small < 350 and 20 < large < 40
     assert micro_batch_overhead(torch.nn.Linear(3, 3)) == 0  # no transformer blocks
+    assert micro_batch_overhead(torch.nn.Linear(3, 3, device="meta")) is None  # not on the CPU: not fitted there
+    mask = _mask([2] * 8, [6, 6, 6, 6, 6, 1, 1, 1])
+    assert micro_batch_bounds(mask, 6, 3, overhead=None) == even_bounds(8, 3)
 
 
 def _in_row_order(mp):
