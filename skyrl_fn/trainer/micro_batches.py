@@ -21,8 +21,8 @@ update keeps the row order for one that does not (``token_mean_legacy``, ``clip_
 ``kl_cov``), and the policy loss's own metrics (``ratio_mean``, the clip fractions: means per
 micro-batch) follow the grouping.
 
-Where the micro-batches are cut (:func:`micro_batch_bounds`): at most ``micro_batch_size`` rows
-each, at the cut points that minimise the padded work — each micro-batch's rows times its
+Where the micro-batches are cut (:func:`micro_batch_bounds`; on the CPU, see
+:func:`micro_batch_overhead`): at most ``micro_batch_size`` rows each, at the cut points that minimise the padded work — each micro-batch's rows times its
 attended columns — plus a fixed cost per micro-batch, the per-call overhead of a forward and
 backward pass (:func:`micro_batch_overhead`). Rows of one length are cut every
 ``micro_batch_size`` rows, as SkyRL cuts them; a cut that would put one long row with many short
